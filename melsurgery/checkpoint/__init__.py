@@ -1,0 +1,1 @@
+"""Reading model sources and writing output folders."""

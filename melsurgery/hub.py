@@ -1,0 +1,345 @@
+"""Publish a surgery output folder to the Hugging Face Hub.
+
+A pushed model is a claim ("this is base model X with recipes Y applied"), so before anything is sent
+we check that the folder is exactly what melsurgery wrote: every file hashed in provenance.json and
+untouched since, loadable headers, a model card. Then the whole folder goes up as one commit, so
+the repo never shows a half-published model.
+
+The token comes from the usual huggingface_hub places (``HF_TOKEN``, ``hf auth login``) or the
+``token`` argument. It is handed to the client and never printed, logged or written by this module;
+error messages are scrubbed of it in case a server ever echoes it back.
+
+``huggingface_hub`` reads ``HF_ENDPOINT`` when imported, so an endpoint override (tests, mirrors) must
+be in the environment before this module is first imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .errors import UserError
+
+PROVENANCE = "provenance.json"
+MODEL_CARD = "README.md"
+CONFIG = "config.json"
+# A header this large is corruption, not a model; refusing early avoids reading gigabytes of garbage.
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PushedFile:
+    """One file of the commit: its path in the repo and its size in bytes."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PushManifest:
+    """What `validate_for_push` established: the exact file set to upload and what the folder claims."""
+
+    folder: Path
+    files: list[PushedFile]
+    recipes: list[str]
+    base_model: str
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Outcome of `push`. On a dry run nothing was sent, so `commit_url` and `pr_url` are None."""
+
+    repo_url: str
+    commit_url: str | None
+    files: list[PushedFile]
+    dry_run: bool
+    commit_message: str
+    pr_url: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_ignored(rel: str) -> bool:
+    """The paths `upload_folder` never uploads: git internals and huggingface_hub's local-dir metadata."""
+    parts = rel.split("/")
+    if ".git" in parts:
+        return True
+    return any(a == ".cache" and b == "huggingface" for a, b in zip(parts, parts[1:]))
+
+
+def _list_files(folder: Path) -> dict[str, Path]:
+    """Relative posix path -> file, for every file that would be uploaded, sorted for stable output."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(folder).as_posix()
+            if not _is_ignored(rel):
+                files[rel] = path
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_safetensors(path: Path) -> None:
+    """A readable header whose tensors all lie inside the file: catches truncated or clobbered shards."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+            raise UserError(f"{path}: corrupt safetensors header (declared length {header_len} exceeds the file)")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - header_len
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r} has no valid data_offsets)")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise UserError(
+                f"{path}: tensor {name!r} lies outside the file (bytes {begin}-{end} of {data_size}); "
+                "the file is truncated or corrupt"
+            )
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: {what} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _read_provenance(path: Path) -> tuple[dict[str, str], list[str], str]:
+    data = _load_json(path, "provenance")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object with 'outputs', 'recipes' and 'source'")
+    outputs = data.get("outputs")
+    if not isinstance(outputs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _SHA256_HEX.fullmatch(v) for k, v in outputs.items()
+    ):
+        raise UserError(f"{path}: 'outputs' must map relative file paths to lowercase sha256 hex digests")
+    recipes = data.get("recipes")
+    if (
+        not isinstance(recipes, list)
+        or not recipes
+        or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"] for r in recipes)
+    ):
+        raise UserError(f"{path}: 'recipes' must be a non-empty list of objects with a 'name'")
+    source = data.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("id"), str) or not source["id"]:
+        raise UserError(f"{path}: 'source' must be an object whose 'id' names the base model")
+    return outputs, [r["name"] for r in recipes], source["id"]
+
+
+def validate_for_push(folder: Path) -> PushManifest:
+    """Check `folder` is a complete, untampered melsurgery output; return the exact files to upload.
+
+    Raises UserError (one line) on the first problem: missing model card / provenance / config,
+    invalid JSON, unreadable safetensors header, a file whose sha256 differs from provenance.json, a
+    listed file that is missing, or a file that provenance.json does not list.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a directory")
+    files = _list_files(folder)
+    for name, what in ((MODEL_CARD, "the model card"), (PROVENANCE, "the record of what was done"),
+                       (CONFIG, "the model config")):
+        if name not in files:
+            raise UserError(f"{folder}: missing {name} ({what}); push only complete melsurgery output folders")
+    outputs, recipes, base_model = _read_provenance(files[PROVENANCE])
+    config = _load_json(files[CONFIG], "config")
+    if not isinstance(config, dict):
+        raise UserError(f"{files[CONFIG]}: expected a JSON object")
+    for rel, path in files.items():
+        if rel.endswith(".safetensors"):
+            _check_safetensors(path)
+    for rel in outputs:
+        if rel == PROVENANCE:
+            raise UserError(f"{files[PROVENANCE]}: 'outputs' lists provenance.json itself, which cannot hash itself")
+        if rel not in files:
+            raise UserError(f"{folder / rel}: listed in provenance.json but missing from the folder")
+    for rel, path in files.items():
+        if rel == PROVENANCE:
+            continue
+        expected = outputs.get(rel)
+        if expected is None:
+            raise UserError(f"{path}: not listed in provenance.json 'outputs'; remove it or re-run the surgery")
+        if _sha256(path) != expected:
+            raise UserError(f"{path}: sha256 differs from provenance.json; the file changed after surgery")
+    pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
+    return PushManifest(folder, pushed, recipes, base_model)
+
+
+def default_commit_message(manifest: PushManifest) -> str:
+    """E.g. ``melsurgery: wemask+ffn-dampen patch of HuggingFaceTB/SmolLM2-135M-Instruct``."""
+    names = list(dict.fromkeys(manifest.recipes))  # dedupe, keep order
+    return f"melsurgery: {'+'.join(names)} patch of {manifest.base_model}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Push
+# --------------------------------------------------------------------------------------------------
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network failures of whichever HTTP stack this huggingface_hub uses (httpx2, httpx or requests)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        for name in names:
+            cls = getattr(mod, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                found.append(cls)
+    return tuple(found)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+
+
+def _one_line(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines)[:400]
+
+
+def _http_error(exc: HfHubHTTPError, repo_id: str, revision: str | None, token: str) -> UserError:
+    status = exc.response.status_code if exc.response is not None else None
+    detail = _one_line(exc.server_message or "", token)
+    suffix = f": {detail}" if detail else ""
+    if isinstance(exc, RevisionNotFoundError):
+        return UserError(f"branch {revision!r} not found in {repo_id}{suffix}")
+    if status == 401 and "Invalid credentials" in (exc.server_message or ""):
+        return UserError("the Hugging Face Hub rejected the token (401); set HF_TOKEN to a valid token "
+                         "or run `hf auth login`")
+    if isinstance(exc, RepositoryNotFoundError):
+        return UserError(f"repo {repo_id} not found or not accessible with this token ({status})")
+    if status == 401:
+        return UserError(f"the Hugging Face Hub requires a valid token to push (401){suffix}")
+    if status == 403:
+        return UserError(f"this token cannot write to {repo_id} (403 Forbidden); use a token with write access "
+                         f"to the {repo_id.split('/')[0]!r} namespace{suffix}")
+    return UserError(f"the Hugging Face Hub refused the push ({status}){suffix}")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"invalid repo id {repo_id!r}: expected 'namespace/name' using letters, digits, '-', "
+                        "'_' and '.'") from None
+    if "/" not in repo_id:
+        raise UserError(f"invalid repo id {repo_id!r}: include the namespace, e.g. 'your-username/{repo_id}'")
+
+
+def push(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+) -> PushResult:
+    """Validate `folder`, then create `repo_id` if needed and upload every file in one commit.
+
+    `revision` names a branch (created from main if missing) or an existing ``refs/pr/N``;
+    `create_pr` opens a pull request against main instead of committing to it. `dry_run` validates
+    and reports what would be sent without any network access. Every failure is a one-line UserError.
+    """
+    _check_repo_id(repo_id)
+    if create_pr and revision not in (None, constants.DEFAULT_REVISION):
+        raise UserError("a pull request always targets main; drop --revision when using --create-pr")
+    manifest = validate_for_push(Path(folder))
+    message = commit_message or default_commit_message(manifest)
+    repo_url = f"{constants.ENDPOINT}/{repo_id}"
+    if dry_run:
+        return PushResult(repo_url, None, manifest.files, True, message)
+
+    try:
+        token = token or get_token()
+    except LocalTokenNotFoundError:
+        token = None
+    if not token:
+        raise UserError("no Hugging Face token found; set HF_TOKEN or run `hf auth login` (a write token is needed)")
+
+    api = HfApi(token=token)
+    try:
+        # private=None (not False) lets the Hub apply the namespace's default visibility to a new repo.
+        repo_url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True))
+        if private and not api.model_info(repo_id).private:
+            raise UserError(f"{repo_id} already exists and is public; refusing a --private push into it")
+        if revision and revision != constants.DEFAULT_REVISION and not create_pr and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # create_commit, not upload_folder: with hf_xet installed upload_folder may split a large
+        # folder into several commits, and we publish exactly the validated file list, nothing else.
+        operations = [
+            CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=manifest.folder / f.path) for f in manifest.files
+        ]
+        info = api.create_commit(
+            repo_id, operations=operations, commit_message=message, revision=revision, create_pr=create_pr
+        )
+    except UserError:
+        raise
+    except HfHubHTTPError as exc:
+        raise _http_error(exc, repo_id, revision, token) from None
+    except _TRANSPORT_ERRORS as exc:
+        raise UserError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
+                        f"({_one_line(str(exc) or type(exc).__name__, token)}); check the network or HF_ENDPOINT"
+                        ) from None
+    except HFValidationError as exc:
+        raise UserError(_one_line(str(exc), token)) from None
+    except ValueError as exc:  # e.g. the Hub's verdict on invalid model card metadata
+        raise UserError(f"the push was refused before upload: {_one_line(str(exc), token)}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}") from None
+    return PushResult(repo_url, info.commit_url, manifest.files, False, message, pr_url=info.pr_url)

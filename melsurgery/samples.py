@@ -1,0 +1,86 @@
+"""Calibration and evaluation text: reading sample files and tokenising them."""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+from .calibrate import Sample
+from .errors import UserError
+
+DEFAULT_CALIBRATION = "calibration.jsonl"
+
+
+def read_records(path: Path | None) -> tuple[list[dict], str]:
+    """Records from a .txt (blank-line separated blocks) or .jsonl (`text` or `messages`) file.
+
+    None means the embedded default set. Returns the records and a name for provenance.
+    """
+    if path is None:
+        text = resources.files("melsurgery.data").joinpath(DEFAULT_CALIBRATION).read_text(encoding="utf-8")
+        return _parse_jsonl(text, "embedded calibration set"), f"melsurgery:{DEFAULT_CALIBRATION}"
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read calibration file ({exc})") from None
+    if path.suffix == ".jsonl":
+        records = _parse_jsonl(text, str(path))
+    elif path.suffix in (".txt", ".md", ""):
+        records = [{"text": b.strip(), "kind": "text"} for b in text.split("\n\n") if b.strip()]
+    else:
+        raise UserError(f"{path}: calibration files are .txt (blank-line separated) or .jsonl")
+    if not records:
+        raise UserError(f"{path}: no samples in calibration file")
+    return records, str(path)
+
+
+def _parse_jsonl(text: str, where: str) -> list[dict]:
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: line {n} is not JSON") from None
+        if not isinstance(rec, dict) or not (isinstance(rec.get("text"), str) or isinstance(rec.get("messages"), list)):
+            raise UserError(f"{where}: line {n} has neither a 'text' string nor a 'messages' list")
+        records.append(rec)
+    return records
+
+
+def tokenize(
+    records: list[dict], tokenizer: object, *, num_samples: int | None, max_tokens: int, seed: int
+) -> list[Sample]:
+    """Pick `num_samples` records (seeded), apply the chat template where there is one, truncate."""
+    if num_samples is not None and num_samples < len(records):
+        records = random.Random(seed).sample(records, num_samples)
+    samples = []
+    for rec in records:
+        if "messages" in rec:
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer("\n".join(m.get("content", "") for m in rec["messages"]))["input_ids"]
+        else:
+            ids = tokenizer(rec["text"])["input_ids"]
+        ids = list(ids)[:max_tokens]
+        if len(ids) < 2:
+            continue
+        samples.append(Sample(ids, [tokenizer.decode([i]) for i in ids], rec.get("kind", "text")))
+    if not samples:
+        raise UserError("no calibration sample has at least two tokens")
+    return samples
+
+
+def load_tokenizer(folder: Path) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,128 @@
+"""`scan`: calibrate, detect, and assemble the documented JSON result."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .architectures import family_for
+from .calibrate import Stats, calibrate
+from .checkpoint.reader import Checkpoint
+from .checkpoint.source import Source
+from .detect import Detection, DetectParams, detect, entry_dict
+from .samples import load_tokenizer, read_records, tokenize
+
+SCHEMA_VERSION = 1
+JSON_TOP = 16
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    path: Path | None = None
+    num_samples: int | None = None
+    max_tokens: int = 128
+    seed: int = 0
+
+
+def run_scan(
+    source: Source,
+    calib: CalibrationSpec | None = None,
+    params: DetectParams | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict:
+    """Scan a model and return the JSON-ready result (see README, "scan JSON")."""
+    calib = calib or CalibrationSpec()
+    params = params or DetectParams()
+    ckpt = Checkpoint(source.folder)
+    family = family_for(ckpt.config)
+    tokenizer = load_tokenizer(source.folder)
+    records, calib_name = read_records(calib.path)
+    samples = tokenize(records, tokenizer, num_samples=calib.num_samples, max_tokens=calib.max_tokens, seed=calib.seed)
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(ckpt.config.get("num_hidden_layers", 0)), desc="scan", unit="layer", leave=False)
+    try:
+        stats = calibrate(ckpt, family, samples, device=device, dtype=dtype, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    det = detect(stats, params)
+    return build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start)
+
+
+def build_result(
+    source: Source, family: str, stats: Stats, det: Detection, params: DetectParams, calib: CalibrationSpec,
+    calib_name: str, seconds: float,
+) -> dict:
+    layers = []
+    massive = set(det.massive_layers)
+    for layer in stats.layers:
+        sink = det.sink[layer.index] if 0 <= layer.index < len(det.sink) else None
+        layers.append({
+            "layer": layer.index,
+            "name": "embeddings" if layer.index < 0 else f"layer {layer.index}",
+            "max_abs": layer.max_abs,
+            "median_abs": layer.median_abs,
+            "ratio": _finite(layer.ratio),
+            "massive": layer.index in massive,
+            "sink": sink,
+            "top": [entry_dict(e, stats) for e in layer.top[:JSON_TOP]],
+        })
+    after = [s for s in det.sink[det.me_layer + 1 :] if s is not None] if det.me_layer is not None else []
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": f"melsurgery {__version__}",
+        "model": {
+            "id": source.id,
+            "folder": str(source.folder),
+            "kind": source.kind,
+            "revision": source.revision,
+            "family": family,
+            "num_layers": stats.num_layers,
+            "hidden_size": stats.hidden_size,
+        },
+        "calibration": {
+            "source": calib_name,
+            "num_samples": len(stats.samples),
+            "max_tokens": calib.max_tokens,
+            "seed": calib.seed,
+            "tokens": sum(len(s.ids) for s in stats.samples),
+            "seconds": round(seconds, 3),
+        },
+        "params": asdict(params),
+        **det.to_dict(),
+        "sink_after_me": sum(after) / len(after) if after else None,
+        "layers": layers,
+    }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def write_json(result: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> dict:
+    from .errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read scan JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: not a melsurgery scan result (schema_version {SCHEMA_VERSION})")
+    return data
