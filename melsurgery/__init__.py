@@ -1,3 +1,20 @@
 """melsurgery: find and fix massive activations (the Massive Emergence Layer) in decoder checkpoints."""
 
 __version__ = "0.1.0"
+
+
+def load(path, *, device: str = "cpu", dtype=None):
+    """Load a (patched) checkpoint with its custom layer, without trust_remote_code.
+
+    Returns (model, tokenizer). The WeMask hooks come from melsurgery's own copy of the custom layer,
+    configured by the checkpoint's config.json; folded checkpoints load as stock models.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling.modeling_melsurgery import apply_wemask
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+    model._melsurgery_hooks = apply_wemask(model)
+    model.to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)

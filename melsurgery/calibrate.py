@@ -101,7 +101,7 @@ class StreamingModel:
         """Materialise decoder layer i from the checkpoint, and free it afterwards."""
         layer = self.layers[i]
         state = self.ckpt.load_prefix(self.family.prefix(i), self.dtype, self.device)
-        layer.to_empty(device=self.device)
+        layer.to_empty(device=self.device).to(self.dtype)
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
             layer.to("meta")

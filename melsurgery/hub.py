@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -73,6 +74,7 @@ class PushResult:
     dry_run: bool
     commit_message: str
     pr_url: str | None = None
+    no_changes: bool = False  # the repo already had exactly these files: the client made no commit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,8 +187,11 @@ def validate_for_push(folder: Path) -> PushManifest:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a directory")
     files = _list_files(folder)
-    for name, what in ((MODEL_CARD, "the model card"), (PROVENANCE, "the record of what was done"),
-                       (CONFIG, "the model config")):
+    for name, what in (
+        (MODEL_CARD, "the model card"),
+        (PROVENANCE, "the record of what was done"),
+        (CONFIG, "the model config"),
+    ):
         if name not in files:
             raise UserError(f"{folder}: missing {name} ({what}); push only complete melsurgery output folders")
     outputs, recipes, base_model = _read_provenance(files[PROVENANCE])
@@ -227,8 +232,11 @@ def default_commit_message(manifest: PushManifest) -> str:
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """Network failures of whichever HTTP stack this huggingface_hub uses (httpx2, httpx or requests)."""
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -244,10 +252,11 @@ _TRANSPORT_ERRORS = _transport_errors()
 
 
 def _one_line(text: str, secret: str | None) -> str:
+    """Collapse a multi-line client/server message (bullets and all) into one line, token scrubbed."""
     if secret:
         text = text.replace(secret, "***")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return "; ".join(lines)[:400]
+    lines = [line.strip().removeprefix("- ").strip() for line in text.splitlines()]
+    return " ".join(line for line in lines if line)[:400]
 
 
 def _http_error(exc: HfHubHTTPError, repo_id: str, revision: str | None, token: str) -> UserError:
@@ -257,15 +266,18 @@ def _http_error(exc: HfHubHTTPError, repo_id: str, revision: str | None, token: 
     if isinstance(exc, RevisionNotFoundError):
         return UserError(f"branch {revision!r} not found in {repo_id}{suffix}")
     if status == 401 and "Invalid credentials" in (exc.server_message or ""):
-        return UserError("the Hugging Face Hub rejected the token (401); set HF_TOKEN to a valid token "
-                         "or run `hf auth login`")
+        return UserError(
+            "the Hugging Face Hub rejected the token (401); set HF_TOKEN to a valid token or run `hf auth login`"
+        )
     if isinstance(exc, RepositoryNotFoundError):
         return UserError(f"repo {repo_id} not found or not accessible with this token ({status})")
     if status == 401:
         return UserError(f"the Hugging Face Hub requires a valid token to push (401){suffix}")
     if status == 403:
-        return UserError(f"this token cannot write to {repo_id} (403 Forbidden); use a token with write access "
-                         f"to the {repo_id.split('/')[0]!r} namespace{suffix}")
+        return UserError(
+            f"this token cannot write to {repo_id} (403 Forbidden); use a token with write access "
+            f"to the {repo_id.split('/')[0]!r} namespace"
+        )
     return UserError(f"the Hugging Face Hub refused the push ({status}){suffix}")
 
 
@@ -273,8 +285,9 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UserError(f"invalid repo id {repo_id!r}: expected 'namespace/name' using letters, digits, '-', "
-                        "'_' and '.'") from None
+        raise UserError(
+            f"invalid repo id {repo_id!r}: expected 'namespace/name' using letters, digits, '-', '_' and '.'"
+        ) from None
     if "/" not in repo_id:
         raise UserError(f"invalid repo id {repo_id!r}: include the namespace, e.g. 'your-username/{repo_id}'")
 
@@ -332,14 +345,20 @@ def push(
         raise
     except HfHubHTTPError as exc:
         raise _http_error(exc, repo_id, revision, token) from None
+    except OfflineModeIsEnabled:
+        raise UserError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and retry") from None
     except _TRANSPORT_ERRORS as exc:
-        raise UserError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
-                        f"({_one_line(str(exc) or type(exc).__name__, token)}); check the network or HF_ENDPOINT"
-                        ) from None
+        raise UserError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
+            f"({_one_line(str(exc) or type(exc).__name__, token)}); check the network or HF_ENDPOINT"
+        ) from None
     except HFValidationError as exc:
         raise UserError(_one_line(str(exc), token)) from None
     except ValueError as exc:  # e.g. the Hub's verdict on invalid model card metadata
         raise UserError(f"the push was refused before upload: {_one_line(str(exc), token)}") from None
     except OSError as exc:
         raise UserError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}") from None
-    return PushResult(repo_url, info.commit_url, manifest.files, False, message, pr_url=info.pr_url)
+    # The client silently skips an empty commit (returning the current head); it marks operations as
+    # committed only when it really sent one. Best effort: assume a commit if the marker ever goes away.
+    no_changes = not all(getattr(op, "_is_committed", True) for op in operations)
+    return PushResult(repo_url, info.commit_url, manifest.files, False, message, info.pr_url, no_changes)

@@ -63,6 +63,8 @@ def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.05)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # norm weights: non-trivial, so that norm edits show
         emb = model.get_input_embeddings().weight
         emb.normal_(0, 1.0)
         if plant is not None:
@@ -101,6 +103,7 @@ def save_model(model, folder: Path, dtype: torch.dtype = torch.float32, shards: 
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
+    config["architectures"] = [type(model).__name__]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (tokenizer or make_tokenizer()).save_pretrained(folder)
     return folder

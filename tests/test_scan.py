@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
-from conftest import run_cli
 from melsurgery.architectures import family_for
 from melsurgery.calibrate import calibrate
 from melsurgery.checkpoint.reader import Checkpoint

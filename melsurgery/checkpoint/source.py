@@ -87,16 +87,26 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
     return Source(Path(folder), repo_id, "hub", revision)
 
 
+def _gguf_card(gguf: Path, base_id: str) -> str:
+    """A minimal card carrying the GGUF's licence, so patched outputs inherit it."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("general.license")
+    lic = field.contents() if field is not None else None
+    front = f"license: {lic}\n" if lic else ""
+    return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
+
+
 def _from_gguf(gguf: Path, base_id: str) -> Source:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if not (folder / "config.json").is_file():
-        _convert_gguf(gguf, folder)
+        _convert_gguf(gguf, folder, base_id)
     return Source(folder, base_id, "gguf", origin_file=gguf)
 
 
-def _convert_gguf(gguf: Path, folder: Path) -> None:
+def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
     """Dequantise through transformers and write a plain fp32 safetensors folder, atomically."""
     try:
         import torch
@@ -123,6 +133,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_gguf_card(gguf, base_id))
         try:
             os.replace(tmp, folder)
         except OSError:

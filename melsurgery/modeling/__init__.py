@@ -1,0 +1,1 @@
+"""The custom layer shipped (verbatim) into patched checkpoints that need one."""

@@ -1,0 +1,119 @@
+"""WeMask custom layer for checkpoints patched by melsurgery (https://pypi.org/project/melsurgery).
+
+This file is self-contained: it needs only torch and transformers. Loading with
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` builds the stock model class
+named in config.json `architectures` and adds forward hooks configured by `melsurgery_wemask`:
+
+    in the attention input (the output of the attention-input norm) of `layers`, the entries `dims`
+    of the selected tokens are multiplied by (1 - strength).
+
+Selectors: "magnitude" selects a token when max |h[dims']| of its residual stream (the norm's input,
+dims' = `selector_dims`) reaches `threshold`; "first" selects the first real token of each sequence,
+found from the 2-D attention mask (left padding) or the cache position, so that KV-cache decoding
+never selects newly generated tokens. Hooks do not change parameter names: the weights are the
+stock model's.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+CONFIG_KEY = "melsurgery_wemask"
+
+
+def _submodule(root, path):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _first_tokens(kwargs, batch: int, length: int, device) -> torch.Tensor:
+    """[B, T] bool: the first real token of each sequence within the current chunk."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        real = mask.to(device).bool()
+        first = (real.long().cumsum(-1) == 1) & real
+        return first[:, -length:]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    position = kwargs.get("cache_position")
+    if position is None:
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        position = torch.arange(length, device=device) + past
+    return (position.to(device) == 0).reshape(1, -1).expand(batch, length)
+
+
+def apply_wemask(model, spec=None, norm_path="input_layernorm", layers_path="model.layers"):
+    """Install the WeMask hooks on a loaded model; returns the hook handles (remove them to undo)."""
+    spec = spec if spec is not None else getattr(model.config, CONFIG_KEY, None)
+    if not spec:
+        return []
+    spec = dict(spec)
+    norm_path = spec.get("norm", norm_path)
+    layers = _submodule(model, spec.get("layers_module", layers_path))
+    dims = torch.tensor(spec["dims"], dtype=torch.long)
+    sel_dims = torch.tensor(spec.get("selector_dims") or spec["dims"], dtype=torch.long)
+    keep = 1.0 - float(spec.get("strength", 1.0))
+    selector = spec.get("selector", "magnitude")
+    threshold = spec.get("threshold")
+    state: dict = {}
+
+    def norm_hook(module, args, output):
+        h = args[0]
+        if selector == "magnitude":
+            chosen = h[..., sel_dims.to(h.device)].abs().amax(-1).float() >= float(threshold)
+        else:
+            chosen = state.get("first")
+            if chosen is None or chosen.shape != h.shape[:-1]:
+                chosen = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
+                chosen[..., 0] = True
+        factor = torch.ones(h.shape[-1], dtype=output.dtype, device=output.device)
+        factor[dims.to(output.device)] = keep
+        return torch.where(chosen[..., None].to(output.device), output * factor, output)
+
+    def model_pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        state["first"] = _first_tokens(kwargs, ref.shape[0], ref.shape[1], ref.device)
+
+    handles = [_submodule(layers[i], norm_path).register_forward_hook(norm_hook) for i in spec["layers"]]
+    if selector == "first":
+        handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
+    return handles
+
+
+def _base_class(config):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = list(getattr(config, "architectures", None) or [])
+    names.append(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""))
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ValueError(f"melsurgery: no transformers class for architectures {names}")
+
+
+class MelsurgeryForCausalLM:
+    """Entry point named by config.json `auto_map`: the stock class plus the WeMask hooks."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        return None
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, **kwargs):
+        kwargs.pop("trust_remote_code", None)
+        kwargs.pop("adapter_kwargs", None)
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(path)
+        model = _base_class(config).from_pretrained(path, *args, config=config, **kwargs)
+        model._melsurgery_hooks = apply_wemask(model)
+        return model
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        kwargs.pop("trust_remote_code", None)
+        model = _base_class(config)._from_config(config, **kwargs)
+        model._melsurgery_hooks = apply_wemask(model)
+        return model

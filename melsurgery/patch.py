@@ -1,0 +1,104 @@
+"""`patch`: scan (or read a scan), plan the recipes, write a standalone checkpoint atomically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .architectures import family_for
+from .card import base_license, render_card
+from .checkpoint.atomic import atomic_folder, check_output
+from .checkpoint.hashing import sha256_file
+from .checkpoint.reader import Checkpoint
+from .checkpoint.source import Source
+from .checkpoint.writer import AppliedEdit, copy_side_files, write_weights
+from .errors import UserError
+from .manifest import Manifest
+from .recipes import RecipePlan, plan_recipes
+from .scan import run_scan
+
+MODELING_FILE = "modeling_melsurgery.py"
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
+
+
+@dataclass
+class PatchResult:
+    out: Path
+    plans: list[RecipePlan]
+    applied: list[AppliedEdit]
+    scan: dict
+    custom_layer: bool
+
+
+def scan_summary(scan: dict) -> dict:
+    keys = ("me_layer", "massive_dims", "top_dims", "persist_until", "ffn_neurons", "selector_threshold",
+            "sink_after_me", "token_summary", "calibration", "params")
+    summary = {k: scan.get(k) for k in keys}
+    # timings would make two identical patches differ byte for byte
+    summary["calibration"] = {k: v for k, v in (scan.get("calibration") or {}).items() if k != "seconds"}
+    return summary
+
+
+def run_patch(
+    source: Source,
+    out: Path,
+    manifest: Manifest,
+    *,
+    scan: dict | None = None,
+    overwrite: bool = False,
+    link: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+) -> PatchResult:
+    check_output(out, overwrite)  # before the scan: fail fast
+    ckpt = Checkpoint(source.folder)
+    family = family_for(ckpt.config)
+    if scan is None:
+        scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
+                        progress=progress)
+    elif scan["model"]["num_layers"] != ckpt.config.get("num_hidden_layers"):
+        raise UserError("the --scan result is for a model with a different number of layers")
+    plans = plan_recipes(scan, family, ckpt.config, manifest.recipes)
+    edits = [e for p in plans for e in p.edits]
+    wemask = next((p.wemask for p in plans if p.wemask is not None), None)
+    with atomic_folder(out, overwrite) as tmp:
+        applied, inputs = write_weights(ckpt, edits, tmp, link=link)
+        inputs.update(copy_side_files(ckpt, tmp, skip=("config.json",) if wemask else ()))
+        if wemask:
+            config = dict(ckpt.config)
+            config["auto_map"] = AUTO_MAP
+            config["melsurgery_wemask"] = {**wemask.to_config(), "norm": family.attn_norm,
+                                           "layers_module": family.layers_module}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            modeling = resources.files("melsurgery.modeling").joinpath(MODELING_FILE).read_bytes()
+            (tmp / MODELING_FILE).write_bytes(modeling)
+        (tmp / "melsurgery-manifest.yaml").write_text(manifest.to_yaml())
+        card = render_card(base_id=source.id, license=base_license(source.folder), plans=plans, scan=scan,
+                           applied=applied, custom_layer=wemask is not None)
+        (tmp / "README.md").write_text(card)
+        write_provenance(tmp, source, manifest, scan, plans, applied, inputs)
+    return PatchResult(Path(out), plans, applied, scan, wemask is not None)
+
+
+def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dict, plans: list[RecipePlan],
+                     applied: list[AppliedEdit], inputs: dict, measurements: dict | None = None) -> None:
+    """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file."""
+    outputs = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+               if p.is_file() and p.name != "provenance.json"}
+    prov = {
+        "tool": f"melsurgery {__version__}",
+        "source": {"id": source.id, "kind": source.kind, "revision": source.revision,
+                   "gguf": source.origin_file.name if source.origin_file else None, "files": inputs},
+        "manifest": manifest.to_dict(),
+        "recipes": [{"name": p.recipe, "params": p.params, "folds": p.folds, "summary": p.summary} for p in plans],
+        "edits": [asdict(e) for e in applied],
+        "scan": scan_summary(scan),
+        "measurements": measurements or {},
+        "outputs": outputs,
+    }
+    (folder / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")

@@ -1,0 +1,134 @@
+"""Mitigation recipes: pure functions from a scan result to tensor edits and custom-layer specs.
+
+A recipe never reads weights or touches files. It returns a `RecipePlan`: a list of `Edit`s (affine
+rescalings of slices of named tensors, applied later by the writer in fp32) and, where folding is
+impossible, a `WeMaskSpec` for the custom layer. Tensor names come from the architecture entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ..architectures import Family
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Edit:
+    """w_eff <- scale * w_eff + shift on a slice, where w_eff = offset + w.
+
+    `axis` and `index` select the slice (rows: axis 0, columns: axis 1, None: the whole tensor);
+    `offset` is the norm convention (1.0 for Gemma's (1 + g) norms) so that scaling acts on the
+    effective weight.
+    """
+
+    tensor: str
+    scale: float
+    shift: float = 0.0
+    axis: int = 0
+    index: tuple[int, ...] | None = None
+    offset: float = 0.0
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class WeMaskSpec:
+    """Token-selective masking of attention-input dims; stored in config.json as `melsurgery_wemask`."""
+
+    layers: tuple[int, ...]
+    dims: tuple[int, ...]
+    strength: float = 1.0
+    selector: str = "magnitude"  # or "first"
+    selector_dims: tuple[int, ...] = ()
+    threshold: float | None = None
+
+    def to_config(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass
+class RecipePlan:
+    recipe: str
+    params: dict
+    summary: str
+    edits: list[Edit] = field(default_factory=list)
+    wemask: WeMaskSpec | None = None
+    folds: bool = True
+
+
+def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int) -> tuple[int, ...]:
+    """`None`/"next": the first layer after the ME Layer; "after-me": it and all deeper; or "12,14-16"."""
+    if spec is None or spec == "next":
+        layers: list[int] = [me_layer + 1]
+    elif spec == "after-me":
+        layers = list(range(me_layer + 1, num_layers))
+    elif spec == "me":
+        layers = [me_layer]
+    elif isinstance(spec, list | tuple):
+        layers = [int(x) for x in spec]
+    else:
+        layers = []
+        for part in str(spec).split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    lo, hi = part.split("-")
+                    layers.extend(range(int(lo), int(hi) + 1))
+                else:
+                    layers.append(int(part))
+            except ValueError:
+                raise UserError(f"--layers {spec!r}: use next, after-me, me, or indices like 12,14-16") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise UserError(f"--layers {spec!r}: layers must lie in 0-{num_layers - 1} (got {bad or 'none'})")
+    return tuple(sorted(set(layers)))
+
+
+def pick_dims(scan: dict, top_k: int | None = None, dims: list[int] | None = None,
+              mask_ratio: float | None = None) -> tuple[int, ...]:
+    """Dims to act on: explicit, the top-k dims of the massive tokens, or those above a share of the top."""
+    if dims:
+        return tuple(int(d) for d in dims)
+    ranked = scan.get("top_dims") or []
+    if not ranked:
+        return tuple(scan["massive_dims"])
+    if mask_ratio is not None:
+        top = ranked[0]["mean_abs"]
+        return tuple(d["dim"] for d in ranked if d["mean_abs"] >= mask_ratio * top)
+    k = top_k if top_k is not None else 3
+    return tuple(d["dim"] for d in ranked[:k])
+
+
+def require_me(scan: dict) -> int:
+    if scan.get("me_layer") is None:
+        raise UserError("the scan found no ME Layer: there is nothing for this recipe to mitigate")
+    return int(scan["me_layer"])
+
+
+PlanFn = Callable[[dict, Family, dict, dict], RecipePlan]
+
+
+def registry() -> dict[str, PlanFn]:
+    from . import ffn_dampen, me_norm, norm_rescale, wemask
+
+    return {
+        "wemask": wemask.plan,
+        "norm-rescale": norm_rescale.plan,
+        "ffn-dampen": ffn_dampen.plan,
+        "me-norm": me_norm.plan,
+    }
+
+
+def plan_recipes(scan: dict, family: Family, config: dict, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:
+    """Plan each (name, params) in order; recipes compose (edits of one tensor apply in sequence)."""
+    known = registry()
+    plans = []
+    for name, params in recipes:
+        if name not in known:
+            raise UserError(f"unknown recipe {name!r}; available: {', '.join(known)}")
+        plans.append(known[name](scan, family, config, params))
+    if sum(p.wemask is not None for p in plans) > 1:
+        raise UserError("wemask can be applied once per patch; give it all its layers in one recipe")
+    return plans

@@ -1,0 +1,28 @@
+"""Shrink the FFN-input RMSNorm weight of the ME Layer toward its mean: g <- mean + a (g - mean).
+
+The RMSNorm's per-dim weight decides which residual dims reach the writing neurons; flattening it
+weakens the pathway that creates the massive value. `--dims` restricts the shrink to chosen dims.
+"""
+
+from __future__ import annotations
+
+from ..architectures import Family
+from ..errors import UserError
+from . import Edit, RecipePlan, require_me
+
+DEFAULTS = {"factor": 0.5, "dims": None}
+
+
+def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    me = require_me(scan)
+    mean = (scan.get("norm") or {}).get("ffn_norm_weight_mean")
+    if mean is None:
+        raise UserError("the scan carries no FFN-norm statistics for the ME Layer; rerun scan")
+    a = float(p["factor"])
+    dims = tuple(int(d) for d in p["dims"]) if p["dims"] else None
+    edit = Edit(family.ffn_norm_tensor(me), a, shift=(1 - a) * float(mean), axis=0, index=dims,
+                offset=family.norm_offset, why=f"me-norm x{a:g}")
+    where = f"dims {list(dims)}" if dims else "all dims"
+    summary = f"me-norm: FFN-input RMSNorm weight of layer {me} ({where}) shrunk toward its mean {mean:.4g} by {a:g}"
+    return RecipePlan("me-norm", {**p, "layer": me, "mean": mean}, summary, [edit])

@@ -1,0 +1,28 @@
+"""Scale attention-input dims for all tokens, folded into the attention-input norm weight.
+
+Where a family has no attention-input norm the same scaling folds into the q/k/v input columns.
+"""
+
+from __future__ import annotations
+
+from ..architectures import Family
+from . import Edit, RecipePlan, parse_layers, pick_dims, require_me
+
+DEFAULTS = {"layers": "next", "top_k": 3, "dims": None, "mask_ratio": None, "factor": 0.5}
+
+
+def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    me = require_me(scan)
+    layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
+    dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
+    a = float(p["factor"])
+    why = f"norm-rescale x{a:g}"
+    edits = []
+    for i in layers:
+        if family.attn_norm is not None:
+            edits.append(Edit(family.attn_norm_tensor(i), a, axis=0, index=dims, offset=family.norm_offset, why=why))
+        else:
+            edits.extend(Edit(t, a, axis=1, index=dims, why=why) for t in family.attn_input_tensors(i))
+    summary = f"norm-rescale: attention-input dims {list(dims)} of layers {list(layers)} scaled by {a:g} for all tokens"
+    return RecipePlan("norm-rescale", {**p, "layers": list(layers), "dims": list(dims)}, summary, edits)

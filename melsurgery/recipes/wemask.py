@@ -1,0 +1,37 @@
+"""WeMask (Shi et al. 2026): zero the top massive dims of the massive tokens in the attention input.
+
+Token-selective, so it cannot fold into weights: the patched checkpoint carries a custom layer
+(a forward hook on the attention-input norm of the chosen layers) configured from config.json.
+"""
+
+from __future__ import annotations
+
+from ..architectures import Family
+from ..errors import UserError
+from . import RecipePlan, WeMaskSpec, parse_layers, pick_dims, require_me
+
+DEFAULTS = {"layers": "next", "top_k": 3, "dims": None, "mask_ratio": None, "strength": 1.0, "selector": "magnitude"}
+
+
+def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    me = require_me(scan)
+    layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
+    if any(i <= me for i in layers):
+        raise UserError(f"wemask acts on layers after the ME Layer ({me}); got {list(layers)}")
+    if p["selector"] not in ("magnitude", "first"):
+        raise UserError(f"--selector {p['selector']!r}: use magnitude or first")
+    if not 0.0 <= float(p["strength"]) <= 1.0:
+        raise UserError("--strength must lie in [0, 1] (1 zeroes the dims)")
+    dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
+    threshold = scan.get("selector_threshold")
+    if p["selector"] == "magnitude" and not threshold:
+        raise UserError("the scan has no selector threshold; rerun scan or use --selector first")
+    spec = WeMaskSpec(layers, dims, float(p["strength"]), p["selector"], tuple(scan["massive_dims"]),
+                      float(threshold) if threshold else None)
+    which = "the first token"
+    if p["selector"] == "magnitude":
+        which = "tokens whose residual exceeds the calibrated threshold"
+    summary = (f"WeMask: in the attention input of layers {list(layers)}, dims {list(dims)} of {which} "
+               f"scaled by {1 - spec.strength:g}")
+    return RecipePlan("wemask", {**p, "layers": list(layers), "dims": list(dims)}, summary, wemask=spec, folds=False)

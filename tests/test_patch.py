@@ -1,0 +1,316 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
+from transformers import AutoModelForCausalLM
+
+import melsurgery
+import reference as ref
+from conftest import run_cli
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.source import resolve
+from melsurgery.manifest import Manifest, load_manifest
+from melsurgery.patch import run_patch
+from melsurgery.scan import run_scan
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x"]
+
+
+@pytest.fixture(scope="module")
+def planted_scan(planted):
+    return run_scan(resolve(str(planted)))
+
+
+def patch(folder, out, recipes, scan=None, **kw):
+    man = Manifest(model=str(folder), recipes=recipes)
+    return run_patch(resolve(str(folder)), out, man, scan=scan, **kw)
+
+
+def batch(tokenizer=None, texts=TEXTS):
+    tok = tokenizer or make_tokenizer()
+    ids = [tok(t)["input_ids"] for t in texts]
+    n = min(map(len, ids))
+    return torch.tensor([i[:n] for i in ids])
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits.float()
+
+
+def load_base(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def load_stock(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def tensor_bytes_equal(a, b, name):
+    from melsurgery.checkpoint.safetensors_file import read_bytes
+
+    return read_bytes(a.info(name)) == read_bytes(b.info(name))
+
+
+def reference_for(plan, model, scan):
+    p = plan.params
+    if plan.recipe == "norm-rescale":
+        return ref.norm_rescale(model, p["layers"], p["dims"], p["factor"])
+    if plan.recipe == "ffn-dampen":
+        return ref.ffn_dampen(model, p["layer"], p["neurons"], p["factor"])
+    if plan.recipe == "me-norm":
+        return ref.me_norm(model, p["layer"], p["factor"], p["dims"])
+    return ref.wemask(model, p["layers"], p["dims"], p["strength"], p["selector"], scan["massive_dims"],
+                      scan["selector_threshold"], first_positions=[0] * 8)
+
+
+RECIPES = [
+    ("norm-rescale", {}),
+    ("norm-rescale", {"factor": 0.0, "layers": "after-me", "top_k": 2}),
+    ("ffn-dampen", {}),
+    ("ffn-dampen", {"factor": 0.0}),
+    ("me-norm", {}),
+    ("me-norm", {"factor": 0.2, "dims": [5, 17]}),
+    ("wemask", {}),
+    ("wemask", {"layers": "after-me", "strength": 0.7}),
+    ("wemask", {"selector": "first", "top_k": 1}),
+]
+
+
+@pytest.mark.parametrize("recipe,params", RECIPES)
+def test_patched_checkpoint_matches_hook_reference(planted, planted_scan, tmp_path, recipe, params):
+    result = patch(planted, tmp_path / "out", [(recipe, params)], scan=planted_scan)
+    (plan,) = result.plans
+    ids = batch()
+    base = load_base(planted)
+    base_logits = logits(base, ids)
+    handles = reference_for(plan, base, planted_scan)
+    expected = logits(base, ids)
+    ref.remove(handles)
+    assert not torch.allclose(expected, base_logits, atol=1e-4), "the intervention must change something"
+    if recipe == "wemask":
+        remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32,
+                                                      attn_implementation="eager").eval()
+        torch.testing.assert_close(logits(remote, ids), expected, rtol=1e-5, atol=1e-5)
+        model, _ = melsurgery.load(tmp_path / "out")
+        assert "melsurgery_wemask" in json.loads((tmp_path / "out" / "config.json").read_text())
+    else:
+        model = load_stock(tmp_path / "out")
+        assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+    # every tensor except the edited ones is byte-identical
+    src, out = Checkpoint(planted), Checkpoint(tmp_path / "out")
+    edited = {a.tensor for a in result.applied}
+    assert set(src.names()) == set(out.names())
+    for name in src.names():
+        assert tensor_bytes_equal(src, out, name) == (name not in edited), name
+
+
+def test_recipes_compose(planted, planted_scan, tmp_path):
+    recipes = [("ffn-dampen", {"factor": 0.5}), ("norm-rescale", {"factor": 0.5}), ("wemask", {"top_k": 1})]
+    result = patch(planted, tmp_path / "out", recipes, scan=planted_scan)
+    base, ids = load_base(planted), batch()
+    handles = [h for plan in result.plans for h in reference_for(plan, base, planted_scan)]
+    expected = logits(base, ids)
+    ref.remove(handles)
+    model, _ = melsurgery.load(tmp_path / "out")
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe,params", [("norm-rescale", {"factor": 1.0}), ("ffn-dampen", {"factor": 1.0}),
+                                           ("me-norm", {"factor": 1.0}), ("wemask", {"strength": 0.0})])
+def test_neutral_strength_reproduces_the_original_exactly(planted, planted_scan, tmp_path, recipe, params):
+    patch(planted, tmp_path / "out", [(recipe, params)], scan=planted_scan)
+    src, out = Checkpoint(planted), Checkpoint(tmp_path / "out")
+    assert all(tensor_bytes_equal(src, out, n) for n in src.names())
+    model, _ = melsurgery.load(tmp_path / "out")
+    ids = batch()
+    assert torch.equal(logits(model, ids), logits(melsurgery.load(planted)[0], ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_are_preserved_and_custom_layer_runs(tmp_path, dtype):
+    src = planted_folder(tmp_path / "src", dtype=dtype, shards=2)
+    scan = run_scan(resolve(str(src)))
+    patch(src, tmp_path / "out", [("ffn-dampen", {}), ("wemask", {})], scan=scan)
+    a, b = Checkpoint(src), Checkpoint(tmp_path / "out")
+    for name in a.names():
+        assert a.info(name).dtype == b.info(name).dtype and a.info(name).shape == b.info(name).shape
+    model, _ = melsurgery.load(tmp_path / "out", dtype=dtype)
+    out = logits(model, batch())
+    assert torch.isfinite(out).all()
+
+
+def test_wemask_kv_cache_generation_equals_full_recomputation(planted, planted_scan, tmp_path):
+    for selector in ("magnitude", "first"):
+        out = tmp_path / selector
+        patch(planted, out, [("wemask", {"selector": selector, "layers": "after-me"})], scan=planted_scan)
+        model, tok = melsurgery.load(out)
+        ids = batch(tok)[:1, :8]
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        seq = ids
+        for _ in range(6):  # token by token, recomputing the whole sequence each time
+            nxt = logits(model, seq, attention_mask=torch.ones_like(seq))[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert torch.equal(gen, seq), selector
+
+
+def test_first_selector_masks_only_the_real_first_token(planted, planted_scan, tmp_path):
+    patch(planted, tmp_path / "out", [("wemask", {"selector": "first", "layers": "after-me"})], scan=planted_scan)
+    model, tok = melsurgery.load(tmp_path / "out")
+    spec = model.config.melsurgery_wemask
+    seen = {}
+
+    def spy(i):
+        def hook(module, args, out):
+            seen[i] = (args[0].detach(), out.detach())
+        return hook
+
+    handles = [model.model.layers[i].input_layernorm.register_forward_hook(spy(i)) for i in spec["layers"]]
+    # left padding: row 0 padded by 3, row 1 not
+    a, b = tok("ab cd ef")["input_ids"], tok("ab cd ef gh i")["input_ids"]
+    pad = len(b) - len(a)
+    ids = torch.tensor([[2] * pad + a, b])
+    mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for i in spec["layers"]:
+        h, out = seen[i]
+        zero = out[..., spec["dims"]].abs().amax(-1) == 0
+        assert zero[0].nonzero().flatten().tolist() == [pad]
+        assert zero[1].nonzero().flatten().tolist() == [0]
+    # during cached decoding, new tokens are never masked
+    seen.clear()
+    with torch.no_grad():
+        o = model(ids[1:], attention_mask=mask[1:], use_cache=True)
+        model(torch.tensor([[5]]), attention_mask=torch.ones(1, len(b) + 1, dtype=torch.long),
+              cache=o.past_key_values, use_cache=True)
+    for i in spec["layers"]:
+        h, out = seen[i]
+        assert out.shape[1] == 1 and out[0, 0, spec["dims"]].abs().min() > 0
+    ref.remove(handles)
+
+
+def test_batched_left_padding_matches_single_sequences(planted, planted_scan, tmp_path):
+    patch(planted, tmp_path / "out", [("wemask", {"layers": "after-me"})], scan=planted_scan)
+    model, tok = melsurgery.load(tmp_path / "out")
+    a, b = tok("hello there")["input_ids"], tok("hello there, general")["input_ids"]
+    pad = len(b) - len(a)
+    ids = torch.tensor([[2] * pad + a, b])
+    mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    batched = logits(model, ids, attention_mask=mask, position_ids=pos)
+    single = logits(model, torch.tensor([a]))
+    torch.testing.assert_close(batched[0, pad:], single[0], rtol=1e-4, atol=1e-4)
+
+
+def test_manifest_reproduces_the_same_bytes(planted, tmp_path):
+    man = tmp_path / "m.yaml"
+    man.write_text(f"model: {planted}\nrecipes:\n  - name: wemask\n    params: {{top_k: 2}}\n  - name: ffn-dampen\n")
+    for out in ("a", "b"):
+        res = run_cli("patch", "--manifest", man, "-o", tmp_path / out, "--quiet")
+        assert res.returncode == 0, res.stderr
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "melsurgery-manifest.yaml" in files and "provenance.json" in files and "modeling_melsurgery.py" in files
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    # the carried resolved manifest reproduces it again
+    again = load_manifest(tmp_path / "a" / "melsurgery-manifest.yaml")
+    assert [r[0] for r in again.recipes] == ["wemask", "ffn-dampen"]
+
+
+def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_path):
+    (planted / "LICENSE").write_text("Apache License 2.0\n") if not (planted / "LICENSE").exists() else None
+    patch(planted, tmp_path / "out", [("ffn-dampen", {})], scan=planted_scan)
+    out = tmp_path / "out"
+    for side in ("tokenizer.json", "tokenizer_config.json", "LICENSE", "config.json"):
+        assert (out / side).read_bytes() == (planted / side).read_bytes(), side
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model:" in card and "base_model_relation:" in card
+    prov = json.loads((out / "provenance.json").read_text())
+    from melsurgery.checkpoint.hashing import sha256_file
+
+    for rel, digest in prov["outputs"].items():
+        assert sha256_file(out / rel) == digest
+    assert set(prov["outputs"]) == {p.name for p in out.iterdir()} - {"provenance.json"}
+    assert prov["source"]["files"]["model.safetensors"] == sha256_file(planted / "model.safetensors")
+    assert prov["recipes"][0]["name"] == "ffn-dampen" and prov["scan"]["me_layer"] == 3
+
+
+def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = run_cli("patch", planted, "-o", out, "--recipe", "ffn-dampen", "--quiet")
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cli_patch_each_recipe(planted, tmp_path):
+    scan = tmp_path / "scan.json"
+    assert run_cli("scan", planted, "--quiet", "--json", scan).returncode == 0
+    res = run_cli("patch", planted, "-o", tmp_path / "o", "--scan", scan, "--recipe", "wemask", "--recipe",
+                  "norm-rescale", "--top-k", "1", "--norm-factor", "0.3")
+    assert res.returncode == 0, res.stderr
+    assert "WeMask" in res.stdout and "edited model.layers.4.input_layernorm.weight: 1 entries" in res.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_interrupted_patch_leaves_nothing(tmp_path, sig):
+    # big enough that the write takes a moment: 4 shards of ~25 MB
+    src = save_model(build_model(llama_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=6),
+                                 Plant(neuron=100, dim=300)), tmp_path / "src", shards=4)
+    scan = tmp_path / "scan.json"
+    res = run_cli("scan", src, "--quiet", "--json", scan, "--ratio", "30")
+    assert res.returncode == 0, res.stdout
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "out"
+    cmd = ["melsurgery", "patch", str(src), "-o", str(out), "--scan", str(scan), "--recipe", "ffn-dampen", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".melsurgery-tmp-out-*")):
+        time.sleep(0.01)
+    assert list(tmp_path.glob(".melsurgery-tmp-out-*")), "the write never started"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    if sig != signal.SIGKILL:
+        assert not list(tmp_path.glob(".melsurgery-tmp-*"))
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    res = run_cli("patch", src, "-o", out, "--scan", scan, "--recipe", "ffn-dampen", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert not list(tmp_path.glob(".melsurgery-tmp-*")) and (out / "provenance.json").is_file()
+
+
+RECIPE_DEFAULTS = ["wemask", "norm-rescale", "ffn-dampen", "me-norm"]
+
+
+@pytest.mark.parametrize("recipe", RECIPE_DEFAULTS)
+def test_default_model_patch_matches_reference(smollm2, smollm2_scan, tmp_path, recipe):
+    result = patch(smollm2.folder, tmp_path / "out", [(recipe, {})], scan=smollm2_scan)
+    (plan,) = result.plans
+    tok = melsurgery.load.__globals__["AutoTokenizer"].from_pretrained(smollm2.folder) if False else None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2.folder)
+    ids = torch.tensor([tok("To be, or not to be, that is the question:")["input_ids"]])
+    base = load_base(smollm2.folder)
+    handles = reference_for(plan, base, smollm2_scan)
+    expected = logits(base, ids)
+    ref.remove(handles)
+    del base
+    model, _ = melsurgery.load(tmp_path / "out")
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_python_api_has_no_cli_dependency():
+    code = "import melsurgery, melsurgery.patch, melsurgery.scan; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
