@@ -6,13 +6,13 @@ import sys
 import time
 
 import pytest
+import reference as ref
 import torch
+from conftest import run_cli
 from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 from transformers import AutoModelForCausalLM
 
 import melsurgery
-import reference as ref
-from conftest import run_cli
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import resolve
 from melsurgery.manifest import Manifest, load_manifest
