@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def load(path, *, device: str = "cpu", dtype=None):
+def load(path, *, device: str = "cpu", dtype=None, **kwargs):
     """Load a (patched) checkpoint with its custom layer, without trust_remote_code.
 
     Returns (model, tokenizer). The WeMask hooks come from melsurgery's own copy of the custom layer,
@@ -14,7 +14,7 @@ def load(path, *, device: str = "cpu", dtype=None):
 
     from .modeling.modeling_melsurgery import apply_wemask
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False, **kwargs)
     model._melsurgery_hooks = apply_wemask(model)
     model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)

@@ -175,11 +175,15 @@ def _int_list(ctx, param, value):
 @calibration_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Measure the patch (as `melsurgery verify`) and write the figures into the card and provenance.")
+@click.option("--verify-windows", type=click.IntRange(min=1), default=None,
+              help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def patch(model, out, recipes, manifest, scan_path, layers, top_k, dims, mask_ratio, strength, selector, norm_factor,
           dampen, neurons, me_norm_factor, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio,
-          persist_fraction, overwrite, link, device, quiet) -> None:
+          persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
 
     Untouched tensors stay byte-identical; the output is written atomically with a model card,
@@ -211,12 +215,29 @@ def patch(model, out, recipes, manifest, scan_path, layers, top_k, dims, mask_ra
         )
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
+    verify = {"max_windows": verify_windows} if do_verify else None
     result = run_patch(source, out, man, scan=scan, overwrite=overwrite, link=link, device=resolve_device(device),
-                       progress=not quiet)
+                       progress=not quiet, verify=verify)
     click.echo(f"ME Layer {result.scan['me_layer']}, massive dims {result.scan['massive_dims']}")
     for p in result.plans:
         click.echo(f"  {p.summary}")
     for a in result.applied:
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
     how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
+    if result.verified:
+        from .verify import verify_report
+
+        click.echo(verify_report(result.verified))
     click.echo(f"wrote {out} (loads with {how})")
+
+
+def _register() -> None:
+    """Commands kept in their own modules (they reuse the options above, hence the late import)."""
+    from .commands.verify import verify
+
+    main.add_command(verify)
+
+
+_register()
+from .commands.diff import diff; main.add_command(diff)  # noqa: E402,E702,I001
+from .commands.push import push; main.add_command(push)  # noqa: E402,E702,I001

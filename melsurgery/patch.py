@@ -33,6 +33,7 @@ class PatchResult:
     applied: list[AppliedEdit]
     scan: dict
     custom_layer: bool
+    verified: dict | None = None
 
 
 def scan_summary(scan: dict) -> dict:
@@ -54,7 +55,9 @@ def run_patch(
     link: bool = False,
     device: str = "cpu",
     progress: bool = False,
+    verify: dict | None = None,
 ) -> PatchResult:
+    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
     check_output(out, overwrite)  # before the scan: fail fast
     ckpt = Checkpoint(source.folder)
     family = family_for(ckpt.config)
@@ -78,11 +81,27 @@ def run_patch(
             modeling = resources.files("melsurgery.modeling").joinpath(MODELING_FILE).read_bytes()
             (tmp / MODELING_FILE).write_bytes(modeling)
         (tmp / "melsurgery-manifest.yaml").write_text(manifest.to_yaml())
+        measured = None
+        if verify is not None:
+            from .verify import measurements_for_card, run_verify
+
+            (tmp / "provenance.json").write_text(json.dumps({"scan": {"me_layer": scan["me_layer"]}}))
+            measured = run_verify(source.folder, tmp, device=device, progress=progress, **verify)
+            measured["weights"]["matches_provenance"] = sorted({a.tensor for a in applied}) == measured["weights"][
+                "changed"]
         card = render_card(base_id=source.id, license=base_license(source.folder), plans=plans, scan=scan,
-                           applied=applied, custom_layer=wemask is not None)
+                           applied=applied, custom_layer=wemask is not None,
+                           measurements=measurements_for_card(measured) if measured else None)
         (tmp / "README.md").write_text(card)
-        write_provenance(tmp, source, manifest, scan, plans, applied, inputs)
-    return PatchResult(Path(out), plans, applied, scan, wemask is not None)
+        write_provenance(tmp, source, manifest, scan, plans, applied, inputs, measurements=_compact(measured))
+    return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
+
+
+def _compact(measured: dict | None) -> dict | None:
+    """Verification figures for provenance: everything but the generated text."""
+    if measured is None:
+        return None
+    return {k: v for k, v in measured.items() if k not in ("generations", "seconds", "massive_positions")}
 
 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dict, plans: list[RecipePlan],

@@ -35,3 +35,23 @@ def plot_scan(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_verify(result: dict, path: Path) -> None:
+    """Sink score and max/median ratio per layer, base versus patched."""
+    plt = _pyplot()
+    x = list(range(len(result["sink_base"])))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a1.plot(x, result["sink_base"], marker="o", label="base")
+    a1.plot(x, result["sink_patched"], marker="s", label="patched")
+    a1.set_title("attention sink (mean attention to massive tokens)")
+    a1.set_xlabel("layer")
+    a1.legend()
+    a2.semilogy(x, result["ratio_base"], marker="o", label="base")
+    a2.semilogy(x, result["ratio_patched"], marker="s", label="patched")
+    a2.set_title("max |h| / median |h|")
+    a2.set_xlabel("layer (output)")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,55 @@
+"""`melsurgery verify BASE PATCHED`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..cli import device_option, dtype_option, resolve_device, torch_dtype
+from ..errors import UserError
+
+GATE_EXIT = 4
+
+
+@click.command()
+@click.argument("base")
+@click.argument("patched", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
+@click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")
+@click.option("--windows", "max_windows", type=click.IntRange(min=1), default=None, help="Evaluate at most N windows.")
+@click.option("--generations", type=click.IntRange(min=0, max=3), default=3, show_default=True,
+              help="Greedy generations shown side by side.")
+@device_option
+@dtype_option
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: sink and ratio per layer.")
+@click.option("--max-kl", type=float, default=None, help="Gate: fail when mean KL exceeds this.")
+@click.option("--max-ppl-increase", type=float, default=None, help="Gate: fail when perplexity rises more (percent).")
+@click.option("--min-sink-reduction", type=float, default=None, help="Gate: fail when the sink drops less (percent).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(base, patched, text, max_tokens, max_windows, generations, device, dtype, json_path, plot_path, max_kl,
+           max_ppl_increase, min_sink_reduction, quiet) -> None:
+    """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
+
+    Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
+    """
+    from ..checkpoint.source import resolve
+    from ..verify import Gates, run_verify, verify_report
+
+    result = run_verify(resolve(base).folder, patched, text=text, max_tokens=max_tokens, max_windows=max_windows,
+                        device=resolve_device(device), dtype=torch_dtype(dtype), generations=generations,
+                        progress=not quiet)
+    click.echo(verify_report(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        from ..plot import plot_verify
+
+        plot_verify(result, plot_path)
+        click.echo(f"wrote {plot_path}")
+    violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
+    if violations:
+        raise UserError("gate violated: " + "; ".join(violations), exit_code=GATE_EXIT)
