@@ -233,11 +233,12 @@ def patch(model, out, recipes, manifest, scan_path, layers, top_k, dims, mask_ra
 
 def _register() -> None:
     """Commands kept in their own modules (they reuse the options above, hence the late import)."""
+    from .commands.diff import diff
+    from .commands.push import push
     from .commands.verify import verify
 
-    main.add_command(verify)
+    for command in (verify, diff, push):
+        main.add_command(command)
 
 
 _register()
-from .commands.diff import diff; main.add_command(diff)  # noqa: E402,E702,I001
-from .commands.push import push; main.add_command(push)  # noqa: E402,E702,I001

@@ -15,11 +15,9 @@ be in the environment before this module is first imported.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,15 +33,14 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .checkpoint.hashing import sha256_file
+from .checkpoint.safetensors_file import read_header
 from .errors import UserError
 
 PROVENANCE = "provenance.json"
 MODEL_CARD = "README.md"
 CONFIG = "config.json"
-# A header this large is corruption, not a model; refusing early avoids reading gigabytes of garbage.
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -101,50 +98,6 @@ def _list_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_safetensors(path: Path) -> None:
-    """A readable header whose tensors all lie inside the file: catches truncated or clobbered shards."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-            raise UserError(f"{path}: corrupt safetensors header (declared length {header_len} exceeds the file)")
-        raw = fh.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_size = size - 8 - header_len
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r} has no valid data_offsets)")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_size:
-            raise UserError(
-                f"{path}: tensor {name!r} lies outside the file (bytes {begin}-{end} of {data_size}); "
-                "the file is truncated or corrupt"
-            )
-
-
 def _load_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -200,7 +153,7 @@ def validate_for_push(folder: Path) -> PushManifest:
         raise UserError(f"{files[CONFIG]}: expected a JSON object")
     for rel, path in files.items():
         if rel.endswith(".safetensors"):
-            _check_safetensors(path)
+            read_header(path)  # truncated or clobbered shards fail here, with one line naming the file
     for rel in outputs:
         if rel == PROVENANCE:
             raise UserError(f"{files[PROVENANCE]}: 'outputs' lists provenance.json itself, which cannot hash itself")
@@ -212,7 +165,7 @@ def validate_for_push(folder: Path) -> PushManifest:
         expected = outputs.get(rel)
         if expected is None:
             raise UserError(f"{path}: not listed in provenance.json 'outputs'; remove it or re-run the surgery")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise UserError(f"{path}: sha256 differs from provenance.json; the file changed after surgery")
     pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
     return PushManifest(folder, pushed, recipes, base_model)

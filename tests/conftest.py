@@ -34,6 +34,15 @@ def planted(tmp_path_factory):
     return planted_folder(tmp_path_factory.mktemp("planted") / "model")
 
 
+@pytest.fixture(scope="session")
+def planted_scan(planted):
+    """The scan of the shared planted folder (ME Layer 3, dim 17, neuron 41)."""
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.scan import run_scan
+
+    return run_scan(resolve(str(planted)))
+
+
 def run_cli(*args, env=None):
     """Run the real console script in a subprocess: exit codes and stderr exactly as users see them."""
     import subprocess

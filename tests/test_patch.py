@@ -22,11 +22,6 @@ from melsurgery.scan import run_scan
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x"]
 
 
-@pytest.fixture(scope="module")
-def planted_scan(planted):
-    return run_scan(resolve(str(planted)))
-
-
 def patch(folder, out, recipes, scan=None, **kw):
     man = Manifest(model=str(folder), recipes=recipes)
     return run_patch(resolve(str(folder)), out, man, scan=scan, **kw)

@@ -1,4 +1,4 @@
-"""`melsurgery.hub`: what validate_for_push refuses, and a push round trip through the loopback hub."""
+"""`melsurgery push`: what validate_for_push refuses, and pushes through the loopback hub with the real CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import hashlib
 import json
 import socket
 import struct
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,41 +21,19 @@ pytest_plugins = ["conftest_hub"]
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# The push under test, as a command line. Swap this for the CLI once it exists, e.g.
-#   [sys.executable, "-m", "melsurgery", "push", *args]
-# (the CLI must accept the same arguments and exit with UserError.exit_code on failure).
-PUSH_SCRIPT = textwrap.dedent(
-    """
-    import argparse, dataclasses, json, sys
-    from pathlib import Path
-    from melsurgery.errors import UserError
-    from melsurgery.hub import push
-    p = argparse.ArgumentParser()
-    p.add_argument("folder", type=Path)
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--revision")
-    p.add_argument("--create-pr", action="store_true")
-    p.add_argument("--message")
-    p.add_argument("--dry-run", action="store_true")
-    a = p.parse_args()
-    try:
-        r = push(a.folder, a.repo_id, private=a.private, revision=a.revision, create_pr=a.create_pr,
-                 commit_message=a.message, dry_run=a.dry_run)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    print(json.dumps(dataclasses.asdict(r)))
-    """
-)
-
-
-def push_argv(*args: str) -> list[str]:
-    return [sys.executable, "-c", PUSH_SCRIPT, *args]
 
 
 def run_push(hub: HubServer, *args: str, **kwargs):
-    return hub.run(push_argv(*args), **kwargs)
+    """The real console script, as users run it, against the loopback hub."""
+    return hub.run(["melsurgery", "push", *args], **kwargs)
+
+
+def printed(proc, key: str) -> str | None:
+    """The value of a ``key: value`` line of `melsurgery push` output (None when absent)."""
+    for line in proc.stdout.splitlines():
+        if line.startswith(f"{key}: "):
+            return line[len(key) + 2 :]
+    return None
 
 
 def write_provenance(folder: Path, recipes=("wemask", "ffn-dampen")) -> None:
@@ -160,7 +137,7 @@ def _config_not_json(folder: Path) -> None:
         (_hash_mismatch, "config.json: sha256 differs from provenance.json"),
         (_unlisted_file, "notes.txt: not listed in provenance.json"),
         (_corrupt_header, "corrupt safetensors header"),
-        (_offsets_outside_file, "lies outside the file"),
+        (_offsets_outside_file, "ends past the end of the file"),
         (_header_not_json, "corrupt safetensors header (not JSON)"),
         (_missing_listed_file, "tokenizer.json: listed in provenance.json but missing"),
         (_bad_provenance_shape, "'source' must be an object"),
@@ -208,50 +185,99 @@ def download(hub: HubServer, repo: str, dest: Path, revision: str = "main") -> d
     return out
 
 
+def assert_no_token(hub: HubServer, procs, roots) -> None:
+    """The token must not leak: not in any output, not in any file we wrote, served or downloaded."""
+    token = hub.token.encode()
+    for proc in procs:
+        assert hub.token not in proc.stdout + proc.stderr
+    for root in (*roots, hub.root, hub.client_home):
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                assert token not in path.read_bytes(), path
+
+
+def downloaded_files(dest: Path) -> dict[str, bytes]:
+    files = {k: v for k, v in all_bytes(dest).items() if not k.startswith(".cache/")}
+    assert files.pop(".gitattributes")  # the hub's own, from the initial commit
+    return files
+
+
 def test_push_round_trip(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     repo = f"{hub_server.user}/smollm2-mel-fixed"
     proc = run_push(hub_server, str(folder), repo, "--private")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["dry_run"] is False
-    assert result["repo_url"] == f"{hub_server.endpoint}/{repo}"
-    assert result["commit_url"].startswith(f"{hub_server.endpoint}/{repo}/commit/")
-    assert result["commit_message"] == f"melsurgery: wemask+ffn-dampen patch of {BASE}"
-    assert {f["path"]: f["size"] for f in result["files"]} == {
+    message = f"melsurgery: wemask+ffn-dampen patch of {BASE}"
+    total = sum(len(b) for b in all_bytes(folder).values())
+    assert proc.stdout.splitlines()[0] == f"pushed 4 files ({total:,} bytes) to {repo}: {message}"
+    assert printed(proc, "repo") == f"{hub_server.endpoint}/{repo}"
+    assert printed(proc, "commit").startswith(f"{hub_server.endpoint}/{repo}/commit/")
+    assert printed(proc, "pull request") is None
+    head = hub_server.hub.commits[hub_server.hub.repos[repo].branches["main"]]
+    assert {p: e.size for p, e in head.files.items() if p != ".gitattributes"} == {
         rel: len(data) for rel, data in all_bytes(folder).items()
     }
+    assert printed(proc, "commit").endswith(head.oid)
 
     dest = tmp_path / "dl"
     got = download(hub_server, repo, dest)
     assert got["private"] is True
-    assert got["commits"] == [result["commit_message"], "initial commit"]  # one commit
-    downloaded = {k: v for k, v in all_bytes(dest).items() if not k.startswith(".cache/")}
-    assert downloaded.pop(".gitattributes")
-    assert downloaded == all_bytes(folder)
+    assert got["commits"] == [message, "initial commit"]  # one commit
+    assert downloaded_files(dest) == all_bytes(folder)
     assert hub_server.hub.unhandled == []
+    assert_no_token(hub_server, [proc, got["proc"]], [folder, dest])
 
-    # The token must not leak: not in any output, not in any file we wrote or downloaded.
-    token = hub_server.token.encode()
-    for stream in (proc.stdout, proc.stderr, got["proc"].stdout, got["proc"].stderr):
-        assert hub_server.token not in stream
-    for root in (folder, dest, hub_server.root, hub_server.client_home):
-        for path in root.rglob("*"):
-            if path.is_file():
-                assert token not in path.read_bytes(), path
+
+@pytest.fixture(scope="module")
+def wemask_checkpoint(tmp_path_factory, planted: Path) -> Path:
+    """A real melsurgery output: a planted model patched with wemask (custom layer shipped)."""
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.manifest import Manifest
+    from melsurgery.patch import run_patch
+    from melsurgery.scan import CalibrationSpec
+
+    out = tmp_path_factory.mktemp("wemask") / "out"
+    man = Manifest(model=str(planted), calibration=CalibrationSpec(num_samples=4, max_tokens=32),
+                   recipes=[("wemask", {})])
+    run_patch(resolve(str(planted)), out, man)
+    return out
+
+
+def test_push_real_patched_checkpoint_and_load_it_back(hub_server: HubServer, wemask_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    import melsurgery
+    from melsurgery.checkpoint.reader import Checkpoint
+
+    repo = f"{hub_server.org}/planted-wemask"
+    proc = run_push(hub_server, str(wemask_checkpoint), repo, "--commit-message", "planted wemask")
+    assert proc.returncode == 0, proc.stderr
+    assert "modeling_melsurgery.py" in all_bytes(wemask_checkpoint)  # the custom layer travels too
+    dest = tmp_path / "dl"
+    got = download(hub_server, repo, dest)
+    assert got["commits"] == ["planted wemask", "initial commit"]
+    assert downloaded_files(dest) == all_bytes(wemask_checkpoint)  # every file, byte for byte
+
+    model, tokenizer = melsurgery.load(dest)
+    expected, _ = melsurgery.load(wemask_checkpoint)
+    ids = torch.tensor([tokenizer("to be or not")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+    assert model.config.melsurgery_wemask == Checkpoint(wemask_checkpoint).config["melsurgery_wemask"]
+    assert hub_server.hub.unhandled == []
+    assert_no_token(hub_server, [proc, got["proc"]], [wemask_checkpoint, dest])
 
 
 def test_push_pr_and_branch(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     repo = f"{hub_server.user}/patched"
-    assert run_push(hub_server, str(folder), repo, "--message", "first").returncode == 0
+    assert run_push(hub_server, str(folder), repo, "--commit-message", "first").returncode == 0
 
     make_output(folder, seed=1)  # new weights, new provenance
     proc = run_push(hub_server, str(folder), repo, "--create-pr")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["pr_url"] == f"{hub_server.endpoint}/{repo}/discussions/1"
+    assert printed(proc, "pull request") == f"{hub_server.endpoint}/{repo}/discussions/1"
     branches = hub_server.hub.repos[repo].branches
+    assert printed(proc, "commit").endswith(branches["refs/pr/1"])
     main_files = hub_server.hub.commits[branches["main"]].files
     pr_files = hub_server.hub.commits[branches["refs/pr/1"]].files
     assert main_files["model.safetensors"].sha256 != pr_files["model.safetensors"].sha256
@@ -260,11 +286,12 @@ def test_push_pr_and_branch(hub_server: HubServer, tmp_path: Path) -> None:
     proc = run_push(hub_server, str(folder), repo, "--revision", "experiments")
     assert proc.returncode == 0, proc.stderr
     assert hub_server.hub.commits[branches["experiments"]].files == pr_files
+    assert "(branch experiments)" in proc.stdout.splitlines()[0]
 
-    # Pushing identical files again: the client sends no commit, and the result says so.
+    # Pushing identical files again: the client sends no commit, and the output says so.
     proc = run_push(hub_server, str(folder), repo, "--revision", "experiments")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["no_changes"] is True
+    assert proc.stdout.startswith("nothing to push: ")
     assert len(hub_server.hub.history(hub_server.hub.commits[branches["experiments"]])) == 3
     assert hub_server.hub.unhandled == []
 
@@ -273,9 +300,12 @@ def test_dry_run_sends_nothing(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     proc = run_push(hub_server, str(folder), f"{hub_server.user}/x", "--dry-run", token=None)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["dry_run"] is True and result["commit_url"] is None
-    assert len(result["files"]) == 4
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"would push 4 files ({sum(len(b) for b in all_bytes(folder).values()):,} bytes)")
+    listed = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in lines if line.startswith("  ")}
+    assert listed == {rel: len(data) for rel, data in all_bytes(folder).items()}
+    assert lines[-1] == "dry run: nothing was sent"
+    assert printed(proc, "commit") is None
     assert hub_server.hub.log == []
 
 
@@ -318,7 +348,8 @@ def test_push_failures_are_one_line_user_errors(hub_server: HubServer, tmp_path:
         args.append("--private")
     proc = run_push(hub_server, *args, **kwargs)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("melsurgery: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == ""
     assert needle in proc.stderr
     for secret in (hub_server.token, hub_server.read_token):
         assert secret not in proc.stdout + proc.stderr

@@ -1,20 +1,14 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from melsurgery.checkpoint.source import resolve
 from melsurgery.manifest import Manifest
 from melsurgery.patch import run_patch
-from melsurgery.scan import run_scan
 from melsurgery.verify import Gates, run_verify
 
 FAST = {"max_windows": 2, "max_tokens": 128, "generations": 1, "max_new_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def planted_scan(planted):
-    return run_scan(resolve(str(planted)))
 
 
 def patch(planted, out, recipes, scan, **kw):

@@ -1,0 +1,32 @@
+"""`melsurgery diff A B`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--revision-a", default=None, help="Hub revision of A (branch, tag or commit).")
+@click.option("--revision", "revision_b", default=None, help="Hub revision of B (branch, tag or commit).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
+@click.option("--only-changed", is_flag=True, help="List only tensors and files that differ.")
+@click.option("--stat", is_flag=True, help="Per layer: tensors that differ and entries changed, instead of tensors.")
+def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:
+    """Compare checkpoints A and B tensor by tensor (folders or Hub repo ids), streaming.
+
+    Exit status as diff(1): 0 when identical, 1 when they differ, 2 on errors. Shard layout alone
+    is no difference: tensors are matched by name.
+    """
+    from ..diff import diff_checkpoints, diff_report, write_json
+
+    result = diff_checkpoints(a, b, revision_a=revision_a, revision_b=revision_b)
+    click.echo(diff_report(result, only_changed=only_changed, stat=stat))
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    sys.exit(0 if result.identical else 1)
