@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.reader import Checkpoint
-from .checkpoint.safetensors_file import read_bytes
 from .errors import UserError
 
 GEN_PROMPTS = [
@@ -94,13 +92,6 @@ def _massive_positions(run: _Run, abs_threshold: float = 100.0, ratio: float = 1
 def _sink(attn: torch.Tensor, positions: list[int]) -> float:
     vals = [float(attn[p + 1 :, p].mean()) for p in positions if p + 1 < attn.shape[0]]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-def changed_tensors(a: Path, b: Path) -> list[str]:
-    """Names of tensors whose bytes differ (or exist on one side only)."""
-    ca, cb = Checkpoint(a), Checkpoint(b)
-    names = sorted(set(ca.names()) | set(cb.names()))
-    return [n for n in names if n not in ca or n not in cb or read_bytes(ca.info(n)) != read_bytes(cb.info(n))]
 
 
 def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_tokens: int = 512,
@@ -208,7 +199,9 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
 
 
 def _weight_check(base: Path, patched: Path) -> dict:
-    changed = changed_tensors(base, patched)
+    from .diff import diff_checkpoints
+
+    changed = sorted(t.name for t in diff_checkpoints(base, patched).tensors if t.status != "identical")
     claimed = None
     prov = patched / "provenance.json"
     if prov.is_file():
