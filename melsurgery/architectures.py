@@ -2,13 +2,27 @@
 
 Everything else speaks of roles ("attention-input norm of layer i", "FFN down projection") and asks
 the family entry where that role lives. Adding a family is adding an entry.
+
+Roles, for one decoder layer (module paths relative to it):
+- `attn_norm`: the norm whose output is the attention input (None where the raw residual feeds the
+  attention, as in OLMo 2; then `attn` is where the attention input is formed, and scalings of it fold
+  into the input columns of `attn_inputs`).
+- `ffn_norm`: the norm whose output is the FFN input (its input is the residual after attention);
+  None where the raw residual feeds the FFN (OLMo 2).
+- `ffn_post_norm`: a norm applied to the FFN output before it joins the residual (Gemma 2/3, OLMo 2).
+- `ffn_down`: the down projection of a dense FFN; `experts`: the expert bank of an MoE FFN.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -21,13 +35,18 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]
+    attn: str = "self_attn"
     attn_norm: str | None = "input_layernorm"
-    ffn_norm: str = "post_attention_layernorm"
     attn_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    ffn_gate: str | None = "mlp.gate_proj"
-    ffn_up: str = "mlp.up_proj"
+    ffn: str = "mlp"
+    ffn_norm: str | None = "post_attention_layernorm"
+    ffn_post_norm: str | None = None
     ffn_down: str = "mlp.down_proj"
-    fused_gate_up: bool = False  # Phi-3: gate and up stacked in one matrix (gate rows first)
+    # MoE: the expert bank module. In the checkpoint each expert e has its own `experts.{e}.{proj}.weight`
+    # (`expert_projs` = gate, up, down); transformers fuses them in memory into 3-D `gate_up_proj`
+    # [E, 2I, D] (gate rows first) and `down_proj` [E, D, I].
+    experts: str | None = None
+    expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     norm_offset: float = 0.0
     layers: str = "model.layers.{i}."
     embed: str = "model.embed_tokens.weight"
@@ -38,6 +57,31 @@ class Family:
     def layers_module(self) -> str:
         """Module path of the decoder-layer list, e.g. "model.layers"."""
         return self.layers.split(".{i}")[0]
+
+    @property
+    def embed_module(self) -> str:
+        return self.embed.removesuffix(".weight")
+
+    @property
+    def residual_after_attn(self) -> str:
+        """The module whose input is the residual after attention (a pre-hook there captures it)."""
+        return self.ffn_norm or self.ffn
+
+    @property
+    def me_norm(self) -> str:
+        """The norm me-norm rescales: the FFN-input norm, or the FFN-output norm where none exists.
+
+        Both decide, per dim, how strongly the ME Layer's FFN pathway acts: the input norm gates what the
+        writing neurons read, the output norm (OLMo 2) scales what they write into the residual.
+        """
+        norm = self.ffn_norm or self.ffn_post_norm
+        if norm is None:
+            raise UserError(f"{self.name} has no FFN norm to rescale")
+        return norm
+
+    @property
+    def me_norm_role(self) -> str:
+        return "input" if self.ffn_norm else "output"
 
     def prefix(self, layer: int) -> str:
         return self.layers.format(i=layer)
@@ -51,22 +95,64 @@ class Family:
         return self.tensor(layer, self.attn_norm)
 
     def ffn_norm_tensor(self, layer: int) -> str:
+        if self.ffn_norm is None:
+            raise UserError(f"{self.name} has no FFN-input norm")
         return self.tensor(layer, self.ffn_norm)
 
-    def down_tensor(self, layer: int) -> str:
-        return self.tensor(layer, self.ffn_down)
+    def me_norm_tensor(self, layer: int) -> str:
+        return self.tensor(layer, self.me_norm)
+
+    def down_tensor(self, layer: int, expert: int | None = None) -> str:
+        """The down projection of layer's dense FFN, or of one expert (its own tensor in the checkpoint)."""
+        if expert is None:
+            return self.tensor(layer, self.ffn_down)
+        if self.experts is None:
+            raise UserError(f"{self.name} has no experts; name FFN neurons without an expert")
+        return self.tensor(layer, f"{self.experts}.{expert}.{self.expert_projs[2]}")
 
     def attn_input_tensors(self, layer: int) -> list[str]:
         return [self.tensor(layer, m) for m in self.attn_inputs]
 
+    def module_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A layer's checkpoint tensors (relative names) as transformers' modules hold them.
+
+        Only MoE layers differ: per-expert tensors are stacked into the fused 3-D expert parameters.
+        """
+        if self.experts is None:
+            return state
+        import torch
+
+        pattern = re.compile(rf"^{re.escape(self.experts)}\.(\d+)\.(\w+)\.weight$")
+        per: dict[str, dict[int, torch.Tensor]] = {}
+        out = {}
+        for name, t in state.items():
+            m = pattern.match(name)
+            if m:
+                per.setdefault(m[2], {})[int(m[1])] = t
+            else:
+                out[name] = t
+        if set(per) != set(self.expert_projs):  # nothing per-expert (already fused), or not this layout
+            return state
+        gate, up, down = (torch.stack([w for _, w in sorted(per[p].items())]) for p in self.expert_projs)
+        out[f"{self.experts}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        out[f"{self.experts}.down_proj"] = down
+        return out
+
+
+_POST_NORMS = {"ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
     Family("mistral", ("mistral",)),
     Family("qwen2", ("qwen2",)),
     Family("qwen3", ("qwen3",)),
+    Family("qwen3-moe", ("qwen3_moe",), experts="mlp.experts"),
+    Family("gemma", ("gemma",), norm_offset=1.0),
+    Family("gemma2", ("gemma2",), norm_offset=1.0, **_POST_NORMS),
+    Family("gemma3", ("gemma3_text",), norm_offset=1.0, **_POST_NORMS),
+    Family("phi3", ("phi3",), attn_inputs=("self_attn.qkv_proj",)),
+    Family("olmo2", ("olmo2",), attn_norm=None, ffn_norm=None, ffn_post_norm="post_feedforward_layernorm"),
 )
-
 
 def supported() -> str:
     return ", ".join(t for f in FAMILIES for t in f.model_types)
@@ -85,3 +171,11 @@ def submodule(root: object, path: str) -> object:
     for part in path.split("."):
         root = getattr(root, part)
     return root
+
+
+def has_submodule(root: object, path: str) -> bool:
+    try:
+        submodule(root, path)
+    except AttributeError:
+        return False
+    return True

@@ -7,6 +7,7 @@ plain data (see `Stats`), so detection is a pure function of it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import Family, submodule
+from .architectures import Family, has_submodule, submodule
 from .checkpoint.reader import Checkpoint
 from .errors import UserError
 
@@ -71,7 +72,11 @@ class Stats:
 
 
 class StreamingModel:
-    """A model skeleton without weights; layers are filled from the checkpoint one at a time."""
+    """A model skeleton without weights; layers are filled from the checkpoint one at a time.
+
+    It reproduces the full model's forward exactly: the embedding scale (Gemma), each layer's own
+    attention mask (full or sliding window) and rotary embedding (Gemma 3 has one per layer type).
+    """
 
     def __init__(
         self, ckpt: Checkpoint, family: Family, device: str = "cpu", dtype: torch.dtype = torch.float32
@@ -83,24 +88,46 @@ class StreamingModel:
             config = AutoConfig.from_pretrained(ckpt.folder)
         except (ValueError, OSError) as exc:
             raise UserError(f"{ckpt.folder}/config.json: transformers cannot read it: {exc}") from None
+        if getattr(config, "use_bidirectional_attention", False):
+            raise UserError(f"{ckpt.folder}: bidirectional attention (an encoder); melsurgery scans causal LMs")
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         self.config = self.skeleton.config
         self.layers: nn.ModuleList = submodule(self.skeleton, family.layers_module)  # type: ignore[assignment]
+        # Gemma scales embeddings inside the embedding module, by a non-persistent buffer: read its
+        # plain-float twin, since the skeleton's buffer lives on the meta device.
+        self.embed_scale: float | None = getattr(submodule(self.skeleton, family.embed_module), "scalar_embed_scale",
+                                                 None)
         rotary = submodule(self.skeleton, family.layers_module.rsplit(".", 1)[0] + ".rotary_emb")
         self.rotary = type(rotary)(config=self.config).to(self.device)
+        self._rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.num_layers = len(self.layers)
+        self.layer_types = [self._layer_type(i) for i in range(self.num_layers)]
+
+    def _layer_type(self, i: int) -> str:
+        """Attention kind of layer i (full or sliding window), decided the way the model's forward decides it."""
+        types = getattr(self.config, "layer_types", None)
+        if types is None:  # Mistral, Phi-3, Qwen3-MoE: one window (or none) for all layers
+            return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+        if types[i] not in ("full_attention", "sliding_attention"):
+            raise UserError(f"{self.ckpt.folder}: layer {i} has attention type {types[i]!r}, which melsurgery "
+                            "cannot reproduce")
+        return types[i]
 
     def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Embeddings [T, D] of each sequence; the table is loaded once and dropped."""
         weight = self.ckpt.load(self.family.embed, self.dtype, self.device)
-        return [nn.functional.embedding(torch.tensor(ids, device=self.device), weight) for ids in sequences]
+        out = [nn.functional.embedding(torch.tensor(ids, device=self.device), weight) for ids in sequences]
+        if self.embed_scale is not None:  # as transformers does: a float32 scalar cast to the weight dtype
+            scale = torch.tensor(self.embed_scale).to(weight.dtype)
+            out = [e * scale for e in out]
+        return out
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
         """Materialise decoder layer i from the checkpoint, and free it afterwards."""
         layer = self.layers[i]
-        state = self.ckpt.load_prefix(self.family.prefix(i), self.dtype, self.device)
+        state = self.family.module_state(self.ckpt.load_prefix(self.family.prefix(i), self.dtype, self.device))
         layer.to_empty(device=self.device).to(self.dtype)
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -117,10 +144,14 @@ class StreamingModel:
 
     def run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """One decoder layer on one unpadded sequence [1, T, D], exactly as the full model runs it."""
+        i = next(k for k, other in enumerate(self.layers) if other is layer)
+        kind = self.layer_types[i]
         T = h.shape[1]
         pos = torch.arange(T, device=self.device).unsqueeze(0)
-        mask = causal_mask(T, h.dtype, self.device, getattr(layer.self_attn, "sliding_window", None))
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=self.rotary(h, pos))
+        window = self.config.sliding_window if kind == "sliding_attention" else None
+        mask = causal_mask(T, h.dtype, self.device, window)
+        rotary = self.rotary(h, pos, kind) if self._rotary_per_type else self.rotary(h, pos)
+        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -198,28 +229,41 @@ def _max(states: list[torch.Tensor]) -> float:
 
 
 class _Probe:
-    """Forward hooks that capture what attribution needs: attention weights, FFN input, FFN activations."""
+    """Hooks that capture what attribution needs, per sample: attention weights, the residual after
+    attention, the FFN output (before any post-FFN norm), and the neurons' activations (dense: the down
+    projection's input; MoE: the expert bank's input and routing)."""
 
     def __init__(self, layer: nn.Module, family: Family) -> None:
         self.layer, self.family = layer, family
+        self.moe = family.experts is not None and has_submodule(layer, family.experts)
         self.key_attention: list[list[float]] = []
         self.mid: list[torch.Tensor] = []
+        self.ffn_out: list[torch.Tensor] = []
         self.act: list[torch.Tensor] = []
+        self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._handles: list = []
 
     def __enter__(self) -> _Probe:
-        attn = self.layer.self_attn
-        norm = submodule(self.layer, self.family.ffn_norm)
-        down = submodule(self.layer, self.family.ffn_down)
+        fam, layer = self.family, self.layer
         self._handles = [
-            attn.register_forward_hook(lambda m, a, out: self.key_attention.append(key_attention(out[1]))),
-            norm.register_forward_pre_hook(lambda m, args: self.mid.append(args[0][0].detach())),
-            down.register_forward_pre_hook(lambda m, args: self.act.append(args[0][0].detach())),
+            submodule(layer, fam.attn).register_forward_hook(
+                lambda m, a, out: self.key_attention.append(key_attention(out[1]))),
+            submodule(layer, fam.residual_after_attn).register_forward_pre_hook(
+                lambda m, args: self.mid.append(args[0][0].detach())),
+            submodule(layer, fam.ffn).register_forward_hook(
+                lambda m, a, out: self.ffn_out.append((out[0] if isinstance(out, tuple) else out)[0].detach())),
         ]
+        if self.moe:  # the expert bank is called as experts(x [N, D], top_k_index [N, k], top_k_weights [N, k])
+            self._handles.append(submodule(layer, fam.experts).register_forward_pre_hook(
+                lambda m, args: self.routed.append(tuple(a.detach() for a in args[:3]))))
+        else:
+            self._handles.append(submodule(layer, fam.ffn_down).register_forward_pre_hook(
+                lambda m, args: self.act.append(args[0][0].detach())))
         return self
 
     def end_sample(self) -> None:
-        if len(self.mid) != len(self.act) or len(self.mid) != len(self.key_attention):
+        counts = {len(self.mid), len(self.ffn_out), len(self.key_attention), len(self.routed if self.moe else self.act)}
+        if len(counts) != 1:
             raise RuntimeError("layer hooks fired an unexpected number of times")
 
     def __exit__(self, *exc: object) -> None:
@@ -227,11 +271,85 @@ class _Probe:
             h.remove()
 
 
+Neuron = tuple[int | None, int]  # (expert or None for a dense FFN, neuron index)
+
+
+class _Neurons:
+    """The FFN neurons of one layer as columns: a neuron, its write direction, its activation.
+
+    Dense FFN: neuron j is column j of the down projection; its activation is the down projection's
+    input. MoE: neuron (e, j) is column j of expert e's down projection; its *effective* activation is
+    the routing weight of e times the expert's activation j on tokens routed to e, and 0 elsewhere, so
+    that the contributions of all neurons sum to the FFN output.
+    """
+
+    def __init__(self, layer: nn.Module, family: Family, probe: _Probe) -> None:
+        self.probe = probe
+        if probe.moe:
+            self.experts = submodule(layer, family.experts)
+            E = self.experts.down_proj.shape[0]
+            self.routing = []  # per sample: [T, E] routing weights (0 where not routed)
+            for _, index, weight in probe.routed:
+                r = torch.zeros(index.shape[0], E + 1, dtype=torch.float32, device=index.device)
+                self.routing.append(r.scatter_(1, index.long(), weight.float())[:, :E])
+        else:
+            self.down = submodule(layer, family.ffn_down).weight.float()
+
+    def _expert_act(self, e: int, x: torch.Tensor, j: int | None = None) -> torch.Tensor:
+        """Expert e's activations [N, I] (or of neuron j only: [N, 1]) on inputs x [N, D], computed as
+        transformers' expert bank does (gate rows first in the fused gate/up matrix)."""
+        w = self.experts.gate_up_proj[e]
+        if j is not None:
+            w = w[[j, w.shape[0] // 2 + j]]
+        gate, up = nn.functional.linear(x.float(), w.float()).chunk(2, dim=-1)
+        return self.experts.act_fn(gate) * up
+
+    def at(self, tokens: list[tuple[int, int]]) -> tuple[list[Neuron], torch.Tensor, torch.Tensor]:
+        """Neurons that act on these tokens, their activations [n, K] there, and write directions [D, K]."""
+        if not self.probe.moe:
+            acts = torch.stack([self.probe.act[s][p].float() for s, p in tokens])
+            return [(None, j) for j in range(self.down.shape[1])], acts, self.down
+        used = sorted({e for s, p in tokens for e in self.routing[s][p].nonzero().flatten().tolist()})
+        x = torch.stack([self.probe.routed[s][0][p] for s, p in tokens])
+        r = torch.stack([self.routing[s][p] for s, p in tokens])
+        acts = [self._expert_act(e, x) * r[:, e : e + 1] for e in used]
+        I = self.experts.down_proj.shape[2]
+        keys: list[Neuron] = [(e, j) for e in used for j in range(I)]
+        if not used:
+            return keys, torch.zeros(len(tokens), 0), torch.zeros(self.experts.down_proj.shape[1], 0)
+        return keys, torch.cat(acts, dim=1), torch.cat([self.experts.down_proj[e].float() for e in used], dim=1)
+
+    def activation(self, neuron: Neuron, s: int) -> torch.Tensor:
+        """Effective activation [T] of one neuron over all tokens of sample s."""
+        e, j = neuron
+        if e is None:
+            return self.probe.act[s][:, j].float()
+        return self._expert_act(e, self.probe.routed[s][0], j)[:, 0] * self.routing[s][:, e]
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _post_scale(layer: nn.Module, family: Family, y: torch.Tensor) -> torch.Tensor | None:
+    """Per-token, per-dim factor [T, D] by which a post-FFN norm turns the FFN output into the write."""
+    if family.ffn_post_norm is None:
+        return None
+    norm = submodule(layer, family.ffn_post_norm)
+    rs = torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + _eps(norm))
+    return (norm.weight.float() + family.norm_offset) * rs
+
+
 def attribute(
     layer: nn.Module, family: Family, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: _Probe,
     stats: LayerStats,
 ) -> dict | None:
-    """Who wrote this layer's large entries: attention vs FFN, which neurons, what norm scale."""
+    """Who wrote this layer's large entries: attention vs FFN, which neurons, what norm scale.
+
+    Neuron contributions include the post-FFN norm's per-token scale where there is one (Gemma 2/3,
+    OLMo 2), so that they add up to the FFN's write into the residual. The norm figures describe the
+    norm that me-norm rescales (`Family.me_norm`): the FFN-input norm, or the FFN-output norm (OLMo 2).
+    """
     floor = max(CANDIDATE_ABS, CANDIDATE_RATIO * stats.median_abs)
     cands = [e for e in stats.top if abs(e.value) >= floor]
     if not cands:
@@ -241,10 +359,12 @@ def attribute(
         by_dim.setdefault(e.dim, []).append(e)
     dims = sorted(by_dim, key=lambda d: -max(abs(e.value) for e in by_dim[d]))[:CANDIDATE_DIMS]
     tokens = sorted({(e.sample, e.pos) for e in cands})
-    token_set = set(tokens)
-    down_w = submodule(layer, family.ffn_down).weight.float()
-    norm = submodule(layer, family.ffn_norm)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    neurons = _Neurons(layer, family, probe)
+    post = [_post_scale(layer, family, y) for y in probe.ffn_out]
+    norm = submodule(layer, family.me_norm)
+    norm_weight = norm.weight.float() + family.norm_offset
+    norm_in = probe.mid if family.ffn_norm else probe.ffn_out
+    eps = _eps(norm)
 
     others_mask = []
     for s, mid in enumerate(probe.mid):
@@ -254,32 +374,37 @@ def attribute(
                 m[p] = False
         others_mask.append(m)
 
-    def rscale(mid: torch.Tensor) -> torch.Tensor:
-        return torch.rsqrt(mid.float().pow(2).mean(-1) + eps)
+    def rscale(x: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
 
-    scale_massive = [float(rscale(probe.mid[s][p])) for s, p in tokens]
-    other_scales = torch.cat([rscale(mid)[m] for mid, m in zip(probe.mid, others_mask)])
-    other_acts = [act[m].float() for act, m in zip(probe.act, others_mask)]
+    scale_massive = [float(rscale(norm_in[s][p])) for s, p in tokens]
+    other_scales = torch.cat([rscale(x)[m] for x, m in zip(norm_in, others_mask)])
     dim_records = []
     for d in dims:
         toks = sorted({(e.sample, e.pos) for e in by_dim[d]})
         h_in = torch.tensor([float(inputs[s][p, d]) for s, p in toks])
         h_mid = torch.tensor([float(probe.mid[s][p, d]) for s, p in toks])
         h_out = torch.tensor([float(outputs[s][p, d]) for s, p in toks])
-        acts = torch.stack([probe.act[s][p].float() for s, p in toks])  # [n, I]
-        contrib = (acts * down_w[d][None, :]).mean(0)  # mean write of each neuron into dim d
+        keys, acts, down = neurons.at(toks)
+        writes = acts * down[d][None, :]  # [n, K]: each neuron's write into dim d on each token
+        if post[0] is not None:
+            writes = writes * torch.stack([post[s][p, d] for s, p in toks])[:, None]
+        contrib = writes.mean(0)
         ffn_write = float((h_out - h_mid).mean())
         order = contrib.abs().topk(min(TOP_NEURONS, contrib.numel())).indices.tolist()
-        neurons = []
-        for j in order:
-            other_max = max((float(a[:, j].abs().max()) for a in other_acts if a.shape[0]), default=0.0)
-            neurons.append({
+        records = []
+        for k in order:
+            expert, j = keys[k]
+            other_max = max((float(neurons.activation(keys[k], s)[m].abs().max()) for s, m in enumerate(others_mask)
+                             if m.any()), default=0.0)
+            records.append({
                 "neuron": j,
-                "contribution": float(contrib[j]),
-                "share": float(contrib[j]) / ffn_write if ffn_write else 0.0,
-                "activation_massive": float(acts[:, j].mean()),
+                **({"expert": expert} if expert is not None else {}),
+                "contribution": float(contrib[k]),
+                "share": float(contrib[k]) / ffn_write if ffn_write else 0.0,
+                "activation_massive": float(acts[:, k].mean()),
                 "activation_other_max": other_max,
-                "down_weight": float(down_w[d, j]),
+                "down_weight": float(down[d, k]),
             })
         dim_records.append({
             "dim": d,
@@ -288,13 +413,15 @@ def attribute(
             "input": float(h_in.mean()),
             "attn_write": float((h_mid - h_in).mean()),
             "ffn_write": ffn_write,
-            "ffn_norm_weight": float(norm.weight.float()[d]) + family.norm_offset,
-            "neurons": neurons,
+            "ffn_norm_weight": float(norm_weight[d]),
+            "neurons": records,
         })
     return {
-        "tokens": [list(t) for t in tokens if t in token_set],
+        "tokens": [list(t) for t in tokens],
         "dims": dim_records,
+        "ffn_norm": family.me_norm,
+        "ffn_norm_role": family.me_norm_role,
         "ffn_norm_scale_massive": sum(scale_massive) / len(scale_massive),
         "ffn_norm_scale_other_median": float(other_scales.median()) if other_scales.numel() else float("nan"),
-        "ffn_norm_weight_mean": float(norm.weight.float().mean()) + family.norm_offset,
+        "ffn_norm_weight_mean": float(norm_weight.mean()),
     }

@@ -152,6 +152,15 @@ def _int_list(ctx, param, value):
         raise click.BadParameter("use comma-separated integers, e.g. 507,247") from None
 
 
+def _neuron_list(ctx, param, value):
+    """Neurons as J or, in a mixture of experts, E:J (expert E, neuron J)."""
+    if value is None:
+        return None
+    if not all(part.strip().replace(":", "", 1).isdigit() for part in value.split(",") if part.strip()):
+        raise click.BadParameter("use comma-separated neurons, e.g. 1229,1487 or 3:41 for expert 3")
+    return [int(p) if ":" not in p else p.strip() for p in value.split(",") if p.strip()]
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
@@ -169,7 +178,8 @@ def _int_list(ctx, param, value):
               help="wemask: which tokens are masked (default magnitude).")
 @click.option("--norm-factor", type=float, default=None, help="norm-rescale: factor on the dims (default 0.5).")
 @click.option("--dampen", type=float, default=None, help="ffn-dampen: factor on the neurons (default 0.2).")
-@click.option("--neurons", callback=_int_list, default=None, help="ffn-dampen: explicit neurons.")
+@click.option("--neurons", callback=_neuron_list, default=None,
+              help="ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts).")
 @click.option("--me-norm-factor", type=float, default=None, help="me-norm: shrink factor (default 0.5).")
 @revision_option
 @calibration_options

@@ -183,7 +183,7 @@ def _explain(det: Detection, layer: LayerStats, p: DetectParams) -> None:
     """Fill attribution figures for the massive dims from the ME layer's attribution record."""
     att = layer.attribution or {}
     by_dim = {r["dim"]: r for r in att.get("dims", [])}
-    neurons: dict[int, dict] = {}
+    neurons: dict[tuple, dict] = {}
     for d in det.massive_dims:
         rec = by_dim.get(d)
         if rec is None:
@@ -192,17 +192,16 @@ def _explain(det: Detection, layer: LayerStats, p: DetectParams) -> None:
         for n in rec["neurons"]:
             if abs(n["share"]) < p.min_neuron_share:
                 continue
-            cur = neurons.get(n["neuron"])
+            key = (n.get("expert"), n["neuron"])  # MoE: neuron j of two experts are different neurons
+            cur = neurons.get(key)
             if cur is None or abs(n["contribution"]) > abs(cur["contribution"]):
                 other = n["activation_other_max"]
-                neurons[n["neuron"]] = {
-                    **n,
-                    "dim": d,
-                    "selectivity": abs(n["activation_massive"]) / other if other else math.inf,
-                }
+                # JSON has no infinity: a neuron silent everywhere else gets selectivity None
+                neurons[key] = {**n, "dim": d, "selectivity": abs(n["activation_massive"]) / other if other else None}
     det.ffn_neurons = sorted(neurons.values(), key=lambda n: -abs(n["contribution"]))
     if att:
         det.norm = {
+            "ffn_norm_role": att.get("ffn_norm_role", "input"),
             "ffn_norm_scale_massive": att["ffn_norm_scale_massive"],
             "ffn_norm_scale_other_median": att["ffn_norm_scale_other_median"],
             "ffn_norm_weight_mean": att["ffn_norm_weight_mean"],

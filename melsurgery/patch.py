@@ -75,8 +75,7 @@ def run_patch(
         if wemask:
             config = dict(ckpt.config)
             config["auto_map"] = AUTO_MAP
-            config["melsurgery_wemask"] = {**wemask.to_config(), "norm": family.attn_norm,
-                                           "layers_module": family.layers_module}
+            config["melsurgery_wemask"] = wemask.to_config()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             modeling = resources.files("melsurgery.modeling").joinpath(MODELING_FILE).read_bytes()
             (tmp / MODELING_FILE).write_bytes(modeling)

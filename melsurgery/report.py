@@ -9,6 +9,10 @@ def _num(x: float | None, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _expert(n: dict) -> str:
+    return f"expert {n['expert']} " if n.get("expert") is not None else ""
+
+
 def _ranges(indices: list[int]) -> str:
     out, start, prev = [], None, None
     for i in sorted(indices):
@@ -80,7 +84,8 @@ def scan_report(r: dict) -> str:
         lines.append("  FFN neurons that write the massive dims:")
         for n in r["ffn_neurons"]:
             lines.append(
-                f"    neuron {n['neuron']} -> dim {n['dim']}: {n['contribution']:+,.1f} ({100 * n['share']:.1f}%), "
+                f"    {_expert(n)}neuron {n['neuron']} -> dim {n['dim']}: {n['contribution']:+,.1f} "
+                f"({100 * n['share']:.1f}%), "
                 f"activation {_num(n['activation_massive'])} on massive tokens, at most "
                 f"{_num(n['activation_other_max'], 2)} elsewhere"
             )
@@ -88,7 +93,8 @@ def scan_report(r: dict) -> str:
         nrm = r["norm"]
         on_dims = ", ".join(f"dim {d}: {w:.4g}" for d, w in nrm["ffn_norm_weight_on_dims"].items())
         lines.append(
-            f"  FFN-input RMSNorm: scale 1/rms {nrm['ffn_norm_scale_massive']:.4g} on massive tokens vs "
+            f"  FFN-{nrm.get('ffn_norm_role', 'input')} RMSNorm: scale 1/rms {nrm['ffn_norm_scale_massive']:.4g} "
+            f"on massive tokens vs "
             f"{nrm['ffn_norm_scale_other_median']:.4g} (median) elsewhere; weight {on_dims} (mean "
             f"{nrm['ffn_norm_weight_mean']:.4g})"
         )

@@ -32,6 +32,8 @@ class Plant:
     neuron: int = 41
     marker: int = 5  # the embedding dim that only BOS carries
     strength: float = 30.0
+    expert: int = 1  # MoE layers: the expert that holds the neuron (BOS is routed to it)
+    post_gain: float = 1000.0  # families that normalise the FFN output: the output norm's weight on `dim`
 
 
 def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
@@ -46,45 +48,145 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
 
 
 def llama_config(**overrides):
-    from transformers import LlamaConfig
+    return family_config("llama", **overrides)
 
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=256, rms_norm_eps=1e-6,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=len(VOCAB), max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+# Per model type: the config class and what differs from BASE. Windows of 8 tokens make the sliding
+# layers differ from full attention on calibration text; Gemma 3 alternates local and global layers
+# (each with its own rotary embedding); Qwen2 has full then sliding layers; Qwen3-MoE has one dense layer.
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", dict(sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         mlp_only_layers=[0], norm_topk_prob=True)),
+    "gemma": ("GemmaConfig", dict(head_dim=16, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                    tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                             tie_word_embeddings=True,
+                                             layer_types=["sliding_attention", "full_attention"] * 3)),
+    "phi3": ("Phi3Config", dict(sliding_window=8)),
+    "olmo2": ("Olmo2Config", {}),
+}
+
+
+def family_config(model_type: str, **overrides):
+    """A tiny config of one family (hidden 64, 6 layers), from its transformers config class."""
+    import transformers
+
+    cls, extra = FAMILY_CONFIGS[model_type]
+    return getattr(transformers, cls)(**{**BASE, **extra, **overrides})
+
+
+def _norm_offset(norm) -> float:
+    """1.0 for norms that multiply by (1 + g) (Gemma), 0.0 for those that multiply by g: asked of the module."""
+    saved = norm.weight.detach().clone()
+    norm.weight.zero_()
+    out = norm(torch.ones(1, saved.numel()))
+    norm.weight.copy_(saved)
+    return float(out.abs().max())
+
+
+def _params(module, suffixes: tuple[str, ...]) -> list[torch.Tensor]:
+    return [p for name, p in module.named_parameters() if name.endswith(suffixes)]
+
+
+WRITERS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")  # rows (dim -2): residual dims written
+FFN_READERS = ("gate_proj.weight", "up_proj.weight", "gate_up_proj")  # last dim: residual dims read
 
 
 def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
-    """A random model of `config`'s class, with `plant` engineered in (None: nothing planted)."""
+    """A random model of `config`'s class, with `plant` engineered in (None: nothing planted).
+
+    Only BOS carries the marker dim. The planted neuron's gate and up rows read the marker and its down
+    column writes `dim`. MoE: the neuron lives in expert `plant.expert`, and the router sends BOS there.
+
+    Where the FFN output is normalised before joining the residual (Gemma 2/3, OLMo 2) the size of a
+    write is lost, so selectivity must be exact: no layer writes the marker (the output projections'
+    rows for it are tiny), no other neuron of the planted layer writes `dim`, and the output norm's
+    weight on `dim` is `post_gain` (as in the real models, that norm sets the massive value). Later
+    FFNs hardly read `dim` (OLMo 2's FFNs read the raw residual and would overflow fp16).
+    """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    layers = model.model.layers
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if "norm" in name:  # norm weights: non-trivial, so that norm edits show; effective 0.5-1.5
+                p.uniform_(0.5, 1.5)
+            elif p.dim() >= 2:
                 p.normal_(0, 0.05)
-            elif p.dim() == 1:
-                p.uniform_(0.5, 1.5)  # norm weights: non-trivial, so that norm edits show
-        emb = model.get_input_embeddings().weight
-        emb.normal_(0, 1.0)
-        if plant is not None:
-            emb[:, plant.marker] = 0.0
-            emb[1, plant.marker] = 8.0
-            mlp = model.model.layers[plant.layer].mlp
-            mlp.gate_proj.weight[plant.neuron].zero_()
-            mlp.up_proj.weight[plant.neuron].zero_()
-            mlp.gate_proj.weight[plant.neuron, plant.marker] = plant.strength / 8
-            mlp.up_proj.weight[plant.neuron, plant.marker] = plant.strength / 8
-            mlp.down_proj.weight[:, plant.neuron] = 0.0
-            mlp.down_proj.weight[plant.dim, plant.neuron] = 4.0
+        for module in model.modules():
+            if "RMSNorm" in type(module).__name__:
+                module.weight.sub_(_norm_offset(module))
+        emb = model.get_input_embeddings()
+        scale = getattr(emb, "scalar_embed_scale", 1.0)  # Gemma multiplies embeddings by sqrt(hidden)
+        emb.weight.normal_(0, 1.0 / scale)
+        if plant is None:
+            return model
+        m, d, j = plant.marker, plant.dim, plant.neuron
+        emb.weight[:, m] = 0.0
+        emb.weight[1, m] = 8.0 / scale
+        mlp = layers[plant.layer].mlp
+        if hasattr(mlp, "experts"):  # fused expert bank [E, 2I, D] / [E, D, I], gate rows first
+            ex, e = mlp.experts, plant.expert
+            inter = ex.down_proj.shape[2]
+            rows = [ex.gate_up_proj[e, j], ex.gate_up_proj[e, inter + j]]
+            down = ex.down_proj[e, :, j]
+            mlp.gate.weight[e, m] = 2.0
+        elif hasattr(mlp, "gate_up_proj"):  # Phi-3: gate rows, then up rows
+            inter = mlp.down_proj.in_features
+            rows = [mlp.gate_up_proj.weight[j], mlp.gate_up_proj.weight[inter + j]]
+            down = mlp.down_proj.weight[:, j]
+        else:
+            rows = [mlp.gate_proj.weight[j], mlp.up_proj.weight[j]]
+            down = mlp.down_proj.weight[:, j]
+        for row in rows:
+            row.zero_()
+            row[m] = plant.strength / 8
+        down.zero_()
+        post = getattr(layers[plant.layer], "post_feedforward_layernorm", None)
+        if post is not None:
+            for p in _params(layers, WRITERS):
+                p[..., m, :] *= 1e-3
+            for p in _params(mlp, WRITERS):
+                p[..., d, :] = 0.0
+            for p in _params(layers[plant.layer + 1 :], FFN_READERS):
+                p[..., d] *= 1e-2
+            post.weight[d] = plant.post_gain - _norm_offset(post)
+        down[d] = 4.0
     return model
+
+
+def _checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The state dict as checkpoints store it: MoE experts one tensor per expert and projection."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = t.chunk(2, dim=1)
+            base = name.removesuffix("gate_up_proj")
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = gate[e]
+                out[f"{base}{e}.up_proj.weight"] = up[e]
+        elif name.endswith("experts.down_proj"):
+            base = name.removesuffix("down_proj")
+            out.update({f"{base}{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
 
 
 def save_model(model, folder: Path, dtype: torch.dtype = torch.float32, shards: int = 1, tokenizer=None) -> Path:
     """Write a Hugging Face folder with safetensors weights (optionally sharded) and a tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.to(dtype).contiguous() for k, v in _checkpoint_state(model).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     names = list(state)

@@ -4,6 +4,7 @@ import json
 import sys
 
 from conftest import run_cli
+
 from melsurgery.checkpoint.source import default_gguf, resolve
 
 

@@ -4,14 +4,15 @@ This file is self-contained: it needs only torch and transformers. Loading with
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` builds the stock model class
 named in config.json `architectures` and adds forward hooks configured by `melsurgery_wemask`:
 
-    in the attention input (the output of the attention-input norm) of `layers`, the entries `dims`
-    of the selected tokens are multiplied by (1 - strength).
+    in the attention input of `layers`, the entries `dims` of the selected tokens are multiplied by
+    (1 - strength). The attention input is the output of the attention-input norm `norm`, or, in
+    families without one (OLMo 2: `norm` is null), the residual stream itself as it enters `attn`.
 
 Selectors: "magnitude" selects a token when max |h[dims']| of its residual stream (the norm's input,
-dims' = `selector_dims`) reaches `threshold`; "first" selects the first real token of each sequence,
-found from the 2-D attention mask (left padding) or the cache position, so that KV-cache decoding
-never selects newly generated tokens. Hooks do not change parameter names: the weights are the
-stock model's.
+or the attention's input; dims' = `selector_dims`) reaches `threshold`; "first" selects the first real
+token of each sequence, found from the 2-D attention mask (left padding) or the cache position, so
+that KV-cache decoding never selects newly generated tokens. Hooks do not change parameter names: the
+weights are the stock model's.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def apply_wemask(model, spec=None, norm_path="input_layernorm", layers_path="mod
     threshold = spec.get("threshold")
     state: dict = {}
 
-    def norm_hook(module, args, output):
-        h = args[0]
+    def mask(h, x):
+        """x (the attention input) with dims of the selected tokens scaled; h is their residual stream."""
         if selector == "magnitude":
             chosen = h[..., sel_dims.to(h.device)].abs().amax(-1).float() >= float(threshold)
         else:
@@ -67,16 +68,29 @@ def apply_wemask(model, spec=None, norm_path="input_layernorm", layers_path="mod
             if chosen is None or chosen.shape != h.shape[:-1]:
                 chosen = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
                 chosen[..., 0] = True
-        factor = torch.ones(h.shape[-1], dtype=output.dtype, device=output.device)
-        factor[dims.to(output.device)] = keep
-        return torch.where(chosen[..., None].to(output.device), output * factor, output)
+        factor = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+        factor[dims.to(x.device)] = keep
+        return torch.where(chosen[..., None].to(x.device), x * factor, x)
+
+    def norm_hook(module, args, output):
+        return mask(args[0], output)
+
+    def attn_pre_hook(module, args, kwargs):
+        if args:
+            return (mask(args[0], args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": mask(kwargs["hidden_states"], kwargs["hidden_states"])}
 
     def model_pre_hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         state["first"] = _first_tokens(kwargs, ref.shape[0], ref.shape[1], ref.device)
 
-    handles = [_submodule(layers[i], norm_path).register_forward_hook(norm_hook) for i in spec["layers"]]
+    if norm_path:
+        handles = [_submodule(layers[i], norm_path).register_forward_hook(norm_hook) for i in spec["layers"]]
+    else:
+        attn = spec.get("attn", "self_attn")
+        handles = [_submodule(layers[i], attn).register_forward_pre_hook(attn_pre_hook, with_kwargs=True)
+                   for i in spec["layers"]]
     if selector == "first":
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     return handles

@@ -34,7 +34,11 @@ class Edit:
 
 @dataclass(frozen=True)
 class WeMaskSpec:
-    """Token-selective masking of attention-input dims; stored in config.json as `melsurgery_wemask`."""
+    """Token-selective masking of attention-input dims; stored in config.json as `melsurgery_wemask`.
+
+    Where the custom layer hooks (module paths from the family entry): the output of `norm` of each
+    listed layer, or, where the family has no attention-input norm (`norm` None), the input of `attn`.
+    """
 
     layers: tuple[int, ...]
     dims: tuple[int, ...]
@@ -42,6 +46,9 @@ class WeMaskSpec:
     selector: str = "magnitude"  # or "first"
     selector_dims: tuple[int, ...] = ()
     threshold: float | None = None
+    norm: str | None = "input_layernorm"
+    attn: str = "self_attn"
+    layers_module: str = "model.layers"
 
     def to_config(self) -> dict:
         d = asdict(self)

@@ -1,4 +1,7 @@
-"""Dampen the FFN neurons that write the massive activation at the ME Layer (down-projection columns)."""
+"""Dampen the FFN neurons that write the massive activation at the ME Layer (down-projection columns).
+
+In an MoE layer a neuron belongs to an expert, and its column lies in that expert's down projection.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,39 @@ from . import Edit, RecipePlan, require_me
 
 DEFAULTS = {"factor": 0.2, "neurons": None}
 
+Neuron = tuple[int | None, int]
+
+
+def parse_neuron(n: object) -> Neuron:
+    """A neuron as (expert or None, index), from 41, "41", "3:41", [3, 41] or a scan record."""
+    try:
+        if isinstance(n, dict):
+            return (None if n.get("expert") is None else int(n["expert"])), int(n["neuron"])
+        if isinstance(n, list | tuple) and len(n) == 2:
+            return int(n[0]), int(n[1])
+        if isinstance(n, str) and ":" in n:
+            e, j = n.split(":")
+            return int(e), int(j)
+        return None, int(n)  # type: ignore[arg-type]
+    except (TypeError, ValueError, KeyError):
+        raise UserError(f"--neurons: cannot read {n!r}; use 41, or expert:neuron like 3:41 in MoE layers") from None
+
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
     me = require_me(scan)
-    neurons = tuple(int(n) for n in (p["neurons"] or [n["neuron"] for n in scan.get("ffn_neurons", [])]))
+    neurons = list(dict.fromkeys(parse_neuron(n) for n in (p["neurons"] or scan.get("ffn_neurons", []))))
     if not neurons:
         raise UserError("the scan names no FFN neurons writing the massive dims; pass --neurons")
     a = float(p["factor"])
-    edit = Edit(family.down_tensor(me), a, axis=1, index=neurons, why=f"ffn-dampen x{a:g}")
-    summary = f"ffn-dampen: FFN neurons {list(neurons)} of layer {me} (down-projection columns) scaled by {a:g}"
-    return RecipePlan("ffn-dampen", {**p, "neurons": list(neurons), "layer": me}, summary, [edit])
+    by_expert: dict[int | None, list[int]] = {}
+    for e, j in neurons:
+        by_expert.setdefault(e, []).append(j)
+    edits = [Edit(family.down_tensor(me, e), a, axis=1, index=tuple(js), why=f"ffn-dampen x{a:g}")
+             for e, js in by_expert.items()]
+    moe = any(e is not None for e, _ in neurons)
+    names = ", ".join(f"{e}:{j}" if e is not None else str(j) for e, j in neurons)
+    summary = (f"ffn-dampen: FFN neurons {'(expert:neuron) ' if moe else ''}[{names}] of layer {me} "
+               f"(down-projection columns) scaled by {a:g}")
+    listed = [j if e is None else [e, j] for e, j in neurons]
+    return RecipePlan("ffn-dampen", {**p, "neurons": listed, "layer": me}, summary, edits)

@@ -2,6 +2,8 @@
 
 The RMSNorm's per-dim weight decides which residual dims reach the writing neurons; flattening it
 weakens the pathway that creates the massive value. `--dims` restricts the shrink to chosen dims.
+Where the FFN has no input norm (OLMo 2), its output norm is the one that sets, per dim, how much the
+FFN writes into the residual, and it is the one rescaled (`Family.me_norm`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
         raise UserError("the scan carries no FFN-norm statistics for the ME Layer; rerun scan")
     a = float(p["factor"])
     dims = tuple(int(d) for d in p["dims"]) if p["dims"] else None
-    edit = Edit(family.ffn_norm_tensor(me), a, shift=(1 - a) * float(mean), axis=0, index=dims,
+    edit = Edit(family.me_norm_tensor(me), a, shift=(1 - a) * float(mean), axis=0, index=dims,
                 offset=family.norm_offset, why=f"me-norm x{a:g}")
     where = f"dims {list(dims)}" if dims else "all dims"
-    summary = f"me-norm: FFN-input RMSNorm weight of layer {me} ({where}) shrunk toward its mean {mean:.4g} by {a:g}"
+    summary = (f"me-norm: FFN-{family.me_norm_role} RMSNorm weight of layer {me} ({where}) shrunk toward its mean "
+               f"{mean:.4g} by {a:g}")
     return RecipePlan("me-norm", {**p, "layer": me, "mean": mean}, summary, [edit])

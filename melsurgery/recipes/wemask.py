@@ -1,7 +1,8 @@
 """WeMask (Shi et al. 2026): zero the top massive dims of the massive tokens in the attention input.
 
 Token-selective, so it cannot fold into weights: the patched checkpoint carries a custom layer
-(a forward hook on the attention-input norm of the chosen layers) configured from config.json.
+(a forward hook on the attention-input norm of the chosen layers, or a pre-hook on the attention
+where the family has no such norm) configured from config.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     if p["selector"] == "magnitude" and not threshold:
         raise UserError("the scan has no selector threshold; rerun scan or use --selector first")
     spec = WeMaskSpec(layers, dims, float(p["strength"]), p["selector"], tuple(scan["massive_dims"]),
-                      float(threshold) if threshold else None)
+                      float(threshold) if threshold else None, norm=family.attn_norm, attn=family.attn,
+                      layers_module=family.layers_module)
     which = "the first token"
     if p["selector"] == "magnitude":
         which = "tokens whose residual exceeds the calibrated threshold"
