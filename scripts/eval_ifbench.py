@@ -138,6 +138,8 @@ def _unique_names(paths: list[str]) -> list[str]:
 @click.option("--n-boot", type=click.IntRange(100), default=10_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--score-only", is_flag=True, help="Load no model; score the responses already on disk.")
+@click.option("--generate-only", is_flag=True,
+              help="Generate and save responses, score nothing (e.g. on a GPU machine without the checkers).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def main(
     models: tuple[str, ...],
@@ -153,13 +155,15 @@ def main(
     n_boot: int,
     seed: int,
     score_only: bool,
+    generate_only: bool,
     no_progress: bool,
 ) -> None:
     """Evaluate MODELS (the first is the baseline) on an instruction-following suite."""
     t_start = time.perf_counter()
     try:
         prompts = ib.load_prompts(suite, prompts_file, limit)
-        ib.instruction_registry(suite)  # fail on missing verifiers/NLTK data before any generation
+        if not generate_only:
+            ib.instruction_registry(suite)  # fail on missing verifiers/NLTK data before any generation
     except ib.IFBenchSetupError as exc:
         raise click.ClickException(str(exc)) from exc
     device_name, torch_dtype = resolve_device_dtype(device, dtype)
@@ -207,6 +211,9 @@ def main(
             del model, tokenizer
             gc.collect()
             _empty_cuda_cache()
+        if generate_only:
+            click.echo(f"{name}: {json.dumps(gen)} -> {out_file}")
+            continue
         records = ib.read_responses(out_file)
         wanted = {p.key for p in prompts}
         records = {k: r for k, r in records.items() if k in wanted}
@@ -224,6 +231,9 @@ def main(
             scoring_errors=sum(len(s.errors) for s in scores),
         )
         rows.append(row)
+    if generate_only:
+        click.echo(f"runtime: {time.perf_counter() - t_start:.1f}s (generation only; score later with --score-only)")
+        return
 
     for row in rows[1:]:
         row["diff"] = {
