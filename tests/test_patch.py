@@ -54,15 +54,7 @@ def tensor_bytes_equal(a, b, name):
 
 
 def reference_for(plan, model, scan):
-    p = plan.params
-    if plan.recipe == "norm-rescale":
-        return ref.norm_rescale(model, p["layers"], p["dims"], p["factor"])
-    if plan.recipe == "ffn-dampen":
-        return ref.ffn_dampen(model, p["layer"], p["neurons"], p["factor"])
-    if plan.recipe == "me-norm":
-        return ref.me_norm(model, p["layer"], p["factor"], p["dims"])
-    return ref.wemask(model, p["layers"], p["dims"], p["strength"], p["selector"], scan["massive_dims"],
-                      scan["selector_threshold"], first_positions=[0] * 8)
+    return ref.for_plan(plan, model, scan)
 
 
 RECIPES = [
