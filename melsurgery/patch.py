@@ -58,7 +58,7 @@ def run_patch(
     verify: dict | None = None,
 ) -> PatchResult:
     """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
-    check_output(out, overwrite)  # before the scan: fail fast
+    check_output(out, overwrite, protect=source.folder)  # before the scan: fail fast
     ckpt = Checkpoint(source.folder)
     family = family_for(ckpt.config)
     if scan is None:
@@ -69,8 +69,9 @@ def run_patch(
     plans = plan_recipes(scan, family, ckpt.config, manifest.recipes)
     edits = [e for p in plans for e in p.edits]
     wemask = next((p.wemask for p in plans if p.wemask is not None), None)
-    with atomic_folder(out, overwrite) as tmp:
-        applied, inputs = write_weights(ckpt, edits, tmp, link=link)
+    with atomic_folder(out, overwrite, protect=source.folder) as tmp:
+        weights: dict[str, str] = {}  # sha256 of the weight files as written, so provenance need not reread them
+        applied, inputs = write_weights(ckpt, edits, tmp, link=link, outputs=weights)
         inputs.update(copy_side_files(ckpt, tmp, skip=("config.json",) if wemask else ()))
         if wemask:
             config = dict(ckpt.config)
@@ -92,7 +93,8 @@ def run_patch(
                            applied=applied, custom_layer=wemask is not None,
                            measurements=measurements_for_card(measured) if measured else None)
         (tmp / "README.md").write_text(card)
-        write_provenance(tmp, source, manifest, scan, plans, applied, inputs, measurements=_compact(measured))
+        write_provenance(tmp, source, manifest, scan, plans, applied, inputs, measurements=_compact(measured),
+                         known=weights)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
 
 
@@ -104,10 +106,14 @@ def _compact(measured: dict | None) -> dict | None:
 
 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dict, plans: list[RecipePlan],
-                     applied: list[AppliedEdit], inputs: dict, measurements: dict | None = None) -> None:
-    """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file."""
-    outputs = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-               if p.is_file() and p.name != "provenance.json"}
+                     applied: list[AppliedEdit], inputs: dict, measurements: dict | None = None,
+                     known: dict[str, str] | None = None) -> None:
+    """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
+
+    `known`: sha256 already computed while writing (the weights), not read again."""
+    known = known or {}
+    outputs = {rel: known.get(rel) or sha256_file(p) for p in sorted(folder.rglob("*"))
+               if p.is_file() and (rel := p.relative_to(folder).as_posix()) != "provenance.json"}
     prov = {
         "tool": f"melsurgery {__version__}",
         "source": {"id": source.id, "kind": source.kind, "revision": source.revision,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,48 +30,73 @@ def _alive(pid: int) -> bool:
 
 
 def _clean_stale(parent: Path, name: str) -> None:
+    """Remove what killed runs left: `PREFIX<name>-<pid>` folders (and `-<pid>-old` ones of --overwrite)."""
     for p in parent.glob(f"{PREFIX}{name}-*"):
         try:
-            pid = int(p.name.rsplit("-", 1)[1])
+            pid = int(p.name.removesuffix("-old").rsplit("-", 1)[1])
         except ValueError:
             continue
         if not _alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool, protect: Path | None = None) -> None:
+    """Refuse an output that is a file, a non-empty folder (unless overwrite), or holds `protect` (the source)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
+    if protect is not None and out.exists():
+        source = Path(protect).resolve()
+        if source == out.resolve() or out.resolve() in source.parents:
+            raise UserError(f"{out}: holds the source model; write the output somewhere else")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
 
 @contextmanager
-def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it becomes `out`, on any failure it disappears."""
+def atomic_folder(out: Path, overwrite: bool = False, protect: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes `out`, on any failure it disappears.
+
+    While it is open, SIGTERM unwinds like Ctrl-C and SIGXFSZ is ignored (a file-size limit then fails the
+    write with EFBIG instead of killing the process), so that the cleanup below always runs.
+    """
     out = Path(out).absolute()
-    check_output(out, overwrite)
+    check_output(out, overwrite, protect)
+    tmp = out.parent / f"{PREFIX}{out.name}-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{out.parent}: cannot create ({exc.strerror})") from None
-    _clean_stale(out.parent, out.name)
-    tmp = out.parent / f"{PREFIX}{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # make SIGTERM unwind through the cleanup below
-    try:
-        yield tmp
-        _commit(tmp, out, overwrite)
-    except OSError as exc:
-        raise UserError(f"{out}: write failed ({exc.strerror or exc}); nothing was written") from None
-    finally:
+        _clean_stale(out.parent, out.name)
         shutil.rmtree(tmp, ignore_errors=True)
-        if previous in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot create the output there ({exc.strerror or exc})") from None
+    with _signals_unwind():
+        try:
+            yield tmp
+            _commit(tmp, out, overwrite)
+        except OSError as exc:
+            raise UserError(f"{out}: write failed ({exc.strerror or exc}); nothing was written") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt and SIGXFSZ is ignored, where their default would kill us uncleaned.
+
+    Handlers a caller installed are left alone, and nothing is changed off the main thread (Python only
+    lets the main thread set handlers).
+    """
+    changed: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ((signal.SIGTERM, _raise_interrupt), (getattr(signal, "SIGXFSZ", None), signal.SIG_IGN)):
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+                changed[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in changed.items():
+            signal.signal(sig, previous)
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -78,21 +104,34 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.is_dir():
-        if any(out.iterdir()) and not overwrite:
-            raise UserError(f"{out}: another run wrote this folder meanwhile; nothing was changed")
+    """Rename tmp to out. Without overwrite, only an absent or empty `out` is replaced, and if two runs race
+    exactly one wins: the loser's rename fails because the winner's folder is not empty."""
+    raced = UserError(f"{out}: another run wrote this folder meanwhile; nothing was changed")
+    if overwrite and out.is_dir():
         trash = out.parent / f"{PREFIX}{out.name}-{os.getpid()}-old"
-        os.rename(out, trash)
+        try:
+            os.rename(out, trash)
+        except FileNotFoundError:
+            trash = None  # another run moved it away meanwhile
         try:
             os.rename(tmp, out)
         except OSError:
-            os.rename(trash, out)
+            if trash is not None:
+                os.rename(trash, out)
             raise
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
         return
+    if out.is_dir():
+        try:
+            os.rmdir(out)  # only succeeds while empty
+        except FileNotFoundError:
+            pass
+        except OSError:
+            raise raced from None
     try:
-        os.rename(tmp, out)
+        os.rename(tmp, out)  # fails when a racing run's non-empty folder is already there
     except OSError as exc:
         if out.exists():
-            raise UserError(f"{out}: another run wrote this folder meanwhile; nothing was changed") from None
+            raise raced from None
         raise exc

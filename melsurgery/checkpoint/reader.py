@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -13,6 +13,10 @@ from .safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_h
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# Weights in other formats (and their indexes) are never copied as side files: they would ship the
+# unpatched model beside the patched one.
+OTHER_WEIGHTS = (*PICKLE_PATTERNS, "*.safetensors", "*.index.json", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.pkl",
+                 "*.pickle")
 
 
 class Checkpoint:
@@ -65,6 +69,27 @@ class Checkpoint:
         t = load_tensor(self.info(name))
         return t.to(device=device, dtype=dtype or t.dtype)
 
+    def load_rows(self, name: str, rows: list[int], dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows of a 2-D tensor (an embedding table, for the token ids at hand), read without the rest.
+
+        A 128k-vocabulary table is 2 GB in fp32; a calibration batch needs a few hundred of its rows.
+        """
+        info = self.info(name)
+        if len(info.shape) != 2:
+            raise UserError(f"{self.folder}: {name} is not a matrix (shape {list(info.shape)})")
+        n, width = info.shape
+        bad = [r for r in rows if not 0 <= r < n]
+        if bad:
+            raise UserError(f"{self.folder}: rows {bad[:5]} out of range for {name} ({n} rows)")
+        row_bytes = info.nbytes // n if n else 0
+        out = torch.empty((len(rows), width), dtype=info.torch_dtype)
+        for k, r in enumerate(rows):
+            part = TensorInfo(name, info.path, info.dtype, (width,), info.start + r * row_bytes,
+                              info.start + (r + 1) * row_bytes)
+            out[k] = load_tensor(part)
+        return out.to(device=device, dtype=dtype or out.dtype)
+
     def load_prefix(
         self, prefix: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> dict[str, torch.Tensor]:
@@ -73,11 +98,10 @@ class Checkpoint:
 
     def side_files(self) -> list[str]:
         """Files other than weights and their index: tokenizer, templates, configs, licences, cards."""
-        weights = set(self.shards) | {INDEX_NAME}
         out = []
         for p in sorted(self.folder.rglob("*")):
             rel = p.relative_to(self.folder).as_posix()
-            if p.is_file() and rel not in weights and not rel.startswith("."):
+            if p.is_file() and not rel.startswith(".") and not any(p.match(pat) for pat in OTHER_WEIGHTS):
                 out.append(rel)
         return out
 
@@ -92,10 +116,19 @@ def _read_config(folder: Path) -> dict:
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise UserError(f"{path}: not a model config (no model_type)")
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise UserError(
+            f"{folder}: a quantised checkpoint ({method}); melsurgery edits unquantised weights only: "
+            "use the original bf16/fp16/fp32 model"
+        )
     return cfg
 
 
@@ -104,11 +137,15 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
             raise UserError(f"{index_path}: invalid index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index_path}: invalid index (weight_map must map tensor names to shard files)")
         shards = sorted(set(weight_map.values()))
         for shard in shards:
+            rel = PurePosixPath(shard)
+            if rel.is_absolute() or ".." in rel.parts or "\\" in shard or not shard:
+                raise UserError(f"{index_path}: shard name {shard!r} points outside the model folder")
             if not (folder / shard).is_file():
                 raise UserError(f"{index_path}: names shard {shard}, which is missing; re-download the checkpoint")
         return shards, weight_map

@@ -76,41 +76,67 @@ def read_header(path: Path) -> SafetensorsHeader:
                 raise UserError(f"{path}: corrupt safetensors header (length {hlen} exceeds the file); re-download it")
             raw = fh.read(hlen)
     except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from exc
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserError(f"{path}: corrupt safetensors header (not JSON); re-download it") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + hlen
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, spec in obj.items():
-        try:
-            dtype, shape, (lo, hi) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if dtype not in DTYPES:
-            raise UserError(
-                f"{path}: tensor {name!r} has dtype {dtype}, which melsurgery cannot edit "
-                f"(supported: {', '.join(DTYPES)}); use an unquantised checkpoint"
-            )
+        dtype, shape, lo, hi = _entry(path, name, spec)
         numel = 1
         for s in shape:
             numel *= s
-        if not (isinstance(lo, int) and isinstance(hi, int)) or lo < 0 or hi < lo or hi - lo != numel * ITEMSIZE[dtype]:
+        if hi < lo or hi - lo != numel * ITEMSIZE[dtype]:
             raise UserError(f"{path}: corrupt safetensors header: offsets of {name!r} do not match its shape and dtype")
         if data_start + hi > size:
             raise UserError(f"{path}: truncated file: tensor {name!r} ends past the end of the file; re-download it")
         spans.append((lo, hi, name))
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + lo, data_start + hi)
-    spans.sort()
+    _check_coverage(path, sorted(spans), size - data_start)
+    return SafetensorsHeader(path, data_start, tensors, dict(metadata))
+
+
+def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors must tile the data region exactly, as safetensors itself requires (no overlap, gap or tail)."""
     for (_lo1, hi1, n1), (lo2, _hi2, n2) in zip(spans, spans[1:]):
         if lo2 < hi1:
             raise UserError(f"{path}: corrupt safetensors header: tensors {n1!r} and {n2!r} overlap")
-    return SafetensorsHeader(path, data_start, tensors, dict(metadata))
+    end = 0
+    for lo, hi, name in spans:
+        if lo != end:
+            raise UserError(f"{path}: corrupt safetensors header: a gap before tensor {name!r}")
+        end = hi
+    if end != data_size:
+        raise UserError(f"{path}: corrupt safetensors file: {data_size - end} stray bytes after the last tensor")
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, spec: object) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and relative offsets of one header entry, each checked for type and sign."""
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: corrupt safetensors header entry for {name!r}")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise UserError(f"{path}: corrupt safetensors header entry for {name!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise UserError(f"{path}: corrupt safetensors header: offsets of {name!r} are not two non-negative integers")
+    if dtype not in DTYPES:
+        raise UserError(
+            f"{path}: tensor {name!r} has dtype {dtype}, which melsurgery cannot edit "
+            f"(supported: {', '.join(DTYPES)}); use an unquantised checkpoint"
+        )
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 def read_bytes(info: TensorInfo) -> bytes:
@@ -120,13 +146,21 @@ def read_bytes(info: TensorInfo) -> bytes:
 
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """Load one tensor by its byte range: one read, no whole-file mapping."""
-    data = bytearray(read_bytes(info))
-    if len(data) != info.nbytes:
+    """Load one tensor by its byte range, read straight into the tensor's memory (one copy, no mapping)."""
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    got = 0
+    if info.nbytes:
+        view = memoryview(raw.numpy())
+        try:
+            with open(info.path, "rb", buffering=0) as fh:
+                fh.seek(info.start)
+                while got < info.nbytes and (n := fh.readinto(view[got:])):
+                    got += n
+        except OSError as exc:
+            raise UserError(f"{info.path}: cannot read ({exc.strerror or exc})") from None
+    if got != info.nbytes:
         raise UserError(f"{info.path}: truncated while reading {info.name!r}; re-download it")
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.torch_dtype)
-    return torch.frombuffer(data, dtype=info.torch_dtype).reshape(info.shape)
+    return raw.view(info.torch_dtype).reshape(info.shape)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

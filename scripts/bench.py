@@ -1,0 +1,374 @@
+#!/usr/bin/env python
+"""Benchmark melsurgery's streaming commands against the naive way and against the I/O floor.
+
+Each path runs in its own child process, so that its peak RSS (ru_maxrss of that child), wall time
+and I/O (/proc/<pid>/io, read just before the child is reaped) are its own. Before each path the
+files it reads are evicted from the page cache (posix_fadvise DONTNEED on those files only, after a
+sync), so every path starts cold and no other process's cache is touched.
+
+Paths (`--paths`, default all):
+  scan          melsurgery scan, streaming, small calibration (fp32 compute, scan's default)
+  scan-bf16     the same computing in bf16, like for like with a naive run that only fits in bf16
+  naive-scan    whole model from_pretrained + output_hidden_states (+ attentions) on the same samples
+  copy          plain copy of the folder, shutil.copyfile + fsync per file: the floor for patch
+  patch         melsurgery patch --recipe ffn-dampen --scan (folded)
+  patch-wemask  melsurgery patch --recipe wemask --scan (custom layer)
+  naive-patch   from_pretrained, the same ffn-dampen edit, save_pretrained
+  read          read both folders once (source and patched): the floor for diff
+  diff          melsurgery diff SOURCE PATCHED
+
+Naive paths run under a memory guard: skipped when the machine has too little memory available, and
+killed (and reported) when their RSS comes near what was available.
+
+    python scripts/bench.py --preset llama2-7b             # generate the 7B-shape model, run all, clean up
+    python scripts/bench.py --model /path/to/folder --paths scan,naive-scan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKDIR = Path("/tmp/melsurgery-bench")
+CHUNK = 8 * 1024 * 1024
+GB = 1e9
+ALL_PATHS = ("scan", "scan-bf16", "naive-scan", "copy", "patch", "patch-wemask", "naive-patch", "read", "diff")
+CALIBRATION = ("--num-samples", "4", "--max-tokens", "32", "--seed", "0")
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Run:
+    """What one child process cost."""
+
+    name: str
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + system: what the path costs whatever else the machine is doing
+    peak_rss: int = 0  # bytes
+    io: dict[str, int] = field(default_factory=dict)
+    rc: int | None = None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop these files (only) from the page cache, so the next reader starts cold."""
+    os.sync()
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def measure(name: str, cmd: list[str], cold: list[Path], guard: int | None = None, log: Path | None = None,
+            ok: tuple[int, ...] = (0,)) -> Run:
+    """Run cmd as a child; wall time, peak RSS and I/O of that child alone. `guard`: kill above this RSS.
+
+    Exit codes in `ok` count as success (reported as 0)."""
+    evict(cold)
+    run = Run(name)
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    killed = threading.Event()
+
+    def watch() -> None:
+        while proc.returncode is None and not killed.is_set():
+            if guard and rss(proc.pid) > guard:
+                killed.set()
+                proc.kill()
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: /proc/<pid>/io is readable
+    run.wall_s = time.perf_counter() - start
+    try:
+        run.io = {k: int(v) for k, v in (line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text()
+                                         .splitlines())}
+    except OSError:
+        run.io = {}
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = run.rc = os.waitstatus_to_exitcode(status)
+    killed.set()
+    watcher.join()
+    if log:
+        out.close()
+    run.peak_rss = usage.ru_maxrss * 1024
+    run.cpu_s = usage.ru_utime + usage.ru_stime
+    if run.rc in ok:
+        run.note = f"exit {run.rc}" if run.rc else ""
+        run.rc = 0
+    elif guard and run.peak_rss > guard:
+        run.note = f"killed by the memory guard at {guard / GB:.1f} GB: does not fit"
+    else:
+        run.note = f"failed (exit {run.rc})" + (f", see {log}" if log else "")
+    return run
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# --- the naive paths and floors, run as children of this script -----------------------------------
+
+
+def child_naive_scan(src: str, dtype: str, num_samples: str, max_tokens: str) -> None:
+    """The whole model in memory; every hidden state and attention map of the calibration samples (0: all)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from melsurgery.samples import load_tokenizer, read_records, tokenize
+
+    tok = load_tokenizer(Path(src))
+    records, _ = read_records(None)
+    samples = tokenize(records, tok, num_samples=int(num_samples) or None, max_tokens=int(max_tokens), seed=0)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), attn_implementation="eager")
+    model.eval()
+    ratios = []
+    with torch.no_grad():
+        for s in samples:
+            out = model(torch.tensor([s.ids]), output_hidden_states=True, output_attentions=True)
+            for h in out.hidden_states:
+                a = h.float().abs()
+                ratios.append(float(a.max() / a.median()))
+    print(f"max ratio {max(ratios):.0f} over {len(samples)} samples")
+
+
+def child_naive_patch(src: str, out: str, scan_json: str, factor: str) -> None:
+    """from_pretrained, scale the scan's FFN neurons' down-projection columns, save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    scan = json.loads(Path(scan_json).read_text())
+    neurons = sorted({n["neuron"] for n in scan["ffn_neurons"]})
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    with torch.no_grad():
+        w = model.model.layers[scan["me_layer"]].mlp.down_proj.weight
+        w[:, neurons] = (w[:, neurons].float() * float(factor)).to(w.dtype)
+    model.save_pretrained(out, max_shard_size="5GB")
+
+
+def child_copy(src: str, dst: str) -> None:
+    """The floor for patch: every file copied (in-kernel) and made durable, as patch makes its outputs."""
+    Path(dst).mkdir(parents=True)
+    for p in sorted(Path(src).iterdir()):
+        if p.is_file():
+            shutil.copyfile(p, Path(dst) / p.name)
+            fd = os.open(Path(dst) / p.name, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def child_read(*folders: str) -> None:
+    """The floor for diff: every file of both folders read once."""
+    buf = bytearray(CHUNK)
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                with open(p, "rb", buffering=0) as fh:
+                    while fh.readinto(buf):
+                        pass
+
+
+CHILDREN: dict[str, Callable[..., None]] = {"naive-scan": child_naive_scan, "naive-patch": child_naive_patch,
+                                            "copy": child_copy, "read": child_read}
+
+
+def me(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "child", *args]
+
+
+def melsurgery(*args: object) -> list[str]:
+    return [sys.executable, "-m", "melsurgery", *map(str, args)]
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+
+
+def ratio(a: Run | None, b: Run | None, attr: str = "wall_s") -> str:
+    if not (a and b and a.ok and b.ok and getattr(b, attr)):
+        return "-"
+    return f"{getattr(a, attr) / getattr(b, attr):.2f}x"
+
+
+def row(r: Run, vs: str = "", vs_rss: str = "") -> str:
+    if not r.io and not r.ok:
+        return f"| {r.name} | - | - | - | - | - | - | - | {r.note} |"
+    io = r.io
+    return (f"| {r.name} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.peak_rss / GB:.2f} | "
+            f"{io.get('read_bytes', 0) / GB:.2f} / "
+            f"{io.get('rchar', 0) / GB:.2f} | {io.get('write_bytes', 0) / GB:.2f} / {io.get('wchar', 0) / GB:.2f} | "
+            f"{vs} | {vs_rss} | {r.note} |")
+
+
+HEAD = ("| path | wall s | CPU s | peak RSS GB | read GB disk / syscalls | written GB disk / syscalls | wall ratio | "
+        "RSS ratio | note |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def has_diff() -> bool:
+    return subprocess.run(melsurgery("diff", "--help"), capture_output=True).returncode == 0
+
+
+def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[str, Run], str]:
+    runs: dict[str, Run] = {}
+    size = folder_bytes(model)
+    cfg = json.loads((model / "config.json").read_text())
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    scan_json = work / "scan.json"
+    patched = work / "patched"
+
+    def go(name: str, cmd: list[str], cold: list[Path], need: int | None = None, ok: tuple[int, ...] = (0,)
+           ) -> Run | None:
+        if name not in paths:
+            return None
+        guard = None
+        if need is not None:
+            avail = mem_available()
+            if avail - margin < need:
+                runs[name] = Run(name, note=f"skipped: needs ~{need / GB:.1f} GB, {avail / GB:.1f} GB available")
+                print(runs[name].note, file=sys.stderr)
+                return runs[name]
+            guard = avail - margin
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        runs[name] = measure(name, cmd, cold, guard, logs / f"{name}.log", ok)
+        r = runs[name]
+        print(f"  {r.wall_s:.1f}s, peak RSS {r.peak_rss / GB:.2f} GB {r.note}", file=sys.stderr, flush=True)
+        return r
+
+    go("scan", melsurgery("scan", model, "--quiet", "--device", "cpu", *CALIBRATION, "--json", scan_json), [model],
+       ok=(0, 3))  # exit 3 (no massive activation) is a finished scan too
+    go("scan-bf16", melsurgery("scan", model, "--quiet", "--device", "cpu", "--dtype", "bfloat16", *CALIBRATION),
+       [model], ok=(0, 3))
+    # fp32 compute, as scan does, where it fits; else the stored dtype (naive fp32 of a 7B model needs 27 GB)
+    fp32_size = size * 4 // ITEMSIZE.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), 4)
+    naive_dtype = "float32" if fp32_size * 1.1 < mem_available() - margin else "bfloat16"
+    r = go("naive-scan", me("naive-scan", str(model), naive_dtype, CALIBRATION[1], CALIBRATION[3]), [model],
+           need=int((fp32_size if naive_dtype == "float32" else size) * 1.05))
+    if r is not None and naive_dtype != "float32":
+        r.note = (r.note + "; " if r.note else "") + f"computes in {naive_dtype} (fp32 would not fit)"
+    if not scan_json.is_file() and paths & {"patch", "patch-wemask", "naive-patch", "diff"}:
+        raise SystemExit("patch paths need the scan JSON: include `scan` in --paths")
+    copy_dst = work / "copy"
+    go("copy", me("copy", str(model), str(copy_dst)), [model])
+    shutil.rmtree(copy_dst, ignore_errors=True)
+    go("patch", melsurgery("patch", model, "-o", patched, "--recipe", "ffn-dampen", "--scan", scan_json, "--quiet",
+                           "--overwrite"), [model, scan_json])
+    wemask_out = work / "patched-wemask"
+    go("patch-wemask", melsurgery("patch", model, "-o", wemask_out, "--recipe", "wemask", "--scan", scan_json,
+                                  "--quiet"), [model, scan_json])
+    shutil.rmtree(wemask_out, ignore_errors=True)
+    naive_out = work / "naive-patched"
+    go("naive-patch", me("naive-patch", str(model), str(naive_out), str(scan_json), "0.2"), [model],
+       need=int(size * 1.3))
+    shutil.rmtree(naive_out, ignore_errors=True)
+    if patched.is_dir():
+        go("read", me("read", str(model), str(patched)), [model, patched])
+        if has_diff():
+            go("diff", melsurgery("diff", model, patched, "--json", work / "diff.json"), [model, patched], ok=(1,))
+        elif "diff" in paths:
+            runs["diff"] = Run("diff", note="TODO: `melsurgery diff` does not exist yet")
+    load = os.getloadavg()
+    header = (f"model {model} ({size / GB:.2f} GB, {cfg.get('num_hidden_layers')} layers, hidden "
+              f"{cfg.get('hidden_size')}, {cfg.get('dtype')}); {os.cpu_count()} CPUs, "
+              f"{mem_available() / GB:.1f} GB available at the end, load average {load[0]:.1f}; cold page cache "
+              f"for each path")
+    return runs, header
+
+
+def report(runs: dict[str, Run], header: str) -> str:
+    g = runs.get
+    lines = [header, "", "scan (RSS ratio and wall ratio: naive / streaming)", "", HEAD]
+    for name in ("scan", "scan-bf16", "naive-scan"):
+        if name in runs:
+            lines.append(row(runs[name], ratio(runs[name], g("scan")) if name != "scan" else "1.00x",
+                             ratio(runs[name], g("scan"), "peak_rss") if name != "scan" else "1.00x"))
+    lines += ["", "patch (ratios: path / plain copy)", "", HEAD]
+    for name in ("copy", "patch", "patch-wemask", "naive-patch"):
+        if name in runs:
+            lines.append(row(runs[name], ratio(runs[name], g("copy")), ratio(runs[name], g("copy"), "peak_rss")))
+    lines += ["", "diff (ratios: path / reading both folders)", "", HEAD]
+    for name in ("read", "diff"):
+        if name in runs:
+            lines.append(row(runs[name], ratio(runs[name], g("read")), ratio(runs[name], g("read"), "peak_rss")))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["child"]:
+        CHILDREN[argv[1]](*argv[2:])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="An existing checkpoint folder to benchmark on.")
+    src.add_argument("--preset", default="llama2-7b", help="Generate this synthetic model (default llama2-7b).")
+    ap.add_argument("--layers", type=int, help="Fewer decoder layers for the generated model.")
+    ap.add_argument("--paths", default=",".join(ALL_PATHS), help=f"Comma-separated subset of {', '.join(ALL_PATHS)}.")
+    ap.add_argument("--workdir", type=Path, default=WORKDIR, help=f"Scratch folder (default {WORKDIR}).")
+    ap.add_argument("--margin-gb", type=float, default=1.5, help="Memory kept free by the guard on naive paths.")
+    ap.add_argument("--keep", action="store_true", help="Keep the work folder (generated model, outputs).")
+    ap.add_argument("--markdown", type=Path, help="Also write the tables here.")
+    args = ap.parse_args(argv)
+    paths = {p.strip() for p in args.paths.split(",") if p.strip()}
+    if paths - set(ALL_PATHS):
+        ap.error(f"unknown paths {sorted(paths - set(ALL_PATHS))}")
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        model = args.model
+        if model is None:
+            model = work / (args.preset + (f"-{args.layers}l" if args.layers else ""))
+            if not (model / "config.json").is_file():
+                gen = [sys.executable, str(HERE / "make_synthetic_checkpoint.py"), str(model), "--preset", args.preset,
+                       "--overwrite", *(["--layers", str(args.layers)] if args.layers else [])]
+                subprocess.run(gen, check=True)
+        runs, header = bench(model.resolve(), work, paths, int(args.margin_gb * GB))
+        text = report(runs, header)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
