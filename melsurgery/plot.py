@@ -18,6 +18,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_scan(result: dict, path: Path) -> None:
     """Per-layer max |h| and max/median ratio on a log scale, with the ME Layer marked."""
     plt = _pyplot()
@@ -33,8 +42,7 @@ def plot_scan(result: dict, path: Path) -> None:
     ax.set_title(f"massive activations: {result['model']['id']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_verify(result: dict, path: Path) -> None:
@@ -53,5 +61,4 @@ def plot_verify(result: dict, path: Path) -> None:
     a2.set_xlabel("layer (output)")
     a2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)

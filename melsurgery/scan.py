@@ -112,8 +112,14 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def write_json(result: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+def write_json(result: dict, path: Path, allow_nan: bool = False) -> None:
+    """Write a result as JSON; an unwritable path is a one-line user error."""
+    from .errors import UserError
+
+    try:
+        Path(path).write_text(json.dumps(result, indent=1, allow_nan=allow_nan) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
 
 
 def read_json(path: Path) -> dict:

@@ -213,7 +213,10 @@ def test_manifest_reproduces_the_same_bytes(planted, tmp_path):
 
 
 def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_path):
-    (planted / "LICENSE").write_text("Apache License 2.0\n") if not (planted / "LICENSE").exists() else None
+    import shutil
+
+    planted = shutil.copytree(planted, tmp_path / "src")  # the shared folder must stay as built
+    (planted / "LICENSE").write_text("Apache License 2.0\n")
     patch(planted, tmp_path / "out", [("ffn-dampen", {})], scan=planted_scan)
     out = tmp_path / "out"
     for side in ("tokenizer.json", "tokenizer_config.json", "LICENSE", "config.json"):

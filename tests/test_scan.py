@@ -150,3 +150,9 @@ def test_default_model_is_cached(smollm2):
     assert again.folder == smollm2.folder
     assert time.perf_counter() - start < 1.0
     assert (smollm2.folder / "model.safetensors").is_file() and (smollm2.folder / "tokenizer.json").is_file()
+
+
+def test_unwritable_json_and_plot_paths_are_one_line_errors(planted, tmp_path):
+    for opt in ("--json", "--plot"):
+        res = run_cli("scan", planted, "--quiet", "--num-samples", "2", opt, tmp_path / "missing" / "x")
+        assert res.returncode == 2 and "cannot write" in res.stderr and "Traceback" not in res.stderr

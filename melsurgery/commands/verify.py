@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -43,7 +42,9 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
                         progress=not quiet)
     click.echo(verify_report(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        from ..scan import write_json
+
+        write_json(result, json_path, allow_nan=True)
         click.echo(f"wrote {json_path}")
     if plot_path:
         from ..plot import plot_verify
