@@ -115,9 +115,12 @@ class StreamingModel:
         return types[i]
 
     def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Embeddings [T, D] of each sequence; the table is loaded once and dropped."""
-        weight = self.ckpt.load(self.family.embed, self.dtype, self.device)
-        out = [nn.functional.embedding(torch.tensor(ids, device=self.device), weight) for ids in sequences]
+        """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur."""
+        vocab = sorted({t for ids in sequences for t in ids})
+        weight = self.ckpt.load_rows(self.family.embed, vocab, self.dtype, self.device)
+        row = {t: k for k, t in enumerate(vocab)}
+        out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
+               for ids in sequences]
         if self.embed_scale is not None:  # as transformers does: a float32 scalar cast to the weight dtype
             scale = torch.tensor(self.embed_scale).to(weight.dtype)
             out = [e * scale for e in out]
