@@ -1,1 +1,1 @@
-"""Click commands that live outside cli.py (cli.py registers them); each is thin: parse, call, print."""
+"""One module per command (thin: parse, call the library, print); `shared` holds the options and error mapping."""

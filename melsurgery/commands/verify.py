@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import device_option, dtype_option, resolve_device, torch_dtype
+from .shared import device_option, dtype_option, resolve_device, torch_dtype
 from ..errors import UserError
 
 GATE_EXIT = 4

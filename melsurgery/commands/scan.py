@@ -1,0 +1,63 @@
+"""`melsurgery scan [MODEL]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .shared import calibration_options, device_option, dtype_option, resolve_device, revision_option, torch_dtype
+
+
+def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
+          dtype, quiet) -> dict:
+    from ..checkpoint.source import resolve
+    from ..detect import DetectParams
+    from ..scan import CalibrationSpec, run_scan
+
+    source = resolve(model, revision)
+    return run_scan(
+        source,
+        CalibrationSpec(calib, num_samples, max_tokens, seed),
+        DetectParams(abs_threshold=abs_threshold, ratio=ratio, persist_fraction=persist_fraction),
+        device=resolve_device(device),
+        dtype=torch_dtype(dtype),
+        progress=not quiet,
+    )
+
+
+@click.command()
+@click.argument("model", required=False)
+@revision_option
+@calibration_options
+@device_option
+@dtype_option
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of max |h| per layer.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device, dtype,
+         json_path, plot_path, quiet) -> None:
+    """Find and explain the ME Layer of MODEL by streaming calibration.
+
+    Exit status: 0 when an ME Layer is found, 3 when no massive activation persists (the report and
+    JSON are still written), 2 on errors.
+    """
+    from ..errors import NoMassiveActivations
+    from ..report import scan_report
+    from ..scan import write_json
+
+    result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
+                   device, dtype, quiet)
+    click.echo(scan_report(result))
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        from ..plot import plot_scan
+
+        plot_scan(result, plot_path)
+        click.echo(f"wrote {plot_path}")
+    if result["me_layer"] is None:
+        raise NoMassiveActivations("no massive activations found in this model")
+
+

@@ -1,0 +1,89 @@
+"""What every command shares: the error mapping, device/dtype helpers, and options defined once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
+
+
+class Group(click.Group):
+    """Turns UserError into one line on stderr and its exit code; never a traceback for user errors."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"melsurgery: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("melsurgery: interrupted", err=True)
+            sys.exit(130)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True, help="Compute dtype."
+)
+revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+
+
+def calibration_options(f):
+    for opt in reversed([
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages)."),
+        click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use this many samples."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+                     help="Truncate each sample to this many tokens."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection."),
+        click.option("--abs-threshold", type=float, default=100.0, show_default=True,
+                     help="An entry is massive when |h| is at least this ..."),
+        click.option("--ratio", type=float, default=1000.0, show_default=True,
+                     help="... and at least this many times the layer's median |h|."),
+        click.option("--persist-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                     help="A massive entry must stay massive for this fraction of the remaining layers."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("use comma-separated integers, e.g. 507,247") from None
+
+
+def neuron_list(ctx, param, value):
+    """Neurons as J or, in a mixture of experts, E:J (expert E, neuron J)."""
+    if value is None:
+        return None
+    if not all(part.strip().replace(":", "", 1).isdigit() for part in value.split(",") if part.strip()):
+        raise click.BadParameter("use comma-separated neurons, e.g. 1229,1487 or 3:41 for expert 3")
+    return [int(p) if ":" not in p else p.strip() for p in value.split(",") if p.strip()]
+
+
