@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .shared import device_option, dtype_option, resolve_device, torch_dtype
 from ..errors import UserError
+from .shared import device_option, dtype_option, resolve_device, torch_dtype
 
 GATE_EXIT = 4
 
