@@ -9,6 +9,7 @@ import yaml
 
 from .detect import DetectParams
 from .errors import UserError
+from .recipes import resolve_recipes
 from .scan import CalibrationSpec
 
 
@@ -57,7 +58,9 @@ def load_manifest(path: Path) -> Manifest:
             revision=data.get("revision"),
             calibration=CalibrationSpec(**cal),
             detection=DetectParams(**(data.get("detection") or {})),
-            recipes=recipes,
+            recipes=resolve_recipes(recipes),
         )
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
     except (TypeError, KeyError) as exc:
         raise UserError(f"{path}: invalid manifest ({exc})") from None

@@ -7,41 +7,66 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .shared import calibration_options, device_option, int_list, neuron_list, resolve_device, revision_option
+from ..recipes import registry, resolve_recipes
+from ..recipes.params import Param
+from .shared import calibration_options, device_option, resolve_device, revision_option
+
+_METAVARS = {"float": "FLOAT", "int": "INT", "layers": "LAYERS", "int_list": "DIMS", "neurons": "NEURONS"}
 
 
-def _recipe_params(layers, top_k, dims, mask_ratio, strength, selector, norm_factor, dampen, neurons,
-                   me_norm_factor) -> dict[str, dict]:
-    """Map the recipe options to each recipe's parameter names (None: the recipe's default)."""
-    attn = {"layers": layers, "top_k": top_k, "dims": dims, "mask_ratio": mask_ratio}
-    return {
-        "wemask": {**attn, "strength": strength, "selector": selector},
-        "norm-rescale": {**attn, "factor": norm_factor},
-        "ffn-dampen": {"factor": dampen, "neurons": neurons},
-        "me-norm": {"factor": me_norm_factor},
-    }
+def recipe_options(f):
+    """One click option per recipe-parameter flag, derived from the recipes' declarations.
+
+    Values arrive as raw strings and are validated by the declaration itself, so the command line and
+    manifests accept and refuse the same things with the same messages.
+    """
+    from ..recipes import registry
+
+    flags: dict[str, list[tuple[str, Param]]] = {}
+    for recipe in registry().values():
+        for param in recipe.params:
+            if param.flag:
+                flags.setdefault(param.flag, []).append((recipe.name, param))
+    for flag, users in reversed(list(flags.items())):
+        helps = dict.fromkeys(param.help.split(": ", 1)[-1] for _, param in users)
+        default = users[0][1].default
+        text = f"{'/'.join(name for name, _ in users)}: {' '.join(helps)}"
+        if default is not None:
+            text += f" (default {default})"
+        param = users[0][1]
+        metavar = "|".join(param.choices) if param.choices else _METAVARS[param.kind]
+        f = click.option(flag, "recipe_" + flag[2:].replace("-", "_"), default=None, metavar=metavar, help=text)(f)
+    return f
+
+
+def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) -> list[tuple[str, dict]]:
+    """Each chosen recipe with the flags it declares; a flag that no chosen recipe uses is an error."""
+    from ..recipes import get_recipe
+
+    chosen = [get_recipe(r) for r in recipes]
+    out, used = [], set()
+    for recipe in chosen:
+        params = {}
+        for param in recipe.params:
+            if param.flag and values.get(param.flag) is not None:
+                params[param.name] = values[param.flag]
+                used.add(param.flag)
+        out.append((recipe.name, params))
+    for flag, value in values.items():
+        if value is not None and flag not in used:
+            raise UserError(f"{flag} does not apply to {', '.join(recipes)}; see `melsurgery patch --help`")
+    return out
 
 
 @click.command()
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--recipe", "recipes", multiple=True,
-              type=click.Choice(["wemask", "norm-rescale", "ffn-dampen", "me-norm"]),
+              type=click.Choice(list(registry())),
               help="Recipe to apply (repeatable; they compose in order).")
 @click.option("--manifest", type=click.Path(path_type=Path), help="YAML manifest (model, calibration, recipes).")
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), help="Reuse a scan JSON instead of scanning.")
-@click.option("--layers", default=None, help="wemask/norm-rescale layers: next (default), after-me, or 12,14-16.")
-@click.option("--top-k", type=int, default=None, help="Act on the top-k dims of the massive tokens (default 3).")
-@click.option("--dims", callback=int_list, default=None, help="Explicit dims, e.g. 507,247.")
-@click.option("--mask-ratio", type=float, default=None, help="Dims whose mean |h| is at least this share of the top.")
-@click.option("--strength", type=click.FloatRange(0, 1), default=None, help="wemask: 1 zeroes the dims (default).")
-@click.option("--selector", type=click.Choice(["magnitude", "first"]), default=None,
-              help="wemask: which tokens are masked (default magnitude).")
-@click.option("--norm-factor", type=float, default=None, help="norm-rescale: factor on the dims (default 0.5).")
-@click.option("--dampen", type=float, default=None, help="ffn-dampen: factor on the neurons (default 0.2).")
-@click.option("--neurons", callback=neuron_list, default=None,
-              help="ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts).")
-@click.option("--me-norm-factor", type=float, default=None, help="me-norm: shrink factor (default 0.5).")
+@recipe_options
 @revision_option
 @calibration_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
@@ -52,9 +77,8 @@ def _recipe_params(layers, top_k, dims, mask_ratio, strength, selector, norm_fac
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def patch(model, out, recipes, manifest, scan_path, layers, top_k, dims, mask_ratio, strength, selector, norm_factor,
-          dampen, neurons, me_norm_factor, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio,
-          persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet) -> None:
+def patch(model, out, recipes, manifest, scan_path, revision, calib, num_samples, max_tokens, seed, abs_threshold,
+          ratio, persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet, **recipe_flags) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
 
     Untouched tensors stay byte-identical; the output is written atomically with a model card,
@@ -66,7 +90,11 @@ def patch(model, out, recipes, manifest, scan_path, layers, top_k, dims, mask_ra
     from ..patch import run_patch
     from ..scan import CalibrationSpec, read_json
 
+    values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
     if manifest:
+        given = [flag for flag, v in values.items() if v is not None]
+        if given:
+            raise UserError(f"{given[0]} conflicts with --manifest: set recipe parameters in the manifest")
         if recipes:
             raise UserError("give recipes either with --recipe or in the --manifest, not both")
         man = load_manifest(manifest)
@@ -75,14 +103,12 @@ def patch(model, out, recipes, manifest, scan_path, layers, top_k, dims, mask_ra
     else:
         if not recipes:
             raise UserError("name at least one --recipe (wemask, norm-rescale, ffn-dampen, me-norm) or a --manifest")
-        params = _recipe_params(layers, top_k, dims, mask_ratio, strength, selector, norm_factor, dampen, neurons,
-                                me_norm_factor)
         man = Manifest(
             model=model or "default",
             revision=revision,
             calibration=CalibrationSpec(calib, num_samples, max_tokens, seed),
             detection=DetectParams(abs_threshold=abs_threshold, ratio=ratio, persist_fraction=persist_fraction),
-            recipes=[(r, {k: v for k, v in params[r].items() if v is not None}) for r in recipes],
+            recipes=resolve_recipes(_params_from_flags(recipes, values)),
         )
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None

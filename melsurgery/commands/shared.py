@@ -67,23 +67,3 @@ def calibration_options(f):
     ]):
         f = opt(f)
     return f
-
-
-def int_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter("use comma-separated integers, e.g. 507,247") from None
-
-
-def neuron_list(ctx, param, value):
-    """Neurons as J or, in a mixture of experts, E:J (expert E, neuron J)."""
-    if value is None:
-        return None
-    if not all(part.strip().replace(":", "", 1).isdigit() for part in value.split(",") if part.strip()):
-        raise click.BadParameter("use comma-separated neurons, e.g. 1229,1487 or 3:41 for expert 3")
-    return [int(p) if ":" not in p else p.strip() for p in value.split(",") if p.strip()]
-
-

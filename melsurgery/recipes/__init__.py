@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..architectures import Family
 from ..errors import UserError
+from .params import Param
+from .params import resolve as resolve_params
 
 
 @dataclass(frozen=True)
@@ -117,25 +119,42 @@ def require_me(scan: dict) -> int:
 PlanFn = Callable[[dict, Family, dict, dict], RecipePlan]
 
 
-def registry() -> dict[str, PlanFn]:
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe: its name, its parameters (declared once, see `params`) and its planner."""
+
+    name: str
+    plan: PlanFn
+    params: tuple[Param, ...]
+    folds: bool
+
+    def resolve(self, given: dict | None) -> dict:
+        """Validated parameters with defaults filled in (raises UserError before any work is done)."""
+        return resolve_params(self.name, self.params, given)
+
+
+def registry() -> dict[str, Recipe]:
+    """Every recipe by name, in the order they are documented."""
     from . import ffn_dampen, me_norm, norm_rescale, wemask
 
-    return {
-        "wemask": wemask.plan,
-        "norm-rescale": norm_rescale.plan,
-        "ffn-dampen": ffn_dampen.plan,
-        "me-norm": me_norm.plan,
-    }
+    return {m.NAME: Recipe(m.NAME, m.plan, m.PARAMS, m.FOLDS) for m in (wemask, norm_rescale, ffn_dampen, me_norm)}
+
+
+def get_recipe(name: str) -> Recipe:
+    known = registry()
+    if name not in known:
+        raise UserError(f"unknown recipe {name!r}; available: {', '.join(known)}")
+    return known[name]
+
+
+def resolve_recipes(recipes: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Check names and parameters of (name, params) pairs up front; returns them with defaults filled."""
+    resolved = [(name, get_recipe(name).resolve(params)) for name, params in recipes]
+    if sum(name == "wemask" for name, _ in resolved) > 1:
+        raise UserError("wemask can be applied once per patch; give it all its layers in one recipe")
+    return resolved
 
 
 def plan_recipes(scan: dict, family: Family, config: dict, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:
     """Plan each (name, params) in order; recipes compose (edits of one tensor apply in sequence)."""
-    known = registry()
-    plans = []
-    for name, params in recipes:
-        if name not in known:
-            raise UserError(f"unknown recipe {name!r}; available: {', '.join(known)}")
-        plans.append(known[name](scan, family, config, params))
-    if sum(p.wemask is not None for p in plans) > 1:
-        raise UserError("wemask can be applied once per patch; give it all its layers in one recipe")
-    return plans
+    return [get_recipe(name).plan(scan, family, config, params) for name, params in resolve_recipes(recipes)]

@@ -8,8 +8,14 @@ from __future__ import annotations
 from ..architectures import Family
 from ..errors import UserError
 from . import Edit, RecipePlan, require_me
+from .params import Param
 
-DEFAULTS = {"factor": 0.2, "neurons": None}
+NAME = "ffn-dampen"
+FOLDS = True
+PARAMS = (Param("factor", "float", 0.2, "ffn-dampen: factor on the neurons' down-projection columns.",
+                flag="--dampen", low=0.0, high=1.0),
+          Param("neurons", "neurons", None, "ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts).",
+                flag="--neurons"))
 
 Neuron = tuple[int | None, int]
 
@@ -30,7 +36,7 @@ def parse_neuron(n: object) -> Neuron:
 
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = params
     me = require_me(scan)
     neurons = list(dict.fromkeys(parse_neuron(n) for n in (p["neurons"] or scan.get("ffn_neurons", []))))
     if not neurons:

@@ -11,12 +11,17 @@ from __future__ import annotations
 from ..architectures import Family
 from ..errors import UserError
 from . import Edit, RecipePlan, require_me
+from .params import Param
 
-DEFAULTS = {"factor": 0.5, "dims": None}
+NAME = "me-norm"
+FOLDS = True
+PARAMS = (Param("factor", "float", 0.5, "me-norm: shrink factor toward the mean (1 leaves the weight).",
+                flag="--me-norm-factor", low=0.0, high=1.0),
+          Param("dims", "int_list", None, "me-norm: restrict the shrink to these dims (manifest only).", low=0))
 
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = params
     me = require_me(scan)
     mean = (scan.get("norm") or {}).get("ffn_norm_weight_mean")
     if mean is None:

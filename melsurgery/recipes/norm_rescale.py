@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from ..architectures import Family
 from . import Edit, RecipePlan, parse_layers, pick_dims, require_me
+from .params import ATTN_DIMS, Param
 
-DEFAULTS = {"layers": "next", "top_k": 3, "dims": None, "mask_ratio": None, "factor": 0.5}
+NAME = "norm-rescale"
+FOLDS = True
+PARAMS = (*ATTN_DIMS,
+          Param("factor", "float", 0.5, "norm-rescale: factor on the dims' norm weight.", flag="--norm-factor",
+                low=0.0, high=1.0))
 
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = params
     me = require_me(scan)
     layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
     dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])

@@ -10,20 +10,23 @@ from __future__ import annotations
 from ..architectures import Family
 from ..errors import UserError
 from . import RecipePlan, WeMaskSpec, parse_layers, pick_dims, require_me
+from .params import ATTN_DIMS, Param
 
-DEFAULTS = {"layers": "next", "top_k": 3, "dims": None, "mask_ratio": None, "strength": 1.0, "selector": "magnitude"}
+NAME = "wemask"
+FOLDS = False
+PARAMS = (*ATTN_DIMS,
+          Param("strength", "float", 1.0, "wemask: 1 zeroes the dims, 0.5 halves them.", flag="--strength",
+                low=0.0, high=1.0),
+          Param("selector", "choice", "magnitude", "wemask: which tokens are masked.", flag="--selector",
+                choices=("magnitude", "first")))
 
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = params
     me = require_me(scan)
     layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
     if any(i <= me for i in layers):
         raise UserError(f"wemask acts on layers after the ME Layer ({me}); got {list(layers)}")
-    if p["selector"] not in ("magnitude", "first"):
-        raise UserError(f"--selector {p['selector']!r}: use magnitude or first")
-    if not 0.0 <= float(p["strength"]) <= 1.0:
-        raise UserError("--strength must lie in [0, 1] (1 zeroes the dims)")
     dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
     threshold = scan.get("selector_threshold")
     if p["selector"] == "magnitude" and not threshold:

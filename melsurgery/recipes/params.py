@@ -1,0 +1,168 @@
+"""Recipe parameters, declared once: name, CLI flag, kind, default, range and help.
+
+The `patch` options, manifest validation, error texts and defaults are all derived from these
+declarations, so a parameter is added or changed in exactly one place. Parameters are validated when
+a manifest is read or the command line is parsed, before any calibration runs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+_LAYERS_RE = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
+LAYER_WORDS = ("next", "after-me", "me")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter.
+
+    `kind` is one of float, int, choice, layers, int_list, neurons; `low`/`high` bound numbers
+    (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag share
+    its meaning (e.g. --layers for wemask and norm-rescale).
+    """
+
+    name: str
+    kind: str
+    default: object
+    help: str
+    flag: str | None = None
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        return self.flag or self.name
+
+    def parse(self, value: object, recipe: str) -> object:
+        """The value, coerced and checked; None means the default. Raises UserError naming the parameter."""
+        if value is None:
+            return self.default
+        where = f"{recipe}: {self.where}"
+        if self.kind in ("float", "int"):
+            return self._number(value, where)
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise UserError(f"{where} {value!r}: use one of {', '.join(self.choices)}")
+            return value
+        if self.kind == "layers":
+            return _layers(value, where)
+        if self.kind == "int_list":
+            return _int_list(value, where, self.low)
+        if self.kind == "neurons":
+            return _neurons(value, where)
+        raise AssertionError(self.kind)
+
+    def _number(self, value: object, where: str) -> float | int:
+        want = "an integer" if self.kind == "int" else "a number"
+        if isinstance(value, bool):
+            raise UserError(f"{where} {value!r}: expected {want}")
+        try:
+            x = int(value) if self.kind == "int" else float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise UserError(f"{where} {value!r}: expected {want}") from None
+        if self.kind == "int" and isinstance(value, float) and value != x:
+            raise UserError(f"{where} {value!r}: expected {want}")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise UserError(f"{where} {value!r}: must be a finite number")
+        if (self.low is not None and x < self.low) or (self.high is not None and x > self.high):
+            raise UserError(f"{where} {value!r}: must lie in {self.range_text()}")
+        return x
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"[{lo}, {hi}]"
+
+
+def _layers(value: object, where: str) -> str | list[int]:
+    if isinstance(value, list | tuple):
+        return _int_list(value, where, 0)
+    text = str(value).strip()
+    if text in LAYER_WORDS:
+        return text
+    if not _LAYERS_RE.match(text):
+        raise UserError(f"{where} {value!r}: use next, after-me, me, or indices like 12,14-16")
+    for lo, hi in re.findall(r"(\d+)\s*-\s*(\d+)", text):
+        if int(lo) > int(hi):
+            raise UserError(f"{where} {value!r}: the range {lo}-{hi} is empty; write it low-high, e.g. {hi}-{lo}")
+    return text
+
+
+def _int_list(value: object, where: str, low: float | None) -> list[int]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise UserError(f"{where} {value!r}: expected a list of integers, e.g. 507,247")
+    out = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            if isinstance(item, bool) or (isinstance(item, float) and not item.is_integer()):
+                raise ValueError
+            n = int(item)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} {value!r}: expected integers, e.g. 507,247") from None
+        if low is not None and n < low:
+            raise UserError(f"{where} {value!r}: {n} is negative; indices start at 0")
+        out.append(n)
+    if not out:
+        raise UserError(f"{where} {value!r}: the list is empty")
+    return out
+
+
+def _neurons(value: object, where: str) -> list[int | list[int]]:
+    """Neurons as J or, in a mixture of experts, E:J (expert E, neuron J)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise UserError(f"{where} {value!r}: use neurons like 1229,1487 or 3:41 for expert 3")
+    out: list[int | list[int]] = []
+    for item in items:
+        try:
+            if isinstance(item, str) and ":" in item:
+                e, j = (int(x) for x in item.split(":"))
+                out.append([e, j])
+            elif isinstance(item, list | tuple) and len(item) == 2:
+                out.append([int(item[0]), int(item[1])])
+            elif isinstance(item, str) and not item.strip():
+                continue
+            elif isinstance(item, bool):
+                raise ValueError
+            else:
+                out.append(int(item))
+        except (TypeError, ValueError):
+            raise UserError(f"{where} {value!r}: use neurons like 1229,1487 or 3:41 for expert 3") from None
+    flat = [n for x in out for n in (x if isinstance(x, list) else [x])]
+    if any(n < 0 for n in flat):
+        raise UserError(f"{where} {value!r}: neuron and expert indices start at 0")
+    if not out:
+        raise UserError(f"{where} {value!r}: the list is empty")
+    return out
+
+
+# Shared by the recipes that act on attention-input dims: one declaration, one meaning.
+LAYERS = Param("layers", "layers", "next", "Layers: next (first after the ME Layer), after-me, me, or 12,14-16.",
+               flag="--layers")
+TOP_K = Param("top_k", "int", 3, "Act on the top-k dims of the massive tokens.", flag="--top-k", low=1)
+DIMS = Param("dims", "int_list", None, "Explicit dims, e.g. 507,247 (overrides --top-k).", flag="--dims", low=0)
+MASK_RATIO = Param("mask_ratio", "float", None, "Dims whose mean |h| is at least this share of the top dim's.",
+                   flag="--mask-ratio", low=0.0, high=1.0)
+ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO)
+
+
+def resolve(recipe: str, params: tuple[Param, ...], given: dict | None) -> dict:
+    """Every parameter of `recipe`, validated, with defaults for those not given; unknown names refused."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise UserError(f"{recipe}: params must be a mapping of parameter names to values, got {given!r}")
+    known = {p.name: p for p in params}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise UserError(f"{recipe}: unknown parameter {unknown[0]!r}; known: {', '.join(known)}")
+    return {p.name: p.parse(given.get(p.name), recipe) for p in params}
