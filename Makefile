@@ -15,5 +15,5 @@ demo: setup
 
 # Installs everything and runs the whole test suite (CI runs exactly this).
 test: setup
-	$(PYTHON) -m ruff check melsurgery tests scripts
+	$(PYTHON) -m ruff check melsurgery tests scripts benchmarks
 	$(PYTHON) -m pytest -q

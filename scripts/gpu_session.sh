@@ -15,5 +15,5 @@ for r in wemask norm-rescale ffn-dampen me-norm; do
   python3 -m melsurgery patch "$M" -o "/tmp/o/smollm2-$r" --scan .gpua/scan.json --recipe "$r" --quiet \
     >> "$OUT/gpu_check.txt" 2>&1 && models+=("/tmp/o/smollm2-$r")
 done
-python3 scripts/eval_ifbench.py "${models[@]}" --prompts .gpua/IFBench_test.jsonl --generate-only \
+python3 benchmarks/eval_ifbench.py "${models[@]}" --prompts .gpua/IFBench_test.jsonl --generate-only \
   --out-dir "$OUT/ifb" --batch-size 100 --max-new-tokens 256 --no-progress > "$OUT/ifb.txt" 2>&1

@@ -1,4 +1,4 @@
-"""Tests for melsurgery.ifbench and scripts/eval_ifbench.py: scoring, statistics, resume, generation.
+"""Tests for benchmarks/ifbench.py and benchmarks/eval_ifbench.py: scoring, statistics, resume, generation.
 
 Scoring tests use real IFBench/IFEval prompts with hand-written responses whose outcome was checked by
 reading each instruction; they skip (with the pip command in the reason) when the benchmark packages are
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from melsurgery import ifbench as ib
+from benchmarks import ifbench as ib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -363,7 +363,7 @@ def test_generation_loop_and_resume(tmp_path: Path) -> None:
 def test_cli_end_to_end(tmp_path: Path, ifbench_prompts: dict[str, ib.Prompt]) -> None:
     from click.testing import CliRunner
 
-    spec = importlib.util.spec_from_file_location("eval_ifbench", ROOT / "scripts" / "eval_ifbench.py")
+    spec = importlib.util.spec_from_file_location("eval_ifbench", ROOT / "benchmarks" / "eval_ifbench.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model, tok = _tiny_model_and_tokenizer()

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melsurgery.checkpoint.source import cache_dir as melsurgery_cache_dir
+
 SUITES = ("ifbench", "ifeval")
 
 # (distribution name, file inside it) for each suite's prompt file.
@@ -126,14 +128,6 @@ def load_prompts(suite: str, path: str | Path | None = None, limit: int | None =
 # --------------------------------------------------------------------------- NLTK data (offline)
 
 
-def cache_dir() -> Path:
-    """Where converted data lives: $MELSURGERY_CACHE, else $XDG_CACHE_HOME/melsurgery, else ~/.cache/melsurgery."""
-    if os.environ.get("MELSURGERY_CACHE"):
-        return Path(os.environ["MELSURGERY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "melsurgery"
-
-
 def _load_tagger_pickle(path: Path) -> tuple[dict, dict, set]:
     """Unpickle NLTK's legacy tagger (a tuple of dicts and one set) allowing no global except ``set``.
 
@@ -179,7 +173,7 @@ def ensure_nltk_data(suite: str = "ifbench", cache: Path | None = None) -> list[
     except IFBenchSetupError:
         pass
     if "taggers/averaged_perceptron_tagger_eng/" in _NLTK_NEEDS[suite]:
-        root = (cache or cache_dir()) / "nltk_data"
+        root = (cache or melsurgery_cache_dir()) / "nltk_data"
         tagger_dir = root / "taggers" / "averaged_perceptron_tagger_eng"
         if not all((tagger_dir / f).exists() for f in _TAGGER_FILES):
             try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Instruction-following benchmark (IFBench or IFEval) for a base model and its patched variants.
 
-    python scripts/eval_ifbench.py BASE PATCHED [MORE ...] [--suite ifbench] [--json results.json]
+    python benchmarks/eval_ifbench.py BASE PATCHED [MORE ...] [--suite ifbench] [--json results.json]
 
 Each model answers every prompt greedily through its chat template; answers are appended to one JSONL file
 per model in --out-dir, so an interrupted run resumes where it stopped. The report gives prompt- and
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from melsurgery import ifbench as ib  # noqa: E402
+from benchmarks import ifbench as ib  # noqa: E402
 
 METRIC_LABELS = {
     "prompt_strict": "prompt strict",
