@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..edits import Edit, apply_edit, is_identity
 from ..errors import UserError
-from ..recipes import Edit
 from .hashing import copy_hashing, sha256_file
 from .reader import INDEX_NAME, Checkpoint
 from .safetensors_file import TensorInfo, tensor_bytes
@@ -38,33 +38,6 @@ class AppliedEdit:
     shard: str
     changed: int
     max_abs_delta: float
-
-
-def apply_edit(weight: torch.Tensor, edit: Edit) -> torch.Tensor:
-    """The edited tensor in fp32 (callers cast back to the stored dtype)."""
-    w = weight.float().clone()
-    if edit.index is None:
-        w.copy_(_affine(w, edit))
-        return w
-    if edit.axis >= w.dim():
-        raise UserError(f"{edit.tensor}: cannot edit axis {edit.axis} of a {w.dim()}-D tensor")
-    size = w.shape[edit.axis]
-    bad = [i for i in edit.index if not 0 <= i < size]
-    if bad:
-        raise UserError(f"{edit.tensor}: indices {bad} out of range 0-{size - 1}")
-    idx = torch.tensor(edit.index, dtype=torch.long)
-    w.index_copy_(edit.axis, idx, _affine(w.index_select(edit.axis, idx), edit))
-    return w
-
-
-def _affine(x: torch.Tensor, e: Edit) -> torch.Tensor:
-    if e.offset:
-        return (x + e.offset) * e.scale + e.shift - e.offset
-    return x * e.scale + e.shift
-
-
-def is_identity(edit: Edit) -> bool:
-    return edit.scale == 1.0 and edit.shift == 0.0
 
 
 def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = False,

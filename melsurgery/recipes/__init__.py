@@ -11,27 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..architectures import Family
+from ..edits import Edit
 from ..errors import UserError
 from .params import Param
 from .params import resolve as resolve_params
-
-
-@dataclass(frozen=True)
-class Edit:
-    """w_eff <- scale * w_eff + shift on a slice, where w_eff = offset + w.
-
-    `axis` and `index` select the slice (rows: axis 0, columns: axis 1, None: the whole tensor);
-    `offset` is the norm convention (1.0 for Gemma's (1 + g) norms) so that scaling acts on the
-    effective weight.
-    """
-
-    tensor: str
-    scale: float
-    shift: float = 0.0
-    axis: int = 0
-    index: tuple[int, ...] | None = None
-    offset: float = 0.0
-    why: str = ""
 
 
 @dataclass(frozen=True)
