@@ -8,41 +8,80 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .basemodel import BaseModelId
+from .hubmeta import hub_licenses
 
 
-def base_license(folder: Path) -> str | None:
-    """The licence named in the base model's card front matter, if any."""
-    card = folder / "README.md"
-    if not card.is_file():
-        return None
-    m = re.match(r"^---\s*\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
+def front_matter(text: str) -> dict:
+    """A card's YAML front matter as a mapping ({} when there is none); ValueError when it is broken."""
+    if not text.startswith("---"):
+        return {}
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", text, re.S)
     if not m:
-        return None
+        raise ValueError("the YAML front matter is not closed by a '---' line")
     try:
-        meta = yaml.safe_load(m.group(1)) or {}
-    except yaml.YAMLError:
-        return None
-    lic = meta.get("license") if isinstance(meta, dict) else None
-    return str(lic) if lic else None
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the YAML front matter does not parse ({str(exc).splitlines()[0]})") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError("the YAML front matter is not a mapping")
+    return meta or {}
 
 
-def render_card(*, base_id: str, license: str | None, plans: list, scan: dict, applied: list,
-                custom_layer: bool, measurements: dict | None = None) -> str:
+def base_license(folder: Path) -> tuple[dict, str | None]:
+    """The licence fields of the base model's card that the Hub accepts, and a licence it would refuse.
+
+    `license` (with `license_name` / `license_link` when it is `other`) is carried over when the Hub
+    knows the id; an unknown one (e.g. 'Apache 2.0') is returned apart, for the card's text."""
+    card = folder / "README.md"
+    try:
+        meta = front_matter(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else {}
+    except ValueError:  # a broken base card: nothing to carry over
+        meta = {}
+    lic = meta.get("license")
+    if not lic:
+        return {}, None
+    if not (isinstance(lic, str) and lic in hub_licenses()):
+        return {}, str(lic)
+    fields = {"license": lic}
+    if lic == "other":
+        fields.update({k: meta[k] for k in ("license_name", "license_link") if isinstance(meta.get(k), str)})
+    return fields, None
+
+
+def _inline(text: str) -> str:
+    """A name safe inside inline code: no backticks, no control characters."""
+    return "".join(c if c.isprintable() and c != "`" else "'" for c in text)
+
+
+def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_license: str | None = None,
+                plans: list, scan: dict, applied: list, custom_layer: bool,
+                measurements: dict | None = None) -> str:
+    """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
+
+    `name` is what the text calls the base when its Hub id is unknown: a folder or file name, never a path."""
     recipes = [p.recipe for p in plans]
-    meta = {
-        "base_model": base_id,
-        "base_model_relation": "finetune",
-        "library_name": "transformers",
-        "tags": ["melsurgery", "massive-activations", *recipes],
-    }
-    if license:
-        meta["license"] = license
+    meta: dict = {}
+    if base is not None:
+        meta.update(base_model=base.id, base_model_relation="finetune")
+    meta.update(library_name="transformers", tags=["melsurgery", "massive-activations", *recipes], **license)
+    effect = (f"with its massive activations mitigated by melsurgery {__version__}. The ME Layer (the layer where "
+              f"the massive activations emerge) is layer {scan.get('me_layer')}; massive dims "
+              f"{scan.get('massive_dims')}.")
+    if base is not None:
+        title = base.id.split("/")[-1]
+        intro = (f"This checkpoint is [{base.id}](https://huggingface.co/{base.id}) {effect} "
+                 f"Base model id from {base.origin}.")
+    else:
+        title = _inline(name)
+        intro = (f"This checkpoint is the local model `{_inline(name)}` {effect} Its Hub id is unknown, so this card "
+                 "names no `base_model`; `provenance.json` describes the source in full.")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {base_id.split('/')[-1]} + melsurgery ({', '.join(recipes)})", "",
-             f"This checkpoint is [{base_id}](https://huggingface.co/{base_id}) with its massive activations "
-             f"mitigated by melsurgery {__version__}. The ME Layer (the layer where the massive activations "
-             f"emerge) is layer {scan.get('me_layer')}; massive dims {scan.get('massive_dims')}.", "",
-             "## What was done", ""]
+             f"# {title} + melsurgery ({', '.join(recipes)})", "", intro, ""]
+    if unknown_license:
+        lines += [f"The base model's card names the licence {unknown_license!r}, which is not a licence id the Hub "
+                  "knows, so this card carries no `license`: the base model's terms apply.", ""]
+    lines += ["## What was done", ""]
     lines += [f"- {p.summary}" for p in plans]
     lines += ["", "Edited tensors (all others are byte-identical to the base):", ""]
     lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
@@ -60,7 +99,7 @@ def render_card(*, base_id: str, license: str | None, plans: list, scan: dict, a
                   "model = AutoModelForCausalLM.from_pretrained(path)", "```"]
     if measurements:
         lines += ["", "## Measured effect", "", "| metric | base | patched |", "|---|---|---|"]
-        for key, (base, patched) in measurements.items():
-            lines.append(f"| {key} | {base} | {patched} |")
+        for key, (before, after) in measurements.items():
+            lines.append(f"| {key} | {before} | {after} |")
     lines += ["", "Provenance (inputs, recipe, scan, output hashes): `provenance.json`.", ""]
     return "\n".join(lines)

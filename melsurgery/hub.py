@@ -31,11 +31,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
+from .card import front_matter
 from .checkpoint.hashing import sha256_file
 from .checkpoint.safetensors_file import read_header
 from .errors import UserError
+from .hubmeta import is_repo_id, metadata_problems
 
 PROVENANCE = "provenance.json"
 MODEL_CARD = "README.md"
@@ -107,6 +109,14 @@ def _load_json(path: Path, what: str) -> Any:
         raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def _base_label(source: dict) -> str:
+    """How the commit message names the base: its Hub id, else its name; never a filesystem path."""
+    for key in ("base_model", "name"):
+        if isinstance(source.get(key), str) and source[key]:
+            return source[key]
+    return source["id"] if is_repo_id(source["id"]) else Path(source["id"]).name  # outputs of older versions
+
+
 def _read_provenance(path: Path) -> tuple[dict[str, str], list[str], str]:
     data = _load_json(path, "provenance")
     if not isinstance(data, dict):
@@ -126,15 +136,30 @@ def _read_provenance(path: Path) -> tuple[dict[str, str], list[str], str]:
     source = data.get("source")
     if not isinstance(source, dict) or not isinstance(source.get("id"), str) or not source["id"]:
         raise UserError(f"{path}: 'source' must be an object whose 'id' names the base model")
-    return outputs, [r["name"] for r in recipes], source["id"]
+    return outputs, [r["name"] for r in recipes], _base_label(source)
+
+
+def check_card(path: Path) -> None:
+    """Refuse a model card whose front matter the Hub would refuse, naming the field and the fix."""
+    try:
+        meta = front_matter(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the model card is not UTF-8 text") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}; the Hub refuses a card whose metadata does not parse") from None
+    problems = metadata_problems(meta)
+    if problems:
+        raise UserError(f"{path}: the Hub would refuse this card: {problems[0]}"
+                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
 def validate_for_push(folder: Path) -> PushManifest:
     """Check `folder` is a complete, untampered melsurgery output; return the exact files to upload.
 
     Raises UserError (one line) on the first problem: missing model card / provenance / config,
-    invalid JSON, unreadable safetensors header, a file whose sha256 differs from provenance.json, a
-    listed file that is missing, or a file that provenance.json does not list.
+    card metadata the Hub would refuse, invalid JSON, unreadable safetensors header, a file whose
+    sha256 differs from provenance.json, a listed file that is missing, or a file that provenance.json
+    does not list.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -148,6 +173,7 @@ def validate_for_push(folder: Path) -> PushManifest:
         if name not in files:
             raise UserError(f"{folder}: missing {name} ({what}); push only complete melsurgery output folders")
     outputs, recipes, base_model = _read_provenance(files[PROVENANCE])
+    check_card(files[MODEL_CARD])
     config = _load_json(files[CONFIG], "config")
     if not isinstance(config, dict):
         raise UserError(f"{files[CONFIG]}: expected a JSON object")
@@ -245,6 +271,22 @@ def _check_repo_id(repo_id: str) -> None:
         raise UserError(f"invalid repo id {repo_id!r}: include the namespace, e.g. 'your-username/{repo_id}'")
 
 
+def _hub_validates_card(path: Path, token: str) -> None:
+    """Have the Hub validate the card (POST /api/validate-yaml, the call create_commit makes) before the repo
+    is created, so a refused card leaves no empty repo behind; the Hub's verdict becomes one line."""
+    response = get_session().post(f"{constants.ENDPOINT}/api/validate-yaml",
+                                  json={"content": path.read_text(encoding="utf-8"), "repoType": "model"},
+                                  headers=build_hf_headers(token=token))
+    if response.status_code == 400:
+        try:
+            errors = [str(e.get("message")) for e in response.json().get("errors", [])]
+        except (ValueError, AttributeError):
+            errors = [response.text]
+        raise UserError(f"{path}: the Hugging Face Hub refused the card's metadata: "
+                        f"{_one_line('; '.join(errors), token)}")
+    hf_raise_for_status(response)
+
+
 def push(
     folder: Path,
     repo_id: str,
@@ -280,6 +322,7 @@ def push(
 
     api = HfApi(token=token)
     try:
+        _hub_validates_card(manifest.folder / MODEL_CARD, token)
         # private=None (not False) lets the Hub apply the namespace's default visibility to a new repo.
         repo_url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True))
         if private and not api.model_info(repo_id).private:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from .basemodel import explicit
 from .detect import DetectParams
 from .errors import UserError
 from .recipes import resolve_recipes
@@ -17,6 +18,7 @@ from .scan import CalibrationSpec
 class Manifest:
     model: str = "default"
     revision: str | None = None
+    base_model: str | None = None  # the Hub id for the card's base_model, when it cannot be detected
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     detection: DetectParams = field(default_factory=DetectParams)
     recipes: list[tuple[str, dict]] = field(default_factory=list)
@@ -27,6 +29,7 @@ class Manifest:
         return {
             "model": self.model,
             "revision": self.revision,
+            "base_model": self.base_model,
             "calibration": cal,
             "detection": asdict(self.detection),
             "recipes": [{"name": n, "params": dict(p)} for n, p in self.recipes],
@@ -56,6 +59,7 @@ def load_manifest(path: Path) -> Manifest:
         return Manifest(
             model=str(data.get("model", "default")),
             revision=data.get("revision"),
+            base_model=explicit(str(data["base_model"]), "base_model").id if data.get("base_model") else None,
             calibration=CalibrationSpec(**cal),
             detection=DetectParams(**(data.get("detection") or {})),
             recipes=resolve_recipes(recipes),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .architectures import family_for
+from .basemodel import explicit
 from .card import base_license, render_card
 from .checkpoint.atomic import atomic_folder, check_output
 from .checkpoint.hashing import sha256_file
@@ -59,6 +60,7 @@ def run_patch(
 ) -> PatchResult:
     """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
     check_output(out, overwrite, protect=source.folder)  # before the scan: fail fast
+    base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
     ckpt = Checkpoint(source.folder)
     family = family_for(ckpt.config)
     if scan is None:
@@ -89,12 +91,13 @@ def run_patch(
             measured = run_verify(source.folder, tmp, device=device, progress=progress, **verify)
             measured["weights"]["matches_provenance"] = sorted({a.tensor for a in applied}) == measured["weights"][
                 "changed"]
-        card = render_card(base_id=source.id, license=base_license(source.folder), plans=plans, scan=scan,
-                           applied=applied, custom_layer=wemask is not None,
+        license, unknown_license = base_license(source.folder)
+        card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
+                           plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
                            measurements=measurements_for_card(measured) if measured else None)
         (tmp / "README.md").write_text(card)
-        write_provenance(tmp, source, manifest, scan, plans, applied, inputs, measurements=_compact(measured),
-                         known=weights)
+        write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
+                         measurements=_compact(measured), known=weights)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
 
 
@@ -117,7 +120,9 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dic
     prov = {
         "tool": f"melsurgery {__version__}",
         "source": {"id": source.id, "kind": source.kind, "revision": source.revision,
-                   "gguf": source.origin_file.name if source.origin_file else None, "files": inputs},
+                   "gguf": source.origin_file.name if source.origin_file else None, "name": source.name,
+                   "base_model": source.base_model.id if source.base_model else None,
+                   "base_model_from": source.base_model.origin if source.base_model else None, "files": inputs},
         "manifest": manifest.to_dict(),
         "recipes": [{"name": p.recipe, "params": p.params, "folds": p.folds, "summary": p.summary} for p in plans],
         "edits": [asdict(e) for e in applied],

@@ -133,6 +133,60 @@ def _parse_card_data(content: str) -> tuple[dict | None, str | None]:
     return data, None
 
 
+# The Hub's card metadata rules that a model card can trip, with its messages (as quoted from the Hub in
+# huggingface_hub and transformers issues). Written apart from melsurgery.hubmeta on purpose: this is the
+# server the client is tested against. Only the id's form is checked; the real Hub may also require a
+# base_model to exist.
+_HUB_ID_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID_RE = re.compile(rf"^(?:{_HUB_ID_PART}/)?{_HUB_ID_PART}$")
+_LICENSE_FILE = REPO_ROOT / "melsurgery" / "data" / "hub_licenses.txt"
+HUB_LICENSES = [x.strip() for x in _LICENSE_FILE.read_text().splitlines() if x.strip() and not x.startswith("#")]
+_RELATIONS = ["adapter", "merge", "quantized", "finetune"]
+
+
+def _is_hub_id(value: Any) -> bool:
+    return (isinstance(value, str) and _HUB_ID_RE.fullmatch(value) is not None and "--" not in value
+            and ".." not in value and not value.endswith(".git"))
+
+
+def hub_metadata_errors(meta: dict) -> list[str]:
+    """What the Hub's validator says about a card's metadata: [] when it accepts it."""
+    errors: list[str] = []
+
+    def items(key: str) -> list[tuple[str, Any]]:
+        """A string-or-list field as (name, value) pairs; [] when absent or neither (an error)."""
+        value = meta.get(key)
+        if isinstance(value, list):
+            return [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, str):
+            return [(key, value)]
+        if key in meta:
+            errors.append(f'"{key}" must be one of [string, array]')
+        return []
+
+    for key, kind, url in (("base_model", "a model id", "https://hf.co/models"),
+                           ("datasets", "a dataset id", "https://hf.co/datasets")):
+        for name, value in items(key):
+            if not isinstance(value, str):
+                errors.append(f'"{name}" must be a string')
+            elif not _is_hub_id(value):
+                hint = "Use" if key == "base_model" else "If possible, use"
+                errors.append(f'"{name}" with value "{value}" is not valid. {hint} {kind} from {url}.')
+    if "base_model_relation" in meta and meta["base_model_relation"] not in _RELATIONS:
+        errors.append(f'"base_model_relation" must be one of [{", ".join(_RELATIONS)}]')
+    for name, value in items("license"):
+        if value not in HUB_LICENSES:
+            errors.append(f'"{name}" must be one of [{", ".join(HUB_LICENSES)}, array]')
+    for key in ("tags", "language", "metrics"):
+        for name, value in items(key):
+            if not isinstance(value, str):
+                errors.append(f'"{name}" must be a string')
+    for key in ("library_name", "pipeline_tag", "license_name", "license_link"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f'"{key}" must be a string')
+    return errors
+
+
 # --------------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------------
@@ -561,12 +615,17 @@ class Hub:
         return _json({})
 
     def validate_yaml(self, req: Request, user: User | None) -> Response:
-        """POST /api/validate-yaml {content, repoType}: called before any upload that includes README.md."""
+        """POST /api/validate-yaml {content, repoType}: called before any upload that includes README.md.
+
+        HfApi.create_commit / upload_folder send JSON and read {"errors": [{"message"}], "warnings"}
+        from a 400; ModelCard.validate asks for text/plain and raises the body as it is."""
         payload = req.json() or {}
-        _, error = _parse_card_data(str(payload.get("content", "")))
-        if error:
-            return _json({"errors": [{"message": error}], "warnings": []}, status=400)
-        return _json({"errors": [], "warnings": []})
+        meta, error = _parse_card_data(str(payload.get("content", "")))
+        errors = [error] if error else hub_metadata_errors(meta or {})
+        if "text/plain" in (req.headers.get("accept") or ""):
+            body = "\n".join(f"- {e}" for e in errors)
+            return Response(400 if errors else 200, {"Content-Type": "text/plain"}, body.encode())
+        return _json({"errors": [{"message": e} for e in errors], "warnings": []}, status=400 if errors else 200)
 
     def model_info(self, req: Request, user: User | None, repo: str, rev: str = "main") -> Response:
         """GET /api/models/{repo}[/revision/{rev}]: snapshot_download needs "sha"; model_info wants "siblings"."""

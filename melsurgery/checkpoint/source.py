@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
 from ..errors import UserError
 
 DEFAULT_ALIASES = ("default", "smollm2")
@@ -30,6 +31,12 @@ class Source:
     kind: str  # "folder" | "hub" | "gguf"
     revision: str | None = None
     origin_file: Path | None = None  # the .gguf a cached folder was converted from
+    base_model: BaseModelId | None = None  # its Hub model id, when known (see basemodel.py)
+
+    @property
+    def name(self) -> str:
+        """What a card calls this model: its Hub id, else the folder's or GGUF file's name (never a path)."""
+        return self.base_model.id if self.base_model else (self.origin_file or self.folder).name
 
 
 def cache_dir() -> Path:
@@ -55,14 +62,14 @@ def default_gguf() -> Path:
 def resolve(spec: str | None, revision: str | None = None) -> Source:
     """Resolve a model argument; the default alias and .gguf files are converted once and cached."""
     if spec is None or spec.lower() in DEFAULT_ALIASES:
-        return _from_gguf(default_gguf(), DEFAULT_BASE_ID)
+        return _from_gguf(default_gguf(), DEFAULT_BASE_ID, BaseModelId(DEFAULT_BASE_ID, "the embedded default model"))
     path = Path(spec).expanduser()
     if path.is_dir():
-        return Source(path.resolve(), str(path), "folder")
+        return Source(path.resolve(), str(path), "folder", base_model=for_folder(path, path.resolve()))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{spec}: no such GGUF file")
-        return _from_gguf(path.resolve(), path.stem)
+        return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
     if path.exists():
         raise UserError(f"{spec}: not a model folder or a .gguf file")
     if HUB_ID.match(spec):
@@ -84,7 +91,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
         ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise UserError(f"{repo_id}: download failed: {str(exc).splitlines()[0]}") from None
-    return Source(Path(folder), repo_id, "hub", revision)
+    return Source(Path(folder), repo_id, "hub", revision, base_model=BaseModelId(repo_id, "the Hub source"))
 
 
 def _gguf_card(gguf: Path, base_id: str) -> str:
@@ -97,13 +104,13 @@ def _gguf_card(gguf: Path, base_id: str) -> str:
     return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
 
 
-def _from_gguf(gguf: Path, base_id: str) -> Source:
+def _from_gguf(gguf: Path, base_id: str, base_model: BaseModelId | None) -> Source:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if not (folder / "config.json").is_file():
         _convert_gguf(gguf, folder, base_id)
-    return Source(folder, base_id, "gguf", origin_file=gguf)
+    return Source(folder, base_id, "gguf", origin_file=gguf, base_model=base_model)
 
 
 def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:

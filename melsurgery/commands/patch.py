@@ -68,6 +68,9 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), help="Reuse a scan JSON instead of scanning.")
 @recipe_options
 @revision_option
+@click.option("--base-model", default=None, metavar="OWNER/NAME",
+              help="Hub id of MODEL for the card's base_model (default: detected from the Hub source, the Hugging "
+                   "Face cache path, config.json or GGUF metadata; left out when unknown).")
 @calibration_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
@@ -77,13 +80,15 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def patch(model, out, recipes, manifest, scan_path, revision, calib, num_samples, max_tokens, seed, abs_threshold,
-          ratio, persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet, **recipe_flags) -> None:
+def patch(model, out, recipes, manifest, scan_path, revision, base_model, calib, num_samples, max_tokens, seed,
+          abs_threshold, ratio, persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet,
+          **recipe_flags) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
 
     Untouched tensors stay byte-identical; the output is written atomically with a model card,
     provenance.json and the resolved manifest.
     """
+    from ..basemodel import explicit
     from ..checkpoint.source import resolve
     from ..detect import DetectParams
     from ..manifest import Manifest, load_manifest
@@ -91,6 +96,8 @@ def patch(model, out, recipes, manifest, scan_path, revision, calib, num_samples
     from ..scan import CalibrationSpec, read_json
 
     values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
+    if base_model:
+        explicit(base_model, "--base-model")  # before any work
     if manifest:
         given = [flag for flag, v in values.items() if v is not None]
         if given:
@@ -100,12 +107,16 @@ def patch(model, out, recipes, manifest, scan_path, revision, calib, num_samples
         man = load_manifest(manifest)
         if model and model != man.model:
             raise UserError(f"the manifest names model {man.model!r}; drop MODEL or edit the manifest")
+        if base_model and man.base_model and base_model != man.base_model:
+            raise UserError(f"the manifest names base_model {man.base_model!r}; drop --base-model or edit the manifest")
+        man.base_model = base_model or man.base_model
     else:
         if not recipes:
             raise UserError("name at least one --recipe (wemask, norm-rescale, ffn-dampen, me-norm) or a --manifest")
         man = Manifest(
             model=model or "default",
             revision=revision,
+            base_model=base_model,
             calibration=CalibrationSpec(calib, num_samples, max_tokens, seed),
             detection=DetectParams(abs_threshold=abs_threshold, ratio=ratio, persist_fraction=persist_fraction),
             recipes=resolve_recipes(_params_from_flags(recipes, values)),

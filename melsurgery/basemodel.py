@@ -1,0 +1,154 @@
+"""Which Hub model a source is, for the card's `base_model`: from wherever it is known, or not at all.
+
+The Hub refuses a card whose `base_model` is not a model id, so a local folder's path can never stand
+in for it. The id comes from the Hub source itself, an explicit ``--base-model``, the layout of the
+Hugging Face cache (``models--owner--name/snapshots/<rev>``), ``config.json``'s ``_name_or_path``, or
+a GGUF's metadata; when none holds a valid id the card leaves `base_model` out. Each id carries where
+it came from, so the card and provenance can say so.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .hubmeta import is_repo_id
+
+_HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#]+)/([^/?#]+)/?(?:$|[?#]|/tree/|/blob/)")
+_NOT_MODELS = ("datasets", "spaces", "collections", "docs", "papers", "api")
+
+
+@dataclass(frozen=True)
+class BaseModelId:
+    """A Hub model id and where it was found, as a noun phrase for the card ("config.json's _name_or_path")."""
+
+    id: str
+    origin: str
+
+
+def explicit(value: str, where: str) -> BaseModelId:
+    """The id the user named (``--base-model`` or a manifest's ``base_model``), or a one-line error."""
+    if not is_repo_id(value, namespace=True):
+        raise UserError(f"{where} {value!r} is not a Hub model id: use OWNER/NAME (letters, digits, '-', '_', '.'), "
+                        "e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    return BaseModelId(value, "the user (--base-model or the manifest's base_model)")
+
+
+def from_cache_path(folder: Path) -> BaseModelId | None:
+    """The repo a Hugging Face cache snapshot folder (``.../models--owner--name/snapshots/<rev>``) belongs to."""
+    parts = folder.parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    repo_id = "/".join(parts[-3].split("--")[1:])  # repo ids cannot contain '--', so the split is exact
+    return BaseModelId(repo_id, "the Hugging Face cache path") if is_repo_id(repo_id) else None
+
+
+def from_config(config: Mapping, folder: Path) -> BaseModelId | None:
+    """``_name_or_path`` when it is an owner/name id and not a folder next to the model or in the cwd.
+
+    transformers wrote this key (before v5) with whatever ``from_pretrained`` was given: a Hub id, or a
+    path; a relative path can look like an id, so one that exists on disk is not taken."""
+    name = config.get("_name_or_path")
+    if not is_repo_id(name, namespace=True) or Path(name).exists() or (folder.parent / name).exists():
+        return None
+    return BaseModelId(name, "config.json's _name_or_path")
+
+
+def hub_url_id(url: object) -> str | None:
+    """``https://huggingface.co/owner/name`` (optionally /tree/..., /blob/...) -> 'owner/name'."""
+    m = _HUB_URL.match(url) if isinstance(url, str) else None
+    if m is None or m.group(1) in _NOT_MODELS:
+        return None
+    repo_id = f"{m.group(1)}/{m.group(2)}"
+    return repo_id if is_repo_id(repo_id) else None
+
+
+def for_folder(typed: Path, folder: Path) -> BaseModelId | None:
+    """A local folder: its place in the Hugging Face cache (as typed or resolved), else its config.json."""
+    found = from_cache_path(folder) or from_cache_path(typed.absolute())
+    if found is None:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # the checkpoint reader reports a broken config with its own message
+            return None
+        found = from_config(config, folder) if isinstance(config, dict) else None
+    return found
+
+
+def from_gguf_fields(fields: Mapping[str, object], gguf: Path) -> BaseModelId | None:
+    """The model a GGUF was converted from, from its ``general.*`` metadata or its place in the Hub cache.
+
+    In order: the conversion source (``general.source.repo_url`` / ``.url``, written by llama.cpp's
+    converter from the source card), the GGUF's own repo (``general.repo_url`` / ``.url``),
+    ``general.name`` when it is an owner/name id, the cache path of the file, and last the single
+    base model of the source (``general.base_model.0.repo_url`` / ``.url``, only when there is one)."""
+    for key in ("general.source.repo_url", "general.source.url", "general.repo_url", "general.url"):
+        if repo_id := hub_url_id(fields.get(key)):
+            return BaseModelId(repo_id, f"the GGUF metadata ({key})")
+    name = fields.get("general.name")
+    if is_repo_id(name, namespace=True):
+        return BaseModelId(str(name), "the GGUF metadata (general.name)")
+    if cached := from_cache_path(gguf.parent):
+        return cached
+    if fields.get("general.base_model.count") == 1:
+        for key in ("general.base_model.0.repo_url", "general.base_model.0.url"):
+            if repo_id := hub_url_id(fields.get(key)):
+                return BaseModelId(repo_id, f"the GGUF metadata ({key})")
+    return None
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_fields(gguf: Path) -> dict[str, object]:
+    """The scalar and string ``general.*`` metadata of a GGUF file (v2/v3, little-endian).
+
+    Reads only the key-value header and skips arrays (the tokenizer's vocabulary) by their lengths:
+    milliseconds, where gguf's GGUFReader decodes every array (about 10 s for the default model)."""
+    try:
+        with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _read_general(buf)
+    except (OSError, ValueError, KeyError, struct.error):  # empty, truncated or not a GGUF: the conversion says why
+        return {}
+
+
+def _read_general(buf: mmap.mmap) -> dict[str, object]:
+    if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
+        return {}
+    (count,) = struct.unpack_from("<Q", buf, 16)
+    pos, out = 24, {}
+
+    def string(at: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, at)
+        return buf[at + 8 : at + 8 + n].decode("utf-8", "replace"), at + 8 + n
+
+    def skip(kind: int, at: int) -> int:
+        if kind == _GGUF_STRING:
+            return at + 8 + struct.unpack_from("<Q", buf, at)[0]
+        if kind == _GGUF_ARRAY:
+            item, n = struct.unpack_from("<IQ", buf, at)
+            at += 12
+            if item in _GGUF_SCALARS:
+                return at + n * struct.calcsize(_GGUF_SCALARS[item])
+            for _ in range(n):
+                at = skip(item, at)
+            return at
+        return at + struct.calcsize(_GGUF_SCALARS[kind])
+
+    for _ in range(count):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if key.startswith("general.") and kind == _GGUF_STRING:
+            out[key], _ = string(pos)
+        elif key.startswith("general.") and kind in _GGUF_SCALARS:
+            (out[key],) = struct.unpack_from("<" + _GGUF_SCALARS[kind], buf, pos)
+        pos = skip(kind, pos)
+    return out
