@@ -355,3 +355,145 @@ def test_push_failures_are_one_line_user_errors(hub_server: HubServer, tmp_path:
         assert secret not in proc.stdout + proc.stderr
     if case in ("no-token", "bad-repo-id", "invalid-folder"):
         assert hub_server.hub.log == []  # refused before anything was sent
+
+
+# --------------------------------------------------------------------------------------------------
+# Model cards the Hub accepts (issue 16)
+# --------------------------------------------------------------------------------------------------
+
+
+def served_card(hub: HubServer, repo: str) -> str:
+    """The README.md at the head of main on the loopback hub."""
+    head = hub.hub.commits[hub.hub.repos[repo].branches["main"]]
+    return (hub.root / "repos" / repo / "objects" / head.files["README.md"].sha256).read_bytes().decode()
+
+
+@pytest.mark.parametrize("case", ["unknown-id", "--base-model", "hf-cache"])
+def test_patched_local_folder_card_is_accepted(hub_server: HubServer, planted: Path, planted_scan: dict,
+                                               tmp_path: Path, case: str) -> None:
+    """Patch a local folder, push it: the card names the base by Hub id when one is known, else by name only."""
+    import shutil
+
+    from conftest import run_cli
+
+    from melsurgery.card import front_matter
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.manifest import Manifest
+    from melsurgery.patch import run_patch
+
+    src, out = tmp_path / "my-finetune", tmp_path / "out"
+    expected = {"unknown-id": None, "--base-model": "acme/tiny-llama", "hf-cache": "planted-org/tiny-planted"}[case]
+    if case == "hf-cache":
+        src = tmp_path / "hub" / "models--planted-org--tiny-planted" / "snapshots" / ("0" * 40)
+    shutil.copytree(planted, src)
+    if case == "--base-model":
+        res = run_cli("patch", src, "-o", out, "--recipe", "ffn-dampen", "--base-model", expected, "--num-samples",
+                      "4", "--max-tokens", "32", "--quiet")
+        assert res.returncode == 0, res.stderr
+    else:
+        run_patch(resolve(str(src)), out, Manifest(model=str(src), recipes=[("ffn-dampen", {})]), scan=planted_scan)
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    prov = json.loads((out / "provenance.json").read_text())["source"]
+    assert prov["id"] == str(src) and prov["base_model"] == expected  # provenance keeps the full source
+    assert str(tmp_path) not in card  # never a filesystem path in the card
+    if expected is None:
+        assert "base_model" not in meta and "base_model_relation" not in meta
+        assert "the local model `my-finetune`" in card and "huggingface.co" not in card
+    else:
+        assert (meta["base_model"], meta["base_model_relation"]) == (expected, "finetune")
+        assert f"[{expected}](https://huggingface.co/{expected})" in card
+        origin = {"--base-model": "--base-model", "hf-cache": "the Hugging Face cache path"}[case]
+        assert origin in card and origin in prov["base_model_from"]
+
+    repo = f"{hub_server.user}/patched"
+    proc = run_push(hub_server, str(out), repo)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].endswith(f"melsurgery: ffn-dampen patch of {expected or 'my-finetune'}")
+    assert served_card(hub_server, repo) == card
+    calls = [(m, p) for m, p, _ in hub_server.hub.log]
+    # our push asks the Hub before creating the repo, and the client asks again before its commit
+    assert calls[:2] == [("POST", "/api/validate-yaml"), ("POST", "/api/repos/create")]
+    assert calls.count(("POST", "/api/validate-yaml")) == 2
+    assert hub_server.hub.unhandled == []
+
+
+BAD_CARDS = {
+    "path": ("base_model: /home/me/models/smollm2-f32\n",
+             "base_model '/home/me/models/smollm2-f32' is not a Hub model id (owner/name); "
+             "name the base with `melsurgery patch --base-model OWNER/NAME`, or leave base_model out"),
+    "licence": ("license: Apache 2.0\n", "license 'Apache 2.0' is not a licence id the Hub knows; use a licence id"),
+    "tag": ("tags: [melsurgery, 3]\n", "tags[1] is 3 (int), not a string; write every tags entry as a string"),
+    "yaml": ("tags: [unclosed\n", "the YAML front matter does not parse"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CARDS))
+def test_push_refuses_a_card_the_hub_would_refuse_before_sending_anything(hub_server: HubServer, tmp_path: Path,
+                                                                          case: str) -> None:
+    front, needle = BAD_CARDS[case]
+    folder = make_output(tmp_path / "out")
+    (folder / "README.md").write_text(f"---\n{front}---\n# Patched\n")
+    write_provenance(folder)  # hashes match: only the metadata is wrong
+    proc = run_push(hub_server, str(folder), f"{hub_server.user}/x")
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.startswith(f"melsurgery: error: {folder / 'README.md'}: ") and proc.stderr.count("\n") == 1
+    assert needle in proc.stderr, proc.stderr
+    assert proc.stdout == "" and hub_server.hub.log == []  # refused before anything was sent
+
+
+def test_the_loopback_hub_refuses_the_card_as_the_hub_does(hub_server: HubServer, tmp_path: Path) -> None:
+    """Sent straight through the client (create_commit and ModelCard.validate), a path as base_model is refused."""
+    folder = make_output(tmp_path / "out")
+    (folder / "README.md").write_text("---\nbase_model: /home/me/models/smollm2-f32\nlicense: Apache 2.0\n---\n# P\n")
+    repo = f"{hub_server.user}/direct"
+    code = emit_result_code() + textwrap.dedent(
+        f"""
+        from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+        api = HfApi()
+        api.create_repo("{repo}")
+        folder = r"{folder}"
+        ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=folder + "/" + n)
+               for n in ("model.safetensors", "README.md")]
+        out = {{}}
+        try:
+            api.create_commit("{repo}", operations=ops, commit_message="bad card")
+        except ValueError as exc:
+            out["commit"] = str(exc)
+        try:
+            ModelCard(open(folder + "/README.md").read()).validate()
+        except ValueError as exc:
+            out["validate"] = str(exc)
+        emit(out)
+        """
+    )
+    proc = hub_server.run_python(code)
+    got = result_of(proc)
+    base = '"base_model" with value "/home/me/models/smollm2-f32" is not valid. Use a model id from https://hf.co/models.'
+    assert got["commit"].splitlines() == ["Invalid metadata in README.md.", f"- {base}",
+                                          f'- "license" must be one of [{", ".join(hub_licenses_list())}, array]']
+    assert got["validate"].splitlines()[0] == f"- {base}"
+    head = hub_server.hub.commits[hub_server.hub.repos[repo].branches["main"]]
+    assert head.title == "initial commit" and hub_server.hub.lfs_uploads == []  # nothing was uploaded
+
+
+def hub_licenses_list() -> list[str]:
+    from hub_server import HUB_LICENSES
+
+    return HUB_LICENSES
+
+
+def test_push_asks_the_hub_before_creating_the_repo(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    """A rule only the Hub knows (the real one may also want base_model to exist): no repo is left behind."""
+    import hub_server as server_module
+
+    monkeypatch.setattr(server_module, "hub_metadata_errors",
+                        lambda meta: [f'"base_model" with value "{meta["base_model"]}" is not valid. Use a model id '
+                                      'from https://hf.co/models.'])
+    folder = make_output(tmp_path / "out")
+    proc = run_push(hub_server, str(folder), f"{hub_server.user}/x")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr == (f"melsurgery: error: {folder / 'README.md'}: the Hugging Face Hub refused the card's "
+                           f'metadata: "base_model" with value "{BASE}" is not valid. Use a model id from '
+                           "https://hf.co/models.\n")
+    assert hub_server.hub.repos == {} and [p for _, p, _ in hub_server.hub.log] == ["/api/validate-yaml"]
