@@ -428,17 +428,28 @@ BAD_CARDS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CARDS))
-def test_push_refuses_a_card_the_hub_would_refuse_before_sending_anything(hub_server: HubServer, tmp_path: Path,
-                                                                          case: str) -> None:
-    front, needle = BAD_CARDS[case]
-    folder = make_output(tmp_path / "out")
-    (folder / "README.md").write_text(f"---\n{front}---\n# Patched\n")
+def _bad_card(folder: Path, case: str) -> None:
+    (folder / "README.md").write_text(f"---\n{BAD_CARDS[case][0]}---\n# Patched\n")
     write_provenance(folder)  # hashes match: only the metadata is wrong
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CARDS))
+def test_validate_refuses_card_metadata_the_hub_would_refuse(tmp_path: Path, case: str) -> None:
+    folder = make_output(tmp_path / "out")
+    _bad_card(folder, case)
+    with pytest.raises(UserError) as err:
+        validate_for_push(folder)
+    assert str(err.value).startswith(f"{folder / 'README.md'}: ") and BAD_CARDS[case][1] in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_push_refuses_a_path_as_base_model_before_sending_anything(hub_server: HubServer, tmp_path: Path) -> None:
+    folder = make_output(tmp_path / "out")
+    _bad_card(folder, "path")
     proc = run_push(hub_server, str(folder), f"{hub_server.user}/x")
     assert proc.returncode == 2, proc.stdout
-    assert proc.stderr.startswith(f"melsurgery: error: {folder / 'README.md'}: ") and proc.stderr.count("\n") == 1
-    assert needle in proc.stderr, proc.stderr
+    assert proc.stderr == (f"melsurgery: error: {folder / 'README.md'}: the Hub would refuse this card: "
+                           f"{BAD_CARDS['path'][1]}\n")
     assert proc.stdout == "" and hub_server.hub.log == []  # refused before anything was sent
 
 
