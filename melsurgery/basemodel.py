@@ -52,8 +52,8 @@ def from_cache_path(folder: Path) -> BaseModelId | None:
 def from_config(config: Mapping, folder: Path) -> BaseModelId | None:
     """``_name_or_path`` when it is an owner/name id and not a folder next to the model or in the cwd.
 
-    transformers wrote this key (before v5) with whatever ``from_pretrained`` was given: a Hub id, or a
-    path; a relative path can look like an id, so one that exists on disk is not taken."""
+    Older transformers versions saved whatever ``from_pretrained`` was given there: a Hub id, or a path;
+    a relative path can look like an id, so one that exists on disk is not taken."""
     name = config.get("_name_or_path")
     if not is_repo_id(name, namespace=True) or Path(name).exists() or (folder.parent / name).exists():
         return None
