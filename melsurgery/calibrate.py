@@ -8,17 +8,18 @@ plain data (see `Stats`), so detection is a pure function of it.
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import measure
 from .architectures import Family, has_submodule, submodule
 from .checkpoint.reader import Checkpoint
 from .errors import UserError
+from .measure import Entry, LayerStats
 
 # Entries at least this large (absolute, and times the layer median) get an attribution record, so
 # that any reasonable detection threshold finds its massive entries already explained.
@@ -33,34 +34,6 @@ class Sample:
     ids: list[int]
     tokens: list[str]
     kind: str = "text"
-
-
-@dataclass
-class Entry:
-    """One hidden-state entry: (sample, token position, dim) and its value."""
-
-    sample: int
-    pos: int
-    dim: int
-    value: float
-
-
-@dataclass
-class LayerStats:
-    """Statistics of one residual-stream state: index -1 is the embeddings, i the output of layer i."""
-
-    index: int
-    max_abs: float
-    median_abs: float
-    top: list[Entry]
-    # per sample: mean attention weight that each key position receives from later queries (this
-    # layer's attention, averaged over heads); None for the embeddings.
-    key_attention: list[list[float]] | None = None
-    attribution: dict | None = None
-
-    @property
-    def ratio(self) -> float:
-        return self.max_abs / self.median_abs if self.median_abs > 0 else math.inf
 
 
 @dataclass
@@ -126,11 +99,14 @@ class StreamingModel:
             out = [e * scale for e in out]
         return out
 
-    @contextmanager
-    def layer(self, i: int) -> Iterator[nn.Module]:
-        """Materialise decoder layer i from the checkpoint, and free it afterwards."""
+    def read_layer(self, i: int, ckpt: Checkpoint | None = None) -> dict[str, torch.Tensor]:
+        """Decoder layer i's tensors as stored (names relative to the layer, checkpoint dtype, on the CPU)."""
+        return (ckpt or self.ckpt).load_prefix(self.family.prefix(i))
+
+    def load_layer(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Materialise decoder layer i on the device with these tensors (checkpoint names, relative)."""
         layer = self.layers[i]
-        state = self.family.module_state(self.ckpt.load_prefix(self.family.prefix(i), self.dtype, self.device))
+        state = self.family.module_state({k: v.to(self.device, self.dtype) for k, v in state.items()})
         layer.to_empty(device=self.device).to(self.dtype)
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -139,11 +115,28 @@ class StreamingModel:
                 f"{self.ckpt.folder}: layer {i} weights do not match the architecture "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        layer.eval()
-        try:
-            yield layer
-        finally:
-            layer.to("meta")
+        return layer.eval()
+
+    def free_layer(self, i: int) -> None:
+        self.layers[i].to("meta")
+
+    def final_norm(self, weight: torch.Tensor) -> nn.Module:
+        """The model's final norm, materialised with this weight."""
+        norm = submodule(self.skeleton, self.family.final_norm.removesuffix(".weight"))
+        norm.to_empty(device=self.device).to(self.dtype)
+        norm.load_state_dict({"weight": weight.to(self.device, self.dtype)})
+        return norm.eval()
+
+    @property
+    def head_tensor(self) -> str:
+        """The LM head's tensor name (the embedding table where they are tied)."""
+        return self.family.lm_head if self.family.lm_head in self.ckpt else self.family.embed
+
+    def logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V'] of final-normed states h [T, D] for a block of LM-head rows, as the model computes them."""
+        z = h @ rows.to(self.device, self.dtype).T
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
 
     def run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """One decoder layer on one unpadded sequence [1, T, D], exactly as the full model runs it."""
@@ -170,29 +163,119 @@ def causal_mask(T: int, dtype: torch.dtype, device: torch.device, window: int | 
     return mask[None, None]
 
 
-def key_attention(weights: torch.Tensor) -> list[float]:
-    """Mean attention each key gets from strictly later queries, averaged over heads ([1,H,T,T] in)."""
-    a = weights[0].float().mean(0)  # [T, T]
-    T = a.shape[0]
-    received = a.tril(-1).sum(0)
-    count = torch.arange(T - 1, -1, -1, device=a.device, dtype=torch.float32)
-    return (received / count.clamp(min=1)).masked_fill(count == 0, float("nan")).tolist()
+Edits = Mapping[int, dict[str, torch.Tensor]] | Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def top_entries(states: list[torch.Tensor], k: int) -> list[Entry]:
-    """The k largest |h| entries over all samples ([T, D] each), largest first."""
-    cands: list[tuple[float, int, int, int, float]] = []
-    for s, h in enumerate(states):
-        flat = h.flatten()
-        vals, idx = flat.abs().topk(min(k, flat.numel()))
-        D = h.shape[-1]
-        cands.extend(zip(vals.tolist(), [s] * len(idx), (idx // D).tolist(), (idx % D).tolist(), flat[idx].tolist()))
-    cands.sort(key=lambda c: -c[0])
-    return [Entry(s, p, d, val) for _, s, p, d, val in cands[:k]]
+@dataclass
+class Stream:
+    """Hidden states [T, D] of each sequence on their way through the decoder layers.
+
+    A stream may run a model that differs from the checkpoint: `edits` gives, per layer, replacement
+    tensors (names relative to the layer, as the checkpoint names them), either as a mapping or as a
+    function (layer, the checkpoint's tensors of that layer) -> replacements; `wemask` is a custom-layer
+    spec (config.json `melsurgery_wemask`) whose hooks run on this stream only.
+    """
+
+    states: list[torch.Tensor]
+    edits: Edits | None = None
+    wemask: dict | None = None
+
+    def edits_for(self, i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.edits is None:
+            return {}
+        return self.edits(i, base) if callable(self.edits) else dict(self.edits.get(i, {}))
 
 
-def median_abs(states: list[torch.Tensor]) -> float:
-    return float(torch.cat([h.abs().flatten() for h in states]).float().median())
+class Probe:
+    """Hooks that record, per sequence run through one layer, each head's key attention and, when
+    asked, the mean pairwise cosine similarity of the attention inputs (after any WeMask hook)."""
+
+    def __init__(self, layer: nn.Module, family: Family, similarity: bool = False) -> None:
+        self.layer, self.family, self.measure_similarity = layer, family, similarity
+        self.key_attention: list[torch.Tensor] = []
+        self.similarity: list[float] = []
+        self._handles: list = []
+
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        self.similarity.append(measure.similarity(x[0]))
+
+    def hooks(self) -> list:
+        attn = submodule(self.layer, self.family.attn)
+        handles = [attn.register_forward_hook(
+            lambda m, a, out: self.key_attention.append(measure.key_attention(out[1])))]
+        if self.measure_similarity:
+            handles.append(attn.register_forward_pre_hook(self._capture_input, with_kwargs=True))
+        return handles
+
+    def __enter__(self) -> Probe:
+        self._handles = self.hooks()
+        return self
+
+    def end_sample(self) -> None:
+        if len({len(records) for records in self.counts()}) != 1:
+            raise RuntimeError("layer hooks fired an unexpected number of times")
+
+    def counts(self) -> list[list]:
+        return [self.key_attention, *([self.similarity] if self.measure_similarity else [])]
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+Observer = Callable[[int, int, list[torch.Tensor], list[torch.Tensor], Probe], None]
+
+
+def run_layers(
+    model: StreamingModel,
+    streams: list[Stream],
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    probe: Callable[[nn.Module], Probe] | None = None,
+    observe: Observer | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Push every stream through decoder layers [start, stop), reading each layer once for all of them.
+
+    For each layer, stream k runs with its own edits swapped in and its WeMask hooks installed; then
+    `observe(layer index, k, inputs, outputs, probe)` sees the pass (with `probe(layer)`'s records).
+    The streams' states are replaced by the layer outputs. Memory: one layer (twice while an edited
+    copy is loaded) plus the streams' activations.
+    """
+    from .modeling.modeling_melsurgery import apply_wemask
+
+    stop = model.num_layers if stop is None else stop
+    for i in range(start, stop):
+        base = model.read_layer(i)
+        loaded: dict | None = None
+        try:
+            for k, stream in enumerate(streams):
+                edits = stream.edits_for(i, base)
+                if loaded is None or edits or loaded:
+                    layer = model.load_layer(i, {**base, **edits})
+                    loaded = edits
+                spec = stream.wemask
+                hooks = apply_wemask(model.skeleton, {**spec, "layers": [i]}) if spec and i in spec["layers"] else []
+                try:
+                    with probe(layer) if probe else nullcontext() as p, torch.no_grad():
+                        inputs = stream.states
+                        outputs = []
+                        for h in inputs:
+                            outputs.append(model.run_layer(layer, h[None])[0])
+                            if p is not None:
+                                p.end_sample()
+                        if observe:
+                            observe(i, k, inputs, outputs, p)
+                finally:
+                    for handle in hooks:
+                        handle.remove()
+                stream.states = outputs
+        finally:
+            model.free_layer(i)
+        if progress:
+            progress(1)
 
 
 def calibrate(
@@ -207,71 +290,51 @@ def calibrate(
 ) -> Stats:
     """Record per-layer statistics of the residual stream, streaming the model layer by layer."""
     model = StreamingModel(ckpt, family, device, dtype)
-    k = top_k or max(64, 8 * len(samples))
-    states = model.embed([s.ids for s in samples])
-    stats = Stats(samples=samples, num_layers=model.num_layers, hidden_size=states[0].shape[-1])
-    stats.layers.append(LayerStats(-1, _max(states), median_abs(states), top_entries(states, k)))
-    for i in range(model.num_layers):
-        with model.layer(i) as layer, _Probe(layer, family) as probe, torch.no_grad():
-            inputs = states
-            states = []
-            for h in inputs:
-                states.append(model.run_layer(layer, h[None])[0])
-                probe.end_sample()
-            med = median_abs(states)
-            entry = LayerStats(i, _max(states), med, top_entries(states, k), key_attention=probe.key_attention)
-            entry.attribution = attribute(layer, family, inputs, states, probe, entry)
+    k = top_k or measure.top_k_for(len(samples))
+    stream = Stream(model.embed([s.ids for s in samples]))
+    stats = Stats(samples=samples, num_layers=model.num_layers, hidden_size=stream.states[0].shape[-1])
+    stats.layers.append(measure.layer_stats(-1, stream.states, k))
+
+    def observe(i: int, _: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: Probe) -> None:
+        entry = measure.layer_stats(i, outputs, k, probe.key_attention)
+        entry.attribution = attribute(probe.layer, family, inputs, outputs, probe, entry)  # type: ignore[arg-type]
         stats.layers.append(entry)
-        if progress:
-            progress(1)
+
+    run_layers(model, [stream], probe=lambda layer: _Probe(layer, family), observe=observe, progress=progress)
     return stats
 
 
-def _max(states: list[torch.Tensor]) -> float:
-    return max(float(h.abs().max()) for h in states)
-
-
-class _Probe:
-    """Hooks that capture what attribution needs, per sample: attention weights, the residual after
-    attention, the FFN output (before any post-FFN norm), and the neurons' activations (dense: the down
-    projection's input; MoE: the expert bank's input and routing)."""
+class _Probe(Probe):
+    """Probe plus what attribution needs, per sample: the residual after attention, the FFN output
+    (before any post-FFN norm), and the neurons' activations (dense: the down projection's input; MoE:
+    the expert bank's input and routing)."""
 
     def __init__(self, layer: nn.Module, family: Family) -> None:
-        self.layer, self.family = layer, family
+        super().__init__(layer, family)
         self.moe = family.experts is not None and has_submodule(layer, family.experts)
-        self.key_attention: list[list[float]] = []
         self.mid: list[torch.Tensor] = []
         self.ffn_out: list[torch.Tensor] = []
         self.act: list[torch.Tensor] = []
         self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._handles: list = []
 
-    def __enter__(self) -> _Probe:
+    def hooks(self) -> list:
         fam, layer = self.family, self.layer
-        self._handles = [
-            submodule(layer, fam.attn).register_forward_hook(
-                lambda m, a, out: self.key_attention.append(key_attention(out[1]))),
+        handles = super().hooks() + [
             submodule(layer, fam.residual_after_attn).register_forward_pre_hook(
                 lambda m, args: self.mid.append(args[0][0].detach())),
             submodule(layer, fam.ffn).register_forward_hook(
                 lambda m, a, out: self.ffn_out.append((out[0] if isinstance(out, tuple) else out)[0].detach())),
         ]
         if self.moe:  # the expert bank is called as experts(x [N, D], top_k_index [N, k], top_k_weights [N, k])
-            self._handles.append(submodule(layer, fam.experts).register_forward_pre_hook(
+            handles.append(submodule(layer, fam.experts).register_forward_pre_hook(
                 lambda m, args: self.routed.append(tuple(a.detach() for a in args[:3]))))
         else:
-            self._handles.append(submodule(layer, fam.ffn_down).register_forward_pre_hook(
+            handles.append(submodule(layer, fam.ffn_down).register_forward_pre_hook(
                 lambda m, args: self.act.append(args[0][0].detach())))
-        return self
+        return handles
 
-    def end_sample(self) -> None:
-        counts = {len(self.mid), len(self.ffn_out), len(self.key_attention), len(self.routed if self.moe else self.act)}
-        if len(counts) != 1:
-            raise RuntimeError("layer hooks fired an unexpected number of times")
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
+    def counts(self) -> list[list]:
+        return [*super().counts(), self.mid, self.ffn_out, self.routed if self.moe else self.act]
 
 
 Neuron = tuple[int | None, int]  # (expert or None for a dense FFN, neuron index)

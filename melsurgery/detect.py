@@ -1,13 +1,8 @@
 """Finding the Massive Emergence Layer in calibration statistics: pure functions, no model needed.
 
-Definitions (all thresholds in `DetectParams`):
-- An entry h[sample, pos, dim] of a layer's output is *massive* when |h| >= `abs_threshold` and
-  |h| >= `ratio` x the median |h| of that layer's output.
-- A massive entry of layer l *persists* when the same (sample, pos, dim) is massive in each of the next
-  ceil(`persist_fraction` x (L - 1 - l)) layers, L the number of decoder layers (at least one).
-- The *ME Layer* is the first decoder layer with a persisting massive entry; its persisting entries
-  give the massive tokens and dims. Layers before it whose entries reach `abs_threshold` and
-  `precursor_ratio` x median are *precursors*: large, but they do not persist.
+What is massive, what persists and what the sink is are defined once, in `melsurgery.measure`. Layers
+before the ME Layer whose entries reach `abs_threshold` and `precursor_ratio` x median are
+*precursors*: large, but they do not persist.
 """
 
 from __future__ import annotations
@@ -16,18 +11,10 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .calibrate import Entry, LayerStats, Stats
+from .calibrate import Stats
+from .measure import DetectParams, Entry, LayerStats, find_massive, sink, sink_rate
 
 ATTRIBUTION_KEYS = ("dim", "value", "input", "attn_write", "ffn_write", "ffn_norm_weight")
-
-
-@dataclass(frozen=True)
-class DetectParams:
-    abs_threshold: float = 100.0
-    ratio: float = 1000.0
-    persist_fraction: float = 0.5
-    precursor_ratio: float = 100.0
-    min_neuron_share: float = 0.05
 
 
 @dataclass
@@ -41,6 +28,7 @@ class Detection:
     persist_until: int | None = None
     precursors: list[dict] = field(default_factory=list)
     sink: list[float | None] = field(default_factory=list)  # per decoder layer
+    sink_rate: list[float | None] = field(default_factory=list)  # per decoder layer
     ffn_neurons: list[dict] = field(default_factory=list)
     dims_attribution: list[dict] = field(default_factory=list)
     norm: dict = field(default_factory=dict)
@@ -50,31 +38,14 @@ class Detection:
         return asdict(self)
 
 
-def massive_keys(layer: LayerStats, p: DetectParams) -> dict[tuple[int, int, int], float]:
-    floor = max(p.abs_threshold, p.ratio * layer.median_abs)
-    return {(e.sample, e.pos, e.dim): e.value for e in layer.top if abs(e.value) >= floor}
-
-
-def required_persistence(layer: int, num_layers: int, p: DetectParams) -> int:
-    return max(1, math.ceil(p.persist_fraction * (num_layers - 1 - layer)))
-
-
 def detect(stats: Stats, p: DetectParams | None = None) -> Detection:
     """Locate the ME Layer and explain it from recorded statistics."""
     p = p or DetectParams()
     decoder = [layer for layer in stats.layers if layer.index >= 0]
     n = len(decoder)
-    sets = [massive_keys(layer, p) for layer in decoder]
+    found = find_massive(decoder, p)
+    me, persistent, sets = found.me_layer, found.persistent, found.per_layer
     massive_layers = [layer.index for layer, s in zip(decoder, sets) if s]
-    me, persistent = None, {}
-    for i, current in enumerate(sets):
-        if not current or i == n - 1:
-            continue
-        need = required_persistence(i, n, p)
-        keep = {k: v for k, v in current.items() if all(k in sets[j] for j in range(i + 1, min(n, i + 1 + need)))}
-        if i + need < n and keep:
-            me, persistent = i, keep
-            break
     precursors = _precursors(decoder[: me if me is not None else n], stats, p)
     if me is None:
         return Detection(None, massive_layers=massive_layers, precursors=precursors)
@@ -84,7 +55,7 @@ def detect(stats: Stats, p: DetectParams | None = None) -> Detection:
     while until + 1 < n and keys & set(sets[until + 1]):
         until += 1
     dims = sorted({d for _, _, d in keys}, key=lambda d: -max(abs(v) for k, v in persistent.items() if k[2] == d))
-    tokens = sorted({(s, q) for s, q, _ in keys})
+    tokens = found.tokens
     det = Detection(
         me,
         massive_dims=dims,
@@ -94,21 +65,12 @@ def detect(stats: Stats, p: DetectParams | None = None) -> Detection:
         massive_layers=massive_layers,
         persist_until=until,
         precursors=precursors,
-        sink=sink_scores(decoder, tokens),
+        sink=[sink(layer, tokens) for layer in decoder],
+        sink_rate=[sink_rate(layer, tokens) for layer in decoder],
         selector_threshold=_selector_threshold(decoder[me : until + 1], set(tokens), dims),
     )
     _explain(det, decoder[me], p)
     return det
-
-
-def sink_scores(decoder: list[LayerStats], tokens: list[tuple[int, int]]) -> list[float | None]:
-    """Per layer: mean attention that later queries pay to the massive tokens, averaged over heads."""
-    out: list[float | None] = []
-    for layer in decoder:
-        vals = [layer.key_attention[s][q] for s, q in tokens if layer.key_attention and q < len(layer.key_attention[s])]
-        vals = [v for v in vals if not math.isnan(v)]
-        out.append(sum(vals) / len(vals) if vals else None)
-    return out
 
 
 def _token(stats: Stats, sample: int, pos: int) -> str:

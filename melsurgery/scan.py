@@ -69,7 +69,8 @@ def build_result(
     layers = []
     massive = set(det.massive_layers)
     for layer in stats.layers:
-        sink = det.sink[layer.index] if 0 <= layer.index < len(det.sink) else None
+        inside = 0 <= layer.index < len(det.sink)
+        sink = det.sink[layer.index] if inside else None
         layers.append({
             "layer": layer.index,
             "name": "embeddings" if layer.index < 0 else f"layer {layer.index}",
@@ -78,6 +79,7 @@ def build_result(
             "ratio": _finite(layer.ratio),
             "massive": layer.index in massive,
             "sink": sink,
+            "sink_rate": det.sink_rate[layer.index] if inside else None,
             "top": [entry_dict(e, stats) for e in layer.top[:JSON_TOP]],
         })
     after = [s for s in det.sink[det.me_layer + 1 :] if s is not None] if det.me_layer is not None else []

@@ -2,8 +2,12 @@
 
 import math
 
+import pytest
+import torch
+
 from melsurgery.calibrate import Entry, LayerStats, Sample, Stats
-from melsurgery.detect import DetectParams, detect, required_persistence
+from melsurgery.detect import DetectParams, detect
+from melsurgery.measure import required_persistence
 
 
 def layer(i, entries, median=1.0, attention=None):
@@ -67,9 +71,13 @@ def test_sink_and_selector_threshold():
     per = [[], massive(), massive(), massive()]
     st = stats(per)
     for lay in st.layers[1:]:
-        lay.key_attention = [[0.6, 0.1, 0.2, math.nan], [0.4, 0.1, 0.2, math.nan]]
+        # two heads; the massive token (position 0) gets 0.6 / 0.2 of its later queries' attention in
+        # sample 0 and 0.4 / 0.1 in sample 1: head means 0.5 and 0.15
+        lay.key_attention = [torch.tensor([[0.6, 0.1, 0.2, math.nan], [0.2, 0.3, 0.2, math.nan]]),
+                             torch.tensor([[0.4, 0.1, 0.2, math.nan], [0.1, 0.3, 0.2, math.nan]])]
     det = detect(st)
-    assert det.sink == [0.5, 0.5, 0.5, 0.5]
+    assert det.sink == pytest.approx([0.325] * 4)
+    assert det.sink_rate == [0.5] * 4  # one head of two above 0.3
     # geometric mean of the smallest massive value (5000) and the bound on the others (2.0)
     assert math.isclose(det.selector_threshold, math.sqrt(5000 * 2.0))
 
