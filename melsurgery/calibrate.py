@@ -87,10 +87,12 @@ class StreamingModel:
                             "cannot reproduce")
         return types[i]
 
-    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur."""
+    def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None) -> list[torch.Tensor]:
+        """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur.
+
+        `ckpt`: read the table from another checkpoint of the same architecture (a patched copy)."""
         vocab = sorted({t for ids in sequences for t in ids})
-        weight = self.ckpt.load_rows(self.family.embed, vocab, self.dtype, self.device)
+        weight = (ckpt or self.ckpt).load_rows(self.family.embed, vocab, self.dtype, self.device)
         row = {t: k for k, t in enumerate(vocab)}
         out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
                for ids in sequences]

@@ -139,3 +139,63 @@ def for_plan(plan, model, scan, rows: int = 8):
         return me_norm(model, p["layer"], p["factor"], p["dims"])
     return wemask(model, p["layers"], p["dims"], p["strength"], p["selector"], scan["massive_dims"],
                   scan["selector_threshold"], first_positions=[0] * rows)
+
+
+def whole_verify(base, patched, windows, first_target, massive):
+    """Today's whole-model verify, re-derived from its definitions on two fully loaded models.
+
+    `windows`: token ids per window; `first_target`: the first scored position; `massive`: (window,
+    position) of the massive tokens. Per-layer sinks follow the definition: per head, the attention
+    mass the queries after each massive token put on it, summed over the window's massive tokens;
+    mean over windows and heads. Similarity: mean pairwise cosine of the attention inputs."""
+    import melsurgery
+
+    out = {}
+    runs = {}
+    for key, folder in (("base", base), ("patched", patched)):
+        model, _ = melsurgery.load(folder, attn_implementation="eager")
+        inputs: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+
+        def grab(module, args, kwargs, into):
+            into.append(kwargs["hidden_states"][0].double())
+
+        handles = [layer.self_attn.register_forward_pre_hook(lambda m, a, k, into=inputs[i]: grab(m, a, k, into),
+                                                             with_kwargs=True)
+                   for i, layer in enumerate(model.model.layers)]
+        with torch.no_grad():
+            res = [model(torch.tensor([w]), output_attentions=True, output_hidden_states=True) for w in windows]
+        remove(handles)
+        runs[key] = res
+        n = len(model.model.layers)
+        sinks, sims, maxes = [], [], []
+        for i in range(n):
+            per_window = []
+            for w, r in enumerate(res):
+                a = r.attentions[i][0].double()  # [H, T, T]
+                cols = [p for ww, p in massive if ww == w and p + 1 < a.shape[-1]]
+                if cols:
+                    per_window.append(sum(a[:, p + 1 :, p].mean(-1) for p in cols))
+            sinks.append(float(torch.stack(per_window).mean()) if per_window else None)
+            cos = []
+            for x in inputs[i]:
+                u = torch.nn.functional.normalize(x, dim=-1)
+                c = u @ u.T
+                T = c.shape[0]
+                cos.append(float((c.sum() - c.diagonal().sum()) / (T * (T - 1))))
+            sims.append(sum(cos) / len(cos))
+            # hidden_states[i + 1] is layer i's output, except the last (after the final norm)
+            maxes.append(None if i == n - 1 else max(float(r.hidden_states[i + 1].abs().max()) for r in res))
+        out[f"sink_{key}"], out[f"similarity_{key}"], out[f"max_abs_{key}"] = sinks, sims, maxes
+    kl, nll_b, nll_p, agree = [], [], [], []
+    for w, rb, rp in zip(windows, runs["base"], runs["patched"]):
+        lb = rb.logits[0, first_target - 1 : -1].double().log_softmax(-1)
+        lp = rp.logits[0, first_target - 1 : -1].double().log_softmax(-1)
+        target = torch.tensor(w[first_target:])[:, None]
+        kl.append((lb.exp() * (lb - lp)).sum(-1))
+        nll_b.append(-lb.gather(-1, target)[:, 0])
+        nll_p.append(-lp.gather(-1, target)[:, 0])
+        agree.append((lb.argmax(-1) == lp.argmax(-1)).double())
+    kl = torch.cat(kl)
+    out.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1_agreement=float(torch.cat(agree).mean()),
+               ppl_base=float(torch.cat(nll_b).mean().exp()), ppl_patched=float(torch.cat(nll_p).mean().exp()))
+    return out

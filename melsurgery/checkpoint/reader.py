@@ -90,6 +90,16 @@ class Checkpoint:
             out[k] = load_tensor(part)
         return out.to(device=device, dtype=dtype or out.dtype)
 
+    def load_row_block(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 of a 2-D tensor as stored, read without the rest (an LM head, block by block)."""
+        info = self.info(name)
+        if len(info.shape) != 2 or not 0 <= lo <= hi <= info.shape[0]:
+            raise UserError(f"{self.folder}: {name} has no rows {lo}-{hi} (shape {list(info.shape)})")
+        n, width = info.shape
+        row_bytes = info.nbytes // n if n else 0
+        return load_tensor(TensorInfo(name, info.path, info.dtype, (hi - lo, width), info.start + lo * row_bytes,
+                                      info.start + hi * row_bytes))
+
     def load_prefix(
         self, prefix: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> dict[str, torch.Tensor]:
