@@ -46,19 +46,22 @@ def plot_scan(result: dict, path: Path) -> None:
 
 
 def plot_verify(result: dict, path: Path) -> None:
-    """Sink score and max/median ratio per layer, base versus patched."""
+    """Sink score, max/median ratio and attention-input similarity per layer, base versus patched."""
     plt = _pyplot()
+
+    def values(key: str) -> list[float]:
+        return [float("nan") if v is None else v for v in result[key]]
+
     x = list(range(len(result["sink_base"])))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    a1.plot(x, result["sink_base"], marker="o", label="base")
-    a1.plot(x, result["sink_patched"], marker="s", label="patched")
-    a1.set_title("attention sink (mean attention to massive tokens)")
-    a1.set_xlabel("layer")
-    a1.legend()
-    a2.semilogy(x, result["ratio_base"], marker="o", label="base")
-    a2.semilogy(x, result["ratio_patched"], marker="s", label="patched")
-    a2.set_title("max |h| / median |h|")
-    a2.set_xlabel("layer (output)")
-    a2.legend()
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, title, log in ((a1, "sink", "attention sink (attention mass on the massive tokens)", False),
+                                (a2, "ratio", "max |h| / median |h|", True),
+                                (a3, "similarity", "attention-input similarity (mean pairwise cosine)", False)):
+        draw = ax.semilogy if log else ax.plot
+        draw(x, values(f"{key}_base"), marker="o", label="base")
+        draw(x, values(f"{key}_patched"), marker="s", label="patched")
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.legend()
     fig.tight_layout()
     _save(plt, fig, path)

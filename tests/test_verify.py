@@ -120,8 +120,8 @@ def test_streaming_verify_equals_whole_model_verify_gemma2(tmp_path):
 
 def test_streaming_verify_equals_whole_model_verify_on_default_model(smollm2, smollm2_scan, tmp_path):
     patch(smollm2.folder, tmp_path / "out", [("wemask", {})], smollm2_scan)
-    r = _equals_whole_model_verify(smollm2.folder, tmp_path / "out", load_tokenizer(smollm2.folder))
-    assert r["sink_mean_base"] > 0.3 and r["sink_mean_patched"] < r["sink_mean_base"]
+    r = _equals_whole_model_verify(smollm2.folder, tmp_path / "out", load_tokenizer(smollm2.folder), windows=1)
+    assert r["sink_mean_base"] > 0.3 and r["kl_mean"] > 0
 
 
 def _scan_and_verify_sinks(folder, text, max_tokens):
