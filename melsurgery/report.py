@@ -32,7 +32,9 @@ def scan_report(r: dict) -> str:
     m, c = r["model"], r["calibration"]
     lines = [
         f"model: {m['id']} ({m['family']}, {m['num_layers']} layers, hidden {m['hidden_size']})",
-        f"calibration: {c['source']}, {c['num_samples']} samples, {c['tokens']} tokens, {c['seconds']:.1f} s",
+        f"calibration: {c['source']}, {c['num_samples']} samples, {c['tokens']} tokens, {c['seconds']:.1f} s"
+        + (f", computed in {c['dtype']}" if c.get("dtype") else ""),
+        *([f"adaptive calibration: {c['adaptive']['reason']}"] if c.get("adaptive") else []),
         "",
         f"{'state':<12}{'max|h|':>11}{'median|h|':>11}{'ratio':>9}{'sink':>8}  note",
     ]

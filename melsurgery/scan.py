@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +23,15 @@ SCHEMA_VERSION = 1
 JSON_TOP = 16
 
 
+ADAPTIVE_START = 4  # samples in the first round of an adaptive calibration; each round doubles
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
+    """Which calibration text, how much of it. `num_samples`: a count, None for all, or "auto" (adaptive)."""
+
     path: Path | None = None
-    num_samples: int | None = None
+    num_samples: int | str | None = None
     max_tokens: int = 128
     seed: int = 0
 
@@ -36,30 +42,71 @@ def run_scan(
     params: DetectParams | None = None,
     *,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     progress: bool = False,
 ) -> dict:
-    """Scan a model and return the JSON-ready result (see README, "scan JSON")."""
+    """Scan a model and return the JSON-ready result (see README, "scan JSON"); dtype None: the checkpoint's."""
     calib = calib or CalibrationSpec()
     params = params or DetectParams()
     ckpt = Checkpoint(source.folder)
     family = family_for(ckpt.config)
+    dtype = dtype or ckpt.float_dtype
     tokenizer = load_tokenizer(source.folder)
     records, calib_name = read_records(calib.path)
-    samples = tokenize(records, tokenizer, num_samples=calib.num_samples, max_tokens=calib.max_tokens, seed=calib.seed)
     start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=int(ckpt.config.get("num_hidden_layers", 0)), desc="scan", unit="layer", leave=False)
-    try:
-        stats = calibrate(ckpt, family, samples, device=device, dtype=dtype, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-    det = detect(stats, params)
-    return build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start)
+    def measure(samples: list) -> tuple[Stats, Detection]:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(ckpt.config.get("num_hidden_layers", 0)), desc=f"scan ({len(samples)} samples)",
+                       unit="layer", leave=False)
+        try:
+            stats = calibrate(ckpt, family, samples, device=device, dtype=dtype,
+                              progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        return stats, detect(stats, params)
+
+    def sample(recs: list[dict], n: int | None) -> list:
+        return tokenize(recs, tokenizer, num_samples=n, max_tokens=calib.max_tokens, seed=calib.seed)
+
+    adaptive = None
+    if calib.num_samples == "auto":
+        stats, det, adaptive = _adaptive(records, calib.seed, lambda recs: measure(sample(recs, None)))
+    else:
+        stats, det = measure(sample(records, calib.num_samples))  # type: ignore[arg-type]
+    result = build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start)
+    result["calibration"].update(adaptive=adaptive, dtype=str(dtype).removeprefix("torch."))
+    return result
+
+
+def _signature(det: Detection) -> tuple:
+    """What an adaptive calibration must pin down: the ME Layer, its dims, and which tokens are massive."""
+    return det.me_layer, frozenset(det.massive_dims), frozenset((t["pos"], t["token"]) for t in det.token_summary)
+
+
+def _adaptive(records: list[dict], seed: int, measure) -> tuple[Stats, Detection, dict]:
+    """Calibrate on 4, 8, 16, ... samples (prefixes of one seeded order) until two rounds in a row
+    find the same ME Layer, massive dims and massive tokens, or every sample is used."""
+    order = random.Random(seed).sample(records, len(records))
+    n, rounds, previous = min(ADAPTIVE_START, len(order)), [], None
+    while True:
+        stats, det = measure(order[:n])
+        rounds.append({"samples": len(stats.samples), "me_layer": det.me_layer, "massive_dims": det.massive_dims,
+                       "tokens": sorted({t["token"] for t in det.token_summary})})
+        if previous is not None and _signature(det) == previous:
+            reason = (f"ME Layer, massive dims and massive tokens unchanged from {rounds[-2]['samples']} to "
+                      f"{rounds[-1]['samples']} samples")
+            break
+        if n >= len(order):
+            reason = f"all {len(order)} samples used: the detection " + (
+                "still changed in the last round" if previous is not None else "needs them all")
+            break
+        previous, n = _signature(det), min(2 * n, len(order))
+    return stats, det, {"rounds": rounds, "reason": reason}
 
 
 def build_result(

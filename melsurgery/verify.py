@@ -157,7 +157,7 @@ def _mean(values: list) -> float | None:
 
 
 def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_tokens: int = 512,
-               max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
                generations: int = 3, max_new_tokens: int = 40, progress: bool = False,
                params: DetectParams | None = None) -> dict:
     """Base versus patched on held-out text, streaming: one decoder layer in memory serves both models.
@@ -171,6 +171,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
     bckpt, pckpt = Checkpoint(base), Checkpoint(patched)
     _check_pair(bckpt, pckpt)
     family = family_for(bckpt.config)
+    dtype = dtype or bckpt.float_dtype
     tok = load_tokenizer(Path(base))
     win = make_windows(tok, raw, max_tokens, max_windows)
     if not win.ids:

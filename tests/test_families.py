@@ -106,7 +106,8 @@ def test_streaming_statistics_equal_a_full_forward(planted_family, model_type):
     for i in range(len(outs)):  # attention weights (sliding windows included) agree too
         a = full[0].attentions[i][0].mean(0)
         expected = [float(a[k + 1 :, k].mean()) for k in range(a.shape[0] - 1)]
-        assert stats.layers[i + 1].key_attention[0].mean(0)[:-1].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6), i
+        got = stats.layers[i + 1].key_attention[0].mean(0)[:-1].tolist()
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), i
 
 
 RECIPES = [("wemask", {"layers": "after-me"}), ("wemask", {"selector": "first", "top_k": 1}), ("norm-rescale", {}),

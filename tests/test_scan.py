@@ -156,3 +156,20 @@ def test_unwritable_json_and_plot_paths_are_one_line_errors(planted, tmp_path):
     for opt in ("--json", "--plot"):
         res = run_cli("scan", planted, "--quiet", "--num-samples", "2", opt, tmp_path / "missing" / "x")
         assert res.returncode == 2 and "cannot write" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
+    """--num-samples auto stops once two rounds agree; --dtype checkpoint computes in bf16 here."""
+    folder = planted_folder(tmp_path / "m", dtype=torch.bfloat16)
+    out = tmp_path / "scan.json"
+    res = run_cli("scan", folder, "--num-samples", "auto", "--dtype", "checkpoint", "--max-tokens", "32", "--quiet",
+                  "--json", out)
+    assert res.returncode == 0, res.stderr
+    cal = json.loads(out.read_text())["calibration"]
+    assert cal["dtype"] == "bfloat16"
+    rounds = cal["adaptive"]["rounds"]
+    assert [r["samples"] for r in rounds] == [4, 8] and cal["num_samples"] == 8
+    assert all(r["me_layer"] == 3 and r["massive_dims"] == [17] and r["tokens"] == ["<s>"] for r in rounds)
+    assert "unchanged from 4 to 8 samples" in res.stdout
+    res = run_cli("scan", folder, "--num-samples", "some", "--quiet")
+    assert res.returncode == 2 and "neither a positive number nor 'auto'" in res.stderr

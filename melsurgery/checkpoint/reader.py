@@ -116,6 +116,15 @@ class Checkpoint:
         return out
 
     @property
+    def float_dtype(self) -> torch.dtype:
+        """The floating dtype that holds most of the weights' bytes (what `--dtype checkpoint` computes in)."""
+        size: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.torch_dtype.is_floating_point:
+                size[info.torch_dtype] = size.get(info.torch_dtype, 0) + info.nbytes
+        return max(size, key=size.__getitem__) if size else torch.float32
+
+    @property
     def model_type(self) -> str:
         return str(self.config.get("model_type", "?"))
 

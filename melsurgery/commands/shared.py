@@ -38,14 +38,33 @@ def resolve_device(device: str) -> str:
 
 
 def torch_dtype(name: str):
+    """The torch dtype of a --dtype choice; None for `checkpoint` (the checkpoint's own dtype)."""
     import torch
 
-    return getattr(torch, DTYPES[name])
+    return None if name == "checkpoint" else getattr(torch, DTYPES[name])
+
+
+class SampleCount(click.ParamType):
+    """A positive sample count, or `auto` for adaptive calibration."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, int):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is neither a positive number nor 'auto'", param, ctx)
+        return n
 
 
 device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 dtype_option = click.option(
-    "--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True, help="Compute dtype."
+    "--dtype", type=click.Choice([*sorted(DTYPES), "checkpoint"]), default="float32", show_default=True,
+    help="Compute dtype; `checkpoint`: the dtype that holds most of the checkpoint's weights."
 )
 revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 
@@ -54,7 +73,9 @@ def calibration_options(f):
     for opt in reversed([
         click.option("--calib", type=click.Path(path_type=Path), default=None,
                      help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages)."),
-        click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use this many samples."),
+        click.option("--num-samples", type=SampleCount(), default=None,
+                     help="Use this many samples (default: all), or 'auto': start with 4 and double while the ME "
+                          "Layer, its dims or its tokens still change."),
         click.option("--max-tokens", type=click.IntRange(min=2), default=128, show_default=True,
                      help="Truncate each sample to this many tokens."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection."),
