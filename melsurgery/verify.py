@@ -243,6 +243,8 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
     sb, sp = _mean(result["sink_base"][first:]), _mean(result["sink_patched"][first:])
     result.update(sink_layers_from=first, sink_mean_base=sb, sink_mean_patched=sp,
                   sink_reduction_pct=100 * (1 - sp / sb) if sb and sp is not None else None,
+                  sink_rate_mean_base=_mean(result["sink_rate_base"][first:]),
+                  sink_rate_mean_patched=_mean(result["sink_rate_patched"][first:]),
                   similarity_mean_base=_mean(result["similarity_base"][first:]),
                   similarity_mean_patched=_mean(result["similarity_patched"][first:]))
     result["weights"] = _weight_check(sorted(changed), Path(patched))
@@ -404,7 +406,8 @@ def verify_report(r: dict) -> str:
               f"KL(base || patched): mean {r['kl_mean']:.4f}, max {r['kl_max']:.4f}; top-1 agreement "
               f"{100 * r['top1_agreement']:.1f}%",
               f"attention sink (mean over layers {r['sink_layers_from']}+): base {_f(r['sink_mean_base'], '.3f')}, "
-              f"patched {_f(r['sink_mean_patched'], '.3f')}{reduction}",
+              f"patched {_f(r['sink_mean_patched'], '.3f')}{reduction}; sink rate base "
+              f"{_f(r['sink_rate_mean_base'], '.2f')}, patched {_f(r['sink_rate_mean_patched'], '.2f')}",
               f"attention-input similarity (mean over layers {r['sink_layers_from']}+, lower is more diverse): base "
               f"{_f(r['similarity_mean_base'], '.3f')}, patched {_f(r['similarity_mean_patched'], '.3f')}"]
     w = r["weights"]

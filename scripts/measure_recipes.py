@@ -43,8 +43,9 @@ def main(model: str, json_path: Path | None, windows: int | None) -> None:
     rows = []
     click.echo(f"ME Layer {scan['me_layer']}, massive dims {scan['massive_dims']}, sink after ME "
                f"{scan['sink_after_me']:.3f} (calibration)")
-    click.echo("| recipe | folds | sink (layers ME+1..) | KL mean | KL max | top-1 | ppl | Δppl | time |")
-    click.echo("|---|---|---|---|---|---|---|---|---|")
+    click.echo("| recipe | folds | sink (layers ME+1..) | sink rate | similarity | KL mean | KL max | top-1 | ppl "
+               "| Δppl | time |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, recipes in VARIANTS:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
@@ -53,12 +54,16 @@ def main(model: str, json_path: Path | None, windows: int | None) -> None:
             secs = time.perf_counter() - start
         row = {"label": label, "recipes": recipes, "folds": all(p.folds for p in res.plans),
                **{k: r[k] for k in ("sink_mean_base", "sink_mean_patched", "kl_mean", "kl_max", "top1_agreement",
-                                    "ppl_base", "ppl_patched", "ppl_increase_pct", "sink_reduction_pct")}}
+                                    "ppl_base", "ppl_patched", "ppl_increase_pct", "sink_reduction_pct",
+                                    "sink_rate_mean_base", "sink_rate_mean_patched", "similarity_mean_base",
+                                    "similarity_mean_patched", "no_effect")}}
         rows.append(row)
         click.echo(f"| {label} | {'yes' if row['folds'] else 'no (custom layer)'} | {r['sink_mean_base']:.3f} → "
-                   f"{r['sink_mean_patched']:.3f} | {r['kl_mean']:.3f} | {r['kl_max']:.2f} | "
+                   f"{r['sink_mean_patched']:.3f} | {r['sink_rate_mean_base']:.2f} → "
+                   f"{r['sink_rate_mean_patched']:.2f} | {r['similarity_mean_base']:.3f} → "
+                   f"{r['similarity_mean_patched']:.3f} | {r['kl_mean']:.3f} | {r['kl_max']:.2f} | "
                    f"{100 * r['top1_agreement']:.1f}% | {r['ppl_base']:.1f} → {r['ppl_patched']:.1f} | "
-                   f"{r['ppl_increase_pct']:+.1f}% | {secs:.0f} s |")
+                   f"{r['ppl_increase_pct']:+.1f}% | {secs:.0f} s |" + (" (changed nothing)" if r["no_effect"] else ""))
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
 
