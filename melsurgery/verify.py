@@ -331,8 +331,15 @@ def _maybe_generate(ckpt: Checkpoint, base: Path, patched: Path, tok, n: int, ma
 
 
 def _free_memory(device: str) -> int:
+    """Bytes a new allocation can get: free device memory, or MemAvailable (page cache counts as free)."""
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -16,6 +16,10 @@ Paths (`--paths`, default all):
   naive-patch   from_pretrained, the same ffn-dampen edit, save_pretrained
   read          read both folders once (source and patched): the floor for diff
   diff          melsurgery diff SOURCE PATCHED
+  verify        melsurgery verify SOURCE PATCHED (the ffn-dampen patch), streaming, bf16, 1 window x 128 tokens
+  verify-2x512  the same on 2 windows x 512 tokens
+  naive-verify  both whole models (from_pretrained, bf16, eager attention) on 1 window x 128 tokens: logits,
+                attentions and hidden states, KL: what verify did before it streamed
 
 Naive paths run under a memory guard: skipped when the machine has too little memory available, and
 killed (and reported) when their RSS comes near what was available.
@@ -42,7 +46,9 @@ HERE = Path(__file__).resolve().parent
 WORKDIR = Path("/tmp/melsurgery-bench")
 CHUNK = 8 * 1024 * 1024
 GB = 1e9
-ALL_PATHS = ("scan", "scan-bf16", "naive-scan", "copy", "patch", "patch-wemask", "naive-patch", "read", "diff")
+ALL_PATHS = ("scan", "scan-bf16", "naive-scan", "copy", "patch", "patch-wemask", "naive-patch", "read", "diff",
+             "verify", "verify-2x512", "naive-verify")
+VERIFY = ("--dtype", "bfloat16", "--generations", "0", "--device", "cpu", "--quiet")
 CALIBRATION = ("--num-samples", "4", "--max-tokens", "32", "--seed", "0")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -184,6 +190,27 @@ def child_naive_patch(src: str, out: str, scan_json: str, factor: str) -> None:
     model.save_pretrained(out, max_shard_size="5GB")
 
 
+def child_naive_verify(src: str, patched: str, max_tokens: str) -> None:
+    """Both whole models in memory (bf16, eager attention), one window: the pre-streaming verify."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from melsurgery.samples import load_tokenizer
+    from melsurgery.verify import eval_text, make_windows
+
+    window = make_windows(load_tokenizer(Path(src)), eval_text(None)[0], int(max_tokens), 1).ids[0]
+    logits = []
+    for folder in (src, patched):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+        with torch.no_grad():
+            out = model(torch.tensor([window]), output_attentions=True, output_hidden_states=True)
+        logits.append(out.logits[0].float().log_softmax(-1))
+        if folder == src:
+            base = model  # kept: both models are held at once, as the old verify held them
+    lb, lp = logits
+    print(f"KL mean {float((lb.exp() * (lb - lp)).sum(-1).mean()):.4g} ({type(base).__name__})")
+
+
 def child_copy(src: str, dst: str) -> None:
     """The floor for patch: every file copied (in-kernel) and made durable, as patch makes its outputs."""
     Path(dst).mkdir(parents=True)
@@ -207,7 +234,8 @@ def child_read(*folders: str) -> None:
 
 
 CHILDREN: dict[str, Callable[..., None]] = {"naive-scan": child_naive_scan, "naive-patch": child_naive_patch,
-                                            "copy": child_copy, "read": child_read}
+                                            "naive-verify": child_naive_verify, "copy": child_copy,
+                                            "read": child_read}
 
 
 def me(*args: str) -> list[str]:
@@ -283,7 +311,8 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
            need=int((fp32_size if naive_dtype == "float32" else size) * 1.05))
     if r is not None and naive_dtype != "float32":
         r.note = (r.note + "; " if r.note else "") + f"computes in {naive_dtype} (fp32 would not fit)"
-    if not scan_json.is_file() and paths & {"patch", "patch-wemask", "naive-patch", "diff"}:
+    if not scan_json.is_file() and paths & {"patch", "patch-wemask", "naive-patch", "diff", "verify", "verify-2x512",
+                                            "naive-verify"}:
         raise SystemExit("patch paths need the scan JSON: include `scan` in --paths")
     copy_dst = work / "copy"
     go("copy", me("copy", str(model), str(copy_dst)), [model])
@@ -299,6 +328,12 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
        need=int(size * 1.3))
     shutil.rmtree(naive_out, ignore_errors=True)
     if patched.is_dir():
+        go("verify", melsurgery("verify", model, patched, *VERIFY, "--windows", "1", "--max-tokens", "128"),
+           [model, patched])
+        go("verify-2x512", melsurgery("verify", model, patched, *VERIFY, "--windows", "2", "--max-tokens", "512"),
+           [model, patched])
+        go("naive-verify", me("naive-verify", str(model), str(patched), "128"), [model, patched],
+           need=int(2 * size * 1.1))
         go("read", me("read", str(model), str(patched)), [model, patched])
         if has_diff():
             go("diff", melsurgery("diff", model, patched, "--json", work / "diff.json"), [model, patched], ok=(1,))
@@ -323,8 +358,8 @@ def report(runs: dict[str, Run], header: str) -> str:
     for name in ("copy", "patch", "patch-wemask", "naive-patch"):
         if name in runs:
             lines.append(row(runs[name], ratio(runs[name], g("copy")), ratio(runs[name], g("copy"), "peak_rss")))
-    lines += ["", "diff (ratios: path / reading both folders)", "", HEAD]
-    for name in ("read", "diff"):
+    lines += ["", "verify and diff (ratios: path / reading both folders)", "", HEAD]
+    for name in ("read", "diff", "verify", "verify-2x512", "naive-verify"):
         if name in runs:
             lines.append(row(runs[name], ratio(runs[name], g("read")), ratio(runs[name], g("read"), "peak_rss")))
     return "\n".join(lines)
