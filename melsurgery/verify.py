@@ -221,7 +221,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
         if bar:
             bar.close()
 
-    found = find_massive(stats[0], params or DetectParams())
+    found = find_massive(stats[0], params or _scan_params(Path(patched)))
     tokens = found.tokens
     result = {
         "text": text_name,
@@ -253,6 +253,14 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
                                                                         generations, max_new_tokens, device, dtype)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _scan_params(patched: Path) -> DetectParams:
+    """The detection thresholds the patch's scan used (from provenance.json), else the defaults."""
+    try:
+        return DetectParams(**json.loads((patched / "provenance.json").read_text())["scan"]["params"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return DetectParams()
 
 
 def _differs_by_rows(a: Checkpoint, b: Checkpoint, name: str, differs) -> bool:
