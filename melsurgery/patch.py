@@ -87,7 +87,7 @@ def run_patch(
         if verify is not None:
             from .verify import measurements_for_card, run_verify
 
-            (tmp / "provenance.json").write_text(json.dumps({"scan": {"me_layer": scan["me_layer"]}}))
+            (tmp / "provenance.json").write_text(json.dumps({"scan": scan_summary(scan)}))
             measured = run_verify(source.folder, tmp, device=device, progress=progress, **verify)
             measured["weights"]["matches_provenance"] = sorted({a.tensor for a in applied}) == measured["weights"][
                 "changed"]
