@@ -35,6 +35,11 @@ class CalibrationSpec:
     max_tokens: int = 128
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        n = self.num_samples
+        if not (n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
+            raise UserError(f"calibration num_samples {n!r}: a positive number, or 'auto'")
+
 
 def run_scan(
     source: Source,
