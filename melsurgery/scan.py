@@ -17,6 +17,7 @@ from .calibrate import Stats, calibrate
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .detect import Detection, DetectParams, detect, entry_dict
+from .errors import UserError
 from .samples import load_tokenizer, read_records, tokenize
 
 SCHEMA_VERSION = 1
@@ -168,8 +169,6 @@ def _finite(x: float) -> float | None:
 
 def write_json(result: dict, path: Path, allow_nan: bool = False) -> None:
     """Write a result as JSON; an unwritable path is a one-line user error."""
-    from .errors import UserError
-
     try:
         Path(path).write_text(json.dumps(result, indent=1, allow_nan=allow_nan) + "\n", encoding="utf-8")
     except OSError as exc:
@@ -177,8 +176,6 @@ def write_json(result: dict, path: Path, allow_nan: bool = False) -> None:
 
 
 def read_json(path: Path) -> dict:
-    from .errors import UserError
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
