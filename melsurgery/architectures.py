@@ -48,6 +48,9 @@ class Family:
     experts: str | None = None
     expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     norm_offset: float = 0.0
+    # queries and keys are normalised per head before the scores: the key's direction, not its size,
+    # decides the sink, so the dims that drive the sink may differ from the massive dims
+    qk_norm: bool = False
     layers: str = "model.layers.{i}."
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -145,13 +148,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
     Family("mistral", ("mistral",)),
     Family("qwen2", ("qwen2",)),
-    Family("qwen3", ("qwen3",)),
-    Family("qwen3-moe", ("qwen3_moe",), experts="mlp.experts"),
+    Family("qwen3", ("qwen3",), qk_norm=True),
+    Family("qwen3-moe", ("qwen3_moe",), experts="mlp.experts", qk_norm=True),
     Family("gemma", ("gemma",), norm_offset=1.0),
     Family("gemma2", ("gemma2",), norm_offset=1.0, **_POST_NORMS),
-    Family("gemma3", ("gemma3_text",), norm_offset=1.0, **_POST_NORMS),
+    Family("gemma3", ("gemma3_text",), norm_offset=1.0, qk_norm=True, **_POST_NORMS),
     Family("phi3", ("phi3",), attn_inputs=("self_attn.qkv_proj",)),
-    Family("olmo2", ("olmo2",), attn_norm=None, ffn_norm=None, ffn_post_norm="post_feedforward_layernorm"),
+    Family("olmo2", ("olmo2",), attn_norm=None, ffn_norm=None, ffn_post_norm="post_feedforward_layernorm",
+           qk_norm=True),
 )
 
 def supported() -> str:

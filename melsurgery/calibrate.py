@@ -17,14 +17,11 @@ from torch import nn
 
 from . import measure
 from .architectures import Family, has_submodule, submodule
+from .attn_input import CANDIDATE_ABS, CANDIDATE_RATIO, AttnInputRecorder
 from .checkpoint.reader import Checkpoint
 from .errors import UserError
 from .measure import Entry, LayerStats
 
-# Entries at least this large (absolute, and times the layer median) get an attribution record, so
-# that any reasonable detection threshold finds its massive entries already explained.
-CANDIDATE_ABS = 50.0
-CANDIDATE_RATIO = 50.0
 CANDIDATE_DIMS = 8
 TOP_NEURONS = 8
 
@@ -300,9 +297,13 @@ def calibrate(
     def observe(i: int, _: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: Probe) -> None:
         entry = measure.layer_stats(i, outputs, k, probe.key_attention)
         entry.attribution = attribute(probe.layer, family, inputs, outputs, probe, entry)  # type: ignore[arg-type]
+        entry.attn_input = probe.attn_input.record  # type: ignore[attr-defined]
         stats.layers.append(entry)
 
-    run_layers(model, [stream], probe=lambda layer: _Probe(layer, family), observe=observe, progress=progress)
+    def probe(layer: nn.Module) -> _Probe:  # the median of the residual entering the layer: the last state's
+        return _Probe(layer, family, stats.layers[-1].median_abs)
+
+    run_layers(model, [stream], probe=probe, observe=observe, progress=progress)
     return stats
 
 
@@ -311,8 +312,9 @@ class _Probe(Probe):
     (before any post-FFN norm), and the neurons' activations (dense: the down projection's input; MoE:
     the expert bank's input and routing)."""
 
-    def __init__(self, layer: nn.Module, family: Family) -> None:
+    def __init__(self, layer: nn.Module, family: Family, input_median: float) -> None:
         super().__init__(layer, family)
+        self.attn_input = AttnInputRecorder(layer, family, input_median)
         self.moe = family.experts is not None and has_submodule(layer, family.experts)
         self.mid: list[torch.Tensor] = []
         self.ffn_out: list[torch.Tensor] = []
@@ -321,7 +323,7 @@ class _Probe(Probe):
 
     def hooks(self) -> list:
         fam, layer = self.family, self.layer
-        handles = super().hooks() + [
+        handles = super().hooks() + self.attn_input.hooks() + [
             submodule(layer, fam.residual_after_attn).register_forward_pre_hook(
                 lambda m, args: self.mid.append(args[0][0].detach())),
             submodule(layer, fam.ffn).register_forward_hook(

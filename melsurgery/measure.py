@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .attn_input import AttnInputRecord
 
 SINK_RATE_THRESHOLD = 0.3
 
@@ -65,6 +69,7 @@ class LayerStats:
     attribution: dict | None = None
     # mean pairwise cosine similarity of the attention inputs; None when not measured
     similarity: float | None = None
+    attn_input: AttnInputRecord | None = None  # the layer's attention input (scan only, see attn_input.py)
 
     @property
     def ratio(self) -> float:

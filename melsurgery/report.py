@@ -102,4 +102,38 @@ def scan_report(r: dict) -> str:
         )
     if r["sink_after_me"] is not None:
         lines.append(f"attention sink after the ME Layer (mean over layers {me + 1}+): {r['sink_after_me']:.3f}")
+    lines += _attention_input_lines(r)
     return "\n".join(lines)
+
+
+def _attention_input_lines(r: dict) -> list[str]:
+    """Per layer after the ME Layer: the magnitude selector and the dims that drive the sink."""
+    lines = []
+    sel = r.get("selector_layers") or []
+    if sel:
+        fired = [s for s in sel if s["threshold"] is not None]
+        none = [s["layer"] for s in sel if s["threshold"] is None]
+        text = "magnitude selector (per layer, from the residual entering it): "
+        if fired:
+            text += (f"thresholds {_num(min(s['threshold'] for s in fired))}-{_num(max(s['threshold'] for s in fired))}"
+                     f" at layers {_ranges([s['layer'] for s in fired])}")
+        if none:
+            text += f"{'; ' if fired else ''}no separating threshold at layers {_ranges(none)}"
+        lines.append(text)
+    sinks = [s for s in r.get("sink_dims") or [] if s["dims"]]
+    if not sinks:
+        return lines
+    k = r["sink_dims_k"]
+    magnitude = [d["dim"] for d in r["top_dims"][:k]]
+    lines.append(f"dims of the massive tokens' attention input that drive the sink (|grad x input|, top {k}; "
+                 f"overlap with the magnitude top-{k} {magnitude}; share of the attribution in each):")
+    for s in sinks:
+        dims = ", ".join(f"{d['dim']} ({100 * d['share']:.0f}%)" for d in s["dims"][:k])
+        lines.append(f"  layer {s['layer']}: {dims}; overlap {s['overlap']:.2f}; share sink top-{k} "
+                     f"{100 * s['sink_top_share']:.0f}% vs magnitude top-{k} {100 * s['magnitude_top_share']:.0f}%")
+    lines.append(f"  mean overlap: {r['sink_dims_overlap']:.2f}")
+    if r.get("qk_norm"):
+        lines.append(f"  this family normalises queries and keys per head (QK-norm): the key's direction decides "
+                     f"the sink, so the massive dims and the dims that drive the sink may differ (measured overlap "
+                     f"{r['sink_dims_overlap']:.2f}); consider wemask --dims-by sink")
+    return lines

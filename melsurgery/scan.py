@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, attn_input
 from .architectures import family_for
 from .calibrate import Stats, calibrate
 from .checkpoint.reader import Checkpoint
@@ -84,7 +84,8 @@ def run_scan(
         stats, det, adaptive = _adaptive(records, calib.seed, lambda recs: measure(sample(recs, None)))
     else:
         stats, det = measure(sample(records, calib.num_samples))  # type: ignore[arg-type]
-    result = build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start)
+    result = build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start,
+                          qk_norm=family.qk_norm)
     result["calibration"].update(adaptive=adaptive, dtype=str(dtype).removeprefix("torch."))
     return result
 
@@ -117,7 +118,7 @@ def _adaptive(records: list[dict], seed: int, measure) -> tuple[Stats, Detection
 
 def build_result(
     source: Source, family: str, stats: Stats, det: Detection, params: DetectParams, calib: CalibrationSpec,
-    calib_name: str, seconds: float,
+    calib_name: str, seconds: float, qk_norm: bool = False,
 ) -> dict:
     layers = []
     massive = set(det.massive_layers)
@@ -136,6 +137,8 @@ def build_result(
             "top": [entry_dict(e, stats) for e in layer.top[:JSON_TOP]],
         })
     after = [s for s in det.sink[det.me_layer + 1 :] if s is not None] if det.me_layer is not None else []
+    tokens = [(t["sample"], t["pos"]) for t in det.massive_tokens]
+    per_layer = attn_input.figures(stats, det.me_layer, tokens, det.massive_dims, [d["dim"] for d in det.top_dims])
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": f"melsurgery {__version__}",
@@ -159,6 +162,8 @@ def build_result(
         "params": asdict(params),
         **det.to_dict(),
         "sink_after_me": sum(after) / len(after) if after else None,
+        "qk_norm": qk_norm,
+        **per_layer,
         "layers": layers,
     }
 

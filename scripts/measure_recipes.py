@@ -15,7 +15,7 @@ import click
 from melsurgery.checkpoint.source import resolve
 from melsurgery.manifest import Manifest
 from melsurgery.patch import run_patch
-from melsurgery.scan import run_scan
+from melsurgery.scan import read_json, run_scan
 from melsurgery.verify import run_verify
 
 VARIANTS: list[tuple[str, list[tuple[str, dict]]]] = [
@@ -23,6 +23,10 @@ VARIANTS: list[tuple[str, list[tuple[str, dict]]]] = [
     ("wemask, layers after-me", [("wemask", {"layers": "after-me"})]),
     ("wemask, layers after-me, strength 0.5", [("wemask", {"layers": "after-me", "strength": 0.5})]),
     ("wemask, layers after-me, selector first", [("wemask", {"layers": "after-me", "selector": "first"})]),
+    ("wemask, layers after-me, dims by sink", [("wemask", {"layers": "after-me", "dims_by": "sink"})]),
+    ("wemask, layers after-me, replace mean", [("wemask", {"layers": "after-me", "replace": "mean"})]),
+    ("wemask, layers after-me, dims by sink, replace mean",
+     [("wemask", {"layers": "after-me", "dims_by": "sink", "replace": "mean"})]),
     ("norm-rescale (default: layer ME+1, top-3 dims, x0.5)", [("norm-rescale", {})]),
     ("norm-rescale, layers after-me, x0 (all tokens)", [("norm-rescale", {"layers": "after-me", "factor": 0.0})]),
     ("ffn-dampen (default: x0.2)", [("ffn-dampen", {})]),
@@ -37,9 +41,12 @@ VARIANTS: list[tuple[str, list[tuple[str, dict]]]] = [
 @click.argument("model", default="default")
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
 @click.option("--windows", type=int, default=None, help="Evaluate at most N windows of 512 tokens.")
-def main(model: str, json_path: Path | None, windows: int | None) -> None:
+@click.option("--only", multiple=True, help="Measure only the rows whose label contains this text (repeatable).")
+@click.option("--scan", "scan_path", type=click.Path(path_type=Path), help="Reuse a scan JSON of MODEL.")
+def main(model: str, json_path: Path | None, windows: int | None, only: tuple[str, ...],
+         scan_path: Path | None) -> None:
     source = resolve(model)
-    scan = run_scan(source)
+    scan = read_json(scan_path) if scan_path else run_scan(source)
     rows = []
     click.echo(f"ME Layer {scan['me_layer']}, massive dims {scan['massive_dims']}, sink after ME "
                f"{scan['sink_after_me']:.3f} (calibration)")
@@ -47,6 +54,8 @@ def main(model: str, json_path: Path | None, windows: int | None) -> None:
                "| Δppl | time |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, recipes in VARIANTS:
+        if only and not any(text in label for text in only):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             res = run_patch(source, Path(tmp) / "out", Manifest(model=model, recipes=recipes), scan=scan)

@@ -103,24 +103,29 @@ def me_norm(model, layer, factor, dims=None):
     return [norm.register_forward_hook(hook)]
 
 
-def wemask(model, layers, dims, strength, selector, selector_dims=(), threshold=None, first_positions=None):
-    """Masks dims of selected tokens; `first_positions[b]` is the index of row b's first real token."""
+def wemask(model, per_layer, selector, selector_dims=(), first_positions=None):
+    """Per layer (layer, dims, strength, threshold, values or None): the dims of selected tokens move
+    towards the values (zero when None) by strength; `first_positions[b]`: row b's first real token."""
+    handles = []
+    for layer, dims, strength, threshold, values in per_layer:
+        target = values if values is not None else [0.0] * len(dims)
 
-    def edit(h, x):
-        x = x.clone()
-        B, T, _ = h.shape
-        for b in range(B):
-            for t in range(T):
-                if selector == "magnitude":
-                    chosen = max(abs(float(h[b, t, d])) for d in selector_dims) >= threshold
-                else:
-                    chosen = first_positions is not None and t == first_positions[b]
-                if chosen:
-                    for d in dims:
-                        x[b, t, d] = x[b, t, d] * (1 - strength)
-        return x
+        def edit(h, x, dims=dims, strength=strength, threshold=threshold, target=target):
+            x = x.clone()
+            B, T, _ = h.shape
+            for b in range(B):
+                for t in range(T):
+                    if selector == "magnitude":
+                        chosen = max(abs(float(h[b, t, d])) for d in selector_dims) >= threshold
+                    else:
+                        chosen = first_positions is not None and t == first_positions[b]
+                    if chosen:
+                        for d, v in zip(dims, target):
+                            x[b, t, d] = x[b, t, d] * (1 - strength) + strength * v
+            return x
 
-    return on_attention_input(model, layers, edit)
+        handles += on_attention_input(model, [layer], edit)
+    return handles
 
 
 def remove(handles):
@@ -137,8 +142,9 @@ def for_plan(plan, model, scan, rows: int = 8):
         return ffn_dampen(model, p["layer"], p["neurons"], p["factor"])
     if plan.recipe == "me-norm":
         return me_norm(model, p["layer"], p["factor"], p["dims"])
-    return wemask(model, p["layers"], p["dims"], p["strength"], p["selector"], scan["massive_dims"],
-                  scan["selector_threshold"], first_positions=[0] * rows)
+    spec = plan.wemask
+    per_layer = [(m.layer, m.dims, m.strength, m.threshold, m.values) for m in spec.per_layer]
+    return wemask(model, per_layer, spec.selector, scan["massive_dims"], first_positions=[0] * rows)
 
 
 def whole_verify(base, patched, windows, first_target, massive):

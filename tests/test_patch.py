@@ -149,6 +149,7 @@ def test_first_selector_masks_only_the_real_first_token(planted, planted_scan, t
     patch(planted, tmp_path / "out", [("wemask", {"selector": "first", "layers": "after-me"})], scan=planted_scan)
     model, tok = melsurgery.load(tmp_path / "out")
     spec = model.config.melsurgery_wemask
+    dims = spec["per_layer"][0]["dims"]
     seen = {}
 
     def spy(i):
@@ -166,7 +167,7 @@ def test_first_selector_masks_only_the_real_first_token(planted, planted_scan, t
         model(ids, attention_mask=mask)
     for i in spec["layers"]:
         h, out = seen[i]
-        zero = out[..., spec["dims"]].abs().amax(-1) == 0
+        zero = out[..., dims].abs().amax(-1) == 0
         assert zero[0].nonzero().flatten().tolist() == [pad]
         assert zero[1].nonzero().flatten().tolist() == [0]
     # during cached decoding, new tokens are never masked
@@ -177,7 +178,7 @@ def test_first_selector_masks_only_the_real_first_token(planted, planted_scan, t
               cache=o.past_key_values, use_cache=True)
     for i in spec["layers"]:
         h, out = seen[i]
-        assert out.shape[1] == 1 and out[0, 0, spec["dims"]].abs().min() > 0
+        assert out.shape[1] == 1 and out[0, 0, dims].abs().min() > 0
     ref.remove(handles)
 
 

@@ -4,12 +4,13 @@ This file is self-contained: it needs only torch and transformers. Loading with
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` builds the stock model class
 named in config.json `architectures` and adds forward hooks configured by `melsurgery_wemask`:
 
-    in the attention input of `layers`, the entries `dims` of the selected tokens are multiplied by
-    (1 - strength). The attention input is the output of the attention-input norm `norm`, or, in
+    in the attention input of each layer of `per_layer`, the entries `dims` of the selected tokens are
+    moved towards `values` (zero when `values` is null) by `strength`: x <- (1 - strength) x +
+    strength value. The attention input is the output of the attention-input norm `norm`, or, in
     families without one (OLMo 2: `norm` is null), the residual stream itself as it enters `attn`.
 
-Selectors: "magnitude" selects a token when max |h[dims']| of its residual stream (the norm's input,
-or the attention's input; dims' = `selector_dims`) reaches `threshold`; "first" selects the first real
+Selectors: "magnitude" selects a token when max |h[selector_dims]| of its residual stream (the norm's
+input, or the attention's input) reaches that layer's `threshold`; "first" selects the first real
 token of each sequence, found from the 2-D attention mask (left padding) or the cache position, so
 that KV-cache decoding never selects newly generated tokens. Hooks do not change parameter names: the
 weights are the stock model's.
@@ -44,53 +45,67 @@ def _first_tokens(kwargs, batch: int, length: int, device) -> torch.Tensor:
     return (position.to(device) == 0).reshape(1, -1).expand(batch, length)
 
 
-def apply_wemask(model, spec=None, norm_path="input_layernorm", layers_path="model.layers"):
+def apply_wemask(model, spec=None):
     """Install the WeMask hooks on a loaded model; returns the hook handles (remove them to undo)."""
     spec = spec if spec is not None else getattr(model.config, CONFIG_KEY, None)
     if not spec:
         return []
     spec = dict(spec)
-    norm_path = spec.get("norm", norm_path)
-    layers = _submodule(model, spec.get("layers_module", layers_path))
-    dims = torch.tensor(spec["dims"], dtype=torch.long)
-    sel_dims = torch.tensor(spec.get("selector_dims") or spec["dims"], dtype=torch.long)
-    keep = 1.0 - float(spec.get("strength", 1.0))
+    layers = _submodule(model, spec.get("layers_module", "model.layers"))
+    sel_dims = torch.tensor(spec["selector_dims"], dtype=torch.long)
     selector = spec.get("selector", "magnitude")
-    threshold = spec.get("threshold")
     state: dict = {}
 
-    def mask(h, x):
-        """x (the attention input) with dims of the selected tokens scaled; h is their residual stream."""
-        if selector == "magnitude":
-            chosen = h[..., sel_dims.to(h.device)].abs().amax(-1).float() >= float(threshold)
-        else:
-            chosen = state.get("first")
-            if chosen is None or chosen.shape != h.shape[:-1]:
-                chosen = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
-                chosen[..., 0] = True
-        factor = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-        factor[dims.to(x.device)] = keep
-        return torch.where(chosen[..., None].to(x.device), x * factor, x)
+    def make_mask(entry):
+        dims = torch.tensor(entry["dims"], dtype=torch.long)
+        strength = float(entry["strength"])
+        values = torch.tensor(entry.get("values") or [0.0] * len(entry["dims"]), dtype=torch.float32)
+        threshold = entry.get("threshold")
 
-    def norm_hook(module, args, output):
-        return mask(args[0], output)
+        def mask(h, x):
+            """x (the attention input) with dims of the selected tokens replaced; h is their residual."""
+            if selector == "magnitude":
+                chosen = h[..., sel_dims.to(h.device)].abs().amax(-1).float() >= float(threshold)
+            else:
+                chosen = state.get("first")
+                if chosen is None or chosen.shape != h.shape[:-1]:
+                    chosen = torch.zeros(h.shape[:-1], dtype=torch.bool, device=h.device)
+                    chosen[..., 0] = True
+            d = dims.to(x.device)
+            old = x[..., d]
+            new = (1.0 - strength) * old + strength * values.to(device=x.device, dtype=x.dtype)
+            out = x.clone()
+            out[..., d] = torch.where(chosen[..., None].to(x.device), new, old)
+            return out
 
-    def attn_pre_hook(module, args, kwargs):
-        if args:
-            return (mask(args[0], args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": mask(kwargs["hidden_states"], kwargs["hidden_states"])}
+        return mask
+
+    def norm_hook(mask):
+        return lambda module, args, output: mask(args[0], output)
+
+    def attn_pre_hook(mask):
+        def hook(module, args, kwargs):
+            if args:
+                return (mask(args[0], args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": mask(kwargs["hidden_states"], kwargs["hidden_states"])}
+
+        return hook
 
     def model_pre_hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         state["first"] = _first_tokens(kwargs, ref.shape[0], ref.shape[1], ref.device)
 
-    if norm_path:
-        handles = [_submodule(layers[i], norm_path).register_forward_hook(norm_hook) for i in spec["layers"]]
-    else:
-        attn = spec.get("attn", "self_attn")
-        handles = [_submodule(layers[i], attn).register_forward_pre_hook(attn_pre_hook, with_kwargs=True)
-                   for i in spec["layers"]]
+    handles = []
+    active = set(spec.get("layers", [e["layer"] for e in spec["per_layer"]]))  # a caller may narrow `layers`
+    for entry in (e for e in spec["per_layer"] if e["layer"] in active):
+        mask = make_mask(entry)
+        layer = layers[entry["layer"]]
+        if spec.get("norm"):
+            handles.append(_submodule(layer, spec["norm"]).register_forward_hook(norm_hook(mask)))
+        else:
+            handles.append(_submodule(layer, spec.get("attn", "self_attn")).register_forward_pre_hook(
+                attn_pre_hook(mask), with_kwargs=True))
     if selector == "first":
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     return handles

@@ -18,26 +18,45 @@ from .params import resolve as resolve_params
 
 
 @dataclass(frozen=True)
+class WeMaskLayer:
+    """What the custom layer does in one layer: the dims of the selected tokens' attention input move
+    towards `values` (None: zero) by `strength` (x <- (1 - strength) x + strength value)."""
+
+    layer: int
+    dims: tuple[int, ...]
+    strength: float
+    threshold: float | None = None  # magnitude selector: max |h| over the selector dims of the residual
+    values: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class WeMaskSpec:
     """Token-selective masking of attention-input dims; stored in config.json as `melsurgery_wemask`.
 
     Where the custom layer hooks (module paths from the family entry): the output of `norm` of each
     listed layer, or, where the family has no attention-input norm (`norm` None), the input of `attn`.
+    `install` (recipes/wemask.py) applies a spec to a model in memory.
     """
 
-    layers: tuple[int, ...]
-    dims: tuple[int, ...]
-    strength: float = 1.0
+    per_layer: tuple[WeMaskLayer, ...]
     selector: str = "magnitude"  # or "first"
     selector_dims: tuple[int, ...] = ()
-    threshold: float | None = None
+    replace: str = "zero"  # or "mean": the mean attention input of the ordinary tokens at that layer
     norm: str | None = "input_layernorm"
     attn: str = "self_attn"
     layers_module: str = "model.layers"
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(m.layer for m in self.per_layer)
+
     def to_config(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        def plain(v):
+            if isinstance(v, tuple | list):
+                return [plain(x) for x in v]
+            return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+        return {"layers": list(self.layers), **plain(asdict(self))}
 
 
 @dataclass

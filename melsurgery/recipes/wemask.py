@@ -1,24 +1,60 @@
-"""WeMask (Shi et al. 2026): zero the top massive dims of the massive tokens in the attention input.
+"""WeMask (Shi et al. 2026): mask dims of the massive tokens in the attention input.
 
 Token-selective, so it cannot fold into weights: the patched checkpoint carries a custom layer
 (a forward hook on the attention-input norm of the chosen layers, or a pre-hook on the attention
-where the family has no such norm) configured from config.json.
+where the family has no such norm) configured from config.json. Everything it needs per layer (the
+selector threshold, the dims, the strength, the replacement values) comes from the scan result, so
+planning is a pure function of it; `install` applies a plan's spec to a model in memory.
 """
 
 from __future__ import annotations
 
 from ..architectures import Family
 from ..errors import UserError
-from . import RecipePlan, WeMaskSpec, parse_layers, pick_dims, require_me
+from . import RecipePlan, WeMaskLayer, WeMaskSpec, parse_layers, pick_dims, require_me
 from .params import ATTN_DIMS, Param
 
 NAME = "wemask"
 FOLDS = False
 PARAMS = (*ATTN_DIMS,
-          Param("strength", "float", 1.0, "wemask: 1 zeroes the dims, 0.5 halves them.", flag="--strength",
+          Param("strength", "float", 1.0, "wemask: 1 replaces the dims, 0.5 moves them halfway.", flag="--strength",
                 low=0.0, high=1.0),
+          Param("strength_end", "float", None, "wemask: strength at the last masked layer, interpolated linearly "
+                "in the layer index from --strength at the first.", flag="--strength-end", low=0.0, high=1.0),
           Param("selector", "choice", "magnitude", "wemask: which tokens are masked.", flag="--selector",
-                choices=("magnitude", "first")))
+                choices=("magnitude", "first")),
+          Param("dims_by", "choice", "magnitude", "wemask: choose dims by magnitude at the ME Layer (the same "
+                "for every layer) or by the scan's sink attribution (per layer).", flag="--dims-by",
+                choices=("magnitude", "sink")),
+          Param("replace", "choice", "zero", "wemask: replace the dims by zero or by the mean attention input of "
+                "the ordinary tokens at that layer (from calibration).", flag="--replace", choices=("zero", "mean")))
+
+
+def _scan_layers(scan: dict, key: str) -> dict[int, dict]:
+    entries = scan.get(key)
+    if entries is None:
+        raise UserError(f"the scan result has no {key!r} (it predates per-layer figures); rerun scan")
+    return {int(e["layer"]): e for e in entries}
+
+
+def _sink_dims(scan: dict, layer: int, top_k: int, mask_ratio: float | None) -> tuple[int, ...]:
+    ranked = _scan_layers(scan, "sink_dims").get(layer, {}).get("dims") or []
+    if not ranked:
+        raise UserError(f"wemask --dims-by sink: the scan has no sink attribution at layer {layer} (the massive "
+                        "tokens do not stand out there); choose other --layers or --dims-by magnitude")
+    if mask_ratio is not None:
+        return tuple(d["dim"] for d in ranked if d["score"] >= mask_ratio * ranked[0]["score"])
+    if top_k > len(ranked):
+        raise UserError(f"wemask --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
+                        f"{len(ranked)} or less")
+    return tuple(d["dim"] for d in ranked[:top_k])
+
+
+def _strengths(layers: tuple[int, ...], start: float, end: float | None) -> list[float]:
+    if end is None or len(layers) == 1:
+        return [start] * len(layers)
+    lo, hi = layers[0], layers[-1]
+    return [start + (end - start) * (i - lo) / (hi - lo) for i in layers]
 
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
@@ -27,16 +63,63 @@ def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
     if any(i <= me for i in layers):
         raise UserError(f"wemask acts on layers after the ME Layer ({me}); got {list(layers)}")
-    dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
-    threshold = scan.get("selector_threshold")
-    if p["selector"] == "magnitude" and not threshold:
-        raise UserError("the scan has no selector threshold; rerun scan or use --selector first")
-    spec = WeMaskSpec(layers, dims, float(p["strength"]), p["selector"], tuple(scan["massive_dims"]),
-                      float(threshold) if threshold else None, norm=family.attn_norm, attn=family.attn,
-                      layers_module=family.layers_module)
-    which = "the first token"
+    if p["dims_by"] == "sink" and p["dims"]:
+        raise UserError("wemask: --dims names the dims itself; drop --dims-by sink or --dims")
+    thresholds: dict[int, float | None] = dict.fromkeys(layers)
+    skipped: list[int] = []
     if p["selector"] == "magnitude":
-        which = "tokens whose residual exceeds the calibrated threshold"
-    summary = (f"WeMask: in the attention input of layers {list(layers)}, dims {list(dims)} of {which} "
-               f"scaled by {1 - spec.strength:g}")
-    return RecipePlan("wemask", {**p, "layers": list(layers), "dims": list(dims)}, summary, wemask=spec, folds=False)
+        selectors = _scan_layers(scan, "selector_layers")
+        thresholds = {i: selectors.get(i, {}).get("threshold") for i in layers}
+        skipped = [i for i in layers if thresholds[i] is None]
+        if len(skipped) == len(layers):
+            worst = selectors.get(layers[0], {})
+            raise UserError(
+                f"wemask: the magnitude selector would select no token on the calibration set at layers "
+                f"{list(layers)}: the massive tokens do not stand out in the residual entering them (smallest "
+                f"massive {worst.get('massive_min', 0):,.1f} vs others up to {worst.get('others_max', 0):,.1f} at "
+                f"layer {layers[0]}); choose other --layers or --selector first")
+        layers = tuple(i for i in layers if i not in skipped)
+    means = _scan_layers(scan, "ordinary_mean") if p["replace"] == "mean" else {}
+    if p["replace"] == "mean" and any(i not in means for i in layers):
+        raise UserError(f"wemask --replace mean: the scan has no ordinary-token mean for layers "
+                        f"{[i for i in layers if i not in means]}; rerun scan")
+    fixed = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"]) if p["dims_by"] == "magnitude" else None
+    per_layer = []
+    for i, strength in zip(layers, _strengths(layers, float(p["strength"]), p["strength_end"])):
+        dims = fixed or _sink_dims(scan, i, p["top_k"], p["mask_ratio"])
+        values = tuple(float(means[i]["mean"][d]) for d in dims) if means else None
+        per_layer.append(WeMaskLayer(i, dims, strength, thresholds[i], values))
+    spec = WeMaskSpec(tuple(per_layer), p["selector"], tuple(scan["massive_dims"]), p["replace"],
+                      norm=family.attn_norm, attn=family.attn, layers_module=family.layers_module)
+    return RecipePlan("wemask", {**p, "layers": list(layers), "dims": _dims_param(per_layer)}, _summary(spec, skipped),
+                      wemask=spec, folds=False)
+
+
+def _dims_param(per_layer: list[WeMaskLayer]) -> list[int] | dict[str, list[int]]:
+    """The dims for provenance: one list when every layer masks the same dims, else per layer."""
+    if len({m.dims for m in per_layer}) == 1:
+        return list(per_layer[0].dims)
+    return {str(m.layer): list(m.dims) for m in per_layer}
+
+
+def _summary(spec: WeMaskSpec, skipped: list[int]) -> str:
+    which = "the first token"
+    if spec.selector == "magnitude":
+        which = "tokens whose residual exceeds the layer's calibrated threshold"
+    dims = _dims_param(list(spec.per_layer))
+    strengths = sorted({m.strength for m in spec.per_layer})
+    how = "set to the ordinary tokens' mean" if spec.replace == "mean" else "zeroed"
+    amount = (f"strength {strengths[0]:g}" if len(strengths) == 1
+              else f"strength {spec.per_layer[0].strength:g} to {spec.per_layer[-1].strength:g}")
+    text = (f"WeMask: in the attention input of layers {list(spec.layers)}, dims {dims} of {which} {how} "
+            f"({amount})")
+    if skipped:
+        text += f"; layers {skipped} left alone: the massive tokens do not stand out there on calibration text"
+    return text
+
+
+def install(model, spec: WeMaskSpec) -> list:
+    """Apply a spec to a loaded model in memory (the custom layer's own hooks); remove the handles to undo."""
+    from ..modeling.modeling_melsurgery import apply_wemask
+
+    return apply_wemask(model, spec.to_config())
