@@ -571,14 +571,15 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     # the held-out text as verify reads it, so that `verify --text` reproduces the held-out figures
     (run_dir / "heldout.txt").write_text(held_raw, encoding="utf-8")
 
-    if scan is None:
+    if scan is None:  # scanned once per run folder: later runs and other workers reuse it
         scan_path = run_dir / "scan.json"
         key = {"calibration": str(asdict(calibration)), "detection": asdict(detection), "folder": str(source.folder)}
-        if scan_path.is_file() and json.loads(scan_path.read_text()).get("tune_key") == key:
-            scan = json.loads(scan_path.read_text())
-        else:
-            scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-            scan_path.write_text(json.dumps({**scan, "tune_key": key}, default=str))
+        with _locked(run_dir):
+            if scan_path.is_file() and json.loads(scan_path.read_text()).get("tune_key") == key:
+                scan = json.loads(scan_path.read_text())
+            else:
+                scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
+                _atomic_text(scan_path, json.dumps({**scan, "tune_key": key}, default=str))
     space = make_space(opts.recipes, scan)
     fingerprint = {"model": str(source.folder), "recipes": list(opts.recipes), "objective": opts.objective,
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,

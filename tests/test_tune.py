@@ -15,7 +15,7 @@ from planted import build_model, llama_config, save_model
 from melsurgery.checkpoint.source import resolve
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
 from melsurgery.recipes.params import Param
-from melsurgery.scan import run_scan
+from melsurgery.scan import run_scan, write_json
 from melsurgery.tune import Evaluator, Space, make_space, text_windows
 
 SINK_LAYER = 5  # the last layer; the planted ME Layer is 3
@@ -66,12 +66,14 @@ def sinkmodel(tmp_path_factory):
     folder = sink_planted(root / "model")
     (root / "tune.txt").write_text(TUNE_TEXT)
     (root / "held.txt").write_text(HELD_TEXT)
+    write_json(run_scan(resolve(str(folder))), root / "scan.json")
     return root, folder
 
 
 def _tune(root, folder, run, *extra):
+    """The CLI on the tuning and held-out texts, reusing the module's scan (the workers test scans in-run)."""
     return run_cli("tune", folder, "-o", run, "--text", root / "tune.txt", "--heldout", root / "held.txt",
-                   "--max-tokens", 256, "--quiet", *extra)
+                   "--max-tokens", 256, "--scan", root / "scan.json", "--quiet", *extra)
 
 
 def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmodel, tmp_path):
@@ -118,7 +120,7 @@ def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
 
     root, folder = sinkmodel
     source = resolve(str(folder))
-    scan = run_scan(source)
+    scan = json.loads((root / "scan.json").read_text())
     ev = Evaluator(source, scan)
     try:
         text = ev.base_pass("held", text_windows(load_tokenizer(folder), HELD_TEXT, 256, None))
@@ -129,6 +131,13 @@ def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
         assert ev.run(text, []).kl_mean == 0.0
     finally:
         ev.close()
+    streamed = Evaluator(source, scan, stream=True)  # no layer kept: each trial loads its suffix again
+    try:
+        again = streamed.run(streamed.base_pass("held", text.windows), plans)
+    finally:
+        streamed.close()
+    assert again.kl_mean == pytest.approx(first.kl_mean, rel=1e-5)
+    assert again.sink_patched == pytest.approx(first.sink_patched, rel=1e-5)
     run_patch(source, tmp_path / "p", Manifest(model=str(folder), recipes=recipes), scan=scan)
     (tmp_path / "held.txt").write_text(HELD_TEXT)
     v = run_verify(folder, tmp_path / "p", text=tmp_path / "held.txt", max_tokens=256, generations=0)
