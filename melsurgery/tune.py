@@ -27,9 +27,9 @@ from .architectures import Family, family_for, submodule
 from .calibrate import StreamingModel
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
-from .checkpoint.writer import edited_tensor
+from .edits import Edit, edited_tensor
 from .errors import UserError
-from .recipes import Edit, Recipe, RecipePlan, plan_recipes, registry, resolve_recipes
+from .recipes import Recipe, RecipePlan, plan_recipes, registry, resolve_recipes
 
 STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
