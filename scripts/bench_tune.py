@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", nargs="?", default="default", help="A model folder, or `default` (SmolLM2).")
     ap.add_argument("--trials", type=int, default=8, help="Random trials to time (default 8).")
     ap.add_argument("--max-tokens", type=int, default=512, help="Window length (default 512, as verify).")
+    ap.add_argument("--scan", type=Path, help="Reuse a scan JSON (e.g. a tune run's RUN_DIR/scan.json).")
     args = ap.parse_args(argv)
 
     import optuna
@@ -34,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from melsurgery.patch import run_patch
     from melsurgery.recipes import plan_recipes, registry, resolve_recipes
     from melsurgery.samples import load_tokenizer
-    from melsurgery.scan import run_scan
+    from melsurgery.scan import read_json, run_scan
     from melsurgery.tune import Evaluator, make_space, split_text, text_windows
     from melsurgery.verify import eval_text, run_verify
 
     source = resolve(args.model)
-    scan = run_scan(source)
+    scan = read_json(args.scan) if args.scan else run_scan(source)
     tune_raw, _ = split_text(eval_text(None)[0])
     windows = text_windows(load_tokenizer(source.folder), tune_raw, args.max_tokens, None)
     tokens = sum(len(w) for w in windows)
