@@ -564,7 +564,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
         tune_raw, (held_raw, held_name) = raw, eval_text(heldout)
     tokenizer = load_tokenizer(source.folder)
     tune_w = text_windows(tokenizer, tune_raw, opts.max_tokens, opts.windows)
-    held_w = text_windows(tokenizer, held_raw, opts.max_tokens, None)
+    held_w = text_windows(tokenizer, held_raw, opts.max_tokens, opts.windows)
     if not tune_w or not held_w:
         raise UserError(f"{text_name}: too short to split into tuning and held-out windows of {opts.max_tokens} "
                         "tokens; give a longer --text or a --heldout file")
@@ -651,11 +651,27 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
         with _locked(run_dir):
             complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
             records = [trial_record(t) for t in sorted(complete, key=lambda t: t.number)]
+            measured: dict[str, dict] = {}  # by what a setting does (its edits and mask): measured once
+
+            def effect(recipes: list[tuple[str, dict]]) -> str:
+                plans = plan_recipes(scan, evaluator.family, config, recipes)
+                return repr([(p.edits, p.wemask) for p in plans])
+
+            tried = {effect([(x["name"], x["params"]) for x in r["recipes"]]): r for r in records}
+
+            def both(recipes: list[tuple[str, dict]]) -> dict:
+                """Tuning figures (from its trial where there is one) and held-out figures of a setting."""
+                key = effect(recipes)
+                if key not in measured:
+                    on_tuning = Figures(**tried[key]["figures"]) if key in tried else measure(recipes, tuning)
+                    measured[key] = _measured(recipes, on_tuning, measure(recipes, held))
+                return measured[key]
+
             defaults = []
             for r in space.recipes:
                 recipes = resolve_recipes([(r.name, {})])
                 try:
-                    defaults.append(_measured(recipes, measure(recipes, tuning), measure(recipes, held)))
+                    defaults.append(both(recipes))
                 except UserError as exc:  # a default that does not apply to this model (e.g. no neurons)
                     defaults.append({"recipes": [{"name": r.name, "params": recipes[0][1]}], "error": str(exc)})
             chosen = best_within(records, opts.objective, opts.max_kl, opts.max_ppl_increase)
@@ -664,16 +680,14 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                 best = best_within(records, opts.objective, b, opts.max_ppl_increase)
                 if best:
                     recipes = [(x["name"], x["params"]) for x in best["recipes"]]
-                    by_budget[str(b)] = {"trial": best["number"],
-                                         **_measured(recipes, Figures(**best["figures"]), measure(recipes, held))}
+                    by_budget[str(b)] = {"trial": best["number"], **both(recipes)}
             manifest = None
             chosen_out = None
             if chosen:
-                recipes = resolve_recipes([(x["name"], x["params"]) for x in chosen["recipes"]])
+                recipes = [(x["name"], x["params"]) for x in chosen["recipes"]]
                 manifest = Manifest(model=model_arg, revision=source.revision, calibration=calibration,
-                                    detection=detection, recipes=recipes)
-                chosen_out = {"trial": chosen["number"],
-                              **_measured(recipes, Figures(**chosen["figures"]), measure(recipes, held)),
+                                    detection=detection, recipes=resolve_recipes(recipes))
+                chosen_out = {"trial": chosen["number"], **both(recipes),
                               "manifest": "best.yaml"}
             data = {
                 "schema_version": 1,

@@ -32,7 +32,7 @@ from .shared import device_option, dtype_option, resolve_device, revision_option
 @click.option("--heldout", type=click.Path(path_type=Path), default=None,
               help="Held-out text for re-measuring the choice (default: the second half of --text).")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")
-@click.option("--windows", type=click.IntRange(min=1), default=None, help="Use at most N tuning windows.")
+@click.option("--windows", type=click.IntRange(min=1), default=None, help="Use at most N windows of each text.")
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), help="Reuse a scan JSON instead of scanning.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text for the scan.")
 @click.option("--stream", is_flag=True, help="Load each layer from disk in every trial (models larger than memory).")
