@@ -550,11 +550,6 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     validate(opts)
     calibration = calibration or CalibrationSpec()
     detection = detection or DetectParams()
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
     raw, text_name = eval_text(text)
     if heldout is None:
         tune_raw, held_raw = split_text(raw)
@@ -568,8 +563,15 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     if not tune_w or not held_w:
         raise UserError(f"{text_name}: too short to split into tuning and held-out windows of {opts.max_tokens} "
                         "tokens; give a longer --text or a --heldout file")
+    if scan is not None:
+        make_space(opts.recipes, scan)  # a scan without an ME Layer is refused before anything is written
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
     # the held-out text as verify reads it, so that `verify --text` reproduces the held-out figures
-    (run_dir / "heldout.txt").write_text(held_raw, encoding="utf-8")
+    _atomic_text(run_dir / "heldout.txt", held_raw)
 
     if scan is None:  # scanned once per run folder: later runs and other workers reuse it
         scan_path = run_dir / "scan.json"

@@ -236,3 +236,10 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
 def test_cli_lists_tune():
     r = subprocess.run([sys.executable, "-m", "melsurgery", "tune", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--max-kl" in r.stdout
+
+
+def test_unreadable_text_is_refused_before_anything_is_written(sinkmodel, tmp_path):
+    root, folder = sinkmodel
+    r = run_cli("tune", folder, "-o", tmp_path / "run", "--text", tmp_path / "missing.txt", "--quiet")
+    assert r.returncode == 2 and r.stderr.startswith("melsurgery: error:") and "missing.txt" in r.stderr
+    assert not (tmp_path / "run").exists()
