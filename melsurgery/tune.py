@@ -450,7 +450,7 @@ def text_windows(tokenizer, raw: str, max_tokens: int, limit: int | None) -> lis
 
 # --- The study ---
 
-def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int, constraints):
+def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int):
     """Create or continue the study in RUN_DIR (a journal file), or in `storage` (any Optuna storage URL).
 
     A study holds one model, text and search space: continuing it with others is refused.
@@ -479,8 +479,7 @@ def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int,
                         "use a new RUN_DIR (or --storage) or the original settings")
     done = len(study.get_trials(deepcopy=False))
     # a continued run must not replay the proposals of the first one
-    study.sampler = optuna.samplers.TPESampler(seed=seed + done, constraints_func=constraints,
-                                               n_startup_trials=8)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + done, n_startup_trials=8)
     return study
 
 
@@ -587,15 +586,8 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,
                    "me_layer": space.me_layer, "dtype": str(dtype)}
 
-    def constraints(t) -> list[float]:
-        fig = t.user_attrs.get("figures")
-        if fig is None:
-            return [1.0]
-        return [(fig["kl_mean"] - opts.max_kl) if opts.max_kl else -1.0,
-                (fig["ppl_increase_pct"] - opts.max_ppl_increase) if opts.max_ppl_increase else -1.0]
-
     with _locked(run_dir):
-        study = open_study(run_dir, opts.storage, fingerprint, opts.seed, constraints)
+        study = open_study(run_dir, opts.storage, fingerprint, opts.seed)
         if not study.get_trials(deepcopy=False):  # a new study starts from the recipes' defaults
             for r in space.recipes:
                 study.enqueue_trial(space.defaults(r))
@@ -613,6 +605,9 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
             trial.set_user_attr("recipes", [{"name": n, "params": p} for n, p in recipes])
             trial.set_user_attr("figures", asdict(fig))
             trial.set_user_attr("worker", os.getpid())
+            # the budget as Optuna constraints (feasible at <= 0): the sampler favours settings within it
+            trial.set_constraint("kl", fig.kl_mean - opts.max_kl if opts.max_kl else -1.0)
+            trial.set_constraint("ppl", fig.ppl_increase_pct - opts.max_ppl_increase if opts.max_ppl_increase else -1.0)
             if not fig.finite():
                 raise optuna.TrialPruned("non-finite figures")
             return fig.objective(opts.objective), fig.kl_mean
