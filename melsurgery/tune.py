@@ -632,7 +632,8 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                     best = best_within(recs, opts.objective, opts.max_kl, opts.max_ppl_increase)
                     if best:
                         f = best["figures"]
-                        bar.set_postfix_str(f"best #{best['number']}: {opts.objective} {-f[_key(opts.objective)]:+.1f}% "
+                        change = -f[_key(opts.objective)]
+                        bar.set_postfix_str(f"best #{best['number']}: {opts.objective} {change:+.1f}% "
                                             f"KL {f['kl_mean']:.4f}")
 
             stop = optuna.study.MaxTrialsCallback(opts.trials, states=tuple(
