@@ -762,7 +762,7 @@ def tune_report(result: TuneResult) -> str:
         base, patched = (h["sink_base"], h["sink_patched"]) if d["objective"] == "sink" else \
             (h["ratio_base"], h["ratio_patched"])
         recipes = "; ".join(f"{r['name']} {_short(r['params'])}" for r in entry["recipes"])
-        return (f"  {label:<16} {base:>8.3f} -> {patched:<8.3f} ({-h[key]:+6.1f}%)  KL {h['kl_mean']:.4f}  "
+        return (f"  {label:<22} {base:>8.3f} -> {patched:<8.3f} ({-h[key]:+6.1f}%)  KL {h['kl_mean']:.4f}  "
                 f"ppl {h['ppl_base']:.2f} -> {h['ppl_patched']:.2f}  {recipes}")
 
     for entry in d["defaults"]:
