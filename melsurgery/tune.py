@@ -15,20 +15,20 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from .architectures import Family, family_for, submodule
-from .calibrate import StreamingModel
+from .architectures import Family, family_for
+from .calibrate import Probe, Stream, StreamingModel, run_layers
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .edits import Edit, edited_tensor
 from .errors import UserError
+from .measure import DetectParams, LayerStats, find_massive, layer_stats, sink, top_k_for
 from .recipes import Recipe, RecipePlan, plan_recipes, registry, resolve_recipes
 
 STUDY = "melsurgery-tune"
@@ -36,63 +36,30 @@ OBJECTIVES = ("sink", "ratio")
 BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the README)
 # Parameters the search leaves at their defaults: explicit dim/neuron lists, and mask_ratio, which is an
 # alternative to top_k. Every other declared parameter is searched over its declared range.
-BATCH = 8  # windows per forward call
 FIXED = {"dims", "mask_ratio", "neurons"}
 # Upper ends for declared integers without one, from the scan.
 INT_HIGH = {"top_k": lambda scan: max(1, min(8, len(scan.get("top_dims") or scan["massive_dims"])))}
 
 
-# --- Measurements: verify's definitions, in this one place (swap for the measurement core when it lands) ---
+# --- Measurements: massive tokens, sink and ratio come from `measure` (the one definition, as verify) ---
 
-def massive_positions(states: list[torch.Tensor]) -> list[int]:
-    """Massive token positions of one window, from the base model's per-layer outputs [T, D]."""
-    from .verify import _massive_positions
-
-    return _massive_positions(SimpleNamespace(states=states))
-
-
-def layer_sink(weights: torch.Tensor, positions: list[int]) -> float:
-    """Sink score of one layer on one window, from eager attention weights [1, H, T, T]."""
-    from .verify import _sink
-
-    return _sink(head_mean(weights), positions)
-
-
-def head_mean(weights: torch.Tensor) -> torch.Tensor:
-    return weights[0].float().mean(0)
-
-
-def layer_ratio(h: torch.Tensor) -> float:
-    """max |h| / median |h| of one layer's output [T, D] (verify's per-layer ratio)."""
-    a = h.abs()
-    return float(a.max() / a.median().clamp(min=1e-12))
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities [T-1, V] of one window's logits [T, V]."""
-    return logits[:-1].float().log_softmax(-1)
+def log_probs(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """Log-probabilities [T - first, V] of the scored tokens (after the special prefix) of one window."""
+    return logits[first - 1 : -1].double().log_softmax(-1)
 
 
 def kl_sum(base_logp: torch.Tensor, logp: torch.Tensor) -> float:
-    """KL(base || patched) summed over the predicted tokens (the mean divides by their count)."""
-    return float((base_logp.exp() * (base_logp - logp)).sum())
+    """KL(base || patched) summed over the scored tokens (the mean divides by their count)."""
+    return float((base_logp.exp() * (base_logp - logp)).sum(-1).clamp(min=0).sum())
 
 
-def nll_sum(logp: torch.Tensor, ids: list[int]) -> float:
-    """Negative log-likelihood of the window's next tokens (perplexity = exp(sum / count))."""
-    return float(-logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None]).sum())
+def nll_sum(logp: torch.Tensor, ids: list[int], first: int) -> float:
+    """Negative log-likelihood of the window's scored tokens (perplexity = exp(sum / count))."""
+    return float(-logp.gather(-1, torch.tensor(ids[first:], device=logp.device)[:, None]).sum())
 
 
-def batches(windows: list[list[int]], size: int = BATCH) -> list[list[int]]:
-    """Indices of windows run as one batch: equal lengths (no padding, so no mask changes), at most `size`."""
-    by_len: dict[int, list[int]] = {}
-    for w, ids in enumerate(windows):
-        by_len.setdefault(len(ids), []).append(w)
-    return [g[k : k + size] for g in by_len.values() for k in range(0, len(g), size)]
-
-
-def _mean(values: list[float]) -> float:
-    v = [x for x in values if not math.isnan(x)]
+def _mean(values: list) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
     return sum(v) / len(v) if v else float("nan")
 
 
@@ -127,21 +94,20 @@ class TextCache:
 
     name: str
     windows: list[list[int]]
-    groups: list[list[int]]  # windows run together (same length), see `batches`
-    inputs: dict[int, list[torch.Tensor]]  # layer i -> the residual entering it, per group [B, T, D]
-    base_logp: list[torch.Tensor]  # per window [T-1, V]
-    positions: list[list[int]]  # massive positions per window (base model)
-    sink: list[list[float]]  # per layer, per window
-    ratio: list[list[float]]
+    first: int  # the first scored position of every window (after the special prefix)
+    inputs: dict[int, list[torch.Tensor]]  # layer i -> the residual entering it, per window [T, D]
+    base_logp: list[torch.Tensor]  # per window [T - first, V]
+    stats: list[LayerStats]  # the base model's per-layer statistics (measure.layer_stats)
+    tokens: list[tuple[int, int]]  # massive tokens (window, position) of the base model (measure.find_massive)
     nll: float
 
     @property
-    def tokens(self) -> int:
+    def size(self) -> int:
         return sum(len(w) for w in self.windows)
 
     @property
-    def predicted(self) -> int:
-        return sum(len(w) - 1 for w in self.windows)
+    def scored(self) -> int:
+        return sum(len(w) - self.first for w in self.windows)
 
 
 @dataclass(frozen=True)
@@ -182,80 +148,49 @@ def validate(opts: TuneOptions) -> TuneOptions:
 # --- The evaluator: base pass once, trials over the suffix ---
 
 class Evaluator:
-    """Runs settings over cached texts: only the layers from a plan's first edited layer are rerun.
+    """Runs settings over cached texts: only the layers from a setting's first edited layer are rerun.
 
-    In memory (default) the layers from the ME Layer on stay materialised; with `stream` each trial
-    loads them from the checkpoint again, one at a time (for models that do not fit).
+    Trials run through `calibrate.run_layers` (the runner verify uses): each decoder layer from the
+    first edited one is read, loaded with the trial's edited tensors swapped in and its WeMask hooks,
+    run over the cached states and freed, so memory stays one layer plus activations whatever the model.
     """
 
-    def __init__(self, source: Source, scan: dict, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 stream: bool = False) -> None:
+    def __init__(self, source: Source, scan: dict, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.ckpt = Checkpoint(source.folder)
         self.family: Family = family_for(self.ckpt.config)
         self.scan = scan
         self.me = int(scan["me_layer"])
+        self.params = DetectParams(**(scan.get("params") or {}))
         self.model = StreamingModel(self.ckpt, self.family, device, dtype)
-        self.device, self.dtype, self.stream = torch.device(device), dtype, stream
+        self.device, self.dtype = torch.device(device), dtype
         self.num_layers = self.model.num_layers
-        self._stack = ExitStack()
-        self._kept: dict[int, torch.nn.Module] = {}
-        if not stream:
-            for i in range(self.me, self.num_layers):
-                self._kept[i] = self._stack.enter_context(self.model.layer(i))
-        self._head()
+        self.norm = self.model.final_norm(self.ckpt.load(self.family.final_norm))
+        self.head = self.ckpt.load(self.model.head_tensor, dtype, device)
 
     def close(self) -> None:
-        self._stack.close()
-
-    def _head(self) -> None:
-        """The final norm and the LM head, materialised once (tied heads read the embedding table)."""
-        fam, ckpt = self.family, self.ckpt
-        self.norm = submodule(self.model.skeleton, fam.final_norm.removesuffix(".weight"))
-        self.norm.to_empty(device=self.device).to(self.dtype)
-        self.norm.load_state_dict({"weight": ckpt.load(fam.final_norm, self.dtype, self.device)})
-        self.head = ckpt.load(fam.lm_head if fam.lm_head in ckpt else fam.embed, self.dtype, self.device)
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.head = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.norm(h) @ self.head.T
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return self.model.logits(self.norm(h), self.head)
 
-    @contextmanager
-    def _layer(self, i: int) -> Iterator[torch.nn.Module]:
-        if i in self._kept:
-            yield self._kept[i]
-        else:
-            with self.model.layer(i) as layer:
-                yield layer
-
-    def base_pass(self, name: str, windows: list[list[int]]) -> TextCache:
-        """Run the base model once over `windows`: cached inputs, logits, massive positions, sinks."""
-        groups = batches(windows)
-        states = [torch.stack(self.model.embed([windows[w] for w in g])) for g in groups]
+    def base_pass(self, name: str, windows: list[list[int]], first: int) -> TextCache:
+        """Run the base model once over `windows`: cached inputs, log-probabilities, massive tokens, stats."""
         inputs: dict[int, list[torch.Tensor]] = {}
-        outputs: list[list[torch.Tensor]] = [[] for _ in windows]  # per window, per layer [T, D]
-        attn: list[list[torch.Tensor]] = [[] for _ in windows]  # per window, per layer [1, H, T, T]
+        stats: list[LayerStats] = []
+        k = top_k_for(len(windows))
+
+        def observe(i: int, _: int, ins: list, outs: list, probe: Probe) -> None:
+            if i >= self.me:
+                inputs[i] = ins
+            stats.append(layer_stats(i, outs, k, probe.key_attention))
+
+        stream = Stream(self.model.embed(windows))
+        run_layers(self.model, [stream], probe=lambda layer: Probe(layer, self.family), observe=observe)
         with torch.no_grad():
-            for i in range(self.num_layers):
-                if i >= self.me:
-                    inputs[i] = states
-                with self._layer(i) as layer, _Attention(layer, self.family) as seen:
-                    states = [self.model.run_layer(layer, h) for h in states]
-                for g, h, a in zip(groups, states, seen.weights):
-                    for k, w in enumerate(g):
-                        outputs[w].append(h[k])
-                        attn[w].append(a[k : k + 1])
-            logp: list[torch.Tensor] = [torch.empty(0)] * len(windows)
-            for g, h in zip(groups, states):
-                for k, w in enumerate(g):
-                    logp[w] = log_probs(self.logits(h[k]))
-        positions = [massive_positions(outputs[w]) for w in range(len(windows))]
-        sink = [[layer_sink(attn[w][i], positions[w]) for w in range(len(windows))] for i in range(self.num_layers)]
-        ratio = [[layer_ratio(outputs[w][i]) for w in range(len(windows))] for i in range(self.num_layers)]
-        nll = sum(nll_sum(lp, ids) for lp, ids in zip(logp, windows))
-        return TextCache(name, windows, groups, inputs, logp, positions, sink, ratio, nll)
+            logp = [log_probs(self.logits(h), first) for h in stream.states]
+        tokens = find_massive(stats, self.params).tokens
+        nll = sum(nll_sum(lp, ids, first) for lp, ids in zip(logp, windows))
+        return TextCache(name, windows, first, inputs, logp, stats, tokens, nll)
 
     def run(self, text: TextCache, plans: list[RecipePlan]) -> Figures:
         """The figures of `plans` on `text`, rerunning only the layers from the first one they edit."""
@@ -264,45 +199,48 @@ class Evaluator:
         by_layer = self._edits_by_layer(edits)
         touched = set(by_layer) | set(spec.layers if spec else ())
         if not touched:
-            return self._figures(text, text.sink, text.ratio, 0.0, text.nll)
+            return self._figures(text, text.stats, 0.0, text.nll)
         start = min(touched)
         if start < self.me:
             raise UserError(f"tune edits layers from the ME Layer ({self.me}) on; a setting edits layer {start}")
-        sink = [list(v) for v in text.sink]
-        ratio = [list(v) for v in text.ratio]
-        from .modeling.modeling_melsurgery import apply_wemask
+        prefix_len = {i: len(self.family.prefix(i)) for i in by_layer}
 
-        handles = apply_wemask(self.model.skeleton, spec.to_config()) if spec else []
-        try:
-            states = text.inputs[start]
-            with torch.no_grad():
-                for i in range(start, self.num_layers):
-                    with self._layer(i) as layer, self._edited(layer, i, by_layer.get(i, [])), \
-                            _Attention(layer, self.family) as seen:
-                        states = [self.model.run_layer(layer, h) for h in states]
-                    for g, h, a in zip(text.groups, states, seen.weights):
-                        for k, w in enumerate(g):
-                            sink[i][w] = layer_sink(a[k : k + 1], text.positions[w])
-                            ratio[i][w] = layer_ratio(h[k])
-                kl = nll_p = 0.0
-                for g, h in zip(text.groups, states):
-                    for k, w in enumerate(g):
-                        logp = log_probs(self.logits(h[k]))
-                        kl, nll_p = kl + kl_sum(text.base_logp[w], logp), nll_p + nll_sum(logp, text.windows[w])
-        finally:
-            for h in handles:
-                h.remove()
-        return self._figures(text, sink, ratio, kl, nll_p)
+        def edited(i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """Layer i's edited tensors, exactly as `patch` stores them (names relative to the layer)."""
+            out: dict[str, torch.Tensor] = {}
+            for e in by_layer.get(i, []):
+                rel = e.tensor[prefix_len[i]:]
+                if rel not in base:
+                    raise UserError(f"{self.ckpt.folder}: the checkpoint has no tensor {e.tensor!r}")
+                out[rel] = edited_tensor(out.get(rel, base[rel]), [e])
+            return out
 
-    def _figures(self, text: TextCache, sink: list[list[float]], ratio: list[list[float]], kl: float,
-                 nll_p: float) -> Figures:
-        n = text.predicted
+        stats = list(text.stats[:start])
+        k = top_k_for(len(text.windows))
+
+        def observe(i: int, _: int, ins: list, outs: list, probe: Probe) -> None:
+            stats.append(layer_stats(i, outs, k, probe.key_attention))
+
+        stream = Stream(list(text.inputs[start]), edits=edited, wemask=spec.to_config() if spec else None)
+        run_layers(self.model, [stream], start, probe=lambda layer: Probe(layer, self.family), observe=observe)
+        kl = nll_p = 0.0
+        with torch.no_grad():
+            for w, h in enumerate(stream.states):
+                logp = log_probs(self.logits(h), text.first)
+                kl += kl_sum(text.base_logp[w], logp)
+                nll_p += nll_sum(logp, text.windows[w], text.first)
+        return self._figures(text, stats, kl, nll_p)
+
+    def _figures(self, text: TextCache, stats: list[LayerStats], kl: float, nll_p: float) -> Figures:
+        n = text.scored
         after = range(min(self.me + 1, self.num_layers - 1), self.num_layers)
-        sb, sp = _mean([_mean(text.sink[i]) for i in after]), _mean([_mean(sink[i]) for i in after])
-        rb, rp = _mean([_mean(text.ratio[i]) for i in after]), _mean([_mean(ratio[i]) for i in after])
+        sb = _mean([sink(text.stats[i], text.tokens) for i in after])
+        sp = _mean([sink(stats[i], text.tokens) for i in after])
+        rb = _mean([text.stats[i].ratio for i in after])
+        rp = _mean([stats[i].ratio for i in after])
         ppl_b, ppl_p = math.exp(text.nll / n), math.exp(nll_p / n)
         return Figures(sb, sp, 100 * (1 - sp / sb) if sb else 0.0, rb, rp, 100 * (1 - rp / rb) if rb else 0.0,
-                       kl / n, ppl_b, ppl_p, 100 * (ppl_p / ppl_b - 1), text.tokens)
+                       kl / n, ppl_b, ppl_p, 100 * (ppl_p / ppl_b - 1), text.size)
 
     def _edits_by_layer(self, edits: list[Edit]) -> dict[int, list[Edit]]:
         out: dict[int, list[Edit]] = {}
@@ -312,44 +250,6 @@ class Evaluator:
                 raise UserError(f"tune edits decoder layers only; a setting edits {e.tensor}")
             out.setdefault(layer, []).append(e)
         return out
-
-    @contextmanager
-    def _edited(self, layer: torch.nn.Module, i: int, edits: list[Edit]) -> Iterator[None]:
-        """Layer i with `edits` applied to its weights (exactly as `patch` writes them), restored afterwards."""
-        if not edits:
-            yield
-            return
-        prefix = self.family.prefix(i)
-        names = {e.tensor for e in edits}
-        if self.family.experts is not None:  # per-expert tensors are fused in memory: rebuild the whole layer
-            state = self.ckpt.load_prefix(prefix)
-        else:
-            state = {n[len(prefix):]: self.ckpt.load(n) for n in names}
-        for n in names:
-            state[n[len(prefix):]] = edited_tensor(state[n[len(prefix):]], [e for e in edits if e.tensor == n])
-        new = {k: v.to(self.device, self.dtype) for k, v in self.family.module_state(state).items()}
-        params = layer.state_dict()
-        saved = {k: params[k].clone() for k in new}
-        layer.load_state_dict(new, strict=False)
-        try:
-            yield
-        finally:
-            layer.load_state_dict(saved, strict=False)
-
-
-class _Attention:
-    """Captures the eager attention weights of one layer, per call (one call per window)."""
-
-    def __init__(self, layer: torch.nn.Module, family: Family) -> None:
-        self.module = submodule(layer, family.attn)
-        self.weights: list[torch.Tensor] = []
-
-    def __enter__(self) -> _Attention:
-        self._h = self.module.register_forward_hook(lambda m, a, out: self.weights.append(out[1].detach()))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._h.remove()
 
 
 # --- The search space, derived from the recipes' parameter declarations ---
@@ -441,11 +341,11 @@ def split_text(raw: str) -> tuple[str, str]:
     return raw[:cut].strip() + "\n", raw[cut:].strip() + "\n"
 
 
-def text_windows(tokenizer, raw: str, max_tokens: int, limit: int | None) -> list[list[int]]:
-    """Windows exactly as `verify` cuts them from the same text."""
-    from .verify import windows
+def text_windows(tokenizer, raw: str, max_tokens: int, limit: int | None):
+    """Windows exactly as `verify` cuts them from the same text (each starts with the special prefix)."""
+    from .verify import make_windows
 
-    return windows(list(tokenizer(raw)["input_ids"]), max_tokens, limit)
+    return make_windows(tokenizer, raw, max_tokens, limit)
 
 
 # --- The study ---
@@ -535,7 +435,7 @@ def _sha(text: str) -> str:
 
 def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *, scan: dict | None = None,
              calibration=None, detection=None, text: Path | None = None, heldout: Path | None = None,
-             device: str = "cpu", dtype: torch.dtype = torch.float32, stream: bool = False,
+             device: str = "cpu", dtype: torch.dtype = torch.float32,
              progress: bool = False) -> TuneResult:
     """Search, then write tune.json, tune.png and best.yaml into `run_dir`; see the README's `tune` section."""
     import optuna
@@ -559,7 +459,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     tokenizer = load_tokenizer(source.folder)
     tune_w = text_windows(tokenizer, tune_raw, opts.max_tokens, opts.windows)
     held_w = text_windows(tokenizer, held_raw, opts.max_tokens, opts.windows)
-    if not tune_w or not held_w:
+    if not tune_w.ids or not held_w.ids:
         raise UserError(f"{text_name}: too short to split into tuning and held-out windows of {opts.max_tokens} "
                         "tokens; give a longer --text or a --heldout file")
     if scan is not None:
@@ -591,10 +491,10 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
         if not study.get_trials(deepcopy=False):  # a new study starts from the recipes' defaults
             for r in space.recipes:
                 study.enqueue_trial(space.defaults(r))
-    evaluator = Evaluator(source, scan, device=device, dtype=dtype, stream=stream)
+    evaluator = Evaluator(source, scan, device=device, dtype=dtype)
     config = evaluator.ckpt.config
     try:
-        tuning = evaluator.base_pass("tuning", tune_w)
+        tuning = evaluator.base_pass("tuning", tune_w.ids, tune_w.first_target)
 
         def measure(recipes: list[tuple[str, dict]], on: TextCache) -> Figures:
             return evaluator.run(on, plan_recipes(scan, evaluator.family, config, recipes))
@@ -645,7 +545,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                 if bar is not None:
                     bar.close()
 
-        held = evaluator.base_pass("held-out", held_w)
+        held = evaluator.base_pass("held-out", held_w.ids, held_w.first_target)
         with _locked(run_dir):
             complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
             records = [trial_record(t) for t in sorted(complete, key=lambda t: t.number)]
@@ -695,9 +595,9 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                 "objective": opts.objective,
                 "budget": {"max_kl": opts.max_kl, "max_ppl_increase": opts.max_ppl_increase},
                 "me_layer": space.me_layer,
-                "workload": {"tuning": {"text": text_name, "windows": len(tune_w), "tokens": tuning.tokens},
-                             "heldout": {"text": held_name, "file": "heldout.txt", "windows": len(held_w),
-                                         "tokens": held.tokens},
+                "workload": {"tuning": {"text": text_name, "windows": len(tune_w.ids), "tokens": tuning.size},
+                             "heldout": {"text": held_name, "file": "heldout.txt", "windows": len(held_w.ids),
+                                         "tokens": held.size},
                              "max_tokens": opts.max_tokens, "dtype": str(dtype).removeprefix("torch."),
                              "device": device},
                 "search_space": {"recipes": [r.name for r in space.recipes], "combos": space.combos},

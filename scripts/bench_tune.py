@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve(args.model)
     scan = read_json(args.scan) if args.scan else run_scan(source)
     tune_raw, _ = split_text(eval_text(None)[0])
-    windows = text_windows(load_tokenizer(source.folder), tune_raw, args.max_tokens, None)
+    win = text_windows(load_tokenizer(source.folder), tune_raw, args.max_tokens, None)
+    windows = win.ids
     tokens = sum(len(w) for w in windows)
     space = make_space(tuple(registry()), scan)
     ev = Evaluator(source, scan)
     try:
         t0 = time.perf_counter()
-        text = ev.base_pass("tuning", windows)
+        text = ev.base_pass("tuning", windows, win.first_target)
         base_s = time.perf_counter() - t0
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
         times = []

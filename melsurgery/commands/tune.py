@@ -35,7 +35,6 @@ from .shared import device_option, dtype_option, resolve_device, revision_option
 @click.option("--windows", type=click.IntRange(min=1), default=None, help="Use at most N windows of each text.")
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), help="Reuse a scan JSON instead of scanning.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text for the scan.")
-@click.option("--stream", is_flag=True, help="Load each layer from disk in every trial (models larger than memory).")
 @click.option("--apply", "apply_out", type=click.Path(path_type=Path), default=None,
               help="Also write the chosen patch to this folder (as `patch --manifest RUN_DIR/best.yaml`).")
 @click.option("--overwrite", is_flag=True, help="With --apply: replace a non-empty output folder.")
@@ -44,7 +43,7 @@ from .shared import device_option, dtype_option, resolve_device, revision_option
 @dtype_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_increase, seed, storage, text, heldout,
-         max_tokens, windows, scan_path, calib, stream, apply_out, overwrite, revision, device, dtype, quiet) -> None:
+         max_tokens, windows, scan_path, calib, apply_out, overwrite, revision, device, dtype, quiet) -> None:
     """Search recipe settings for MODEL: sink reduction after the ME Layer against KL, under a budget.
 
     Trials are scored on a tuning text without writing checkpoints; the choice (the largest reduction
@@ -67,7 +66,7 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     model_arg = model if not Path(model).exists() else str(Path(model).resolve())
     result = run_tune(source, model_arg, run_dir, opts, scan=scan, calibration=CalibrationSpec(path=calib),
                       text=text, heldout=heldout, device=resolve_device(device), dtype=torch_dtype(dtype),
-                      stream=stream, progress=not quiet)
+                      progress=not quiet)
     click.echo(tune_report(result))
     click.echo(f"wrote {run_dir / 'tune.json'}, {run_dir / 'tune.png'}")
     if result.manifest is None:
