@@ -495,6 +495,9 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     config = evaluator.ckpt.config
     try:
         tuning = evaluator.base_pass("tuning", tune_w.ids, tune_w.first_target)
+        if not tuning.tokens:
+            raise UserError(f"{text_name}: no massive activation persists on the tuning text, so it has no sink "
+                            "to cut; give a longer --text or --max-tokens")
 
         def measure(recipes: list[tuple[str, dict]], on: TextCache) -> Figures:
             return evaluator.run(on, plan_recipes(scan, evaluator.family, config, recipes))
