@@ -10,6 +10,7 @@ from .commands.patch import patch
 from .commands.push import push
 from .commands.scan import scan
 from .commands.shared import Group
+from .commands.tune import tune
 from .commands.verify import verify
 
 
@@ -22,5 +23,5 @@ def main() -> None:
     """
 
 
-for _command in (scan, patch, verify, diff, push):
+for _command in (scan, patch, verify, diff, push, tune):
     main.add_command(_command)

@@ -54,6 +54,17 @@ def apply_edit(weight: torch.Tensor, edit: Edit) -> torch.Tensor:
     return w
 
 
+def edited_tensor(original: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
+    """The tensor after `edits` in sequence, computed in fp32 and cast back to its stored dtype.
+
+    What the writer stores; in-memory trials (`tune`) apply the same function to weights in memory.
+    """
+    new = original.float()
+    for e in edits:
+        new = apply_edit(new, e)
+    return new.to(original.dtype)
+
+
 def _affine(x: torch.Tensor, e: Edit) -> torch.Tensor:
     if e.offset:
         return (x + e.offset) * e.scale + e.shift - e.offset

@@ -79,3 +79,38 @@ def plot_verify(result: dict, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     _save(plt, fig, path)
+
+
+def plot_tune(data: dict, path: Path) -> None:
+    """Every trial's reduction against its KL (log scale), the Pareto front, the budget and the defaults."""
+    plt = _pyplot()
+    key = "sink_reduction_pct" if data["objective"] == "sink" else "ratio_reduction_pct"
+    label = "sink" if data["objective"] == "sink" else "max/median ratio"
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    trials = {t["number"]: t["figures"] for t in data["trials"]}
+    floor = 1e-6
+
+    def xy(figs: list[dict]) -> tuple[list[float], list[float]]:
+        return [max(f["kl_mean"], floor) for f in figs], [f[key] for f in figs]
+
+    ax.scatter(*xy(list(trials.values())), s=14, color="0.65", label=f"trials ({len(trials)})")
+    front = sorted((trials[n] for n in data["pareto_front"]), key=lambda f: f["kl_mean"])
+    ax.plot(*xy(front), "o-", color="tab:blue", ms=5, label="Pareto front")
+    for d in data["defaults"]:
+        if "tuning" in d:
+            (x,), (y,) = xy([d["tuning"]])
+            ax.scatter([x], [y], marker="s", s=40, color="tab:red", zorder=3)
+            ax.annotate(f"default {d['recipes'][0]['name']}", (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+    if data["chosen"]:
+        (x,), (y,) = xy([data["chosen"]["tuning"]])
+        ax.scatter([x], [y], marker="*", s=160, color="tab:green", zorder=4, label=f"chosen #{data['chosen']['trial']}")
+    if data["budget"]["max_kl"]:
+        ax.axvline(data["budget"]["max_kl"], color="tab:green", ls="--", lw=1, label="--max-kl")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(base || patched) per token, tuning text")
+    ax.set_ylabel(f"{label} reduction after the ME Layer (%)")
+    ax.set_title(f"melsurgery tune: {data['model']['id']}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(plt, fig, path)

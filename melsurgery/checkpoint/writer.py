@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..edits import Edit, apply_edit, is_identity
+from ..edits import Edit, edited_tensor, is_identity
 from ..errors import UserError
 from .hashing import copy_hashing, sha256_file
 from .reader import INDEX_NAME, Checkpoint
@@ -93,10 +93,7 @@ def _editor(info: TensorInfo, edits: list[Edit], shard: str, done: dict[str, App
     def edit(data: bytes) -> bytes:
         original = torch.frombuffer(bytearray(data), dtype=info.torch_dtype).reshape(info.shape) if data else \
             torch.empty(info.shape, dtype=info.torch_dtype)
-        new = original.float()
-        for e in edits:
-            new = apply_edit(new, e)
-        new = new.to(original.dtype)
+        new = edited_tensor(original, edits)
         done[info.name] = _applied(info.name, shard, original, new)
         out = tensor_bytes(new)
         if len(out) != len(data):
