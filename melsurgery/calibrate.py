@@ -18,6 +18,7 @@ from torch import nn
 
 from .architectures import Family, has_submodule, submodule
 from .checkpoint.reader import Checkpoint
+from .checkpoint.validate import check_finite, nonfinite
 from .errors import UserError
 
 # Entries at least this large (absolute, and times the layer median) get an attribution record, so
@@ -118,6 +119,7 @@ class StreamingModel:
         """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur."""
         vocab = sorted({t for ids in sequences for t in ids})
         weight = self.ckpt.load_rows(self.family.embed, vocab, self.dtype, self.device)
+        check_finite(weight, f"{self.family.embed} (rows of the calibration tokens)", self.ckpt.folder)
         row = {t: k for k, t in enumerate(vocab)}
         out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
                for ids in sequences]
@@ -130,7 +132,11 @@ class StreamingModel:
     def layer(self, i: int) -> Iterator[nn.Module]:
         """Materialise decoder layer i from the checkpoint, and free it afterwards."""
         layer = self.layers[i]
-        state = self.family.module_state(self.ckpt.load_prefix(self.family.prefix(i), self.dtype, self.device))
+        prefix = self.family.prefix(i)
+        raw = self.ckpt.load_prefix(prefix, self.dtype, self.device)
+        for name, t in raw.items():
+            check_finite(t, prefix + name, self.ckpt.folder)
+        state = self.family.module_state(raw)
         layer.to_empty(device=self.device).to(self.dtype)
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -218,6 +224,7 @@ def calibrate(
             for h in inputs:
                 states.append(model.run_layer(layer, h[None])[0])
                 probe.end_sample()
+            _check_outputs(states, i, dtype)
             med = median_abs(states)
             entry = LayerStats(i, _max(states), med, top_entries(states, k), key_attention=probe.key_attention)
             entry.attribution = attribute(layer, family, inputs, states, probe, entry)
@@ -225,6 +232,15 @@ def calibrate(
         if progress:
             progress(1)
     return stats
+
+
+def _check_outputs(states: list[torch.Tensor], i: int, dtype: torch.dtype) -> None:
+    """Finite weights can still overflow (fp16): say so, rather than detect on NaN statistics."""
+    bad = sum(nonfinite(h) for h in states)
+    if bad:
+        hint = "; scan with --dtype float32" if dtype != torch.float32 else ""
+        raise UserError(f"layer {i} produced {bad} non-finite activations (NaN or Inf) on the calibration text "
+                        f"in {str(dtype).removeprefix('torch.')}, although its weights are finite{hint}")
 
 
 def _max(states: list[torch.Tensor]) -> float:
