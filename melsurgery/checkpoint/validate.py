@@ -114,7 +114,8 @@ def nonfinite(t: torch.Tensor) -> int:
 
 
 def check_finite(t: torch.Tensor, name: str, where: Path | str) -> None:
-    bad = nonfinite(t)
-    if bad:
-        raise UserError(f"{where}: tensor {name} has {bad} non-finite entries (NaN or Inf) of {t.numel()}; "
-                        "the checkpoint is broken: re-download or re-export it")
+    """A UserError naming the tensor and how many of its entries are NaN and infinite."""
+    if nonfinite(t):
+        nan = int(torch.isnan(t).sum())
+        raise UserError(f"{where}: tensor {name} has {nan} NaN and {nonfinite(t) - nan} infinite entries "
+                        f"(of {t.numel()}); the checkpoint is broken: re-download or re-export it")
