@@ -7,6 +7,8 @@ this file's own knowledge of the families (`ROLES`), deliberately not read from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # model_type -> (attention-input norm or None where the residual enters the attention directly,
@@ -139,3 +141,42 @@ def for_plan(plan, model, scan, rows: int = 8):
         return me_norm(model, p["layer"], p["factor"], p["dims"])
     return wemask(model, p["layers"], p["dims"], p["strength"], p["selector"], scan["massive_dims"],
                   scan["selector_threshold"], first_positions=[0] * rows)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What a model is known to contain, independently of the plan under test: its ME Layer, the dims of the
+    massive tokens (largest first), the FFN neurons that write them, and its depth. The massive token is the
+    first of each sequence (BOS in planted models)."""
+
+    me_layer: int
+    dims: tuple[int, ...]
+    neurons: tuple[int, ...]
+    num_layers: int
+
+
+def targets(recipe: str, params: dict, truth: Truth) -> dict:
+    """Where a recipe with these (user-given) params must act, derived from the truth: the plan must agree."""
+    spec = params.get("layers", "next")
+    layers = {"next": [truth.me_layer + 1], "after-me": list(range(truth.me_layer + 1, truth.num_layers)),
+              "me": [truth.me_layer]}.get(spec, spec)
+    dims = list(params.get("dims") or truth.dims[: params.get("top_k", 3)])
+    if recipe in ("norm-rescale", "wemask"):
+        return {"layers": layers, "dims": dims}
+    if recipe == "ffn-dampen":
+        return {"layer": truth.me_layer, "neurons": list(params.get("neurons") or truth.neurons)}
+    return {"layer": truth.me_layer}
+
+
+def for_truth(recipe: str, params: dict, model, truth: Truth, defaults: dict, rows: int = 8):
+    """The reference hooks of a recipe aimed by the truth: WeMask masks the first token of each row, whatever
+    its selector (on these models exactly the massive tokens)."""
+    p = {**defaults, **params}
+    t = targets(recipe, params, truth)
+    if recipe == "norm-rescale":
+        return norm_rescale(model, t["layers"], t["dims"], p["factor"])
+    if recipe == "ffn-dampen":
+        return ffn_dampen(model, t["layer"], t["neurons"], p["factor"])
+    if recipe == "me-norm":
+        return me_norm(model, t["layer"], p["factor"], p.get("dims"))
+    return wemask(model, t["layers"], t["dims"], p["strength"], "first", first_positions=[0] * rows)

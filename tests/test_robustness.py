@@ -414,6 +414,9 @@ def test_hub_cache_symlinks_become_real_files(base, tmp_path, link):
     assert res.returncode == 0, res.stderr
     assert_patched_copy(snap, out)
     assert all(p.is_symlink() for p in snap.iterdir())
+    edited = {e["shard"] for e in json.loads((out / "provenance.json").read_text())["edits"]}
+    for shard in {SHARD1, SHARD2} - edited:  # --link: the untouched shard is the blob itself, hard-linked
+        assert os.path.samefile(out / shard, snap / shard) == link, shard
 
 
 # --- the safetensors reader, property-based ----------------------------------------------------------

@@ -39,10 +39,10 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 def resolve_device(device: str) -> str:
     """`auto`, `cpu`, `mps`, `cuda` or `cuda:N`, checked against what this machine has."""
-    import torch
-
     if not DEVICE.match(device):
         raise UserError(f"--device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
