@@ -130,19 +130,6 @@ def remove(handles):
         h.remove()
 
 
-def for_plan(plan, model, scan, rows: int = 8):
-    """The reference hooks of a planned recipe (first_positions: every row starts at position 0)."""
-    p = plan.params
-    if plan.recipe == "norm-rescale":
-        return norm_rescale(model, p["layers"], p["dims"], p["factor"])
-    if plan.recipe == "ffn-dampen":
-        return ffn_dampen(model, p["layer"], p["neurons"], p["factor"])
-    if plan.recipe == "me-norm":
-        return me_norm(model, p["layer"], p["factor"], p["dims"])
-    return wemask(model, p["layers"], p["dims"], p["strength"], p["selector"], scan["massive_dims"],
-                  scan["selector_threshold"], first_positions=[0] * rows)
-
-
 @dataclass(frozen=True)
 class Truth:
     """What a model is known to contain, independently of the plan under test: its ME Layer, the dims of the

@@ -7,7 +7,7 @@ import pytest
 import reference as ref
 import torch
 from conftest import run_cli
-from planted import Plant, llama_config, make_tokenizer, planted_folder
+from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 from transformers import AutoModelForCausalLM
 
 import melsurgery
@@ -234,7 +234,8 @@ def test_batched_left_padding_matches_single_sequences(planted, planted_scan, tm
 
 def test_manifest_reproduces_the_same_bytes(planted, tmp_path):
     man = tmp_path / "m.yaml"
-    man.write_text(f"model: {planted}\nrecipes:\n  - name: wemask\n    params: {{top_k: 2}}\n  - name: ffn-dampen\n")
+    man.write_text(f"model: {planted}\ncalibration: {{num_samples: 6, max_tokens: 32}}\n"
+                   "recipes:\n  - name: wemask\n    params: {top_k: 2}\n  - name: ffn-dampen\n")
     for out in ("a", "b"):
         res = run_cli("patch", "--manifest", man, "-o", tmp_path / out, "--quiet")
         assert res.returncode == 0, res.stderr
@@ -279,10 +280,8 @@ def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_cli_patch_each_recipe(planted, tmp_path):
-    scan = tmp_path / "scan.json"
-    assert run_cli("scan", planted, "--quiet", "--json", scan).returncode == 0
-    res = run_cli("patch", planted, "-o", tmp_path / "o", "--scan", scan, "--recipe", "wemask", "--recipe",
+def test_cli_patch_each_recipe(sharded, tmp_path):
+    res = run_cli("patch", sharded[0], "-o", tmp_path / "o", "--scan", sharded[1], "--recipe", "wemask", "--recipe",
                   "norm-rescale", "--top-k", "1", "--norm-factor", "0.3")
     assert res.returncode == 0, res.stderr
     assert "WeMask" in res.stdout and "edited model.layers.4.input_layernorm.weight: 1 entries" in res.stdout
@@ -315,3 +314,42 @@ def test_python_api_has_no_cli_dependency():
     code = "import melsurgery, melsurgery.patch, melsurgery.scan; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_cli_overwrite_layer_lists_dims_and_expert_neurons(sharded, tmp_path):
+    """--overwrite replaces a non-empty folder; --layers 4,5 and --dims 17,5 edit exactly those entries;
+    --neurons E:J edits column J of expert E's down projection and nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from planted import family_config
+
+    moe = save_model(build_model(family_config("qwen3_moe"), Plant()), tmp_path / "moe")
+    out, moe_out = tmp_path / "out", tmp_path / "moe-out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    runs = [("patch", sharded[0], "-o", out, "--scan", sharded[1], "--recipe", "norm-rescale", "--layers", "4,5",
+             "--dims", "17,5", "--norm-factor", "0.25", "--overwrite", "--quiet"),
+            ("patch", moe, "-o", moe_out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--neurons", "1:41",
+             "--dampen", "0", "--quiet")]
+    with ThreadPoolExecutor(2) as pool:
+        for res in pool.map(lambda args: run_cli(*args), runs):
+            assert res.returncode == 0, res.stderr
+    assert not (out / "stale.txt").exists()
+    src, got = Checkpoint(sharded[0]), Checkpoint(out)
+    norms = {f"model.layers.{i}.input_layernorm.weight" for i in (4, 5)}
+    for name in src.names():
+        a, b = src.load(name), got.load(name)
+        if name in norms:
+            changed = (a != b).nonzero().flatten().tolist()
+            assert changed == [5, 17] and torch.allclose(b[changed], 0.25 * a[changed]), name
+        else:
+            assert torch.equal(a, b), name
+    src, got = Checkpoint(moe), Checkpoint(moe_out)
+    expert = "model.layers.3.mlp.experts.1.down_proj.weight"
+    for name in src.names():
+        a, b = src.load(name), got.load(name)
+        if name == expert:
+            assert torch.equal(b[:, 41], torch.zeros(64)) and a[:, 41].abs().max() > 1
+            assert torch.equal(torch.cat([a[:, :41], a[:, 42:]], 1), torch.cat([b[:, :41], b[:, 42:]], 1))
+        else:
+            assert torch.equal(a, b), name
