@@ -136,7 +136,7 @@ def test_neutral_strength_reproduces_the_original_exactly(planted, planted_scan,
 
 # Largest |logit error| against the reference, per dtype: rounding of edited weights (patched) versus of
 # scaled activations (reference), in a model whose logits are of order 1-10.
-DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}
+DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.01}
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=str)
