@@ -10,11 +10,15 @@ def load(path, *, device: str = "cpu", dtype=None, **kwargs):
     configured by the checkpoint's config.json; folded checkpoints load as stock models.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .modeling.modeling_melsurgery import apply_wemask
+    from .samples import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False, **kwargs)
+    tokenizer = load_tokenizer(path)
+    # safetensors only: transformers would otherwise fall back to unpickling pytorch_model.bin
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
+                                                 use_safetensors=True, **kwargs)
     model._melsurgery_hooks = apply_wemask(model)
     model.to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -19,6 +19,7 @@ from . import measure
 from .architectures import Family, has_submodule, submodule
 from .attn_input import CANDIDATE_ABS, CANDIDATE_RATIO, AttnInputRecorder
 from .checkpoint.reader import Checkpoint
+from .checkpoint.validate import check_finite, nonfinite
 from .errors import UserError
 from .measure import Entry, LayerStats
 
@@ -90,6 +91,7 @@ class StreamingModel:
         `ckpt`: read the table from another checkpoint of the same architecture (a patched copy)."""
         vocab = sorted({t for ids in sequences for t in ids})
         weight = (ckpt or self.ckpt).load_rows(self.family.embed, vocab, self.dtype, self.device)
+        check_finite(weight, f"{self.family.embed} (rows of the calibration tokens)", (ckpt or self.ckpt).folder)
         row = {t: k for k, t in enumerate(vocab)}
         out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
                for ids in sequences]
@@ -105,6 +107,8 @@ class StreamingModel:
     def load_layer(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
         """Materialise decoder layer i on the device with these tensors (checkpoint names, relative)."""
         layer = self.layers[i]
+        for name, t in state.items():
+            check_finite(t, self.family.prefix(i) + name, self.ckpt.folder)
         state = self.family.module_state({k: v.to(self.device, self.dtype) for k, v in state.items()})
         layer.to_empty(device=self.device).to(self.dtype)
         missing, unexpected = layer.load_state_dict(state, strict=False)
@@ -295,6 +299,7 @@ def calibrate(
     stats.layers.append(measure.layer_stats(-1, stream.states, k))
 
     def observe(i: int, _: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: Probe) -> None:
+        _check_outputs(outputs, i, dtype)
         entry = measure.layer_stats(i, outputs, k, probe.key_attention)
         entry.attribution = attribute(probe.layer, family, inputs, outputs, probe, entry)  # type: ignore[arg-type]
         entry.attn_input = probe.attn_input.record  # type: ignore[attr-defined]
@@ -305,6 +310,15 @@ def calibrate(
 
     run_layers(model, [stream], probe=probe, observe=observe, progress=progress)
     return stats
+
+
+def _check_outputs(states: list[torch.Tensor], i: int, dtype: torch.dtype) -> None:
+    """Finite weights can still overflow (fp16): say so, rather than detect on NaN statistics."""
+    bad = sum(nonfinite(h) for h in states)
+    if bad:
+        hint = "; scan with --dtype float32" if dtype != torch.float32 else ""
+        raise UserError(f"layer {i} produced {bad} non-finite activations (NaN or Inf) on the calibration text "
+                        f"in {str(dtype).removeprefix('torch.')}, although its weights are finite{hint}")
 
 
 class _Probe(Probe):

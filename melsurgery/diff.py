@@ -539,4 +539,6 @@ def diff_report(r: DiffResult, *, only_changed: bool = False, stat: bool = False
 
 
 def write_json(r: DiffResult, path: Path) -> None:
-    Path(path).write_text(json.dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    from .jsonsafe import dumps
+
+    Path(path).write_text(dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

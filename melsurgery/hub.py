@@ -19,7 +19,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
@@ -35,7 +35,9 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from .card import front_matter
 from .checkpoint.hashing import sha256_file
-from .checkpoint.safetensors_file import read_header
+from .checkpoint.reader import PICKLE_PATTERNS
+from .checkpoint.safetensors_file import load_tensor, read_header
+from .checkpoint.validate import check_finite
 from .errors import UserError
 from .hubmeta import is_repo_id, metadata_problems
 
@@ -100,13 +102,20 @@ def _list_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _load_json(path: Path, what: str) -> Any:
+    """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise UserError(f"{path}: {what} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
 def _base_label(source: dict) -> str:
@@ -178,8 +187,15 @@ def validate_for_push(folder: Path) -> PushManifest:
     if not isinstance(config, dict):
         raise UserError(f"{files[CONFIG]}: expected a JSON object")
     for rel, path in files.items():
+        if any(PurePosixPath(rel).match(pattern) for pattern in PICKLE_PATTERNS):
+            raise UserError(f"{path}: pickled weights are never pushed; remove the file")
+        if rel.endswith(".json"):
+            _load_json(path, "JSON file")
+    for rel, path in files.items():
         if rel.endswith(".safetensors"):
-            read_header(path)  # truncated or clobbered shards fail here, with one line naming the file
+            header = read_header(path)  # truncated or clobbered shards fail here, with one line naming the file
+            for info in header.tensors.values():  # one tensor in memory at a time
+                check_finite(load_tensor(info), info.name, path)
     for rel in outputs:
         if rel == PROVENANCE:
             raise UserError(f"{files[PROVENANCE]}: 'outputs' lists provenance.json itself, which cannot hash itself")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from .basemodel import explicit
 from .detect import DetectParams
 from .errors import UserError
 from .recipes import resolve_recipes
+from .recipes.params import CALIBRATION, DETECTION
+from .recipes.params import resolve as resolve_params
 from .scan import CalibrationSpec
 
 
@@ -39,32 +42,107 @@ class Manifest:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_manifest(path: Path) -> Manifest:
+MAX_BYTES = 1024 * 1024  # a manifest is a few lines; anything near this is not one
+MAX_NODES = 100_000  # values after alias expansion (a billion-laughs file expands to ~10^9)
+TOP_LEVEL = ("model", "revision", "base_model", "calibration", "detection", "recipes")
+
+
+def read_yaml(path: Path) -> object:
+    """Parse YAML with limits: a regular file of at most MAX_BYTES whose aliases expand to at most MAX_NODES
+    values (measured on the shared structure, without expanding it), and no recursion."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise UserError(f"{path}: {st.st_size:,} bytes; a manifest may be at most {MAX_BYTES:,}")
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(MAX_BYTES + 1)
+        data = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("recipes"), list) or not data["recipes"]:
-        raise UserError(f"{path}: a manifest needs a 'recipes' list (see manifests/ for examples)")
+    except RecursionError:
+        raise UserError(f"{path}: cannot read manifest (nested too deeply)") from None
+    if _expanded_size(data, {}, set()) > MAX_NODES:
+        raise UserError(f"{path}: expands to more than {MAX_NODES:,} values (YAML aliases); refused")
+    return data
+
+
+def _expanded_size(obj: object, memo: dict[int, int], active: set[int]) -> int:
+    """How many values `obj` holds once aliases are expanded; shared sub-structures are counted once each
+    time they are referenced but measured once (memo), so this is linear in the file, not in the expansion."""
+    if not isinstance(obj, dict | list):
+        return 1
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise UserError("a manifest cannot contain a recursive YAML alias")
+    active.add(key)
+    children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo, active)
+        if total > MAX_NODES:
+            break
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and check a manifest: every field has its type and range checked, with one message per field,
+    and every recipe name and parameter is resolved, all before any model is opened."""
+    data = read_yaml(path)
     try:
-        cal = dict(data.get("calibration") or {})
-        if cal.get("path"):
-            cal["path"] = (Path(path).parent / cal["path"]).resolve()
-        recipes = []
-        for r in data["recipes"]:
-            if isinstance(r, str):
-                recipes.append((r, {}))
-            else:
-                recipes.append((str(r["name"]), dict(r.get("params") or {})))
-        return Manifest(
-            model=str(data.get("model", "default")),
-            revision=data.get("revision"),
-            base_model=explicit(str(data["base_model"]), "base_model").id if data.get("base_model") else None,
-            calibration=CalibrationSpec(**cal),
-            detection=DetectParams(**(data.get("detection") or {})),
-            recipes=resolve_recipes(recipes),
-        )
+        return _manifest(data, Path(path))
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
-    except (TypeError, KeyError) as exc:
-        raise UserError(f"{path}: invalid manifest ({exc})") from None
+
+
+def _section(data: dict, key: str) -> dict:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{key} must be a mapping (e.g. {key}: {{...}}), got {value!r:.60}")
+    return value
+
+
+def _manifest(data: object, path: Path) -> Manifest:
+    if not isinstance(data, dict) or not isinstance(data.get("recipes"), list) or not data["recipes"]:
+        raise UserError("a manifest needs a 'recipes' list (see manifests/ for examples)")
+    unknown = sorted(set(data) - set(TOP_LEVEL), key=str)
+    if unknown:
+        raise UserError(f"unknown field {unknown[0]!r}; a manifest has {', '.join(TOP_LEVEL)}")
+    model, revision = data.get("model", "default"), data.get("revision")
+    if not isinstance(model, str) or not model:
+        raise UserError(f"model must be a folder, Hub id, .gguf file or 'default', got {model!r:.60}")
+    if revision is not None and not isinstance(revision, str):
+        raise UserError(f"revision must be a string or null, got {revision!r:.60}")
+    base_model = data.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise UserError(f"base_model must be a Hub id (owner/name) or null, got {base_model!r:.60}")
+    cal = dict(_section(data, "calibration"))
+    calib_path = cal.pop("path", None)
+    if calib_path is not None and not isinstance(calib_path, str):
+        raise UserError(f"calibration: path must be a file name, got {calib_path!r:.60}")
+    counts = resolve_params("calibration", CALIBRATION, cal, strict=True)
+    detection = resolve_params("detection", DETECTION, _section(data, "detection"), strict=True)
+    recipes = []
+    for k, r in enumerate(data["recipes"]):
+        if isinstance(r, str):
+            recipes.append((r, {}))
+        elif isinstance(r, dict) and isinstance(r.get("name"), str) and set(r) <= {"name", "params"}:
+            recipes.append((r["name"], r.get("params")))
+        else:
+            raise UserError(f"recipes[{k}] must be a recipe name or {{name: ..., params: {{...}}}}, got {r!r:.60}")
+    return Manifest(
+        model=model,
+        revision=revision,
+        base_model=explicit(base_model, "base_model").id if base_model else None,
+        calibration=CalibrationSpec(path=(path.parent / calib_path).resolve() if calib_path else None, **counts),
+        detection=DetectParams(**detection),
+        recipes=resolve_recipes(recipes, strict=True),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -10,18 +11,20 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import family_for
 from .basemodel import explicit
 from .card import base_license, render_card
 from .checkpoint.atomic import atomic_folder, check_output
 from .checkpoint.hashing import sha256_file
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
+from .checkpoint.validate import nonfinite, open_model
 from .checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from .errors import UserError
+from .jsonsafe import dumps
 from .manifest import Manifest
-from .recipes import RecipePlan, plan_recipes
-from .scan import run_scan
+from .recipes import RecipePlan, parse_layers, plan_recipes, resolve_recipes
+from .recipes.params import LAYER_WORDS
+from .scan import ScanResult, check_scan_params, run_scan
 
 MODELING_FILE = "modeling_melsurgery.py"
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
@@ -59,16 +62,25 @@ def run_patch(
     verify: dict | None = None,
 ) -> PatchResult:
     """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
-    check_output(out, overwrite, protect=source.folder)  # before the scan: fail fast
+    # everything that can be checked without calibrating is checked first: fail fast
+    recipes = resolve_recipes(manifest.recipes)
+    check_scan_params(manifest.calibration, manifest.detection)
+    check_output(out, overwrite, protect=source.folder)
     base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
-    ckpt = Checkpoint(source.folder)
-    family = family_for(ckpt.config)
+    ckpt, family = open_model(source.folder)
+    check_params_fit(recipes, ckpt.config)
     if scan is None:
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
                         progress=progress)
-    elif scan["model"]["num_layers"] != ckpt.config.get("num_hidden_layers"):
-        raise UserError("the --scan result is for a model with a different number of layers")
-    plans = plan_recipes(scan, family, ckpt.config, manifest.recipes)
+    else:
+        given = ScanResult.from_dict(scan, "the --scan result")
+        for what, theirs, ours in (("layers", given.num_layers, ckpt.config["num_hidden_layers"]),
+                                   ("hidden size", given.hidden_size, ckpt.config["hidden_size"])):
+            if theirs != ours:
+                raise UserError(f"the --scan result is for a model with {theirs} {what}, this one has {ours}; "
+                                "scan this model")
+    plans = plan_recipes(scan, family, ckpt.config, recipes)
+    check_plans(plans, ckpt)
     edits = [e for p in plans for e in p.edits]
     wemask = next((p.wemask for p in plans if p.wemask is not None), None)
     with atomic_folder(out, overwrite, protect=source.folder) as tmp:
@@ -82,6 +94,7 @@ def run_patch(
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             modeling = resources.files("melsurgery.modeling").joinpath(MODELING_FILE).read_bytes()
             (tmp / MODELING_FILE).write_bytes(modeling)
+        check_written(tmp, ckpt, applied)
         (tmp / "melsurgery-manifest.yaml").write_text(manifest.to_yaml())
         measured = None
         if verify is not None:
@@ -99,6 +112,67 @@ def run_patch(
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
                          measurements=_compact(measured), known=weights)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
+
+
+def check_params_fit(recipes: list[tuple[str, dict]], config: dict) -> None:
+    """Explicit dims and layer indices must exist in this model: refused before the scan, not after it."""
+    hidden, n = config["hidden_size"], config["num_hidden_layers"]
+    for name, params in recipes:
+        bad = [d for d in params.get("dims") or [] if d >= hidden]
+        if bad:
+            raise UserError(f"{name}: --dims {bad[0]} is out of range: the model's hidden size is {hidden} "
+                            f"(dims 0-{hidden - 1})")
+        layers = params.get("layers")
+        if layers is not None and layers not in LAYER_WORDS:
+            parse_layers(layers, 0, n)
+
+
+def check_plans(plans: list[RecipePlan], ckpt: Checkpoint) -> None:
+    """Every planned edit and custom-layer spec acts on something that exists: nothing empty, nothing out of
+    range, every factor finite. Checked before anything is written."""
+    hidden, n = ckpt.config["hidden_size"], ckpt.config["num_hidden_layers"]
+    for plan in plans:
+        for e in plan.edits:
+            shape = ckpt.info(e.tensor).shape
+            if not all(math.isfinite(x) for x in (e.scale, e.shift, e.offset)):
+                raise UserError(f"{plan.recipe}: the edit of {e.tensor} has a non-finite factor")
+            if e.index is None:
+                continue
+            if not e.index:
+                raise UserError(f"{plan.recipe}: selects nothing to edit in {e.tensor}")
+            if e.axis >= len(shape):
+                raise UserError(f"{plan.recipe}: {e.tensor} has no axis {e.axis} (shape {list(shape)})")
+            bad = [i for i in e.index if not 0 <= i < shape[e.axis]]
+            if bad:
+                raise UserError(f"{plan.recipe}: index {bad[0]} is out of range for {e.tensor} "
+                                f"(size {shape[e.axis]} along axis {e.axis}); check --dims / --neurons")
+        spec = plan.wemask
+        if spec is not None:
+            if not spec.dims:
+                raise UserError("wemask: masks no dims; give --dims or --top-k of at least 1")
+            for what, values, size in (("dim", spec.dims, hidden), ("selector dim", spec.selector_dims, hidden),
+                                       ("layer", spec.layers, n)):
+                bad = [v for v in values if not 0 <= v < size]
+                if bad:
+                    raise UserError(f"wemask: {what} {bad[0]} is out of range (0-{size - 1})")
+            if spec.selector == "magnitude" and not (spec.threshold is not None and math.isfinite(spec.threshold)):
+                raise UserError("wemask: the selector threshold is not a finite number; rerun scan")
+
+
+def check_written(folder: Path, source: Checkpoint, applied: list[AppliedEdit]) -> None:
+    """The written checkpoint before it is committed: it opens like any source (headers, config against shapes),
+    holds the source's tensors with their dtypes and shapes, and every edited tensor is finite."""
+    out, _ = open_model(folder)
+    for name, info in source.tensors.items():
+        got = out.tensors.get(name)
+        if got is None or (got.dtype, got.shape) != (info.dtype, info.shape):
+            raise UserError(f"{folder}: {name} was written wrongly; nothing was written")
+    for a in applied:
+        bad = nonfinite(out.load(a.tensor))
+        if bad:
+            had = nonfinite(source.load(a.tensor))
+            raise UserError(f"{a.tensor}: the edit leaves {bad} non-finite entries (NaN or Inf; the source tensor "
+                            f"holds {had}); nothing was written")
 
 
 def _compact(measured: dict | None) -> dict | None:
@@ -130,4 +204,4 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dic
         "measurements": measurements or {},
         "outputs": outputs,
     }
-    (folder / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    (folder / "provenance.json").write_text(dumps(prov, indent=2, default=str) + "\n")

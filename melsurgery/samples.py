@@ -48,8 +48,15 @@ def _parse_jsonl(text: str, where: str) -> list[dict]:
             raise UserError(f"{where}: line {n} is not JSON") from None
         if not isinstance(rec, dict) or not (isinstance(rec.get("text"), str) or isinstance(rec.get("messages"), list)):
             raise UserError(f"{where}: line {n} has neither a 'text' string nor a 'messages' list")
+        if "messages" in rec and not (rec["messages"] and all(_is_message(m) for m in rec["messages"])):
+            raise UserError(f"{where}: line {n}: 'messages' must be a non-empty list of "
+                            '{"role": "...", "content": "..."} objects with string values')
         records.append(rec)
     return records
+
+
+def _is_message(m: object) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
 def tokenize(

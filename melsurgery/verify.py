@@ -41,17 +41,24 @@ class Gates:
     min_sink_reduction: float | None = None  # percent
 
     def check(self, r: dict) -> list[str]:
-        """Human-readable violations (empty when every gate holds)."""
+        """Human-readable violations (empty when every gate holds); a NaN or infinite figure never passes."""
         bad = []
-        if self.max_kl is not None and r["kl_mean"] > self.max_kl:
-            bad.append(f"KL {r['kl_mean']:.4g} > --max-kl {self.max_kl:g}")
-        if self.max_ppl_increase is not None and r["ppl_increase_pct"] > self.max_ppl_increase:
-            bad.append(f"perplexity +{r['ppl_increase_pct']:.2f}% > --max-ppl-increase {self.max_ppl_increase:g}%")
-        if self.min_sink_reduction is not None and r["sink_reduction_pct"] is None:
-            bad.append("no massive tokens in the base on this text: --min-sink-reduction cannot be checked")
-        elif self.min_sink_reduction is not None and r["sink_reduction_pct"] < self.min_sink_reduction:
-            bad.append(f"sink reduction {r['sink_reduction_pct']:.2f}% < --min-sink-reduction "
-                       f"{self.min_sink_reduction:g}%")
+        for limit, key, flag, what, fails in (
+            (self.max_kl, "kl_mean", "--max-kl", "KL", lambda x, lim: x > lim),
+            (self.max_ppl_increase, "ppl_increase_pct", "--max-ppl-increase", "perplexity increase %",
+             lambda x, lim: x > lim),
+            (self.min_sink_reduction, "sink_reduction_pct", "--min-sink-reduction", "sink reduction %",
+             lambda x, lim: x < lim),
+        ):
+            if limit is None:
+                continue
+            x = r.get(key)
+            if x is None and key == "sink_reduction_pct":
+                bad.append("no massive tokens in the base on this text: --min-sink-reduction cannot be checked")
+            elif not isinstance(x, int | float) or not math.isfinite(x):
+                bad.append(f"{what} is {x} (not a finite number), so {flag} {limit:g} cannot hold")
+            elif fails(x, limit):
+                bad.append(f"{what} {x:.4g} {'>' if flag.startswith('--max') else '<'} {flag} {limit:g}")
         return bad
 
 

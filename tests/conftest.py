@@ -3,12 +3,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest_plugins = ["conftest_hub"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property-based tests draw the same examples on every run: a failure is reproducible, and a pass is
+# not luck of the draw.
+settings.register_profile("melsurgery", derandomize=True, print_blob=True)
+settings.load_profile("melsurgery")
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +49,55 @@ def planted_scan(planted):
     return run_scan(resolve(str(planted)))
 
 
-def run_cli(*args, env=None):
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory):
+    """A planted Llama folder in two shards and its scan JSON (a short calibration), shared by the tests that
+    only read them (robustness, hostile input, interruption): patch runs given the JSON skip the scan."""
+    from planted import planted_folder
+
+    root = tmp_path_factory.mktemp("sharded")
+    folder = planted_folder(root / "base", shards=2)
+    scan = root / "scan.json"
+    res = run_cli("scan", folder, *QUICK_SCAN, "--json", scan)
+    assert res.returncode == 0, res.stderr
+    return folder, scan
+
+
+QUICK_SCAN = ("--quiet", "--num-samples", "2", "--max-tokens", "16")
+
+
+def run_cli(*args, env=None, timeout=600):
     """Run the real console script in a subprocess: exit codes and stderr exactly as users see them."""
     import subprocess
 
     return subprocess.run(["melsurgery", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """sha256, mtime and mode of every file below `folder` (what 'untouched' means)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st_ = p.stat()
+            out[p.relative_to(folder).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), st_.st_mtime_ns,
+                                                     st_.st_mode)
+    return out
+
+
+def assert_clean_failure(res, *needles: str, out: Path | None = None, code: int | None = None) -> None:
+    """What a user must see on bad input: a non-zero exit (`code` when given), exactly one `melsurgery: error:`
+    line on stderr, no traceback, and (for `out`) no output folder, not even a hidden temporary one."""
+    assert res.returncode not in (0, 3), res.stdout + res.stderr
+    if code is not None:
+        assert res.returncode == code, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("melsurgery: error: "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(".melsurgery-tmp-*"))

@@ -7,6 +7,8 @@ this file's own knowledge of the families (`ROLES`), deliberately not read from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # model_type -> (attention-input norm or None where the residual enters the attention directly,
@@ -205,3 +207,43 @@ def whole_verify(base, patched, windows, first_target, massive):
     out.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1_agreement=float(torch.cat(agree).mean()),
                ppl_base=float(torch.cat(nll_b).mean().exp()), ppl_patched=float(torch.cat(nll_p).mean().exp()))
     return out
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What a model is known to contain, independently of the plan under test: its ME Layer, the dims of the
+    massive tokens (largest first), the FFN neurons that write them, and its depth. The massive token is the
+    first of each sequence (BOS in planted models)."""
+
+    me_layer: int
+    dims: tuple[int, ...]
+    neurons: tuple[int, ...]
+    num_layers: int
+
+
+def targets(recipe: str, params: dict, truth: Truth) -> dict:
+    """Where a recipe with these (user-given) params must act, derived from the truth: the plan must agree."""
+    spec = params.get("layers", "next")
+    layers = {"next": [truth.me_layer + 1], "after-me": list(range(truth.me_layer + 1, truth.num_layers)),
+              "me": [truth.me_layer]}.get(spec, spec)
+    dims = list(params.get("dims") or truth.dims[: params.get("top_k", 3)])
+    if recipe in ("norm-rescale", "wemask"):
+        return {"layers": layers, "dims": dims}
+    if recipe == "ffn-dampen":
+        return {"layer": truth.me_layer, "neurons": list(params.get("neurons") or truth.neurons)}
+    return {"layer": truth.me_layer}
+
+
+def for_truth(recipe: str, params: dict, model, truth: Truth, defaults: dict, rows: int = 8):
+    """The reference hooks of a recipe aimed by the truth: WeMask masks the first token of each row, whatever
+    its selector (on these models exactly the massive tokens)."""
+    p = {**defaults, **params}
+    t = targets(recipe, params, truth)
+    if recipe == "norm-rescale":
+        return norm_rescale(model, t["layers"], t["dims"], p["factor"])
+    if recipe == "ffn-dampen":
+        return ffn_dampen(model, t["layer"], t["neurons"], p["factor"])
+    if recipe == "me-norm":
+        return me_norm(model, t["layer"], p["factor"], p.get("dims"))
+    per_layer = [(layer, t["dims"], p["strength"], None, None) for layer in t["layers"]]
+    return wemask(model, per_layer, "first", first_positions=[0] * rows)

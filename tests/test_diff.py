@@ -212,6 +212,13 @@ def test_hub_repos_at_two_revisions(models, hub_server: HubServer) -> None:
     assert listed == sorted((a.tensor for a in models["patched"].applied), key=lambda n: int(n.split(".")[2]))
     assert "only B   README.md" in proc.stdout
     assert hub_server.token not in proc.stdout + proc.stderr
+    # --revision-a picks A's revision: patched against main is the same diff seen from the other side,
+    # and patched against patched is no diff at all
+    back = hub_server.run(["melsurgery", "diff", repo, repo, "--revision-a", "patched", "--only-changed"])
+    assert back.returncode == 1 and "only A   README.md" in back.stdout, back.stderr
+    assert [x.split()[1] for x in back.stdout.splitlines() if x.startswith("changed  model.")] == listed
+    same = hub_server.run(["melsurgery", "diff", repo, repo, "--revision-a", "patched", "--revision", "patched"])
+    assert same.returncode == 0, same.stdout + same.stderr
 
 
 # --------------------------------------------------------------------------------------------------

@@ -115,8 +115,20 @@ RECIPES = [("wemask", {"layers": "after-me"}), ("wemask", {"selector": "first", 
 RECIPE_IDS = ["wemask", "wemask-first", "norm-rescale", "ffn-dampen", "me-norm"]
 
 
-def reference_for(plan, model, scan):
-    return ref.for_plan(plan, model, scan)
+DEFAULTS = {"norm-rescale": {"factor": 0.5}, "ffn-dampen": {"factor": 0.2}, "me-norm": {"factor": 0.5},
+            "wemask": {"strength": 1.0}}  # the README's documented defaults
+
+
+def reference_for(recipe, params, plan, model, scan, model_type):
+    """Hooks aimed by the planted ground truth, after checking that the plan under test aims at the same
+    targets (the scan is trusted only for the ranking of the incidental dims after the planted one)."""
+    dims = tuple(d["dim"] for d in scan["top_dims"])
+    assert dims[0] == PLANT.dim
+    neuron = [PLANT.expert, PLANT.neuron] if is_moe(model_type) else PLANT.neuron
+    truth = ref.Truth(PLANT.layer, dims, (neuron,), family_config(model_type).num_hidden_layers)
+    want = ref.targets(recipe, params, truth)
+    assert {k: plan.params[k] for k in want} == want, (plan.params, want)
+    return ref.for_truth(recipe, params, model, truth, DEFAULTS[recipe])
 
 
 def patch(folder, out, recipes, scan):
@@ -141,7 +153,7 @@ def test_patched_checkpoint_matches_hook_reference(planted_family, tmp_path, mod
     ids = batch()
     base = load(folder)
     base_logits = logits(base, ids)
-    handles = reference_for(plan, base, scan)
+    handles = reference_for(recipe, params, plan, base, scan, model_type)
     expected = logits(base, ids)
     ref.remove(handles)
     assert not torch.allclose(expected, base_logits, atol=1e-4), "the intervention must change something"

@@ -14,19 +14,20 @@ import os
 import pickle
 import resource
 import shutil
+import signal
 import stat
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import QUICK_SCAN, assert_clean_failure, run_cli, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from planted import planted_folder
 from safetensors.torch import load_file, save_file
 
 from melsurgery.checkpoint.atomic import atomic_folder
@@ -37,41 +38,13 @@ SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
 PATCH = ("--recipe", "ffn-dampen", "--quiet")
-SCAN = ("--quiet", "--num-samples", "2", "--max-tokens", "16")  # a short calibration: these tests are about I/O
+SCAN = QUICK_SCAN  # a short calibration: these tests are about I/O
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path]:
+def base(sharded) -> tuple[Path, Path]:
     """A tiny planted model in two shards, and its scan JSON (so patch runs skip the scan)."""
-    root = tmp_path_factory.mktemp("robust")
-    folder = planted_folder(root / "base", shards=2)
-    scan = root / "scan.json"
-    res = run_cli("scan", folder, *SCAN, "--json", scan)
-    assert res.returncode == 0, res.stderr
-    return folder, scan
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """sha256, mtime and mode of every file below `folder` (what 'untouched' means)."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st_ = p.stat()
-            out[p.relative_to(folder).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), st_.st_mtime_ns,
-                                                     st_.st_mode)
-    return out
-
-
-def assert_clean_failure(res: subprocess.CompletedProcess, *needles: str, out: Path | None = None) -> None:
-    assert res.returncode not in (0, 3), res.stdout + res.stderr
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("melsurgery: error: "), res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists()
-        assert not list(out.parent.glob(".melsurgery-tmp-*"))
+    return sharded
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -336,6 +309,44 @@ def test_premade_empty_output_folder_is_used(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine"]
 
 
+# --- interruptions ------------------------------------------------------------------------------------
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT at its default, whatever the shell that started the tests ignores (Python then
+    installs its KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+def test_interrupted_patch_leaves_nothing(base, tmp_path, sig):
+    """The writer pauses after its first shard (test hook): the signal always lands mid-write."""
+    src = copy_model(base[0], tmp_path / "src")
+    before = snapshot(src)
+    out, ready = tmp_path / "out", tmp_path / "first-shard-written"
+    cmd = ["melsurgery", "patch", str(src), "-o", str(out), "--scan", str(base[1]), *PATCH]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint,
+                            env={**os.environ, "MELSURGERY_TEST_PAUSE_FILE": str(ready)})
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        assert list(tmp_path.glob(".melsurgery-tmp-out-*")), "paused inside the write"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), err
+    assert not out.exists()
+    if sig != signal.SIGKILL:
+        assert b"interrupted" in err and b"Traceback" not in err, err
+        assert not list(tmp_path.glob(".melsurgery-tmp-*"))
+    assert snapshot(src) == before
+    res = run_cli("patch", src, "-o", out, "--scan", base[1], *PATCH)  # a rerun trips on nothing left behind
+    assert res.returncode == 0, res.stderr
+    assert not list(tmp_path.glob(".melsurgery-tmp-*")) and (out / "provenance.json").is_file()
+
+
 # --- awkward paths and folders ----------------------------------------------------------------------
 
 
@@ -403,6 +414,9 @@ def test_hub_cache_symlinks_become_real_files(base, tmp_path, link):
     assert res.returncode == 0, res.stderr
     assert_patched_copy(snap, out)
     assert all(p.is_symlink() for p in snap.iterdir())
+    edited = {e["shard"] for e in json.loads((out / "provenance.json").read_text())["edits"]}
+    for shard in {SHARD1, SHARD2} - edited:  # --link: the untouched shard is the blob itself, hard-linked
+        assert os.path.samefile(out / shard, snap / shard) == link, shard
 
 
 # --- the safetensors reader, property-based ----------------------------------------------------------

@@ -41,14 +41,22 @@ def _clean_stale(parent: Path, name: str) -> None:
 
 
 def check_output(out: Path, overwrite: bool, protect: Path | None = None) -> None:
-    """Refuse an output that is a file, a non-empty folder (unless overwrite), or holds `protect` (the source)."""
+    """Refuse an output that is a file, lies under a file, is a non-empty folder (unless overwrite), or
+    overlaps `protect` (the source): holding it, or inside it (writing there would change the source)."""
     out = Path(out)
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: {parent} is a file, not a folder; choose another output path")
+            break
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    if protect is not None and out.exists():
-        source = Path(protect).resolve()
-        if source == out.resolve() or out.resolve() in source.parents:
+    if protect is not None:
+        source, target = Path(protect).resolve(), out.resolve()
+        if source == target or target in source.parents:
             raise UserError(f"{out}: holds the source model; write the output somewhere else")
+        if source in target.parents:
+            raise UserError(f"{out}: is inside the source model folder {source}; write the output somewhere else")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
@@ -63,19 +71,22 @@ def atomic_folder(out: Path, overwrite: bool = False, protect: Path | None = Non
     out = Path(out).absolute()
     check_output(out, overwrite, protect)
     tmp = out.parent / f"{PREFIX}{out.name}-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(out.parent, out.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise UserError(f"{out.parent}: cannot create the output there ({exc.strerror or exc})") from None
+    # The handlers go in first and the folder is made inside the cleanup scope: a signal at any point
+    # after this line leaves nothing behind.
     with _signals_unwind():
         try:
-            yield tmp
-            _commit(tmp, out, overwrite)
-        except OSError as exc:
-            raise UserError(f"{out}: write failed ({exc.strerror or exc}); nothing was written") from None
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _clean_stale(out.parent, out.name)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as exc:
+                raise UserError(f"{out.parent}: cannot create the output there ({exc.strerror or exc})") from None
+            try:
+                yield tmp
+                _commit(tmp, out, overwrite)
+            except OSError as exc:
+                raise UserError(f"{out}: write failed ({exc.strerror or exc}); nothing was written") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from ..errors import UserError
-from .safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
+from .safetensors_file import SafetensorsHeader, TensorInfo, file_kind, load_tensor, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -30,6 +31,7 @@ class Checkpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: no such model folder")
+        _refuse_special_files(self.folder)
         self.config = _read_config(self.folder)
         self.shards, self.index = _find_shards(self.folder)
         self.headers: dict[str, SafetensorsHeader] = {}
@@ -129,6 +131,17 @@ class Checkpoint:
         return str(self.config.get("model_type", "?"))
 
 
+def _refuse_special_files(folder: Path) -> None:
+    """FIFOs, devices and sockets would block or stream forever when read: refused before anything is opened."""
+    for p in folder.iterdir():
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            continue  # a dangling symlink: whatever needs it reports it missing
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UserError(f"{p}: not a regular file ({file_kind(mode)}); a model folder holds plain files")
+
+
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
@@ -165,7 +178,7 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
             rel = PurePosixPath(shard)
             if rel.is_absolute() or ".." in rel.parts or "\\" in shard or not shard:
                 raise UserError(f"{index_path}: shard name {shard!r} points outside the model folder")
-            if not (folder / shard).is_file():
+            if not (folder / shard).exists():
                 raise UserError(f"{index_path}: names shard {shard}, which is missing; re-download the checkpoint")
         return shards, weight_map
     if (folder / SINGLE_NAME).is_file():

@@ -8,6 +8,7 @@ so that untouched tensors can be copied byte for byte without a float round trip
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,10 @@ def read_header(path: Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header; every inconsistency is a UserError naming the file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or stream forever: never opened
+            raise UserError(f"{path}: not a regular file ({file_kind(st.st_mode)}); weights must be plain files")
+        size = st.st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -91,9 +95,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     spans = []
     for name, spec in obj.items():
         dtype, shape, lo, hi = _entry(path, name, spec)
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = _numel(path, name, shape, dtype)
         if hi < lo or hi - lo != numel * ITEMSIZE[dtype]:
             raise UserError(f"{path}: corrupt safetensors header: offsets of {name!r} do not match its shape and dtype")
         if data_start + hi > size:
@@ -116,6 +118,27 @@ def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: in
         end = hi
     if end != data_size:
         raise UserError(f"{path}: corrupt safetensors file: {data_size - end} stray bytes after the last tensor")
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _numel(path: Path, name: str, shape: tuple[int, ...], dtype: str) -> int:
+    """Element count, refusing what the safetensors library refuses (a running product of the dims, or the size
+    in bits, past 64 bits) and dims torch cannot hold (2^63 or more), even when another dim is 0."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if dim >= 2**63 or numel >= 2**64:
+            raise UserError(f"{path}: corrupt safetensors header: the shape {list(shape)} of {name!r} overflows")
+    if numel * ITEMSIZE[dtype] * 8 >= 2**64:
+        raise UserError(f"{path}: corrupt safetensors header: the shape {list(shape)} of {name!r} overflows")
+    return numel
 
 
 def _is_count(x: object) -> bool:

@@ -13,6 +13,7 @@ import mmap
 import os
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -72,11 +73,28 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
                    for info in (ckpt.headers[shard].tensors[n] for n in mine)}
         inputs[shard], outputs[shard] = copy_spliced(src, dst, splices, sync=False)
         applied += [done[n] for n in mine]
+        if shard == ckpt.shards[0]:
+            _test_pause()
     for shard in ckpt.shards:  # durable before anything is committed; writeback overlapped the copying
         fsync_file(out / shard)
     if ckpt.index is not None:
         inputs[INDEX_NAME] = outputs[INDEX_NAME] = copy_hashing(ckpt.folder / INDEX_NAME, out / INDEX_NAME)
     return applied, inputs
+
+
+PAUSE_ENV = "MELSURGERY_TEST_PAUSE_FILE"
+
+
+def _test_pause() -> None:
+    """Test hook: with $MELSURGERY_TEST_PAUSE_FILE set, announce that a shard is written by creating that
+    file, then wait (up to 10 minutes) so that a test can interrupt the write at a known point."""
+    path = os.environ.get(PAUSE_ENV)
+    if not path:
+        return
+    Path(path).touch()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def fsync_file(path: Path) -> None:

@@ -9,7 +9,7 @@ import click
 from ..errors import UserError
 from ..recipes import registry, resolve_recipes
 from ..recipes.params import Param
-from .shared import calibration_options, device_option, resolve_device, revision_option
+from .shared import calibration_options, device_option, quiet_transformers, revision_option
 
 _METAVARS = {"float": "FLOAT", "int": "INT", "layers": "LAYERS", "int_list": "DIMS", "neurons": "NEURONS"}
 
@@ -123,8 +123,10 @@ def patch(model, out, recipes, manifest, scan_path, revision, base_model, calib,
         )
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
+    if quiet:
+        quiet_transformers()
     verify = {"max_windows": verify_windows} if do_verify else None
-    result = run_patch(source, out, man, scan=scan, overwrite=overwrite, link=link, device=resolve_device(device),
+    result = run_patch(source, out, man, scan=scan, overwrite=overwrite, link=link, device=device,
                        progress=not quiet, verify=verify)
     click.echo(f"ME Layer {result.scan['me_layer']}, massive dims {result.scan['massive_dims']}")
     for p in result.plans:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .shared import calibration_options, device_option, dtype_option, resolve_device, revision_option, torch_dtype
+from .shared import calibration_options, device_option, dtype_option, revision_option, torch_dtype
 
 
 def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
@@ -20,7 +20,7 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
         source,
         CalibrationSpec(calib, num_samples, max_tokens, seed),
         DetectParams(abs_threshold=abs_threshold, ratio=ratio, persist_fraction=persist_fraction),
-        device=resolve_device(device),
+        device=device,
         dtype=torch_dtype(dtype),
         progress=not quiet,
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from pathlib import Path
 
 import click
 
 from ..errors import UserError
+from ..recipes.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
@@ -22,19 +25,42 @@ class Group(click.Group):
         except UserError as exc:
             click.echo(f"melsurgery: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except click.UsageError as exc:  # click's own parse errors: the same one line, not usage text
+            where = f"melsurgery {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent else "melsurgery"
+            click.echo(f"melsurgery: error: {exc.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("melsurgery: interrupted", err=True)
             sys.exit(130)
 
 
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 def resolve_device(device: str) -> str:
+    """`auto`, `cpu`, `mps`, `cuda` or `cuda:N`, checked against what this machine has."""
+    if not DEVICE.match(device):
+        raise UserError(f"--device {device!r}: use cpu, cuda, cuda:N, mps or auto")
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: no MPS device is available")
     return device
+
+
+def quiet_transformers() -> None:
+    """--quiet: no loading bars from transformers or huggingface_hub either."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def torch_dtype(name: str):
@@ -44,24 +70,8 @@ def torch_dtype(name: str):
     return None if name == "checkpoint" else getattr(torch, DTYPES[name])
 
 
-class SampleCount(click.ParamType):
-    """A positive sample count, or `auto` for adaptive calibration."""
-
-    name = "N|auto"
-
-    def convert(self, value, param, ctx):
-        if value is None or value == "auto" or isinstance(value, int):
-            return value
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            self.fail(f"{value!r} is neither a positive number nor 'auto'", param, ctx)
-        return n
-
-
-device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.",
+                             callback=lambda ctx, param, value: resolve_device(value))
 dtype_option = click.option(
     "--dtype", type=click.Choice([*sorted(DTYPES), "checkpoint"]), default="float32", show_default=True,
     help="Compute dtype; `checkpoint`: the dtype that holds most of the checkpoint's weights."
@@ -69,22 +79,24 @@ dtype_option = click.option(
 revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 
 
+def finite_float(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Callback for float options: NaN and infinities are refused (they would make every comparison pass)."""
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"{param.opts[0]} {value}: must be a finite number")
+    return value
+
+
+def declared_option(param: Param):
+    """A click option for a declared parameter: parsed and range-checked by the declaration (finite numbers)."""
+    kinds = {"float": "FLOAT", "int": "INTEGER"}
+    default = f" (default {param.default})" if param.default is not None else ""
+    return click.option(param.flag, param.name, default=None, metavar=kinds.get(param.kind, "VALUE"),
+                        help=param.help + default, callback=lambda ctx, _, value: param.parse(value, ctx.info_name))
+
+
 def calibration_options(f):
-    for opt in reversed([
-        click.option("--calib", type=click.Path(path_type=Path), default=None,
-                     help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages)."),
-        click.option("--num-samples", type=SampleCount(), default=None,
-                     help="Use this many samples (default: all), or 'auto': start with 4 and double while the ME "
-                          "Layer, its dims or its tokens still change."),
-        click.option("--max-tokens", type=click.IntRange(min=2), default=128, show_default=True,
-                     help="Truncate each sample to this many tokens."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection."),
-        click.option("--abs-threshold", type=float, default=100.0, show_default=True,
-                     help="An entry is massive when |h| is at least this ..."),
-        click.option("--ratio", type=float, default=1000.0, show_default=True,
-                     help="... and at least this many times the layer's median |h|."),
-        click.option("--persist-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-                     help="A massive entry must stay massive for this fraction of the remaining layers."),
-    ]):
-        f = opt(f)
-    return f
+    """--calib, then every calibration and detection parameter as declared in recipes/params.py."""
+    for param in reversed([p for p in (*CALIBRATION, *DETECTION) if p.flag]):
+        f = declared_option(param)(f)
+    return click.option("--calib", type=click.Path(path_type=Path), default=None,
+                        help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages).")(f)

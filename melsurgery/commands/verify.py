@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .shared import device_option, dtype_option, resolve_device, torch_dtype
+from .shared import device_option, dtype_option, finite_float, quiet_transformers, torch_dtype
 
 GATE_EXIT = 4
 
@@ -24,9 +24,11 @@ GATE_EXIT = 4
 @dtype_option
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: sink and ratio per layer.")
-@click.option("--max-kl", type=float, default=None, help="Gate: fail when mean KL exceeds this.")
-@click.option("--max-ppl-increase", type=float, default=None, help="Gate: fail when perplexity rises more (percent).")
-@click.option("--min-sink-reduction", type=float, default=None, help="Gate: fail when the sink drops less (percent).")
+@click.option("--max-kl", type=float, callback=finite_float, default=None, help="Gate: fail when mean KL exceeds this.")
+@click.option("--max-ppl-increase", type=float, callback=finite_float, default=None,
+              help="Gate: fail when perplexity rises more (percent).")
+@click.option("--min-sink-reduction", type=float, callback=finite_float, default=None,
+              help="Gate: fail when the sink drops less (percent).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(base, patched, text, max_tokens, max_windows, generations, device, dtype, json_path, plot_path, max_kl,
            max_ppl_increase, min_sink_reduction, quiet) -> None:
@@ -35,16 +37,24 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
     Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
     """
     from ..checkpoint.source import resolve
+    from ..checkpoint.validate import open_model
+    from ..samples import load_tokenizer
     from ..verify import Gates, run_verify, verify_report
 
-    result = run_verify(resolve(base).folder, patched, text=text, max_tokens=max_tokens, max_windows=max_windows,
-                        device=resolve_device(device), dtype=torch_dtype(dtype), generations=generations,
+    base_folder = resolve(base).folder
+    for folder in (base_folder, patched):  # safetensors only, config consistent with the weights: before loading
+        open_model(folder)
+        load_tokenizer(folder)
+    if quiet:
+        quiet_transformers()
+    result = run_verify(base_folder, patched, text=text, max_tokens=max_tokens, max_windows=max_windows,
+                        device=device, dtype=torch_dtype(dtype), generations=generations,
                         progress=not quiet)
     click.echo(verify_report(result))
     if json_path:
         from ..scan import write_json
 
-        write_json(result, json_path, allow_nan=True)
+        write_json(result, json_path)
         click.echo(f"wrote {json_path}")
     if plot_path:
         from ..plot import plot_verify

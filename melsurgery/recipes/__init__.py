@@ -130,9 +130,9 @@ class Recipe:
     params: tuple[Param, ...]
     folds: bool
 
-    def resolve(self, given: dict | None) -> dict:
+    def resolve(self, given: dict | None, strict: bool = False) -> dict:
         """Validated parameters with defaults filled in (raises UserError before any work is done)."""
-        return resolve_params(self.name, self.params, given)
+        return resolve_params(self.name, self.params, given, strict)
 
 
 def registry() -> dict[str, Recipe]:
@@ -149,9 +149,9 @@ def get_recipe(name: str) -> Recipe:
     return known[name]
 
 
-def resolve_recipes(recipes: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+def resolve_recipes(recipes: list[tuple[str, dict]], strict: bool = False) -> list[tuple[str, dict]]:
     """Check names and parameters of (name, params) pairs up front; returns them with defaults filled."""
-    resolved = [(name, get_recipe(name).resolve(params)) for name, params in recipes]
+    resolved = [(name, get_recipe(name).resolve(params, strict)) for name, params in recipes]
     if sum(name == "wemask" for name, _ in resolved) > 1:
         raise UserError("wemask can be applied once per patch; give it all its layers in one recipe")
     return resolved

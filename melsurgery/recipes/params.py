@@ -34,17 +34,24 @@ class Param:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
 
     @property
     def where(self) -> str:
         return self.flag or self.name
 
-    def parse(self, value: object, recipe: str) -> object:
-        """The value, coerced and checked; None means the default. Raises UserError naming the parameter."""
+    def parse(self, value: object, recipe: str, strict: bool = False) -> object:
+        """The value, coerced and checked; None means the default. Raises UserError naming the parameter.
+
+        `strict` (manifests): numbers must be written as numbers, not as quoted strings.
+        """
         if value is None:
             return self.default
-        where = f"{recipe}: {self.where}"
+        where = f"{recipe}: {self.name if strict else self.where}"
         if self.kind in ("float", "int"):
+            if strict and isinstance(value, str):
+                raise UserError(f"{where} {value!r}: expected {'an integer' if self.kind == 'int' else 'a number'}, "
+                                "got a string (write it without quotes)")
             return self._number(value, where)
         if self.kind == "choice":
             if value not in self.choices:
@@ -155,14 +162,35 @@ MASK_RATIO = Param("mask_ratio", "float", None, "Dims whose mean |h| is at least
 ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO)
 
 
-def resolve(recipe: str, params: tuple[Param, ...], given: dict | None) -> dict:
+# The scan's parameters, declared the same way: `scan`/`patch` options, manifest sections and the Python
+# API all check them here, before any calibration.
+DETECTION = (
+    Param("abs_threshold", "float", 100.0, "An entry is massive when |h| is at least this ...", flag="--abs-threshold",
+          low=0.0),
+    Param("ratio", "float", 1000.0, "... and at least this many times the layer's median |h|.", flag="--ratio",
+          low=1.0),
+    Param("persist_fraction", "float", 0.5, "A massive entry must stay massive for this fraction of the remaining "
+          "layers.", flag="--persist-fraction", low=0.0, high=1.0),
+    Param("precursor_ratio", "float", 100.0, "Precursors: entries this many times the median.", low=1.0),
+    Param("min_neuron_share", "float", 0.05, "Neurons writing at least this share of a massive value.", low=0.0,
+          high=1.0),
+)
+CALIBRATION = (
+    Param("num_samples", "int", None, "Use this many samples (default: all), or 'auto': start with 4 and double "
+          "while the ME Layer, its dims or its tokens still change.", flag="--num-samples", low=1, auto=True),
+    Param("max_tokens", "int", 128, "Truncate each sample to this many tokens.", flag="--max-tokens", low=2),
+    Param("seed", "int", 0, "Seed for sample selection.", flag="--seed"),
+)
+
+
+def resolve(recipe: str, params: tuple[Param, ...], given: dict | None, strict: bool = False) -> dict:
     """Every parameter of `recipe`, validated, with defaults for those not given; unknown names refused."""
     if given is None:
         given = {}
     if not isinstance(given, dict):
-        raise UserError(f"{recipe}: params must be a mapping of parameter names to values, got {given!r}")
+        raise UserError(f"{recipe}: params must be a mapping of parameter names to values, got {given!r:.60}")
     known = {p.name: p for p in params}
-    unknown = sorted(set(given) - set(known))
+    unknown = sorted(set(given) - set(known), key=str)
     if unknown:
         raise UserError(f"{recipe}: unknown parameter {unknown[0]!r}; known: {', '.join(known)}")
-    return {p.name: p.parse(given.get(p.name), recipe) for p in params}
+    return {p.name: p.parse(given.get(p.name), recipe, strict) for p in params}

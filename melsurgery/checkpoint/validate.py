@@ -1,0 +1,121 @@
+"""The one entry check every command makes on a model folder before any work.
+
+`open_model` reads only safetensors headers (pickles are never opened), checks the config's sizes are
+positive integers, and builds the model's skeleton on the meta device to compare every tensor shape
+the config implies with the shapes the weights declare. A config that disagrees with its weights
+(hidden size, head counts, layer count, a norm of shape [0]) is refused in one line here, instead of
+surfacing later as a shape error deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..architectures import Family, family_for
+from ..errors import UserError
+from .reader import Checkpoint
+
+# Config sizes that must be positive integers when present (the first four always).
+REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "intermediate_size", "head_dim", "moe_intermediate_size", "num_experts",
+                  "num_experts_per_tok", "max_position_embeddings", "sliding_window")
+# What transformers raises when a config it accepted cannot build a model.
+_BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError,
+                 OverflowError, AssertionError)
+
+
+def open_model(folder: Path) -> tuple[Checkpoint, Family]:
+    """The checkpoint and its family, with config and tensor shapes proven consistent."""
+    ckpt = Checkpoint(folder)
+    family = family_for(ckpt.config)
+    check_config_types(ckpt.config, ckpt.folder / "config.json")
+    check_shapes(ckpt, family)
+    return ckpt, family
+
+
+def _is_size(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def check_config_types(config: dict, where: Path | str) -> None:
+    """Every size is a positive integer and rms_norm_eps a finite non-negative number: one message per field."""
+    for key in REQUIRED_SIZES:
+        if key not in config:
+            raise UserError(f"{where}: missing {key!r}; is this a complete model config?")
+    for key in (*REQUIRED_SIZES, *OPTIONAL_SIZES):
+        value = config.get(key)
+        if (key in REQUIRED_SIZES or value is not None) and not _is_size(value):
+            raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    eps = config.get("rms_norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
+                            or eps < 0):
+        raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {eps!r}")
+
+
+def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model transformers builds from config.json (on the meta device: no memory)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = ckpt.folder / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(ckpt.folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    except (*_BUILD_ERRORS, StrictDataclassError) as exc:
+        last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: transformers cannot build a model from it ({last})") from None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_shapes(ckpt: Checkpoint, family: Family) -> None:
+    """The layer count and every tensor shape the config implies match the weights' headers."""
+    where = ckpt.folder / "config.json"
+    n = ckpt.config["num_hidden_layers"]
+    pattern = re.compile("^" + re.escape(family.layers).replace(r"\{i\}", r"(\d+)"))
+    present = sorted({int(m[1]) for name in ckpt.names() if (m := pattern.match(name))})
+    if present != list(range(n)):
+        held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
+        raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
+                        f"({len(present)} layers); fix the config or re-download the checkpoint")
+    expected = _skeleton_shapes(ckpt)
+    actual = {name: info.shape for name, info in ckpt.tensors.items()}
+    for i in range(n):  # MoE: per-expert tensors as the model holds them (stacked), compared stacked
+        prefix = family.prefix(i)
+        layer = {k[len(prefix):]: torch.empty(s, device="meta") for k, s in actual.items() if k.startswith(prefix)}
+        try:
+            stacked = family.module_state(layer)
+        except RuntimeError:
+            raise UserError(f"{ckpt.folder}: the experts of layer {i} have different shapes") from None
+        if stacked is not layer:
+            actual = {k: s for k, s in actual.items() if not k.startswith(prefix)}
+            actual.update({prefix + k: tuple(t.shape) for k, t in stacked.items()})
+    for name, shape in actual.items():
+        want = expected.get(name)
+        if want is not None and want != shape:
+            raise UserError(
+                f"{where} disagrees with the weights: {name} has shape {list(shape)}, but the config "
+                f"(hidden_size {ckpt.config['hidden_size']}, heads {ckpt.config['num_attention_heads']}, ...) implies "
+                f"{list(want)}; fix the config or re-download the checkpoint")
+    for name in (family.embed, family.tensor(0, family.attn_norm) if family.attn_norm else None):
+        if name is not None and name not in actual:
+            raise UserError(f"{ckpt.folder}: the weights have no {name}")
+
+
+def nonfinite(t: torch.Tensor) -> int:
+    """How many entries of a tensor are NaN or infinite (0 for integer tensors)."""
+    if not t.is_floating_point():
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_finite(t: torch.Tensor, name: str, where: Path | str) -> None:
+    """A UserError naming the tensor and how many of its entries are NaN and infinite."""
+    if nonfinite(t):
+        nan = int(torch.isnan(t).sum())
+        raise UserError(f"{where}: tensor {name} has {nan} NaN and {nonfinite(t) - nan} infinite entries "
+                        f"(of {t.numel()}); the checkpoint is broken: re-download or re-export it")

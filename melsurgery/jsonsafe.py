@@ -1,0 +1,25 @@
+"""JSON that is always valid: NaN and infinities become null (JSON has no spelling for them).
+
+Python's json writes them as bare `NaN`/`Infinity`, which other parsers reject; every JSON file
+melsurgery writes (scan and verify results, provenance) goes through `dumps`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def finite(obj: object) -> object:
+    """`obj` with every non-finite float replaced by None (containers copied, other values kept)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: object, **kwargs) -> str:
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
