@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..architectures import Family
 from ..errors import UserError
-from . import RecipePlan, WeMaskSpec, parse_layers, pick_dims, require_me
+from . import RecipePlan, WeMaskSpec, attention_layers, pick_dims, require_me
 from .params import ATTN_DIMS, Param
 
 NAME = "wemask"
@@ -24,7 +24,7 @@ PARAMS = (*ATTN_DIMS,
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
-    layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
+    layers = attention_layers(p["layers"], me, family, config, "wemask")
     if any(i <= me for i in layers):
         raise UserError(f"wemask acts on layers after the ME Layer ({me}); got {list(layers)}")
     dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
