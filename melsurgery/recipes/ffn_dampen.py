@@ -6,23 +6,24 @@ In an MoE layer a neuron belongs to an expert, and its column lies in that exper
 
 from __future__ import annotations
 
-from ..architectures import SHARED, Family
+from ..architectures import Family
 from ..errors import UserError
 from . import Edit, RecipePlan, require_me
-from .params import Param
+from .params import Param, expert_id
 
 NAME = "ffn-dampen"
 FOLDS = True
 PARAMS = (Param("factor", "float", 0.2, "ffn-dampen: factor on the neurons' down-projection columns.",
                 flag="--dampen", low=0.0, high=1.0),
-          Param("neurons", "neurons", None, "ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts).",
+          Param("neurons", "neurons", None, "ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts, "
+                "shared:J for a shared expert).",
                 flag="--neurons"))
 
 Neuron = tuple[int | str | None, int]
 
 
 def _expert(e: object) -> int | str | None:
-    return e if e is None or e == SHARED else int(e)  # type: ignore[call-overload]
+    return None if e is None else expert_id(e)
 
 
 def parse_neuron(n: object) -> Neuron:
