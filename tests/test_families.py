@@ -8,6 +8,7 @@ independent hook reference; exactly the edited tensors change; source dtypes sur
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import reference as ref
@@ -312,3 +313,13 @@ def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
     with pytest.raises(UserError, match="the conv mixer of layer 3, not its FFN, writes the massive dims"):
         plan_recipes(mixer_wrote, family_for({"model_type": "lfm2"}), {"num_hidden_layers": 6},
                      [("ffn-dampen", {})])
+
+
+def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
+    from melsurgery.verify import run_verify
+
+    folder, _ = planted_family("lfm2")
+    r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0)
+    kinds = expected_kinds("lfm2")
+    assert [math.isnan(s) for s in r["sink_base"]] == [k != "attention" for k in kinds]
+    assert r["kl_mean"] == 0 and r["max_abs_base"][PLANT.layer] > 100
