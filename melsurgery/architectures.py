@@ -234,6 +234,8 @@ FAMILIES: tuple[Family, ...] = (
     # hybrids: attention layers and layers with another token mixer, each with its own FFN
     Family("bamba", ("bamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
            mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
+    Family("jamba", ("jamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
+           experts="feed_forward.experts", mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
     Family("lfm2", ("lfm2",), attn_norm="operator_norm", ffn="feed_forward", ffn_norm="ffn_norm",
            ffn_down="feed_forward.w2", final_norm="model.embedding_norm.weight",
            mixers=(Mixer("conv", "conv", "conv"),)),

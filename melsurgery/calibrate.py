@@ -158,13 +158,14 @@ class StreamingModel:
         kind = self.layer_types[i]
         T = h.shape[1]
         pos = torch.arange(T, device=self.device).unsqueeze(0)
-        mask = rotary = None
+        mask, extra = None, {}
         if self.mixers[i].kind == ATTENTION:
             window = self.config.sliding_window if kind == "sliding_attention" else None
             mask = causal_mask(T, h.dtype, self.device, window)
             if self.rotary is not None:
                 rotary = self.rotary(h, pos, kind) if self._rotary_per_type else self.rotary(h, pos)
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
+                extra["position_embeddings"] = rotary
+        out = layer(h, attention_mask=mask, position_ids=pos, **extra)
         return out[0] if isinstance(out, tuple) else out
 
 

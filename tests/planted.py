@@ -80,6 +80,8 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                          shared_expert_intermediate_size=96, mlp_only_layers=[0])),
     "bamba": ("BambaConfig", dict(attn_layer_indices=[1, 4], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
                                   mamba_n_groups=1, mamba_chunk_size=16)),
+    "jamba": ("JambaConfig", dict(attn_layer_period=3, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                                  expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)),
     "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv"],
                                 norm_eps=1e-6)),
 }
@@ -153,7 +155,7 @@ def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
             inter = ex.down_proj.shape[2]
             rows = [ex.gate_up_proj[e, j], ex.gate_up_proj[e, inter + j]]
             down = ex.down_proj[e, :, j]
-            mlp.gate.weight[e, m] = 2.0
+            (getattr(mlp, "gate", None) or mlp.router).weight[e, m] = 2.0  # Jamba: router
         elif hasattr(mlp, "gate_up_proj"):  # Phi-3: gate rows, then up rows
             inter = mlp.down_proj.in_features
             rows = [mlp.gate_up_proj.weight[j], mlp.gate_up_proj.weight[inter + j]]

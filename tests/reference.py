@@ -16,11 +16,12 @@ ROLES = {
     "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm"),
     "olmo2": (None, "post_feedforward_layernorm"),
     "bamba": ("input_layernorm", "pre_ff_layernorm"),
+    "jamba": ("input_layernorm", "pre_ff_layernorm"),
     "lfm2": ("operator_norm", "ffn_norm"),
 }
 DEFAULT_ROLES = ("input_layernorm", "post_attention_layernorm")
 # model_type -> (FFN module, its down projection) where not ("mlp", "down_proj")
-FFNS = {"bamba": ("feed_forward", "down_proj"), "lfm2": ("feed_forward", "w2")}
+FFNS = {"bamba": ("feed_forward", "down_proj"), "jamba": ("feed_forward", "down_proj"), "lfm2": ("feed_forward", "w2")}
 
 
 def roles(model) -> tuple[str | None, str]:

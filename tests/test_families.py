@@ -34,8 +34,8 @@ PLANT = Plant()
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x * x"]
 
 
-MOE = ("qwen3_moe", "qwen2_moe", "mixtral")
-HYBRID = ("bamba", "lfm2")
+MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "jamba")
+HYBRID = ("bamba", "jamba", "lfm2")
 
 
 def is_moe(model_type: str) -> bool:
@@ -51,7 +51,7 @@ def planted_family(tmp_path_factory):
         if model_type not in cache:
             folder = tmp_path_factory.mktemp(model_type) / "model"
             save_model(build_model(family_config(model_type), PLANT), folder, shards=2)
-            cache[model_type] = folder, run_scan(resolve(str(folder)), CalibrationSpec(num_samples=8))
+            cache[model_type] = folder, run_scan(resolve(str(folder)), CalibrationSpec(num_samples=8, max_tokens=64))
         return cache[model_type]
 
     return get
@@ -244,7 +244,7 @@ def test_qwen2_moe_shared_expert_is_its_own_entry(tmp_path):
     torch.testing.assert_close(logits(load(tmp_path / "out"), ids), expected, rtol=1e-5, atol=1e-5)
 
 
-MIXERS = {"bamba": "state-space", "lfm2": "conv"}
+MIXERS = {"bamba": "state-space", "jamba": "state-space", "lfm2": "conv"}
 
 
 def expected_kinds(model_type: str) -> list[str]:
