@@ -233,9 +233,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo2", ("olmo2",), attn_norm=None, ffn_norm=None, ffn_post_norm="post_feedforward_layernorm"),
     # hybrids: attention layers and layers with another token mixer, each with its own FFN
     Family("bamba", ("bamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
-           mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
+           final_norm="model.final_layernorm.weight", mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
     Family("jamba", ("jamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
-           experts="feed_forward.experts", mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
+           experts="feed_forward.experts", final_norm="model.final_layernorm.weight",
+           mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
     Family("lfm2", ("lfm2",), attn_norm="operator_norm", ffn="feed_forward", ffn_norm="ffn_norm",
            ffn_down="feed_forward.w2", final_norm="model.embedding_norm.weight",
            mixers=(Mixer("conv", "conv", "conv"),)),

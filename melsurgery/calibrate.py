@@ -88,6 +88,9 @@ class StreamingModel:
             except UserError:
                 raise UserError(f"{self.ckpt.folder}: layer {i} has type {t!r}, which melsurgery cannot reproduce "
                                 f"for {family.name}") from None
+            if not has_submodule(self.layers[i], self.mixers[i].module):
+                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {self.mixers[i].module!r} module; "
+                                f"is this really a {family.name} model?")
 
     def _layer_type(self, i: int) -> str:
         """Type of layer i (full or sliding attention, or a hybrid's other mixer), as the model's forward decides."""
