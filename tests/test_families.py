@@ -173,10 +173,14 @@ DTYPE_RECIPES = {
     torch.bfloat16: [("ffn-dampen", {}), ("wemask", {})],
     torch.float16: [("norm-rescale", {}), ("me-norm", {})],
 }
+# Writing is family-independent (named tensors, fp32 edits cast back): of the MoE and hybrid families,
+# Mixtral (per-expert tensors under renamed on-disk names) and Jamba (hybrid with experts) stand for
+# the others, which keep their fp32 checks above; this keeps the suite's time in bounds.
+DTYPE_TYPES = [t for t in MODEL_TYPES if t not in ("qwen2_moe", "bamba", "lfm2")]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_RECIPES), ids=str)
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", DTYPE_TYPES)
 def test_dtypes_are_preserved(planted_family, tmp_path, model_type, dtype):
     """Half-precision sources keep their dtype; edits are computed in fp32 and cast back (fp32 sources
     are covered above)."""
