@@ -38,7 +38,7 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 @dataclass(frozen=True)
 class Mixer:
-    """A non-attention token mixer of a hybrid family: config layer type, kind, module path."""
+    """A layer's token mixer: its config layer type, its kind (attention, conv, state-space), its module."""
 
     layer_type: str
     kind: str
