@@ -153,7 +153,8 @@ def _neurons(value: object, where: str) -> list[int | list]:
 
 
 # Shared by the recipes that act on attention-input dims: one declaration, one meaning.
-LAYERS = Param("layers", "layers", "next", "Layers: next (first after the ME Layer), after-me, me, or 12,14-16.",
+LAYERS = Param("layers", "layers", "next", "Layers: next (first after the ME Layer; in hybrids the first attention "
+               "layer), after-me, me, or 12,14-16.",
                flag="--layers")
 TOP_K = Param("top_k", "int", 3, "Act on the top-k dims of the massive tokens.", flag="--top-k", low=1)
 DIMS = Param("dims", "int_list", None, "Explicit dims, e.g. 507,247 (overrides --top-k).", flag="--dims", low=0)
