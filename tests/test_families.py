@@ -8,7 +8,6 @@ independent hook reference; exactly the edited tensors change; source dtypes sur
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import reference as ref
@@ -320,10 +319,14 @@ def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
 
 
 def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
+    """verify streams hybrids through the same layer-kind dispatch: the planted massive token is found,
+    and the sink is measured on the attention layers only."""
+    from melsurgery.measure import DetectParams
     from melsurgery.verify import run_verify
 
     folder, _ = planted_family("lfm2")
-    r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0)
+    r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0, params=DetectParams(ratio=100.0))
     kinds = expected_kinds("lfm2")
-    assert [math.isnan(s) for s in r["sink_base"]] == [k != "attention" for k in kinds]
+    assert r["me_layer"] == PLANT.layer
+    assert [s is None for s in r["sink_base"]] == [k != "attention" for k in kinds]
     assert r["kl_mean"] == 0 and r["max_abs_base"][PLANT.layer] > 100
