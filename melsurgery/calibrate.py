@@ -239,7 +239,7 @@ class Probe:
         return self
 
     def end_sample(self) -> None:
-        if len({len(records) for records in self.counts()}) != 1:
+        if len({len(records) for records in self.counts()}) > 1:  # none at all: a layer without attention
             raise RuntimeError("layer hooks fired an unexpected number of times")
 
     def counts(self) -> list[list]:
