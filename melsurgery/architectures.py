@@ -10,7 +10,14 @@ Roles, for one decoder layer (module paths relative to it):
 - `ffn_norm`: the norm whose output is the FFN input (its input is the residual after attention);
   None where the raw residual feeds the FFN (OLMo 2).
 - `ffn_post_norm`: a norm applied to the FFN output before it joins the residual (Gemma 2/3, OLMo 2).
-- `ffn_down`: the down projection of a dense FFN; `experts`: the expert bank of an MoE FFN.
+- `ffn_down`: the down projection of a dense FFN; `experts`: the expert bank of an MoE FFN;
+  `shared_down`: the down projection of a dense expert every token passes through (Qwen2-MoE), whose
+  output is scaled per token by sigmoid(`shared_gate`).
+- `mixers`: hybrid families, the layer types (config `layer_types`) whose token mixer is not attention:
+  its kind ("conv", "state-space") and module. Such layers have no attention input and no sink.
+
+Role paths name modules as transformers holds them in memory; `disk_renames` maps them to the
+checkpoint's tensor names where these differ (Mixtral's `mlp` is `block_sparse_moe` on disk).
 """
 
 from __future__ import annotations
@@ -23,6 +30,22 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+
+ATTENTION = "attention"
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """A layer's token mixer: its config layer type, its kind (attention, conv, state-space), its module."""
+
+    layer_type: str
+    kind: str
+    module: str
+
+
+SHARED = "shared"  # the expert id of a shared expert in neuron records ("shared:41")
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,11 @@ class Family:
     # [E, 2I, D] (gate rows first) and `down_proj` [E, D, I].
     experts: str | None = None
     expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # (module-path prefix in memory, the same prefix in the checkpoint), applied in order
+    disk_renames: tuple[tuple[str, str], ...] = ()
+    shared_down: str | None = None
+    shared_gate: str | None = None
+    mixers: tuple[Mixer, ...] = ()
     norm_offset: float = 0.0
     # queries and keys are normalised per head before the scores: the key's direction, not its size,
     # decides the sink, so the dims that drive the sink may differ from the massive dims
@@ -89,8 +117,49 @@ class Family:
     def prefix(self, layer: int) -> str:
         return self.layers.format(i=layer)
 
+    def disk_path(self, module: str) -> str:
+        """A module path as the checkpoint spells it."""
+        for memory, disk in self.disk_renames:
+            if module.startswith(memory):
+                module = disk + module.removeprefix(memory)
+        return module
+
+    def memory_path(self, name: str) -> str:
+        """A checkpoint name (relative to a layer) as transformers' modules spell it."""
+        for memory, disk in reversed(self.disk_renames):
+            if name.startswith(disk):
+                name = memory + name.removeprefix(disk)
+        return name
+
     def tensor(self, layer: int, module: str) -> str:
-        return f"{self.prefix(layer)}{module}.weight"
+        return f"{self.prefix(layer)}{self.disk_path(module)}.weight"
+
+    def mixer(self, layer_type: str) -> Mixer:
+        """The token mixer of a layer of this config layer type (attention, or a hybrid's other kinds)."""
+        if layer_type in ATTENTION_TYPES:
+            return Mixer(layer_type, ATTENTION, self.attn)
+        for m in self.mixers:
+            if m.layer_type == layer_type:
+                return m
+        raise UserError(f"{self.name}: layer type {layer_type!r} is not one melsurgery can run")
+
+    def layer_kinds(self, config: dict) -> list[str]:
+        """Mixer kind of each decoder layer of a config.json.
+
+        Hybrid configs spell the layer pattern in family-specific ways (Bamba: `attn_layer_indices`), so
+        their layer types are asked of transformers' own config class; other families' layers all attend.
+        """
+        n = int(config["num_hidden_layers"])
+        if not self.mixers:
+            return [ATTENTION] * n
+        from transformers import AutoConfig
+
+        try:
+            types = list(AutoConfig.for_model(**config).layer_types)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"config.json: transformers cannot read the layer pattern of this {self.name} model "
+                            f"({exc})") from None
+        return [self.mixer(t).kind for t in types[:n]]
 
     def attn_norm_tensor(self, layer: int) -> str:
         if self.attn_norm is None:
@@ -105,10 +174,14 @@ class Family:
     def me_norm_tensor(self, layer: int) -> str:
         return self.tensor(layer, self.me_norm)
 
-    def down_tensor(self, layer: int, expert: int | None = None) -> str:
+    def down_tensor(self, layer: int, expert: int | str | None = None) -> str:
         """The down projection of layer's dense FFN, or of one expert (its own tensor in the checkpoint)."""
         if expert is None:
             return self.tensor(layer, self.ffn_down)
+        if expert == SHARED:
+            if self.shared_down is None:
+                raise UserError(f"{self.name} has no shared expert")
+            return self.tensor(layer, self.shared_down)
         if self.experts is None:
             raise UserError(f"{self.name} has no experts; name FFN neurons without an expert")
         return self.tensor(layer, f"{self.experts}.{expert}.{self.expert_projs[2]}")
@@ -119,8 +192,10 @@ class Family:
     def module_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A layer's checkpoint tensors (relative names) as transformers' modules hold them.
 
-        Only MoE layers differ: per-expert tensors are stacked into the fused 3-D expert parameters.
+        Checkpoint names are renamed to module paths (`disk_renames`), and MoE layers' per-expert tensors
+        are stacked into the fused 3-D expert parameters.
         """
+        state = {self.memory_path(k): v for k, v in state.items()}
         if self.experts is None:
             return state
         import torch
@@ -150,12 +225,25 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2", ("qwen2",)),
     Family("qwen3", ("qwen3",), qk_norm=True),
     Family("qwen3-moe", ("qwen3_moe",), experts="mlp.experts", qk_norm=True),
+    Family("mixtral", ("mixtral",), experts="mlp.experts", expert_projs=("w1", "w3", "w2"),
+           disk_renames=(("mlp.", "block_sparse_moe."),)),
+    Family("qwen2-moe", ("qwen2_moe",), experts="mlp.experts", shared_down="mlp.shared_expert.down_proj",
+           shared_gate="mlp.shared_expert_gate"),
     Family("gemma", ("gemma",), norm_offset=1.0),
     Family("gemma2", ("gemma2",), norm_offset=1.0, **_POST_NORMS),
     Family("gemma3", ("gemma3_text",), norm_offset=1.0, qk_norm=True, **_POST_NORMS),
     Family("phi3", ("phi3",), attn_inputs=("self_attn.qkv_proj",)),
     Family("olmo2", ("olmo2",), attn_norm=None, ffn_norm=None, ffn_post_norm="post_feedforward_layernorm",
            qk_norm=True),
+    # hybrids: attention layers and layers with another token mixer, each with its own FFN
+    Family("bamba", ("bamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
+           final_norm="model.final_layernorm.weight", mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
+    Family("jamba", ("jamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
+           experts="feed_forward.experts", final_norm="model.final_layernorm.weight",
+           mixers=(Mixer("linear_attention", "state-space", "mamba"),)),
+    Family("lfm2", ("lfm2",), attn_norm="operator_norm", ffn="feed_forward", ffn_norm="ffn_norm",
+           ffn_down="feed_forward.w2", final_norm="model.embedding_norm.weight",
+           mixers=(Mixer("conv", "conv", "conv"),)),
 )
 
 def supported() -> str:

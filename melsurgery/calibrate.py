@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import measure
-from .architectures import Family, has_submodule, submodule
+from .architectures import ATTENTION, SHARED, Family, Mixer, has_submodule, submodule
 from .attn_input import CANDIDATE_ABS, CANDIDATE_RATIO, AttnInputRecorder
 from .checkpoint.reader import Checkpoint
 from .checkpoint.validate import check_finite, nonfinite
@@ -47,6 +47,8 @@ class StreamingModel:
 
     It reproduces the full model's forward exactly: the embedding scale (Gemma), each layer's own
     attention mask (full or sliding window) and rotary embedding (Gemma 3 has one per layer type).
+    Layers of hybrid families whose mixer is not attention (convolution, state space) run on the
+    unpadded sequence without a mask, as the full model runs them.
     """
 
     def __init__(
@@ -69,20 +71,30 @@ class StreamingModel:
         # plain-float twin, since the skeleton's buffer lives on the meta device.
         self.embed_scale: float | None = getattr(submodule(self.skeleton, family.embed_module), "scalar_embed_scale",
                                                  None)
-        rotary = submodule(self.skeleton, family.layers_module.rsplit(".", 1)[0] + ".rotary_emb")
-        self.rotary = type(rotary)(config=self.config).to(self.device)
-        self._rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        rotary_path = family.layers_module.rsplit(".", 1)[0] + ".rotary_emb"
+        self.rotary = None  # Jamba-style models have no position embedding at all
+        if has_submodule(self.skeleton, rotary_path):
+            self.rotary = type(submodule(self.skeleton, rotary_path))(config=self.config).to(self.device)
+        self._rotary_per_type = self.rotary is not None and "layer_type" in inspect.signature(
+            self.rotary.forward).parameters
         self.num_layers = len(self.layers)
         self.layer_types = [self._layer_type(i) for i in range(self.num_layers)]
+        self.mixers: list[Mixer] = []
+        for i, t in enumerate(self.layer_types):
+            try:
+                self.mixers.append(family.mixer(t))
+            except UserError:
+                raise UserError(f"{self.ckpt.folder}: layer {i} has type {t!r}, which melsurgery cannot reproduce "
+                                f"for {family.name}") from None
+            if not has_submodule(self.layers[i], self.mixers[i].module):
+                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {self.mixers[i].module!r} module; "
+                                f"is this really a {family.name} model?")
 
     def _layer_type(self, i: int) -> str:
-        """Attention kind of layer i (full or sliding window), decided the way the model's forward decides it."""
+        """Type of layer i (full or sliding attention, or a hybrid's other mixer), as the model's forward decides."""
         types = getattr(self.config, "layer_types", None)
         if types is None:  # Mistral, Phi-3, Qwen3-MoE: one window (or none) for all layers
             return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
-        if types[i] not in ("full_attention", "sliding_attention"):
-            raise UserError(f"{self.ckpt.folder}: layer {i} has attention type {types[i]!r}, which melsurgery "
-                            "cannot reproduce")
         return types[i]
 
     def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None) -> list[torch.Tensor]:
@@ -142,15 +154,22 @@ class StreamingModel:
         return torch.tanh(z / cap) * cap if cap else z
 
     def run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """One decoder layer on one unpadded sequence [1, T, D], exactly as the full model runs it."""
+        """One decoder layer on one unpadded sequence [1, T, D], exactly as the full model runs it.
+
+        Attention layers get their causal mask and rotary embedding; other mixers get no mask (the
+        full model passes none for an unpadded batch) and no rotary embedding (they do not use one)."""
         i = next(k for k, other in enumerate(self.layers) if other is layer)
         kind = self.layer_types[i]
         T = h.shape[1]
         pos = torch.arange(T, device=self.device).unsqueeze(0)
-        window = self.config.sliding_window if kind == "sliding_attention" else None
-        mask = causal_mask(T, h.dtype, self.device, window)
-        rotary = self.rotary(h, pos, kind) if self._rotary_per_type else self.rotary(h, pos)
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
+        mask, extra = None, {}
+        if self.mixers[i].kind == ATTENTION:
+            window = self.config.sliding_window if kind == "sliding_attention" else None
+            mask = causal_mask(T, h.dtype, self.device, window)
+            if self.rotary is not None:
+                rotary = self.rotary(h, pos, kind) if self._rotary_per_type else self.rotary(h, pos)
+                extra["position_embeddings"] = rotary
+        out = layer(h, attention_mask=mask, position_ids=pos, **extra)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -191,10 +210,13 @@ class Stream:
 
 class Probe:
     """Hooks that record, per sequence run through one layer, each head's key attention and, when
-    asked, the mean pairwise cosine similarity of the attention inputs (after any WeMask hook)."""
+    asked, the mean pairwise cosine similarity of the attention inputs (after any WeMask hook).
+    Layers of hybrids whose mixer is not attention have neither (`attends` False)."""
 
     def __init__(self, layer: nn.Module, family: Family, similarity: bool = False) -> None:
-        self.layer, self.family, self.measure_similarity = layer, family, similarity
+        self.layer, self.family = layer, family
+        self.attends = has_submodule(layer, family.attn)
+        self.measure_similarity = similarity and self.attends
         self.key_attention: list[torch.Tensor] = []
         self.similarity: list[float] = []
         self._handles: list = []
@@ -204,6 +226,8 @@ class Probe:
         self.similarity.append(measure.similarity(x[0]))
 
     def hooks(self) -> list:
+        if not self.attends:
+            return []
         attn = submodule(self.layer, self.family.attn)
         handles = [attn.register_forward_hook(
             lambda m, a, out: self.key_attention.append(measure.key_attention(out[1])))]
@@ -216,11 +240,12 @@ class Probe:
         return self
 
     def end_sample(self) -> None:
-        if len({len(records) for records in self.counts()}) != 1:
+        if len({len(records) for records in self.counts()}) > 1:  # none at all: a layer without attention
             raise RuntimeError("layer hooks fired an unexpected number of times")
 
     def counts(self) -> list[list]:
-        return [self.key_attention, *([self.similarity] if self.measure_similarity else [])]
+        attention = [self.key_attention] if self.attends else []
+        return [*attention, *([self.similarity] if self.measure_similarity else [])]
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -300,9 +325,10 @@ def calibrate(
 
     def observe(i: int, _: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: Probe) -> None:
         _check_outputs(outputs, i, dtype)
-        entry = measure.layer_stats(i, outputs, k, probe.key_attention)
+        entry = measure.layer_stats(i, outputs, k, probe.key_attention if probe.attends else None)
+        entry.mixer = model.mixers[i].kind
         entry.attribution = attribute(probe.layer, family, inputs, outputs, probe, entry)  # type: ignore[arg-type]
-        entry.attn_input = probe.attn_input.record  # type: ignore[attr-defined]
+        entry.attn_input = probe.attn_input.record if probe.attends else None  # type: ignore[attr-defined]
         stats.layers.append(entry)
 
     def probe(layer: nn.Module) -> _Probe:  # the median of the residual entering the layer: the last state's
@@ -321,41 +347,58 @@ def _check_outputs(states: list[torch.Tensor], i: int, dtype: torch.dtype) -> No
                         f"in {str(dtype).removeprefix('torch.')}, although its weights are finite{hint}")
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A captured activation of one sequence as [T, width], whether the module saw [1, T, w] or [T, w]."""
+    return x.detach().reshape(-1, x.shape[-1])
+
+
 class _Probe(Probe):
-    """Probe plus what attribution needs, per sample: the residual after attention, the FFN output
+    """Probe plus what attribution needs, per sample: the residual after the mixer, the FFN output
     (before any post-FFN norm), and the neurons' activations (dense: the down projection's input; MoE:
-    the expert bank's input and routing)."""
+    the expert bank's input and routing, and a shared expert's down-projection input and gate logit)."""
 
     def __init__(self, layer: nn.Module, family: Family, input_median: float) -> None:
         super().__init__(layer, family)
         self.attn_input = AttnInputRecorder(layer, family, input_median)
         self.moe = family.experts is not None and has_submodule(layer, family.experts)
+        self.shared = self.moe and family.shared_down is not None and has_submodule(layer, family.shared_down)
         self.mid: list[torch.Tensor] = []
         self.ffn_out: list[torch.Tensor] = []
         self.act: list[torch.Tensor] = []
         self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.shared_act: list[torch.Tensor] = []
+        self.shared_gate: list[torch.Tensor] = []
 
     def hooks(self) -> list:
         fam, layer = self.family, self.layer
-        handles = super().hooks() + self.attn_input.hooks() + [
-            submodule(layer, fam.residual_after_attn).register_forward_pre_hook(
-                lambda m, args: self.mid.append(args[0][0].detach())),
-            submodule(layer, fam.ffn).register_forward_hook(
-                lambda m, a, out: self.ffn_out.append((out[0] if isinstance(out, tuple) else out)[0].detach())),
-        ]
+        handles = super().hooks() + (self.attn_input.hooks() if self.attends else [])
+
+        def pre(path: str, into: list) -> None:
+            handles.append(submodule(layer, path).register_forward_pre_hook(
+                lambda m, args: into.append(_rows(args[0]))))
+
+        def post(path: str, into: list) -> None:
+            handles.append(submodule(layer, path).register_forward_hook(
+                lambda m, a, out: into.append(_rows(out[0] if isinstance(out, tuple) else out))))
+
+        pre(fam.residual_after_attn, self.mid)
+        post(fam.ffn, self.ffn_out)
         if self.moe:  # the expert bank is called as experts(x [N, D], top_k_index [N, k], top_k_weights [N, k])
             handles.append(submodule(layer, fam.experts).register_forward_pre_hook(
                 lambda m, args: self.routed.append(tuple(a.detach() for a in args[:3]))))
         else:
-            handles.append(submodule(layer, fam.ffn_down).register_forward_pre_hook(
-                lambda m, args: self.act.append(args[0][0].detach())))
+            pre(fam.ffn_down, self.act)
+        if self.shared:
+            pre(fam.shared_down, self.shared_act)
+            post(fam.shared_gate, self.shared_gate)
         return handles
 
     def counts(self) -> list[list]:
-        return [*super().counts(), self.mid, self.ffn_out, self.routed if self.moe else self.act]
+        shared = [self.shared_act, self.shared_gate] if self.shared else []
+        return [*super().counts(), self.mid, self.ffn_out, self.routed if self.moe else self.act, *shared]
 
 
-Neuron = tuple[int | None, int]  # (expert or None for a dense FFN, neuron index)
+Neuron = tuple[int | str | None, int]  # (expert, "shared", or None for a dense FFN; neuron index)
 
 
 class _Neurons:
@@ -363,12 +406,16 @@ class _Neurons:
 
     Dense FFN: neuron j is column j of the down projection; its activation is the down projection's
     input. MoE: neuron (e, j) is column j of expert e's down projection; its *effective* activation is
-    the routing weight of e times the expert's activation j on tokens routed to e, and 0 elsewhere, so
-    that the contributions of all neurons sum to the FFN output.
+    the routing weight of e times the expert's activation j on tokens routed to e, and 0 elsewhere; a
+    shared expert's neuron ("shared", j) has effective activation sigmoid(gate logit) times its
+    activation j on every token. So the contributions of all neurons sum to the FFN output.
     """
 
     def __init__(self, layer: nn.Module, family: Family, probe: _Probe) -> None:
         self.probe = probe
+        if probe.shared:
+            self.shared_down = submodule(layer, family.shared_down).weight.float()
+            self.shared_scale = [torch.sigmoid(g.float()) for g in probe.shared_gate]  # per sample [T, 1]
         if probe.moe:
             self.experts = submodule(layer, family.experts)
             E = self.experts.down_proj.shape[0]
@@ -396,18 +443,25 @@ class _Neurons:
         used = sorted({e for s, p in tokens for e in self.routing[s][p].nonzero().flatten().tolist()})
         x = torch.stack([self.probe.routed[s][0][p] for s, p in tokens])
         r = torch.stack([self.routing[s][p] for s, p in tokens])
-        acts = [self._expert_act(e, x) * r[:, e : e + 1] for e in used]
         I = self.experts.down_proj.shape[2]
         keys: list[Neuron] = [(e, j) for e in used for j in range(I)]
-        if not used:
+        acts = [self._expert_act(e, x) * r[:, e : e + 1] for e in used]
+        downs = [self.experts.down_proj[e].float() for e in used]
+        if self.probe.shared:
+            keys += [(SHARED, j) for j in range(self.shared_down.shape[1])]
+            acts.append(torch.stack([self.probe.shared_act[s][p].float() * self.shared_scale[s][p] for s, p in tokens]))
+            downs.append(self.shared_down)
+        if not keys:
             return keys, torch.zeros(len(tokens), 0), torch.zeros(self.experts.down_proj.shape[1], 0)
-        return keys, torch.cat(acts, dim=1), torch.cat([self.experts.down_proj[e].float() for e in used], dim=1)
+        return keys, torch.cat(acts, dim=1), torch.cat(downs, dim=1)
 
     def activation(self, neuron: Neuron, s: int) -> torch.Tensor:
         """Effective activation [T] of one neuron over all tokens of sample s."""
         e, j = neuron
         if e is None:
             return self.probe.act[s][:, j].float()
+        if e == SHARED:
+            return self.probe.shared_act[s][:, j].float() * self.shared_scale[s][:, 0]
         return self._expert_act(e, self.probe.routed[s][0], j)[:, 0] * self.routing[s][:, e]
 
 
@@ -428,7 +482,8 @@ def attribute(
     layer: nn.Module, family: Family, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: _Probe,
     stats: LayerStats,
 ) -> dict | None:
-    """Who wrote this layer's large entries: attention vs FFN, which neurons, what norm scale.
+    """Who wrote this layer's large entries: the mixer (attention, or a hybrid's conv or state space) vs
+    the FFN, which neurons, what norm scale. `attn_write` is what the layer's mixer wrote, whatever its kind.
 
     Neuron contributions include the post-FFN norm's per-token scale where there is one (Gemma 2/3,
     OLMo 2), so that they add up to the FFN's write into the residual. The norm figures describe the
@@ -495,6 +550,7 @@ def attribute(
             "tokens": [list(t) for t in toks],
             "value": float(h_out.mean()),
             "input": float(h_in.mean()),
+            "mixer": stats.mixer or ATTENTION,
             "attn_write": float((h_mid - h_in).mean()),
             "ffn_write": ffn_write,
             "ffn_norm_weight": float(norm_weight[d]),

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from .calibrate import Stats
 from .measure import DetectParams, Entry, LayerStats, find_massive, sink, sink_rate
 
-ATTRIBUTION_KEYS = ("dim", "value", "input", "attn_write", "ffn_write", "ffn_norm_weight")
+ATTRIBUTION_KEYS = ("dim", "value", "input", "mixer", "attn_write", "ffn_write", "ffn_norm_weight")
 
 
 @dataclass

@@ -64,12 +64,14 @@ class LayerStats:
     max_abs: float
     median_abs: float
     top: list[Entry]
-    # per sequence: [heads, T] key attention (see the module docstring); None for the embeddings.
+    # per sequence: [heads, T] key attention (see the module docstring); None for the embeddings and
+    # layers without attention (hybrids).
     key_attention: list[torch.Tensor] | None = None
     attribution: dict | None = None
     # mean pairwise cosine similarity of the attention inputs; None when not measured
     similarity: float | None = None
     attn_input: AttnInputRecord | None = None  # the layer's attention input (scan only, see attn_input.py)
+    mixer: str | None = None  # the kind of the layer's token mixer (attention; in hybrids conv, state-space)
 
     @property
     def ratio(self) -> float:

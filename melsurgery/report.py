@@ -10,6 +10,8 @@ def _num(x: float | None, digits: int = 1) -> str:
 
 
 def _expert(n: dict) -> str:
+    if n.get("expert") == "shared":
+        return "shared expert "
     return f"expert {n['expert']} " if n.get("expert") is not None else ""
 
 
@@ -49,6 +51,8 @@ def scan_report(r: dict) -> str:
             note = "massive"
         elif i in precursor_layers:
             note = "precursor"
+        if layer.get("mixer") not in (None, "attention"):  # hybrid families: say which layers do not attend
+            note = f"({layer['mixer']}) {note}"
         lines.append(
             f"{layer['name']:<12}{_num(layer['max_abs']):>11}{_num(layer['median_abs'], 3):>11}"
             f"{_num(layer['ratio'], 0):>9}{_num(layer['sink'], 3):>8}  {note}".rstrip()
@@ -79,7 +83,7 @@ def scan_report(r: dict) -> str:
     lines.append(f"attribution inside layer {me}:")
     for d in r["dims_attribution"]:
         lines.append(
-            f"  dim {d['dim']}: input {_num(d['input'])}, attention {d['attn_write']:+,.1f}, "
+            f"  dim {d['dim']}: input {_num(d['input'])}, {d.get('mixer', 'attention')} {d['attn_write']:+,.1f}, "
             f"FFN {d['ffn_write']:+,.1f} -> {_num(d['value'])}"
         )
     if r["ffn_neurons"]:

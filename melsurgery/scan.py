@@ -136,6 +136,7 @@ def build_result(
         layers.append({
             "layer": layer.index,
             "name": "embeddings" if layer.index < 0 else f"layer {layer.index}",
+            "mixer": layer.mixer,
             "max_abs": layer.max_abs,
             "median_abs": layer.median_abs,
             "ratio": _finite(layer.ratio),

@@ -32,7 +32,7 @@ class Plant:
     neuron: int = 41
     marker: int = 5  # the embedding dim that only BOS carries
     strength: float = 30.0
-    expert: int = 1  # MoE layers: the expert that holds the neuron (BOS is routed to it)
+    expert: int | str = 1  # MoE layers: the expert that holds the neuron (BOS is routed to it), or "shared"
     post_gain: float = 1000.0  # families that normalise the FFN output: the output norm's weight on `dim`
 
 
@@ -57,7 +57,9 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_atte
 
 # Per model type: the config class and what differs from BASE. Windows of 8 tokens make the sliding
 # layers differ from full attention on calibration text; Gemma 3 alternates local and global layers
-# (each with its own rotary embedding); Qwen2 has full then sliding layers; Qwen3-MoE has one dense layer.
+# (each with its own rotary embedding); Qwen2 has full then sliding layers; Qwen3-MoE has one dense layer;
+# Qwen2-MoE has a shared expert. The hybrids put the planted layer (3) on a non-attention mixer, with
+# attention layers before and after it.
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", dict(sliding_window=8)),
@@ -73,6 +75,15 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                              layer_types=["sliding_attention", "full_attention"] * 3)),
     "phi3": ("Phi3Config", dict(sliding_window=8)),
     "olmo2": ("Olmo2Config", {}),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=96, mlp_only_layers=[0])),
+    "bamba": ("BambaConfig", dict(attn_layer_indices=[1, 4], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+                                  mamba_n_groups=1, mamba_chunk_size=16)),
+    "jamba": ("JambaConfig", dict(attn_layer_period=3, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                                  expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)),
+    "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention", "conv", "conv", "full_attention", "conv"],
+                                norm_eps=1e-6)),
 }
 
 
@@ -97,7 +108,8 @@ def _params(module, suffixes: tuple[str, ...]) -> list[torch.Tensor]:
     return [p for name, p in module.named_parameters() if name.endswith(suffixes)]
 
 
-WRITERS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")  # rows (dim -2): residual dims written
+# rows (dim -2): residual dims written
+WRITERS = ("o_proj.weight", "out_proj.weight", "down_proj.weight", "w2.weight", "experts.down_proj")
 FFN_READERS = ("gate_proj.weight", "up_proj.weight", "gate_up_proj")  # last dim: residual dims read
 
 
@@ -111,7 +123,8 @@ def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
     write is lost, so selectivity must be exact: no layer writes the marker (the output projections'
     rows for it are tiny), no other neuron of the planted layer writes `dim`, and the output norm's
     weight on `dim` is `post_gain` (as in the real models, that norm sets the massive value). Later
-    FFNs hardly read `dim` (OLMo 2's FFNs read the raw residual and would overflow fp16).
+    FFNs hardly read `dim` (OLMo 2's FFNs read the raw residual and would overflow fp16). In hybrids no
+    layer writes the marker either: a convolution or state space would carry BOS's into later tokens.
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
@@ -133,17 +146,23 @@ def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
         m, d, j = plant.marker, plant.dim, plant.neuron
         emb.weight[:, m] = 0.0
         emb.weight[1, m] = 8.0 / scale
-        mlp = layers[plant.layer].mlp
+        mlp = getattr(layers[plant.layer], "mlp", None) or layers[plant.layer].feed_forward  # hybrids: feed_forward
+        if plant.expert == "shared":  # Qwen2-MoE: a dense expert every token passes through, gated per token
+            mlp.shared_expert_gate.weight[0, m] = 2.0
+            mlp = mlp.shared_expert
         if hasattr(mlp, "experts"):  # fused expert bank [E, 2I, D] / [E, D, I], gate rows first
             ex, e = mlp.experts, plant.expert
             inter = ex.down_proj.shape[2]
             rows = [ex.gate_up_proj[e, j], ex.gate_up_proj[e, inter + j]]
             down = ex.down_proj[e, :, j]
-            mlp.gate.weight[e, m] = 2.0
+            (getattr(mlp, "gate", None) or mlp.router).weight[e, m] = 2.0  # Jamba: router
         elif hasattr(mlp, "gate_up_proj"):  # Phi-3: gate rows, then up rows
             inter = mlp.down_proj.in_features
             rows = [mlp.gate_up_proj.weight[j], mlp.gate_up_proj.weight[inter + j]]
             down = mlp.down_proj.weight[:, j]
+        elif hasattr(mlp, "w2"):  # LFM2: silu(w1 x) * w3 x, down projection w2
+            rows = [mlp.w1.weight[j], mlp.w3.weight[j]]
+            down = mlp.w2.weight[:, j]
         else:
             rows = [mlp.gate_proj.weight[j], mlp.up_proj.weight[j]]
             down = mlp.down_proj.weight[:, j]
@@ -152,9 +171,11 @@ def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
             row[m] = plant.strength / 8
         down.zero_()
         post = getattr(layers[plant.layer], "post_feedforward_layernorm", None)
-        if post is not None:
+        if post is not None or not all(hasattr(layer, "self_attn") for layer in layers):
+            # convolutions and state spaces carry BOS's marker into later tokens: no layer may write it
             for p in _params(layers, WRITERS):
                 p[..., m, :] *= 1e-3
+        if post is not None:
             for p in _params(mlp, WRITERS):
                 p[..., d, :] = 0.0
             for p in _params(layers[plant.layer + 1 :], FFN_READERS):
@@ -165,21 +186,12 @@ def build_model(config, plant: Plant | None = Plant(), seed: int = 0):
 
 
 def _checkpoint_state(model) -> dict[str, torch.Tensor]:
-    """The state dict as checkpoints store it: MoE experts one tensor per expert and projection."""
-    out = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("experts.gate_up_proj"):
-            gate, up = t.chunk(2, dim=1)
-            base = name.removesuffix("gate_up_proj")
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = gate[e]
-                out[f"{base}{e}.up_proj.weight"] = up[e]
-        elif name.endswith("experts.down_proj"):
-            base = name.removesuffix("down_proj")
-            out.update({f"{base}{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
-        else:
-            out[name] = t
-    return out
+    """The state dict as published checkpoints store it, by transformers' own reverse conversion (what
+    save_pretrained writes): MoE experts one tensor per expert and projection, Mixtral's
+    `block_sparse_moe.experts.N.w1/w2/w3`."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(model.state_dict()))
 
 
 def save_model(model, folder: Path, dtype: torch.dtype = torch.float32, shards: int = 1, tokenizer=None) -> Path:

@@ -17,12 +17,27 @@ ROLES = {
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
     "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm"),
     "olmo2": (None, "post_feedforward_layernorm"),
+    "bamba": ("input_layernorm", "pre_ff_layernorm"),
+    "jamba": ("input_layernorm", "pre_ff_layernorm"),
+    "lfm2": ("operator_norm", "ffn_norm"),
 }
 DEFAULT_ROLES = ("input_layernorm", "post_attention_layernorm")
+# model_type -> (FFN module, its down projection) where not ("mlp", "down_proj")
+FFNS = {"bamba": ("feed_forward", "down_proj"), "jamba": ("feed_forward", "down_proj"), "lfm2": ("feed_forward", "w2")}
 
 
 def roles(model) -> tuple[str | None, str]:
     return ROLES.get(model.config.model_type, DEFAULT_ROLES)
+
+
+def _scale_inputs(linear, columns, factor):
+    """A pre-hook scaling some input features of a linear layer (= some of its weight's columns)."""
+    def pre(module, args):
+        x = args[0].clone()
+        x[..., list(columns)] *= factor
+        return (x,)
+
+    return linear.register_forward_pre_hook(pre)
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,20 +79,21 @@ def norm_rescale(model, layers, dims, factor):
 
 
 def ffn_dampen(model, layer, neurons, factor):
-    """Scale the output of FFN neurons (ints, or [expert, neuron] pairs in an MoE layer)."""
-    mlp = model.model.layers[layer].mlp
+    """Scale the output of FFN neurons (ints, or [expert, neuron] pairs in an MoE layer; expert "shared":
+    the shared expert, a dense FFN of its own)."""
+    ffn, down = FFNS.get(model.config.model_type, ("mlp", "down_proj"))
+    mlp = getattr(model.model.layers[layer], ffn)
     if not hasattr(mlp, "experts"):
-        def pre(module, args):
-            x = args[0].clone()
-            x[..., list(neurons)] *= factor
-            return (x,)
-
-        return [mlp.down_proj.register_forward_pre_hook(pre)]
+        return [_scale_inputs(getattr(mlp, down), neurons, factor)]
+    handles = []
+    shared = [j for e, j in neurons if e == "shared"]
+    if shared:
+        handles.append(_scale_inputs(mlp.shared_expert.down_proj, shared, factor))
 
     def hook(module, args, out):
         x, index, weight = args[:3]  # [N, D], [N, k], [N, k]
         out = out.clone()
-        for e, j in neurons:
+        for e, j in [n for n in neurons if n[0] != "shared"]:
             routed = (index == e).any(-1)
             w = (weight * (index == e)).sum(-1)[routed]
             gate_up = module.gate_up_proj[e]
@@ -87,7 +103,7 @@ def ffn_dampen(model, layer, neurons, factor):
             out[routed] += ((factor - 1) * w * a)[:, None] * module.down_proj[e][:, j][None, :]
         return out
 
-    return [mlp.experts.register_forward_hook(hook)]
+    return [*handles, mlp.experts.register_forward_hook(hook)]
 
 
 def me_norm(model, layer, factor, dims=None):

@@ -12,6 +12,7 @@ import json
 import pytest
 import reference as ref
 import torch
+from conftest import run_cli
 from planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
 from transformers import AutoModelForCausalLM
 
@@ -32,8 +33,12 @@ PLANT = Plant()
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x * x"]
 
 
+MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "jamba")
+HYBRID = ("bamba", "jamba", "lfm2")
+
+
 def is_moe(model_type: str) -> bool:
-    return model_type.endswith("_moe")
+    return model_type in MOE
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def planted_family(tmp_path_factory):
         if model_type not in cache:
             folder = tmp_path_factory.mktemp(model_type) / "model"
             save_model(build_model(family_config(model_type), PLANT), folder, shards=2)
-            cache[model_type] = folder, run_scan(resolve(str(folder)), CalibrationSpec(num_samples=8))
+            cache[model_type] = folder, run_scan(resolve(str(folder)), CalibrationSpec(num_samples=8, max_tokens=64))
         return cache[model_type]
 
     return get
@@ -103,8 +108,11 @@ def test_streaming_statistics_equal_a_full_forward(planted_family, model_type):
         flat = torch.cat([h.flatten() for h in layer_states]).abs()
         assert got.max_abs == pytest.approx(float(flat.max()), rel=1e-5), got.index
         assert got.median_abs == pytest.approx(float(flat.median()), rel=1e-5), got.index
-    for i in range(len(outs)):  # attention weights (sliding windows included) agree too
-        a = full[0].attentions[i][0].mean(0)
+    attending = [i for i in range(len(outs)) if stats.layers[i + 1].mixer == "attention"]
+    assert len(attending) == len(full[0].attentions)  # hybrids: only attention layers have weights
+    assert all(stats.layers[i + 1].key_attention is None for i in range(len(outs)) if i not in attending)
+    for i, weights in zip(attending, full[0].attentions):  # attention weights (sliding windows included) agree
+        a = weights[0].mean(0)
         expected = [float(a[k + 1 :, k].mean()) for k in range(a.shape[0] - 1)]
         got = stats.layers[i + 1].key_attention[0].mean(0)[:-1].tolist()
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), i
@@ -176,10 +184,14 @@ DTYPE_RECIPES = {
     torch.bfloat16: [("ffn-dampen", {}), ("wemask", {})],
     torch.float16: [("norm-rescale", {}), ("me-norm", {})],
 }
+# Writing is family-independent (named tensors, fp32 edits cast back): of the MoE and hybrid families,
+# Mixtral (per-expert tensors under renamed on-disk names) and Jamba (hybrid with experts) stand for
+# the others, which keep their fp32 checks above; this keeps the suite's time in bounds.
+DTYPE_TYPES = [t for t in MODEL_TYPES if t not in ("qwen2_moe", "bamba", "lfm2")]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_RECIPES), ids=str)
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", DTYPE_TYPES)
 def test_dtypes_are_preserved(planted_family, tmp_path, model_type, dtype):
     """Half-precision sources keep their dtype; edits are computed in fp32 and cast back (fp32 sources
     are covered above)."""
@@ -212,3 +224,121 @@ def test_unsupported_architecture_is_refused_before_any_work(tmp_path, config):
         assert f"unsupported architecture {cfg.model_type!r}" in msg
         assert all(t in msg for t in MODEL_TYPES)
     assert not (tmp_path / "out").exists()
+
+
+def test_mixtral_edits_address_the_checkpoint_names(planted_family):
+    """Mixtral keeps `block_sparse_moe.experts.N.w1/w2/w3` on disk (transformers renames and fuses them
+    in memory): the planted checkpoint is written the published way, and ffn-dampen edits that tensor."""
+    folder, scan = planted_family("mixtral")
+    names = set(Checkpoint(folder).names())
+    assert "model.layers.3.block_sparse_moe.experts.1.w2.weight" in names
+    assert not any(".mlp." in n for n in names)
+    from melsurgery.recipes import plan_recipes
+
+    config = json.loads((folder / "config.json").read_text())
+    (plan,) = plan_recipes(scan, family_for(config), config, [("ffn-dampen", {})])
+    assert [(e.tensor, e.axis, e.index) for e in plan.edits] == [
+        ("model.layers.3.block_sparse_moe.experts.1.w2.weight", 1, (PLANT.neuron,))]
+
+
+def test_qwen2_moe_shared_expert_is_its_own_entry(tmp_path):
+    """A massive value written by Qwen2-MoE's shared expert is attributed to ("shared", neuron), with the
+    sigmoid gate in its activation, and ffn-dampen edits the shared expert's down projection."""
+    plant = Plant(expert="shared")
+    folder = save_model(build_model(family_config("qwen2_moe"), plant), tmp_path / "model")
+    scan = run_scan(resolve(str(folder)), CalibrationSpec(num_samples=4, max_tokens=48))
+    assert scan["me_layer"] == plant.layer and scan["massive_dims"] == [plant.dim]
+    (n,) = scan["ffn_neurons"]
+    assert (n["expert"], n["neuron"]) == ("shared", plant.neuron) and n["share"] > 0.95
+    result = patch(folder, tmp_path / "out", [("ffn-dampen", {})], scan)
+    assert {a.tensor for a in result.applied} == {"model.layers.3.mlp.shared_expert.down_proj.weight"}
+    base, ids = load(folder), batch()
+    handles = ref.for_plan(result.plans[0], base, scan)
+    expected = logits(base, ids)
+    ref.remove(handles)
+    torch.testing.assert_close(logits(load(tmp_path / "out"), ids), expected, rtol=1e-5, atol=1e-5)
+
+
+MIXERS = {"bamba": "state-space", "jamba": "state-space", "lfm2": "conv"}
+
+
+def expected_kinds(model_type: str) -> list[str]:
+    """Each layer's mixer, asked of the built transformers model (not of melsurgery)."""
+    model = build_model(family_config(model_type), None)
+    return ["attention" if hasattr(layer, "self_attn") else MIXERS[model_type] for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("model_type", HYBRID)
+def test_hybrid_scan_measures_every_layer_and_sinks_only_attention(planted_family, model_type):
+    folder, r = planted_family(model_type)
+    kinds = expected_kinds(model_type)
+    config = json.loads((folder / "config.json").read_text())
+    assert family_for(config).layer_kinds(config) == kinds  # what the recipes see, from config.json alone
+    assert [layer["mixer"] for layer in r["layers"][1:]] == kinds
+    assert kinds[PLANT.layer] == MIXERS[model_type] and "attention" in kinds
+    for i, kind in enumerate(kinds):  # every layer's residual is measured, the sink only where there is attention
+        assert r["layers"][i + 1]["max_abs"] > 0
+        assert (r["sink"][i] is None) == (kind != "attention"), i
+    (d,) = r["dims_attribution"]
+    assert d["mixer"] == MIXERS[model_type] and abs(d["ffn_write"]) > 100 * abs(d["attn_write"])
+    from melsurgery.report import scan_report
+
+    assert f"({MIXERS[model_type]}) <- ME Layer" in scan_report(r)
+
+
+@pytest.mark.parametrize("model_type", HYBRID)
+def test_hybrid_attention_recipes_refuse_non_attention_layers(planted_family, model_type):
+    """wemask and norm-rescale edit attention inputs: "next" and "after-me" pick attention layers after the
+    ME Layer; an explicit layer with another mixer is refused, naming the attention layers."""
+    from melsurgery.recipes import plan_recipes
+
+    folder, scan = planted_family(model_type)
+    config = json.loads((folder / "config.json").read_text())
+    kinds = expected_kinds(model_type)
+    attending = [i for i, k in enumerate(kinds) if k == "attention" and i > PLANT.layer]
+    other = next(i for i, k in enumerate(kinds) if k != "attention" and i > PLANT.layer)
+    for recipe in ("wemask", "norm-rescale"):
+        for layers, expected in (("next", attending[:1]), ("after-me", attending)):
+            (plan,) = plan_recipes(scan, family_for(config), config, [(recipe, {"layers": layers})])
+            assert plan.params["layers"] == expected
+        with pytest.raises(UserError, match=rf"{recipe} edits attention inputs, and layer\(s\) \[{other}\] of this "
+                                            rf"{model_type} model have a {MIXERS[model_type]} mixer instead"):
+            plan_recipes(scan, family_for(config), config, [(recipe, {"layers": str(other)})])
+
+
+def test_hybrid_refusal_is_one_line_and_writes_nothing(planted_family, tmp_path):
+    folder, scan = planted_family("lfm2")
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    res = run_cli("patch", folder, "-o", tmp_path / "out", "--recipe", "wemask", "--scan", tmp_path / "scan.json",
+                  "--layers", 5)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("melsurgery: error: wemask edits attention inputs, and layer(s) [5] of this lfm2 "
+                                 "model have a conv mixer instead; its attention layers are [1, 4]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
+    """Where the layer's mixer, not its FFN, writes the massive value there is nothing to dampen."""
+    from melsurgery.recipes import plan_recipes
+
+    _, scan = planted_family("lfm2")
+    (d,) = scan["dims_attribution"]
+    mixer_wrote = {**scan, "ffn_neurons": [], "dims_attribution": [{**d, "attn_write": d["ffn_write"],
+                                                                    "ffn_write": 0.0}]}
+    with pytest.raises(UserError, match="the conv mixer of layer 3, not its FFN, writes the massive dims"):
+        plan_recipes(mixer_wrote, family_for({"model_type": "lfm2"}), {"num_hidden_layers": 6},
+                     [("ffn-dampen", {})])
+
+
+def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
+    """verify streams hybrids through the same layer-kind dispatch: the planted massive token is found,
+    and the sink is measured on the attention layers only."""
+    from melsurgery.measure import DetectParams
+    from melsurgery.verify import run_verify
+
+    folder, _ = planted_family("lfm2")
+    r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0, params=DetectParams(ratio=100.0))
+    kinds = expected_kinds("lfm2")
+    assert r["me_layer"] == PLANT.layer
+    assert [s is None for s in r["sink_base"]] == [k != "attention" for k in kinds]
+    assert r["kl_mean"] == 0 and r["max_abs_base"][PLANT.layer] > 100

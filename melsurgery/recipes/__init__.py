@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..architectures import Family
+from ..architectures import ATTENTION, Family
 from ..edits import Edit
 from ..errors import UserError
 from .params import Param
@@ -95,6 +95,30 @@ def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int
     if bad or not layers:
         raise UserError(f"--layers {spec!r}: layers must lie in 0-{num_layers - 1} (got {bad or 'none'})")
     return tuple(sorted(set(layers)))
+
+
+def attention_layers(spec: str | list | tuple | None, me_layer: int, family: Family, config: dict,
+                     recipe: str) -> tuple[int, ...]:
+    """`parse_layers` for recipes that edit attention inputs, in hybrid families too.
+
+    "next" is the first attention layer after the ME Layer and "after-me" every later attention layer;
+    explicit layers whose mixer is not attention (convolution, state space) are refused, naming those
+    that attend.
+    """
+    kinds = family.layer_kinds(config)
+    attends = [i for i, k in enumerate(kinds) if k == ATTENTION]
+    if spec in (None, "next", "after-me"):
+        later = [i for i in attends if i > me_layer]
+        if not later:
+            raise UserError(f"{recipe} edits attention inputs, and this {family.name} model has no attention layer "
+                            f"after the ME Layer ({me_layer})")
+        return tuple(later[:1] if spec in (None, "next") else later)
+    layers = parse_layers(spec, me_layer, len(kinds))
+    bad = [i for i in layers if kinds[i] != ATTENTION]
+    if bad:
+        raise UserError(f"{recipe} edits attention inputs, and layer(s) {bad} of this {family.name} model have a "
+                        f"{kinds[bad[0]]} mixer instead; its attention layers are {attends}")
+    return layers
 
 
 def pick_dims(scan: dict, top_k: int | None = None, dims: list[int] | None = None,

@@ -1,6 +1,7 @@
 """Dampen the FFN neurons that write the massive activation at the ME Layer (down-projection columns).
 
-In an MoE layer a neuron belongs to an expert, and its column lies in that expert's down projection.
+In an MoE layer a neuron belongs to an expert, and its column lies in that expert's down projection
+(in the checkpoint each expert has its own); a shared expert (Qwen2-MoE) is named "shared".
 """
 
 from __future__ import annotations
@@ -8,31 +9,38 @@ from __future__ import annotations
 from ..architectures import Family
 from ..errors import UserError
 from . import Edit, RecipePlan, require_me
-from .params import Param
+from .params import Param, expert_id
 
 NAME = "ffn-dampen"
 FOLDS = True
 PARAMS = (Param("factor", "float", 0.2, "ffn-dampen: factor on the neurons' down-projection columns.",
                 flag="--dampen", low=0.0, high=1.0),
-          Param("neurons", "neurons", None, "ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts).",
+          Param("neurons", "neurons", None, "ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts, "
+                "shared:J for a shared expert).",
                 flag="--neurons"))
 
-Neuron = tuple[int | None, int]
+Neuron = tuple[int | str | None, int]
+
+
+def _expert(e: object) -> int | str | None:
+    return None if e is None else expert_id(e)
 
 
 def parse_neuron(n: object) -> Neuron:
-    """A neuron as (expert or None, index), from 41, "41", "3:41", [3, 41] or a scan record."""
+    """A neuron as (expert, "shared" or None; index), from 41, "41", "3:41", "shared:41", [3, 41] or a
+    scan record."""
     try:
         if isinstance(n, dict):
-            return (None if n.get("expert") is None else int(n["expert"])), int(n["neuron"])
+            return _expert(n.get("expert")), int(n["neuron"])
         if isinstance(n, list | tuple) and len(n) == 2:
-            return int(n[0]), int(n[1])
+            return _expert(n[0]), int(n[1])
         if isinstance(n, str) and ":" in n:
             e, j = n.split(":")
-            return int(e), int(j)
+            return _expert(e), int(j)
         return None, int(n)  # type: ignore[arg-type]
     except (TypeError, ValueError, KeyError):
-        raise UserError(f"--neurons: cannot read {n!r}; use 41, or expert:neuron like 3:41 in MoE layers") from None
+        raise UserError(f"--neurons: cannot read {n!r}; use 41, or expert:neuron like 3:41 or shared:41 in MoE "
+                        "layers") from None
 
 
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
@@ -40,9 +48,14 @@ def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     me = require_me(scan)
     neurons = list(dict.fromkeys(parse_neuron(n) for n in (p["neurons"] or scan.get("ffn_neurons", []))))
     if not neurons:
+        att = scan.get("dims_attribution") or []
+        if att and all(abs(d["attn_write"]) > abs(d["ffn_write"]) for d in att):
+            mixer = att[0].get("mixer", "attention")
+            raise UserError(f"the {mixer} mixer of layer {me}, not its FFN, writes the massive dims: ffn-dampen has "
+                            "no FFN neurons to dampen (wemask and norm-rescale act downstream of it)")
         raise UserError("the scan names no FFN neurons writing the massive dims; pass --neurons")
     a = float(p["factor"])
-    by_expert: dict[int | None, list[int]] = {}
+    by_expert: dict[int | str | None, list[int]] = {}
     for e, j in neurons:
         by_expert.setdefault(e, []).append(j)
     edits = [Edit(family.down_tensor(me, e), a, axis=1, index=tuple(js), why=f"ffn-dampen x{a:g}")

@@ -6,7 +6,7 @@ Where a family has no attention-input norm the same scaling folds into the q/k/v
 from __future__ import annotations
 
 from ..architectures import Family
-from . import Edit, RecipePlan, parse_layers, pick_dims, require_me
+from . import Edit, RecipePlan, attention_layers, pick_dims, require_me
 from .params import ATTN_DIMS, Param
 
 NAME = "norm-rescale"
@@ -19,7 +19,7 @@ PARAMS = (*ATTN_DIMS,
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
-    layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
+    layers = attention_layers(p["layers"], me, family, config, "norm-rescale")
     dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
     a = float(p["factor"])
     why = f"norm-rescale x{a:g}"

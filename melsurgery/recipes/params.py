@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from ..architectures import SHARED
 from ..errors import UserError
 
 _LAYERS_RE = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
@@ -123,19 +124,25 @@ def _int_list(value: object, where: str, low: float | None) -> list[int]:
     return out
 
 
-def _neurons(value: object, where: str) -> list[int | list[int]]:
-    """Neurons as J or, in a mixture of experts, E:J (expert E, neuron J)."""
+def expert_id(e: object) -> int | str:
+    """An expert index, or "shared" (Qwen2-MoE's shared expert)."""
+    return SHARED if isinstance(e, str) and e.strip() == SHARED else int(e)  # type: ignore[call-overload]
+
+
+def _neurons(value: object, where: str) -> list[int | list]:
+    """Neurons as J or, in a mixture of experts, E:J (expert E, neuron J) or shared:J (the shared expert)."""
+    usage = "use neurons like 1229,1487, or 3:41 for expert 3, or shared:41 for a shared expert"
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise UserError(f"{where} {value!r}: use neurons like 1229,1487 or 3:41 for expert 3")
-    out: list[int | list[int]] = []
+        raise UserError(f"{where} {value!r}: {usage}")
+    out: list[int | list] = []
     for item in items:
         try:
             if isinstance(item, str) and ":" in item:
-                e, j = (int(x) for x in item.split(":"))
-                out.append([e, j])
+                e, j = item.split(":")
+                out.append([expert_id(e), int(j)])
             elif isinstance(item, list | tuple) and len(item) == 2:
-                out.append([int(item[0]), int(item[1])])
+                out.append([expert_id(item[0]), int(item[1])])
             elif isinstance(item, str) and not item.strip():
                 continue
             elif isinstance(item, bool):
@@ -143,8 +150,8 @@ def _neurons(value: object, where: str) -> list[int | list[int]]:
             else:
                 out.append(int(item))
         except (TypeError, ValueError):
-            raise UserError(f"{where} {value!r}: use neurons like 1229,1487 or 3:41 for expert 3") from None
-    flat = [n for x in out for n in (x if isinstance(x, list) else [x])]
+            raise UserError(f"{where} {value!r}: {usage}") from None
+    flat = [n for x in out for n in (x if isinstance(x, list) else [x]) if not isinstance(n, str)]
     if any(n < 0 for n in flat):
         raise UserError(f"{where} {value!r}: neuron and expert indices start at 0")
     if not out:
@@ -153,7 +160,8 @@ def _neurons(value: object, where: str) -> list[int | list[int]]:
 
 
 # Shared by the recipes that act on attention-input dims: one declaration, one meaning.
-LAYERS = Param("layers", "layers", "next", "Layers: next (first after the ME Layer), after-me, me, or 12,14-16.",
+LAYERS = Param("layers", "layers", "next", "Layers: next (first after the ME Layer; in hybrids the first attention "
+               "layer), after-me, me, or 12,14-16.",
                flag="--layers")
 TOP_K = Param("top_k", "int", 3, "Act on the top-k dims of the massive tokens.", flag="--top-k", low=1)
 DIMS = Param("dims", "int_list", None, "Explicit dims, e.g. 507,247 (overrides --top-k).", flag="--dims", low=0)

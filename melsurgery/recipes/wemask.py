@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..architectures import Family
 from ..errors import UserError
-from . import RecipePlan, WeMaskLayer, WeMaskSpec, parse_layers, pick_dims, require_me
+from . import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, pick_dims, require_me
 from .params import ATTN_DIMS, Param
 
 NAME = "wemask"
@@ -60,7 +60,7 @@ def _strengths(layers: tuple[int, ...], start: float, end: float | None) -> list
 def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
-    layers = parse_layers(p["layers"], me, int(config["num_hidden_layers"]))
+    layers = attention_layers(p["layers"], me, family, config, "wemask")
     if any(i <= me for i in layers):
         raise UserError(f"wemask acts on layers after the ME Layer ({me}); got {list(layers)}")
     if p["dims_by"] == "sink" and p["dims"]:
