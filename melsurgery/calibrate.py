@@ -328,7 +328,7 @@ def calibrate(
         entry = measure.layer_stats(i, outputs, k, probe.key_attention if probe.attends else None)
         entry.mixer = model.mixers[i].kind
         entry.attribution = attribute(probe.layer, family, inputs, outputs, probe, entry)  # type: ignore[arg-type]
-        entry.attn_input = probe.attn_input.record if probe.attends else None  # type: ignore[attr-defined]
+        entry.attn_input = probe.attn_input.record if probe.attn_input else None  # type: ignore[attr-defined]
         stats.layers.append(entry)
 
     def probe(layer: nn.Module) -> _Probe:  # the median of the residual entering the layer: the last state's
@@ -359,7 +359,7 @@ class _Probe(Probe):
 
     def __init__(self, layer: nn.Module, family: Family, input_median: float) -> None:
         super().__init__(layer, family)
-        self.attn_input = AttnInputRecorder(layer, family, input_median)
+        self.attn_input = AttnInputRecorder(layer, family, input_median) if self.attends else None
         self.moe = family.experts is not None and has_submodule(layer, family.experts)
         self.shared = self.moe and family.shared_down is not None and has_submodule(layer, family.shared_down)
         self.mid: list[torch.Tensor] = []
@@ -371,7 +371,7 @@ class _Probe(Probe):
 
     def hooks(self) -> list:
         fam, layer = self.family, self.layer
-        handles = super().hooks() + (self.attn_input.hooks() if self.attends else [])
+        handles = super().hooks() + (self.attn_input.hooks() if self.attn_input else [])
 
         def pre(path: str, into: list) -> None:
             handles.append(submodule(layer, path).register_forward_pre_hook(

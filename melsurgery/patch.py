@@ -22,7 +22,7 @@ from .checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from .errors import UserError
 from .jsonsafe import dumps
 from .manifest import Manifest
-from .recipes import RecipePlan, parse_layers, plan_recipes, resolve_recipes
+from .recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
 from .recipes.params import LAYER_WORDS
 from .scan import ScanResult, check_scan_params, run_scan
 
@@ -148,15 +148,27 @@ def check_plans(plans: list[RecipePlan], ckpt: Checkpoint) -> None:
                                 f"(size {shape[e.axis]} along axis {e.axis}); check --dims / --neurons")
         spec = plan.wemask
         if spec is not None:
-            if not spec.dims:
-                raise UserError("wemask: masks no dims; give --dims or --top-k of at least 1")
-            for what, values, size in (("dim", spec.dims, hidden), ("selector dim", spec.selector_dims, hidden),
-                                       ("layer", spec.layers, n)):
-                bad = [v for v in values if not 0 <= v < size]
-                if bad:
-                    raise UserError(f"wemask: {what} {bad[0]} is out of range (0-{size - 1})")
-            if spec.selector == "magnitude" and not (spec.threshold is not None and math.isfinite(spec.threshold)):
-                raise UserError("wemask: the selector threshold is not a finite number; rerun scan")
+            _check_wemask(spec, hidden, n)
+
+
+def _check_wemask(spec: WeMaskSpec, hidden: int, n: int) -> None:
+    """Every masked layer masks at least one dim, all in range, with a finite threshold and values."""
+    if not spec.per_layer:
+        raise UserError("wemask: masks no layer; check --layers")
+    bad = [v for v in spec.selector_dims if not 0 <= v < hidden]
+    if bad:
+        raise UserError(f"wemask: selector dim {bad[0]} is out of range (0-{hidden - 1})")
+    for m in spec.per_layer:
+        if not m.dims:
+            raise UserError(f"wemask: masks no dims at layer {m.layer}; give --dims or --top-k of at least 1")
+        for what, values, size in (("dim", m.dims, hidden), ("layer", (m.layer,), n)):
+            bad = [v for v in values if not 0 <= v < size]
+            if bad:
+                raise UserError(f"wemask: {what} {bad[0]} is out of range (0-{size - 1})")
+        if spec.selector == "magnitude" and not (m.threshold is not None and math.isfinite(m.threshold)):
+            raise UserError(f"wemask: the selector threshold of layer {m.layer} is not a finite number; rerun scan")
+        if not math.isfinite(m.strength) or (m.values is not None and not all(map(math.isfinite, m.values))):
+            raise UserError(f"wemask: non-finite strength or replacement values at layer {m.layer}; rerun scan")
 
 
 def check_written(folder: Path, source: Checkpoint, applied: list[AppliedEdit]) -> None:

@@ -262,8 +262,8 @@ class ScanResult:
              "a list of objects", neurons)
         for k, x in enumerate(neurons):
             need(_is_int(x.get("neuron")), f"ffn_neurons[{k}].neuron", "an index >= 0", x.get("neuron"))
-            need(x.get("expert") is None or _is_int(x.get("expert")), f"ffn_neurons[{k}].expert",
-                 "null or an index >= 0", x.get("expert"))
+            need(x.get("expert") in (None, "shared") or _is_int(x.get("expert")), f"ffn_neurons[{k}].expert",
+                 "null, \"shared\" or an index >= 0", x.get("expert"))
         norm = data.get("norm") or {}
         need(isinstance(norm, dict), "norm", "an object", norm)
         mean = norm.get("ffn_norm_weight_mean")

@@ -235,6 +235,7 @@ class Truth:
     dims: tuple[int, ...]
     neurons: tuple[int, ...]
     num_layers: int
+    attention: tuple[int, ...] | None = None  # hybrids: the layers that attend (None: all)
 
 
 def targets(recipe: str, params: dict, truth: Truth) -> dict:
@@ -242,6 +243,9 @@ def targets(recipe: str, params: dict, truth: Truth) -> dict:
     spec = params.get("layers", "next")
     layers = {"next": [truth.me_layer + 1], "after-me": list(range(truth.me_layer + 1, truth.num_layers)),
               "me": [truth.me_layer]}.get(spec, spec)
+    if truth.attention is not None and recipe in ("norm-rescale", "wemask"):
+        later = [i for i in truth.attention if i > truth.me_layer]
+        layers = {"next": later[:1], "after-me": later}.get(spec, [i for i in layers if i in truth.attention])
     dims = list(params.get("dims") or truth.dims[: params.get("top_k", 3)])
     if recipe in ("norm-rescale", "wemask"):
         return {"layers": layers, "dims": dims}

@@ -133,7 +133,10 @@ def reference_for(recipe, params, plan, model, scan, model_type):
     dims = tuple(d["dim"] for d in scan["top_dims"])
     assert dims[0] == PLANT.dim
     neuron = [PLANT.expert, PLANT.neuron] if is_moe(model_type) else PLANT.neuron
-    truth = ref.Truth(PLANT.layer, dims, (neuron,), family_config(model_type).num_hidden_layers)
+    config = family_config(model_type)
+    kinds = getattr(config, "layer_types", None)  # hybrids: which layers attend, from the config itself
+    attention = tuple(i for i, k in enumerate(kinds) if "attention" in k and "linear" not in k) if kinds else None
+    truth = ref.Truth(PLANT.layer, dims, (neuron,), config.num_hidden_layers, attention)
     want = ref.targets(recipe, params, truth)
     assert {k: plan.params[k] for k in want} == want, (plan.params, want)
     return ref.for_truth(recipe, params, model, truth, DEFAULTS[recipe])

@@ -22,7 +22,7 @@ from .reader import Checkpoint
 # Config sizes that must be positive integers when present (the first four always).
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZES = ("num_key_value_heads", "intermediate_size", "head_dim", "moe_intermediate_size", "num_experts",
-                  "num_experts_per_tok", "max_position_embeddings", "sliding_window")
+                  "num_experts_per_tok", "max_position_embeddings")
 # What transformers raises when a config it accepted cannot build a model.
 _BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError,
                  OverflowError, AssertionError)
@@ -50,6 +50,9 @@ def check_config_types(config: dict, where: Path | str) -> None:
         value = config.get(key)
         if (key in REQUIRED_SIZES or value is not None) and not _is_size(value):
             raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    window = config.get("sliding_window")  # 0 or null: no sliding window (Qwen2-MoE configs say 0)
+    if window is not None and not (_is_size(window) or window == 0):
+        raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {window!r}")
     eps = config.get("rms_norm_eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
                             or eps < 0):
