@@ -97,9 +97,12 @@ def _no_quantiser(info: GGUFInfo, what: str) -> UserError:
         f"GGUF whose matrices are Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1")
 
 
-def map_edits(edits: list[Edit], family: Family, config: dict, gf: GGUFFile) -> dict[str, list[tuple[Edit, int | None]]]:
+Ops = list[tuple[Edit, int | None]]  # edits of one GGUF tensor in its own indices, with the expert slice
+
+
+def map_edits(edits: list[Edit], family: Family, config: dict, gf: GGUFFile) -> dict[str, Ops]:
     """Planned edits (Hugging Face names) as edits of GGUF tensors: (edit in GGUF indices, expert slice)."""
-    out: dict[str, list[tuple[Edit, int | None]]] = {}
+    out: dict[str, Ops] = {}
     for e in edits:
         if is_identity(e):
             continue
@@ -114,7 +117,7 @@ def map_edits(edits: list[Edit], family: Family, config: dict, gf: GGUFFile) -> 
     return out
 
 
-def edit_tensor(gf: GGUFFile, name: str, ops: list[tuple[Edit, int | None]], hf_tensor: str) -> tuple[bytes, GGUFEdit]:
+def edit_tensor(gf: GGUFFile, name: str, ops: Ops, hf_tensor: str) -> tuple[bytes, GGUFEdit]:
     """The tensor's new bytes: edits applied in fp32 to the dequantised values, changed blocks requantised."""
     info = gf.tensors[name]
     if not can_quantise(info.type):
