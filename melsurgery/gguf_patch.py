@@ -167,6 +167,31 @@ def metadata_keys(source_file: Path, source_sha256: str, manifest: Manifest, pla
     }
 
 
+def gguf_source_file(spec: str | None) -> Path:
+    """The .gguf behind a model argument, found without converting it (the default alias, or a .gguf path)."""
+    from .checkpoint.source import DEFAULT_ALIASES, default_gguf
+
+    if spec is None or spec.lower() in DEFAULT_ALIASES:
+        return default_gguf()
+    path = Path(spec).expanduser()
+    if path.suffix.lower() != ".gguf":
+        raise UserError(f"{spec}: GGUF output needs a GGUF source (a .gguf file or the default model); "
+                        "melsurgery does not convert safetensors to GGUF")
+    if not path.is_file():
+        raise UserError(f"{spec}: no such GGUF file")
+    return path
+
+
+def preflight(src_file: Path, out: Path, recipes: list[tuple[str, dict]], *, folder: bool, overwrite: bool) -> None:
+    """Everything that can be refused before the source is converted and scanned."""
+    refuse_unfoldable(recipes)
+    if folder:
+        check_output(out, overwrite, protect=src_file.parent)
+    else:
+        check_output_file(out, overwrite, protect=src_file)
+    _refuse_types_early(GGUFFile(src_file), recipes)
+
+
 def run_patch_gguf(
     source: Source,
     out: Path,
@@ -182,14 +207,9 @@ def run_patch_gguf(
     if source.origin_file is None:
         raise UserError(f"{source.id}: GGUF output needs a GGUF source (a .gguf file or the default model); "
                         "melsurgery does not convert safetensors to GGUF")
-    refuse_unfoldable(manifest.recipes)
     src_file = source.origin_file
-    if folder:
-        check_output(out, overwrite, protect=src_file.parent)
-    else:
-        check_output_file(out, overwrite, protect=src_file)
+    preflight(src_file, out, manifest.recipes, folder=folder, overwrite=overwrite)
     gf = GGUFFile(src_file)
-    _refuse_types_early(gf, manifest.recipes)
     config = Checkpoint(source.folder).config
     family = family_for(config)
     if scan is None:
