@@ -21,7 +21,7 @@ from planted_gguf import Q, write_gguf
 from melsurgery.architectures import family_for, gguf_target, rope_row_order
 from melsurgery.checkpoint.gguf_file import GGUFFile
 from melsurgery.errors import UserError
-from melsurgery.gguf_patch import run_patch_gguf
+from melsurgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
 from melsurgery.manifest import Manifest
 
 RECIPES = [("ffn-dampen", {"factor": 0.2}), ("me-norm", {"factor": 0.5}), ("norm-rescale", {"factor": 0.5})]
@@ -149,6 +149,8 @@ def test_gguf_patch_contract(gguf_dir, patched, planted_scan, qtype):
     assert {int(b) % (old.shape[1] // bs) for b in np.flatnonzero(hit)} <= block_cols
     edit = next(a for a in res.applied if a.tensor == down)
     assert edit.blocks_requantised == int(hit.sum()) and edit.type == qtype.name
+    norm_edit = next(a for a in res.applied if a.tensor == attn_norm)
+    assert norm_edit.changed == len(dims) and norm_edit.requant_max_abs_err == 0.0
     assert (edit.requant_max_abs_err == 0.0) == (qtype == Q.F32)
     # metadata: the source's, plus melsurgery's record
     meta_src, meta_out = GGUFReader(src_path).fields, GGUFReader(res.file).fields
@@ -207,13 +209,15 @@ def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
     r = run_cli("patch", src, "-o", tmp_path / "w.gguf", "--recipe", "wemask", env=env)
     assert r.returncode == 2 and "wemask" in r.stderr
     assert all(n in r.stderr for n in ("norm-rescale", "ffn-dampen", "me-norm")) and "llama.cpp" in r.stderr
-    r = run_cli("patch", src, "-o", src, "--recipe", "me-norm", "--overwrite", env=env)
-    assert r.returncode == 2 and "source" in r.stderr
     (tmp_path / "exists.gguf").write_bytes(b"keep")
     r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", env=env)
     assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
-    r = run_cli("patch", tmp_path / "nothing", "-o", tmp_path / "x.gguf", "--recipe", "me-norm", env=env)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    with pytest.raises(UserError, match="is the source model"):
+        preflight(src, src, [RECIPES[1]], folder=False, overwrite=True)
+    with pytest.raises(UserError, match="needs a GGUF source"):
+        gguf_source_file(str(tmp_path))
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        GGUFFile(tmp_path / "exists.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]
 
 

@@ -213,7 +213,7 @@ def dequantise_bytes(raw: np.ndarray, info: GGUFInfo) -> np.ndarray:
         values = quants.dequantize(raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw[None], info.type)
     except NotImplementedError:
         raise UserError(f"{info.name}: the gguf package cannot read {info.type_name} tensors") from None
-    return np.asarray(values, dtype=np.float32).reshape(info.shape)
+    return np.array(values, dtype=np.float32).reshape(info.shape)  # a copy: F32 "dequantisation" is a view
 
 
 @cache
