@@ -2,7 +2,7 @@
 """Check a patched GGUF in a real GGUF runtime (llama.cpp, through llama-cpp-python). Not part of CI.
 
 Patches the embedded default model (SmolLM2-135M-Instruct, Q4_1) into GGUF with each folded recipe (or
-uses `--patched`), then runs base and patched in llama.cpp and in transformers (the dequantised GGUFs)
+then runs base and patched in llama.cpp and in transformers (its GGUF loader, dequantised to fp32)
 on the same token ids of the held-out text `verify` uses, and reports per runtime: mean KL(base ||
 patched) of the next-token distributions and top-1 agreement base vs patched (the definitions of
 `melsurgery verify`), plus how far the two runtimes are apart on the same model.
@@ -54,11 +54,12 @@ def llamacpp_logprobs(gguf: Path, chunks: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
-def transformers_logprobs(folder: Path, chunks: list[list[int]]) -> list[np.ndarray]:
+def transformers_logprobs(gguf: Path, chunks: list[list[int]]) -> list[np.ndarray]:
+    """The same through transformers' GGUF loader (dequantised to fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for chunk in chunks:
@@ -83,14 +84,12 @@ def check(base_gguf: Path, patched_gguf: Path, n_windows: int, size: int) -> dic
     """Both runtimes on base and patched: the patch's effect in each, and llama.cpp vs transformers."""
     from transformers import AutoTokenizer
 
-    from melsurgery.checkpoint.source import resolve
     from melsurgery.verify import eval_text, windows
 
-    base_folder, patched_folder = resolve(str(base_gguf)).folder, resolve(str(patched_gguf)).folder
-    tok = AutoTokenizer.from_pretrained(base_folder)
+    tok = AutoTokenizer.from_pretrained(base_gguf.parent, gguf_file=base_gguf.name)
     chunks = windows(list(tok(eval_text(None)[0])["input_ids"]), size, n_windows)
     lc_b, lc_p = llamacpp_logprobs(base_gguf, chunks), llamacpp_logprobs(patched_gguf, chunks)
-    tf_b, tf_p = transformers_logprobs(base_folder, chunks), transformers_logprobs(patched_folder, chunks)
+    tf_b, tf_p = transformers_logprobs(base_gguf, chunks), transformers_logprobs(patched_gguf, chunks)
     return {"windows": len(chunks), "window_tokens": size,
             "llama.cpp": figures(lc_b, lc_p), "transformers": figures(tf_b, tf_p),
             "runtimes_base": figures(tf_b, lc_b), "runtimes_patched": figures(tf_p, lc_p)}

@@ -1,6 +1,7 @@
-"""GGUF in, GGUF out: planted models written with gguf's GGUFWriter (F32, Q8_0, Q4_0, Q4_1, a K-quant) and
-the embedded default model (Q4_1). Outputs are read back with gguf's own reader (independent of melsurgery's
-header parser) and loaded with transformers' GGUF loader (independent of melsurgery's name mapping)."""
+"""GGUF in, GGUF out: planted models written with gguf's GGUFWriter (matrices in F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, or a K-quant) and the embedded default model (Q4_1). Outputs are read back with gguf's own reader
+(independent of melsurgery's header parser) and loaded with transformers' GGUF loader (independent of
+melsurgery's name mapping)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from melsurgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
 from melsurgery.manifest import Manifest
 
 RECIPES = [("ffn-dampen", {"factor": 0.2}), ("me-norm", {"factor": 0.5}), ("norm-rescale", {"factor": 0.5})]
-TYPES = [Q.F32, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 
 
 @contextmanager
