@@ -311,20 +311,22 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
     assert set(blocks.tolist()) <= {j // 32 for j in neurons} and len(blocks) > 0
 
 
-def test_default_model_gguf_logits_match_safetensors_patch(smollm2, smollm2_scan, smollm2_patched, tmp_path):
+def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2, smollm2_scan, tmp_path):
+    """F32 norm edits are exact: transformers' GGUF loader on the patched default GGUF gives the logits of
+    the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see the README.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from melsurgery.patch import run_patch
 
-    run_patch(smollm2, tmp_path / "st", Manifest(recipes=RECIPES), scan=smollm2_scan)
+    norms = Manifest(recipes=RECIPES[1:])
+    res = run_patch_gguf(smollm2, tmp_path / "norms.gguf", norms, scan=smollm2_scan)
+    assert all(a.type == "F32" and a.requant_max_abs_err == 0.0 for a in res.applied)
+    run_patch(smollm2, tmp_path / "st", norms, scan=smollm2_scan)
     tok = AutoTokenizer.from_pretrained(smollm2.folder)
     ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(smollm2.folder, dtype=torch.float32)(ids).logits
         st = AutoModelForCausalLM.from_pretrained(tmp_path / "st", dtype=torch.float32)(ids).logits
-        f = smollm2_patched.file
-        gg = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32)(ids).logits
-    effect = (st - base).abs().max()
-    assert effect > 0.5
-    assert (gg - st).abs().max() < 0.2 * effect
-    assert torch.equal(gg.argmax(-1), st.argmax(-1))
+        gg = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="norms.gguf", dtype=torch.float32)(ids).logits
+    assert (st - base).abs().max() > 0.5
+    assert torch.allclose(gg, st, atol=1e-3, rtol=0)
