@@ -34,10 +34,11 @@ from .checkpoint.gguf_file import GGUFFile, GGUFInfo, can_quantise, dequantise_b
 from .checkpoint.hashing import sha256_file
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
-from .checkpoint.writer import apply_edit, copy_spliced, fsync_file, is_identity
+from .checkpoint.writer import copy_spliced, fsync_file
+from .edits import Edit, apply_edit, is_identity
 from .errors import UserError
 from .manifest import Manifest
-from .recipes import Edit, RecipePlan, plan_recipes
+from .recipes import RecipePlan, plan_recipes
 from .scan import run_scan
 
 FOLDED = ("norm-rescale", "ffn-dampen", "me-norm")
@@ -239,16 +240,19 @@ def run_patch_gguf(
         with atomic_file(out, overwrite, protect=src_file) as tmp:
             _, out_sha = copy_spliced(src_file, tmp, splices)
         return GGUFPatchResult(Path(out), Path(out), plans, applied, scan, source_sha, out_sha)
+    from .basemodel import explicit
     from .patch import write_provenance
 
+    base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
     with atomic_folder(out, overwrite, protect=src_file.parent) as tmp:
         target = tmp / src_file.name
         _, out_sha = copy_spliced(src_file, target, splices, sync=False)
         fsync_file(target)
         (tmp / "melsurgery-manifest.yaml").write_text(manifest.to_yaml())
-        card = render_card(base_id=source.id, license=base_license(source.folder), plans=plans, scan=scan,
-                           applied=applied, custom_layer=False, gguf_file=src_file.name)
+        license, unknown_license = base_license(source.folder)
+        card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
+                           plans=plans, scan=scan, applied=applied, custom_layer=False, gguf_file=src_file.name)
         (tmp / "README.md").write_text(card)
-        write_provenance(tmp, source, manifest, scan, plans, applied, {src_file.name: source_sha},
-                         known={src_file.name: out_sha})
+        write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied,
+                         {src_file.name: source_sha}, known={src_file.name: out_sha})
     return GGUFPatchResult(Path(out), Path(out) / src_file.name, plans, applied, scan, source_sha, out_sha)

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import UserError
 
 MELSURGERY_PREFIX = "melsurgery."
-_STRING = 8  # GGUFValueType.STRING
+_STRING, ARRAY = 8, 9  # GGUFValueType.STRING, .ARRAY
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,19 @@ class GGUFInfo:
 
 @dataclass(frozen=True)
 class KV:
-    """One metadata pair: its value and where its bytes lie in the header."""
+    """One metadata pair: its type and where its bytes lie in the header (the value is decoded on request)."""
 
     key: str
-    value: Any
+    vtype: int
     start: int
+    value_at: int
     end: int
 
 
 class GGUFFile:
-    """The header of a GGUF file, parsed here (gguf's reader decodes every token string through numpy,
-    15 s for a 49k vocabulary on a loaded machine); tensor bytes are read on request from a memory map."""
+    """The header of a GGUF file, parsed here: values are decoded on request, so opening the default model's
+    GGUF takes milliseconds where gguf's GGUFReader decodes every token string (10-15 s on the shared
+    machine); tensor bytes are read on request from a memory map."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -89,10 +91,12 @@ class GGUFFile:
             for _ in range(n_kv):
                 start = p.pos
                 key = p.string()
-                value = p.value(p.u32())
-                self.kv[key] = KV(key, value, start, p.pos)
+                vtype = p.u32()
+                at = p.pos
+                p.skip(vtype)  # arrays (the vocabulary) are decoded only when asked for
+                self.kv[key] = KV(key, vtype, start, at, p.pos)
             self.ti_start = p.pos
-            self.alignment = int(self.kv["general.alignment"].value) if "general.alignment" in self.kv else 32
+            self.alignment = int(self.value("general.alignment") or 32)
             if self.alignment <= 0 or self.alignment & (self.alignment - 1):
                 raise ValueError(f"alignment {self.alignment} is not a power of two")
             infos = []
@@ -123,11 +127,15 @@ class GGUFFile:
 
     def value(self, key: str) -> Any:
         kv = self.kv.get(key)
-        return None if kv is None else kv.value
+        if kv is None:
+            return None
+        p = _Parser(self._map)
+        p.pos = kv.value_at
+        return p.value(kv.vtype)
 
     def metadata(self) -> dict[str, Any]:
         """Every key/value pair (arrays as lists), in file order."""
-        return {k: kv.value for k, kv in self.kv.items()}
+        return {k: self.value(k) for k in self.kv}
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of a tensor (a copy), shape [rows, bytes per row]."""
@@ -186,12 +194,35 @@ class _Parser:
     def string(self) -> str:
         return self.take(self.u64()).decode("utf-8")
 
+    def skip(self, vtype: int) -> None:
+        """Step over a value without decoding it (numeric arrays in one step)."""
+        if vtype == ARRAY:
+            itype, n = self.u32(), self.u64()
+            if itype in _NUMPY:
+                self.take(n * np.dtype(_NUMPY[itype]).itemsize)
+            elif itype == _STRING:  # the vocabulary: step over each length-prefixed string
+                pos, unpack, buf = self.pos, struct.unpack_from, self.buf
+                for _ in range(n):
+                    pos += 8 + unpack("<Q", buf, pos)[0]
+                self.pos = pos
+                if pos > len(buf):
+                    raise ValueError("truncated header")
+            else:
+                for _ in range(n):
+                    self.skip(itype)
+        elif vtype == _STRING:
+            self.take(self.u64())
+        elif vtype in _SCALARS:
+            self.pos += struct.calcsize(_SCALARS[vtype])
+        else:
+            raise ValueError(f"unknown metadata value type {vtype}")
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
-        if vtype == 9:  # array: item type, count, items
+        if vtype == ARRAY:  # item type, count, items
             itype, n = self.u32(), self.u64()
             if itype in _NUMPY:
                 width = np.dtype(_NUMPY[itype]).itemsize
