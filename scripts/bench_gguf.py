@@ -29,14 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="A .gguf file, or default (the embedded SmolLM2 Q4_1)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/melsurgery-bench-gguf"))
+    ap.add_argument("--scan", type=Path, help="A scan JSON of the model (else scanned once into --work)")
     ap.add_argument("--repeat", type=int, default=3, help="Runs per path; the table shows the median wall time.")
+    ap.add_argument("--paths", default="cp,patch", help="Comma-separated: cp, patch, patch+scan")
     args = ap.parse_args(argv)
-    from melsurgery.gguf_patch import gguf_source_file
+    from melsurgery.checkpoint.source import DEFAULT_ALIASES, default_gguf  # light: a forked child's RSS starts here
 
-    src = gguf_source_file(args.model)
+    src = default_gguf() if args.model.lower() in DEFAULT_ALIASES else Path(args.model)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    scan = work / "scan.json"
+    scan = args.scan or work / "scan.json"
     if not scan.is_file():
         r = measure("scan", melsurgery("scan", args.model, "--json", scan, "--quiet"), [], ok=(0, 3))
         if not r.ok:
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "patch+scan": melsurgery("patch", args.model, "-o", work / "patched2.gguf", "--recipe", "ffn-dampen",
                                  "--overwrite", "--quiet"),
     }
+    paths = {name: cmd for name, cmd in paths.items() if name in args.paths.split(",")}
     runs: dict[str, list[Run]] = {name: [] for name in paths}
     for _ in range(args.repeat):
         for name, cmd in paths.items():
