@@ -18,6 +18,15 @@ Roles, for one decoder layer (module paths relative to it):
 
 Role paths name modules as transformers holds them in memory; `disk_renames` maps them to the
 checkpoint's tensor names where these differ (Mixtral's `mlp` is `block_sparse_moe` on disk).
+
+
+GGUF (llama.cpp) names live here too (`gguf_layer`, `gguf_global`), with the two layout differences
+llama.cpp's converter (convert_hf_to_gguf.py) introduces and transformers' GGUF loader undoes:
+- Llama-style models (`gguf_rope_permuted`): the rows of q_proj and k_proj are permuted per head from
+  the Hugging Face rotary layout (first half, second half) to llama.cpp's interleaved pairs;
+- Gemma (`gguf_norm_added` = 1): norm weights are stored as 1 + g, i.e. as the effective weight.
+Residual dims, FFN neurons and layer indices are the same in both, so a scan's indices map directly.
+MoE experts are stacked into one 3-D tensor per projection (`blk.N.ffn_down_exps.weight`, expert first).
 """
 
 from __future__ import annotations
@@ -83,6 +92,14 @@ class Family:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
+    # GGUF: module path (relative to a decoder layer) -> llama.cpp name (relative to `blk.N.`)
+    gguf_layer: tuple[tuple[str, str], ...] = ()  # filled from GGUF_LAYER in __post_init__ when empty
+    gguf_rope_permuted: bool = False
+    gguf_norm_added: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.gguf_layer:
+            object.__setattr__(self, "gguf_layer", GGUF_LAYER)
 
     @property
     def layers_module(self) -> str:
@@ -217,11 +234,97 @@ class Family:
         return out
 
 
+@dataclass(frozen=True)
+class GGUFTarget:
+    """Where a Hugging Face tensor lives in a GGUF file and how its indices and values translate.
+
+    `expert`: the slice of a stacked 3-D expert tensor; `row_order[r]`: the GGUF row holding Hugging Face
+    row r (None: same order); `norm_added`: what the converter added to the stored values (Gemma norms: 1).
+    """
+
+    name: str
+    expert: int | None = None
+    row_order: tuple[int, ...] | None = None
+    norm_added: float = 0.0
+
+
+def rope_row_order(rows: int, n_head: int) -> tuple[int, ...]:
+    """GGUF row of each Hugging Face row of q_proj/k_proj after llama.cpp's rotary permutation.
+
+    llama.cpp's `permute` reshapes the rows to (head, 2, d/2) and swaps the last two axes: Hugging Face
+    row h*d + j*d/2 + i (half j, pair i) is stored at h*d + 2*i + j.
+    """
+    d = rows // n_head
+    half = d // 2
+    return tuple(h * d + 2 * i + j for h in range(n_head) for j in range(2) for i in range(half))
+
+
+# llama.cpp names of the per-layer modules (gguf's tensor_mapping, MODEL_TENSOR.*), shared by most families
+GGUF_LAYER: tuple[tuple[str, str], ...] = (
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("self_attn.qkv_proj", "attn_qkv"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+    ("mlp.gate_up_proj", "ffn_up"),  # Phi-3's fused gate/up is stored as ffn_up
+    ("mlp.gate", "ffn_gate_inp"),
+    ("mlp.experts.gate_proj", "ffn_gate_exps"),
+    ("mlp.experts.up_proj", "ffn_up_exps"),
+    ("mlp.experts.down_proj", "ffn_down_exps"),
+)
+# Gemma 2/3 and OLMo 2 have a norm after attention that is not the FFN input norm
+_GGUF_POST_NORMS = (("post_attention_layernorm", "post_attention_norm"),
+                    ("pre_feedforward_layernorm", "ffn_norm"),
+                    ("post_feedforward_layernorm", "post_ffw_norm"))
+GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+
+
+def _gguf_with(*overrides: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    keys = {k for k, _ in overrides}
+    return tuple(overrides) + tuple(kv for kv in GGUF_LAYER if kv[0] not in keys)
+
+
+def gguf_target(family: Family, hf_name: str, config: dict) -> GGUFTarget:
+    """The GGUF tensor (and index translation) for a Hugging Face tensor name of this family."""
+    if hf_name in GGUF_GLOBAL:
+        return GGUFTarget(GGUF_GLOBAL[hf_name])
+    m = re.fullmatch(re.escape(family.layers).replace(r"\{i\}", r"(\d+)") + r"(.+)\.weight", hf_name)
+    if m is None:
+        raise UserError(f"{hf_name}: no GGUF name known for this tensor of a {family.name} model")
+    layer, module = int(m[1]), m[2]
+    expert = None
+    if family.experts and (e := re.fullmatch(rf"{re.escape(family.experts)}\.(\d+)\.(\w+)", module)):
+        expert, module = int(e[1]), f"{family.experts}.{e[2]}"
+    names = dict(family.gguf_layer)
+    if module not in names:
+        raise UserError(f"{hf_name}: no GGUF name known for {module!r} in a {family.name} model")
+    gguf = names[module]
+    row_order = None
+    if family.gguf_rope_permuted and gguf in ("attn_q", "attn_k"):
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        n = heads if gguf == "attn_q" else kv_heads
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        row_order = rope_row_order(n * head_dim, n)
+    added = family.gguf_norm_added if gguf.endswith("norm") else 0.0
+    return GGUFTarget(f"blk.{layer}.{gguf}.weight", expert, row_order, added)
+
+
 _POST_NORMS = {"ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
 
+_GEMMA_GGUF = {"gguf_norm_added": 1.0, "gguf_layer": _gguf_with(*_GGUF_POST_NORMS)}
+
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",)),
-    Family("mistral", ("mistral",)),
+    Family("llama", ("llama",), gguf_rope_permuted=True),
+    Family("mistral", ("mistral",), gguf_rope_permuted=True),
     Family("qwen2", ("qwen2",)),
     Family("qwen3", ("qwen3",), qk_norm=True),
     Family("qwen3-moe", ("qwen3_moe",), experts="mlp.experts", qk_norm=True),
@@ -229,12 +332,12 @@ FAMILIES: tuple[Family, ...] = (
            disk_renames=(("mlp.", "block_sparse_moe."),)),
     Family("qwen2-moe", ("qwen2_moe",), experts="mlp.experts", shared_down="mlp.shared_expert.down_proj",
            shared_gate="mlp.shared_expert_gate"),
-    Family("gemma", ("gemma",), norm_offset=1.0),
-    Family("gemma2", ("gemma2",), norm_offset=1.0, **_POST_NORMS),
-    Family("gemma3", ("gemma3_text",), norm_offset=1.0, qk_norm=True, **_POST_NORMS),
+    Family("gemma", ("gemma",), norm_offset=1.0, gguf_norm_added=1.0),
+    Family("gemma2", ("gemma2",), norm_offset=1.0, **_POST_NORMS, **_GEMMA_GGUF),
+    Family("gemma3", ("gemma3_text",), norm_offset=1.0, qk_norm=True, **_POST_NORMS, **_GEMMA_GGUF),
     Family("phi3", ("phi3",), attn_inputs=("self_attn.qkv_proj",)),
     Family("olmo2", ("olmo2",), attn_norm=None, ffn_norm=None, ffn_post_norm="post_feedforward_layernorm",
-           qk_norm=True),
+           qk_norm=True, gguf_layer=_gguf_with(*_GGUF_POST_NORMS)),
     # hybrids: attention layers and layers with another token mixer, each with its own FFN
     Family("bamba", ("bamba",), ffn="feed_forward", ffn_norm="pre_ff_layernorm", ffn_down="feed_forward.down_proj",
            final_norm="model.final_layernorm.weight", mixers=(Mixer("linear_attention", "state-space", "mamba"),)),

@@ -10,9 +10,7 @@ it came from, so the card and provenance can say so.
 from __future__ import annotations
 
 import json
-import mmap
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,52 +101,13 @@ def from_gguf_fields(fields: Mapping[str, object], gguf: Path) -> BaseModelId | 
     return None
 
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def gguf_fields(gguf: Path) -> dict[str, object]:
-    """The scalar and string ``general.*`` metadata of a GGUF file (v2/v3, little-endian).
+    """The scalar and string ``general.*`` metadata of a GGUF file ({} when it is not a readable GGUF:
+    the conversion then says why). Only the header is read, arrays skipped (see checkpoint/gguf_file.py)."""
+    from .checkpoint.gguf_file import ARRAY, GGUFFile
 
-    Reads only the key-value header and skips arrays (the tokenizer's vocabulary) by their lengths:
-    milliseconds, where gguf's GGUFReader decodes every array (about 10 s for the default model)."""
     try:
-        with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _read_general(buf)
-    except (OSError, ValueError, KeyError, struct.error):  # empty, truncated or not a GGUF: the conversion says why
+        f = GGUFFile(gguf)
+        return {k: f.value(k) for k, kv in f.kv.items() if k.startswith("general.") and kv.vtype != ARRAY}
+    except (UserError, UnicodeDecodeError):
         return {}
-
-
-def _read_general(buf: mmap.mmap) -> dict[str, object]:
-    if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
-        return {}
-    (count,) = struct.unpack_from("<Q", buf, 16)
-    pos, out = 24, {}
-
-    def string(at: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, at)
-        return buf[at + 8 : at + 8 + n].decode("utf-8", "replace"), at + 8 + n
-
-    def skip(kind: int, at: int) -> int:
-        if kind == _GGUF_STRING:
-            return at + 8 + struct.unpack_from("<Q", buf, at)[0]
-        if kind == _GGUF_ARRAY:
-            item, n = struct.unpack_from("<IQ", buf, at)
-            at += 12
-            if item in _GGUF_SCALARS:
-                return at + n * struct.calcsize(_GGUF_SCALARS[item])
-            for _ in range(n):
-                at = skip(item, at)
-            return at
-        return at + struct.calcsize(_GGUF_SCALARS[kind])
-
-    for _ in range(count):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if key.startswith("general.") and kind == _GGUF_STRING:
-            out[key], _ = string(pos)
-        elif key.startswith("general.") and kind in _GGUF_SCALARS:
-            (out[key],) = struct.unpack_from("<" + _GGUF_SCALARS[kind], buf, pos)
-        pos = skip(kind, pos)
-    return out

@@ -56,15 +56,17 @@ def _inline(text: str) -> str:
 
 def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_license: str | None = None,
                 plans: list, scan: dict, applied: list, custom_layer: bool,
-                measurements: dict | None = None) -> str:
+                measurements: dict | None = None, gguf_file: str | None = None) -> str:
     """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
 
-    `name` is what the text calls the base when its Hub id is unknown: a folder or file name, never a path."""
+    `name` is what the text calls the base when its Hub id is unknown: a folder or file name, never a path.
+    `gguf_file` names the patched GGUF of a GGUF output folder (loading instructions, tags)."""
     recipes = [p.recipe for p in plans]
     meta: dict = {}
     if base is not None:
         meta.update(base_model=base.id, base_model_relation="finetune")
-    meta.update(library_name="transformers", tags=["melsurgery", "massive-activations", *recipes], **license)
+    meta.update(library_name="gguf" if gguf_file else "transformers",
+                tags=["melsurgery", "massive-activations", *(["gguf"] if gguf_file else []), *recipes], **license)
     effect = (f"with its massive activations mitigated by melsurgery {__version__}. The ME Layer (the layer where "
               f"the massive activations emerge) is layer {scan.get('me_layer')}; massive dims "
               f"{scan.get('massive_dims')}.")
@@ -87,7 +89,14 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
     lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
         "- none"]
     lines += ["", "## Loading", ""]
-    if custom_layer:
+    if gguf_file:
+        lines += [f"`{_inline(gguf_file)}` is the base GGUF with only the edited tensors changed: same metadata (plus "
+                  "`melsurgery.*` keys), tensor order, names, shapes and quantisation types. Quantised tensors were "
+                  "requantised only in the blocks holding edited entries.", "", "```bash",
+                  f"llama-cli -m {gguf_file}", "```", "", "```python",
+                  "from transformers import AutoModelForCausalLM",
+                  f'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")', "```"]
+    elif custom_layer:
         lines += ["This checkpoint carries a small custom layer (token-selective masking cannot be folded into "
                   "weights), configured in `config.json` (`melsurgery_wemask`):", "", "```python",
                   "from transformers import AutoModelForCausalLM",

@@ -34,6 +34,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
 from .card import front_matter
+from .checkpoint.gguf_file import GGUFFile
 from .checkpoint.hashing import sha256_file
 from .checkpoint.reader import PICKLE_PATTERNS
 from .checkpoint.safetensors_file import load_tensor, read_header
@@ -165,6 +166,7 @@ def check_card(path: Path) -> None:
 def validate_for_push(folder: Path) -> PushManifest:
     """Check `folder` is a complete, untampered melsurgery output; return the exact files to upload.
 
+    A folder holding a patched .gguf (`patch --format gguf`) needs no config.json: the GGUF carries it.
     Raises UserError (one line) on the first problem: missing model card / provenance / config,
     card metadata the Hub would refuse, invalid JSON, unreadable safetensors header, a file whose
     sha256 differs from provenance.json, a listed file that is missing, or a file that provenance.json
@@ -174,18 +176,19 @@ def validate_for_push(folder: Path) -> PushManifest:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a directory")
     files = _list_files(folder)
-    for name, what in (
-        (MODEL_CARD, "the model card"),
-        (PROVENANCE, "the record of what was done"),
-        (CONFIG, "the model config"),
-    ):
+    ggufs = [rel for rel in files if rel.lower().endswith(".gguf")]
+    required = [(MODEL_CARD, "the model card"), (PROVENANCE, "the record of what was done")]
+    if not ggufs:  # a GGUF carries its config in its own metadata
+        required.append((CONFIG, "the model config"))
+    for name, what in required:
         if name not in files:
             raise UserError(f"{folder}: missing {name} ({what}); push only complete melsurgery output folders")
     outputs, recipes, base_model = _read_provenance(files[PROVENANCE])
     check_card(files[MODEL_CARD])
-    config = _load_json(files[CONFIG], "config")
-    if not isinstance(config, dict):
-        raise UserError(f"{files[CONFIG]}: expected a JSON object")
+    if CONFIG in files:
+        config = _load_json(files[CONFIG], "config")
+        if not isinstance(config, dict):
+            raise UserError(f"{files[CONFIG]}: expected a JSON object")
     for rel, path in files.items():
         if any(PurePosixPath(rel).match(pattern) for pattern in PICKLE_PATTERNS):
             raise UserError(f"{path}: pickled weights are never pushed; remove the file")
@@ -196,6 +199,8 @@ def validate_for_push(folder: Path) -> PushManifest:
             header = read_header(path)  # truncated or clobbered shards fail here, with one line naming the file
             for info in header.tensors.values():  # one tensor in memory at a time
                 check_finite(load_tensor(info), info.name, path)
+        elif rel in ggufs:
+            GGUFFile(path)  # likewise for a GGUF's header and tensor table
     for rel in outputs:
         if rel == PROVENANCE:
             raise UserError(f"{files[PROVENANCE]}: 'outputs' lists provenance.json itself, which cannot hash itself")

@@ -1,4 +1,4 @@
-"""Atomic output folders: built in a hidden sibling, renamed into place at the very end.
+"""Atomic outputs (folders, single GGUF files): built in a hidden sibling, renamed into place at the very end.
 
 An interrupted run (Ctrl-C, SIGTERM, a crash, a full disk) leaves no output folder; a run killed
 with SIGKILL leaves a hidden sibling named after its pid, which the next run removes.
@@ -37,7 +37,10 @@ def _clean_stale(parent: Path, name: str) -> None:
         except ValueError:
             continue
         if not _alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)  # a single-file output (GGUF)
 
 
 def check_output(out: Path, overwrite: bool, protect: Path | None = None) -> None:
@@ -89,6 +92,48 @@ def atomic_folder(out: Path, overwrite: bool = False, protect: Path | None = Non
                 raise UserError(f"{out}: write failed ({exc.strerror or exc}); nothing was written") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_file(out: Path, overwrite: bool, protect: Path | None = None) -> None:
+    """Refuse a single-file output that is a folder, exists (unless overwrite), or is the source itself."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; name a .gguf file, or pass --format gguf to write a folder")
+    if protect is not None and out.exists() and out.resolve() == Path(protect).resolve():
+        raise UserError(f"{out}: is the source model; write the output somewhere else")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_file(out: Path, overwrite: bool = False, protect: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is renamed to `out`, on any failure it disappears.
+
+    Without overwrite the commit is a hard link, which fails if another run created `out` meanwhile.
+    """
+    out = Path(out).absolute()
+    check_output_file(out, overwrite, protect)
+    tmp = out.parent / f"{PREFIX}{out.name}-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out.parent, out.name)
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot create the output there ({exc.strerror or exc})") from None
+    with _signals_unwind():
+        try:
+            yield tmp
+            if overwrite:
+                os.replace(tmp, out)
+            else:
+                try:
+                    os.link(tmp, out)
+                except FileExistsError:
+                    raise UserError(f"{out}: another run wrote this file meanwhile; nothing was changed") from None
+        except OSError as exc:
+            raise UserError(f"{out}: write failed ({exc.strerror or exc}); nothing was written") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

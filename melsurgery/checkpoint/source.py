@@ -104,6 +104,27 @@ def _gguf_card(gguf: Path, base_id: str) -> str:
     return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
 
 
+def _gguf_provenance(gguf: Path) -> dict | None:
+    """A GGUF that melsurgery patched records what it did in `melsurgery.*` keys; its converted folder gets the
+    same record as provenance.json (edits under their Hugging Face names), so that `verify` can check it."""
+    from .gguf_file import GGUFFile
+
+    meta = GGUFFile(gguf).metadata()
+    if "melsurgery.edits" not in meta:
+        return None
+    try:
+        edits = json.loads(meta["melsurgery.edits"])
+        return {
+            "tool": f"melsurgery {meta['melsurgery.version']}",
+            "source": {"gguf": meta["melsurgery.source.file"], "sha256": meta["melsurgery.source.sha256"]},
+            "recipes": json.loads(meta["melsurgery.recipes"]),
+            "edits": [{**e, "tensor": e["hf_tensor"], "gguf_tensor": e["tensor"]} for e in edits if e["changed"]],
+            "scan": json.loads(meta["melsurgery.scan"]),
+        }
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{gguf}: its melsurgery.* metadata is damaged; re-run the patch") from None
+
+
 def _from_gguf(gguf: Path, base_id: str, base_model: BaseModelId | None) -> Source:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -141,6 +162,9 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_gguf_card(gguf, base_id))
+        provenance = _gguf_provenance(gguf)
+        if provenance is not None:
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         try:
             os.replace(tmp, folder)
         except OSError:

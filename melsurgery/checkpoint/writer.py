@@ -139,7 +139,10 @@ NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errn
 
 
 def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], sync: bool = True) -> tuple[str, str]:
-    """Copy src to dst, replacing each byte range [start, end) by splice(original bytes) of the same size.
+    """Copy src to dst, replacing each byte range [start, end) by splice(original bytes).
+
+    A splice may return more or fewer bytes than it replaced (a GGUF header that gains metadata keys):
+    everything after it then lands shifted in dst by the difference.
 
     With sync=False the file is not fsynced here (the caller does, later) but its writeback is started, so
     that the next file's work overlaps it.
@@ -283,26 +286,29 @@ def _copy_pieces(fd_in: int, fd_out: int, pieces: list[tuple[int, int, Splice | 
 def _copy_pieces_in_order(fd_in: int, fd_out: int, pieces: list[tuple[int, int, Splice | None]],
                           spliced: dict[int, Future[bytes]], progress: _Progress) -> None:
     in_kernel = hasattr(os, "copy_file_range")
+    shift = 0  # where dst is relative to src, after splices that changed size
     for offset, length, splice in pieces:
         progress.wait("copy", offset)
         if splice is not None:
-            _pwrite_all(fd_out, spliced[offset].result(), offset)
+            data = spliced[offset].result()
+            _pwrite_all(fd_out, data, offset + shift)
+            shift += len(data) - length
         elif in_kernel:
             try:
-                _copy_range(fd_in, fd_out, offset, length)
+                _copy_range(fd_in, fd_out, offset, length, shift)
             except OSError as exc:
                 if exc.errno not in NO_COPY_RANGE:
                     raise
                 in_kernel = False  # a filesystem without copy_file_range: copy through this process
         if splice is None and not in_kernel:
-            _pwrite_all(fd_out, os.pread(fd_in, length, offset), offset)
+            _pwrite_all(fd_out, os.pread(fd_in, length, offset), offset + shift)
         progress.advance("copy", offset + length)
 
 
-def _copy_range(fd_in: int, fd_out: int, offset: int, length: int) -> None:
+def _copy_range(fd_in: int, fd_out: int, offset: int, length: int, shift: int = 0) -> None:
     end = offset + length
     while offset < end:
-        n = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset)
+        n = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset + shift)
         if n == 0:
             raise UserError(f"{_fd_name(fd_in)}: truncated while being copied; re-download it")
         offset += n

@@ -19,9 +19,24 @@ import click
 def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:
     """Compare checkpoints A and B tensor by tensor (folders or Hub repo ids), streaming.
 
+    Two .gguf files are compared as stored: quantisation blocks, dequantised values, metadata keys.
+
     Exit status as diff(1): 0 when identical, 1 when they differ, 2 on errors. Shard layout alone
     is no difference: tensors are matched by name.
     """
+    if a.lower().endswith(".gguf") and b.lower().endswith(".gguf") and Path(a).is_file() and Path(b).is_file():
+        from ..errors import UserError
+        from ..gguf_diff import diff_gguf, gguf_diff_report
+        from ..gguf_diff import write_json as write_gguf_json
+
+        if stat or revision_a or revision_b:
+            raise UserError("--stat and --revision apply to checkpoint folders, not to two .gguf files")
+        r = diff_gguf(Path(a), Path(b))
+        click.echo(gguf_diff_report(r, only_changed=only_changed))
+        if json_path:
+            write_gguf_json(r, json_path)
+            click.echo(f"wrote {json_path}")
+        sys.exit(0 if r.identical else 1)
     from ..diff import diff_checkpoints, diff_report, write_json
 
     result = diff_checkpoints(a, b, revision_a=revision_a, revision_b=revision_b)

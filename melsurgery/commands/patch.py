@@ -60,7 +60,11 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder, or a .gguf file (GGUF output from a GGUF source).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
+              help="Output format (default: gguf when -o ends in .gguf, else safetensors). "
+                   "gguf with a folder -o writes the .gguf with a model card and provenance.")
 @click.option("--recipe", "recipes", multiple=True,
               type=click.Choice(list(registry())),
               help="Recipe to apply (repeatable; they compose in order).")
@@ -80,7 +84,7 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def patch(model, out, recipes, manifest, scan_path, revision, base_model, calib, num_samples, max_tokens, seed,
+def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, calib, num_samples, max_tokens, seed,
           abs_threshold, ratio, persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet,
           **recipe_flags) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
@@ -121,10 +125,38 @@ def patch(model, out, recipes, manifest, scan_path, revision, base_model, calib,
             detection=DetectParams(abs_threshold=abs_threshold, ratio=ratio, persist_fraction=persist_fraction),
             recipes=resolve_recipes(_params_from_flags(recipes, values)),
         )
+    gguf_out = fmt == "gguf" or (fmt is None and out.suffix.lower() == ".gguf")
+    if gguf_out:
+        from ..gguf_patch import gguf_source_file, preflight
+
+        # before resolving, which converts a GGUF on first use
+        preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
+                  overwrite=overwrite)
+        if do_verify or link:
+            raise UserError(f"{'--verify' if do_verify else '--link'} applies to safetensors output; for GGUF "
+                            "output run `melsurgery verify BASE.gguf OUT.gguf` afterwards")
+    elif fmt == "safetensors" and out.suffix.lower() == ".gguf":
+        raise UserError(f"{out}: --format safetensors writes a folder; name it without .gguf")
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
     if quiet:
         quiet_transformers()
+    if gguf_out:
+        from ..gguf_patch import run_patch_gguf
+
+        res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
+                             device=device, progress=not quiet)
+        click.echo(f"ME Layer {res.scan['me_layer']}, massive dims {res.scan['massive_dims']}")
+        for p in res.plans:
+            click.echo(f"  {p.summary}")
+        for a in res.applied:
+            click.echo(f"  edited {a.tensor} ({a.type}): {a.changed} entries changed, max |delta| "
+                       f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{a.blocks_total} blocks requantised "
+                       f"({a.blocks_changed} with new bytes), "
+                       f"requantisation error max {a.requant_max_abs_err:.3g}, rms {a.requant_rms_err:.3g}")
+        click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; loads with llama.cpp and transformers' "
+                   "GGUF loader)")
+        return
     verify = {"max_windows": verify_windows} if do_verify else None
     result = run_patch(source, out, man, scan=scan, overwrite=overwrite, link=link, device=device,
                        progress=not quiet, verify=verify)

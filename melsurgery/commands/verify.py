@@ -14,7 +14,7 @@ GATE_EXIT = 4
 
 @click.command()
 @click.argument("base")
-@click.argument("patched", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("patched", type=click.Path(path_type=Path, exists=True))
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")
 @click.option("--windows", "max_windows", type=click.IntRange(min=1), default=None, help="Evaluate at most N windows.")
@@ -34,6 +34,8 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
            max_ppl_increase, min_sink_reduction, quiet) -> None:
     """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
 
+    Either may be a .gguf file (compared through its dequantised weights).
+
     Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
     """
     from ..checkpoint.source import resolve
@@ -41,6 +43,10 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
     from ..samples import load_tokenizer
     from ..verify import Gates, run_verify, verify_report
 
+    if patched.is_file():
+        if patched.suffix.lower() != ".gguf":
+            raise UserError(f"{patched}: PATCHED must be a model folder or a .gguf file")
+        patched = resolve(str(patched)).folder  # dequantised through transformers, like a GGUF base
     base_folder = resolve(base).folder
     for folder in (base_folder, patched):  # safetensors only, config consistent with the weights: before loading
         open_model(folder)

@@ -1,0 +1,332 @@
+"""GGUF in, GGUF out: planted models written with gguf's GGUFWriter (matrices in F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, or a K-quant) and the embedded default model (Q4_1). Outputs are read back with gguf's own reader
+(independent of melsurgery's header parser) and loaded with transformers' GGUF loader (independent of
+melsurgery's name mapping)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from gguf import GGMLQuantizationType, GGUFReader, quants
+from planted import build_model, llama_config
+from planted_gguf import Q, write_gguf
+
+from melsurgery.architectures import family_for, gguf_target, rope_row_order
+from melsurgery.checkpoint.gguf_file import GGUFFile
+from melsurgery.errors import UserError
+from melsurgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
+from melsurgery.manifest import Manifest
+
+RECIPES = [("ffn-dampen", {"factor": 0.2}), ("me-norm", {"factor": 0.5}), ("norm-rescale", {"factor": 0.5})]
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+
+
+@contextmanager
+def _cache(path: Path):
+    """GGUF conversions of the planted files go to a temporary cache, not the user's."""
+    old = os.environ.get("MELSURGERY_CACHE")
+    os.environ["MELSURGERY_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MELSURGERY_CACHE", None)
+        else:
+            os.environ["MELSURGERY_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory):
+    """The planted Llama as GGUF in each type, plus one with Q4_K FFN down projections (FFN width 256)."""
+    folder = tmp_path_factory.mktemp("gguf")
+    model = build_model(llama_config())
+    for t in TYPES:
+        write_gguf(model, folder / f"planted-{t.name}.gguf", t)
+    write_gguf(build_model(llama_config(intermediate_size=256)), folder / "planted-Q4_K.gguf", Q.Q8_0,
+               kquant=("ffn_down", Q.Q4_K))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("melsurgery-cache")
+
+
+def _resolve(path: Path, cache: Path):
+    from melsurgery.checkpoint.source import resolve
+
+    with _cache(cache):
+        return resolve(str(path))
+
+
+@pytest.fixture(scope="session")
+def patched(gguf_dir, cache_dir, planted_scan, tmp_path_factory):
+    """Each planted type patched with the three folded recipes (the scan of the planted safetensors twin)."""
+    out = tmp_path_factory.mktemp("patched")
+    results = {}
+    for t in TYPES:
+        src = _resolve(gguf_dir / f"planted-{t.name}.gguf", cache_dir)
+        results[t] = run_patch_gguf(src, out / f"{t.name}.gguf", Manifest(recipes=RECIPES), scan=planted_scan)
+    return results
+
+
+def _tensors(path: Path) -> dict:
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def test_rope_row_order_is_llamacpp_permute():
+    """llama.cpp's convert_hf_to_gguf permute(): reshape(n_head, 2, d/2, ...).swapaxes(1, 2)."""
+    w = np.arange(48 * 3, dtype=np.float32).reshape(48, 3)
+    for n_head in (1, 2, 3):
+        llamacpp = w.reshape(n_head, 2, 48 // n_head // 2, 3).swapaxes(1, 2).reshape(w.shape)
+        order = rope_row_order(48, n_head)
+        assert np.array_equal(llamacpp[list(order)], w)
+
+
+def test_gguf_names_and_permutation_match_transformers_loader(gguf_dir):
+    """The F32 GGUF written from the architecture entry's names loads in transformers as the same model."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(llama_config())
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="planted-F32.gguf", dtype=torch.float32)
+    ids = torch.tensor([[1, 40, 41, 50, 60, 3, 70, 71, 72]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_header_parser_agrees_with_gguf_reader(gguf_dir):
+    path = gguf_dir / "planted-Q4_1.gguf"
+    mine, theirs = GGUFFile(path), GGUFReader(path)
+    assert mine.metadata() == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert [(i.name, i.start, i.nbytes) for i in mine.tensors.values()] == [
+        (t.name, t.data_offset, t.n_bytes) for t in theirs.tensors]
+    assert mine.header({}) == path.read_bytes()[: mine.data_offset]  # re-emitted byte for byte
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gguf_patch_contract(gguf_dir, patched, planted_scan, qtype):
+    """Same metadata plus melsurgery.*, same tensors, untouched bytes identical, norms exact, quantised
+    edits equal to dequantise-edit-requantise on exactly the blocks whose values the edit changes."""
+    src_path, res = gguf_dir / f"planted-{qtype.name}.gguf", patched[qtype]
+    src, out = _tensors(src_path), _tensors(res.file)
+    assert [(n, t.tensor_type, list(t.shape)) for n, t in src.items()] == [
+        (n, t.tensor_type, list(t.shape)) for n, t in out.items()]
+    me = planted_scan["me_layer"]
+    down, ffn_norm = f"blk.{me}.ffn_down.weight", f"blk.{me}.ffn_norm.weight"
+    attn_norm = f"blk.{me + 1}.attn_norm.weight"
+    assert {a.tensor for a in res.applied} == {down, ffn_norm, attn_norm}
+    for name in src:
+        if name not in (down, ffn_norm, attn_norm):
+            assert bytes(src[name].data) == bytes(out[name].data), name
+    # norms (F32): the exact float32 edit
+    g = np.array(src[ffn_norm].data)
+    mean = planted_scan["norm"]["ffn_norm_weight_mean"]
+    assert np.allclose(np.array(out[ffn_norm].data), mean + 0.5 * (g - mean), rtol=0, atol=1e-6)
+    dims = [d["dim"] for d in planted_scan["top_dims"][:3]]
+    expected = np.array(src[attn_norm].data).copy()
+    expected[dims] *= np.float32(0.5)
+    assert np.array_equal(np.array(out[attn_norm].data), expected)
+    # the FFN down projection: reference requantisation of the changed blocks only
+    neurons = [n["neuron"] for n in planted_scan["ffn_neurons"]]
+    old = quants.dequantize(np.array(src[down].data), qtype)
+    new = old.copy()
+    new[:, neurons] *= np.float32(0.2)
+    bs = quants.GGML_QUANT_SIZES[qtype][0]
+    hit = (new != old).reshape(-1, bs).any(axis=1)
+    ref = np.ascontiguousarray(quants.quantize(new, qtype)).view(np.uint8).reshape(len(hit), -1)
+    expect = np.ascontiguousarray(np.array(src[down].data)).view(np.uint8).reshape(len(hit), -1).copy()
+    expect[hit] = ref[hit]
+    got = np.ascontiguousarray(np.array(out[down].data)).view(np.uint8).reshape(len(hit), -1)
+    assert np.array_equal(got, expect)
+    block_cols = {j // bs for j in neurons}
+    assert {int(b) % (old.shape[1] // bs) for b in np.flatnonzero(hit)} <= block_cols
+    edit = next(a for a in res.applied if a.tensor == down)
+    assert edit.blocks_requantised == int(hit.sum()) and edit.type == qtype.name
+    norm_edit = next(a for a in res.applied if a.tensor == attn_norm)
+    assert norm_edit.changed == len(dims) and norm_edit.requant_max_abs_err == 0.0
+    assert (edit.requant_max_abs_err == 0.0) == (qtype == Q.F32)
+    # metadata: the source's, plus melsurgery's record
+    meta_src, meta_out = GGUFReader(src_path).fields, GGUFReader(res.file).fields
+    added = [k for k in meta_out if k not in meta_src]
+    assert added and all(k.startswith("melsurgery.") for k in added)
+    assert all(meta_out[k].contents() == f.contents() for k, f in meta_src.items() if not k.startswith("GGUF.kv"))
+    assert meta_out["melsurgery.source.sha256"].contents() == hashlib.sha256(src_path.read_bytes()).hexdigest()
+    assert [r["name"] for r in json.loads(meta_out["melsurgery.recipes"].contents())] == [r for r, _ in RECIPES]
+    assert {e["tensor"] for e in json.loads(meta_out["melsurgery.edits"].contents())} == {down, ffn_norm, attn_norm}
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
+def test_patched_gguf_loads_in_transformers_like_the_safetensors_patch(gguf_dir, cache_dir, patched, planted_scan,
+                                                                      tmp_path, qtype):
+    """transformers' GGUF loader on the output gives the logits of the same recipe patched into safetensors
+    (from the dequantised source), up to the requantisation of the edited blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from melsurgery.patch import run_patch
+
+    src = _resolve(gguf_dir / f"planted-{qtype.name}.gguf", cache_dir)
+    run_patch(src, tmp_path / "st", Manifest(recipes=RECIPES), scan=planted_scan)
+    res = patched[qtype]
+    ids = torch.tensor([[1, 40, 41, 50, 60, 3, 70, 71, 72, 80, 81, 82]])
+    with torch.no_grad():
+        exact = build_model(llama_config())(ids).logits  # the unquantised planted model
+        base = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32)(ids).logits
+        st = AutoModelForCausalLM.from_pretrained(tmp_path / "st", dtype=torch.float32)(ids).logits
+        gg = AutoModelForCausalLM.from_pretrained(res.file.parent, gguf_file=res.file.name,
+                                                  dtype=torch.float32)(ids).logits
+    effect, noise = (st - base).abs().max(), (base - exact).abs().max()
+    assert effect > 0.1  # the patch matters ...
+    # ... and the GGUF carries it: what requantising the edited blocks adds is small next to the patch's effect
+    # and to the quantisation noise the source already had
+    assert (gg - st).abs().max() < 0.25 * min(effect, noise)
+
+
+def test_kquant_tensor_is_refused_by_name_and_norm_edits_keep_it(gguf_dir, cache_dir, planted_scan, tmp_path):
+    path = gguf_dir / "planted-Q4_K.gguf"
+    env = {"MELSURGERY_CACHE": str(cache_dir)}
+    r = run_cli("patch", path, "-o", tmp_path / "out.gguf", "--recipe", "ffn-dampen", "--quiet", env=env)
+    assert r.returncode == 2 and "Q4_K" in r.stderr and "ffn_down" in r.stderr
+    assert r.stderr.startswith("melsurgery: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.iterdir())
+    res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "norm.gguf", Manifest(recipes=[RECIPES[1]]),
+                         scan=planted_scan)
+    src, out = _tensors(path), _tensors(res.file)
+    kq = [n for n, t in src.items() if t.tensor_type == GGMLQuantizationType.Q4_K]
+    assert len(kq) == 6 and all(bytes(src[n].data) == bytes(out[n].data) for n in kq)
+    assert [a.tensor for a in res.applied] == [f"blk.{planted_scan['me_layer']}.ffn_norm.weight"]
+
+
+def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
+    env = {"MELSURGERY_CACHE": str(cache_dir)}
+    src = gguf_dir / "planted-Q8_0.gguf"
+    r = run_cli("patch", src, "-o", tmp_path / "w.gguf", "--recipe", "wemask", env=env)
+    assert r.returncode == 2 and "wemask" in r.stderr
+    assert all(n in r.stderr for n in ("norm-rescale", "ffn-dampen", "me-norm")) and "llama.cpp" in r.stderr
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
+    r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", env=env)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    with pytest.raises(UserError, match="is the source model"):
+        preflight(src, src, [RECIPES[1]], folder=False, overwrite=True)
+    with pytest.raises(UserError, match="needs a GGUF source"):
+        gguf_source_file(str(tmp_path))
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        GGUFFile(tmp_path / "exists.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]
+
+
+def test_repatching_replaces_the_melsurgery_keys(patched, planted_scan, cache_dir, tmp_path):
+    first = patched[Q.Q8_0].file
+    res = run_patch_gguf(_resolve(first, cache_dir), tmp_path / "twice.gguf", Manifest(recipes=[RECIPES[1]]),
+                         scan=planted_scan)
+    keys = [k for k in GGUFReader(res.file).fields if k.startswith("melsurgery.")]
+    assert len(keys) == len(set(keys)) == 7
+    assert GGUFFile(res.file).value("melsurgery.source.file") == first.name
+
+
+def test_folder_output_is_pushable_and_tamper_evident(gguf_dir, cache_dir, planted_scan, tmp_path):
+    from melsurgery.hub import validate_for_push
+
+    src = gguf_dir / "planted-Q4_0.gguf"
+    out = tmp_path / "pub"
+    res = run_patch_gguf(_resolve(src, cache_dir), out, Manifest(recipes=[RECIPES[0]]), folder=True,
+                         scan=planted_scan)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [src.name, "README.md", "provenance.json", "melsurgery-manifest.yaml"])
+    assert res.file == out / src.name
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["outputs"][src.name] == hashlib.sha256((out / src.name).read_bytes()).hexdigest()
+    assert prov["edits"][0]["tensor"] == f"blk.{planted_scan['me_layer']}.ffn_down.weight"
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and f"gguf_file=\"{src.name}\"" in card
+    manifest = validate_for_push(out)
+    assert {f.path for f in manifest.files} == {p.name for p in out.iterdir()}
+    with open(out / src.name, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(UserError, match="sha256 differs"):
+        validate_for_push(out)
+
+
+def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, planted_scan, tmp_path):
+    from melsurgery.gguf_diff import diff_gguf
+
+    src, res = gguf_dir / "planted-Q4_1.gguf", patched[Q.Q4_1]
+    r = diff_gguf(src, res.file)
+    changed = {t.name: t for t in r.tensors if t.status != "identical"}
+    assert set(changed) == {a.tensor for a in res.applied}
+    down = changed[f"blk.{planted_scan['me_layer']}.ffn_down.weight"]
+    edit = next(a for a in res.applied if a.tensor == down.name)
+    assert down.blocks_changed == edit.blocks_changed and down.changed == edit.changed
+    assert set(down.cols) <= {c for n in planted_scan["ffn_neurons"] for c in range(n["neuron"] // 32 * 32,
+                                                                                    n["neuron"] // 32 * 32 + 32)}
+    assert down.max_abs_diff == pytest.approx(edit.max_abs_delta)
+    assert set(r.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
+    assert not r.removed and not r.changed_keys and not r.identical
+    cli = run_cli("diff", src, res.file, "--only-changed", "--json", tmp_path / "d.json")
+    assert cli.returncode == 1 and f"{down.name}  Q4_1" in cli.stdout and "key +    melsurgery.version" in cli.stdout
+    assert json.loads((tmp_path / "d.json").read_text())["summary"]["changed"] == 3
+    assert run_cli("diff", src, src).returncode == 0
+
+
+def test_verify_reads_patched_gguf_and_its_provenance(gguf_dir, cache_dir, patched, tmp_path):
+    res = patched[Q.Q8_0]
+    r = run_cli("verify", gguf_dir / "planted-Q8_0.gguf", res.file, "--windows", "1", "--max-tokens", "64",
+                "--generations", "0", "--quiet", "--json", tmp_path / "v.json",
+                env={"MELSURGERY_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr
+    weights = json.loads((tmp_path / "v.json").read_text())["weights"]
+    assert weights["matches_provenance"] is True and len(weights["changed"]) == 3
+
+
+@pytest.fixture(scope="module")
+def smollm2_patched(smollm2, smollm2_scan, tmp_path_factory):
+    return run_patch_gguf(smollm2, tmp_path_factory.mktemp("smollm2") / "smollm2.gguf", Manifest(recipes=RECIPES),
+                          scan=smollm2_scan)
+
+
+def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
+    """The embedded Q4_1 SmolLM2: the scan's layer, dims and neurons land on the right GGUF tensors; every
+    other tensor byte-identical; the down projection requantised only in blocks of the dampened columns."""
+    src, out = _tensors(smollm2.origin_file), _tensors(smollm2_patched.file)
+    me, neurons = smollm2_scan["me_layer"], [n["neuron"] for n in smollm2_scan["ffn_neurons"]]
+    family = family_for({"model_type": "llama"})
+    down = gguf_target(family, f"model.layers.{me}.mlp.down_proj.weight", {}).name
+    edited = {a.tensor for a in smollm2_patched.applied}
+    assert edited == {down, f"blk.{me}.ffn_norm.weight", f"blk.{me + 1}.attn_norm.weight"}
+    assert all(bytes(src[n].data) == bytes(out[n].data) for n in src if n not in edited)
+    assert out[down].tensor_type == GGMLQuantizationType.Q4_1
+    a = np.array(src[down].data).reshape(-1, 20)
+    b = np.array(out[down].data).reshape(-1, 20)
+    blocks = np.flatnonzero((a != b).any(axis=1)) % (1536 // 32)
+    assert set(blocks.tolist()) <= {j // 32 for j in neurons} and len(blocks) > 0
+
+
+def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2, smollm2_scan, tmp_path):
+    """F32 norm edits are exact: transformers' GGUF loader on the patched default GGUF gives the logits of
+    the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see the README.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from melsurgery.patch import run_patch
+
+    norms = Manifest(recipes=RECIPES[1:])
+    res = run_patch_gguf(smollm2, tmp_path / "norms.gguf", norms, scan=smollm2_scan)
+    assert all(a.type == "F32" and a.requant_max_abs_err == 0.0 for a in res.applied)
+    run_patch(smollm2, tmp_path / "st", norms, scan=smollm2_scan)
+    tok = AutoTokenizer.from_pretrained(smollm2.folder)
+    ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(smollm2.folder, dtype=torch.float32)(ids).logits
+        st = AutoModelForCausalLM.from_pretrained(tmp_path / "st", dtype=torch.float32)(ids).logits
+        gg = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="norms.gguf", dtype=torch.float32)(ids).logits
+    assert (st - base).abs().max() > 0.5
+    assert torch.allclose(gg, st, atol=1e-3, rtol=0)
