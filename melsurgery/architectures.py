@@ -350,6 +350,7 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 def supported() -> str:
+    """Every supported model_type, for error messages."""
     return ", ".join(t for f in FAMILIES for t in f.model_types)
 
 
@@ -363,12 +364,14 @@ def family_for(config: dict) -> Family:
 
 
 def submodule(root: object, path: str) -> object:
+    """The module at a dotted path (`self_attn.q_proj`) below `root`."""
     for part in path.split("."):
         root = getattr(root, part)
     return root
 
 
 def has_submodule(root: object, path: str) -> bool:
+    """Whether `root` has a module at the dotted path (hybrid layers lack some)."""
     try:
         submodule(root, path)
     except AttributeError:

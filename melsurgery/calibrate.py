@@ -29,6 +29,8 @@ TOP_NEURONS = 8
 
 @dataclass
 class Sample:
+    """One tokenised calibration sample: ids, their token strings and where it came from."""
+
     ids: list[int]
     tokens: list[str]
     kind: str = "text"
@@ -36,6 +38,8 @@ class Sample:
 
 @dataclass
 class Stats:
+    """Everything a streaming pass measured: per-layer statistics and the samples they refer to."""
+
     layers: list[LayerStats] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     num_layers: int = 0

@@ -19,6 +19,8 @@ ATTRIBUTION_KEYS = ("dim", "value", "input", "mixer", "attn_write", "ffn_write",
 
 @dataclass
 class Detection:
+    """What detection concluded from the statistics: ME Layer, massive dims and tokens, attribution."""
+
     me_layer: int | None
     massive_dims: list[int] = field(default_factory=list)
     massive_tokens: list[dict] = field(default_factory=list)  # {sample, pos, token}
@@ -172,4 +174,5 @@ def _explain(det: Detection, layer: LayerStats, p: DetectParams) -> None:
 
 
 def entry_dict(e: Entry, stats: Stats) -> dict:
+    """An entry as it appears in the scan JSON, with its token string."""
     return {"sample": e.sample, "pos": e.pos, "token": _token(stats, e.sample, e.pos), "dim": e.dim, "value": e.value}

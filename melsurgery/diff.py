@@ -124,6 +124,8 @@ class Layout:
 
 @dataclass
 class DiffResult:
+    """Two checkpoints compared tensor by tensor, and the files beside the weights."""
+
     a: Source
     b: Source
     spec_a: str
@@ -500,6 +502,7 @@ def _size(n: float) -> str:
 
 
 def summary_line(r: DiffResult) -> str:
+    """One line: how many tensors differ, and how fast the comparison ran."""
     s = r.summary()
     structural = s["shape_changed"] + s["dtype_changed"]
     rate = f", {s['mb_per_s']:.0f} MB/s" if s["mb_per_s"] else ""
@@ -512,6 +515,7 @@ def summary_line(r: DiffResult) -> str:
 
 
 def stat_lines(r: DiffResult) -> list[str]:
+    """Per layer: tensors that differ and entries changed (`diff --stat`)."""
     stat = r.stat()
     rows = [(str(k), v) for k, v in stat["layers"].items()]
     if stat["other"]["tensors"]:
@@ -539,6 +543,7 @@ def diff_report(r: DiffResult, *, only_changed: bool = False, stat: bool = False
 
 
 def write_json(r: DiffResult, path: Path) -> None:
+    """Write the diff as JSON (non-finite numbers as null)."""
     from .jsonsafe import dumps
 
     Path(path).write_text(dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

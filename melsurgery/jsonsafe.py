@@ -22,4 +22,5 @@ def finite(obj: object) -> object:
 
 
 def dumps(obj: object, **kwargs) -> str:
+    """json.dumps that writes non-finite numbers as null: our JSON files are always valid JSON."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)

@@ -19,6 +19,8 @@ from .scan import CalibrationSpec
 
 @dataclass
 class Manifest:
+    """A reproducible patch: model, revision, calibration, detection and recipes in order."""
+
     model: str = "default"
     revision: str | None = None
     base_model: str | None = None  # the Hub id for the card's base_model, when it cannot be detected

@@ -39,6 +39,8 @@ Key = tuple[int, int, int]  # (sequence, pos, dim)
 
 @dataclass(frozen=True)
 class DetectParams:
+    """The thresholds of the massive-activation definition (see README, scan definitions)."""
+
     abs_threshold: float = 100.0
     ratio: float = 1000.0
     persist_fraction: float = 0.5
@@ -118,6 +120,7 @@ def top_entries(states: list[torch.Tensor], k: int) -> list[Entry]:
 
 
 def median_abs(states: list[torch.Tensor]) -> float:
+    """The median |h| over every entry of the given states (the ratio's denominator)."""
     return float(torch.cat([h.abs().flatten() for h in states]).float().median())
 
 
@@ -135,6 +138,7 @@ def massive_keys(layer: LayerStats, p: DetectParams) -> dict[Key, float]:
 
 
 def required_persistence(layer: int, num_layers: int, p: DetectParams) -> int:
+    """How many following layers a massive entry of `layer` must stay massive in."""
     return max(1, math.ceil(p.persist_fraction * (num_layers - 1 - layer)))
 
 
@@ -170,11 +174,13 @@ def head_sinks(layer: LayerStats, tokens: list[tuple[int, int]]) -> torch.Tensor
 
 
 def sink(layer: LayerStats, tokens: list[tuple[int, int]]) -> float | None:
+    """The sink of a layer onto `tokens` (sample, pos): per-head mass, averaged over heads."""
     h = head_sinks(layer, tokens)
     return None if h is None else float(h.mean())
 
 
 def sink_rate(layer: LayerStats, tokens: list[tuple[int, int]]) -> float | None:
+    """The share of heads whose sink onto `tokens` exceeds SINK_RATE_THRESHOLD (Gu et al. 2025)."""
     h = head_sinks(layer, tokens)
     return None if h is None else float((h > SINK_RATE_THRESHOLD).float().mean())
 

@@ -32,6 +32,8 @@ AUTO_MAP = {"AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
 
 @dataclass
 class PatchResult:
+    """What `run_patch` wrote: the folder, the plans, the edits applied, the scan, the verify figures."""
+
     out: Path
     plans: list[RecipePlan]
     applied: list[AppliedEdit]
@@ -41,6 +43,7 @@ class PatchResult:
 
 
 def scan_summary(scan: dict) -> dict:
+    """The part of a scan that provenance keeps (enough to reproduce and to verify the patch)."""
     keys = ("me_layer", "massive_dims", "top_dims", "persist_until", "ffn_neurons", "selector_threshold",
             "sink_after_me", "token_summary", "calibration", "params")
     summary = {k: scan.get(k) for k in keys}

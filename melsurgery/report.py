@@ -31,6 +31,7 @@ def _ranges(indices: list[int]) -> str:
 
 
 def scan_report(r: dict) -> str:
+    """The human-readable scan report (the README shows one)."""
     m, c = r["model"], r["calibration"]
     lines = [
         f"model: {m['id']} ({m['family']}, {m['num_layers']} layers, hidden {m['hidden_size']})",

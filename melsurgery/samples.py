@@ -85,6 +85,7 @@ def tokenize(
 
 
 def load_tokenizer(folder: Path) -> object:
+    """The folder's tokenizer, or a one-line error when it has none."""
     from transformers import AutoTokenizer
 
     try:

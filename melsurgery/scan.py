@@ -128,6 +128,7 @@ def build_result(
     source: Source, family: str, stats: Stats, det: Detection, params: DetectParams, calib: CalibrationSpec,
     calib_name: str, seconds: float, qk_norm: bool = False,
 ) -> dict:
+    """The scan JSON (schema_version 1) from the statistics and the detection."""
     layers = []
     massive = set(det.massive_layers)
     for layer in stats.layers:

@@ -112,6 +112,8 @@ class TextCache:
 
 @dataclass(frozen=True)
 class TuneOptions:
+    """What a tune run searches and under which budget (validated before any work)."""
+
     recipes: tuple[str, ...]
     objective: str = "sink"
     max_kl: float | None = 0.05
@@ -321,6 +323,7 @@ class Space:
 
 
 def make_space(names: tuple[str, ...], scan: dict) -> Space:
+    """The search space of these recipes for this model, from their declared parameters."""
     if scan.get("me_layer") is None:
         raise UserError("the scan found no ME Layer: there is nothing to tune")
     me, n = int(scan["me_layer"]), int(scan["model"]["num_layers"])
@@ -384,11 +387,13 @@ def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int)
 
 
 def trial_record(t) -> dict:
+    """One Optuna trial as tune.json records it."""
     return {"number": t.number, "state": t.state.name, "recipes": t.user_attrs.get("recipes"),
             "params": t.params, "figures": t.user_attrs.get("figures"), "worker": t.user_attrs.get("worker")}
 
 
 def feasible(fig: dict, max_kl: float | None, max_ppl: float | None) -> bool:
+    """Whether a trial's figures meet the KL and perplexity budgets."""
     return ((max_kl is None or fig["kl_mean"] <= max_kl)
             and (max_ppl is None or fig["ppl_increase_pct"] <= max_ppl))
 
@@ -410,6 +415,8 @@ def best_within(records: list[dict], objective: str, max_kl: float | None, max_p
 
 @dataclass
 class TuneResult:
+    """What a tune run wrote: its folder, tune.json's content and the chosen trial."""
+
     run_dir: Path
     data: dict
     chosen: dict | None

@@ -36,6 +36,8 @@ GEN_PROMPTS = [
 
 @dataclass(frozen=True)
 class Gates:
+    """Publishing gates: a patch passes when every given limit holds (NaN never passes)."""
+
     max_kl: float | None = None
     max_ppl_increase: float | None = None  # percent
     min_sink_reduction: float | None = None  # percent
@@ -63,6 +65,7 @@ class Gates:
 
 
 def eval_text(path: Path | None) -> tuple[str, str]:
+    """The held-out text and its label: a file, or the embedded Hamlet excerpt."""
     if path is None:
         embedded = resources.files("melsurgery.data").joinpath("eval.txt")
         return embedded.read_text(encoding="utf-8"), "melsurgery:eval.txt"
@@ -408,6 +411,7 @@ def measurements_for_card(r: dict) -> dict:
 
 
 def verify_report(r: dict) -> str:
+    """The human-readable verify report."""
     prefix = f", each opening with {''.join(r['window_prefix'])!r}" if r["window_prefix"] else ""
     lines = [f"held-out text: {r['text']}, {r['windows']} windows{prefix}, {r['tokens']} tokens, "
              f"{r['scored_tokens']} scored ({r['seconds']:.1f} s)",

@@ -61,6 +61,8 @@ class WeMaskSpec:
 
 @dataclass
 class RecipePlan:
+    """A recipe's plan: resolved params, a one-line summary, folded edits and/or a WeMask spec."""
+
     recipe: str
     params: dict
     summary: str
@@ -137,6 +139,7 @@ def pick_dims(scan: dict, top_k: int | None = None, dims: list[int] | None = Non
 
 
 def require_me(scan: dict) -> int:
+    """The scan's ME Layer; a recipe without one has nothing to mitigate."""
     if scan.get("me_layer") is None:
         raise UserError("the scan found no ME Layer: there is nothing for this recipe to mitigate")
     return int(scan["me_layer"])
@@ -167,6 +170,7 @@ def registry() -> dict[str, Recipe]:
 
 
 def get_recipe(name: str) -> Recipe:
+    """The recipe of this name, or a one-line error naming the available ones."""
     known = registry()
     if name not in known:
         raise UserError(f"unknown recipe {name!r}; available: {', '.join(known)}")
