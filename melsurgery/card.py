@@ -10,6 +10,7 @@ import yaml
 from . import __version__
 from .basemodel import BaseModelId
 from .hubmeta import hub_licenses
+from .outputs import MODEL_CARD
 
 
 def front_matter(text: str) -> dict:
@@ -33,7 +34,7 @@ def base_license(folder: Path) -> tuple[dict, str | None]:
 
     `license` (with `license_name` / `license_link` when it is `other`) is carried over when the Hub
     knows the id; an unknown one (e.g. 'Apache 2.0') is returned apart, for the card's text."""
-    card = folder / "README.md"
+    card = folder / MODEL_CARD
     try:
         meta = front_matter(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else {}
     except ValueError:  # a broken base card: nothing to carry over

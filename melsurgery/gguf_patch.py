@@ -38,6 +38,7 @@ from .checkpoint.writer import copy_spliced, fsync_file
 from .edits import Edit, apply_edit, is_identity
 from .errors import UserError
 from .manifest import Manifest
+from .outputs import MANIFEST, MODEL_CARD
 from .recipes import RecipePlan, plan_recipes
 from .scan import run_scan
 
@@ -248,11 +249,11 @@ def run_patch_gguf(
         target = tmp / src_file.name
         _, out_sha = copy_spliced(src_file, target, splices, sync=False)
         fsync_file(target)
-        (tmp / "melsurgery-manifest.yaml").write_text(manifest.to_yaml())
+        (tmp / MANIFEST).write_text(manifest.to_yaml())
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=False, gguf_file=src_file.name)
-        (tmp / "README.md").write_text(card)
+        (tmp / MODEL_CARD).write_text(card)
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied,
                          {src_file.name: source_sha}, known={src_file.name: out_sha})
     return GGUFPatchResult(Path(out), Path(out) / src_file.name, plans, applied, scan, source_sha, out_sha)

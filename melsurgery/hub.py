@@ -41,9 +41,8 @@ from .checkpoint.safetensors_file import load_tensor, read_header
 from .checkpoint.validate import check_finite
 from .errors import UserError
 from .hubmeta import is_repo_id, metadata_problems
+from .outputs import MODEL_CARD, PROVENANCE
 
-PROVENANCE = "provenance.json"
-MODEL_CARD = "README.md"
 CONFIG = "config.json"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 

@@ -22,6 +22,7 @@ from .checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from .errors import UserError
 from .jsonsafe import dumps
 from .manifest import Manifest
+from .outputs import MANIFEST, MODEL_CARD, PROVENANCE
 from .recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
 from .recipes.params import LAYER_WORDS
 from .scan import ScanResult, check_scan_params, run_scan
@@ -98,12 +99,12 @@ def run_patch(
             modeling = resources.files("melsurgery.modeling").joinpath(MODELING_FILE).read_bytes()
             (tmp / MODELING_FILE).write_bytes(modeling)
         check_written(tmp, ckpt, applied)
-        (tmp / "melsurgery-manifest.yaml").write_text(manifest.to_yaml())
+        (tmp / MANIFEST).write_text(manifest.to_yaml())
         measured = None
         if verify is not None:
             from .verify import measurements_for_card, run_verify
 
-            (tmp / "provenance.json").write_text(json.dumps({"scan": scan_summary(scan)}))
+            (tmp / PROVENANCE).write_text(json.dumps({"scan": scan_summary(scan)}))
             measured = run_verify(source.folder, tmp, device=device, progress=progress, **verify)
             measured["weights"]["matches_provenance"] = sorted({a.tensor for a in applied}) == measured["weights"][
                 "changed"]
@@ -111,7 +112,7 @@ def run_patch(
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
                            measurements=measurements_for_card(measured) if measured else None)
-        (tmp / "README.md").write_text(card)
+        (tmp / MODEL_CARD).write_text(card)
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
                          measurements=_compact(measured), known=weights)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
@@ -205,7 +206,7 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dic
     `known`: sha256 already computed while writing (the weights), not read again."""
     known = known or {}
     outputs = {rel: known.get(rel) or sha256_file(p) for p in sorted(folder.rglob("*"))
-               if p.is_file() and (rel := p.relative_to(folder).as_posix()) != "provenance.json"}
+               if p.is_file() and (rel := p.relative_to(folder).as_posix()) != PROVENANCE}
     prov = {
         "tool": f"melsurgery {__version__}",
         "source": {"id": source.id, "kind": source.kind, "revision": source.revision,
@@ -219,4 +220,4 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dic
         "measurements": measurements or {},
         "outputs": outputs,
     }
-    (folder / "provenance.json").write_text(dumps(prov, indent=2, default=str) + "\n")
+    (folder / PROVENANCE).write_text(dumps(prov, indent=2, default=str) + "\n")

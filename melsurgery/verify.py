@@ -25,6 +25,7 @@ from .checkpoint.reader import Checkpoint
 from .errors import UserError
 from .measure import DetectParams, LayerStats, find_massive, layer_stats, sink, sink_rate, top_k_for
 from .modeling.modeling_melsurgery import CONFIG_KEY
+from .outputs import PROVENANCE
 from .samples import load_tokenizer
 
 GEN_PROMPTS = [
@@ -268,7 +269,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
 def _scan_params(patched: Path) -> DetectParams:
     """The detection thresholds the patch's scan used (from provenance.json), else the defaults."""
     try:
-        return DetectParams(**json.loads((patched / "provenance.json").read_text())["scan"]["params"])
+        return DetectParams(**json.loads((patched / PROVENANCE).read_text())["scan"]["params"])
     except (OSError, KeyError, TypeError, ValueError):
         return DetectParams()
 
@@ -382,7 +383,7 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
 
 def _weight_check(changed: list[str], patched: Path) -> dict:
     claimed = None
-    prov = patched / "provenance.json"
+    prov = patched / PROVENANCE
     if prov.is_file():
         try:
             claimed = sorted({e["tensor"] for e in json.loads(prov.read_text())["edits"]})

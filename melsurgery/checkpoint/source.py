@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
 from ..errors import UserError
+from ..outputs import MODEL_CARD, PROVENANCE
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -161,10 +162,10 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_gguf_card(gguf, base_id))
+        (tmp / MODEL_CARD).write_text(_gguf_card(gguf, base_id))
         provenance = _gguf_provenance(gguf)
         if provenance is not None:
-            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         try:
             os.replace(tmp, folder)
         except OSError:

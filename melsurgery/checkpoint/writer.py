@@ -25,12 +25,10 @@ import torch
 
 from ..edits import Edit, edited_tensor, is_identity
 from ..errors import UserError
+from ..outputs import GENERATED  # produced by patch itself, never copied from the source
 from .hashing import copy_hashing, sha256_file
 from .reader import INDEX_NAME, Checkpoint
 from .safetensors_file import TensorInfo, tensor_bytes
-
-# Files the writer produces itself rather than copying from the source.
-GENERATED = ("README.md", "provenance.json", "melsurgery-manifest.yaml")
 
 
 @dataclass
