@@ -12,7 +12,7 @@ import json
 import pytest
 import reference as ref
 import torch
-from conftest import run_cli
+from conftest import patch, run_cli
 from planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
 from transformers import AutoModelForCausalLM
 
@@ -23,8 +23,6 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.source import resolve
 from melsurgery.errors import UserError
-from melsurgery.manifest import Manifest
-from melsurgery.patch import run_patch
 from melsurgery.samples import read_records, tokenize
 from melsurgery.scan import CalibrationSpec, run_scan
 
@@ -142,8 +140,6 @@ def reference_for(recipe, params, plan, model, scan, model_type):
     return ref.for_truth(recipe, params, model, truth, DEFAULTS[recipe])
 
 
-def patch(folder, out, recipes, scan):
-    return run_patch(resolve(str(folder)), out, Manifest(model=str(folder), recipes=recipes), scan=scan)
 
 
 def assert_only_edited_tensors_differ(src_folder, out_folder, edited: set[str]) -> None:

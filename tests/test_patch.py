@@ -6,23 +6,18 @@ import sys
 import pytest
 import reference as ref
 import torch
-from conftest import run_cli
+from conftest import patch, run_cli
 from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 from transformers import AutoModelForCausalLM
 
 import melsurgery
 from melsurgery.card import front_matter
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.source import resolve
-from melsurgery.manifest import Manifest, load_manifest
-from melsurgery.patch import run_patch
+from melsurgery.manifest import load_manifest
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x"]
 
 
-def patch(folder, out, recipes, scan=None, **kw):
-    man = Manifest(model=str(folder), recipes=recipes)
-    return run_patch(resolve(str(folder)), out, man, scan=scan, **kw)
 
 
 def batch(tokenizer=None, texts=TEXTS):

@@ -4,13 +4,11 @@ import shutil
 import pytest
 import reference as ref
 import torch
-from conftest import run_cli
+from conftest import patch, run_cli
 from planted import family_config, make_tokenizer, planted_folder
 
 import melsurgery.verify as verify_module
 from melsurgery.checkpoint.source import resolve
-from melsurgery.manifest import Manifest
-from melsurgery.patch import run_patch
 from melsurgery.samples import load_tokenizer
 from melsurgery.scan import CalibrationSpec, run_scan
 from melsurgery.verify import Gates, make_windows, run_verify, verify_report
@@ -18,8 +16,6 @@ from melsurgery.verify import Gates, make_windows, run_verify, verify_report
 FAST = {"max_windows": 2, "max_tokens": 128, "generations": 1, "max_new_tokens": 8}
 
 
-def patch(planted, out, recipes, scan, **kw):
-    return run_patch(resolve(str(planted)), out, Manifest(model=str(planted), recipes=recipes), scan=scan, **kw)
 
 
 def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 import reference as ref
 import torch
-from conftest import run_cli
+from conftest import patch, run_cli
 from planted import make_tokenizer, save_model
 from planted_sink import PLANT, SINK_DIM, growth_model, sink_model
 from transformers import AutoModelForCausalLM
@@ -14,8 +14,6 @@ import melsurgery
 from melsurgery.architectures import family_for
 from melsurgery.checkpoint.source import resolve
 from melsurgery.errors import UserError
-from melsurgery.manifest import Manifest
-from melsurgery.patch import run_patch
 from melsurgery.recipes import get_recipe
 from melsurgery.report import scan_report
 from melsurgery.scan import CalibrationSpec, run_scan
@@ -36,8 +34,6 @@ def sink(tmp_path_factory):
     return folder, run_scan(resolve(str(folder)), CALIB)
 
 
-def patch(folder, out, params, scan):
-    return run_patch(resolve(str(folder)), out, Manifest(model=str(folder), recipes=[("wemask", params)]), scan=scan)
 
 
 def load_base(folder):
@@ -74,7 +70,7 @@ def test_per_layer_selector_fires_where_one_global_threshold_cannot(growth, tmp_
     assert scan["selector_threshold"] > sel[me + 1]["massive_min"]
     for s in sel.values():
         assert s["others_max"] < s["threshold"] <= s["massive_min"] and s["selected"] == s["massive_tokens"]
-    result = patch(folder, tmp_path / "out", {}, scan)  # default: layer ME+1, magnitude selector
+    result = patch(folder, tmp_path / "out", [("wemask", {})], scan)  # default: layer ME+1, magnitude selector
     (layer,) = result.plans[0].wemask.per_layer
     assert (layer.layer, layer.threshold) == (me + 1, sel[me + 1]["threshold"])
     config = json.loads((tmp_path / "out" / "config.json").read_text())["melsurgery_wemask"]
@@ -143,7 +139,7 @@ def test_sink_attribution_finds_the_dims_that_drive_the_sink(sink, tmp_path):
     assert base > 0.5
     measured = {}
     for dims_by in ("magnitude", "sink"):
-        patch(folder, tmp_path / dims_by, {"layers": "after-me", "top_k": 1, "dims_by": dims_by}, scan)
+        patch(folder, tmp_path / dims_by, [("wemask", {"layers": "after-me", "top_k": 1, "dims_by": dims_by})], scan)
         measured[dims_by] = sink_of(melsurgery.load(tmp_path / dims_by, attn_implementation="eager")[0], ids, layers)
     assert measured["magnitude"] == pytest.approx(base, rel=0.02)  # masking the massive dim misses the sink
     assert measured["sink"] < 0.2 * base  # the attributed dim removes it
@@ -171,7 +167,7 @@ def test_per_layer_dims_and_mean_replacement_equal_a_hook_reference_with_cache_a
     folder, scan = sink
     params = {"layers": "after-me", "dims_by": "sink", "top_k": 3, "replace": "mean", "strength": 0.9,
               "strength_end": 0.6, "selector": selector}
-    result = patch(folder, tmp_path / "out", params, scan)
+    result = patch(folder, tmp_path / "out", [("wemask", params)], scan)
     spec = result.plans[0].wemask
     assert len({m.dims for m in spec.per_layer}) > 1, "per-layer dims must differ for this test to mean much"
     ids, mask, pads = left_padded()
