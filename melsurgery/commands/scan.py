@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .shared import calibration_options, device_option, dtype_option, revision_option, torch_dtype
+from .shared import calibration_options, device_option, dtype_option, revision_option, torch_dtype, write_outputs
 
 
 def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
@@ -44,19 +44,13 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     """
     from ..errors import NoMassiveActivations
     from ..report import scan_report
-    from ..scan import write_json
 
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
     click.echo(scan_report(result))
-    if json_path:
-        write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
-    if plot_path:
-        from ..plot import plot_scan
+    from ..plot import plot_scan
 
-        plot_scan(result, plot_path)
-        click.echo(f"wrote {plot_path}")
+    write_outputs(result, json_path, plot_path, plot_scan)
     if result["me_layer"] is None:
         raise NoMassiveActivations("no massive activations found in this model")
 

@@ -100,3 +100,15 @@ def calibration_options(f):
         f = declared_option(param)(f)
     return click.option("--calib", type=click.Path(path_type=Path), default=None,
                         help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages).")(f)
+
+
+def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    """--json and --plot of a command's result, each announced on its own line."""
+    if json_path:
+        from ..scan import write_json
+
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .shared import device_option, dtype_option, finite_float, quiet_transformers, torch_dtype
+from .shared import device_option, dtype_option, finite_float, quiet_transformers, torch_dtype, write_outputs
 
 GATE_EXIT = 4
 
@@ -57,16 +57,9 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
                         device=device, dtype=torch_dtype(dtype), generations=generations,
                         progress=not quiet)
     click.echo(verify_report(result))
-    if json_path:
-        from ..scan import write_json
+    from ..plot import plot_verify
 
-        write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
-    if plot_path:
-        from ..plot import plot_verify
-
-        plot_verify(result, plot_path)
-        click.echo(f"wrote {plot_path}")
+    write_outputs(result, json_path, plot_path, plot_verify)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
     if violations:
         raise UserError("gate violated: " + "; ".join(violations), exit_code=GATE_EXIT)
