@@ -279,7 +279,7 @@ class Space:
                 continue
             params = {}
             for p in recipe.params:
-                if p.name in FIXED:
+                if p.name in FIXED or p.default is None:  # None: an option that is off by default
                     continue
                 key = f"{recipe.name}.{p.name}"
                 if p.kind == "layers":  # a contiguous run of layers after the ME Layer
@@ -304,7 +304,7 @@ class Space:
 
         out: dict = {"recipes": recipe.name}
         for p in recipe.params:
-            if p.name in FIXED:
+            if p.name in FIXED or p.default is None:
                 continue
             key = f"{recipe.name}.{p.name}"
             if p.kind == "layers":

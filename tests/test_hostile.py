@@ -29,7 +29,7 @@ from melsurgery.checkpoint.validate import open_model
 from melsurgery.detect import DetectParams
 from melsurgery.errors import UserError
 from melsurgery.manifest import Manifest, read_yaml
-from melsurgery.recipes import Edit, RecipePlan, WeMaskSpec
+from melsurgery.recipes import Edit, RecipePlan, WeMaskLayer, WeMaskSpec
 
 INDEX = "model.safetensors.index.json"
 DOWN = "model.layers.3.mlp.down_proj.weight"  # the planted ME Layer's down projection
@@ -437,17 +437,17 @@ def test_plans_that_edit_nothing_or_out_of_range_are_refused(sharded):
 
     ckpt = Checkpoint(sharded[0])
     norm = "model.layers.4.input_layernorm.weight"
-    spec = WeMaskSpec(layers=(4,), dims=(17,), selector_dims=(17,), threshold=10.0)
+    spec = WeMaskSpec((WeMaskLayer(4, (17,), 1.0, threshold=10.0),), selector_dims=(17,))
     cases = [
         (RecipePlan("norm-rescale", {}, "", [Edit(norm, 0.5, index=())]), "selects nothing to edit"),
         (RecipePlan("norm-rescale", {}, "", [Edit(norm, 0.5, index=(64,))]), "index 64 is out of range"),
         (RecipePlan("norm-rescale", {}, "", [Edit(norm, math.nan, index=(1,))]), "non-finite factor"),
         (RecipePlan("ffn-dampen", {}, "", [Edit(DOWN, 0.5, axis=2, index=(1,))]), "has no axis 2"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec(layers=(4,), dims=())), "masks no dims"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec(layers=(6,), dims=(17,), threshold=1.0)), "layer 6"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec(layers=(4,), dims=(70,), threshold=1.0)), "dim 70"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec(layers=(4,), dims=(1,), threshold=math.inf)),
-         "threshold is not a finite number"),
+        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(4, (), 1.0, threshold=1.0),))), "masks no dims"),
+        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(6, (17,), 1.0, threshold=1.0),))), "layer 6"),
+        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(4, (70,), 1.0, threshold=1.0),))), "dim 70"),
+        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(4, (1,), 1.0, threshold=math.inf),))),
+         "threshold of layer 4 is not a finite number"),
     ]
     check_plans([RecipePlan("wemask", {}, "", wemask=spec)], ckpt)  # a sound plan passes
     for plan, needle in cases:

@@ -23,21 +23,26 @@ WINDOW = 64
 
 def independent_figures(base, patched, text: str, windows: int) -> dict:
     """KL(base || patched) per predicted token and both perplexities, from plain transformers forwards in
-    float64 over the documented windows (the base tokenizer's ids of the text, cut every WINDOW tokens)."""
-    ids = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
-    chunks = [ids[i : i + WINDOW] for i in range(0, len(ids), WINDOW)][:windows]
+    float64 over the documented windows: each window is the tokenizer's special prefix (what it adds in front
+    of any text) plus the next WINDOW - len(prefix) tokens of the text; the prefix itself is never scored."""
+    tok = AutoTokenizer.from_pretrained(base)
+    with_specials, plain = tok(text)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
+    prefix = with_specials[: len(with_specials) - len(plain)]
+    body = WINDOW - len(prefix)
+    chunks = [prefix + plain[i : i + body] for i in range(0, len(plain), body)][:windows]
+    first = max(len(prefix), 1)
     models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float64).eval() for f in (base, patched)]
     kl = nll_b = nll_p = 0.0
     count = 0
     for chunk in chunks:
         x = torch.tensor([chunk])
         with torch.no_grad():
-            lb, lp = (m(x).logits[0, :-1].log_softmax(-1) for m in models)
-        target = x[0, 1:, None]
+            lb, lp = (m(x).logits[0, first - 1 : -1].log_softmax(-1) for m in models)
+        target = x[0, first:, None]
         kl += float((lb.exp() * (lb - lp)).sum())
         nll_b -= float(lb.gather(-1, target).sum())
         nll_p -= float(lp.gather(-1, target).sum())
-        count += len(chunk) - 1
+        count += len(chunk) - first
     return {"windows": len(chunks), "kl_mean": kl / count, "ppl_base": math.exp(nll_b / count),
             "ppl_patched": math.exp(nll_p / count)}
 

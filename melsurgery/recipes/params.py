@@ -49,6 +49,8 @@ class Param:
         if value is None:
             return self.default
         where = f"{recipe}: {self.name if strict else self.where}"
+        if self.auto and value == "auto":
+            return value
         if self.kind in ("float", "int"):
             if strict and isinstance(value, str):
                 raise UserError(f"{where} {value!r}: expected {'an integer' if self.kind == 'int' else 'a number'}, "
