@@ -170,4 +170,4 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
     assert all(r["me_layer"] == 3 and r["massive_dims"] == [17] and r["tokens"] == ["<s>"] for r in rounds)
     assert "unchanged from 4 to 8 samples" in res.stdout
     res = run_cli("scan", folder, "--num-samples", "some", "--quiet")
-    assert res.returncode == 2 and "neither a positive number nor 'auto'" in res.stderr
+    assert res.returncode == 2 and "expected an integer or 'auto'" in res.stderr

@@ -69,7 +69,7 @@ class Param:
         raise AssertionError(self.kind)
 
     def _number(self, value: object, where: str) -> float | int:
-        want = "an integer" if self.kind == "int" else "a number"
+        want = ("an integer" if self.kind == "int" else "a number") + (" or 'auto'" if self.auto else "")
         if isinstance(value, bool):
             raise UserError(f"{where} {value!r}: expected {want}")
         try:
