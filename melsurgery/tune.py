@@ -35,7 +35,8 @@ STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
 BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the README)
 # Parameters the search leaves at their defaults: explicit dim/neuron lists, and mask_ratio, which is an
-# alternative to top_k. Every other declared parameter is searched over its declared range.
+# alternative to top_k. Every other declared parameter is searched over its declared range, except options
+# that are off by default (default None) unless they default to another parameter's value (a ramp's end).
 FIXED = {"dims", "mask_ratio", "neurons"}
 # Upper ends for declared integers without one, from the scan.
 INT_HIGH = {"top_k": lambda scan: max(1, min(8, len(scan.get("top_dims") or scan["massive_dims"])))}
@@ -279,7 +280,7 @@ class Space:
                 continue
             params = {}
             for p in recipe.params:
-                if p.name in FIXED or p.default is None:  # None: an option that is off by default
+                if not _searched(p):
                     continue
                 key = f"{recipe.name}.{p.name}"
                 if p.kind == "layers":  # a contiguous run of layers after the ME Layer
@@ -303,11 +304,14 @@ class Space:
         from .recipes import parse_layers
 
         out: dict = {"recipes": recipe.name}
+        declared = {p.name: p for p in recipe.params}
         for p in recipe.params:
-            if p.name in FIXED or p.default is None:
+            if not _searched(p):
                 continue
             key = f"{recipe.name}.{p.name}"
-            if p.kind == "layers":
+            if p.same_as is not None:  # a ramp's end: the default ramp is flat
+                out[key] = float(declared[p.same_as].default)
+            elif p.kind == "layers":
                 layers = [i for i in parse_layers(p.default, self.me_layer, self.num_layers) if i > self.me_layer]
                 first = layers[0] if layers else self.me_layer + 1
                 out[f"{key}.first"] = first
@@ -320,6 +324,11 @@ class Space:
                 high = int(p.high) if p.high is not None else self.int_high[p.name]
                 out[key] = min(max(int(p.default), int(p.low)), high)
         return out
+
+
+def _searched(p) -> bool:
+    """Whether the search varies this declared parameter."""
+    return p.name not in FIXED and (p.default is not None or p.same_as is not None)
 
 
 def make_space(names: tuple[str, ...], scan: dict) -> Space:

@@ -195,7 +195,7 @@ def test_space_derives_from_the_declarations(planted_scan, monkeypatch):
     space = make_space(tuple(registry()), planted_scan)
     assert isinstance(space, Space) and len(space.combos) == 15
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
-    seen = set()
+    seen, ends = set(), set()
     for _ in range(40):
         trial = study.ask()
         for name, params in space.suggest(trial):
@@ -205,10 +205,15 @@ def test_space_derives_from_the_declarations(planted_scan, monkeypatch):
                     assert params[p.name] >= p.low and (p.high is None or params[p.name] <= p.high)
             if name == "wemask":
                 seen.add(params["replace"])
+                ends.add(params["strength_end"])
                 first, last = map(int, params["layers"].split("-"))
                 assert planted_scan["me_layer"] < first <= last < planted_scan["model"]["num_layers"]
         study.tell(trial, [0.0, 0.0])
     assert seen == {"zero", "mean"}
+    # a ramp's end (off by default: None = the start's value) is searched, and its default is a flat ramp
+    assert None not in ends and len(ends) > 10 and all(0.0 <= e <= 1.0 for e in ends)
+    defaults = space.defaults(registry()["wemask"])
+    assert defaults["wemask.strength_end"] == defaults["wemask.strength"] == 1.0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -36,6 +36,7 @@ class Param:
     high: float | None = None
     choices: tuple[str, ...] = ()
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
+    same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
 
     @property
     def where(self) -> str:

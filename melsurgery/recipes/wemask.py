@@ -20,7 +20,8 @@ PARAMS = (*ATTN_DIMS,
           Param("strength", "float", 1.0, "wemask: 1 replaces the dims, 0.5 moves them halfway.", flag="--strength",
                 low=0.0, high=1.0),
           Param("strength_end", "float", None, "wemask: strength at the last masked layer, interpolated linearly "
-                "in the layer index from --strength at the first.", flag="--strength-end", low=0.0, high=1.0),
+                "in the layer index from --strength at the first.", flag="--strength-end", low=0.0, high=1.0,
+                same_as="strength"),
           Param("selector", "choice", "magnitude", "wemask: which tokens are masked.", flag="--selector",
                 choices=("magnitude", "first")),
           Param("dims_by", "choice", "magnitude", "wemask: choose dims by magnitude at the ME Layer (the same "
