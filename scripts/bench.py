@@ -9,6 +9,7 @@ sync), so every path starts cold and no other process's cache is touched.
 Paths (`--paths`, default all):
   scan          melsurgery scan, streaming, small calibration (fp32 compute, scan's default)
   scan-bf16     the same computing in bf16, like for like with a naive run that only fits in bf16
+  scan-auto     melsurgery scan --num-samples auto --max-tokens 128 (adaptive calibration, fp32 compute)
   naive-scan    whole model from_pretrained + output_hidden_states (+ attentions) on the same samples
   copy          plain copy of the folder, shutil.copyfile + fsync per file: the floor for patch
   patch         melsurgery patch --recipe ffn-dampen --scan (folded)
@@ -18,11 +19,16 @@ Paths (`--paths`, default all):
   diff          melsurgery diff SOURCE PATCHED
   verify        melsurgery verify SOURCE PATCHED (the ffn-dampen patch), streaming, bf16, 1 window x 128 tokens
   verify-2x512  the same on 2 windows x 512 tokens
+  verify-fp32-2x512  2 windows x 512 tokens computing in fp32 (one layer upcast at a time)
   naive-verify  both whole models (from_pretrained, bf16, eager attention) on 1 window x 128 tokens: logits,
                 attentions and hidden states, KL: what verify did before it streamed
 
 Naive paths run under a memory guard: skipped when the machine has too little memory available, and
 killed (and reported) when their RSS comes near what was available.
+
+Compute-bound paths (scan, verify) also get a FLOP floor: 2 x (decoder-layer parameters, plus the LM
+head for verify) x tokens (x2 for verify's base and patched streams), at the matrix-multiply rate this
+machine reaches in the same run (a [256, 4096] x [4096, 11008] product in the path's dtype).
 
     python scripts/bench.py --preset llama2-7b             # generate the 7B-shape model, run all, clean up
     python scripts/bench.py --model /path/to/folder --paths scan,naive-scan
@@ -46,8 +52,8 @@ HERE = Path(__file__).resolve().parent
 WORKDIR = Path("/tmp/melsurgery-bench")
 CHUNK = 8 * 1024 * 1024
 GB = 1e9
-ALL_PATHS = ("scan", "scan-bf16", "naive-scan", "copy", "patch", "patch-wemask", "naive-patch", "read", "diff",
-             "verify", "verify-2x512", "naive-verify")
+ALL_PATHS = ("scan", "scan-bf16", "scan-auto", "naive-scan", "copy", "patch", "patch-wemask", "naive-patch", "read",
+             "diff", "verify", "verify-2x512", "verify-fp32-2x512", "naive-verify")
 VERIFY = ("--dtype", "bfloat16", "--generations", "0", "--device", "cpu", "--quiet")
 CALIBRATION = ("--num-samples", "4", "--max-tokens", "32", "--seed", "0")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -246,6 +252,47 @@ def melsurgery(*args: object) -> list[str]:
     return [sys.executable, "-m", "melsurgery", *map(str, args)]
 
 
+# --- FLOP floors ---
+
+_RATE: dict[str, float] = {}
+
+
+def matmul_rate(dtype: str) -> float:
+    """FLOP/s of a decoder-sized matrix product on this machine now (best of 5, cached per dtype)."""
+    if dtype not in _RATE:
+        import torch
+
+        dt = getattr(torch, dtype)
+        a, w = torch.randn(256, 4096, dtype=dt), torch.randn(11008, 4096, dtype=dt)
+        torch.nn.functional.linear(a, w)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            best = min(best, time.perf_counter() - t)
+        _RATE[dtype] = 2 * 256 * 4096 * 11008 / best
+    return _RATE[dtype]
+
+
+def param_counts(cfg: dict) -> tuple[int, int]:
+    """(parameters of all decoder layers' matrices, parameters of the LM head) from a Llama-style config."""
+    d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or d // heads
+    attn = d * heads * head_dim * 2 + d * kv * head_dim * 2
+    return n * (attn + 3 * d * f), d * cfg["vocab_size"]
+
+
+def floor(run: Run, flops: int, dtype: str, what: str) -> None:
+    """Note the path's FLOP floor and its wall time as a multiple of it."""
+    rate = matmul_rate(dtype)
+    secs = flops / rate
+    run.note = (run.note + "; " if run.note else "") + (
+        f"FLOP floor {secs:.1f} s ({what}, {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s {dtype}): "
+        f"{run.wall_s / secs:.1f}x")
+
+
 # --- the benchmark --------------------------------------------------------------------------------
 
 
@@ -304,6 +351,16 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
        ok=(0, 3))  # exit 3 (no massive activation) is a finished scan too
     go("scan-bf16", melsurgery("scan", model, "--quiet", "--device", "cpu", "--dtype", "bfloat16", *CALIBRATION),
        [model], ok=(0, 3))
+    auto_json = work / "scan-auto.json"
+    go("scan-auto", melsurgery("scan", model, "--quiet", "--device", "cpu", "--num-samples", "auto", "--max-tokens",
+                               "128", "--seed", "0", "--json", auto_json), [model], ok=(0, 3))
+    layer_params, head_params = param_counts(cfg)
+    for name, js, dtype in (("scan", scan_json, "float32"), ("scan-bf16", None, "bfloat16"),
+                            ("scan-auto", auto_json, "float32")):
+        if name in runs and runs[name].ok:
+            tokens = (json.loads(js.read_text())["calibration"]["tokens"] if js is not None and js.is_file()
+                      else int(CALIBRATION[1]) * int(CALIBRATION[3]))
+            floor(runs[name], 2 * layer_params * tokens, dtype, f"{tokens} tokens")
     # fp32 compute, as scan does, where it fits; else the stored dtype (naive fp32 of a 7B model needs 27 GB)
     fp32_size = size * 4 // ITEMSIZE.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), 4)
     naive_dtype = "float32" if fp32_size * 1.1 < mem_available() - margin else "bfloat16"
@@ -332,6 +389,12 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
            [model, patched])
         go("verify-2x512", melsurgery("verify", model, patched, *VERIFY, "--windows", "2", "--max-tokens", "512"),
            [model, patched])
+        go("verify-fp32-2x512", melsurgery("verify", model, patched, *VERIFY, "--windows", "2", "--max-tokens",
+                                           "512", "--dtype", "float32"), [model, patched])
+        for name, tokens, dtype in (("verify", 128, "bfloat16"), ("verify-2x512", 1024, "bfloat16"),
+                                    ("verify-fp32-2x512", 1024, "float32")):
+            if name in runs and runs[name].ok:
+                floor(runs[name], 2 * 2 * (layer_params + head_params) * tokens, dtype, f"2 streams x {tokens} tokens")
         go("naive-verify", me("naive-verify", str(model), str(patched), "128"), [model, patched],
            need=int(2 * size * 1.1))
         go("read", me("read", str(model), str(patched)), [model, patched])
@@ -350,7 +413,7 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
 def report(runs: dict[str, Run], header: str) -> str:
     g = runs.get
     lines = [header, "", "scan (RSS ratio and wall ratio: naive / streaming)", "", HEAD]
-    for name in ("scan", "scan-bf16", "naive-scan"):
+    for name in ("scan", "scan-bf16", "scan-auto", "naive-scan"):
         if name in runs:
             lines.append(row(runs[name], ratio(runs[name], g("scan")) if name != "scan" else "1.00x",
                              ratio(runs[name], g("scan"), "peak_rss") if name != "scan" else "1.00x"))
@@ -359,7 +422,7 @@ def report(runs: dict[str, Run], header: str) -> str:
         if name in runs:
             lines.append(row(runs[name], ratio(runs[name], g("copy")), ratio(runs[name], g("copy"), "peak_rss")))
     lines += ["", "verify and diff (ratios: path / reading both folders)", "", HEAD]
-    for name in ("read", "diff", "verify", "verify-2x512", "naive-verify"):
+    for name in ("read", "diff", "verify", "verify-2x512", "verify-fp32-2x512", "naive-verify"):
         if name in runs:
             lines.append(row(runs[name], ratio(runs[name], g("read")), ratio(runs[name], g("read"), "peak_rss")))
     return "\n".join(lines)
