@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from planted import make_tokenizer, planted_folder  # noqa: E402
+# Run as a file (python scripts/gpu_check.py): the repository root makes tests.support importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import melsurgery  # noqa: E402
 from melsurgery.checkpoint.source import resolve  # noqa: E402
@@ -26,6 +25,7 @@ from melsurgery.manifest import Manifest  # noqa: E402
 from melsurgery.patch import run_patch  # noqa: E402
 from melsurgery.scan import run_scan  # noqa: E402
 from melsurgery.verify import run_verify  # noqa: E402
+from tests.support.planted import make_tokenizer, planted_folder  # noqa: E402
 
 
 def main() -> int:

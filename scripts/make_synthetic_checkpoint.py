@@ -8,7 +8,7 @@ something real to find, so the scan and patch paths do the same work they do on 
 The model is written tensor by tensor: each tensor is generated, added to the current shard and the
 shard is flushed when it reaches `--shard-gb`, so memory stays about one shard whatever the model size.
 
-Planting (as in tests/planted.py): only the BOS embedding row carries the marker dim; at the planted
+Planting (as in tests/support/planted.py): only the BOS embedding row carries the marker dim; at the planted
 layer one FFN neuron's gate and up rows read the marker and its down column writes `--massive-value`
 into the planted dim. Layers up to the planted one never write into the marker dim, so no other token
 reaches that neuron. Random weights are small (std 0.02, output projections 0.02/sqrt(2 * layers), as

@@ -1,12 +1,17 @@
+"""Session-wide settings and the fixtures that build shared models and the loopback Hub.
+
+Support code (planted models, references, the Hub server, CLI helpers) lives in tests/support/ and is
+imported by its full name; nothing here touches ``sys.path``.
+"""
+
 import os
-import sys
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
 
-sys.path.insert(0, str(Path(__file__).parent))
-pytest_plugins = ["conftest_hub"]
+from tests.support.helpers import QUICK_SCAN, run_cli
+from tests.support.hub_server import HubServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,7 +40,7 @@ def smollm2_scan(smollm2):
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory):
     """A planted Llama folder (fp32, one shard) shared by the tests that only read it."""
-    from planted import planted_folder
+    from tests.support.planted import planted_folder
 
     return planted_folder(tmp_path_factory.mktemp("planted") / "model")
 
@@ -53,7 +58,7 @@ def planted_scan(planted):
 def sharded(tmp_path_factory):
     """A planted Llama folder in two shards and its scan JSON (a short calibration), shared by the tests that
     only read them (robustness, hostile input, interruption): patch runs given the JSON skip the scan."""
-    from planted import planted_folder
+    from tests.support.planted import planted_folder
 
     root = tmp_path_factory.mktemp("sharded")
     folder = planted_folder(root / "base", shards=2)
@@ -63,50 +68,22 @@ def sharded(tmp_path_factory):
     return folder, scan
 
 
-QUICK_SCAN = ("--quiet", "--num-samples", "2", "--max-tokens", "16")
+@pytest.fixture
+def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    """A fresh, empty loopback Hub on 127.0.0.1:<free port> for one test; stopped at teardown.
 
-
-def run_cli(*args, env=None, timeout=600):
-    """Run the real console script in a subprocess: exit codes and stderr exactly as users see them."""
-    import subprocess
-
-    return subprocess.run(["melsurgery", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """sha256, mtime and mode of every file below `folder` (what 'untouched' means)."""
-    import hashlib
-
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st_ = p.stat()
-            out[p.relative_to(folder).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), st_.st_mtime_ns,
-                                                     st_.st_mode)
-    return out
-
-
-def assert_clean_failure(res, *needles: str, out: Path | None = None, code: int | None = None) -> None:
-    """What a user must see on bad input: a non-zero exit (`code` when given), exactly one `melsurgery: error:`
-    line on stderr, no traceback, and (for `out`) no output folder, not even a hidden temporary one."""
-    assert res.returncode not in (0, 3), res.stdout + res.stderr
-    if code is not None:
-        assert res.returncode == code, (res.returncode, res.stderr)
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("melsurgery: error: "), res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists()
-        assert not list(out.parent.glob(".melsurgery-tmp-*"))
-
-
-def patch(folder, out, recipes, scan=None, **kw):
-    """The library's patch of a local folder with these (name, params) recipes: one helper for every test."""
-    from melsurgery.checkpoint.source import resolve
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
-
-    return run_patch(resolve(str(folder)), out, Manifest(model=str(folder), recipes=recipes), scan=scan, **kw)
+    Yields an object with ``.endpoint``, ``.token`` (write), ``.read_token``, ``.user``, ``.org``,
+    ``.root`` (server storage), ``.env()``, ``.run()``, ``.run_python()`` and ``.hub`` (request log,
+    ``unhandled`` requests, ``lfs_uploads``) for assertions. Drive the real client in a subprocess built
+    from ``hub_server.env()`` (or ``.run`` / ``.run_python``): huggingface_hub fixes its endpoint when
+    first imported, and the pytest process may already have imported it pointing at huggingface.co.
+    """
+    base = tmp_path_factory.mktemp("hub")
+    server = HubServer(base / "storage", client_home=base / "client-home").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    # A route the client needed but the server lacks, or a server crash, is a test-infrastructure bug:
+    # fail loudly here rather than letting the client swallow it.
+    assert not server.hub.errors, f"hub server crashed: {server.hub.errors}"

@@ -9,8 +9,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import run_cli
-from hub_server import hub_metadata_errors
 
 from melsurgery.basemodel import (
     explicit,
@@ -26,6 +24,8 @@ from melsurgery.checkpoint.source import DEFAULT_BASE_ID, default_gguf
 from melsurgery.errors import UserError
 from melsurgery.hubmeta import hub_licenses, metadata_problems
 from melsurgery.manifest import load_manifest
+from tests.support.helpers import run_cli
+from tests.support.hub_server import hub_metadata_errors
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from hub_server import HubServer, emit_result_code, result_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from planted import planted_folder
 from safetensors.torch import load_file, save_file
 
 from melsurgery.checkpoint.source import resolve
@@ -22,8 +19,9 @@ from melsurgery.diff import diff_checkpoints
 from melsurgery.manifest import Manifest
 from melsurgery.patch import run_patch
 from melsurgery.scan import CalibrationSpec
-
-pytest_plugins = ["conftest_hub"]
+from tests.support.helpers import run_cli
+from tests.support.hub_server import HubServer, emit_result_code, result_of
+from tests.support.planted import planted_folder
 
 DOWN2 = "model.layers.2.mlp.down_proj.weight"
 Q1 = "model.layers.1.self_attn.q_proj.weight"

@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import reference as ref
 import torch
-from conftest import patch, run_cli
-from planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
 from transformers import AutoModelForCausalLM
 
 import melsurgery
@@ -25,6 +22,9 @@ from melsurgery.checkpoint.source import resolve
 from melsurgery.errors import UserError
 from melsurgery.samples import read_records, tokenize
 from melsurgery.scan import CalibrationSpec, run_scan
+from tests.support import reference as ref
+from tests.support.helpers import patch, run_cli
+from tests.support.planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
 
 MODEL_TYPES = list(FAMILY_CONFIGS)
 PLANT = Plant()

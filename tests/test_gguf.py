@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from gguf import GGMLQuantizationType, GGUFReader, quants
-from planted import build_model, llama_config
-from planted_gguf import Q, write_gguf
 
 from melsurgery.architectures import family_for, gguf_target, rope_row_order
 from melsurgery.checkpoint.gguf_file import GGUFFile
 from melsurgery.errors import UserError
 from melsurgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
 from melsurgery.manifest import Manifest
+from tests.support.helpers import run_cli
+from tests.support.planted import build_model, llama_config
+from tests.support.planted_gguf import Q, write_gguf
 
 RECIPES = [("ffn-dampen", {"factor": 0.2}), ("me-norm", {"factor": 0.5}), ("norm-rescale", {"factor": 0.5})]
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_failure, run_cli, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +29,7 @@ from melsurgery.detect import DetectParams
 from melsurgery.errors import UserError
 from melsurgery.manifest import Manifest, read_yaml
 from melsurgery.recipes import Edit, RecipePlan, WeMaskLayer, WeMaskSpec
+from tests.support.helpers import assert_clean_failure, run_cli, snapshot
 
 INDEX = "model.safetensors.index.json"
 DOWN = "model.layers.3.mlp.down_proj.weight"  # the planted ME Layer's down projection

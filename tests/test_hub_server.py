@@ -15,9 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, emit_result_code, result_of
 
-pytest_plugins = ["conftest_hub"]
+from tests.support.hub_server import HubServer, emit_result_code, result_of
 
 # Talk to the loopback server directly, whatever proxy variables the environment has.
 urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
@@ -269,7 +268,7 @@ def test_resolve_headers_and_ranges(hub_server: HubServer, tmp_path: Path) -> No
 
 def test_tree_pagination_and_expand(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client follows Link: rel="next" pages and parses lastCommit when expand=True."""
-    import hub_server as server_module
+    from tests.support import hub_server as server_module
 
     monkeypatch.setattr(server_module, "TREE_PAGE_SIZE", 2)
     monkeypatch.setattr(server_module, "TREE_PAGE_SIZE_EXPAND", 2)

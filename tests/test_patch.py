@@ -4,16 +4,16 @@ import subprocess
 import sys
 
 import pytest
-import reference as ref
 import torch
-from conftest import patch, run_cli
-from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 from transformers import AutoModelForCausalLM
 
 import melsurgery
 from melsurgery.card import front_matter
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.manifest import load_manifest
+from tests.support import reference as ref
+from tests.support.helpers import patch, run_cli
+from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x"]
 
@@ -317,7 +317,7 @@ def test_cli_overwrite_layer_lists_dims_and_expert_neurons(sharded, tmp_path):
     --neurons E:J edits column J of expert E's down projection and nothing else."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from planted import family_config
+    from tests.support.planted import family_config
 
     moe = save_model(build_model(family_config("qwen3_moe"), Plant()), tmp_path / "moe")
     out, moe_out = tmp_path / "out", tmp_path / "moe-out"

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer, emit_result_code, result_of
 from safetensors.torch import save_file
 
 from melsurgery.errors import UserError
 from melsurgery.hub import default_commit_message, validate_for_push
-
-pytest_plugins = ["conftest_hub"]
+from tests.support.hub_server import HubServer, emit_result_code, result_of
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -374,12 +372,11 @@ def test_patched_local_folder_card_is_accepted(hub_server: HubServer, planted: P
     """Patch a local folder, push it: the card names the base by Hub id when one is known, else by name only."""
     import shutil
 
-    from conftest import run_cli
-
     from melsurgery.card import front_matter
     from melsurgery.checkpoint.source import resolve
     from melsurgery.manifest import Manifest
     from melsurgery.patch import run_patch
+    from tests.support.helpers import run_cli
 
     src, out = tmp_path / "my-finetune", tmp_path / "out"
     expected = {"unknown-id": None, "--base-model": "acme/tiny-llama", "hf-cache": "planted-org/tiny-planted"}[case]
@@ -489,14 +486,14 @@ def test_the_loopback_hub_refuses_the_card_as_the_hub_does(hub_server: HubServer
 
 
 def hub_licenses_list() -> list[str]:
-    from hub_server import HUB_LICENSES
+    from tests.support.hub_server import HUB_LICENSES
 
     return HUB_LICENSES
 
 
 def test_push_asks_the_hub_before_creating_the_repo(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
     """A rule only the Hub knows (the real one may also want base_model to exist): no repo is left behind."""
-    import hub_server as server_module
+    from tests.support import hub_server as server_module
 
     monkeypatch.setattr(server_module, "hub_metadata_errors",
                         lambda meta: [f'"base_model" with value "{meta["base_model"]}" is not valid. Use a model id '

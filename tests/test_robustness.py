@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK_SCAN, assert_clean_failure, run_cli, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from melsurgery.checkpoint.atomic import atomic_folder
 from melsurgery.checkpoint.safetensors_file import DTYPES, ITEMSIZE, load_tensor, read_header
 from melsurgery.errors import UserError
+from tests.support.helpers import QUICK_SCAN, assert_clean_failure, run_cli, snapshot
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"

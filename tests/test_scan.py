@@ -2,8 +2,6 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
-from planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
 from melsurgery.architectures import family_for
 from melsurgery.calibrate import calibrate
@@ -11,6 +9,8 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import resolve
 from melsurgery.samples import read_records, tokenize
 from melsurgery.scan import run_scan
+from tests.support.helpers import run_cli
+from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
 
 def test_scan_finds_the_planted_layer_dim_token_and_neuron(planted):

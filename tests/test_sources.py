@@ -3,9 +3,8 @@
 import json
 import sys
 
-from conftest import run_cli
-
 from melsurgery.checkpoint.source import default_gguf, resolve
+from tests.support.helpers import run_cli
 
 
 def test_hub_repo_id_then_offline_from_the_cache(planted, hub_server, tmp_path):

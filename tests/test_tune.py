@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import run_cli
-from planted import build_model, llama_config, save_model
 
 from melsurgery.checkpoint.source import resolve
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
 from melsurgery.recipes.params import Param
 from melsurgery.scan import run_scan, write_json
 from melsurgery.tune import Evaluator, Space, make_space, text_windows
+from tests.support.helpers import run_cli
+from tests.support.planted import build_model, llama_config, save_model
 
 SINK_LAYER = 5  # the last layer; the planted ME Layer is 3
 HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2

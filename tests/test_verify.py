@@ -2,16 +2,16 @@ import json
 import shutil
 
 import pytest
-import reference as ref
 import torch
-from conftest import patch, run_cli
-from planted import family_config, make_tokenizer, planted_folder
 
 import melsurgery.verify as verify_module
 from melsurgery.checkpoint.source import resolve
 from melsurgery.samples import load_tokenizer
 from melsurgery.scan import CalibrationSpec, run_scan
 from melsurgery.verify import Gates, make_windows, run_verify, verify_report
+from tests.support import reference as ref
+from tests.support.helpers import patch, run_cli
+from tests.support.planted import family_config, make_tokenizer, planted_folder
 
 FAST = {"max_windows": 2, "max_tokens": 128, "generations": 1, "max_new_tokens": 8}
 

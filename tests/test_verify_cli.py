@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import assert_clean_failure, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from melsurgery.checkpoint.source import resolve
 from melsurgery.manifest import Manifest
 from melsurgery.patch import run_patch
+from tests.support.helpers import assert_clean_failure, run_cli
 
 HAMLET = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
           "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. To "

@@ -3,11 +3,7 @@
 import json
 
 import pytest
-import reference as ref
 import torch
-from conftest import patch, run_cli
-from planted import make_tokenizer, save_model
-from planted_sink import PLANT, SINK_DIM, growth_model, sink_model
 from transformers import AutoModelForCausalLM
 
 import melsurgery
@@ -17,6 +13,10 @@ from melsurgery.errors import UserError
 from melsurgery.recipes import get_recipe
 from melsurgery.report import scan_report
 from melsurgery.scan import CalibrationSpec, run_scan
+from tests.support import reference as ref
+from tests.support.helpers import patch, run_cli
+from tests.support.planted import make_tokenizer, save_model
+from tests.support.planted_sink import PLANT, SINK_DIM, growth_model, sink_model
 
 CALIB = CalibrationSpec(num_samples=8, max_tokens=96)
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "1 + 2 = 3, and 2 * 3 = 6!", "def f(x): return x"]

@@ -14,7 +14,7 @@ cache), drops proxy variables, and sets ``HF_TOKEN`` unless you pass ``token=Non
 Only the plain-HTTP paths exist: Xet must be disabled in the client (``HF_HUB_DISABLE_XET=1``), or
 it would ask this server for Xet tokens it cannot give. Uploads use the LFS "basic" transfer.
 
-Run standalone for manual poking: ``python tests/hub_server.py --port 8080``.
+Run standalone for manual poking: ``python -m tests.support.hub_server --port 8080``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ DEFAULT_ORG = "melsurgery-org"
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 TREE_PAGE_SIZE = 1000  # the Hub pages tree listings by 1000 (50 with expand)
 TREE_PAGE_SIZE_EXPAND = 50
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A shortened version of the .gitattributes the Hub puts in the initial commit of every new repo.
 DEFAULT_GITATTRIBUTES = """\

@@ -56,7 +56,7 @@ def write_gguf(model, path: Path, matrix_type=Q.F32, kquant: tuple[str, object] 
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(int(matrix_type))
     # a byte-level BPE vocabulary without merges: one token per character, ids as the planted tokenizer's
-    from planted import VOCAB
+    from tests.support.planted import VOCAB
 
     byte_level = {" ": "\u0120", "\n": "\u010a"}
     tokens = [byte_level.get(t, t) for t in VOCAB]

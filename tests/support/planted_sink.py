@@ -14,7 +14,8 @@ direction that every ordinary token carries.
 from __future__ import annotations
 
 import torch
-from planted import Plant, build_model, llama_config
+
+from tests.support.planted import Plant, build_model, llama_config
 
 PLANT = Plant()
 CONST_DIM = 6

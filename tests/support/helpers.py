@@ -1,0 +1,56 @@
+"""What most tests share: the real console script, what a clean refusal looks like, and one patch helper.
+
+Plain functions, not fixtures, so a test reads as the user's command line; the fixtures that build
+shared models live in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+QUICK_SCAN = ("--quiet", "--num-samples", "2", "--max-tokens", "16")
+
+
+def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess[str]:
+    """Run the real console script in a subprocess: exit codes and stderr exactly as users see them."""
+    return subprocess.run(["melsurgery", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """sha256, mtime and mode of every file below `folder` (what 'untouched' means)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st_ = p.stat()
+            out[p.relative_to(folder).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), st_.st_mtime_ns,
+                                                     st_.st_mode)
+    return out
+
+
+def assert_clean_failure(res, *needles: str, out: Path | None = None, code: int | None = None) -> None:
+    """What a user must see on bad input: a non-zero exit (`code` when given), exactly one `melsurgery: error:`
+    line on stderr, no traceback, and (for `out`) no output folder, not even a hidden temporary one."""
+    assert res.returncode not in (0, 3), res.stdout + res.stderr
+    if code is not None:
+        assert res.returncode == code, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("melsurgery: error: "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(".melsurgery-tmp-*"))
+
+
+def patch(folder, out, recipes, scan=None, **kw):
+    """The library's patch of a local folder with these (name, params) recipes: one helper for every test."""
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.manifest import Manifest
+    from melsurgery.patch import run_patch
+
+    return run_patch(resolve(str(folder)), out, Manifest(model=str(folder), recipes=recipes), scan=scan, **kw)
