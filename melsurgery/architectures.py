@@ -108,6 +108,7 @@ class Family:
 
     @property
     def embed_module(self) -> str:
+        """Module path of the token embedding, for reading module attributes (e.g. Gemma's embed scale)."""
         return self.embed.removesuffix(".weight")
 
     @property
@@ -129,9 +130,11 @@ class Family:
 
     @property
     def me_norm_role(self) -> str:
+        """"input" or "output": which side of the FFN the me-norm norm sits on, so reports say what was edited."""
         return "input" if self.ffn_norm else "output"
 
     def prefix(self, layer: int) -> str:
+        """The name prefix of one decoder layer's tensors: the only place layer names are spelled."""
         return self.layers.format(i=layer)
 
     def disk_path(self, module: str) -> str:
@@ -149,6 +152,7 @@ class Family:
         return name
 
     def tensor(self, layer: int, module: str) -> str:
+        """The checkpoint name of a layer module's weight, disk renames applied (what edits and reads address)."""
         return f"{self.prefix(layer)}{self.disk_path(module)}.weight"
 
     def mixer(self, layer_type: str) -> Mixer:
@@ -179,16 +183,19 @@ class Family:
         return [self.mixer(t).kind for t in types[:n]]
 
     def attn_norm_tensor(self, layer: int) -> str:
+        """The attention-input norm weight of a layer; a one-line refusal for families that have none."""
         if self.attn_norm is None:
             raise UserError(f"{self.name} has no attention-input norm; edit the q/k/v columns instead")
         return self.tensor(layer, self.attn_norm)
 
     def ffn_norm_tensor(self, layer: int) -> str:
+        """The FFN-input norm weight of a layer; a one-line refusal for families that have none."""
         if self.ffn_norm is None:
             raise UserError(f"{self.name} has no FFN-input norm")
         return self.tensor(layer, self.ffn_norm)
 
     def me_norm_tensor(self, layer: int) -> str:
+        """The weight me-norm rescales in a layer (see `me_norm` for which norm that is)."""
         return self.tensor(layer, self.me_norm)
 
     def down_tensor(self, layer: int, expert: int | str | None = None) -> str:
@@ -204,6 +211,7 @@ class Family:
         return self.tensor(layer, f"{self.experts}.{expert}.{self.expert_projs[2]}")
 
     def attn_input_tensors(self, layer: int) -> list[str]:
+        """The projections that read the attention-input norm (q, k, v): folding a norm edit scales their columns."""
         return [self.tensor(layer, m) for m in self.attn_inputs]
 
     def module_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -79,6 +79,7 @@ class AttnInputRecorder:
         self._pending: list[int] = []
 
     def hooks(self) -> list:
+        """Install both pre-hooks and return their handles: the caller owns their lifetime (one layer pass)."""
         return [self.layer.register_forward_pre_hook(self._layer_hook, with_kwargs=True),
                 self.attn.register_forward_pre_hook(self._hook, with_kwargs=True)]
 

@@ -137,6 +137,7 @@ class StreamingModel:
         return layer.eval()
 
     def free_layer(self, i: int) -> None:
+        """Send layer i's weights back to the meta device, so that only one layer is ever resident."""
         self.layers[i].to("meta")
 
     def final_norm(self, weight: torch.Tensor) -> nn.Module:
@@ -207,6 +208,7 @@ class Stream:
     wemask: dict | None = None
 
     def edits_for(self, i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This stream's replacement tensors for layer i (none: the layer runs as stored), given its stored ones."""
         if self.edits is None:
             return {}
         return self.edits(i, base) if callable(self.edits) else dict(self.edits.get(i, {}))
@@ -230,6 +232,7 @@ class Probe:
         self.similarity.append(measure.similarity(x[0]))
 
     def hooks(self) -> list:
+        """Install the recording hooks on the layer's attention and return their handles (none without attention)."""
         if not self.attends:
             return []
         attn = submodule(self.layer, self.family.attn)
@@ -244,10 +247,12 @@ class Probe:
         return self
 
     def end_sample(self) -> None:
+        """Check after each sequence that every hook fired once for it, so records stay aligned with samples."""
         if len({len(records) for records in self.counts()}) > 1:  # none at all: a layer without attention
             raise RuntimeError("layer hooks fired an unexpected number of times")
 
     def counts(self) -> list[list]:
+        """The per-sample record lists this probe fills (what end_sample compares in length)."""
         attention = [self.key_attention] if self.attends else []
         return [*attention, *([self.similarity] if self.measure_similarity else [])]
 

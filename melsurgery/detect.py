@@ -37,6 +37,7 @@ class Detection:
     selector_threshold: float | None = None
 
     def to_dict(self) -> dict:
+        """Plain JSON-ready data: the scan JSON's detection fields are exactly these."""
         return asdict(self)
 
 

@@ -91,12 +91,9 @@ class TensorDiff:
 
     @property
     def layer(self) -> int | None:
+        """Decoder layer index parsed from the name (None outside the layers), for the per-layer `--stat` view."""
         m = LAYER.search(self.name)
         return int(m.group(1)) if m else None
-
-    @property
-    def compared_values(self) -> bool:
-        return self.status in ("changed", "dtype")
 
 
 @dataclass
@@ -140,9 +137,11 @@ class DiffResult:
 
     @property
     def identical(self) -> bool:
+        """True only when every tensor and every side file is identical: what the exit status reports."""
         return all(t.status == "identical" for t in self.tensors) and all(f.status == "identical" for f in self.files)
 
     def summary(self) -> dict[str, Any]:
+        """Counts per status, entries changed and read speed: the JSON `summary` and the report's last line."""
         count = {s: sum(t.status == s for t in self.tensors) for s in ("identical", "changed", "dtype", "shape",
                                                                        "only_a", "only_b")}
         return {
@@ -174,6 +173,7 @@ class DiffResult:
         return {"layers": dict(sorted(layers.items())), "other": other}
 
     def to_json(self) -> dict[str, Any]:
+        """The `diff --json` document (schema in the module docstring); non-finite numbers become strings."""
         def side(src: Source, spec: str, shards: list[str]) -> dict[str, Any]:
             return {"spec": spec, "id": src.id, "kind": src.kind, "revision": src.revision,
                     "folder": str(src.folder), "shards": shards}

@@ -36,6 +36,8 @@ from .diff import MAX_LIST, _list, _shape, _value, compare_json
 
 @dataclass
 class GGUFTensorDiff:
+    """How one tensor of two GGUFs compares: bytes block by block (same type) and values after dequantisation."""
+
     name: str
     status: str
     type_a: str | None = None
@@ -54,6 +56,8 @@ class GGUFTensorDiff:
 
 @dataclass
 class GGUFDiffResult:
+    """Two GGUF files compared tensor by tensor and key by key, with what was read and how long it took."""
+
     a: Path
     b: Path
     tensors: list[GGUFTensorDiff]
@@ -66,10 +70,12 @@ class GGUFDiffResult:
 
     @property
     def identical(self) -> bool:
+        """True only when every tensor's bytes and every metadata key agree: what the exit status reports."""
         return all(t.status == "identical" for t in self.tensors) and not (self.added or self.removed or
                                                                            self.changed_keys)
 
     def summary(self) -> dict[str, Any]:
+        """Counts per status and metadata keys that differ: the JSON `summary` and the report's last line."""
         count = {s: sum(t.status == s for t in self.tensors) for s in ("identical", "changed", "type", "shape",
                                                                        "only_a", "only_b")}
         return {"tensors_compared": len(self.tensors), "identical": count["identical"], "changed": count["changed"],
@@ -79,6 +85,7 @@ class GGUFDiffResult:
                 "bytes_read": self.bytes_read, "wall_s": round(self.wall_s, 4)}
 
     def to_json(self) -> dict[str, Any]:
+        """The `diff --json` document for GGUFs (schema in the module docstring); non-finite numbers as strings."""
         return {"identical": self.identical, "a": str(self.a), "b": str(self.b), "order_same": self.order_same,
                 "tensors": [{k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
                              for k, v in t.__dict__.items()} for t in self.tensors],
@@ -137,6 +144,7 @@ def diff_gguf(a: Path, b: Path) -> GGUFDiffResult:
 
 
 def describe(t: GGUFTensorDiff) -> str:
+    """One report line for a tensor: status, types, shapes, and where it changed (blocks, rows, columns)."""
     if t.status == "identical":
         return f"same     {t.name}"
     if t.status in ("only_a", "only_b"):
@@ -153,6 +161,7 @@ def describe(t: GGUFTensorDiff) -> str:
 
 
 def gguf_diff_report(r: GGUFDiffResult, *, only_changed: bool = False) -> str:
+    """The text report of a GGUF diff: one line per tensor and key, then a one-line verdict with counts."""
     lines = [f"A: {r.a}", f"B: {r.b}"]
     lines += [describe(t) for t in r.tensors if not (only_changed and t.status == "identical")]
     lines += [f"key      {k}: {_value(o)} -> {_value(n)}" for k, (o, n) in r.changed_keys.items()]
@@ -169,5 +178,6 @@ def gguf_diff_report(r: GGUFDiffResult, *, only_changed: bool = False) -> str:
 
 
 def write_json(r: GGUFDiffResult, path: Path) -> None:
+    """Write the JSON document, so scripts read the same figures the report prints."""
     Path(path).write_text(json.dumps(r.to_json(), indent=1, ensure_ascii=False, default=str) + "\n",
                           encoding="utf-8")

@@ -29,6 +29,7 @@ class Manifest:
     recipes: list[tuple[str, dict]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Plain data in the manifest file's own schema, so a written manifest loads back as the same patch."""
         cal = asdict(self.calibration)
         cal["path"] = str(cal["path"]) if cal["path"] else None
         return {
@@ -41,6 +42,7 @@ class Manifest:
         }
 
     def to_yaml(self) -> str:
+        """The `melsurgery-manifest.yaml` written beside every output: re-running it reproduces the patch."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 

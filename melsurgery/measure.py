@@ -77,6 +77,7 @@ class LayerStats:
 
     @property
     def ratio(self) -> float:
+        """Largest |h| over the median |h| of the layer: the scale-free size that scan, verify and tune compare."""
         return self.max_abs / self.median_abs if self.median_abs > 0 else math.inf
 
 
@@ -90,6 +91,7 @@ class Massive:
 
     @property
     def tokens(self) -> list[tuple[int, int]]:
+        """(sample, position) of every token holding a persisting massive entry, each once, in order."""
         return sorted({(s, q) for s, q, _ in self.persistent})
 
 

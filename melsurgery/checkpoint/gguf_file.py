@@ -38,14 +38,17 @@ class GGUFInfo:
 
     @property
     def type_name(self) -> str:
+        """The quantisation type as llama.cpp spells it (Q4_1, F32), for messages and reports."""
         return self.type.name
 
     @property
     def end(self) -> int:
+        """Offset just past the tensor's bytes in the file: bounds checks and splicing use it."""
         return self.start + self.nbytes
 
     @property
     def blocks_per_row(self) -> int:
+        """Quantisation blocks in one row: a column edit touches one block in every row."""
         return self.shape[-1] // self.block_size
 
 
@@ -121,11 +124,8 @@ class GGUFFile:
                 raise UserError(f"{self.path}: tensor {name!r} extends past the end of the file; re-download it")
             self.tensors[name] = info
 
-    @property
-    def architecture(self) -> str | None:
-        return self.value("general.architecture")
-
     def value(self, key: str) -> Any:
+        """A metadata value, decoded only when asked (None when absent): opening a big file stays cheap."""
         kv = self.kv.get(key)
         if kv is None:
             return None
@@ -238,6 +238,8 @@ def _string(s: str) -> bytes:
 
 
 def dequantise_bytes(raw: np.ndarray, info: GGUFInfo) -> np.ndarray:
+    """A tensor's stored bytes as float32 in its shape (how GGUF weights are read and diffed); a type
+    the gguf package cannot read is a one-line refusal, not a crash."""
     from gguf import quants
 
     try:

@@ -10,6 +10,7 @@ CHUNK = 8 * 1024 * 1024
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file read in chunks: provenance records it, so that push can prove nothing changed since."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):

@@ -59,15 +59,18 @@ class Checkpoint:
         return name in self.tensors
 
     def names(self) -> list[str]:
+        """Every tensor name, shard by shard in header order (what a full pass over the weights walks)."""
         return list(self.tensors)
 
     def info(self, name: str) -> TensorInfo:
+        """Where a tensor lives (shard, offsets, dtype, shape); a missing name is a UserError, not a KeyError."""
         try:
             return self.tensors[name]
         except KeyError:
             raise UserError(f"{self.folder}: the checkpoint has no tensor {name!r}") from None
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor read by its byte range alone (no shard is loaded whole), cast and moved as asked."""
         t = load_tensor(self.info(name))
         return t.to(device=device, dtype=dtype or t.dtype)
 
@@ -125,10 +128,6 @@ class Checkpoint:
             if info.torch_dtype.is_floating_point:
                 size[info.torch_dtype] = size.get(info.torch_dtype, 0) + info.nbytes
         return max(size, key=size.__getitem__) if size else torch.float32
-
-    @property
-    def model_type(self) -> str:
-        return str(self.config.get("model_type", "?"))
 
 
 def _refuse_special_files(folder: Path) -> None:

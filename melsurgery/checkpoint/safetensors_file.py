@@ -48,15 +48,19 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Size of the tensor's bytes in the file (its offsets say so; the header check proves it matches the shape)."""
         return self.end - self.start
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of the stored bytes, so a tensor is read without a safetensors round trip."""
         return DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
+    """A validated header of one safetensors file: where its data begins, each tensor's place, its metadata."""
+
     path: Path
     data_start: int
     tensors: dict[str, TensorInfo]
@@ -121,6 +125,7 @@ def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: in
 
 
 def file_kind(mode: int) -> str:
+    """What a non-regular file is ("a FIFO", "a folder"...), so the refusal names it."""
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
         if test(mode):
@@ -163,6 +168,7 @@ def _entry(path: Path, name: str, spec: object) -> tuple[str, tuple[int, ...], i
 
 
 def read_bytes(info: TensorInfo) -> bytes:
+    """A tensor's raw stored bytes: byte-for-byte comparison without decoding."""
     with open(info.path, "rb") as fh:
         fh.seek(info.start)
         return fh.read(info.nbytes)

@@ -33,6 +33,9 @@ from .safetensors_file import TensorInfo, tensor_bytes
 
 @dataclass
 class AppliedEdit:
+    """What an edit really changed in one tensor (entries, largest change): provenance and reports show it,
+    so an edit that changed nothing is visible."""
+
     tensor: str
     shard: str
     changed: int
@@ -96,6 +99,7 @@ def _test_pause() -> None:
 
 
 def fsync_file(path: Path) -> None:
+    """Flush a written file to disk before its folder is renamed into place, so a crash leaves no torn output."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,6 +20,8 @@ class Group(click.Group):
     """Turns UserError into one line on stderr and its exit code; never a traceback for user errors."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        """Run the command; a UserError or usage error becomes one `melsurgery: error:` line and its exit status,
+        Ctrl-C exit 130, never a traceback."""
         try:
             return super().invoke(ctx)
         except UserError as exc:

@@ -128,10 +128,13 @@ class MelsurgeryForCausalLM:
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        """transformers calls this on a remote-code class it loads; this entry point is not a model
+        class and registers nothing, so the stock class stays what AutoModel builds."""
         return None
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, **kwargs):
+        """Load the stock class named in config.json, then install the WeMask hooks it configures."""
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("adapter_kwargs", None)
         if config is None:
