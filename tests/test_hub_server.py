@@ -304,3 +304,23 @@ def test_tree_pagination_and_expand(hub_server: HubServer, tmp_path: Path, monke
     ]
     assert sum(1 for m, p, _ in hub_server.hub.log if m == "GET" and "/tree/" in p) >= 6  # really paged
     assert hub_server.hub.unhandled == []
+
+
+def test_fail_answers_with_the_received_authorization(hub_server: HubServer) -> None:
+    """A planned fault replaces only its route and echoes the Authorization header as received (what the
+    token-scrubbing tests rely on); every answer is kept in `sent`."""
+    fault = hub_server.fail("GET", r"/api/models/[^/]+/[^/]+", 400, "bad header: {authorization}")
+    url = f"{hub_server.endpoint}/api/models/{hub_server.user}/x"
+    for headers, echoed in (({"Authorization": f"Bearer {hub_server.token}"}, f"Bearer {hub_server.token}"),
+                            ({}, "")):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert err.value.code == 400
+        assert json.loads(err.value.read())["error"] == f"bad header: {echoed}"
+        assert err.value.headers["X-Error-Message"].strip() == f"bad header: {echoed}".strip()
+    assert len(fault.sent) == 2
+    whoami = urllib.request.Request(f"{hub_server.endpoint}/api/whoami-v2",
+                                    headers={"Authorization": f"Bearer {hub_server.token}"})
+    with urlopen(whoami, timeout=10) as ok:  # other routes are untouched
+        assert json.loads(ok.read())["name"] == hub_server.user
+    assert hub_server.hub.log[-1] == ("GET", "/api/whoami-v2", 200)

@@ -355,6 +355,65 @@ def test_push_failures_are_one_line_user_errors(hub_server: HubServer, tmp_path:
         assert hub_server.hub.log == []  # refused before anything was sent
 
 
+# A server error that echoes the Authorization header: each place push turns a Hub answer into its one
+# line (melsurgery's own card check, then the client's errors on repo creation and on the commit).
+ECHO = "malformed request header: Authorization: {authorization}"
+TOKEN_ECHOES = {
+    "validate-yaml": ("POST", "/api/validate-yaml", "refused the card's metadata: malformed request header"),
+    "create-repo": ("POST", "/api/repos/create", "refused the push (400): malformed request header"),
+    "commit": ("POST", r"/api/models/[^/]+/[^/]+/commit/main", "refused the push (400): malformed request header"),
+}
+
+
+def echo_token(hub: HubServer, where: str):
+    """Make the loopback hub answer `where` with a 400 whose message carries the bearer token it received."""
+    method, path, _ = TOKEN_ECHOES[where]
+    return hub.fail(method, path, 400, ECHO)
+
+
+def assert_echoed(hub: HubServer, fault) -> None:
+    """The server really sent the token back (in the body and the X-Error-Message header): without this the
+    no-leak assertions could not fail."""
+    assert fault.sent, "the fault never fired"
+    for resp in fault.sent:
+        assert f"Bearer {hub.token}" in resp.body.decode() and f"Bearer {hub.token}" in resp.headers["X-Error-Message"]
+
+
+@pytest.mark.parametrize("where", sorted(TOKEN_ECHOES))
+def test_a_hub_error_echoing_the_token_never_shows_it(hub_server: HubServer, tmp_path: Path, where: str) -> None:
+    fault = echo_token(hub_server, where)
+    folder = make_output(tmp_path / "out")
+    proc = run_push(hub_server, str(folder), f"{hub_server.user}/target")
+    assert_echoed(hub_server, fault)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("melsurgery: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    # the server's message is shown, with the token scrubbed out of it
+    assert TOKEN_ECHOES[where][2] in proc.stderr and "Authorization: Bearer ***" in proc.stderr, proc.stderr
+    assert_no_token(hub_server, [proc], [folder])
+
+
+def test_the_echoed_token_leaks_without_scrubbing(hub_server: HubServer, tmp_path: Path) -> None:
+    """The planted bug the test above must catch: the same push with melsurgery's scrubbing disabled shows the
+    token on stderr (so the echo reaches the user unless melsurgery removes it)."""
+    fault = echo_token(hub_server, "commit")
+    folder = make_output(tmp_path / "out")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import melsurgery.hub as hub
+        scrub = hub._one_line
+        hub._one_line = lambda text, secret: scrub(text, None)  # the planted bug: nothing is scrubbed
+        from melsurgery.cli import main
+        sys.argv = ["melsurgery", "push", r"{folder}", "{hub_server.user}/target"]
+        main()
+        """
+    )
+    proc = hub_server.run_python(code)
+    assert_echoed(hub_server, fault)
+    assert proc.returncode == 2 and f"Authorization: Bearer {hub_server.token}" in proc.stderr, proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # Model cards the Hub accepts (issue 16)
 # --------------------------------------------------------------------------------------------------

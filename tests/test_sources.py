@@ -48,3 +48,25 @@ def test_missing_gguf_and_garbage_arguments(tmp_path):
     assert res.returncode == 2 and "no such GGUF file" in res.stderr
     res = run_cli("scan", "not a model", "--quiet")
     assert res.returncode == 2 and "not a Hub repo id" in res.stderr
+
+
+def test_hub_errors_echoing_the_token_never_show_it(hub_server, tmp_path):
+    """A Hub source whose server echoes the bearer token in its errors, on the repo lookup and on a download:
+    one line, exit 2, and the token nowhere in the output (the server really sent it back)."""
+    echo = "malformed request header: Authorization: {authorization}"
+    scan = [sys.executable, "-m", "melsurgery", "scan", f"{hub_server.user}/tiny", "--quiet"]
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    up = hub_server.run_python(
+        "from huggingface_hub import HfApi; api = HfApi(); "
+        f"api.create_repo('{hub_server.user}/tiny'); api.upload_folder(folder_path='{folder}', "
+        f"repo_id='{hub_server.user}/tiny')")
+    assert up.returncode == 0, up.stderr
+    for method, path in (("GET", r"/[^/]+/[^/]+/resolve/[^/]+/config\.json"), ("GET", r"/api/models/.+")):
+        fault = hub_server.fail(method, path, 400, echo)
+        res = hub_server.run(scan)
+        assert fault.sent and all(f"Bearer {hub_server.token}" in r.body.decode() for r in fault.sent)
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        assert res.stderr.startswith("melsurgery: error: ") and res.stderr.count("\n") == 1, res.stderr
+        assert hub_server.token not in res.stderr

@@ -299,6 +299,37 @@ class HubError(Exception):
         return Response(self.status, headers, json.dumps({"error": self.message}).encode())
 
 
+@dataclass
+class Fault:
+    """A planned failure: requests matching `method` and `path` (a regex, full match) get `status` and
+    `message` instead of their route, in the Hub's error shape (JSON body and X-Error-Message header).
+
+    Why: error paths of the client need a server that fails on cue. ``{authorization}`` in the message is
+    replaced by the request's Authorization header exactly as received, the way a careless server or
+    proxy echoes credentials in its errors, so that tests can prove the client never shows the token.
+    Every answer is kept in `sent` so that a test can check the echo really went over the wire.
+    """
+
+    method: str
+    path: str
+    status: int
+    message: str
+    sent: list[Response] = field(default_factory=list)
+
+    def matches(self, req: Request) -> bool:
+        """Whether this fault answers the request instead of its route."""
+        return req.method == self.method and re.fullmatch(self.path, req.path) is not None
+
+    def answer(self, req: Request) -> Response:
+        """The error response, with the received Authorization header substituted, recorded in `sent`."""
+        message = self.message.replace("{authorization}", req.headers.get("authorization", ""))
+        resp = HubError(self.status, message).to_response()
+        # validate-yaml answers {"errors": [{"message"}]}; the client reads both shapes (and deduplicates)
+        resp.body = json.dumps({"error": message, "errors": [{"message": message}]}).encode()
+        self.sent.append(resp)
+        return resp
+
+
 def _header_safe(text: str) -> str:
     return "".join(c if c in string.printable and c not in "\r\n" else " " for c in text)[:500]
 
@@ -332,6 +363,7 @@ class Hub:
         self.unhandled: list[tuple[str, str]] = []  # requests no route matched: a protocol gap to fix
         self.errors: list[str] = []  # server-side exceptions (500s)
         self.lfs_uploads: list[tuple[str, str, int]] = []  # (repo_id, sha256, size) received by PUT
+        self.faults: list[Fault] = []  # planned failures, checked before any route (see HubServer.fail)
         self._routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = []
         self._add_routes()
 
@@ -373,6 +405,9 @@ class Hub:
         return resp
 
     def _dispatch(self, req: Request) -> Response:
+        for fault in self.faults:
+            if fault.matches(req):
+                return fault.answer(req)
         path_matched = False
         for methods, pattern, handler in self._routes:
             m = pattern.fullmatch(req.path)
@@ -1135,6 +1170,13 @@ class HubServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def fail(self, method: str, path: str, status: int, message: str) -> Fault:
+        """From now on, answer `method` requests whose path fully matches the regex `path` with this error
+        (``{authorization}`` in `message`: the request's Authorization header as received); see :class:`Fault`."""
+        fault = Fault(method, path, status, message)
+        self.hub.faults.append(fault)
+        return fault
 
     def env(self, token: Any = _DEFAULT, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for a client subprocess: this endpoint, Xet off, isolated HF_HOME, no proxies.
