@@ -11,6 +11,7 @@ from . import __version__
 from .basemodel import BaseModelId
 from .hubmeta import hub_licenses
 from .outputs import MODEL_CARD
+from .scan_result import ScanResult
 
 
 def front_matter(text: str) -> dict:
@@ -56,7 +57,7 @@ def _inline(text: str) -> str:
 
 
 def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_license: str | None = None,
-                plans: list, scan: dict, applied: list, custom_layer: bool,
+                plans: list, scan: ScanResult, applied: list, custom_layer: bool,
                 measurements: dict | None = None, gguf_file: str | None = None) -> str:
     """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
 
@@ -69,8 +70,8 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
     meta.update(library_name="gguf" if gguf_file else "transformers",
                 tags=["melsurgery", "massive-activations", *(["gguf"] if gguf_file else []), *recipes], **license)
     effect = (f"with its massive activations mitigated by melsurgery {__version__}. The ME Layer (the layer where "
-              f"the massive activations emerge) is layer {scan.get('me_layer')}; massive dims "
-              f"{scan.get('massive_dims')}.")
+              f"the massive activations emerge) is layer {scan.me_layer}; massive dims "
+              f"{list(scan.massive_dims)}.")
     if base is not None:
         title = base.id.split("/")[-1]
         intro = (f"This checkpoint is [{base.id}](https://huggingface.co/{base.id}) {effect} "

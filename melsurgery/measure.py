@@ -29,23 +29,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .scan_result import DetectParams
+
 if TYPE_CHECKING:
     from .attn_input import AttnInputRecord
 
 SINK_RATE_THRESHOLD = 0.3
 
 Key = tuple[int, int, int]  # (sequence, pos, dim)
-
-
-@dataclass(frozen=True)
-class DetectParams:
-    """The thresholds of the massive-activation definition (see README, scan definitions)."""
-
-    abs_threshold: float = 100.0
-    ratio: float = 1000.0
-    persist_fraction: float = 0.5
-    precursor_ratio: float = 100.0
-    min_neuron_share: float = 0.05
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
+from .scan_result import ScanResult
 
 
 def _pyplot():
@@ -27,33 +28,33 @@ def _save(plt, fig, path: Path) -> None:
         plt.close(fig)
 
 
-def plot_scan(result: dict, path: Path) -> None:
+def plot_scan(result: ScanResult, path: Path) -> None:
     """Per-layer max |h| and max/median ratio on a log scale, with the ME Layer marked; beside it, per
     layer after the ME Layer, how much of the sink attribution the sink and the magnitude top-k hold."""
     plt = _pyplot()
-    layers = [entry for entry in result["layers"] if entry["layer"] >= 0]
-    x = [entry["layer"] for entry in layers]
-    sinks = [s for s in result.get("sink_dims") or [] if s["dims"]]
+    layers = [entry for entry in result.layers if entry.layer >= 0]
+    x = [entry.layer for entry in layers]
+    sinks = [s for s in result.sink_dims if s.dims]
     if sinks:
         fig, (ax, a2) = plt.subplots(1, 2, figsize=(14, 4.5))
-        k = result["sink_dims_k"]
-        xs = [s["layer"] for s in sinks]
-        a2.plot(xs, [s["sink_top_share"] for s in sinks], marker="o", label=f"sink top-{k} dims (per layer)")
-        a2.plot(xs, [s["magnitude_top_share"] for s in sinks], marker="s", label=f"magnitude top-{k} dims")
-        a2.plot(xs, [s["overlap"] for s in sinks], ls=":", marker="x", label="overlap of the two")
+        k = result.sink_dims_k
+        xs = [s.layer for s in sinks]
+        a2.plot(xs, [s.sink_top_share for s in sinks], marker="o", label=f"sink top-{k} dims (per layer)")
+        a2.plot(xs, [s.magnitude_top_share for s in sinks], marker="s", label=f"magnitude top-{k} dims")
+        a2.plot(xs, [s.overlap for s in sinks], ls=":", marker="x", label="overlap of the two")
         a2.set_ylim(0, 1.05)
         a2.set_xlabel("decoder layer (attention input)")
         a2.set_title("share of the sink attribution (|grad x input|)")
         a2.legend()
     else:
         fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.semilogy(x, [entry["max_abs"] for entry in layers], marker="o", label="max |h|")
-    ax.semilogy(x, [entry["ratio"] or float("nan") for entry in layers], marker="s", label="max / median")
-    ax.axhline(result["params"]["abs_threshold"], color="grey", ls=":", lw=1, label="absolute threshold")
-    if result["me_layer"] is not None:
-        ax.axvline(result["me_layer"], color="red", ls="--", label=f"ME Layer {result['me_layer']}")
+    ax.semilogy(x, [entry.max_abs for entry in layers], marker="o", label="max |h|")
+    ax.semilogy(x, [entry.ratio or float("nan") for entry in layers], marker="s", label="max / median")
+    ax.axhline(result.params.abs_threshold, color="grey", ls=":", lw=1, label="absolute threshold")
+    if result.me_layer is not None:
+        ax.axvline(result.me_layer, color="red", ls="--", label=f"ME Layer {result.me_layer}")
     ax.set_xlabel("decoder layer (output)")
-    ax.set_title(f"massive activations: {result['model']['id']}")
+    ax.set_title(f"massive activations: {result.model.id}")
     ax.legend()
     fig.tight_layout()
     _save(plt, fig, path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -18,8 +17,9 @@ from .checkpoint.validate import open_model
 from .detect import Detection, DetectParams, detect, entry_dict
 from .errors import UserError
 from .samples import load_tokenizer, read_records, tokenize
+from .scan_result import SCHEMA_VERSION, ScanResult
+from .scan_result import write_json as write_dict
 
-SCHEMA_VERSION = 1
 JSON_TOP = 16
 
 
@@ -49,8 +49,8 @@ def run_scan(
     device: str = "cpu",
     dtype: torch.dtype | None = torch.float32,
     progress: bool = False,
-) -> dict:
-    """Scan a model and return the JSON-ready result (see README, "scan JSON"); dtype None: the checkpoint's."""
+) -> ScanResult:
+    """Scan a model and return its typed result (README, "Scan JSON"); dtype None: the checkpoint's."""
     calib = calib or CalibrationSpec()
     params = params or DetectParams()
     check_scan_params(calib, params)
@@ -83,10 +83,8 @@ def run_scan(
         stats, det, adaptive = _adaptive(records, calib.seed, lambda recs: measure(sample(recs, None)))
     else:
         stats, det = measure(sample(records, calib.num_samples))  # type: ignore[arg-type]
-    result = build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start,
-                          qk_norm=family.qk_norm)
-    result["calibration"].update(adaptive=adaptive, dtype=str(dtype).removeprefix("torch."))
-    return result
+    return build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start,
+                        qk_norm=family.qk_norm, adaptive=adaptive, dtype=str(dtype).removeprefix("torch."))
 
 
 def _signature(det: Detection) -> tuple:
@@ -126,9 +124,10 @@ def check_scan_params(calib: CalibrationSpec, params: DetectParams) -> None:
 
 def build_result(
     source: Source, family: str, stats: Stats, det: Detection, params: DetectParams, calib: CalibrationSpec,
-    calib_name: str, seconds: float, qk_norm: bool = False,
-) -> dict:
-    """The scan JSON (schema_version 1) from the statistics and the detection."""
+    calib_name: str, seconds: float, qk_norm: bool = False, adaptive: dict | None = None, dtype: str | None = None,
+) -> ScanResult:
+    """The scan result (schema_version 1) from the statistics and the detection; `adaptive`: the rounds of an
+    adaptive calibration, `dtype`: the compute dtype."""
     layers = []
     massive = set(det.massive_layers)
     for layer in stats.layers:
@@ -149,7 +148,7 @@ def build_result(
     after = [s for s in det.sink[det.me_layer + 1 :] if s is not None] if det.me_layer is not None else []
     tokens = [(t["sample"], t["pos"]) for t in det.massive_tokens]
     per_layer = attn_input.figures(stats, det.me_layer, tokens, det.massive_dims, [d["dim"] for d in det.top_dims])
-    return {
+    return ScanResult.build({
         "schema_version": SCHEMA_VERSION,
         "tool": f"melsurgery {__version__}",
         "model": {
@@ -168,6 +167,8 @@ def build_result(
             "seed": calib.seed,
             "tokens": sum(len(s.ids) for s in stats.samples),
             "seconds": round(seconds, 3),
+            "adaptive": adaptive,
+            "dtype": dtype,
         },
         "params": asdict(params),
         **det.to_dict(),
@@ -175,102 +176,18 @@ def build_result(
         "qk_norm": qk_norm,
         **per_layer,
         "layers": layers,
-    }
+    })
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def write_json(result: dict, path: Path) -> None:
-    """Write a result as JSON (non-finite figures as null); an unwritable path is a one-line user error."""
-    from .jsonsafe import dumps
-
-    try:
-        Path(path).write_text(dumps(result, indent=1) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+def write_json(result: ScanResult | dict, path: Path) -> None:
+    """Write a scan result (or another command's JSON-ready result) as JSON, non-finite figures as null."""
+    write_dict(result.to_dict() if isinstance(result, ScanResult) else result, path)
 
 
-def read_json(path: Path) -> dict:
-    """A scan result written by `scan --json`, its fields checked (ScanResult) before anything uses them."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UserError(f"{path}: cannot read scan JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: not a melsurgery scan result (schema_version {SCHEMA_VERSION})")
-    ScanResult.from_dict(data, str(path))
-    return data
-
-
-def _is_int(x: object, low: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def _is_num(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    """The fields of a scan JSON that patch, the recipes and the model card rely on, typed and checked.
-
-    The JSON schema itself (README, "Scan JSON") is unchanged; this is its reader's contract.
-    """
-
-    num_layers: int
-    hidden_size: int
-    me_layer: int | None
-    massive_dims: tuple[int, ...]
-    top_dims: tuple[tuple[int, float], ...]
-    selector_threshold: float | None
-    ffn_neurons: tuple[tuple[int | None, int], ...]
-    ffn_norm_weight_mean: float | None
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str) -> ScanResult:
-        """Check every field (one message naming the field and what it should be), then build."""
-        from .errors import UserError
-
-        def need(ok: bool, field: str, want: str, value: object) -> None:
-            if not ok:
-                raise UserError(f"{where}: {field} must be {want}, got {value!r:.60}; rerun `melsurgery scan --json`")
-
-        model = data.get("model")
-        need(isinstance(model, dict), "model", "an object", model)
-        n, hidden = model.get("num_layers"), model.get("hidden_size")
-        need(_is_int(n, 1), "model.num_layers", "a positive integer", n)
-        need(_is_int(hidden, 1), "model.hidden_size", "a positive integer", hidden)
-        me = data.get("me_layer")
-        need(me is None or (_is_int(me) and me < n), "me_layer", f"null or a layer index 0-{n - 1}", me)
-
-        def dim_list(field: str, value: object) -> tuple[int, ...]:
-            need(isinstance(value, list) and all(_is_int(d) and d < hidden for d in value), field,
-                 f"a list of dims 0-{hidden - 1}", value)
-            return tuple(value)  # type: ignore[arg-type]
-
-        dims = dim_list("massive_dims", data.get("massive_dims", []))
-        top = data.get("top_dims", [])
-        need(isinstance(top, list) and all(isinstance(t, dict) for t in top), "top_dims", "a list of objects", top)
-        for k, t in enumerate(top):
-            dim_list(f"top_dims[{k}].dim", [t.get("dim")])
-            need(_is_num(t.get("mean_abs")), f"top_dims[{k}].mean_abs", "a finite number", t.get("mean_abs"))
-        thr = data.get("selector_threshold")
-        need(thr is None or (_is_num(thr) and thr >= 0), "selector_threshold", "null or a finite number >= 0", thr)
-        neurons = data.get("ffn_neurons", [])
-        need(isinstance(neurons, list) and all(isinstance(x, dict) for x in neurons), "ffn_neurons",
-             "a list of objects", neurons)
-        for k, x in enumerate(neurons):
-            need(_is_int(x.get("neuron")), f"ffn_neurons[{k}].neuron", "an index >= 0", x.get("neuron"))
-            need(x.get("expert") in (None, "shared") or _is_int(x.get("expert")), f"ffn_neurons[{k}].expert",
-                 "null, \"shared\" or an index >= 0", x.get("expert"))
-        norm = data.get("norm") or {}
-        need(isinstance(norm, dict), "norm", "an object", norm)
-        mean = norm.get("ffn_norm_weight_mean")
-        need(mean is None or _is_num(mean), "norm.ffn_norm_weight_mean", "null or a finite number", mean)
-        if me is not None:
-            need(bool(dims), "massive_dims", "non-empty when me_layer is set", dims)
-        return cls(n, hidden, me, dims, tuple((t["dim"], float(t["mean_abs"])) for t in top),
-                   None if thr is None else float(thr),
-                   tuple((x.get("expert"), x["neuron"]) for x in neurons), None if mean is None else float(mean))
+def read_json(path: Path) -> ScanResult:
+    """A scan result written by `scan --json`, its fields checked before anything uses them."""
+    return ScanResult.read(path)

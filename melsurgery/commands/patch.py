@@ -146,7 +146,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
 
         res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
                              device=device, progress=not quiet)
-        click.echo(f"ME Layer {res.scan['me_layer']}, massive dims {res.scan['massive_dims']}")
+        click.echo(f"ME Layer {res.scan.me_layer}, massive dims {list(res.scan.massive_dims)}")
         for p in res.plans:
             click.echo(f"  {p.summary}")
         for a in res.applied:
@@ -160,7 +160,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
     verify = {"max_windows": verify_windows} if do_verify else None
     result = run_patch(source, out, man, scan=scan, overwrite=overwrite, link=link, device=device,
                        progress=not quiet, verify=verify)
-    click.echo(f"ME Layer {result.scan['me_layer']}, massive dims {result.scan['massive_dims']}")
+    click.echo(f"ME Layer {result.scan.me_layer}, massive dims {list(result.scan.massive_dims)}")
     for p in result.plans:
         click.echo(f"  {p.summary}")
     for a in result.applied:

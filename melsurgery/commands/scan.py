@@ -51,7 +51,7 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     from ..plot import plot_scan
 
     write_outputs(result, json_path, plot_path, plot_scan)
-    if result["me_layer"] is None:
+    if result.me_layer is None:
         raise NoMassiveActivations("no massive activations found in this model")
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from ..architectures import ATTENTION, Family
 from ..edits import Edit
 from ..errors import UserError
+from ..scan_result import ScanResult
 from .params import Param
 from .params import resolve as resolve_params
 
@@ -123,29 +124,29 @@ def attention_layers(spec: str | list | tuple | None, me_layer: int, family: Fam
     return layers
 
 
-def pick_dims(scan: dict, top_k: int | None = None, dims: list[int] | None = None,
+def pick_dims(scan: ScanResult, top_k: int | None = None, dims: list[int] | None = None,
               mask_ratio: float | None = None) -> tuple[int, ...]:
     """Dims to act on: explicit, the top-k dims of the massive tokens, or those above a share of the top."""
     if dims:
         return tuple(int(d) for d in dims)
-    ranked = scan.get("top_dims") or []
+    ranked = scan.top_dims
     if not ranked:
-        return tuple(scan["massive_dims"])
+        return scan.massive_dims
     if mask_ratio is not None:
-        top = ranked[0]["mean_abs"]
-        return tuple(d["dim"] for d in ranked if d["mean_abs"] >= mask_ratio * top)
+        top = ranked[0].mean_abs
+        return tuple(d.dim for d in ranked if d.mean_abs >= mask_ratio * top)
     k = top_k if top_k is not None else 3
-    return tuple(d["dim"] for d in ranked[:k])
+    return tuple(d.dim for d in ranked[:k])
 
 
-def require_me(scan: dict) -> int:
+def require_me(scan: ScanResult) -> int:
     """The scan's ME Layer; a recipe without one has nothing to mitigate."""
-    if scan.get("me_layer") is None:
+    if scan.me_layer is None:
         raise UserError("the scan found no ME Layer: there is nothing for this recipe to mitigate")
-    return int(scan["me_layer"])
+    return scan.me_layer
 
 
-PlanFn = Callable[[dict, Family, dict, dict], RecipePlan]
+PlanFn = Callable[[ScanResult, Family, dict, dict], RecipePlan]
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,6 @@ def resolve_recipes(recipes: list[tuple[str, dict]], strict: bool = False) -> li
     return resolved
 
 
-def plan_recipes(scan: dict, family: Family, config: dict, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:
+def plan_recipes(scan: ScanResult, family: Family, config: dict, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:
     """Plan each (name, params) in order; recipes compose (edits of one tensor apply in sequence)."""
     return [get_recipe(name).plan(scan, family, config, params) for name, params in resolve_recipes(recipes)]

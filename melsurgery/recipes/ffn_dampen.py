@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..architectures import Family
 from ..errors import UserError
+from ..scan_result import ScanResult
 from . import Edit, RecipePlan, require_me
 from .params import Param, expert_id
 
@@ -27,11 +28,8 @@ def _expert(e: object) -> int | str | None:
 
 
 def parse_neuron(n: object) -> Neuron:
-    """A neuron as (expert, "shared" or None; index), from 41, "41", "3:41", "shared:41", [3, 41] or a
-    scan record."""
+    """A neuron as (expert, "shared" or None; index), from 41, "41", "3:41", "shared:41" or [3, 41]."""
     try:
-        if isinstance(n, dict):
-            return _expert(n.get("expert")), int(n["neuron"])
         if isinstance(n, list | tuple) and len(n) == 2:
             return _expert(n[0]), int(n[1])
         if isinstance(n, str) and ":" in n:
@@ -43,14 +41,15 @@ def parse_neuron(n: object) -> Neuron:
                         "layers") from None
 
 
-def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
-    neurons = list(dict.fromkeys(parse_neuron(n) for n in (p["neurons"] or scan.get("ffn_neurons", []))))
+    found = [(n.expert, n.neuron) for n in scan.ffn_neurons]
+    neurons = list(dict.fromkeys(parse_neuron(n) for n in (p["neurons"] or found)))
     if not neurons:
-        att = scan.get("dims_attribution") or []
-        if att and all(abs(d["attn_write"]) > abs(d["ffn_write"]) for d in att):
-            mixer = att[0].get("mixer", "attention")
+        att = scan.dims_attribution
+        if att and all(abs(d.attn_write) > abs(d.ffn_write) for d in att):
+            mixer = att[0].mixer
             raise UserError(f"the {mixer} mixer of layer {me}, not its FFN, writes the massive dims: ffn-dampen has "
                             "no FFN neurons to dampen (wemask and norm-rescale act downstream of it)")
         raise UserError("the scan names no FFN neurons writing the massive dims; pass --neurons")

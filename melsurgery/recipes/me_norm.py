@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..architectures import Family
 from ..errors import UserError
+from ..scan_result import ScanResult
 from . import Edit, RecipePlan, require_me
 from .params import Param
 
@@ -20,10 +21,10 @@ PARAMS = (Param("factor", "float", 0.5, "me-norm: shrink factor toward the mean 
           Param("dims", "int_list", None, "me-norm: restrict the shrink to these dims (manifest only).", low=0))
 
 
-def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
-    mean = (scan.get("norm") or {}).get("ffn_norm_weight_mean")
+    mean = scan.norm.ffn_norm_weight_mean if scan.norm else None
     if mean is None:
         raise UserError("the scan carries no FFN-norm statistics for the ME Layer; rerun scan")
     a = float(p["factor"])

@@ -6,6 +6,7 @@ Where a family has no attention-input norm the same scaling folds into the q/k/v
 from __future__ import annotations
 
 from ..architectures import Family
+from ..scan_result import ScanResult
 from . import Edit, RecipePlan, attention_layers, pick_dims, require_me
 from .params import ATTN_DIMS, Param
 
@@ -16,7 +17,7 @@ PARAMS = (*ATTN_DIMS,
                 low=0.0, high=1.0))
 
 
-def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
     layers = attention_layers(p["layers"], me, family, config, "norm-rescale")

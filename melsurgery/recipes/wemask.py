@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..architectures import Family
 from ..errors import UserError
+from ..scan_result import ScanResult
 from . import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, pick_dims, require_me
 from .params import ATTN_DIMS, Param
 
@@ -31,24 +32,18 @@ PARAMS = (*ATTN_DIMS,
                 "the ordinary tokens at that layer (from calibration).", flag="--replace", choices=("zero", "mean")))
 
 
-def _scan_layers(scan: dict, key: str) -> dict[int, dict]:
-    entries = scan.get(key)
-    if entries is None:
-        raise UserError(f"the scan result has no {key!r} (it predates per-layer figures); rerun scan")
-    return {int(e["layer"]): e for e in entries}
-
-
-def _sink_dims(scan: dict, layer: int, top_k: int, mask_ratio: float | None) -> tuple[int, ...]:
-    ranked = _scan_layers(scan, "sink_dims").get(layer, {}).get("dims") or []
+def _sink_dims(scan: ScanResult, layer: int, top_k: int, mask_ratio: float | None) -> tuple[int, ...]:
+    entry = {s.layer: s for s in scan.sink_dims}.get(layer)
+    ranked = entry.dims if entry else ()
     if not ranked:
         raise UserError(f"wemask --dims-by sink: the scan has no sink attribution at layer {layer} (the massive "
                         "tokens do not stand out there); choose other --layers or --dims-by magnitude")
     if mask_ratio is not None:
-        return tuple(d["dim"] for d in ranked if d["score"] >= mask_ratio * ranked[0]["score"])
+        return tuple(d.dim for d in ranked if d.score >= mask_ratio * ranked[0].score)
     if top_k > len(ranked):
         raise UserError(f"wemask --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
                         f"{len(ranked)} or less")
-    return tuple(d["dim"] for d in ranked[:top_k])
+    return tuple(d.dim for d in ranked[:top_k])
 
 
 def _strengths(layers: tuple[int, ...], start: float, end: float | None) -> list[float]:
@@ -58,7 +53,7 @@ def _strengths(layers: tuple[int, ...], start: float, end: float | None) -> list
     return [start + (end - start) * (i - lo) / (hi - lo) for i in layers]
 
 
-def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
+def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
     p = params
     me = require_me(scan)
     layers = attention_layers(p["layers"], me, family, config, "wemask")
@@ -69,18 +64,19 @@ def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     thresholds: dict[int, float | None] = dict.fromkeys(layers)
     skipped: list[int] = []
     if p["selector"] == "magnitude":
-        selectors = _scan_layers(scan, "selector_layers")
-        thresholds = {i: selectors.get(i, {}).get("threshold") for i in layers}
+        selectors = {s.layer: s for s in scan.selector_layers}
+        thresholds = {i: selectors[i].threshold if i in selectors else None for i in layers}
         skipped = [i for i in layers if thresholds[i] is None]
         if len(skipped) == len(layers):
-            worst = selectors.get(layers[0], {})
+            worst = selectors.get(layers[0])
+            lo, hi = (worst.massive_min, worst.others_max) if worst else (0, 0)
             raise UserError(
                 f"wemask: the magnitude selector would select no token on the calibration set at layers "
                 f"{list(layers)}: the massive tokens do not stand out in the residual entering them (smallest "
-                f"massive {worst.get('massive_min', 0):,.1f} vs others up to {worst.get('others_max', 0):,.1f} at "
-                f"layer {layers[0]}); choose other --layers or --selector first")
+                f"massive {lo:,.1f} vs others up to {hi:,.1f} at layer {layers[0]}); choose other --layers or "
+                "--selector first")
         layers = tuple(i for i in layers if i not in skipped)
-    means = _scan_layers(scan, "ordinary_mean") if p["replace"] == "mean" else {}
+    means = {m.layer: m.mean for m in scan.ordinary_mean} if p["replace"] == "mean" else {}
     if p["replace"] == "mean" and any(i not in means for i in layers):
         raise UserError(f"wemask --replace mean: the scan has no ordinary-token mean for layers "
                         f"{[i for i in layers if i not in means]}; rerun scan")
@@ -88,9 +84,9 @@ def plan(scan: dict, family: Family, config: dict, params: dict) -> RecipePlan:
     per_layer = []
     for i, strength in zip(layers, _strengths(layers, float(p["strength"]), p["strength_end"])):
         dims = fixed or _sink_dims(scan, i, p["top_k"], p["mask_ratio"])
-        values = tuple(float(means[i]["mean"][d]) for d in dims) if means else None
+        values = tuple(float(means[i][d]) for d in dims) if means else None
         per_layer.append(WeMaskLayer(i, dims, strength, thresholds[i], values))
-    spec = WeMaskSpec(tuple(per_layer), p["selector"], tuple(scan["massive_dims"]), p["replace"],
+    spec = WeMaskSpec(tuple(per_layer), p["selector"], scan.massive_dims, p["replace"],
                       norm=family.attn_norm, attn=family.attn, layers_module=family.layers_module)
     return RecipePlan("wemask", {**p, "layers": list(layers), "dims": _dims_param(per_layer)}, _summary(spec, skipped),
                       wemask=spec, folds=False)

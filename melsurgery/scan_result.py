@@ -1,0 +1,446 @@
+"""The scan result as typed data: what `scan` writes (README, "Scan JSON", schema_version 1) and what patch, the
+recipes, tune, the model card, the report and verify read.
+
+Torch-free, so that detection, the recipes and the card can share it without a model. `to_dict()` gives the
+JSON object key for key in the documented order (a scan JSON read with `from_dict` comes back byte for byte);
+`from_dict` checks every field first and names the first bad one in one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """The thresholds of the massive-activation definition (see README, scan definitions)."""
+
+    abs_threshold: float = 100.0
+    ratio: float = 1000.0
+    persist_fraction: float = 0.5
+    precursor_ratio: float = 100.0
+    min_neuron_share: float = 0.05
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model was scanned, and the two sizes a scan must match before it is applied to a model."""
+
+    id: str
+    folder: str
+    kind: str  # folder, hub or gguf
+    revision: str | None
+    family: str
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class AdaptiveRound:
+    """One round of an adaptive calibration: how many samples, and what the detection found on them."""
+
+    samples: int
+    me_layer: int | None
+    massive_dims: tuple[int, ...]
+    tokens: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """The rounds of `--num-samples auto` and why it stopped."""
+
+    rounds: tuple[AdaptiveRound, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """The calibration text and how much of it was used (provenance keeps all of it but the timing)."""
+
+    source: str
+    num_samples: int
+    max_tokens: int
+    seed: int
+    tokens: int
+    seconds: float
+    adaptive: Adaptive | None = None
+    dtype: str | None = None  # the compute dtype
+
+
+@dataclass(frozen=True)
+class MassiveToken:
+    """A massive token: calibration sample, position, token string."""
+
+    sample: int
+    pos: int
+    token: str
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """How often a (position, token) pair is massive over the calibration samples."""
+
+    pos: int
+    token: str
+    count: int
+
+
+@dataclass(frozen=True)
+class TopDim:
+    """A dim of the massive tokens at the ME Layer, by mean |h| over them (WeMask's top-k ranking)."""
+
+    dim: int
+    mean_abs: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Precursor:
+    """A layer before the ME Layer with large entries that do not persist."""
+
+    layer: int
+    dim: int
+    value: float
+    ratio: float | None  # null where the layer's median is zero
+    dims: tuple[int, ...]
+    tokens: int
+    example_token: str
+    example_pos: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class FfnNeuron:
+    """An FFN neuron of the ME Layer that writes a massive dim (in MoE layers, of which expert)."""
+
+    neuron: int
+    expert: int | str | None = field(default=None, metadata={"omit_none": True})  # an index, or "shared"
+    contribution: float
+    share: float
+    activation_massive: float
+    activation_other_max: float
+    down_weight: float
+    dim: int
+    selectivity: float | None  # null: the neuron is silent on every other token
+
+
+@dataclass(frozen=True)
+class DimAttribution:
+    """What built a massive dim inside the ME Layer: its input, the token mixer's write, the FFN's write."""
+
+    dim: int
+    value: float
+    input: float
+    mixer: str
+    attn_write: float
+    ffn_write: float
+    ffn_norm_weight: float
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    """The ME Layer's FFN-input (or -output) RMSNorm on the massive tokens versus the others."""
+
+    ffn_norm_role: str
+    ffn_norm_scale_massive: float
+    ffn_norm_scale_other_median: float | None  # null when every token is massive
+    ffn_norm_weight_mean: float
+    ffn_norm_weight_on_dims: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SelectorLayer:
+    """The magnitude selector of one layer after the ME Layer (None threshold: the tokens do not separate)."""
+
+    layer: int
+    threshold: float | None
+    massive_min: float
+    others_max: float
+    selected: int
+    massive_tokens: int
+
+
+@dataclass(frozen=True)
+class SinkDim:
+    """One dim of a layer's sink attribution: mean |x * grad| and its share of the layer's total."""
+
+    dim: int
+    score: float
+    share: float
+
+
+@dataclass(frozen=True)
+class LayerSinkDims:
+    """The dims of the massive tokens' attention input that drive one layer's sink, against the magnitude top-k."""
+
+    layer: int
+    dims: tuple[SinkDim, ...]
+    overlap: float | None
+    sink_top_share: float | None
+    magnitude_top_share: float | None
+
+
+@dataclass(frozen=True)
+class OrdinaryMean:
+    """The ordinary tokens' mean attention input of one layer (wemask --replace mean)."""
+
+    layer: int
+    mean: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TopEntry:
+    """One of a state's largest entries."""
+
+    sample: int
+    pos: int
+    token: str
+    dim: int
+    value: float
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One residual-stream state: the embeddings (layer -1) or a decoder layer's output."""
+
+    layer: int
+    name: str
+    mixer: str | None
+    max_abs: float
+    median_abs: float
+    ratio: float | None
+    massive: bool
+    sink: float | None
+    sink_rate: float | None
+    top: tuple[TopEntry, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanResult:
+    """Everything a scan found, typed (README, "Scan JSON"); the same object in memory and in the JSON.
+
+    Fields absent from a JSON take their defaults (a hand-edited or older result still reads).
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    tool: str = ""
+    model: ModelInfo
+    calibration: CalibrationInfo | None = None
+    params: DetectParams = field(default_factory=DetectParams)
+    me_layer: int | None = None
+    massive_dims: tuple[int, ...] = ()
+    massive_tokens: tuple[MassiveToken, ...] = ()
+    token_summary: tuple[TokenCount, ...] = ()
+    top_dims: tuple[TopDim, ...] = ()
+    massive_layers: tuple[int, ...] = ()
+    persist_until: int | None = None
+    precursors: tuple[Precursor, ...] = ()
+    sink: tuple[float | None, ...] = ()  # per decoder layer
+    sink_rate: tuple[float | None, ...] = ()  # per decoder layer
+    ffn_neurons: tuple[FfnNeuron, ...] = ()
+    dims_attribution: tuple[DimAttribution, ...] = ()
+    norm: NormInfo | None = field(default=None, metadata={"none_as": {}})  # {} in JSON: no attribution
+    selector_threshold: float | None = None
+    sink_after_me: float | None = None
+    qk_norm: bool = False
+    selector_layers: tuple[SelectorLayer, ...] = ()
+    sink_dims: tuple[LayerSinkDims, ...] = ()
+    ordinary_mean: tuple[OrdinaryMean, ...] = ()
+    sink_dims_overlap: float | None = None
+    sink_dims_k: int | None = None
+    layers: tuple[LayerRecord, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The JSON object (schema_version 1), keys in the documented order; non-finite floats stay as they are
+        (`write` turns them into null)."""
+        return _dump(self)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> ScanResult:
+        """Check every field (one message naming the first bad field and what it should be), then build."""
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"{where}: not a melsurgery scan result (schema_version {SCHEMA_VERSION})")
+        _check_references(data, where)
+        return _load(cls, data, "", _Need(where))
+
+    @classmethod
+    def build(cls, data: dict) -> ScanResult:
+        """The typed result of figures computed in this process (scan.build_result): no user input to check."""
+        return _load(cls, data, "", None)
+
+    def write(self, path: Path) -> None:
+        """Write as JSON (non-finite figures as null); an unwritable path is a one-line user error."""
+        write_json(self.to_dict(), path)
+
+    @classmethod
+    def read(cls, path: Path) -> ScanResult:
+        """A scan result written by `scan --json`, every field checked before anything uses it."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise UserError(f"{path}: cannot read scan JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write a JSON-ready dict (non-finite figures as null); an unwritable path is a one-line user error."""
+    from .jsonsafe import dumps
+
+    try:
+        Path(path).write_text(dumps(data, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+# --- reading and writing, driven by the declared field types -----------------------------------------------
+
+
+class _Need:
+    """Raises the one-line error that names the bad field and asks for a fresh scan."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, ok: bool, path: str, want: str, value: object) -> None:
+        if not ok:
+            raise UserError(f"{self.where}: {path} must be {want}, got {value!r:.60}; rerun `melsurgery scan --json`")
+
+
+def _is_int(x: object, low: int | None = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and (low is None or x >= low)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_references(data: dict, where: str) -> None:
+    """The checks beyond types: sizes positive, layers and dims inside the model, dims present with a layer."""
+    need = _Need(where)
+    model = data.get("model")
+    need(isinstance(model, dict), "model", "an object", model)
+    n, hidden = model.get("num_layers"), model.get("hidden_size")
+    need(_is_int(n, 1), "model.num_layers", "a positive integer", n)
+    need(_is_int(hidden, 1), "model.hidden_size", "a positive integer", hidden)
+    me = data.get("me_layer")
+    need(me is None or (_is_int(me, 0) and me < n), "me_layer", f"null or a layer index 0-{n - 1}", me)
+
+    def dims(path: str, value: object) -> None:
+        need(isinstance(value, list) and all(_is_int(d, 0) and d < hidden for d in value), path,
+             f"a list of dims 0-{hidden - 1}", value)
+
+    massive = data.get("massive_dims", [])
+    dims("massive_dims", massive)
+    top = data.get("top_dims", [])
+    need(isinstance(top, list) and all(isinstance(t, dict) for t in top), "top_dims", "a list of objects", top)
+    for k, t in enumerate(top):
+        dims(f"top_dims[{k}].dim", [t.get("dim")])
+        need(_is_num(t.get("mean_abs")), f"top_dims[{k}].mean_abs", "a finite number", t.get("mean_abs"))
+    thr = data.get("selector_threshold")
+    need(thr is None or (_is_num(thr) and thr >= 0), "selector_threshold", "null or a finite number >= 0", thr)
+    neurons = data.get("ffn_neurons", [])
+    need(isinstance(neurons, list) and all(isinstance(x, dict) for x in neurons), "ffn_neurons",
+         "a list of objects", neurons)
+    for k, x in enumerate(neurons):
+        need(_is_int(x.get("neuron"), 0), f"ffn_neurons[{k}].neuron", "an index >= 0", x.get("neuron"))
+        need(x.get("expert") in (None, "shared") or _is_int(x.get("expert"), 0), f"ffn_neurons[{k}].expert",
+             "null, \"shared\" or an index >= 0", x.get("expert"))
+    norm = data.get("norm") or {}
+    need(isinstance(norm, dict), "norm", "an object", norm)
+    mean = norm.get("ffn_norm_weight_mean")
+    need(mean is None or _is_num(mean), "norm.ffn_norm_weight_mean", "null or a finite number", mean)
+    if me is not None:
+        need(bool(massive), "massive_dims", "non-empty when me_layer is set", massive)
+
+
+_WANT = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _want(tp: Any) -> str:
+    """How a message says what a value of type `tp` must be."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_want(a) for a in args)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return "a list"
+    if origin is dict or is_dataclass(tp):
+        return "an object"
+    return _WANT[tp]
+
+
+def _load(tp: Any, value: Any, path: str, need: _Need | None) -> Any:
+    """`value` (JSON data) as an instance of `tp`; `need` checks the JSON types (None: trusted data)."""
+    check = need or (lambda ok, path, want, value: None)
+    if isinstance(tp, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None) and _fits(arg, value):
+                return _load(arg, value, path, need)
+        check(False, path, _want(tp), value)
+        return value
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        check(isinstance(value, list), path, "a list", value)
+        (item,) = typing.get_args(tp)[:1]
+        if item in (int, float) and (need is None or all(_fits(item, v) for v in value)):
+            return tuple(value)
+        return tuple(_load(item, v, f"{path}[{k}]", need) for k, v in enumerate(value))
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        check(isinstance(value, dict), path, "an object", value)
+        return {str(k): _load(item, v, f"{path}.{k}", need) for k, v in value.items()}
+    if is_dataclass(tp):
+        check(isinstance(value, dict), path, "an object", value)
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in fields(tp):
+            sub = f"{path}.{f.name}" if path else f.name
+            if f.name in value and not ("none_as" in f.metadata and value[f.name] == f.metadata["none_as"]):
+                kwargs[f.name] = _load(hints[f.name], value[f.name], sub, need)
+            elif f.default is MISSING and f.default_factory is MISSING:
+                check(False, sub, _want(hints[f.name]), None)
+        return tp(**kwargs)
+    check(_fits(tp, value), path, _want(tp), value)
+    return value
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether a JSON value has the plain type `tp` (numbers finite; any list or object for containers)."""
+    if tp is int:
+        return _is_int(value)
+    if tp is float:
+        return _is_num(value)
+    if tp is bool or tp is str:
+        return isinstance(value, tp)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return isinstance(value, list)
+    return isinstance(value, dict)
+
+
+def _dump(obj: Any) -> Any:
+    """JSON data of a typed value: dataclasses as objects in field order, tuples as lists."""
+    if is_dataclass(obj):
+        out = {}
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if value is None and "omit_none" in f.metadata:
+                continue
+            out[f.name] = f.metadata["none_as"] if value is None and "none_as" in f.metadata else _dump(value)
+        return out
+    if isinstance(obj, tuple):
+        return [_dump(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _dump(v) for k, v in obj.items()}
+    return obj
