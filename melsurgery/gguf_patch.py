@@ -41,6 +41,7 @@ from .manifest import Manifest
 from .outputs import MANIFEST, MODEL_CARD
 from .recipes import RecipePlan, plan_recipes
 from .scan import run_scan
+from .scan_result import ScanResult
 
 FOLDED = ("norm-rescale", "ffn-dampen", "me-norm")
 # The recipe -> role map used to refuse unquantisable types before the scan; the exact check follows the plan.
@@ -69,7 +70,7 @@ class GGUFPatchResult:
     file: Path  # the .gguf written
     plans: list[RecipePlan]
     applied: list[GGUFEdit]
-    scan: dict
+    scan: ScanResult
     source_sha256: str
     output_sha256: str
 
@@ -153,7 +154,7 @@ def edit_tensor(gf: GGUFFile, name: str, ops: Ops, hf_tensor: str) -> tuple[byte
 
 
 def metadata_keys(source_file: Path, source_sha256: str, manifest: Manifest, plans: list[RecipePlan],
-                  applied: list[GGUFEdit], scan: dict) -> dict[str, str]:
+                  applied: list[GGUFEdit], scan: ScanResult) -> dict[str, str]:
     """The `melsurgery.*` keys of the output (strings; structured values as JSON)."""
     from .patch import scan_summary
 
@@ -200,7 +201,7 @@ def run_patch_gguf(
     manifest: Manifest,
     *,
     folder: bool = False,
-    scan: dict | None = None,
+    scan: ScanResult | None = None,
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = False,
@@ -217,7 +218,7 @@ def run_patch_gguf(
     if scan is None:
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
                         progress=progress)
-    elif scan["model"]["num_layers"] != config.get("num_hidden_layers"):
+    elif scan.model.num_layers != config.get("num_hidden_layers"):
         raise UserError("the --scan result is for a model with a different number of layers")
     plans = plan_recipes(scan, family, config, manifest.recipes)
     hf_names = {}

@@ -16,8 +16,6 @@ be in the environment before this module is first imported.
 from __future__ import annotations
 
 import importlib
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,16 +33,16 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from .card import front_matter
 from .checkpoint.gguf_file import GGUFFile
-from .checkpoint.hashing import sha256_file
 from .checkpoint.reader import PICKLE_PATTERNS
 from .checkpoint.safetensors_file import load_tensor, read_header
 from .checkpoint.validate import check_finite
 from .errors import UserError
 from .hubmeta import is_repo_id, metadata_problems
+from .jsonsafe import load_strict
 from .outputs import MODEL_CARD, PROVENANCE
+from .provenance import Provenance
 
 CONFIG = "config.json"
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -102,50 +100,12 @@ def _list_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _load_json(path: Path, what: str) -> Any:
-    """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: {what} is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
-
-
-def _base_label(source: dict) -> str:
+def _base_label(source: dict[str, Any]) -> str:
     """How the commit message names the base: its Hub id, else its name; never a filesystem path."""
     for key in ("base_model", "name"):
         if isinstance(source.get(key), str) and source[key]:
             return source[key]
     return source["id"] if is_repo_id(source["id"]) else Path(source["id"]).name  # outputs of older versions
-
-
-def _read_provenance(path: Path) -> tuple[dict[str, str], list[str], str]:
-    data = _load_json(path, "provenance")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object with 'outputs', 'recipes' and 'source'")
-    outputs = data.get("outputs")
-    if not isinstance(outputs, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and _SHA256_HEX.fullmatch(v) for k, v in outputs.items()
-    ):
-        raise UserError(f"{path}: 'outputs' must map relative file paths to lowercase sha256 hex digests")
-    recipes = data.get("recipes")
-    if (
-        not isinstance(recipes, list)
-        or not recipes
-        or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"] for r in recipes)
-    ):
-        raise UserError(f"{path}: 'recipes' must be a non-empty list of objects with a 'name'")
-    source = data.get("source")
-    if not isinstance(source, dict) or not isinstance(source.get("id"), str) or not source["id"]:
-        raise UserError(f"{path}: 'source' must be an object whose 'id' names the base model")
-    return outputs, [r["name"] for r in recipes], _base_label(source)
 
 
 def check_card(path: Path) -> None:
@@ -182,17 +142,18 @@ def validate_for_push(folder: Path) -> PushManifest:
     for name, what in required:
         if name not in files:
             raise UserError(f"{folder}: missing {name} ({what}); push only complete melsurgery output folders")
-    outputs, recipes, base_model = _read_provenance(files[PROVENANCE])
+    provenance = Provenance.read(files[PROVENANCE])
+    provenance.check_publishable(str(files[PROVENANCE]))
     check_card(files[MODEL_CARD])
     if CONFIG in files:
-        config = _load_json(files[CONFIG], "config")
+        config = load_strict(files[CONFIG], "config")
         if not isinstance(config, dict):
             raise UserError(f"{files[CONFIG]}: expected a JSON object")
     for rel, path in files.items():
         if any(PurePosixPath(rel).match(pattern) for pattern in PICKLE_PATTERNS):
             raise UserError(f"{path}: pickled weights are never pushed; remove the file")
         if rel.endswith(".json"):
-            _load_json(path, "JSON file")
+            load_strict(path, "JSON file")
     for rel, path in files.items():
         if rel.endswith(".safetensors"):
             header = read_header(path)  # truncated or clobbered shards fail here, with one line naming the file
@@ -200,21 +161,9 @@ def validate_for_push(folder: Path) -> PushManifest:
                 check_finite(load_tensor(info), info.name, path)
         elif rel in ggufs:
             GGUFFile(path)  # likewise for a GGUF's header and tensor table
-    for rel in outputs:
-        if rel == PROVENANCE:
-            raise UserError(f"{files[PROVENANCE]}: 'outputs' lists provenance.json itself, which cannot hash itself")
-        if rel not in files:
-            raise UserError(f"{folder / rel}: listed in provenance.json but missing from the folder")
-    for rel, path in files.items():
-        if rel == PROVENANCE:
-            continue
-        expected = outputs.get(rel)
-        if expected is None:
-            raise UserError(f"{path}: not listed in provenance.json 'outputs'; remove it or re-run the surgery")
-        if sha256_file(path) != expected:
-            raise UserError(f"{path}: sha256 differs from provenance.json; the file changed after surgery")
+    provenance.verify(folder, files)
     pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
-    return PushManifest(folder, pushed, recipes, base_model)
+    return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source))
 
 
 def default_commit_message(manifest: PushManifest) -> str:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
 
 
 def finite(obj: object) -> object:
@@ -24,3 +28,19 @@ def finite(obj: object) -> object:
 def dumps(obj: object, **kwargs) -> str:
     """json.dumps that writes non-finite numbers as null: our JSON files are always valid JSON."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_strict(path: Path, what: str) -> Any:
+    """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: {what} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None

@@ -14,15 +14,14 @@ from . import __version__
 from .basemodel import explicit
 from .card import base_license, render_card
 from .checkpoint.atomic import atomic_folder, check_output
-from .checkpoint.hashing import sha256_file
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .checkpoint.validate import nonfinite, open_model
 from .checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from .errors import UserError
-from .jsonsafe import dumps
 from .manifest import Manifest
-from .outputs import MANIFEST, MODEL_CARD, PROVENANCE
+from .outputs import MANIFEST, MODEL_CARD
+from .provenance import Provenance, RecipeRecord
 from .recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
 from .recipes.params import LAYER_WORDS
 from .scan import ScanResult, check_scan_params, run_scan
@@ -38,18 +37,19 @@ class PatchResult:
     out: Path
     plans: list[RecipePlan]
     applied: list[AppliedEdit]
-    scan: dict
+    scan: ScanResult
     custom_layer: bool
     verified: dict | None = None
 
 
-def scan_summary(scan: dict) -> dict:
+def scan_summary(scan: ScanResult) -> dict:
     """The part of a scan that provenance keeps (enough to reproduce and to verify the patch)."""
     keys = ("me_layer", "massive_dims", "top_dims", "persist_until", "ffn_neurons", "selector_threshold",
             "sink_after_me", "token_summary", "calibration", "params")
-    summary = {k: scan.get(k) for k in keys}
+    data = scan.to_dict()
+    summary = {k: data[k] for k in keys}
     # timings would make two identical patches differ byte for byte
-    summary["calibration"] = {k: v for k, v in (scan.get("calibration") or {}).items() if k != "seconds"}
+    summary["calibration"] = {k: v for k, v in (data["calibration"] or {}).items() if k != "seconds"}
     return summary
 
 
@@ -58,7 +58,7 @@ def run_patch(
     out: Path,
     manifest: Manifest,
     *,
-    scan: dict | None = None,
+    scan: ScanResult | None = None,
     overwrite: bool = False,
     link: bool = False,
     device: str = "cpu",
@@ -77,9 +77,8 @@ def run_patch(
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
                         progress=progress)
     else:
-        given = ScanResult.from_dict(scan, "the --scan result")
-        for what, theirs, ours in (("layers", given.num_layers, ckpt.config["num_hidden_layers"]),
-                                   ("hidden size", given.hidden_size, ckpt.config["hidden_size"])):
+        for what, theirs, ours in (("layers", scan.model.num_layers, ckpt.config["num_hidden_layers"]),
+                                   ("hidden size", scan.model.hidden_size, ckpt.config["hidden_size"])):
             if theirs != ours:
                 raise UserError(f"the --scan result is for a model with {theirs} {what}, this one has {ours}; "
                                 "scan this model")
@@ -104,10 +103,8 @@ def run_patch(
         if verify is not None:
             from .verify import measurements_for_card, run_verify
 
-            (tmp / PROVENANCE).write_text(json.dumps({"scan": scan_summary(scan)}))
-            measured = run_verify(source.folder, tmp, device=device, progress=progress, **verify)
-            measured["weights"]["matches_provenance"] = sorted({a.tensor for a in applied}) == measured["weights"][
-                "changed"]
+            measured = run_verify(source.folder, tmp, device=device, progress=progress, params=scan.params,
+                                  claimed_edits=sorted({a.tensor for a in applied}), **verify)
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
@@ -198,26 +195,24 @@ def _compact(measured: dict | None) -> dict | None:
     return {k: v for k, v in measured.items() if k not in ("generations", "seconds", "massive_positions")}
 
 
-def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: dict, plans: list[RecipePlan],
-                     applied: list[AppliedEdit], inputs: dict, measurements: dict | None = None,
-                     known: dict[str, str] | None = None) -> None:
+def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
+                     applied: list, inputs: dict, measurements: dict | None = None,
+                     known: dict[str, str] | None = None) -> Provenance:
     """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
 
-    `known`: sha256 already computed while writing (the weights), not read again."""
-    known = known or {}
-    outputs = {rel: known.get(rel) or sha256_file(p) for p in sorted(folder.rglob("*"))
-               if p.is_file() and (rel := p.relative_to(folder).as_posix()) != PROVENANCE}
-    prov = {
-        "tool": f"melsurgery {__version__}",
-        "source": {"id": source.id, "kind": source.kind, "revision": source.revision,
-                   "gguf": source.origin_file.name if source.origin_file else None, "name": source.name,
-                   "base_model": source.base_model.id if source.base_model else None,
-                   "base_model_from": source.base_model.origin if source.base_model else None, "files": inputs},
-        "manifest": manifest.to_dict(),
-        "recipes": [{"name": p.recipe, "params": p.params, "folds": p.folds, "summary": p.summary} for p in plans],
-        "edits": [asdict(e) for e in applied],
-        "scan": scan_summary(scan),
-        "measurements": measurements or {},
-        "outputs": outputs,
-    }
-    (folder / PROVENANCE).write_text(dumps(prov, indent=2, default=str) + "\n")
+    `applied`: the writer's records (AppliedEdit, or GGUFEdit for a GGUF output); `known`: sha256 already
+    computed while writing (the weights), not read again."""
+    prov = Provenance(
+        tool=f"melsurgery {__version__}",
+        source={"id": source.id, "kind": source.kind, "revision": source.revision,
+                "gguf": source.origin_file.name if source.origin_file else None, "name": source.name,
+                "base_model": source.base_model.id if source.base_model else None,
+                "base_model_from": source.base_model.origin if source.base_model else None, "files": inputs},
+        manifest=manifest.to_dict(),
+        recipes=tuple(RecipeRecord(name=p.recipe, params=p.params, folds=p.folds, summary=p.summary) for p in plans),
+        edits=tuple(asdict(e) for e in applied),
+        scan=scan_summary(scan),
+        measurements=measurements or {},
+    ).with_outputs(folder, known)
+    prov.write(folder)
+    return prov

@@ -9,16 +9,14 @@ JSON object key for key in the documented order (a scan JSON read with `from_dic
 from __future__ import annotations
 
 import json
-import math
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
+from .typed import Need, dump, is_int, is_num, load
 
 SCHEMA_VERSION = 1
+FIX = "rerun `melsurgery scan --json`"
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,7 @@ class ScanResult:
     def to_dict(self) -> dict:
         """The JSON object (schema_version 1), keys in the documented order; non-finite floats stay as they are
         (`write` turns them into null)."""
-        return _dump(self)
+        return dump(self)
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> ScanResult:
@@ -270,12 +268,12 @@ class ScanResult:
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{where}: not a melsurgery scan result (schema_version {SCHEMA_VERSION})")
         _check_references(data, where)
-        return _load(cls, data, "", _Need(where))
+        return load(cls, data, "", Need(where, FIX))
 
     @classmethod
     def build(cls, data: dict) -> ScanResult:
         """The typed result of figures computed in this process (scan.build_result): no user input to check."""
-        return _load(cls, data, "", None)
+        return load(cls, data, "", None)
 
     def write(self, path: Path) -> None:
         """Write as JSON (non-finite figures as null); an unwritable path is a one-line user error."""
@@ -301,41 +299,19 @@ def write_json(data: dict, path: Path) -> None:
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
 
 
-# --- reading and writing, driven by the declared field types -----------------------------------------------
-
-
-class _Need:
-    """Raises the one-line error that names the bad field and asks for a fresh scan."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __call__(self, ok: bool, path: str, want: str, value: object) -> None:
-        if not ok:
-            raise UserError(f"{self.where}: {path} must be {want}, got {value!r:.60}; rerun `melsurgery scan --json`")
-
-
-def _is_int(x: object, low: int | None = None) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and (low is None or x >= low)
-
-
-def _is_num(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_references(data: dict, where: str) -> None:
     """The checks beyond types: sizes positive, layers and dims inside the model, dims present with a layer."""
-    need = _Need(where)
+    need = Need(where, FIX)
     model = data.get("model")
     need(isinstance(model, dict), "model", "an object", model)
     n, hidden = model.get("num_layers"), model.get("hidden_size")
-    need(_is_int(n, 1), "model.num_layers", "a positive integer", n)
-    need(_is_int(hidden, 1), "model.hidden_size", "a positive integer", hidden)
+    need(is_int(n, 1), "model.num_layers", "a positive integer", n)
+    need(is_int(hidden, 1), "model.hidden_size", "a positive integer", hidden)
     me = data.get("me_layer")
-    need(me is None or (_is_int(me, 0) and me < n), "me_layer", f"null or a layer index 0-{n - 1}", me)
+    need(me is None or (is_int(me, 0) and me < n), "me_layer", f"null or a layer index 0-{n - 1}", me)
 
     def dims(path: str, value: object) -> None:
-        need(isinstance(value, list) and all(_is_int(d, 0) and d < hidden for d in value), path,
+        need(isinstance(value, list) and all(is_int(d, 0) and d < hidden for d in value), path,
              f"a list of dims 0-{hidden - 1}", value)
 
     massive = data.get("massive_dims", [])
@@ -344,103 +320,19 @@ def _check_references(data: dict, where: str) -> None:
     need(isinstance(top, list) and all(isinstance(t, dict) for t in top), "top_dims", "a list of objects", top)
     for k, t in enumerate(top):
         dims(f"top_dims[{k}].dim", [t.get("dim")])
-        need(_is_num(t.get("mean_abs")), f"top_dims[{k}].mean_abs", "a finite number", t.get("mean_abs"))
+        need(is_num(t.get("mean_abs")), f"top_dims[{k}].mean_abs", "a finite number", t.get("mean_abs"))
     thr = data.get("selector_threshold")
-    need(thr is None or (_is_num(thr) and thr >= 0), "selector_threshold", "null or a finite number >= 0", thr)
+    need(thr is None or (is_num(thr) and thr >= 0), "selector_threshold", "null or a finite number >= 0", thr)
     neurons = data.get("ffn_neurons", [])
     need(isinstance(neurons, list) and all(isinstance(x, dict) for x in neurons), "ffn_neurons",
          "a list of objects", neurons)
     for k, x in enumerate(neurons):
-        need(_is_int(x.get("neuron"), 0), f"ffn_neurons[{k}].neuron", "an index >= 0", x.get("neuron"))
-        need(x.get("expert") in (None, "shared") or _is_int(x.get("expert"), 0), f"ffn_neurons[{k}].expert",
+        need(is_int(x.get("neuron"), 0), f"ffn_neurons[{k}].neuron", "an index >= 0", x.get("neuron"))
+        need(x.get("expert") in (None, "shared") or is_int(x.get("expert"), 0), f"ffn_neurons[{k}].expert",
              "null, \"shared\" or an index >= 0", x.get("expert"))
     norm = data.get("norm") or {}
     need(isinstance(norm, dict), "norm", "an object", norm)
     mean = norm.get("ffn_norm_weight_mean")
-    need(mean is None or _is_num(mean), "norm.ffn_norm_weight_mean", "null or a finite number", mean)
+    need(mean is None or is_num(mean), "norm.ffn_norm_weight_mean", "null or a finite number", mean)
     if me is not None:
         need(bool(massive), "massive_dims", "non-empty when me_layer is set", massive)
-
-
-_WANT = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
-
-
-def _want(tp: Any) -> str:
-    """How a message says what a value of type `tp` must be."""
-    args = typing.get_args(tp)
-    if isinstance(tp, types.UnionType):
-        return " or ".join(_want(a) for a in args)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        return "a list"
-    if origin is dict or is_dataclass(tp):
-        return "an object"
-    return _WANT[tp]
-
-
-def _load(tp: Any, value: Any, path: str, need: _Need | None) -> Any:
-    """`value` (JSON data) as an instance of `tp`; `need` checks the JSON types (None: trusted data)."""
-    check = need or (lambda ok, path, want, value: None)
-    if isinstance(tp, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        for arg in typing.get_args(tp):
-            if arg is not type(None) and _fits(arg, value):
-                return _load(arg, value, path, need)
-        check(False, path, _want(tp), value)
-        return value
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        check(isinstance(value, list), path, "a list", value)
-        (item,) = typing.get_args(tp)[:1]
-        if item in (int, float) and (need is None or all(_fits(item, v) for v in value)):
-            return tuple(value)
-        return tuple(_load(item, v, f"{path}[{k}]", need) for k, v in enumerate(value))
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        check(isinstance(value, dict), path, "an object", value)
-        return {str(k): _load(item, v, f"{path}.{k}", need) for k, v in value.items()}
-    if is_dataclass(tp):
-        check(isinstance(value, dict), path, "an object", value)
-        hints = typing.get_type_hints(tp)
-        kwargs = {}
-        for f in fields(tp):
-            sub = f"{path}.{f.name}" if path else f.name
-            if f.name in value and not ("none_as" in f.metadata and value[f.name] == f.metadata["none_as"]):
-                kwargs[f.name] = _load(hints[f.name], value[f.name], sub, need)
-            elif f.default is MISSING and f.default_factory is MISSING:
-                check(False, sub, _want(hints[f.name]), None)
-        return tp(**kwargs)
-    check(_fits(tp, value), path, _want(tp), value)
-    return value
-
-
-def _fits(tp: Any, value: Any) -> bool:
-    """Whether a JSON value has the plain type `tp` (numbers finite; any list or object for containers)."""
-    if tp is int:
-        return _is_int(value)
-    if tp is float:
-        return _is_num(value)
-    if tp is bool or tp is str:
-        return isinstance(value, tp)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        return isinstance(value, list)
-    return isinstance(value, dict)
-
-
-def _dump(obj: Any) -> Any:
-    """JSON data of a typed value: dataclasses as objects in field order, tuples as lists."""
-    if is_dataclass(obj):
-        out = {}
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if value is None and "omit_none" in f.metadata:
-                continue
-            out[f.name] = f.metadata["none_as"] if value is None and "none_as" in f.metadata else _dump(value)
-        return out
-    if isinstance(obj, tuple):
-        return [_dump(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _dump(v) for k, v in obj.items()}
-    return obj

@@ -28,8 +28,9 @@ from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .edits import Edit, edited_tensor
 from .errors import UserError
-from .measure import DetectParams, LayerStats, find_massive, layer_stats, sink, top_k_for
-from .recipes import Recipe, RecipePlan, plan_recipes, registry, resolve_recipes
+from .measure import LayerStats, find_massive, layer_stats, sink, top_k_for
+from .recipes import Recipe, RecipePlan, plan_recipes, registry, require_me, resolve_recipes
+from .scan_result import ScanResult
 
 STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
@@ -39,7 +40,7 @@ BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the README)
 # that are off by default (default None) unless they default to another parameter's value (a ramp's end).
 FIXED = {"dims", "mask_ratio", "neurons"}
 # Upper ends for declared integers without one, from the scan.
-INT_HIGH = {"top_k": lambda scan: max(1, min(8, len(scan.get("top_dims") or scan["massive_dims"])))}
+INT_HIGH = {"top_k": lambda scan: max(1, min(8, len(scan.top_dims or scan.massive_dims)))}
 
 
 # --- Measurements: massive tokens, sink and ratio come from `measure` (the one definition, as verify) ---
@@ -158,12 +159,13 @@ class Evaluator:
     run over the cached states and freed, so memory stays one layer plus activations whatever the model.
     """
 
-    def __init__(self, source: Source, scan: dict, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, source: Source, scan: ScanResult, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.ckpt = Checkpoint(source.folder)
         self.family: Family = family_for(self.ckpt.config)
         self.scan = scan
-        self.me = int(scan["me_layer"])
-        self.params = DetectParams(**(scan.get("params") or {}))
+        self.me = require_me(scan)
+        self.params = scan.params
         self.model = StreamingModel(self.ckpt, self.family, device, dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.num_layers = self.model.num_layers
@@ -331,11 +333,11 @@ def _searched(p) -> bool:
     return p.name not in FIXED and (p.default is not None or p.same_as is not None)
 
 
-def make_space(names: tuple[str, ...], scan: dict) -> Space:
+def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
     """The search space of these recipes for this model, from their declared parameters."""
-    if scan.get("me_layer") is None:
+    if scan.me_layer is None:
         raise UserError("the scan found no ME Layer: there is nothing to tune")
-    me, n = int(scan["me_layer"]), int(scan["model"]["num_layers"])
+    me, n = scan.me_layer, scan.model.num_layers
     if me + 1 >= n:
         raise UserError(f"the ME Layer is the last layer ({me}): no layer after it to act on")
     known = registry()
@@ -431,7 +433,7 @@ class TuneResult:
     chosen: dict | None
     manifest: object | None  # Manifest of the chosen trial
     ran: int  # trials this process ran
-    scan: dict
+    scan: ScanResult
 
 
 @contextmanager
@@ -449,7 +451,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *, scan: dict | None = None,
+def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *, scan: ScanResult | None = None,
              calibration=None, detection=None, text: Path | None = None, heldout: Path | None = None,
              device: str = "cpu", dtype: torch.dtype = torch.float32,
              progress: bool = False) -> TuneResult:
@@ -493,10 +495,10 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
         key = {"calibration": str(asdict(calibration)), "detection": asdict(detection), "folder": str(source.folder)}
         with _locked(run_dir):
             if scan_path.is_file() and json.loads(scan_path.read_text()).get("tune_key") == key:
-                scan = json.loads(scan_path.read_text())
+                scan = ScanResult.read(scan_path)
             else:
                 scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-                _atomic_text(scan_path, json.dumps({**scan, "tune_key": key}, default=str))
+                _atomic_text(scan_path, json.dumps({**scan.to_dict(), "tune_key": key}, default=str))
     space = make_space(opts.recipes, scan)
     fingerprint = {"model": str(source.folder), "recipes": list(opts.recipes), "objective": opts.objective,
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,

@@ -9,7 +9,6 @@ models, and only when both fit.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -25,7 +24,7 @@ from .checkpoint.reader import Checkpoint
 from .errors import UserError
 from .measure import DetectParams, LayerStats, find_massive, layer_stats, sink, sink_rate, top_k_for
 from .modeling.modeling_melsurgery import CONFIG_KEY
-from .outputs import PROVENANCE
+from .provenance import Provenance
 from .samples import load_tokenizer
 
 GEN_PROMPTS = [
@@ -170,13 +169,22 @@ def _mean(values: list) -> float | None:
 def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_tokens: int = 512,
                max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
                generations: int = 3, max_new_tokens: int = 40, progress: bool = False,
-               params: DetectParams | None = None) -> dict:
+               params: DetectParams | None = None, claimed_edits: list[str] | None = None) -> dict:
     """Base versus patched on held-out text, streaming: one decoder layer in memory serves both models.
 
     Each base layer is read once; the patched stream runs it with the patched checkpoint's differing
     tensors swapped in (and its WeMask hooks), so the patched checkpoint is read once too, tensor by
     tensor, which also tells which tensors differ. The LM head is scored in vocabulary blocks.
+
+    `params`: the detection thresholds of the patch's scan; `claimed_edits`: the tensors the patch says it
+    changed (checked against those that differ). Where not given, they come from the patched folder's
+    provenance.json when it has one; else the default thresholds, and no claim to check.
     """
+    if params is None or claimed_edits is None:
+        record = Provenance.find(Path(patched))
+        if record is not None:
+            params = params or record.detect_params
+            claimed_edits = record.edited_tensors if claimed_edits is None else claimed_edits
     start = time.perf_counter()
     raw, text_name = eval_text(text)
     bckpt, pckpt = Checkpoint(base), Checkpoint(patched)
@@ -232,7 +240,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
         if bar:
             bar.close()
 
-    found = find_massive(stats[0], params or _scan_params(Path(patched)))
+    found = find_massive(stats[0], params or DetectParams())
     tokens = found.tokens
     result = {
         "text": text_name,
@@ -258,20 +266,12 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
                   sink_rate_mean_patched=_mean(result["sink_rate_patched"][first:]),
                   similarity_mean_base=_mean(result["similarity_base"][first:]),
                   similarity_mean_patched=_mean(result["similarity_patched"][first:]))
-    result["weights"] = _weight_check(sorted(changed), Path(patched))
+    result["weights"] = _weight_check(sorted(changed), claimed_edits)
     result["no_effect"] = result["kl_max"] == 0 and not changed
     result["generations"], result["generations_note"] = _maybe_generate(bckpt, Path(base), Path(patched), tok,
                                                                         generations, max_new_tokens, device, dtype)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
-
-
-def _scan_params(patched: Path) -> DetectParams:
-    """The detection thresholds the patch's scan used (from provenance.json), else the defaults."""
-    try:
-        return DetectParams(**json.loads((patched / PROVENANCE).read_text())["scan"]["params"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return DetectParams()
 
 
 def _differs_by_rows(a: Checkpoint, b: Checkpoint, name: str, differs) -> bool:
@@ -381,14 +381,10 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
     return out
 
 
-def _weight_check(changed: list[str], patched: Path) -> dict:
-    claimed = None
-    prov = patched / PROVENANCE
-    if prov.is_file():
-        try:
-            claimed = sorted({e["tensor"] for e in json.loads(prov.read_text())["edits"]})
-        except (KeyError, TypeError, ValueError):
-            claimed = None
+def _weight_check(changed: list[str], claimed: list[str] | None) -> dict:
+    """The tensors that differ, against those the patch claims to have changed (None: no claim)."""
+    if claimed is not None:
+        claimed = sorted(set(claimed))
     return {"changed": changed, "provenance_edits": claimed,
             "matches_provenance": None if claimed is None else claimed == changed}
 

@@ -187,11 +187,13 @@ def child_naive_patch(src: str, out: str, scan_json: str, factor: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    scan = json.loads(Path(scan_json).read_text())
-    neurons = sorted({n["neuron"] for n in scan["ffn_neurons"]})
+    from melsurgery.scan import read_json
+
+    scan = read_json(Path(scan_json))
+    neurons = sorted({n.neuron for n in scan.ffn_neurons})
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     with torch.no_grad():
-        w = model.model.layers[scan["me_layer"]].mlp.down_proj.weight
+        w = model.model.layers[scan.me_layer].mlp.down_proj.weight
         w[:, neurons] = (w[:, neurons].float() * float(factor)).to(w.dtype)
     model.save_pretrained(out, max_shard_size="5GB")
 

@@ -41,9 +41,9 @@ def main() -> int:
         t = time.perf_counter()
         gpu = run_scan(resolve(str(src)), device="cuda")
         out["scan_cuda_s"] = time.perf_counter() - t
-        same = (cpu["me_layer"], cpu["massive_dims"], [n["neuron"] for n in cpu["ffn_neurons"]]) == (
-            gpu["me_layer"], gpu["massive_dims"], [n["neuron"] for n in gpu["ffn_neurons"]])
-        rel = max(abs(a["max_abs"] - b["max_abs"]) / a["max_abs"] for a, b in zip(cpu["layers"], gpu["layers"]))
+        same = (cpu.me_layer, cpu.massive_dims, [n.neuron for n in cpu.ffn_neurons]) == (
+            gpu.me_layer, gpu.massive_dims, [n.neuron for n in gpu.ffn_neurons])
+        rel = max(abs(a.max_abs - b.max_abs) / a.max_abs for a, b in zip(cpu.layers, gpu.layers))
         out["scan_agrees"], out["scan_max_rel_diff"] = same, rel
         ok &= same and rel < 1e-3
 

@@ -48,8 +48,8 @@ def main(model: str, json_path: Path | None, windows: int | None, only: tuple[st
     source = resolve(model)
     scan = read_json(scan_path) if scan_path else run_scan(source)
     rows = []
-    click.echo(f"ME Layer {scan['me_layer']}, massive dims {scan['massive_dims']}, sink after ME "
-               f"{scan['sink_after_me']:.3f} (calibration)")
+    click.echo(f"ME Layer {scan.me_layer}, massive dims {list(scan.massive_dims)}, sink after ME "
+               f"{scan.sink_after_me:.3f} (calibration)")
     click.echo("| recipe | folds | sink (layers ME+1..) | sink rate | similarity | KL mean | KL max | top-1 | ppl "
                "| Δppl | time |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")

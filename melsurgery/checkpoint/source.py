@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
 from ..errors import UserError
-from ..outputs import MODEL_CARD, PROVENANCE
+from ..outputs import MODEL_CARD
+from ..provenance import Provenance
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -105,7 +106,7 @@ def _gguf_card(gguf: Path, base_id: str) -> str:
     return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
 
 
-def _gguf_provenance(gguf: Path) -> dict | None:
+def _gguf_provenance(gguf: Path) -> Provenance | None:
     """A GGUF that melsurgery patched records what it did in `melsurgery.*` keys; its converted folder gets the
     same record as provenance.json (edits under their Hugging Face names), so that `verify` can check it."""
     from .gguf_file import GGUFFile
@@ -115,14 +116,14 @@ def _gguf_provenance(gguf: Path) -> dict | None:
         return None
     try:
         edits = json.loads(meta["melsurgery.edits"])
-        return {
+        return Provenance.from_dict({
             "tool": f"melsurgery {meta['melsurgery.version']}",
             "source": {"gguf": meta["melsurgery.source.file"], "sha256": meta["melsurgery.source.sha256"]},
             "recipes": json.loads(meta["melsurgery.recipes"]),
             "edits": [{**e, "tensor": e["hf_tensor"], "gguf_tensor": e["tensor"]} for e in edits if e["changed"]],
             "scan": json.loads(meta["melsurgery.scan"]),
-        }
-    except (KeyError, TypeError, ValueError):
+        }, f"{gguf}: melsurgery.* metadata")
+    except (KeyError, TypeError, ValueError, UserError):
         raise UserError(f"{gguf}: its melsurgery.* metadata is damaged; re-run the patch") from None
 
 
@@ -165,7 +166,7 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         (tmp / MODEL_CARD).write_text(_gguf_card(gguf, base_id))
         provenance = _gguf_provenance(gguf)
         if provenance is not None:
-            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+            provenance.write(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:
