@@ -24,6 +24,7 @@ from melsurgery.checkpoint.source import DEFAULT_BASE_ID, default_gguf
 from melsurgery.errors import UserError
 from melsurgery.hubmeta import hub_licenses, metadata_problems
 from melsurgery.manifest import load_manifest
+from melsurgery.scan_result import ModelInfo, ScanResult
 from tests.support.helpers import run_cli
 from tests.support.hub_server import hub_metadata_errors
 
@@ -187,7 +188,9 @@ def test_base_licence_carried_only_when_the_hub_knows_it(tmp_path: Path) -> None
     assert base_license(tmp_path / "none") == ({}, None)
 
     card = render_card(base=None, name="my`model", license={}, unknown_license="Apache 2.0", plans=[],
-                       scan={"me_layer": 3, "massive_dims": [17]}, applied=[], custom_layer=False)
+                       scan=ScanResult(model=ModelInfo("m", "m", "folder", None, "llama", 6, 64), me_layer=3,
+                                       massive_dims=(17,)),
+                       applied=[], custom_layer=False)
     meta = front_matter(card)
     assert metadata_problems(meta) == [] and hub_metadata_errors(meta) == []
     assert "license" not in meta and "base_model" not in meta and "base_model_relation" not in meta

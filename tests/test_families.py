@@ -8,6 +8,7 @@ independent hook reference; exactly the edited tensors change; source dtypes sur
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.source import resolve
 from melsurgery.errors import UserError
 from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import CalibrationSpec, run_scan
+from melsurgery.scan import CalibrationSpec, read_json, run_scan, write_json
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
@@ -75,16 +76,30 @@ def test_every_family_is_covered():
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_scan_json_round_trips_exactly(planted_family, model_type, tmp_path):
+    """Every family's scan (experts, hybrid mixers, null sinks) reads back to the same object and bytes."""
+    _, r = planted_family(model_type)
+    path = tmp_path / "scan.json"
+    write_json(r, path)
+    data = json.loads(path.read_text())
+    assert ("expert" in data["ffn_neurons"][0]) == is_moe(model_type)
+    again = read_json(path)
+    assert again.to_dict() == data
+    again.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_scan_finds_the_plant(planted_family, model_type):
     _, r = planted_family(model_type)
-    assert r["model"]["family"] == family_for({"model_type": model_type}).name
-    assert r["me_layer"] == PLANT.layer and r["massive_dims"] == [PLANT.dim]
-    assert {t["pos"] for t in r["massive_tokens"]} == {0}
-    assert len(r["massive_tokens"]) == r["calibration"]["num_samples"]
-    (n,) = r["ffn_neurons"]
-    assert n["neuron"] == PLANT.neuron and n.get("expert") == (PLANT.expert if is_moe(model_type) else None)
-    assert n["share"] > 0.95 and abs(n["activation_other_max"]) < 0.01 * abs(n["activation_massive"])
-    assert r["persist_until"] == 5
+    assert r.model.family == family_for({"model_type": model_type}).name
+    assert r.me_layer == PLANT.layer and r.massive_dims == (PLANT.dim,)
+    assert {t.pos for t in r.massive_tokens} == {0}
+    assert len(r.massive_tokens) == r.calibration.num_samples
+    (n,) = r.ffn_neurons
+    assert n.neuron == PLANT.neuron and n.expert == (PLANT.expert if is_moe(model_type) else None)
+    assert n.share > 0.95 and abs(n.activation_other_max) < 0.01 * abs(n.activation_massive)
+    assert r.persist_until == 5
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -128,7 +143,7 @@ DEFAULTS = {"norm-rescale": {"factor": 0.5}, "ffn-dampen": {"factor": 0.2}, "me-
 def reference_for(recipe, params, plan, model, scan, model_type):
     """Hooks aimed by the planted ground truth, after checking that the plan under test aims at the same
     targets (the scan is trusted only for the ranking of the incidental dims after the planted one)."""
-    dims = tuple(d["dim"] for d in scan["top_dims"])
+    dims = tuple(d.dim for d in scan.top_dims)
     assert dims[0] == PLANT.dim
     neuron = [PLANT.expert, PLANT.neuron] if is_moe(model_type) else PLANT.neuron
     config = family_config(model_type)
@@ -246,9 +261,9 @@ def test_qwen2_moe_shared_expert_is_its_own_entry(tmp_path):
     plant = Plant(expert="shared")
     folder = save_model(build_model(family_config("qwen2_moe"), plant), tmp_path / "model")
     scan = run_scan(resolve(str(folder)), CalibrationSpec(num_samples=4, max_tokens=48))
-    assert scan["me_layer"] == plant.layer and scan["massive_dims"] == [plant.dim]
-    (n,) = scan["ffn_neurons"]
-    assert (n["expert"], n["neuron"]) == ("shared", plant.neuron) and n["share"] > 0.95
+    assert scan.me_layer == plant.layer and scan.massive_dims == (plant.dim,)
+    (n,) = scan.ffn_neurons
+    assert (n.expert, n.neuron) == ("shared", plant.neuron) and n.share > 0.95
     result = patch(folder, tmp_path / "out", [("ffn-dampen", {})], scan)
     assert {a.tensor for a in result.applied} == {"model.layers.3.mlp.shared_expert.down_proj.weight"}
     base, ids = load(folder), batch()
@@ -321,9 +336,8 @@ def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
     from melsurgery.recipes import plan_recipes
 
     _, scan = planted_family("lfm2")
-    (d,) = scan["dims_attribution"]
-    mixer_wrote = {**scan, "ffn_neurons": [], "dims_attribution": [{**d, "attn_write": d["ffn_write"],
-                                                                    "ffn_write": 0.0}]}
+    (d,) = scan.dims_attribution
+    mixer_wrote = replace(scan, ffn_neurons=(), dims_attribution=(replace(d, attn_write=d.ffn_write, ffn_write=0.0),))
     with pytest.raises(UserError, match="the conv mixer of layer 3, not its FFN, writes the massive dims"):
         plan_recipes(mixer_wrote, family_for({"model_type": "lfm2"}), {"num_hidden_layers": 6},
                      [("ffn-dampen", {})])

@@ -119,7 +119,7 @@ def test_gguf_patch_contract(gguf_dir, patched, planted_scan, qtype):
     src, out = _tensors(src_path), _tensors(res.file)
     assert [(n, t.tensor_type, list(t.shape)) for n, t in src.items()] == [
         (n, t.tensor_type, list(t.shape)) for n, t in out.items()]
-    me = planted_scan["me_layer"]
+    me = planted_scan.me_layer
     down, ffn_norm = f"blk.{me}.ffn_down.weight", f"blk.{me}.ffn_norm.weight"
     attn_norm = f"blk.{me + 1}.attn_norm.weight"
     assert {a.tensor for a in res.applied} == {down, ffn_norm, attn_norm}
@@ -128,14 +128,14 @@ def test_gguf_patch_contract(gguf_dir, patched, planted_scan, qtype):
             assert bytes(src[name].data) == bytes(out[name].data), name
     # norms (F32): the exact float32 edit
     g = np.array(src[ffn_norm].data)
-    mean = planted_scan["norm"]["ffn_norm_weight_mean"]
+    mean = planted_scan.norm.ffn_norm_weight_mean
     assert np.allclose(np.array(out[ffn_norm].data), mean + 0.5 * (g - mean), rtol=0, atol=1e-6)
-    dims = [d["dim"] for d in planted_scan["top_dims"][:3]]
+    dims = [d.dim for d in planted_scan.top_dims[:3]]
     expected = np.array(src[attn_norm].data).copy()
     expected[dims] *= np.float32(0.5)
     assert np.array_equal(np.array(out[attn_norm].data), expected)
     # the FFN down projection: reference requantisation of the changed blocks only
-    neurons = [n["neuron"] for n in planted_scan["ffn_neurons"]]
+    neurons = [n.neuron for n in planted_scan.ffn_neurons]
     old = quants.dequantize(np.array(src[down].data), qtype)
     new = old.copy()
     new[:, neurons] *= np.float32(0.2)
@@ -201,7 +201,7 @@ def test_kquant_tensor_is_refused_by_name_and_norm_edits_keep_it(gguf_dir, cache
     src, out = _tensors(path), _tensors(res.file)
     kq = [n for n, t in src.items() if t.tensor_type == GGMLQuantizationType.Q4_K]
     assert len(kq) == 6 and all(bytes(src[n].data) == bytes(out[n].data) for n in kq)
-    assert [a.tensor for a in res.applied] == [f"blk.{planted_scan['me_layer']}.ffn_norm.weight"]
+    assert [a.tensor for a in res.applied] == [f"blk.{planted_scan.me_layer}.ffn_norm.weight"]
 
 
 def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
@@ -243,7 +243,7 @@ def test_folder_output_is_pushable_and_tamper_evident(gguf_dir, cache_dir, plant
     assert res.file == out / src.name
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["outputs"][src.name] == hashlib.sha256((out / src.name).read_bytes()).hexdigest()
-    assert prov["edits"][0]["tensor"] == f"blk.{planted_scan['me_layer']}.ffn_down.weight"
+    assert prov["edits"][0]["tensor"] == f"blk.{planted_scan.me_layer}.ffn_down.weight"
     card = (out / "README.md").read_text()
     assert "library_name: gguf" in card and f"gguf_file=\"{src.name}\"" in card
     manifest = validate_for_push(out)
@@ -264,11 +264,11 @@ def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, plant
     r = diff_gguf(src, res.file)
     changed = {t.name: t for t in r.tensors if t.status != "identical"}
     assert set(changed) == {a.tensor for a in res.applied}
-    down = changed[f"blk.{planted_scan['me_layer']}.ffn_down.weight"]
+    down = changed[f"blk.{planted_scan.me_layer}.ffn_down.weight"]
     edit = next(a for a in res.applied if a.tensor == down.name)
     assert down.blocks_changed == edit.blocks_changed and down.changed == edit.changed
-    assert set(down.cols) <= {c for n in planted_scan["ffn_neurons"] for c in range(n["neuron"] // 32 * 32,
-                                                                                    n["neuron"] // 32 * 32 + 32)}
+    assert set(down.cols) <= {c for n in planted_scan.ffn_neurons for c in range(n.neuron // 32 * 32,
+                                                                                    n.neuron // 32 * 32 + 32)}
     assert down.max_abs_diff == pytest.approx(edit.max_abs_delta)
     assert set(r.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
     assert not r.removed and not r.changed_keys and not r.identical
@@ -298,7 +298,7 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
     """The embedded Q4_1 SmolLM2: the scan's layer, dims and neurons land on the right GGUF tensors; every
     other tensor byte-identical; the down projection requantised only in blocks of the dampened columns."""
     src, out = _tensors(smollm2.origin_file), _tensors(smollm2_patched.file)
-    me, neurons = smollm2_scan["me_layer"], [n["neuron"] for n in smollm2_scan["ffn_neurons"]]
+    me, neurons = smollm2_scan.me_layer, [n.neuron for n in smollm2_scan.ffn_neurons]
     family = family_for({"model_type": "llama"})
     down = gguf_target(family, f"model.layers.{me}.mlp.down_proj.weight", {}).name
     edited = {a.tensor for a in smollm2_patched.applied}

@@ -14,6 +14,7 @@ import pickle
 import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,9 @@ SCAN_DAMAGE = {
     "neuron-negative": (lambda d: d["ffn_neurons"][0].update(neuron=-1), "ffn_neurons[0].neuron must be an index"),
     "norm-mean-nan": (lambda d: d["norm"].update(ffn_norm_weight_mean=float("nan")), "norm.ffn_norm_weight_mean"),
     "not-an-object": (lambda d: d.clear(), "not a melsurgery scan result"),
+    "layer-value-a-word": (lambda d: d["layers"][2]["top"][0].update(value="big"),
+                           "layers[2].top[0].value must be a finite number, got 'big'"),
+    "sink-dims-not-a-list": (lambda d: d["sink_dims"][0].update(dims={}), "sink_dims[0].dims must be a list"),
 }
 CLI_SCANS = ("me-layer-a-word", "no-model")
 
@@ -274,7 +278,7 @@ def test_a_scan_of_another_model_is_refused(sharded, tmp_path):
     from melsurgery.scan import read_json
 
     scan = read_json(sharded[1])
-    scan["model"]["hidden_size"] = 128
+    scan = replace(scan, model=replace(scan.model, hidden_size=128))
     with pytest.raises(UserError, match="128 hidden size, this one has 64"):
         run_patch(resolve(str(sharded[0])), tmp_path / "out", Manifest(recipes=[("wemask", {})]), scan=scan)
     assert not (tmp_path / "out").exists()

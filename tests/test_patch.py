@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 import melsurgery
 from melsurgery.card import front_matter
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.errors import UserError
 from melsurgery.manifest import load_manifest
+from melsurgery.provenance import Provenance
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
@@ -51,7 +53,7 @@ PLANT = Plant()
 def planted_truth(scan) -> ref.Truth:
     """The planted model's ground truth; the scan is trusted only for the ranking of the incidental dims after
     the planted one (tests/test_scan.py checks the scan itself)."""
-    dims = tuple(d["dim"] for d in scan["top_dims"])
+    dims = tuple(d.dim for d in scan.top_dims)
     assert dims[0] == PLANT.dim
     return ref.Truth(PLANT.layer, dims, (PLANT.neuron,), llama_config().num_hidden_layers)
 
@@ -265,6 +267,20 @@ def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_p
     assert set(prov["outputs"]) == {p.name for p in out.iterdir()} - {"provenance.json"}
     assert prov["source"]["files"]["model.safetensors"] == sha256_file(planted / "model.safetensors")
     assert prov["recipes"][0]["name"] == "ffn-dampen" and prov["scan"]["me_layer"] == 3
+    record = Provenance.read(out)  # the typed record is the file: same object, same bytes when written again
+    assert record.to_dict() == prov and record.edited_tensors == ["model.layers.3.mlp.down_proj.weight"]
+    assert record.detect_params == planted_scan.params
+    record.verify(out)
+    text = (out / "provenance.json").read_text()
+    record.write(out)
+    assert (out / "provenance.json").read_text() == text
+    (out / "LICENSE").write_text("changed\n")
+    with pytest.raises(UserError, match="LICENSE: sha256 differs from provenance.json"):
+        record.verify(out)
+    damaged = {**prov, "edits": [{"shard": "model.safetensors"}]}
+    (out / "provenance.json").write_text(json.dumps(damaged))
+    with pytest.raises(UserError, match=r"provenance.json: edits\[0\] must be an object naming its 'tensor'"):
+        Provenance.read(out)
 
 
 def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):

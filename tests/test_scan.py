@@ -8,7 +8,8 @@ from melsurgery.calibrate import calibrate
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import resolve
 from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import run_scan
+from melsurgery.scan import read_json, run_scan, write_json
+from melsurgery.scan_result import ScanResult
 from tests.support.helpers import run_cli
 from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
@@ -16,16 +17,16 @@ from tests.support.planted import Plant, build_model, llama_config, make_tokeniz
 def test_scan_finds_the_planted_layer_dim_token_and_neuron(planted):
     r = run_scan(resolve(str(planted)))
     plant = Plant()
-    assert r["me_layer"] == plant.layer
-    assert r["massive_dims"] == [plant.dim]
-    assert {t["pos"] for t in r["massive_tokens"]} == {0}
-    assert len(r["massive_tokens"]) == r["calibration"]["num_samples"]
-    assert [n["neuron"] for n in r["ffn_neurons"]] == [plant.neuron]
-    n = r["ffn_neurons"][0]
-    assert n["share"] > 0.95 and n["activation_other_max"] < 0.01 * n["activation_massive"]
-    (d,) = r["dims_attribution"]
-    assert d["ffn_write"] > 100 * abs(d["attn_write"])
-    assert r["persist_until"] == 5
+    assert r.me_layer == plant.layer
+    assert r.massive_dims == (plant.dim,)
+    assert {t.pos for t in r.massive_tokens} == {0}
+    assert len(r.massive_tokens) == r.calibration.num_samples
+    assert [n.neuron for n in r.ffn_neurons] == [plant.neuron]
+    n = r.ffn_neurons[0]
+    assert n.share > 0.95 and n.activation_other_max < 0.01 * n.activation_massive
+    (d,) = r.dims_attribution
+    assert d.ffn_write > 100 * abs(d.attn_write)
+    assert r.persist_until == 5
 
 
 @pytest.mark.parametrize("layer,dim,neuron", [(1, 40, 7), (4, 2, 100)])
@@ -33,7 +34,7 @@ def test_scan_follows_the_plant(tmp_path, layer, dim, neuron):
     plant = Plant(layer=layer, dim=dim, neuron=neuron)
     folder = planted_folder(tmp_path / "m", plant=plant, shards=3)
     r = run_scan(resolve(str(folder)))
-    assert (r["me_layer"], r["massive_dims"], r["ffn_neurons"][0]["neuron"]) == (layer, [dim], neuron)
+    assert (r.me_layer, r.massive_dims, r.ffn_neurons[0].neuron) == (layer, (dim,), neuron)
 
 
 def test_streaming_statistics_equal_a_full_forward(tmp_path):
@@ -59,6 +60,19 @@ def test_streaming_statistics_equal_a_full_forward(tmp_path):
         a = full[0].attentions[i][0].mean(0)
         expected = [float(a[k + 1 :, k].mean()) for k in range(a.shape[0] - 1)]
         assert stats.layers[i + 1].key_attention[0].mean(0)[:-1].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_scan_json_round_trips_exactly(planted_scan, tmp_path):
+    """The typed result is the JSON: read back it equals the object scanned, and writes the same bytes."""
+    assert planted_scan.sink_dims[0].dims and planted_scan.dims_attribution and planted_scan.norm  # all present
+    path = tmp_path / "scan.json"
+    write_json(planted_scan, path)
+    text = path.read_text()
+    data = json.loads(text)
+    again = ScanResult.from_dict(data, str(path))
+    assert again.to_dict() == data and again == planted_scan
+    again.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == text
 
 
 def test_unplanted_model_has_no_me_layer_and_exits_3(tmp_path):
@@ -91,7 +105,7 @@ def test_calibration_files(planted, tmp_path):
                                                                                         "content": "hi there"}]}))
     for path, n in ((txt, 3), (jl, 2)):
         r = run_scan(resolve(str(planted)), calib=__import__("melsurgery.scan").scan.CalibrationSpec(path))
-        assert r["calibration"]["num_samples"] == n and r["me_layer"] == 3
+        assert r.calibration.num_samples == n and r.me_layer == 3
 
 
 @pytest.mark.parametrize("make,message", [
@@ -129,17 +143,17 @@ def test_bad_calibration_file(planted, tmp_path):
 
 def test_smollm2_me_layer_dims_and_neurons(smollm2_scan):
     r = smollm2_scan
-    assert r["me_layer"] == 11
-    assert r["massive_dims"][0] == 507
-    assert [d["dim"] for d in r["top_dims"][:3]] == [507, 247, 14]
-    assert {t["pos"] for t in r["massive_tokens"]} == {0}
-    assert [n["neuron"] for n in r["ffn_neurons"][:2]] == [1229, 1487]
-    assert r["ffn_neurons"][0]["activation_other_max"] < 5
+    assert r.me_layer == 11
+    assert r.massive_dims[0] == 507
+    assert [d.dim for d in r.top_dims[:3]] == [507, 247, 14]
+    assert {t.pos for t in r.massive_tokens} == {0}
+    assert [n.neuron for n in r.ffn_neurons[:2]] == [1229, 1487]
+    assert r.ffn_neurons[0].activation_other_max < 5
     # the precursor in dim 507 (layers 1-9) is reported, and not mistaken for the ME Layer
-    assert {p["layer"] for p in r["precursors"]} >= set(range(2, 9))
-    assert all(507 in p["dims"] for p in r["precursors"])
-    assert 25 <= r["persist_until"] <= 28
-    assert 0.3 < r["sink_after_me"] < 0.9
+    assert {p.layer for p in r.precursors} >= set(range(2, 9))
+    assert all(507 in p.dims for p in r.precursors)
+    assert 25 <= r.persist_until <= 28
+    assert 0.3 < r.sink_after_me < 0.9
 
 
 def test_default_model_is_cached(smollm2):
@@ -163,7 +177,9 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
     res = run_cli("scan", folder, "--num-samples", "auto", "--dtype", "checkpoint", "--max-tokens", "32", "--quiet",
                   "--json", out)
     assert res.returncode == 0, res.stderr
-    cal = json.loads(out.read_text())["calibration"]
+    data = json.loads(out.read_text())
+    assert read_json(out).to_dict() == data  # the adaptive rounds are typed too
+    cal = data["calibration"]
     assert cal["dtype"] == "bfloat16"
     rounds = cal["adaptive"]["rounds"]
     assert [r["samples"] for r in rounds] == [4, 8] and cal["num_samples"] == 8

@@ -207,7 +207,7 @@ def test_space_derives_from_the_declarations(planted_scan, monkeypatch):
                 seen.add(params["replace"])
                 ends.add(params["strength_end"])
                 first, last = map(int, params["layers"].split("-"))
-                assert planted_scan["me_layer"] < first <= last < planted_scan["model"]["num_layers"]
+                assert planted_scan.me_layer < first <= last < planted_scan.model.num_layers
         study.tell(trial, [0.0, 0.0])
     assert seen == {"zero", "mean"}
     # a ramp's end (off by default: None = the start's value) is searched, and its default is a flat ramp

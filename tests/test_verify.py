@@ -32,7 +32,7 @@ def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tm
 def test_removing_the_massive_activation_shows_in_the_right_layers(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
     r = run_verify(planted, tmp_path / "out", **FAST)
-    me = planted_scan["me_layer"]
+    me = planted_scan.me_layer
     assert r["max_abs_base"][:me] == r["max_abs_patched"][:me]  # before the ME Layer nothing changes
     for i in range(me, len(r["max_abs_base"])):
         assert r["max_abs_patched"][i] < 0.1 * r["max_abs_base"][i]
@@ -124,11 +124,11 @@ def test_streaming_verify_equals_whole_model_verify_on_default_model(smollm2, sm
 def _scan_and_verify_sinks(folder, text, max_tokens):
     scan = run_scan(resolve(str(folder)), CalibrationSpec(path=text, max_tokens=max_tokens))
     r = run_verify(folder, folder, text=text, max_tokens=max_tokens, max_windows=1, generations=0)
-    assert r["windows"] == 1 and scan["calibration"]["num_samples"] == 1
-    assert r["me_layer"] == scan["me_layer"] is not None
-    assert r["massive_positions"][0] == sorted(t["pos"] for t in scan["massive_tokens"])
-    _close(r["sink_base"], scan["sink"], 1e-6)
-    _close(r["sink_rate_base"], scan["sink_rate"], 1e-6)
+    assert r["windows"] == 1 and scan.calibration.num_samples == 1
+    assert r["me_layer"] == scan.me_layer is not None
+    assert r["massive_positions"][0] == sorted(t.pos for t in scan.massive_tokens)
+    _close(r["sink_base"], list(scan.sink), 1e-6)
+    _close(r["sink_rate_base"], list(scan.sink_rate), 1e-6)
     return scan
 
 
@@ -142,7 +142,7 @@ def test_scan_and_verify_agree_on_the_sink_default_model(smollm2, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(verify_module.eval_text(None)[0][:600].replace("\n\n", "\n").strip())
     scan = _scan_and_verify_sinks(smollm2.folder, text, 64)
-    assert max(s for s in scan["sink"] if s is not None) > 0.3
+    assert max(s for s in scan.sink if s is not None) > 0.3
 
 
 def test_windows_open_with_bos_and_perplexity_excludes_it(planted, tmp_path):

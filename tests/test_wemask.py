@@ -1,6 +1,7 @@
 """Per-layer wemask: selector thresholds, sink attribution, mean replacement and strength ramps."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,19 +63,19 @@ def forward(model, ids, mask, **kw):
 
 def test_per_layer_selector_fires_where_one_global_threshold_cannot(growth, tmp_path):
     folder, scan = growth
-    sel = {s["layer"]: s for s in scan["selector_layers"]}
-    me = scan["me_layer"]
+    sel = {s.layer: s for s in scan.selector_layers}
+    me = scan.me_layer
     assert me == PLANT.layer and sorted(sel) == [me + 1, me + 2]
-    assert sel[me + 2]["massive_min"] > 8 * sel[me + 1]["massive_min"]  # the massive value grows ~10x
+    assert sel[me + 2].massive_min > 8 * sel[me + 1].massive_min  # the massive value grows ~10x
     # one threshold over all layers lies above the massive value entering layer ME+1: it would never fire
-    assert scan["selector_threshold"] > sel[me + 1]["massive_min"]
+    assert scan.selector_threshold > sel[me + 1].massive_min
     for s in sel.values():
-        assert s["others_max"] < s["threshold"] <= s["massive_min"] and s["selected"] == s["massive_tokens"]
+        assert s.others_max < s.threshold <= s.massive_min and s.selected == s.massive_tokens
     result = patch(folder, tmp_path / "out", [("wemask", {})], scan)  # default: layer ME+1, magnitude selector
     (layer,) = result.plans[0].wemask.per_layer
-    assert (layer.layer, layer.threshold) == (me + 1, sel[me + 1]["threshold"])
+    assert (layer.layer, layer.threshold) == (me + 1, sel[me + 1].threshold)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["melsurgery_wemask"]
-    assert config["per_layer"][0]["threshold"] == sel[me + 1]["threshold"]
+    assert config["per_layer"][0]["threshold"] == sel[me + 1].threshold
     ids = torch.tensor([make_tokenizer()(t)["input_ids"][:12] for t in TEXTS])
     base = load_base(folder)
     handles = ref.for_plan(result.plans[0], base, scan)
@@ -94,18 +95,16 @@ def test_per_layer_selector_fires_where_one_global_threshold_cannot(growth, tmp_
 
 def test_a_plan_that_selects_no_token_is_refused_in_one_line(growth, tmp_path):
     folder, scan = growth
-    me = scan["me_layer"]
-    blind = json.loads(json.dumps(scan))
-    for s in blind["selector_layers"]:
-        if s["layer"] == me + 2:
-            s["threshold"] = None
+    me = scan.me_layer
+    blind = replace(scan, selector_layers=tuple(replace(s, threshold=None) if s.layer == me + 2 else s
+                                                for s in scan.selector_layers))
     partial = plan(blind, folder, {"layers": "after-me"})  # one layer left: patched, and the summary says so
     assert [m.layer for m in partial.wemask.per_layer] == [me + 1]
     assert f"layers [{me + 2}] left alone" in partial.summary
     with pytest.raises(UserError, match="would select no token on the calibration set"):
         plan(blind, folder, {"layers": str(me + 2)})
     path = tmp_path / "scan.json"
-    path.write_text(json.dumps(blind))
+    blind.write(path)
     res = run_cli("patch", folder, "-o", tmp_path / "out", "--scan", path, "--recipe", "wemask", "--layers",
                   str(me + 2), "--quiet")
     assert res.returncode == 2
@@ -122,17 +121,17 @@ def sink_of(model, ids, layers):
 
 def test_sink_attribution_finds_the_dims_that_drive_the_sink(sink, tmp_path):
     folder, scan = sink
-    me = scan["me_layer"]
-    magnitude_top = scan["top_dims"][0]["dim"]
-    assert (me, scan["massive_dims"], magnitude_top) == (PLANT.layer, [PLANT.dim], PLANT.dim)
-    for s in scan["sink_dims"]:
-        assert s["dims"][0]["dim"] == SINK_DIM and s["dims"][0]["share"] > 0.9
-        assert all(d["dim"] != PLANT.dim for d in s["dims"][:3])  # the keys ignore the massive dim
-    assert [s["layer"] for s in scan["sink_dims"]] == [me + 1, me + 2]
-    assert len(scan["ordinary_mean"][0]["mean"]) == scan["model"]["hidden_size"]
+    me = scan.me_layer
+    magnitude_top = scan.top_dims[0].dim
+    assert (me, scan.massive_dims, magnitude_top) == (PLANT.layer, (PLANT.dim,), PLANT.dim)
+    for s in scan.sink_dims:
+        assert s.dims[0].dim == SINK_DIM and s.dims[0].share > 0.9
+        assert all(d.dim != PLANT.dim for d in s.dims[:3])  # the keys ignore the massive dim
+    assert [s.layer for s in scan.sink_dims] == [me + 1, me + 2]
+    assert len(scan.ordinary_mean[0].mean) == scan.model.hidden_size
     report = scan_report(scan)
     assert f"layer {me + 1}: {SINK_DIM} (" in report and "QK-norm" not in report
-    assert "QK-norm" in scan_report({**scan, "qk_norm": True})
+    assert "QK-norm" in scan_report(replace(scan, qk_norm=True))
     ids = torch.tensor([make_tokenizer()(t)["input_ids"][:12] for t in TEXTS])
     layers = [me + 1, me + 2]
     base = sink_of(load_base(folder), ids, layers)
@@ -147,12 +146,12 @@ def test_sink_attribution_finds_the_dims_that_drive_the_sink(sink, tmp_path):
 
 def test_strength_ramp_and_mean_values_come_from_the_scan(sink):
     folder, scan = sink
-    me = scan["me_layer"]
+    me = scan.me_layer
     p = plan(scan, folder, {"layers": "after-me", "dims_by": "sink", "top_k": 2, "replace": "mean",
                             "strength": 0.9, "strength_end": 0.5})
     spec = p.wemask
-    means = {m["layer"]: m["mean"] for m in scan["ordinary_mean"]}
-    ranks = {s["layer"]: [d["dim"] for d in s["dims"]] for s in scan["sink_dims"]}
+    means = {m.layer: m.mean for m in scan.ordinary_mean}
+    ranks = {s.layer: [d.dim for d in s.dims] for s in scan.sink_dims}
     assert [m.strength for m in spec.per_layer] == pytest.approx([0.9, 0.5])
     for m in spec.per_layer:
         assert m.dims == tuple(ranks[m.layer][:2]) and m.values == pytest.approx([means[m.layer][d] for d in m.dims])
@@ -173,7 +172,7 @@ def test_per_layer_dims_and_mean_replacement_equal_a_hook_reference_with_cache_a
     ids, mask, pads = left_padded()
     base = load_base(folder)
     per_layer = [(m.layer, m.dims, m.strength, m.threshold, m.values) for m in spec.per_layer]
-    handles = ref.wemask(base, per_layer, selector, scan["massive_dims"], first_positions=pads)
+    handles = ref.wemask(base, per_layer, selector, scan.massive_dims, first_positions=pads)
     expected = forward(base, ids, mask).logits
     ref.remove(handles)
     model, _ = melsurgery.load(tmp_path / "out")

@@ -162,7 +162,7 @@ def for_plan(plan, model, scan, rows: int = 8):
         return me_norm(model, p["layer"], p["factor"], p["dims"])
     spec = plan.wemask
     per_layer = [(m.layer, m.dims, m.strength, m.threshold, m.values) for m in spec.per_layer]
-    return wemask(model, per_layer, spec.selector, scan["massive_dims"], first_positions=[0] * rows)
+    return wemask(model, per_layer, spec.selector, scan.massive_dims, first_positions=[0] * rows)
 
 
 def whole_verify(base, patched, windows, first_target, massive):
