@@ -57,6 +57,8 @@ def _want(tp: Any) -> str:
 def load(tp: Any, value: Any, path: str, need: Need | None) -> Any:
     """`value` (JSON data) as an instance of `tp`; `need` checks the JSON types (None: trusted data)."""
     check = need or (lambda ok, path, want, value: None)
+    if tp is Any:
+        return value
     if isinstance(tp, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -87,14 +89,13 @@ def load(tp: Any, value: Any, path: str, need: Need | None) -> Any:
             elif f.default is MISSING and f.default_factory is MISSING:
                 check(False, sub, _want(hints[f.name]), None)
         return tp(**kwargs)
-    check(_fits(tp, value), path, _want(tp), value)
+    if not _fits(tp, value):
+        check(False, path, _want(tp), value)
     return value
 
 
 def _fits(tp: Any, value: Any) -> bool:
     """Whether a JSON value has the plain type `tp` (numbers finite; any list or object for containers)."""
-    if tp is Any:
-        return True
     if tp is int:
         return is_int(value)
     if tp is float:
