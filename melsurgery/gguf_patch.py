@@ -66,6 +66,8 @@ class GGUFEdit:
 
 @dataclass
 class GGUFPatchResult:
+    """What `run_patch_gguf` wrote: the output (file or folder), the plans, the block-level edits, the scan."""
+
     out: Path
     file: Path  # the .gguf written
     plans: list[RecipePlan]

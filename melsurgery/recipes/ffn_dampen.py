@@ -42,6 +42,7 @@ def parse_neuron(n: object) -> Neuron:
 
 
 def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
+    """The down-projection columns of the scan's FFN neurons (or --neurons) of the ME Layer, scaled."""
     p = params
     me = require_me(scan)
     found = [(n.expert, n.neuron) for n in scan.ffn_neurons]

@@ -22,6 +22,7 @@ PARAMS = (Param("factor", "float", 0.5, "me-norm: shrink factor toward the mean 
 
 
 def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
+    """The ME Layer's FFN-norm weight shrunk toward its mean (the scan's figure), all dims or some."""
     p = params
     me = require_me(scan)
     mean = scan.norm.ffn_norm_weight_mean if scan.norm else None

@@ -18,6 +18,7 @@ PARAMS = (*ATTN_DIMS,
 
 
 def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
+    """The chosen attention-input dims of the chosen layers, scaled for every token, folded into weights."""
     p = params
     me = require_me(scan)
     layers = attention_layers(p["layers"], me, family, config, "norm-rescale")

@@ -54,6 +54,7 @@ def _strengths(layers: tuple[int, ...], start: float, end: float | None) -> list
 
 
 def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:
+    """The custom-layer spec: per layer after the ME Layer, which dims to mask, by how much, on which tokens."""
     p = params
     me = require_me(scan)
     layers = attention_layers(p["layers"], me, family, config, "wemask")
