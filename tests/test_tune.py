@@ -13,7 +13,7 @@ import yaml
 from melsurgery.checkpoint.source import resolve
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
 from melsurgery.recipes.params import Param
-from melsurgery.scan import run_scan, write_json
+from melsurgery.scan import read_json, run_scan, write_json
 from melsurgery.tune import Evaluator, Space, make_space, text_windows
 from tests.support.helpers import run_cli
 from tests.support.planted import build_model, llama_config, save_model
@@ -120,7 +120,7 @@ def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
 
     root, folder = sinkmodel
     source = resolve(str(folder))
-    scan = json.loads((root / "scan.json").read_text())
+    scan = read_json(root / "scan.json")
     ev = Evaluator(source, scan)
     win = text_windows(load_tokenizer(folder), HELD_TEXT, 256, None)
     text = ev.base_pass("held", win.ids, win.first_target)
