@@ -145,17 +145,17 @@ class Provenance:
         outputs = self.outputs or {}
         for rel in outputs:
             if rel == PROVENANCE:
-                raise UserError(f"{where}: 'outputs' lists provenance.json itself, which cannot hash itself")
+                raise UserError(f"{where}: 'outputs' lists {PROVENANCE} itself, which cannot hash itself")
             if rel not in files:
-                raise UserError(f"{folder / rel}: listed in provenance.json but missing from the folder")
+                raise UserError(f"{folder / rel}: listed in {PROVENANCE} but missing from the folder")
         for rel, path in files.items():
             if rel == PROVENANCE:
                 continue
             expected = outputs.get(rel)
             if expected is None:
-                raise UserError(f"{path}: not listed in provenance.json 'outputs'; remove it or re-run the surgery")
+                raise UserError(f"{path}: not listed in {PROVENANCE} 'outputs'; remove it or re-run the surgery")
             if sha256_file(path) != expected:
-                raise UserError(f"{path}: sha256 differs from provenance.json; the file changed after surgery")
+                raise UserError(f"{path}: sha256 differs from {PROVENANCE}; the file changed after surgery")
 
 
 def _is_sha256(v: object) -> bool:
