@@ -16,3 +16,15 @@ class NoMassiveActivations(UserError):
     """Scan found nothing massive: a distinct exit code so pipelines can tell it from failure."""
 
     exit_code = 3
+
+
+def one_line(text: str, secret: str | None = None) -> str:
+    """A client/server message (bullets and all) as one line of at most 400 characters, `secret` scrubbed.
+
+    Servers may echo the request's Authorization header back in their errors; the token must never
+    reach the terminal or a log.
+    """
+    if secret:
+        text = text.replace(secret, "***")
+    lines = [line.strip().removeprefix("- ").strip() for line in text.splitlines()]
+    return " ".join(line for line in lines if line)[:400]

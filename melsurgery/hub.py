@@ -36,7 +36,7 @@ from .checkpoint.gguf_file import GGUFFile
 from .checkpoint.reader import PICKLE_PATTERNS
 from .checkpoint.safetensors_file import load_tensor, read_header
 from .checkpoint.validate import check_finite
-from .errors import UserError
+from .errors import UserError, one_line
 from .hubmeta import is_repo_id, metadata_problems
 from .jsonsafe import load_strict
 from .outputs import MODEL_CARD, PROVENANCE
@@ -199,17 +199,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 _TRANSPORT_ERRORS = _transport_errors()
 
 
-def _one_line(text: str, secret: str | None) -> str:
-    """Collapse a multi-line client/server message (bullets and all) into one line, token scrubbed."""
-    if secret:
-        text = text.replace(secret, "***")
-    lines = [line.strip().removeprefix("- ").strip() for line in text.splitlines()]
-    return " ".join(line for line in lines if line)[:400]
-
-
 def _http_error(exc: HfHubHTTPError, repo_id: str, revision: str | None, token: str) -> UserError:
     status = exc.response.status_code if exc.response is not None else None
-    detail = _one_line(exc.server_message or "", token)
+    detail = one_line(exc.server_message or "", token)
     suffix = f": {detail}" if detail else ""
     if isinstance(exc, RevisionNotFoundError):
         return UserError(f"branch {revision!r} not found in {repo_id}{suffix}")
@@ -252,7 +244,7 @@ def _hub_validates_card(path: Path, token: str) -> None:
         except (ValueError, AttributeError):
             errors = [response.text]
         raise UserError(f"{path}: the Hugging Face Hub refused the card's metadata: "
-                        f"{_one_line('; '.join(errors), token)}")
+                        f"{one_line('; '.join(errors), token)}")
     hf_raise_for_status(response)
 
 
@@ -315,12 +307,12 @@ def push(
     except _TRANSPORT_ERRORS as exc:
         raise UserError(
             f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
-            f"({_one_line(str(exc) or type(exc).__name__, token)}); check the network or HF_ENDPOINT"
+            f"({one_line(str(exc) or type(exc).__name__, token)}); check the network or HF_ENDPOINT"
         ) from None
     except HFValidationError as exc:
-        raise UserError(_one_line(str(exc), token)) from None
+        raise UserError(one_line(str(exc), token)) from None
     except ValueError as exc:  # e.g. the Hub's verdict on invalid model card metadata
-        raise UserError(f"the push was refused before upload: {_one_line(str(exc), token)}") from None
+        raise UserError(f"the push was refused before upload: {one_line(str(exc), token)}") from None
     except OSError as exc:
         raise UserError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}") from None
     # The client silently skips an empty commit (returning the current head); it marks operations as

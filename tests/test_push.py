@@ -402,8 +402,8 @@ def test_the_echoed_token_leaks_without_scrubbing(hub_server: HubServer, tmp_pat
         f"""
         import sys
         import melsurgery.hub as hub
-        scrub = hub._one_line
-        hub._one_line = lambda text, secret: scrub(text, None)  # the planted bug: nothing is scrubbed
+        scrub = hub.one_line
+        hub.one_line = lambda text, secret: scrub(text, None)  # the planted bug: nothing is scrubbed
         from melsurgery.cli import main
         sys.argv = ["melsurgery", "push", r"{folder}", "{hub_server.user}/target"]
         main()

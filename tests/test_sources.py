@@ -70,3 +70,5 @@ def test_hub_errors_echoing_the_token_never_show_it(hub_server, tmp_path):
         assert res.returncode == 2 and res.stdout == "", res.stderr
         assert res.stderr.startswith("melsurgery: error: ") and res.stderr.count("\n") == 1, res.stderr
         assert hub_server.token not in res.stderr
+        # the server's own message, with its status, not "cannot be reached"
+        assert "HTTP 400" in res.stderr and "malformed request header" in res.stderr, res.stderr

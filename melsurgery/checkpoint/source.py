@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..outputs import MODEL_CARD
 from ..provenance import Provenance
 
@@ -87,13 +87,26 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except RepositoryNotFoundError:
         raise UserError(f"{repo_id}: no such repo on the Hub (or no access: set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
+        # snapshot_download falls back to the cache when the lookup fails; an HTTP answer is not "unreachable"
+        if isinstance(exc.__cause__, HfHubHTTPError):
+            raise UserError(f"{repo_id}: the Hub refused the lookup: {_hub_message(exc.__cause__)}") from None
         raise UserError(
             f"{repo_id}: not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
         ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise UserError(f"{repo_id}: download failed: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{repo_id}: download failed: {_hub_message(exc)}") from None
     return Source(Path(folder), repo_id, "hub", revision, base_model=BaseModelId(repo_id, "the Hub source"))
+
+
+def _hub_message(exc: Exception) -> str:
+    """The HTTP status and the server's own message, one line, the user's token scrubbed."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    text = (exc.server_message if isinstance(exc, HfHubHTTPError) else None) or str(exc) or type(exc).__name__
+    return (f"HTTP {status}: " if status else "") + one_line(text, get_token())
 
 
 def _gguf_card(gguf: Path, base_id: str) -> str:
