@@ -126,8 +126,12 @@ class StreamingModel:
         for name, t in state.items():
             check_finite(t, self.family.prefix(i) + name, self.ckpt.folder)
         state = self.family.module_state({k: v.to(self.device, self.dtype) for k, v in state.items()})
-        layer.to_empty(device=self.device).to(self.dtype)
-        missing, unexpected = layer.load_state_dict(state, strict=False)
+        # assign: the converted tensors become the parameters, so the layer is never held twice in memory
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+        for module in layer.modules():  # buffers the checkpoint does not hold, materialised as to_empty would
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_meta:
+                    setattr(module, name, torch.empty_like(buf, device=self.device))
         if missing or unexpected:
             layer.to("meta")
             raise UserError(

@@ -110,6 +110,7 @@ def _adaptive(records: list[dict], seed: int, measure) -> tuple[Stats, Detection
                 "still changed in the last round" if previous is not None else "needs them all")
             break
         previous, n = _signature(det), min(2 * n, len(order))
+        del stats, det  # not held while the next round measures
     return stats, det, {"rounds": rounds, "reason": reason}
 
 
