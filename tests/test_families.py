@@ -288,13 +288,13 @@ def test_hybrid_scan_measures_every_layer_and_sinks_only_attention(planted_famil
     kinds = expected_kinds(model_type)
     config = json.loads((folder / "config.json").read_text())
     assert family_for(config).layer_kinds(config) == kinds  # what the recipes see, from config.json alone
-    assert [layer["mixer"] for layer in r["layers"][1:]] == kinds
+    assert [layer.mixer for layer in r.layers[1:]] == kinds
     assert kinds[PLANT.layer] == MIXERS[model_type] and "attention" in kinds
     for i, kind in enumerate(kinds):  # every layer's residual is measured, the sink only where there is attention
-        assert r["layers"][i + 1]["max_abs"] > 0
-        assert (r["sink"][i] is None) == (kind != "attention"), i
-    (d,) = r["dims_attribution"]
-    assert d["mixer"] == MIXERS[model_type] and abs(d["ffn_write"]) > 100 * abs(d["attn_write"])
+        assert r.layers[i + 1].max_abs > 0
+        assert (r.sink[i] is None) == (kind != "attention"), i
+    (d,) = r.dims_attribution
+    assert d.mixer == MIXERS[model_type] and abs(d.ffn_write) > 100 * abs(d.attn_write)
     from melsurgery.report import scan_report
 
     assert f"({MIXERS[model_type]}) <- ME Layer" in scan_report(r)
@@ -322,7 +322,7 @@ def test_hybrid_attention_recipes_refuse_non_attention_layers(planted_family, mo
 
 def test_hybrid_refusal_is_one_line_and_writes_nothing(planted_family, tmp_path):
     folder, scan = planted_family("lfm2")
-    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    scan.write(tmp_path / "scan.json")
     res = run_cli("patch", folder, "-o", tmp_path / "out", "--recipe", "wemask", "--scan", tmp_path / "scan.json",
                   "--layers", 5)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
