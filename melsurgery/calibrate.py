@@ -7,7 +7,10 @@ plain data (see `Stats`), so detection is a pure function of it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +49,22 @@ class Stats:
     hidden_size: int = 0
 
 
+@functools.cache
+def _fixed_mmap_threshold() -> None:
+    """Make glibc return freed layer-sized buffers to the system.
+
+    Streaming allocates and frees a layer's weights and activations per layer. glibc raises its mmap
+    threshold after each large free (up to 32 MB), so later activation-sized buffers come from the heap,
+    which fragments: a scan of the 7B shape grew by about 50 MB per layer (8 x 128 tokens). A fixed 1 MB
+    threshold keeps peak memory flat in the number of layers. Other C libraries are left alone.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
 class StreamingModel:
     """A model skeleton without weights; layers are filled from the checkpoint one at a time.
 
@@ -61,6 +80,7 @@ class StreamingModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
+        _fixed_mmap_threshold()
         try:
             config = AutoConfig.from_pretrained(ckpt.folder)
         except (ValueError, OSError) as exc:
