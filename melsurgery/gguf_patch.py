@@ -78,6 +78,7 @@ class GGUFPatchResult:
 
 
 def refuse_unfoldable(recipes: list[tuple[str, dict]]) -> None:
+    """Refuse, before any work, recipes a GGUF cannot carry (it has no place for a custom layer)."""
     bad = [name for name, _ in recipes if name not in FOLDED]
     if bad:
         raise UserError(

