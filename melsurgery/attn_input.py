@@ -29,11 +29,10 @@ from torch import nn
 from .architectures import Family, submodule
 
 if TYPE_CHECKING:
-    from .calibrate import Stats
-    from .measure import LayerStats
+    from .stats import LayerStats, Stats
 
 # Entries at least this large (absolute, and times the median) mark a token that may be massive: they
-# get an attribution record here and in calibrate.py, so that any reasonable detection threshold finds
+# get an attribution record here and in ffn_attribution.py, so that any reasonable detection threshold finds
 # its massive entries already recorded.
 CANDIDATE_ABS = 50.0
 CANDIDATE_RATIO = 50.0

@@ -11,8 +11,8 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .calibrate import Stats
-from .measure import DetectParams, Entry, LayerStats, find_massive, sink, sink_rate
+from .measure import DetectParams, find_massive, sink, sink_rate
+from .stats import Entry, LayerStats, Stats
 
 ATTRIBUTION_KEYS = ("dim", "value", "input", "mixer", "attn_write", "ffn_write", "ffn_norm_weight")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import yaml
 
 from .basemodel import explicit
-from .detect import DetectParams
 from .errors import UserError
 from .recipes import resolve_recipes
 from .recipes.params import CALIBRATION, DETECTION
 from .recipes.params import resolve as resolve_params
-from .scan import CalibrationSpec
+from .samples import CalibrationSpec
+from .scan_result import DetectParams
 
 
 @dataclass

@@ -25,51 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from .scan_result import DetectParams
-
-if TYPE_CHECKING:
-    from .attn_input import AttnInputRecord
+from .stats import Entry, LayerStats
 
 SINK_RATE_THRESHOLD = 0.3
 
 Key = tuple[int, int, int]  # (sequence, pos, dim)
-
-
-@dataclass
-class Entry:
-    """One hidden-state entry: (sequence, token position, dim) and its value."""
-
-    sample: int
-    pos: int
-    dim: int
-    value: float
-
-
-@dataclass
-class LayerStats:
-    """Statistics of one residual-stream state: index -1 is the embeddings, i the output of layer i."""
-
-    index: int
-    max_abs: float
-    median_abs: float
-    top: list[Entry]
-    # per sequence: [heads, T] key attention (see the module docstring); None for the embeddings and
-    # layers without attention (hybrids).
-    key_attention: list[torch.Tensor] | None = None
-    attribution: dict | None = None
-    # mean pairwise cosine similarity of the attention inputs; None when not measured
-    similarity: float | None = None
-    attn_input: AttnInputRecord | None = None  # the layer's attention input (scan only, see attn_input.py)
-    mixer: str | None = None  # the kind of the layer's token mixer (attention; in hybrids conv, state-space)
-
-    @property
-    def ratio(self) -> float:
-        """Largest |h| over the median |h| of the layer: the scale-free size that scan, verify and tune compare."""
-        return self.max_abs / self.median_abs if self.median_abs > 0 else math.inf
 
 
 @dataclass

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .calibrate import Sample
 from .errors import UserError
+from .stats import Sample
 
 DEFAULT_CALIBRATION = "calibration.jsonl"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which calibration text, how much of it. `num_samples`: a count, None for all, or "auto" (adaptive)."""
+
+    path: Path | None = None
+    num_samples: int | str | None = None
+    max_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.num_samples
+        if not (n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
+            raise UserError(f"calibration num_samples {n!r}: a positive number, or 'auto'")
 
 
 def read_records(path: Path | None) -> tuple[list[dict], str]:

@@ -5,40 +5,33 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import __version__, attn_input
-from .calibrate import Stats, calibrate
+from .architectures import Family
+from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
-from .checkpoint.validate import open_model
+from .checkpoint.validate import nonfinite, open_model
 from .detect import Detection, DetectParams, detect, entry_dict
 from .errors import UserError
-from .samples import load_tokenizer, read_records, tokenize
+from .ffn_attribution import ScanProbe, attribute
+from .measure import layer_stats, top_k_for
+from .probes import Probe
+from .samples import CalibrationSpec, load_tokenizer, read_records, tokenize
 from .scan_result import SCHEMA_VERSION, ScanResult
 from .scan_result import write_json as write_dict
+from .stats import Sample, Stats
+from .streaming import Stream, StreamingModel, run_layers
 
 JSON_TOP = 16
 
 
 ADAPTIVE_START = 4  # samples in the first round of an adaptive calibration; each round doubles
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Which calibration text, how much of it. `num_samples`: a count, None for all, or "auto" (adaptive)."""
-
-    path: Path | None = None
-    num_samples: int | str | None = None
-    max_tokens: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        n = self.num_samples
-        if not (n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
-            raise UserError(f"calibration num_samples {n!r}: a positive number, or 'auto'")
 
 
 def run_scan(
@@ -85,6 +78,48 @@ def run_scan(
         stats, det = measure(sample(records, calib.num_samples))  # type: ignore[arg-type]
     return build_result(source, family.name, stats, det, params, calib, calib_name, time.perf_counter() - start,
                         qk_norm=family.qk_norm, adaptive=adaptive, dtype=str(dtype).removeprefix("torch."))
+
+
+def calibrate(
+    ckpt: Checkpoint,
+    family: Family,
+    samples: list[Sample],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    top_k: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Stats:
+    """The scan's pass: per-layer statistics of the residual stream and who wrote its large entries,
+    streaming the model layer by layer."""
+    model = StreamingModel(ckpt, family, device, dtype)
+    k = top_k or top_k_for(len(samples))
+    stream = Stream(model.embed([s.ids for s in samples]))
+    stats = Stats(samples=samples, num_layers=model.num_layers, hidden_size=stream.states[0].shape[-1])
+    stats.layers.append(layer_stats(-1, stream.states, k))
+
+    def observe(i: int, _: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor], probe: Probe) -> None:
+        _check_outputs(outputs, i, dtype)
+        entry = layer_stats(i, outputs, k, probe.key_attention if probe.attends else None)
+        entry.mixer = model.mixers[i].kind
+        entry.attribution = attribute(probe.layer, family, inputs, outputs, probe, entry)  # type: ignore[arg-type]
+        entry.attn_input = probe.attn_input.record if probe.attn_input else None  # type: ignore[attr-defined]
+        stats.layers.append(entry)
+
+    def probe(layer: nn.Module) -> ScanProbe:  # the median of the residual entering the layer: the last state's
+        return ScanProbe(layer, family, stats.layers[-1].median_abs)
+
+    run_layers(model, [stream], probe=probe, observe=observe, progress=progress)
+    return stats
+
+
+def _check_outputs(states: list[torch.Tensor], i: int, dtype: torch.dtype) -> None:
+    """Finite weights can still overflow (fp16): say so, rather than detect on NaN statistics."""
+    bad = sum(nonfinite(h) for h in states)
+    if bad:
+        hint = "; scan with --dtype float32" if dtype != torch.float32 else ""
+        raise UserError(f"layer {i} produced {bad} non-finite activations (NaN or Inf) on the calibration text "
+                        f"in {str(dtype).removeprefix('torch.')}, although its weights are finite{hint}")
 
 
 def _signature(det: Detection) -> tuple:

@@ -23,14 +23,16 @@ from pathlib import Path
 import torch
 
 from .architectures import Family, family_for
-from .calibrate import Probe, Stream, StreamingModel, run_layers
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .edits import Edit, edited_tensor
 from .errors import UserError
-from .measure import LayerStats, find_massive, layer_stats, sink, top_k_for
+from .measure import find_massive, layer_stats, sink, top_k_for
+from .probes import Probe
 from .recipes import Recipe, RecipePlan, plan_recipes, registry, require_me, resolve_recipes
 from .scan_result import ScanResult
+from .stats import LayerStats
+from .streaming import Stream, StreamingModel, run_layers
 
 STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
@@ -158,7 +160,7 @@ def validate(opts: TuneOptions) -> TuneOptions:
 class Evaluator:
     """Runs settings over cached texts: only the layers from a setting's first edited layer are rerun.
 
-    Trials run through `calibrate.run_layers` (the runner verify uses): each decoder layer from the
+    Trials run through `streaming.run_layers` (the runner verify uses): each decoder layer from the
     first edited one is read, loaded with the trial's edited tensors swapped in and its WeMask hooks,
     run over the cached states and freed, so memory stays one layer plus activations whatever the model.
     """

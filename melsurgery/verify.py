@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 
 from .architectures import family_for
-from .calibrate import Probe, Stream, StreamingModel, run_layers
 from .checkpoint.reader import Checkpoint
 from .errors import UserError
-from .measure import DetectParams, LayerStats, find_massive, layer_stats, sink, sink_rate, top_k_for
+from .measure import DetectParams, find_massive, layer_stats, sink, sink_rate, top_k_for
 from .modeling.modeling_melsurgery import CONFIG_KEY
+from .probes import Probe
 from .provenance import Provenance
 from .samples import load_tokenizer
+from .stats import LayerStats
+from .streaming import Stream, StreamingModel, run_layers
 
 GEN_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from melsurgery.calibrate import Entry, LayerStats, Sample, Stats
 from melsurgery.detect import DetectParams, detect
 from melsurgery.measure import required_persistence
+from melsurgery.stats import Entry, LayerStats, Sample, Stats
 
 
 def layer(i, entries, median=1.0, attention=None):

@@ -16,13 +16,12 @@ from transformers import AutoModelForCausalLM
 
 import melsurgery
 from melsurgery.architectures import FAMILIES, family_for
-from melsurgery.calibrate import calibrate
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.source import resolve
 from melsurgery.errors import UserError
 from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import CalibrationSpec, read_json, run_scan, write_json
+from melsurgery.scan import CalibrationSpec, calibrate, read_json, run_scan, write_json
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from melsurgery.architectures import family_for
-from melsurgery.calibrate import calibrate
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import resolve
 from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import read_json, run_scan, write_json
+from melsurgery.scan import calibrate, read_json, run_scan, write_json
 from melsurgery.scan_result import ScanResult
 from tests.support.helpers import run_cli
 from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
@@ -187,3 +186,4 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
     assert "unchanged from 4 to 8 samples" in res.stdout
     res = run_cli("scan", folder, "--num-samples", "some", "--quiet")
     assert res.returncode == 2 and "expected an integer or 'auto'" in res.stderr
+
