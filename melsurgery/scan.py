@@ -122,9 +122,19 @@ def _check_outputs(states: list[torch.Tensor], i: int, dtype: torch.dtype) -> No
                         f"in {str(dtype).removeprefix('torch.')}, although its weights are finite{hint}")
 
 
+FIRST_POSITION = "[position 0]"
+
+
+def _massive_kinds(det: Detection) -> list[str]:
+    """The kinds of massive token: the first position whatever its text (without a BOS token the first word
+    of every sample is massive, and a new sample brings a new word), elsewhere the token's text (a
+    delimiter is massive wherever it falls)."""
+    return sorted({FIRST_POSITION if t["pos"] == 0 else t["token"] for t in det.token_summary})
+
+
 def _signature(det: Detection) -> tuple:
-    """What an adaptive calibration must pin down: the ME Layer, its dims, and which tokens are massive."""
-    return det.me_layer, frozenset(det.massive_dims), frozenset((t["pos"], t["token"]) for t in det.token_summary)
+    """What an adaptive calibration must pin down: the ME Layer, its dims, and which kinds of token are massive."""
+    return det.me_layer, frozenset(det.massive_dims), frozenset(_massive_kinds(det))
 
 
 def _adaptive(records: list[dict], seed: int, measure) -> tuple[Stats, Detection, dict]:
@@ -135,7 +145,7 @@ def _adaptive(records: list[dict], seed: int, measure) -> tuple[Stats, Detection
     while True:
         stats, det = measure(order[:n])
         rounds.append({"samples": len(stats.samples), "me_layer": det.me_layer, "massive_dims": det.massive_dims,
-                       "tokens": sorted({t["token"] for t in det.token_summary})})
+                       "tokens": _massive_kinds(det)})
         if previous is not None and _signature(det) == previous:
             reason = (f"ME Layer, massive dims and massive tokens unchanged from {rounds[-2]['samples']} to "
                       f"{rounds[-1]['samples']} samples")

@@ -182,8 +182,30 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
     assert cal["dtype"] == "bfloat16"
     rounds = cal["adaptive"]["rounds"]
     assert [r["samples"] for r in rounds] == [4, 8] and cal["num_samples"] == 8
-    assert all(r["me_layer"] == 3 and r["massive_dims"] == [17] and r["tokens"] == ["<s>"] for r in rounds)
+    assert all(r["me_layer"] == 3 and r["massive_dims"] == [17] and r["tokens"] == ["[position 0]"] for r in rounds)
     assert "unchanged from 4 to 8 samples" in res.stdout
     res = run_cli("scan", folder, "--num-samples", "some", "--quiet")
     assert res.returncode == 2 and "expected an integer or 'auto'" in res.stderr
 
+
+def test_adaptive_calibration_settles_without_a_bos_token():
+    """Without BOS the first word of each sample is massive: a new sample's new word is not a new kind of
+    massive token, but a delimiter massive at a later position is."""
+    from melsurgery.detect import Detection
+    from melsurgery.scan import _adaptive
+    from melsurgery.stats import Sample, Stats
+
+    def measure(records, delimiter_from=None):
+        tokens = [{"pos": 0, "token": r["text"].split()[0], "count": 1} for r in records]
+        if delimiter_from is not None and len(records) >= delimiter_from:
+            tokens.append({"pos": 7, "token": ".", "count": 1})
+        stats = Stats(samples=[Sample([1, 2], ["a", "b"]) for _ in records])
+        return stats, Detection(me_layer=2, massive_dims=[5], token_summary=tokens)
+
+    records = [{"text": f"word{i} rest"} for i in range(20)]
+    _, _, adaptive = _adaptive(records, 0, measure)
+    assert [r["samples"] for r in adaptive["rounds"]] == [4, 8]
+    assert adaptive["rounds"][-1]["tokens"] == ["[position 0]"]
+    _, _, adaptive = _adaptive(records, 0, lambda recs: measure(recs, delimiter_from=8))
+    assert [r["samples"] for r in adaptive["rounds"]] == [4, 8, 16]
+    assert adaptive["rounds"][-1]["tokens"] == [".", "[position 0]"]
