@@ -32,6 +32,7 @@ MoE experts are stacked into one 3-D tensor per projection (`blk.N.ffn_down_exps
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,11 @@ class Mixer:
 
 
 SHARED = "shared"  # the expert id of a shared expert in neuron records ("shared:41")
+# transformers' fused MoE expert bank in memory: every expert's gate and up rows stacked [E, 2I, D] (gate
+# first), the down projections [E, D, I], and the activation between them
+FUSED_GATE_UP, FUSED_DOWN, EXPERT_ACT = "gate_up_proj", "down_proj", "act_fn"
+# where a norm module keeps its epsilon: Llama-style RMSNorm, then Gemma's and torch's
+NORM_EPS_ATTRS = ("variance_epsilon", "eps")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,11 @@ class Family:
     def layers_module(self) -> str:
         """Module path of the decoder-layer list, e.g. "model.layers"."""
         return self.layers.split(".{i}")[0]
+
+    @property
+    def rotary_module(self) -> str:
+        """Module path of the model-level rotary embedding, beside the layer list (absent in some hybrids)."""
+        return self.layers_module.rsplit(".", 1)[0] + ".rotary_emb"
 
     @property
     def embed_module(self) -> str:
@@ -237,8 +248,8 @@ class Family:
         if set(per) != set(self.expert_projs):  # nothing per-expert (already fused), or not this layout
             return state
         gate, up, down = (torch.stack([w for _, w in sorted(per[p].items())]) for p in self.expert_projs)
-        out[f"{self.experts}.gate_up_proj"] = torch.cat([gate, up], dim=1)
-        out[f"{self.experts}.down_proj"] = down
+        out[f"{self.experts}.{FUSED_GATE_UP}"] = torch.cat([gate, up], dim=1)
+        out[f"{self.experts}.{FUSED_DOWN}"] = down
         return out
 
 
@@ -376,6 +387,16 @@ def submodule(root: object, path: str) -> object:
     for part in path.split("."):
         root = getattr(root, part)
     return root
+
+
+def fused_experts(experts: object) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    """A fused expert bank's (gate/up [E, 2I, D], down [E, D, I], activation), as transformers holds them."""
+    return getattr(experts, FUSED_GATE_UP), getattr(experts, FUSED_DOWN), getattr(experts, EXPERT_ACT)
+
+
+def norm_eps(norm: object) -> float:
+    """The epsilon a norm module adds under its root (1e-6 when it names it otherwise)."""
+    return float(next((getattr(norm, a) for a in NORM_EPS_ATTRS if hasattr(norm, a)), 1e-6))
 
 
 def has_submodule(root: object, path: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import ATTENTION, SHARED, Family, has_submodule, submodule
+from .architectures import ATTENTION, SHARED, Family, fused_experts, has_submodule, norm_eps, submodule
 from .attn_input import CANDIDATE_ABS, CANDIDATE_RATIO, AttnInputRecorder
 from .probes import Probe
 from .stats import Entry, LayerStats
@@ -89,8 +89,8 @@ class _Neurons:
             self.shared_down = submodule(layer, family.shared_down).weight.float()
             self.shared_scale = [torch.sigmoid(g.float()) for g in probe.shared_gate]  # per sample [T, 1]
         if probe.moe:
-            self.experts = submodule(layer, family.experts)
-            E = self.experts.down_proj.shape[0]
+            self.gate_up, self.expert_down, self.expert_act = fused_experts(submodule(layer, family.experts))
+            E = self.expert_down.shape[0]
             self.routing = []  # per sample: [T, E] routing weights (0 where not routed)
             for _, index, weight in probe.routed:
                 r = torch.zeros(index.shape[0], E + 1, dtype=torch.float32, device=index.device)
@@ -101,11 +101,11 @@ class _Neurons:
     def _expert_act(self, e: int, x: torch.Tensor, j: int | None = None) -> torch.Tensor:
         """Expert e's activations [N, I] (or of neuron j only: [N, 1]) on inputs x [N, D], computed as
         transformers' expert bank does (gate rows first in the fused gate/up matrix)."""
-        w = self.experts.gate_up_proj[e]
+        w = self.gate_up[e]
         if j is not None:
             w = w[[j, w.shape[0] // 2 + j]]
         gate, up = nn.functional.linear(x.float(), w.float()).chunk(2, dim=-1)
-        return self.experts.act_fn(gate) * up
+        return self.expert_act(gate) * up
 
     def at(self, tokens: list[tuple[int, int]]) -> tuple[list[Neuron], torch.Tensor, torch.Tensor]:
         """Neurons that act on these tokens, their activations [n, K] there, and write directions [D, K]."""
@@ -115,16 +115,16 @@ class _Neurons:
         used = sorted({e for s, p in tokens for e in self.routing[s][p].nonzero().flatten().tolist()})
         x = torch.stack([self.probe.routed[s][0][p] for s, p in tokens])
         r = torch.stack([self.routing[s][p] for s, p in tokens])
-        I = self.experts.down_proj.shape[2]
+        I = self.expert_down.shape[2]
         keys: list[Neuron] = [(e, j) for e in used for j in range(I)]
         acts = [self._expert_act(e, x) * r[:, e : e + 1] for e in used]
-        downs = [self.experts.down_proj[e].float() for e in used]
+        downs = [self.expert_down[e].float() for e in used]
         if self.probe.shared:
             keys += [(SHARED, j) for j in range(self.shared_down.shape[1])]
             acts.append(torch.stack([self.probe.shared_act[s][p].float() * self.shared_scale[s][p] for s, p in tokens]))
             downs.append(self.shared_down)
         if not keys:
-            return keys, torch.zeros(len(tokens), 0), torch.zeros(self.experts.down_proj.shape[1], 0)
+            return keys, torch.zeros(len(tokens), 0), torch.zeros(self.expert_down.shape[1], 0)
         return keys, torch.cat(acts, dim=1), torch.cat(downs, dim=1)
 
     def activation(self, neuron: Neuron, s: int) -> torch.Tensor:
@@ -137,16 +137,12 @@ class _Neurons:
         return self._expert_act(e, self.probe.routed[s][0], j)[:, 0] * self.routing[s][:, e]
 
 
-def _eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 def _post_scale(layer: nn.Module, family: Family, y: torch.Tensor) -> torch.Tensor | None:
     """Per-token, per-dim factor [T, D] by which a post-FFN norm turns the FFN output into the write."""
     if family.ffn_post_norm is None:
         return None
     norm = submodule(layer, family.ffn_post_norm)
-    rs = torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + _eps(norm))
+    rs = torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + norm_eps(norm))
     return (norm.weight.float() + family.norm_offset) * rs
 
 
@@ -175,7 +171,7 @@ def attribute(
     norm = submodule(layer, family.me_norm)
     norm_weight = norm.weight.float() + family.norm_offset
     norm_in = probe.mid if family.ffn_norm else probe.ffn_out
-    eps = _eps(norm)
+    eps = norm_eps(norm)
 
     others_mask = []
     for s, mid in enumerate(probe.mid):

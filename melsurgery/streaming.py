@@ -75,10 +75,9 @@ class StreamingModel:
         # plain-float twin, since the skeleton's buffer lives on the meta device.
         self.embed_scale: float | None = getattr(submodule(self.skeleton, family.embed_module), "scalar_embed_scale",
                                                  None)
-        rotary_path = family.layers_module.rsplit(".", 1)[0] + ".rotary_emb"
         self.rotary = None  # Jamba-style models have no position embedding at all
-        if has_submodule(self.skeleton, rotary_path):
-            self.rotary = type(submodule(self.skeleton, rotary_path))(config=self.config).to(self.device)
+        if has_submodule(self.skeleton, family.rotary_module):
+            self.rotary = type(submodule(self.skeleton, family.rotary_module))(config=self.config).to(self.device)
         self._rotary_per_type = self.rotary is not None and "layer_type" in inspect.signature(
             self.rotary.forward).parameters
         self.num_layers = len(self.layers)

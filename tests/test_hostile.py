@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from melsurgery.architectures import family_for
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_header
 from melsurgery.checkpoint.source import resolve
@@ -441,16 +442,21 @@ def test_plans_that_edit_nothing_or_out_of_range_are_refused(sharded):
 
     ckpt = Checkpoint(sharded[0])
     norm = "model.layers.4.input_layernorm.weight"
-    spec = WeMaskSpec((WeMaskLayer(4, (17,), 1.0, threshold=10.0),), selector_dims=(17,))
+    family = family_for(ckpt.config)
+    spec = WeMaskSpec.for_family(family, (WeMaskLayer(4, (17,), 1.0, threshold=10.0),), selector_dims=(17,))
+
+    def mask(layer: WeMaskLayer) -> WeMaskSpec:
+        return WeMaskSpec.for_family(family, (layer,))
+
     cases = [
         (RecipePlan("norm-rescale", {}, "", [Edit(norm, 0.5, index=())]), "selects nothing to edit"),
         (RecipePlan("norm-rescale", {}, "", [Edit(norm, 0.5, index=(64,))]), "index 64 is out of range"),
         (RecipePlan("norm-rescale", {}, "", [Edit(norm, math.nan, index=(1,))]), "non-finite factor"),
         (RecipePlan("ffn-dampen", {}, "", [Edit(DOWN, 0.5, axis=2, index=(1,))]), "has no axis 2"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(4, (), 1.0, threshold=1.0),))), "masks no dims"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(6, (17,), 1.0, threshold=1.0),))), "layer 6"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(4, (70,), 1.0, threshold=1.0),))), "dim 70"),
-        (RecipePlan("wemask", {}, "", wemask=WeMaskSpec((WeMaskLayer(4, (1,), 1.0, threshold=math.inf),))),
+        (RecipePlan("wemask", {}, "", wemask=mask(WeMaskLayer(4, (), 1.0, threshold=1.0))), "masks no dims"),
+        (RecipePlan("wemask", {}, "", wemask=mask(WeMaskLayer(6, (17,), 1.0, threshold=1.0))), "layer 6"),
+        (RecipePlan("wemask", {}, "", wemask=mask(WeMaskLayer(4, (70,), 1.0, threshold=1.0))), "dim 70"),
+        (RecipePlan("wemask", {}, "", wemask=mask(WeMaskLayer(4, (1,), 1.0, threshold=math.inf))),
          "threshold of layer 4 is not a finite number"),
     ]
     check_plans([RecipePlan("wemask", {}, "", wemask=spec)], ckpt)  # a sound plan passes

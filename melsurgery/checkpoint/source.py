@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..architectures import family_for
 from ..basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
 from ..errors import UserError, one_line
 from ..outputs import MODEL_CARD
@@ -166,8 +167,8 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
+        if model.config.tie_word_embeddings:  # stored once, as the embedding table, like the family's checkpoints
+            state.pop(family_for(model.config.to_dict()).lm_head, None)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)

@@ -40,12 +40,18 @@ class WeMaskSpec:
     """
 
     per_layer: tuple[WeMaskLayer, ...]
+    # where to hook, from the family entry (no default: a default would repeat one family's names)
+    norm: str | None
+    attn: str
+    layers_module: str
     selector: str = "magnitude"  # or "first"
     selector_dims: tuple[int, ...] = ()
     replace: str = "zero"  # or "mean": the mean attention input of the ordinary tokens at that layer
-    norm: str | None = "input_layernorm"
-    attn: str = "self_attn"
-    layers_module: str = "model.layers"
+
+    @classmethod
+    def for_family(cls, family: Family, per_layer: tuple[WeMaskLayer, ...], **options: object) -> WeMaskSpec:
+        """A spec hooking where this family's attention input is formed."""
+        return cls(per_layer, family.attn_norm, family.attn, family.layers_module, **options)  # type: ignore[arg-type]
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -87,8 +87,8 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
         dims = fixed or _sink_dims(scan, i, p["top_k"], p["mask_ratio"])
         values = tuple(float(means[i][d]) for d in dims) if means else None
         per_layer.append(WeMaskLayer(i, dims, strength, thresholds[i], values))
-    spec = WeMaskSpec(tuple(per_layer), p["selector"], scan.massive_dims, p["replace"],
-                      norm=family.attn_norm, attn=family.attn, layers_module=family.layers_module)
+    spec = WeMaskSpec.for_family(family, tuple(per_layer), selector=p["selector"], selector_dims=scan.massive_dims,
+                                 replace=p["replace"])
     return RecipePlan("wemask", {**p, "layers": list(layers), "dims": _dims_param(per_layer)}, _summary(spec, skipped),
                       wemask=spec, folds=False)
 
