@@ -42,6 +42,7 @@ class ScanProbe(Probe):
         self.shared_gate: list[torch.Tensor] = []
 
     def hooks(self) -> list:
+        """The shared attention hooks, the attention-input recorder's, and the FFN captures listed above."""
         fam, layer = self.family, self.layer
         handles = super().hooks() + (self.attn_input.hooks() if self.attn_input else [])
 
@@ -66,6 +67,7 @@ class ScanProbe(Probe):
         return handles
 
     def counts(self) -> list[list]:
+        """Every per-sample record list, so that `end_sample` checks the FFN captures too."""
         shared = [self.shared_act, self.shared_gate] if self.shared else []
         return [*super().counts(), self.mid, self.ffn_out, self.routed if self.moe else self.act, *shared]
 
