@@ -469,8 +469,8 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
 
     from .detect import DetectParams
     from .manifest import Manifest
-    from .samples import load_tokenizer
-    from .scan import CalibrationSpec, run_scan
+    from .samples import CalibrationSpec, load_tokenizer
+    from .scan import run_scan
     from .verify import eval_text
 
     validate(opts)

@@ -97,7 +97,8 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
     from ..detect import DetectParams
     from ..manifest import Manifest, load_manifest
     from ..patch import run_patch
-    from ..scan import CalibrationSpec, read_json
+    from ..samples import CalibrationSpec
+    from ..scan import read_json
 
     values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
     if base_model:

@@ -13,7 +13,8 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
           dtype, quiet) -> dict:
     from ..checkpoint.source import resolve
     from ..detect import DetectParams
-    from ..scan import CalibrationSpec, run_scan
+    from ..samples import CalibrationSpec
+    from ..scan import run_scan
 
     source = resolve(model, revision)
     return run_scan(

@@ -53,7 +53,8 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     from ..checkpoint.atomic import check_output
     from ..checkpoint.source import resolve
     from ..errors import UserError
-    from ..scan import CalibrationSpec, read_json
+    from ..samples import CalibrationSpec
+    from ..scan import read_json
     from ..tune import TuneOptions, run_tune, tune_report, validate
 
     opts = validate(TuneOptions(tuple(r.strip() for r in recipes.split(",") if r.strip()), objective, max_kl,

@@ -1,0 +1,23 @@
+"""The README's Python API for a measurement of one's own: the streaming engine, one layer in memory."""
+
+from melsurgery.architectures import family_for
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.samples import load_tokenizer
+from melsurgery.streaming import Stream, StreamingModel, run_layers
+
+
+def test_streaming_engine_observes_each_layer(planted):
+    # as in the README (Python API), on the planted model: its massive activation appears at layer 3
+    ckpt = Checkpoint(planted)
+    engine = StreamingModel(ckpt, family_for(ckpt.config))
+    ids = load_tokenizer(planted)("the cat sat on the mat")["input_ids"]
+    stream = Stream(engine.embed([ids]))
+    peak: dict[int, float] = {}
+
+    def observe(layer, stream_index, inputs, outputs, probe):
+        peak[layer] = float(outputs[0].abs().max())
+
+    run_layers(engine, [stream], observe=observe)
+    assert sorted(peak) == list(range(engine.num_layers))
+    assert peak[3] > 100 * peak[2]  # the planted ME Layer
+    assert all(p.is_meta for p in engine.layers.parameters())  # every layer went back after its turn
