@@ -23,11 +23,14 @@ from pathlib import Path
 import torch
 
 from .architectures import Family, family_for
+from .checkpoint.atomic import check_apart
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .edits import Edit, edited_tensor
 from .errors import UserError
+from .jsonsafe import dumps
 from .measure import find_massive, layer_stats, sink, top_k_for
+from .patch import check_scan_fits
 from .probes import Probe
 from .recipes import Recipe, RecipePlan, plan_recipes, registry, require_me, resolve_recipes
 from .scan_result import ScanResult
@@ -36,6 +39,7 @@ from .streaming import Stream, StreamingModel, run_layers
 
 STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
+SEEDS = 2**32  # the samplers take seeds in [0, 2^32)
 BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the README)
 # Parameters the search leaves at their defaults: explicit dim/neuron lists, and mask_ratio, which is an
 # alternative to top_k. Every other declared parameter is searched over its declared range, except options
@@ -152,6 +156,8 @@ def validate(opts: TuneOptions) -> TuneOptions:
             raise UserError(f"{flag} {v}: must be a positive finite number")
     if opts.trials < 1:
         raise UserError(f"--trials {opts.trials}: must be at least 1")
+    if not 0 <= opts.seed < SEEDS:
+        raise UserError(f"--seed {opts.seed}: must lie in [0, {SEEDS - 1}]")
     return opts
 
 
@@ -402,7 +408,7 @@ def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int)
                         "use a new RUN_DIR (or --storage) or the original settings")
     done = len(study.get_trials(deepcopy=False))
     # a continued run must not replay the proposals of the first one
-    study.sampler = optuna.samplers.TPESampler(seed=seed + done, n_startup_trials=8)
+    study.sampler = optuna.samplers.TPESampler(seed=(seed + done) % SEEDS, n_startup_trials=8)
     return study
 
 
@@ -489,9 +495,12 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     if not tune_w.ids or not held_w.ids:
         raise UserError(f"{text_name}: too short to split into tuning and held-out windows of {opts.max_tokens} "
                         "tokens; give a longer --text or a --heldout file")
-    if scan is not None:
-        make_space(opts.recipes, scan)  # a scan without an ME Layer is refused before anything is written
     run_dir = Path(run_dir)
+    if source.kind == "folder":
+        check_apart(run_dir, source.folder)
+    if scan is not None:
+        check_scan_fits(scan, Checkpoint(source.folder).config)
+        make_space(opts.recipes, scan)  # a scan without an ME Layer is refused before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -507,7 +516,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                 scan = ScanResult.read(scan_path)
             else:
                 scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-                _atomic_text(scan_path, json.dumps({**scan.to_dict(), "tune_key": key}, default=str))
+                _atomic_text(scan_path, dumps({**scan.to_dict(), "tune_key": key}, default=str))
     space = make_space(opts.recipes, scan)
     fingerprint = {"model": str(source.folder), "recipes": list(opts.recipes), "objective": opts.objective,
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,
@@ -656,7 +665,7 @@ def _write_outputs(run_dir: Path, data: dict, manifest) -> None:
     """tune.json, tune.png and best.yaml, each replaced atomically (a stale best.yaml is removed)."""
     from .plot import plot_tune
 
-    _atomic_text(run_dir / "tune.json", json.dumps(data, indent=1, allow_nan=True) + "\n")
+    _atomic_text(run_dir / "tune.json", dumps(data, indent=1) + "\n")
     if manifest is not None:
         _atomic_text(run_dir / "best.yaml", manifest.to_yaml())
     else:
