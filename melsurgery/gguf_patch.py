@@ -139,10 +139,10 @@ def edit_tensor(gf: GGUFFile, name: str, ops: Ops, hf_tensor: str) -> tuple[byte
             new[expert] = apply_edit(new[expert], edit)
     exact = new.numpy().reshape(-1, info.block_size)
     if not np.isfinite(exact).all():
-        held = int((~np.isfinite(old)).sum())
+        held = int((~np.isfinite(old)).sum())  # a cache converted by an older melsurgery may hold it
         if held:
-            raise UserError(f"{name}: the source tensor holds {held} non-finite entries (NaN or infinite); the "
-                            "GGUF is broken: re-download or re-export it")
+            raise UserError(f"{gf.path}: tensor {name} holds {held} NaN or infinite entries; the GGUF is broken: "
+                            "re-download or re-export it")
         raise UserError(f"{name}: the edit produces non-finite values; check the recipe parameters")
     hit = (exact != old.reshape(-1, info.block_size)).any(axis=1)
     blocks = raw.reshape(-1, info.type_size)
