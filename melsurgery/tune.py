@@ -91,7 +91,8 @@ class Figures:
 
     def finite(self) -> bool:
         """Whether every figure the search compares is a number (a broken trial is pruned, not ranked)."""
-        return all(math.isfinite(x) for x in (self.sink_patched, self.kl_mean, self.ppl_patched, self.ratio_patched))
+        return all(math.isfinite(x) for x in (self.sink_patched, self.kl_mean, self.ppl_patched, self.ratio_patched,
+                                              self.sink_reduction_pct, self.ratio_reduction_pct, self.ppl_increase_pct))
 
     def objective(self, name: str) -> float:
         """The reduction the study maximises under `--objective` (sink or max/median ratio), in percent."""
@@ -531,6 +532,9 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     config = evaluator.ckpt.config
     try:
         tuning = evaluator.base_pass("tuning", tune_w.ids, tune_w.first_target)
+        if not math.isfinite(tuning.nll):
+            raise UserError(f"{source.id}: the base model's perplexity on the tuning text is not a finite number "
+                            "(its logits overflow or hold NaN); there is nothing to compare trials against")
         if not tuning.tokens:
             raise UserError(f"{text_name}: no massive activation persists on the tuning text, so it has no sink "
                             "to cut; give a longer --text or --max-tokens")
@@ -544,11 +548,11 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
             trial.set_user_attr("recipes", [{"name": n, "params": p} for n, p in recipes])
             trial.set_user_attr("figures", asdict(fig))
             trial.set_user_attr("worker", os.getpid())
+            if not fig.finite():  # before the constraints: Optuna refuses a NaN constraint
+                raise optuna.TrialPruned("non-finite figures")
             # the budget as Optuna constraints (feasible at <= 0): the sampler favours settings within it
             trial.set_constraint("kl", fig.kl_mean - opts.max_kl if opts.max_kl else -1.0)
             trial.set_constraint("ppl", fig.ppl_increase_pct - opts.max_ppl_increase if opts.max_ppl_increase else -1.0)
-            if not fig.finite():
-                raise optuna.TrialPruned("non-finite figures")
             return fig.objective(opts.objective), fig.kl_mean
 
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
