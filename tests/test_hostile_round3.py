@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,9 +113,13 @@ def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(shar
 
 
 def test_named_files_must_be_plain_files(sharded, files, tmp_path):
-    """A FIFO blocked every reader forever; /dev/zero filled memory until the kernel killed the process."""
+    """A FIFO blocked every reader forever; /dev/zero filled memory until the kernel killed the process. (And a
+    lone surrogate in a calibration line was a tokenizer traceback.)"""
     m, out = sharded[0], tmp_path / "out"
+    surrogate = tmp_path / "c.jsonl"
+    surrogate.write_text('{"text": "\\ud800x"}\n')
     cases = [
+        (("scan", m, "--calib", surrogate, "--quiet"), "line 1 holds a lone surrogate escape"),
         (("scan", m, "--calib", files / "fifo.txt", "--quiet"), "cannot read calibration file (not a regular file: "
                                                                 "a FIFO)"),
         (("scan", m, "--calib", files / "zero.txt", "--quiet"), "(not a regular file: a character device)"),
@@ -137,12 +142,6 @@ def test_calibration_lone_surrogates_are_refused(tmp_path, line):
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(UserError, match=r"line 2 holds a lone surrogate escape"):
         read_records(path)
-
-
-def test_calibration_surrogate_through_scan(sharded, tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "\\ud800x"}\n')
-    assert_clean_failure(run_cli("scan", sharded[0], "--calib", path, "--quiet"), "lone surrogate", code=2)
 
 
 # --- manifests ----------------------------------------------------------------------------------------------
@@ -274,34 +273,34 @@ def test_corrupt_gguf_sources_are_refused_before_conversion(gguf, sharded, tmp_p
     assert not (root / "cache").exists() or not list((root / "cache").rglob("config.json"))
 
 
+def gguf_cli(env: dict, *runs: tuple) -> list:
+    """cli_all with the private conversion cache."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda args: run_cli(*args, env=env), runs))
+
+
 def test_gguf_with_nan_is_named_after_the_file(gguf, sharded, tmp_path):
-    """The error named the conversion cache folder, behind the loaders' progress bars (--quiet or not); a
-    GGUF output got 'check the recipe parameters'."""
+    """The error named the conversion cache folder, behind the loaders' progress bars (--quiet or not)."""
     root, env = gguf
     src = root / "nan" / "m.gguf"
     out = tmp_path / "out.gguf"
-    scan = run_cli("scan", src, "--quiet", env=env)
+    scan, patch = gguf_cli(env, ("scan", src, "--quiet"),
+                           ("patch", src, "-o", out, "--recipe", "ffn-dampen", "--scan", sharded[1], "--quiet"))
     assert_clean_failure(scan, f"{src}: tensor model.layers.3.mlp.down_proj.weight has 1 NaN", code=2)
-    patch = run_cli("patch", src, "-o", out, "--recipe", "ffn-dampen", "--scan", sharded[1], "--quiet", env=env)
-    assert_clean_failure(patch, f"{src}: tensor", "1 NaN", code=2)
-    assert not out.exists()
+    assert_clean_failure(patch, f"{src}: tensor", "1 NaN", out=out, code=2)
 
 
 def test_gguf_conversion_is_quiet_and_folder_output_may_sit_beside_the_source(gguf, sharded):
-    """A folder beside the .gguf was refused as 'inside the source model folder' (the .gguf's parent)."""
+    """A folder beside the .gguf was refused as 'inside the source model folder' (the .gguf's parent); the
+    conversion printed the loaders' progress bars even with --quiet."""
     root, env = gguf
     src = root / "good" / "m.gguf"
     before = snapshot(src.parent)
-    scan = run_cli("scan", src, "--quiet", "--num-samples", "2", "--max-tokens", "16", env=env)
-    assert scan.returncode == 0 and scan.stderr == "", scan.stderr
     out = src.parent / "published"
-    res = run_cli("patch", src, "-o", out, "--format", "gguf", "--recipe", "ffn-dampen", "--scan", sharded[1],
-                  "--quiet", env=env)
-    assert res.returncode == 0, res.stderr
+    patch = ("patch", src, "--format", "gguf", "--recipe", "ffn-dampen", "--scan", sharded[1], "--quiet")
+    beside, holding = gguf_cli(env, (*patch, "-o", out), (*patch, "-o", src.parent, "--overwrite"))
+    assert beside.returncode == 0 and beside.stderr == "", beside.stderr
     assert (out / "m.gguf").is_file() and (out / "provenance.json").is_file()
+    assert_clean_failure(holding, "holds the source model", code=2)
     shutil.rmtree(out)
-    assert snapshot(src.parent) == before
-    res = run_cli("patch", src, "-o", src.parent, "--format", "gguf", "--recipe", "ffn-dampen", "--scan",
-                  sharded[1], "--overwrite", "--quiet", env=env)
-    assert_clean_failure(res, "holds the source model", code=2)
     assert snapshot(src.parent) == before
