@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, yamlsafe
 from .basemodel import BaseModelId
 from .hubmeta import hub_licenses
 from .outputs import MODEL_CARD
@@ -22,9 +22,9 @@ def front_matter(text: str) -> dict:
     if not m:
         raise ValueError("the YAML front matter is not closed by a '---' line")
     try:
-        meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"the YAML front matter does not parse ({str(exc).splitlines()[0]})") from None
+        meta = yamlsafe.load(m.group(1))
+    except yamlsafe.YAMLRefused as exc:
+        raise ValueError(f"the YAML front matter {exc}") from None
     if meta is not None and not isinstance(meta, dict):
         raise ValueError("the YAML front matter is not a mapping")
     return meta or {}

@@ -39,6 +39,7 @@ from .edits import Edit, apply_edit, is_identity
 from .errors import UserError
 from .manifest import Manifest
 from .outputs import MANIFEST, MODEL_CARD
+from .patch import check_scan_fits
 from .recipes import RecipePlan, plan_recipes
 from .scan import run_scan
 from .scan_result import ScanResult
@@ -138,6 +139,10 @@ def edit_tensor(gf: GGUFFile, name: str, ops: Ops, hf_tensor: str) -> tuple[byte
             new[expert] = apply_edit(new[expert], edit)
     exact = new.numpy().reshape(-1, info.block_size)
     if not np.isfinite(exact).all():
+        held = int((~np.isfinite(old)).sum())  # a cache converted by an older melsurgery may hold it
+        if held:
+            raise UserError(f"{gf.path}: tensor {name} holds {held} NaN or infinite entries; the GGUF is broken: "
+                            "re-download or re-export it")
         raise UserError(f"{name}: the edit produces non-finite values; check the recipe parameters")
     hit = (exact != old.reshape(-1, info.block_size)).any(axis=1)
     blocks = raw.reshape(-1, info.type_size)
@@ -192,7 +197,7 @@ def preflight(src_file: Path, out: Path, recipes: list[tuple[str, dict]], *, fol
     """Everything that can be refused before the source is converted and scanned."""
     refuse_unfoldable(recipes)
     if folder:
-        check_output(out, overwrite, protect=src_file.parent)
+        check_output(out, overwrite, protect=src_file)
     else:
         check_output_file(out, overwrite, protect=src_file)
     _refuse_types_early(GGUFFile(src_file), recipes)
@@ -221,8 +226,8 @@ def run_patch_gguf(
     if scan is None:
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
                         progress=progress)
-    elif scan.model.num_layers != config.get("num_hidden_layers"):
-        raise UserError("the --scan result is for a model with a different number of layers")
+    else:
+        check_scan_fits(scan, config)
     plans = plan_recipes(scan, family, config, manifest.recipes)
     hf_names = {}
     for e in (e for p in plans for e in p.edits):
@@ -249,7 +254,7 @@ def run_patch_gguf(
     from .patch import write_provenance
 
     base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
-    with atomic_folder(out, overwrite, protect=src_file.parent) as tmp:
+    with atomic_folder(out, overwrite, protect=src_file) as tmp:
         target = tmp / src_file.name
         _, out_sha = copy_spliced(src_file, target, splices, sync=False)
         fsync_file(target)

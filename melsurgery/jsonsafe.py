@@ -36,10 +36,11 @@ def _no_constant(name: str) -> Any:
 
 def load_strict(path: Path, what: str) -> Any:
     """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
+    from .textfile import read_text
+
+    text = read_text(path, what)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: {what} is not UTF-8 text") from None
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (ValueError, RecursionError) as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from . import yamlsafe
 from .basemodel import explicit
 from .errors import UserError
 from .recipes import resolve_recipes
@@ -47,13 +48,12 @@ class Manifest:
 
 
 MAX_BYTES = 1024 * 1024  # a manifest is a few lines; anything near this is not one
-MAX_NODES = 100_000  # values after alias expansion (a billion-laughs file expands to ~10^9)
 TOP_LEVEL = ("model", "revision", "base_model", "calibration", "detection", "recipes")
 
 
 def read_yaml(path: Path) -> object:
-    """Parse YAML with limits: a regular file of at most MAX_BYTES whose aliases expand to at most MAX_NODES
-    values (measured on the shared structure, without expanding it), and no recursion."""
+    """Parse YAML with limits: a regular file of at most MAX_BYTES, read by `yamlsafe.load` (alias expansion,
+    nesting and repeated keys limited)."""
     path = Path(path)
     try:
         st = path.stat()
@@ -63,44 +63,20 @@ def read_yaml(path: Path) -> object:
             raise UserError(f"{path}: {st.st_size:,} bytes; a manifest may be at most {MAX_BYTES:,}")
         with open(path, encoding="utf-8") as fh:
             text = fh.read(MAX_BYTES + 1)
-        data = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return yamlsafe.load(text)
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
-    except RecursionError:
-        raise UserError(f"{path}: cannot read manifest (nested too deeply)") from None
-    if _expanded_size(data, {}, set()) > MAX_NODES:
-        raise UserError(f"{path}: expands to more than {MAX_NODES:,} values (YAML aliases); refused")
-    return data
+    except yamlsafe.YAMLRefused as exc:
+        raise UserError(f"{path}: cannot read manifest: the YAML {exc}") from None
 
 
-def _expanded_size(obj: object, memo: dict[int, int], active: set[int]) -> int:
-    """How many values `obj` holds once aliases are expanded; shared sub-structures are counted once each
-    time they are referenced but measured once (memo), so this is linear in the file, not in the expansion."""
-    if not isinstance(obj, dict | list):
-        return 1
-    key = id(obj)
-    if key in memo:
-        return memo[key]
-    if key in active:
-        raise UserError("a manifest cannot contain a recursive YAML alias")
-    active.add(key)
-    children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
-    total = 1
-    for child in children:
-        total += _expanded_size(child, memo, active)
-        if total > MAX_NODES:
-            break
-    active.discard(key)
-    memo[key] = total
-    return total
-
-
-def load_manifest(path: Path) -> Manifest:
+def load_manifest(path: Path, model: str | None = None) -> Manifest:
     """Read and check a manifest: every field has its type and range checked, with one message per field,
-    and every recipe name and parameter is resolved, all before any model is opened."""
+    and every recipe name and parameter is resolved, all before any model is opened. `model`: the model
+    the command line names (used when the manifest names none; one that names another is refused)."""
     data = read_yaml(path)
     try:
-        return _manifest(data, Path(path))
+        return _manifest(data, Path(path), model)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
 
@@ -114,15 +90,24 @@ def _section(data: dict, key: str) -> dict:
     return value
 
 
-def _manifest(data: object, path: Path) -> Manifest:
+def _same_model(a: str, b: str) -> bool:
+    """Two spellings of one model: the same text, or paths to the same folder or file."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def _manifest(data: object, path: Path, given: str | None = None) -> Manifest:
     if not isinstance(data, dict) or not isinstance(data.get("recipes"), list) or not data["recipes"]:
         raise UserError("a manifest needs a 'recipes' list (see manifests/ for examples)")
     unknown = sorted(set(data) - set(TOP_LEVEL), key=str)
     if unknown:
         raise UserError(f"unknown field {unknown[0]!r}; a manifest has {', '.join(TOP_LEVEL)}")
-    model, revision = data.get("model", "default"), data.get("revision")
-    if not isinstance(model, str) or not model:
+    model, revision = data.get("model"), data.get("revision")
+    if model is not None and (not isinstance(model, str) or not model):
         raise UserError(f"model must be a folder, Hub id, .gguf file or 'default', got {model!r:.60}")
+    if given and model is not None and not _same_model(given, model):
+        raise UserError(f"names model {model!r}, the command line {given!r}; drop MODEL or edit the manifest")
+    model = given or model or "default"
     if revision is not None and not isinstance(revision, str):
         raise UserError(f"revision must be a string or null, got {revision!r:.60}")
     base_model = data.get("base_model")

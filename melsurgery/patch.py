@@ -77,11 +77,7 @@ def run_patch(
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
                         progress=progress)
     else:
-        for what, theirs, ours in (("layers", scan.model.num_layers, ckpt.config["num_hidden_layers"]),
-                                   ("hidden size", scan.model.hidden_size, ckpt.config["hidden_size"])):
-            if theirs != ours:
-                raise UserError(f"the --scan result is for a model with {theirs} {what}, this one has {ours}; "
-                                "scan this model")
+        check_scan_fits(scan, ckpt.config)
     plans = plan_recipes(scan, family, ckpt.config, recipes)
     check_plans(plans, ckpt)
     edits = [e for p in plans for e in p.edits]
@@ -113,6 +109,15 @@ def run_patch(
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
                          measurements=_compact(measured), known=weights)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
+
+
+def check_scan_fits(scan: ScanResult, config: dict) -> None:
+    """A --scan result must describe a model of this depth and width (one of another model plans nonsense)."""
+    for what, theirs, ours in (("layers", scan.model.num_layers, config.get("num_hidden_layers")),
+                               ("hidden size", scan.model.hidden_size, config.get("hidden_size"))):
+        if theirs != ours:
+            raise UserError(f"the --scan result is for a model with {theirs} {what}, this one has {ours}; "
+                            "scan this model")
 
 
 def check_params_fit(recipes: list[tuple[str, dict]], config: dict) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .stats import Sample
+from .textfile import read_text
 
 DEFAULT_CALIBRATION = "calibration.jsonl"
 
@@ -38,10 +39,7 @@ def read_records(path: Path | None) -> tuple[list[dict], str]:
         text = resources.files("melsurgery.data").joinpath(DEFAULT_CALIBRATION).read_text(encoding="utf-8")
         return _parse_jsonl(text, "embedded calibration set"), f"melsurgery:{DEFAULT_CALIBRATION}"
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read calibration file ({exc})") from None
+    text = read_text(path, "calibration file")
     if path.suffix == ".jsonl":
         records = _parse_jsonl(text, str(path))
     elif path.suffix in (".txt", ".md", ""):
@@ -67,8 +65,22 @@ def _parse_jsonl(text: str, where: str) -> list[dict]:
         if "messages" in rec and not (rec["messages"] and all(_is_message(m) for m in rec["messages"])):
             raise UserError(f"{where}: line {n}: 'messages' must be a non-empty list of "
                             '{"role": "...", "content": "..."} objects with string values')
+        if not _encodable(rec):
+            raise UserError(f"{where}: line {n} holds a lone surrogate escape (such as \\ud800), which is not text")
         records.append(rec)
     return records
+
+
+def _encodable(rec: dict) -> bool:
+    """JSON may escape half a surrogate pair; such a string is not Unicode text and no tokenizer takes it."""
+    strings = [rec.get("text")] + [v for m in rec.get("messages") or [] for v in m.values()]
+    try:
+        for s in strings:
+            if isinstance(s, str):
+                s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_message(m: object) -> bool:

@@ -282,9 +282,12 @@ class ScanResult:
     @classmethod
     def read(cls, path: Path) -> ScanResult:
         """A scan result written by `scan --json`, every field checked before anything uses it."""
+        from .textfile import read_text
+
+        text = read_text(path, "scan JSON")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise UserError(f"{path}: cannot read scan JSON ({exc})") from None
         return cls.from_dict(data, str(path))
 

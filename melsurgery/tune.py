@@ -23,11 +23,14 @@ from pathlib import Path
 import torch
 
 from .architectures import Family, family_for
+from .checkpoint.atomic import check_apart
 from .checkpoint.reader import Checkpoint
 from .checkpoint.source import Source
 from .edits import Edit, edited_tensor
 from .errors import UserError
+from .jsonsafe import dumps
 from .measure import find_massive, layer_stats, sink, top_k_for
+from .patch import check_scan_fits
 from .probes import Probe
 from .recipes import Recipe, RecipePlan, plan_recipes, registry, require_me, resolve_recipes
 from .scan_result import ScanResult
@@ -36,6 +39,7 @@ from .streaming import Stream, StreamingModel, run_layers
 
 STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
+SEEDS = 2**32  # the samplers take seeds in [0, 2^32)
 BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the README)
 # Parameters the search leaves at their defaults: explicit dim/neuron lists, and mask_ratio, which is an
 # alternative to top_k. Every other declared parameter is searched over its declared range, except options
@@ -87,7 +91,8 @@ class Figures:
 
     def finite(self) -> bool:
         """Whether every figure the search compares is a number (a broken trial is pruned, not ranked)."""
-        return all(math.isfinite(x) for x in (self.sink_patched, self.kl_mean, self.ppl_patched, self.ratio_patched))
+        return all(math.isfinite(x) for x in (self.sink_patched, self.kl_mean, self.ppl_patched, self.ratio_patched,
+                                              self.sink_reduction_pct, self.ratio_reduction_pct, self.ppl_increase_pct))
 
     def objective(self, name: str) -> float:
         """The reduction the study maximises under `--objective` (sink or max/median ratio), in percent."""
@@ -152,6 +157,8 @@ def validate(opts: TuneOptions) -> TuneOptions:
             raise UserError(f"{flag} {v}: must be a positive finite number")
     if opts.trials < 1:
         raise UserError(f"--trials {opts.trials}: must be at least 1")
+    if not 0 <= opts.seed < SEEDS:
+        raise UserError(f"--seed {opts.seed}: must lie in [0, {SEEDS - 1}]")
     return opts
 
 
@@ -402,7 +409,7 @@ def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int)
                         "use a new RUN_DIR (or --storage) or the original settings")
     done = len(study.get_trials(deepcopy=False))
     # a continued run must not replay the proposals of the first one
-    study.sampler = optuna.samplers.TPESampler(seed=seed + done, n_startup_trials=8)
+    study.sampler = optuna.samplers.TPESampler(seed=(seed + done) % SEEDS, n_startup_trials=8)
     return study
 
 
@@ -489,9 +496,12 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     if not tune_w.ids or not held_w.ids:
         raise UserError(f"{text_name}: too short to split into tuning and held-out windows of {opts.max_tokens} "
                         "tokens; give a longer --text or a --heldout file")
-    if scan is not None:
-        make_space(opts.recipes, scan)  # a scan without an ME Layer is refused before anything is written
     run_dir = Path(run_dir)
+    if source.kind == "folder":
+        check_apart(run_dir, source.folder)
+    if scan is not None:
+        check_scan_fits(scan, Checkpoint(source.folder).config)
+        make_space(opts.recipes, scan)  # a scan without an ME Layer is refused before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -507,7 +517,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                 scan = ScanResult.read(scan_path)
             else:
                 scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-                _atomic_text(scan_path, json.dumps({**scan.to_dict(), "tune_key": key}, default=str))
+                _atomic_text(scan_path, dumps({**scan.to_dict(), "tune_key": key}, default=str))
     space = make_space(opts.recipes, scan)
     fingerprint = {"model": str(source.folder), "recipes": list(opts.recipes), "objective": opts.objective,
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,
@@ -522,6 +532,9 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     config = evaluator.ckpt.config
     try:
         tuning = evaluator.base_pass("tuning", tune_w.ids, tune_w.first_target)
+        if not math.isfinite(tuning.nll):
+            raise UserError(f"{source.id}: the base model's perplexity on the tuning text is not a finite number "
+                            "(its logits overflow or hold NaN); there is nothing to compare trials against")
         if not tuning.tokens:
             raise UserError(f"{text_name}: no massive activation persists on the tuning text, so it has no sink "
                             "to cut; give a longer --text or --max-tokens")
@@ -535,11 +548,11 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
             trial.set_user_attr("recipes", [{"name": n, "params": p} for n, p in recipes])
             trial.set_user_attr("figures", asdict(fig))
             trial.set_user_attr("worker", os.getpid())
+            if not fig.finite():  # before the constraints: Optuna refuses a NaN constraint
+                raise optuna.TrialPruned("non-finite figures")
             # the budget as Optuna constraints (feasible at <= 0): the sampler favours settings within it
             trial.set_constraint("kl", fig.kl_mean - opts.max_kl if opts.max_kl else -1.0)
             trial.set_constraint("ppl", fig.ppl_increase_pct - opts.max_ppl_increase if opts.max_ppl_increase else -1.0)
-            if not fig.finite():
-                raise optuna.TrialPruned("non-finite figures")
             return fig.objective(opts.objective), fig.kl_mean
 
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
@@ -656,7 +669,7 @@ def _write_outputs(run_dir: Path, data: dict, manifest) -> None:
     """tune.json, tune.png and best.yaml, each replaced atomically (a stale best.yaml is removed)."""
     from .plot import plot_tune
 
-    _atomic_text(run_dir / "tune.json", json.dumps(data, indent=1, allow_nan=True) + "\n")
+    _atomic_text(run_dir / "tune.json", dumps(data, indent=1) + "\n")
     if manifest is not None:
         _atomic_text(run_dir / "best.yaml", manifest.to_yaml())
     else:

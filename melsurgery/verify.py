@@ -28,6 +28,7 @@ from .provenance import Provenance
 from .samples import load_tokenizer
 from .stats import LayerStats
 from .streaming import Stream, StreamingModel, run_layers
+from .textfile import read_text
 
 GEN_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -71,10 +72,10 @@ def eval_text(path: Path | None) -> tuple[str, str]:
     if path is None:
         embedded = resources.files("melsurgery.data").joinpath("eval.txt")
         return embedded.read_text(encoding="utf-8"), "melsurgery:eval.txt"
-    try:
-        return Path(path).read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read evaluation text ({exc})") from None
+    raw = read_text(path, "evaluation text")
+    if not raw.strip():
+        raise UserError(f"{path}: the evaluation text is empty")
+    return raw, str(path)
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,18 @@ def check_output(out: Path, overwrite: bool, protect: Path | None = None) -> Non
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if protect is not None:
-        source, target = Path(protect).resolve(), out.resolve()
-        if source == target or target in source.parents:
-            raise UserError(f"{out}: holds the source model; write the output somewhere else")
-        if source in target.parents:
-            raise UserError(f"{out}: is inside the source model folder {source}; write the output somewhere else")
+        check_apart(out, protect)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+def check_apart(out: Path, protect: Path, what: str = "the source model") -> None:
+    """Refuse an output that is `protect`, holds it, or lies inside it (writing there would change it)."""
+    source, target = Path(protect).resolve(), Path(out).resolve()
+    if source == target or target in source.parents:
+        raise UserError(f"{out}: holds {what} ({source}); write the output somewhere else")
+    if source in target.parents:
+        raise UserError(f"{out}: is inside {what} folder {source}; write the output somewhere else")
 
 
 @contextmanager

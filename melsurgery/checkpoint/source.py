@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -73,6 +75,9 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{spec}: no such GGUF file")
+        from .gguf_file import GGUFFile
+
+        GGUFFile(path)  # header and tensor extents checked (a truncated file is refused) before anything reads it
         return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
     if path.exists():
         raise UserError(f"{spec}: not a model folder or a .gguf file")
@@ -159,14 +164,24 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - import errors of core deps
         raise UserError(f"cannot convert GGUF: {exc}") from None
+    from .validate import check_finite
+
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading .gguf files needs the gguf extra: pip install 'melsurgery[gguf]'")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # an internal step: the loaders' progress bars would be noise on every command's stderr
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            why = one_line(str(exc) or type(exc).__name__)
+            raise UserError(f"{gguf}: cannot convert to safetensors ({why})") from None
         state = model.state_dict()
+        for name, t in state.items():  # named after the .gguf here, not after the cache folder later
+            check_finite(t, name, gguf)
         if model.config.tie_word_embeddings:  # stored once, as the embedding table, like the family's checkpoints
             state.pop(family_for(model.config.to_dict()).lm_head, None)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -39,6 +39,10 @@ def recipe_options(f):
     return f
 
 
+# options whose setting a manifest holds (calibration, detection, revision): not to be given beside one
+MANIFEST_SETS = ("calib", "num_samples", "max_tokens", "seed", "abs_threshold", "ratio", "persist_fraction", "revision")
+
+
 def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) -> list[tuple[str, dict]]:
     """Each chosen recipe with the flags it declares; a flag that no chosen recipe uses is an error."""
     from ..recipes import get_recipe
@@ -109,9 +113,12 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
             raise UserError(f"{given[0]} conflicts with --manifest: set recipe parameters in the manifest")
         if recipes:
             raise UserError("give recipes either with --recipe or in the --manifest, not both")
-        man = load_manifest(manifest)
-        if model and model != man.model:
-            raise UserError(f"the manifest names model {man.model!r}; drop MODEL or edit the manifest")
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in MANIFEST_SETS
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:  # the manifest's value would silently win
+            raise UserError(f"{given[0]} conflicts with --manifest: set it in the manifest")
+        man = load_manifest(manifest, model)
         if base_model and man.base_model and base_model != man.base_model:
             raise UserError(f"the manifest names base_model {man.base_model!r}; drop --base-model or edit the manifest")
         man.base_model = base_model or man.base_model

@@ -50,7 +50,7 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     within the budget) is re-measured on held-out text and written as RUN_DIR/best.yaml, a manifest
     for `patch --manifest`. Exit status: 0, 4 when no trial meets the budget, 2 on errors.
     """
-    from ..checkpoint.atomic import check_output
+    from ..checkpoint.atomic import check_apart, check_output
     from ..checkpoint.source import resolve
     from ..errors import UserError
     from ..samples import CalibrationSpec
@@ -59,6 +59,8 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
 
     opts = validate(TuneOptions(tuple(r.strip() for r in recipes.split(",") if r.strip()), objective, max_kl,
                                 max_ppl_increase, trials, timeout, seed, max_tokens, windows, storage))
+    if apply_out is not None:
+        check_apart(apply_out, run_dir, "the run folder")  # else --apply fails only after the whole study
     model = model or "default"
     source = resolve(model, revision)
     if apply_out is not None:
