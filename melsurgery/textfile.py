@@ -9,7 +9,6 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from .checkpoint.safetensors_file import file_kind
 from .errors import UserError
 
 
@@ -25,3 +24,12 @@ def read_text(path: Path, what: str) -> str:
         raise UserError(f"{path}: cannot read {what} (not UTF-8 text)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is ("a FIFO", "a folder"...), so the refusal names it."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"

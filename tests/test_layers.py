@@ -6,7 +6,7 @@ import sys
 import pytest
 
 TORCH_FREE = ["stats", "samples", "scan_result", "provenance", "edits", "typed", "outputs", "manifest", "recipes",
-              "card", "report", "hubmeta"]
+              "card", "report", "hubmeta", "textfile", "yamlsafe"]
 
 
 def _modules_after_import(module: str) -> set[str]:

@@ -9,7 +9,8 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ..errors import UserError
-from .safetensors_file import SafetensorsHeader, TensorInfo, file_kind, load_tensor, read_header
+from ..textfile import file_kind
+from .safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

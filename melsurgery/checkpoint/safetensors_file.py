@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..textfile import file_kind
 
 # safetensors dtype codes we can compute with; anything else (fp8, packed ints) is refused.
 DTYPES: dict[str, torch.dtype] = {
@@ -122,15 +123,6 @@ def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: in
         end = hi
     if end != data_size:
         raise UserError(f"{path}: corrupt safetensors file: {data_size - end} stray bytes after the last tensor")
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is ("a FIFO", "a folder"...), so the refusal names it."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "not a plain file"
 
 
 def _numel(path: Path, name: str, shape: tuple[int, ...], dtype: str) -> int:
