@@ -93,13 +93,10 @@ class Provenance:
 
     @classmethod
     def find(cls, folder: Path) -> Provenance | None:
-        """The folder's record, or None where it has none or an unreadable one (verify then measures without it)."""
+        """The folder's record, or None where it has none; an unreadable one is a UserError saying why."""
         if not (Path(folder) / PROVENANCE).is_file():
             return None
-        try:
-            return cls.read(folder)
-        except UserError:
-            return None
+        return cls.read(folder)
 
     def write(self, folder: Path) -> None:
         """Write provenance.json into `folder` (non-finite figures as null)."""

@@ -183,8 +183,12 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
     changed (checked against those that differ). Where not given, they come from the patched folder's
     provenance.json when it has one; else the default thresholds, and no claim to check.
     """
+    unreadable = None  # why the patched folder's provenance.json could not be used, when it could not
     if params is None or claimed_edits is None:
-        record = Provenance.find(Path(patched))
+        try:
+            record = Provenance.find(Path(patched))
+        except UserError as exc:  # measured without it, and said so in the report
+            record, unreadable = None, str(exc)
         if record is not None:
             params = params or record.detect_params
             claimed_edits = record.edited_tensors if claimed_edits is None else claimed_edits
@@ -269,7 +273,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
                   sink_rate_mean_patched=_mean(result["sink_rate_patched"][first:]),
                   similarity_mean_base=_mean(result["similarity_base"][first:]),
                   similarity_mean_patched=_mean(result["similarity_patched"][first:]))
-    result["weights"] = _weight_check(sorted(changed), claimed_edits)
+    result["weights"] = _weight_check(sorted(changed), claimed_edits, unreadable)
     result["no_effect"] = result["kl_max"] == 0 and not changed
     result["generations"], result["generations_note"] = _maybe_generate(bckpt, Path(base), Path(patched), tok,
                                                                         generations, max_new_tokens, device, dtype)
@@ -384,12 +388,14 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
     return out
 
 
-def _weight_check(changed: list[str], claimed: list[str] | None) -> dict:
-    """The tensors that differ, against those the patch claims to have changed (None: no claim)."""
+def _weight_check(changed: list[str], claimed: list[str] | None, unreadable: str | None = None) -> dict:
+    """The tensors that differ, against those the patch claims to have changed (None: no claim), and why a
+    provenance.json present could not be read (None: read, or absent)."""
     if claimed is not None:
         claimed = sorted(set(claimed))
     return {"changed": changed, "provenance_edits": claimed,
-            "matches_provenance": None if claimed is None else claimed == changed}
+            "matches_provenance": None if claimed is None else claimed == changed,
+            "provenance_unreadable": unreadable}
 
 
 def _f(x: float | None, spec: str) -> str:
@@ -442,6 +448,9 @@ def verify_report(r: dict) -> str:
     if w["matches_provenance"] is not None:
         lines.append("  matches provenance.json edits" if w["matches_provenance"] else
                      f"  DOES NOT match provenance.json edits {w['provenance_edits']}")
+    if w["provenance_unreadable"]:
+        lines.append("  provenance.json is unreadable, so no claim was checked and the default detection thresholds "
+                     f"were used: {w['provenance_unreadable']}")
     if r["no_effect"]:
         lines.append("THIS PATCH CHANGED NOTHING: no tensor differs and KL(base || patched) is 0 on every token "
                      "(a custom layer that selects no token does nothing)")

@@ -41,6 +41,17 @@ def test_removing_the_massive_activation_shows_in_the_right_layers(planted, plan
     assert r["no_effect"] is False and "CHANGED NOTHING" not in verify_report(r)
 
 
+
+def test_an_unreadable_provenance_is_said_not_skipped(planted, planted_scan, tmp_path):
+    patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
+    (tmp_path / "out" / "provenance.json").write_text('{"melsurgery": ')  # cut short
+    r = run_verify(planted, tmp_path / "out", max_windows=1, max_tokens=64, generations=0)
+    w = r["weights"]
+    assert w["matches_provenance"] is None and w["provenance_edits"] is None
+    assert "provenance.json" in w["provenance_unreadable"]
+    assert "provenance.json is unreadable, so no claim was checked" in verify_report(r)
+    assert "provenance.json is unreadable" not in verify_report({**r, "weights": {**w, "provenance_unreadable": None}})
+
 def test_gates():
     r = {"kl_mean": 0.05, "ppl_increase_pct": 3.0, "sink_reduction_pct": 10.0}
     assert Gates().check(r) == []
