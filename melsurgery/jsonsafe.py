@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .textfile import read_text
 
 
 def finite(obj: object) -> object:
@@ -36,8 +37,6 @@ def _no_constant(name: str) -> Any:
 
 def load_strict(path: Path, what: str) -> Any:
     """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
-    from .textfile import read_text
-
     text = read_text(path, what)
     try:
         return json.loads(text, parse_constant=_no_constant)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .textfile import read_text
 from .typed import Need, dump, is_int, is_num, load
 
 SCHEMA_VERSION = 1
@@ -282,8 +283,6 @@ class ScanResult:
     @classmethod
     def read(cls, path: Path) -> ScanResult:
         """A scan result written by `scan --json`, every field checked before anything uses it."""
-        from .textfile import read_text
-
         text = read_text(path, "scan JSON")
         try:
             data = json.loads(text)

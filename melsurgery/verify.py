@@ -388,7 +388,7 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
     return out
 
 
-def _weight_check(changed: list[str], claimed: list[str] | None, unreadable: str | None = None) -> dict:
+def _weight_check(changed: list[str], claimed: list[str] | None, unreadable: str | None) -> dict:
     """The tensors that differ, against those the patch claims to have changed (None: no claim), and why a
     provenance.json present could not be read (None: read, or absent)."""
     if claimed is not None:

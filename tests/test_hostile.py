@@ -195,6 +195,11 @@ MANIFESTS = {
     "billion-laughs": (bomb(), "expands to more than 100,000 values"),
     "recursive-alias": ("a: &a [*a]\nrecipes: [wemask]\n", "recursive YAML alias"),
     "deep-nesting": ("recipes: " + "[" * 5000 + "]" * 5000 + "\n", "cannot read manifest"),
+    # a key given twice: the last one silently won (a manifest that says factor 0.5 and patches with 0.9)
+    "twice-top-level": ("recipes: [wemask]\nrecipes: [ffn-dampen]\n", "gives the key 'recipes' twice (line 2)"),
+    "twice-params": ("recipes: [{name: ffn-dampen, params: {factor: 0.5, factor: 0.9}}]\n",
+                     "gives the key 'factor' twice"),
+    "twice-calibration": ("recipes: [wemask]\ncalibration: {seed: 1, seed: 2}\n", "gives the key 'seed' twice"),
 }
 CLI_MANIFESTS = ("calibration-a-string", "params-a-string", "max-tokens-quoted", "billion-laughs")
 

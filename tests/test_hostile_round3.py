@@ -146,25 +146,6 @@ def test_calibration_lone_surrogates_are_refused(tmp_path, line):
 
 # --- manifests ----------------------------------------------------------------------------------------------
 
-DUPLICATES = {
-    "top-level": ("recipes: [wemask]\nrecipes: [ffn-dampen]\n", "gives the key 'recipes' twice (line 2)"),
-    "params": ("recipes: [{name: ffn-dampen, params: {factor: 0.5, factor: 0.9}}]\n", "gives the key 'factor' twice"),
-    "calibration": ("recipes: [wemask]\ncalibration: {seed: 1, seed: 2}\n", "gives the key 'seed' twice"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(DUPLICATES))
-def test_manifest_keys_given_twice_are_refused(tmp_path, case):
-    """The last one silently won (a manifest that says factor 0.5 and patches with 0.9)."""
-    from melsurgery.manifest import load_manifest
-
-    text, needle = DUPLICATES[case]
-    path = tmp_path / "m.yaml"
-    path.write_text(text)
-    with pytest.raises(UserError) as err:
-        load_manifest(path)
-    assert needle in str(err.value) and "\n" not in str(err.value)
-
 
 def test_manifest_merge_keys_may_be_overridden(tmp_path):
     from melsurgery.manifest import load_manifest
