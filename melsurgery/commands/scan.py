@@ -6,15 +6,22 @@ from pathlib import Path
 
 import click
 
-from .shared import calibration_options, device_option, dtype_option, revision_option, torch_dtype, write_outputs
+from melsurgery.commands.shared import (
+    calibration_options,
+    device_option,
+    dtype_option,
+    revision_option,
+    torch_dtype,
+    write_outputs,
+)
 
 
 def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
           dtype, quiet) -> dict:
-    from ..checkpoint.source import resolve
-    from ..detect import DetectParams
-    from ..samples import CalibrationSpec
-    from ..scan import run_scan
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import run_scan
+    from melsurgery.params import DetectParams
 
     source = resolve(model, revision)
     return run_scan(
@@ -43,13 +50,13 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     Exit status: 0 when an ME Layer is found, 3 when no massive activation persists (the report and
     JSON are still written), 2 on errors.
     """
-    from ..errors import NoMassiveActivations
-    from ..report import scan_report
+    from melsurgery.errors import NoMassiveActivations
+    from melsurgery.report.text import scan_report
 
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
     click.echo(scan_report(result))
-    from ..plot import plot_scan
+    from melsurgery.report.plot import plot_scan
 
     write_outputs(result, json_path, plot_path, plot_scan)
     if result.me_layer is None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from ..recipes.params import CALIBRATION, DETECTION, Param
+from melsurgery.errors import UserError
+from melsurgery.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
@@ -107,7 +107,7 @@ def calibration_options(f):
 def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
     """--json and --plot of a command's result, each announced on its own line."""
     if json_path:
-        from ..scan import write_json
+        from melsurgery.detect.scan import write_json
 
         write_json(result, json_path)
         click.echo(f"wrote {json_path}")

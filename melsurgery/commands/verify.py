@@ -6,8 +6,15 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from .shared import device_option, dtype_option, finite_float, quiet_transformers, torch_dtype, write_outputs
+from melsurgery.commands.shared import (
+    device_option,
+    dtype_option,
+    finite_float,
+    quiet_transformers,
+    torch_dtype,
+    write_outputs,
+)
+from melsurgery.errors import UserError
 
 GATE_EXIT = 4
 
@@ -38,10 +45,10 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
 
     Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
     """
-    from ..checkpoint.source import resolve
-    from ..checkpoint.validate import open_model
-    from ..samples import load_tokenizer
-    from ..verify import Gates, run_verify, verify_report
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.validate import open_model
+    from melsurgery.measure.verify import Gates, run_verify, verify_report
 
     if patched.is_file():
         if patched.suffix.lower() != ".gguf":
@@ -57,7 +64,7 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
                         device=device, dtype=torch_dtype(dtype), generations=generations,
                         progress=not quiet)
     click.echo(verify_report(result))
-    from ..plot import plot_verify
+    from melsurgery.report.plot import plot_verify
 
     write_outputs(result, json_path, plot_path, plot_verify)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
