@@ -7,13 +7,15 @@ from pathlib import Path
 
 import click
 
+from melsurgery.commands.shared import json_option
+
 
 @click.command()
 @click.argument("a")
 @click.argument("b")
 @click.option("--revision-a", default=None, help="Hub revision of A (branch, tag or commit).")
 @click.option("--revision", "revision_b", default=None, help="Hub revision of B (branch, tag or commit).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
+@json_option("Write every figure as JSON.")
 @click.option("--only-changed", is_flag=True, help="List only tensors and files that differ.")
 @click.option("--stat", is_flag=True, help="Per layer: tensors that differ and entries changed, instead of tensors.")
 def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from melsurgery.commands.shared import calibration_options, device_option, quiet_transformers, revision_option
+from melsurgery.commands.shared import (
+    calibration_options,
+    device_option,
+    quiet_option,
+    quiet_transformers,
+    revision_option,
+)
 from melsurgery.errors import UserError
 from melsurgery.params import Param
 from melsurgery.recipes import registry, resolve_recipes
@@ -87,7 +93,7 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
 @click.option("--verify-windows", type=click.IntRange(min=1), default=None,
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, calib, num_samples, max_tokens, seed,
           abs_threshold, ratio, persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet,
           **recipe_flags) -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from melsurgery.commands.shared import (
     calibration_options,
     device_option,
     dtype_option,
+    json_option,
+    plot_option,
+    quiet_option,
     revision_option,
     torch_dtype,
     write_outputs,
@@ -40,9 +41,9 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
 @calibration_options
 @device_option
 @dtype_option
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of max |h| per layer.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option("Write the full result as JSON.")
+@plot_option("Write a PNG of max |h| per layer.")
+@quiet_option
 def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device, dtype,
          json_path, plot_path, quiet) -> None:
     """Find and explain the ME Layer of MODEL by streaming calibration.

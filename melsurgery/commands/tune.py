@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from melsurgery.commands.shared import device_option, dtype_option, resolve_device, revision_option, torch_dtype
+from melsurgery.commands.shared import (
+    device_option,
+    dtype_option,
+    quiet_option,
+    resolve_device,
+    revision_option,
+    torch_dtype,
+)
 from melsurgery.recipes import registry
 
 
@@ -41,7 +48,7 @@ from melsurgery.recipes import registry
 @revision_option
 @device_option
 @dtype_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_increase, seed, storage, text, heldout,
          max_tokens, windows, scan_path, calib, apply_out, overwrite, revision, device, dtype, quiet) -> None:
     """Search recipe settings for MODEL: sink reduction after the ME Layer against KL, under a budget.

@@ -10,6 +10,9 @@ from melsurgery.commands.shared import (
     device_option,
     dtype_option,
     finite_float,
+    json_option,
+    plot_option,
+    quiet_option,
     quiet_transformers,
     torch_dtype,
     write_outputs,
@@ -29,14 +32,14 @@ GATE_EXIT = 4
               help="Greedy generations shown side by side.")
 @device_option
 @dtype_option
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: sink and ratio per layer.")
+@json_option("Write every figure as JSON.")
+@plot_option("PNG: sink and ratio per layer.")
 @click.option("--max-kl", type=float, callback=finite_float, default=None, help="Gate: fail when mean KL exceeds this.")
 @click.option("--max-ppl-increase", type=float, callback=finite_float, default=None,
               help="Gate: fail when perplexity rises more (percent).")
 @click.option("--min-sink-reduction", type=float, callback=finite_float, default=None,
               help="Gate: fail when the sink drops less (percent).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def verify(base, patched, text, max_tokens, max_windows, generations, device, dtype, json_path, plot_path, max_kl,
            max_ppl_increase, min_sink_reduction, quiet) -> None:
     """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
