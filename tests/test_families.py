@@ -83,7 +83,7 @@ def test_scan_json_round_trips_exactly(planted_family, model_type, tmp_path):
     data = json.loads(path.read_text())
     assert ("expert" in data["ffn_neurons"][0]) == is_moe(model_type)
     again = read_json(path)
-    assert again.to_dict() == data
+    assert again.to_json() == data
     again.write(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == path.read_text()
 

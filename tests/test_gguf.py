@@ -270,8 +270,8 @@ def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, plant
     assert set(down.cols) <= {c for n in planted_scan.ffn_neurons for c in range(n.neuron // 32 * 32,
                                                                                     n.neuron // 32 * 32 + 32)}
     assert down.max_abs_diff == pytest.approx(edit.max_abs_delta)
-    assert set(r.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
-    assert not r.removed and not r.changed_keys and not r.identical
+    assert set(r.metadata.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
+    assert not r.metadata.removed and not r.metadata.changed and not r.identical
     cli = run_cli("diff", src, res.file, "--only-changed", "--json", tmp_path / "d.json")
     assert cli.returncode == 1 and f"{down.name}  Q4_1" in cli.stdout and "key +    melsurgery.version" in cli.stdout
     assert json.loads((tmp_path / "d.json").read_text())["summary"]["changed"] == 3

@@ -26,6 +26,7 @@ from melsurgery.detect.me_layer import Detection, detect, entry_dict
 from melsurgery.detect.scan_result import SCHEMA_VERSION, ScanResult
 from melsurgery.detect.scan_result import write_json as write_dict
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.measure.definitions import layer_stats, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.params import DetectParams
@@ -232,9 +233,10 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def write_json(result: ScanResult | dict, path: Path) -> None:
-    """Write a scan result (or another command's JSON-ready result) as JSON, non-finite figures as null."""
-    write_dict(result.to_dict() if isinstance(result, ScanResult) else result, path)
+def write_json(result: JsonRecord | dict, path: Path) -> None:
+    """Write a scan result (or another command's result, typed or JSON-ready) as JSON, non-finite figures as
+    null."""
+    write_dict(result.to_json() if isinstance(result, JsonRecord) else result, path)
 
 
 def read_json(path: Path) -> ScanResult:

@@ -518,7 +518,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
                 scan = ScanResult.read(scan_path)
             else:
                 scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-                _atomic_text(scan_path, dumps({**scan.to_dict(), "tune_key": key}, default=str))
+                _atomic_text(scan_path, dumps({**scan.to_json(), "tune_key": key}, default=str))
     space = make_space(opts.recipes, scan)
     fingerprint = {"model": str(source.folder), "recipes": list(opts.recipes), "objective": opts.objective,
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,

@@ -37,6 +37,7 @@ from melsurgery.checkpoint.writer import copy_spliced, fsync_file
 from melsurgery.detect.scan import run_scan
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.recipes import RecipePlan, plan_recipes
@@ -65,8 +66,8 @@ class GGUFEdit:
     requant_rms_err: float
 
 
-@dataclass
-class GGUFPatchResult:
+@dataclass(frozen=True)
+class GGUFPatchResult(JsonRecord):
     """What `run_patch_gguf` wrote: the output (file or folder), the plans, the block-level edits, the scan."""
 
     out: Path

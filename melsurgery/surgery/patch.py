@@ -19,6 +19,7 @@ from melsurgery.checkpoint.validate import nonfinite, open_model
 from melsurgery.checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from melsurgery.detect.scan import ScanResult, check_scan_params, run_scan
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.params import LAYER_WORDS
@@ -30,8 +31,8 @@ MODELING_FILE = "modeling_melsurgery.py"
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
 
 
-@dataclass
-class PatchResult:
+@dataclass(frozen=True)
+class PatchResult(JsonRecord):
     """What `run_patch` wrote: the folder, the plans, the edits applied, the scan, the verify figures."""
 
     out: Path
@@ -46,7 +47,7 @@ def scan_summary(scan: ScanResult) -> dict:
     """The part of a scan that provenance keeps (enough to reproduce and to verify the patch)."""
     keys = ("me_layer", "massive_dims", "top_dims", "persist_until", "ffn_neurons", "selector_threshold",
             "sink_after_me", "token_summary", "calibration", "params")
-    data = scan.to_dict()
+    data = scan.to_json()
     summary = {k: data[k] for k in keys}
     # timings would make two identical patches differ byte for byte
     summary["calibration"] = {k: v for k, v in (data["calibration"] or {}).items() if k != "seconds"}
