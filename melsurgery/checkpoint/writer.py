@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,7 +96,6 @@ class WrittenWeights:
     inputs: dict[str, str]
     outputs: dict[str, str]
     record: WriteRecord
-    plans: list[ShardPlan] = field(default_factory=list)
 
 
 def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = False) -> WrittenWeights:
@@ -112,7 +111,9 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
     mine = {shard: [ckpt.headers[shard].tensors[n] for n in by_tensor if ckpt.info(n).path.name == Path(shard).name]
             for shard in ckpt.shards}
     recorded = recorded_hashes(ckpt.folder)
-    plans = plan_shards({s: (ckpt.folder / s).stat().st_size for s in ckpt.shards},
+    # each file as it was when its hash was judged: a file that changes before it is written loses the trust
+    seen = {s: _identity(ckpt.folder / s) for s in ckpt.shards}
+    plans = plan_shards({s: seen[s][2] for s in ckpt.shards},
                         {s: [(i.start, i.end) for i in infos] for s, infos in mine.items() if infos},
                         {s: k for s in ckpt.shards if (k := known_sha256(ckpt.folder, s, recorded)) is not None},
                         link)
@@ -127,6 +128,9 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
         splices = {info.start: (info.end, _editor(info, by_tensor[info.name], plan.shard, done))
                    for info in mine[plan.shard]}
         inputs[plan.shard], outputs[plan.shard], how = _write_shard(ckpt.folder, out, plan, splices, copier)
+        if _identity(ckpt.folder / plan.shard) != seen[plan.shard]:
+            raise UserError(f"{ckpt.folder / plan.shard}: changed while being copied; patch again when nothing "
+                            "writes to it")
         if how == "link":
             linked.append(plan.shard)
         applied += [done[i.name] for i in mine[plan.shard]]
@@ -142,7 +146,7 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
         rewritten_bytes=sum(p.rewritten_bytes for p in plans),
         hashed_bytes=sum(p.hashed_bytes for p in plans),
         reused_sha256=reused, trusted_because={k: TRUST[k] for k in sorted(set(reused.values()))})
-    return WrittenWeights(applied, inputs, outputs, record, plans)
+    return WrittenWeights(applied, inputs, outputs, record)
 
 
 def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tuple[int, Splice]],
@@ -150,7 +154,6 @@ def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tu
     """Write one weight file as planned; returns its input sha256, output sha256 and how it was written
     ("link", or the copier's method)."""
     src, dst = folder / plan.shard, out / plan.shard
-    before = _identity(src)
     how = None
     if plan.link:
         try:
@@ -160,6 +163,8 @@ def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tu
             pass  # another filesystem: copy instead
     if how is None and plan.known is not None and not plan.rewrites:
         how = copier.copy(src, dst)
+        if how != CLONE:
+            _start_writeback(dst)
     if how is not None:
         digest = plan.known.sha256 if plan.known is not None else sha256_file(src)
         in_sha = out_sha = digest
@@ -169,15 +174,24 @@ def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tu
                                        copier=copier)
         in_sha = in_sha or plan.known.sha256  # type: ignore[union-attr]
         how = copier.used[str(dst)]
-    if _identity(src) != before:
-        raise UserError(f"{src}: changed while being copied; patch again when nothing writes to it")
     return in_sha, out_sha, how
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
-    """What changes when a file is written to: a copy (or a trusted hash) is valid only if it stays the same."""
+    """What changes when a file is written to (its size is third): a copy, or a trusted hash, is valid only if
+    it stays the same."""
     st = path.stat()
     return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _start_writeback(path: Path) -> None:
+    """Start writing a copied file back to disk without waiting, so that the next file's work overlaps it."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 PAUSE_ENV = "MELSURGERY_TEST_PAUSE_FILE"
@@ -306,7 +320,7 @@ def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], s
         if sync:
             os.fsync(fo.fileno())
         elif hasattr(os, "posix_fadvise") and not cloned:
-            os.posix_fadvise(fo.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # starts writeback, does not wait
+            os.posix_fadvise(fo.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # as _start_writeback
     return in_hash.hexdigest() if input_hash or out_hash is None else None, (out_hash or in_hash).hexdigest()
 
 
