@@ -133,7 +133,7 @@ def child_patch(src: str, out: str, scan_json: str, recipe: str) -> None:
     start = time.perf_counter()
     from melsurgery.checkpoint.source import resolve
 
-    run_patch = _first("melsurgery.surgery.safetensors", "melsurgery.patch").run_patch
+    run_patch = _first("melsurgery.surgery.patch", "melsurgery.patch").run_patch
     read_json = _first("melsurgery.detect.scan", "melsurgery.scan").read_json
     manifest = _first("melsurgery.surgery.manifest", "melsurgery.manifest").Manifest
     imported = time.perf_counter()

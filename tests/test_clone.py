@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from melsurgery.checkpoint import clone
 from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, Copier, shared_bytes, unshared_bytes
 from melsurgery.checkpoint.hashing import KnownHash, Recorded, known_sha256, sha256_file, write_sidecar
+from melsurgery.checkpoint.provenance import Provenance, WriteRecord, recorded_hashes
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.writer import ShardPlan, copy_spliced, plan_shards
-from melsurgery.provenance import Provenance, WriteRecord, recorded_hashes
 from tests.support.helpers import hub_cache_layout, run_cli, snapshot
 
 REFLINK_ENV = "MELSURGERY_REFLINK_DIR"
@@ -60,9 +60,9 @@ def where(request, tmp_path) -> Path:
 def patch_api(src: Path, out: Path, scan_json: Path, recipe: str = "ffn-dampen", link: bool = False):
     """run_patch as the Python API calls it, on the sharded planted model's scan."""
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
-    from melsurgery.scan import read_json
+    from melsurgery.detect.scan import read_json
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
 
     return run_patch(resolve(str(src)), out, Manifest(model=str(src), recipes=[(recipe, {})]),
                      scan=read_json(scan_json), link=link)

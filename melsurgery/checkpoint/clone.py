@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from melsurgery.errors import UserError
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from melsurgery.errors import UserError
 
 CHUNK = 8 * 1024 * 1024
 SIDECAR = ".sha256"

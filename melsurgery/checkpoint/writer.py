@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from ..edits import Edit, edited_tensor, is_identity
-from ..errors import UserError
-from ..outputs import GENERATED  # produced by patch itself, never copied from the source
-from ..provenance import WriteRecord, recorded_hashes
-from .clone import CLONE, KERNEL_COPY, PROCESS_COPY, UNSUPPORTED, Copier, kernel_copy, process_copy
-from .hashing import TRUST, KnownHash, copy_hashing, known_sha256, sha256_file
-from .reader import INDEX_NAME, Checkpoint
-from .safetensors_file import TensorInfo, tensor_bytes
+from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, UNSUPPORTED, Copier, kernel_copy, process_copy
+from melsurgery.checkpoint.edits import Edit, edited_tensor, is_identity
+from melsurgery.checkpoint.hashing import TRUST, KnownHash, copy_hashing, known_sha256, sha256_file
+from melsurgery.checkpoint.provenance import WriteRecord, recorded_hashes
+from melsurgery.checkpoint.reader import INDEX_NAME, Checkpoint
+from melsurgery.checkpoint.safetensors_file import TensorInfo, tensor_bytes
+from melsurgery.errors import UserError
+from melsurgery.outputs import GENERATED  # produced by patch itself, never copied from the source
 
 
 @dataclass
