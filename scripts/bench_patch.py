@@ -38,8 +38,10 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,10 +62,14 @@ class Row:
     wall_s: float
     extra_disk: int
     patch_s: float | None = None
+    write_s: float | None = None  # write_weights inside run_patch: the weights' bytes and hashes
     mode: str = ""
     reused: int = 0
     hashed: int = 0
     rc: int = 0
+    cpu_s: float = 0.0
+    read: int = 0  # bytes read from disk (cold cache: what the path really read)
+    written: int = 0  # bytes written to disk
     load: float = 0.0  # the machine's 1-minute load average when the path ended (other work competes for CPU)
 
 
@@ -129,16 +135,29 @@ def hub_layout(model: Path, root: Path) -> Path:
 
 
 def child_patch(src: str, out: str, scan_json: str, recipe: str) -> None:
-    """In a child, with PYTHONPATH naming the code to measure: run_patch timed apart from the imports."""
+    """In a child, with PYTHONPATH naming the code to measure: run_patch timed apart from the imports, and the
+    weight writer (what issue 29 changed) timed inside it."""
     start = time.perf_counter()
     from melsurgery.checkpoint.source import resolve
 
-    run_patch = _first("melsurgery.surgery.patch", "melsurgery.patch").run_patch
+    patching = _first("melsurgery.surgery.patch", "melsurgery.patch")
     read_json = _first("melsurgery.detect.scan", "melsurgery.scan").read_json
     manifest = _first("melsurgery.surgery.manifest", "melsurgery.manifest").Manifest
+    writer = patching.write_weights
+    spent = []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return writer(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    patching.write_weights = timed
     imported = time.perf_counter()
-    run_patch(resolve(src), Path(out), manifest(model=src, recipes=[(recipe, {})]), scan=read_json(Path(scan_json)))
-    print(json.dumps({"import_s": imported - start, "patch_s": time.perf_counter() - imported}))
+    patching.run_patch(resolve(src), Path(out), manifest(model=src, recipes=[(recipe, {})]),
+                       scan=read_json(Path(scan_json)))
+    print(json.dumps({"import_s": imported - start, "patch_s": time.perf_counter() - imported, "write_s": spent[0]}))
 
 
 def _first(*modules: str):
@@ -154,25 +173,36 @@ def _first(*modules: str):
 
 
 def measure(name: str, cmd: list[str], dirpath: Path, out: Path, cold: list[Path], env: dict | None = None) -> Row:
-    """Run one path on a cold cache: wall time and the disk it took; the output is left for the caller."""
+    """Run one path on a cold cache: wall and CPU time, the bytes it read from and wrote to disk (/proc/<pid>/io,
+    its reaped children included), and the disk it took; the output is left for the caller."""
     evict(cold)
     before = free_bytes(dirpath)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - start
-    row = Row(name, wall, before - free_bytes(dirpath), rc=proc.returncode, load=os.getloadavg()[0])
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env={**os.environ, **(env or {})})
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: its io is readable
+        wall = time.perf_counter() - start
+        io = {k: int(v) for k, v in (line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text()
+                                     .splitlines())}
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read(), err_f.read()
+    row = Row(name, wall, before - free_bytes(dirpath), rc=proc.returncode, load=os.getloadavg()[0],
+              cpu_s=usage.ru_utime + usage.ru_stime, read=io["read_bytes"], written=io["write_bytes"])
     if proc.returncode:
-        print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+        print(f"{name}: failed (exit {proc.returncode})\n{stderr[-3000:]}", file=sys.stderr)
         return row
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if lines:
-        row.patch_s = json.loads(lines[-1])["patch_s"]
+        row.patch_s, row.write_s = (json.loads(lines[-1])[k] for k in ("patch_s", "write_s"))
     prov = out / "provenance.json"
     if prov.is_file():
         writer = json.loads(prov.read_text()).get("writer") or {}
-        row.mode = writer.get("mode", "copy (before issue 29)")
+        row.mode = writer.get("mode", "copy (before)")
         row.reused = len(writer.get("reused_sha256", {}))
-        row.hashed = writer.get("hashed_bytes", -1)
+        row.hashed = writer.get("hashed_bytes", -1)  # -1: the writer before issue 29 hashed every file
     return row
 
 
@@ -222,17 +252,35 @@ def shared_of(out: Path) -> dict:
     return {"shared": sum(s for s, _ in pairs), "total": sum(t for _, t in pairs)}
 
 
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per path: the median wall, run_patch and CPU time over its repetitions, the rest from its last."""
+    out = []
+    for name in dict.fromkeys(r.name for r in rows):
+        mine = [r for r in rows if r.name == name]
+        last = mine[-1]
+        times = {k: [getattr(r, k) for r in mine if getattr(r, k) is not None]
+                 for k in ("wall_s", "cpu_s", "patch_s", "write_s")}
+        out.append(Row(**{**asdict(last), **{k: statistics.median(v) if v else None for k, v in times.items()}}))
+    return out
+
+
 def table(rows: list[Row], model_bytes: int) -> list[str]:
     cp = next((r for r in rows if r.name == "cp" and not r.rc), None)
-    head = (f"| {'path':<15} | {'wall s':>7} | {'x cp':>6} | {'run_patch s':>11} | {'extra disk GB':>13} "
-            f"| {'% model':>7} | {'mode':<16} | {'sha256 reused':>13} | {'GB hashed':>9} |")
-    lines = [head, "|" + "|".join("-" * (len(c) + 2) for c in head.strip("|").split("|")[:-1]) + "|"]
+    cols = [("path", 15), ("wall s", 7), ("x cp", 6), ("run_patch s", 11), ("writer s", 8), ("writer x cp", 11),
+            ("CPU s", 6), ("read GB", 7),
+            ("written GB", 10), ("extra disk GB", 13), ("% model", 7), ("mode", 16), ("sha256 reused", 13),
+            ("GB hashed", 9)]
+    lines = ["| " + " | ".join(f"{c:<{w}}" for c, w in cols) + " |",
+             "|" + "|".join("-" * (w + 2) for _, w in cols) + "|"]
     for r in rows:
-        ratio = f"{r.wall_s / cp.wall_s:.3f}" if cp else "-"
-        lines.append(f"| {r.name:<15} | {r.wall_s:>7.2f} | {ratio:>6} | "
-                     f"{'-' if r.patch_s is None else f'{r.patch_s:.2f}':>11} | {r.extra_disk / GB:>13.3f} | "
-                     f"{100 * r.extra_disk / model_bytes:>7.2f} | {r.mode or '-':<16} | "
-                     f"{r.reused if r.mode else '-':>13} | {r.hashed / GB if r.mode else 0:>9.2f} |")
+        hashed = "all" if r.hashed < 0 else f"{r.hashed / GB:.2f}" if r.mode else "-"
+        cells = [r.name, f"{r.wall_s:.2f}", f"{r.wall_s / cp.wall_s:.3f}" if cp else "-",
+                 "-" if r.patch_s is None else f"{r.patch_s:.2f}", "-" if r.write_s is None else f"{r.write_s:.2f}",
+                 f"{r.write_s / cp.wall_s:.3f}" if cp and r.write_s is not None else "-",
+                 f"{r.cpu_s:.1f}", f"{r.read / GB:.2f}",
+                 f"{r.written / GB:.2f}", f"{r.extra_disk / GB:.3f}", f"{100 * r.extra_disk / model_bytes:.2f}",
+                 r.mode or "-", str(r.reused) if r.mode else "-", hashed]
+        lines.append("| " + " | ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, cols)) + " |")
     return lines
 
 
@@ -247,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="norm-rescale")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="Git ref of the code before the change.")
     ap.add_argument("--paths", default="cp,cp-reflink,patch-before,patch,patch-hf-cache")
+    ap.add_argument("--reps", type=int, default=1, help="Run the paths this many times, round robin (medians).")
     ap.add_argument("--diff", action="store_true", help="Also check `melsurgery diff` of source and output.")
     ap.add_argument("--json", type=Path, help="Write the figures here (default: DIR/bench_patch.json).")
     args = ap.parse_args(argv)
@@ -277,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         "patch-hf-cache": ([*me, snap, out, scan, args.recipe], env_now, snap.parent.parent / "blobs"),
     }
     baseline = None
-    for name in paths:
+    cannot: set[str] = set()
+    for name in [p for _ in range(args.reps) for p in paths]:
+        if name in cannot:
+            continue
         cmd, env, cold = runs[name]
         if env == "before":
             baseline = baseline_checkout(args.baseline_ref, work / "baseline")
@@ -285,10 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(name, [str(c) for c in cmd], work, out, [cold, scan], env)
         if name == "cp-reflink" and row.rc:
             print("cp-reflink: this filesystem does not clone; left out", file=sys.stderr)
+            cannot.add(name)
             remove(out)
             continue
         rows.append(row)
-        if name == "patch-hf-cache" and not row.rc:
+        if name == "patch-hf-cache" and not row.rc and "source_untouched" not in checks:
             edited = sorted({e["tensor"] for e in json.loads((out / "provenance.json").read_text())["edits"]})
             checks["fiemap"] = shared_of(out)
             if args.diff:
@@ -302,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{model_bytes / GB:.2f} GB; recipe {args.recipe} (defaults) given a scan JSON "
                 f"({' '.join(CALIBRATION)}); filesystem {fs_type(work)} at {work}; cold page cache per path; "
                 f"{os.cpu_count()} cores, kernel {platform.release()}")
-    lines = [workload, "", *table(rows, model_bytes), "", f"checks: {json.dumps(checks)}"]
+    lines = [workload, "", *table(median_rows(rows), model_bytes), "", f"checks: {json.dumps(checks)}"]
     print("\n".join(lines))
     result = {"workload": workload, "rows": [asdict(r) for r in rows], "model_bytes": model_bytes, "checks": checks}
     (args.json or work / "bench_patch.json").write_text(json.dumps(result, indent=2) + "\n")
