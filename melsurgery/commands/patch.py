@@ -179,6 +179,8 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
         click.echo(f"  {p.summary}")
     for a in result.applied:
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
+    if result.writer is not None:
+        click.echo(f"  weights: {result.writer.summary}")
     how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
     if result.verified:
         from melsurgery.measure.verify import verify_report
