@@ -56,7 +56,7 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import ITEMSIZE, TensorInfo, read_bytes
 from melsurgery.checkpoint.source import Source, resolve
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 JSON_FILES = ("config.json", "generation_config.json")
 CHUNK_ELEMS = 1 << 20  # float work on a changed tensor is done this many entries at a time
@@ -228,7 +228,7 @@ def _read(info: TensorInfo) -> bytes:
     except OSError as exc:
         raise UserError(f"{info.path}: cannot read ({exc.strerror or exc})") from None
     if len(data) != info.nbytes:
-        raise UserError(f"{info.path}: truncated while reading {info.name!r}; re-download it")
+        raise UserError(f"{info.path}: truncated while reading {quote(info.name)}; re-download it")
     return data
 
 
@@ -528,6 +528,7 @@ def diff_report(r: DiffResult, *, only_changed: bool = False, stat: bool = False
 
 def write_json(r: DiffResult, path: Path) -> None:
     """Write the diff as JSON (non-finite numbers as null)."""
+    from melsurgery.checkpoint.atomic import write_atomic
     from melsurgery.formats.jsonsafe import dumps
 
-    Path(path).write_text(dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(path, dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n")

@@ -10,7 +10,7 @@ import yaml
 
 from melsurgery.calibrate.samples import CalibrationSpec
 from melsurgery.checkpoint.basemodel import explicit
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats import yamlsafe
 from melsurgery.params import CALIBRATION, DETECTION, DetectParams
 from melsurgery.params import resolve as resolve_params
@@ -100,12 +100,12 @@ def _manifest(data: object, path: Path, given: str | None = None) -> Manifest:
         raise UserError("a manifest needs a 'recipes' list (see manifests/ for examples)")
     unknown = sorted(set(data) - set(TOP_LEVEL), key=str)
     if unknown:
-        raise UserError(f"unknown field {unknown[0]!r}; a manifest has {', '.join(TOP_LEVEL)}")
+        raise UserError(f"unknown field {quote(unknown[0])}; a manifest has {', '.join(TOP_LEVEL)}")
     model, revision = data.get("model"), data.get("revision")
     if model is not None and (not isinstance(model, str) or not model):
         raise UserError(f"model must be a folder, Hub id, .gguf file or 'default', got {model!r:.60}")
     if given and model is not None and not _same_model(given, model):
-        raise UserError(f"names model {model!r}, the command line {given!r}; drop MODEL or edit the manifest")
+        raise UserError(f"names model {quote(model)}, the command line {quote(given)}; drop MODEL or edit the manifest")
     model = given or model or "default"
     if revision is not None and not isinstance(revision, str):
         raise UserError(f"revision must be a string or null, got {revision!r:.60}")
