@@ -109,10 +109,11 @@ def escape(text: str, keep: str = "") -> str:
 
 
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
-    """One value taken from input, for a message: quoted, control characters escaped, at most `limit` characters
-    of it kept (the rest counted), secrets redacted."""
-    text = value if isinstance(value, str) else repr(value)
-    return "'" + escape(_bounded(redact(text), limit)).replace("'", "\\'") + "'"
+    """One value taken from input, for a message, as `!r` would show it (a string quoted, anything else its repr)
+    but with control characters escaped, at most `limit` characters kept (the rest counted), secrets redacted."""
+    if not isinstance(value, str):
+        return escape(_bounded(redact(repr(value)), limit))
+    return "'" + escape(_bounded(redact(value), limit)).replace("'", "\\'") + "'"
 
 
 def printable(text: str, limit: int = LINE_LIMIT) -> str:

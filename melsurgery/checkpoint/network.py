@@ -87,13 +87,16 @@ def configure_hub() -> None:
 
 
 def _no_retry_on_timeout(http, seconds: float):
-    """The default transport, with a timeout turned into NetworkTimeout, which huggingface_hub does not retry."""
+    """The default transport with every wait bounded (huggingface_hub passes timeout=None to most API calls,
+    which would override the client's default) and a timeout turned into NetworkTimeout, which it does not retry."""
 
     class Transport(http.BaseTransport):
         def __init__(self) -> None:
             self.inner = http.HTTPTransport()
 
         def handle_request(self, request):
+            limits = dict(request.extensions.get("timeout") or {})
+            request.extensions["timeout"] = {k: limits.get(k) or seconds for k in ("connect", "read", "write", "pool")}
             try:
                 return self.inner.handle_request(request)
             except http.TimeoutException:
