@@ -19,6 +19,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import read_text
 
 _HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#]+)/([^/?#]+)/?(?:$|[?#]|/tree/|/blob/)")
 _NOT_MODELS = ("datasets", "spaces", "collections", "docs", "papers", "api")
@@ -88,8 +89,8 @@ def for_folder(typed: Path, folder: Path) -> BaseModelId | None:
     found = from_cache_path(folder) or from_cache_path(typed.absolute())
     if found is None:
         try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # the checkpoint reader reports a broken config with its own message
+            config = json.loads(read_text(folder / "config.json", "config.json"))
+        except (UserError, ValueError, RecursionError):  # the checkpoint reader reports it with its own message
             return None
         found = from_config(config, folder) if isinstance(config, dict) else None
     return found

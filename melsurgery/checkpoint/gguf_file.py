@@ -121,7 +121,7 @@ class GGUFFile:
         """One tensor-info entry, checked as llama.cpp checks it: unique, whole blocks, aligned, inside the file."""
         from gguf import GGML_QUANT_SIZES
 
-        where, shown = quote(str(self.path), 300), quote(name, 80)
+        where, shown = self.path, quote(name, 80)
         bs, ts = GGML_QUANT_SIZES[qtype]
         shape = tuple(int(d) for d in reversed(dims))
         if name in self.tensors or not shape or shape[-1] % bs:

@@ -51,10 +51,12 @@ def resolved(path: Path) -> Path:
 def check_apart(out: Path, protect: Path, what: str = "the source model") -> None:
     """Refuse an output that is `protect`, holds it, or lies inside it (writing there would change it)."""
     source, target = resolved(protect), resolved(out)
-    if source == target or target in source.parents:
-        raise UserError(f"{quote(str(out))}: holds {what} ({quote(str(source))}); write the output somewhere else")
+    if source == target:
+        raise UserError(f"{out}: is {what} ({source}); write the output somewhere else")
+    if target in source.parents:
+        raise UserError(f"{out}: holds {what} ({source}); write the output somewhere else")
     if source in target.parents:
-        raise UserError(f"{quote(str(out))}: is inside {what} {quote(str(source))}; write the output somewhere else")
+        raise UserError(f"{out}: is inside {what} folder {source}; write the output somewhere else")
 
 
 def check_writable(out: Path, protect: Path | None = None) -> Path:

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,8 +94,9 @@ def render_chat(tokenizer: Any, messages: list[dict], **kwargs) -> str:
     except _TooSlow:
         raise UserError(f"the chat template of {quote(_name(tokenizer), 300)} did not finish within {seconds:g} s "
                         f"(a template that loops or grows without end); set {TEMPLATE_ENV} to allow longer") from None
-    except MemoryError:
-        raise UserError(f"the chat template of {quote(_name(tokenizer), 300)} ran out of memory") from None
+    except (MemoryError, RecursionError) as exc:
+        why = "ran out of memory" if isinstance(exc, MemoryError) else "recurses without end"
+        raise UserError(f"the chat template of {quote(_name(tokenizer), 300)} {why}") from None
     except Exception as exc:  # noqa: BLE001 - Jinja and the template's own `raise_exception` raise anything
         raise TemplateError(f"the chat template of {quote(_name(tokenizer), 300)} fails: {_why(exc)}") from None
     if not isinstance(text, str) or len(text) > TEMPLATE_MAX_CHARS:
@@ -128,12 +130,15 @@ def _time_limit(seconds: float) -> Iterator[None]:
         raise _TooSlow
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # a caller's own alarm is kept and restored
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 0.001))
 
 
 def _name(tokenizer: Any) -> str:

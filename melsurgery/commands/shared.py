@@ -43,6 +43,8 @@ class Group(click.Group):
             raise
         except BaseException as exc:  # noqa: BLE001 - the one place every failure is turned into a line
             code, message = failure(exc)
+            if isinstance(exc, BrokenPipeError):
+                _drop_stdout()
             if message:
                 click.echo(f"melsurgery: {message}", err=True)
             if code == INTERNAL and os.environ.get(DEBUG_ENV):
@@ -127,9 +129,22 @@ def redacted_output() -> Iterator[None]:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
+            except BrokenPipeError:
+                _drop_stdout()
             except (OSError, ValueError):
                 pass
         sys.stdout, sys.stderr = saved
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout left (`| head`): what is still buffered goes nowhere, instead of failing again (with a
+    second message) when the interpreter flushes stdout on exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -57,6 +57,7 @@ from melsurgery.checkpoint.safetensors_file import ITEMSIZE, TensorInfo, read_by
 from melsurgery.checkpoint.source import Source, resolve
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
 from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import read_text
 
 JSON_FILES = ("config.json", "generation_config.json")
 CHUNK_ELEMS = 1 << 20  # float work on a changed tensor is done this many entries at a time
@@ -337,8 +338,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return json.loads(read_text(path, "a side file"))
+    except (UserError, ValueError, RecursionError):  # not JSON (or unreadable): compared as bytes
         return None
 
 

@@ -77,8 +77,7 @@ def refuse_special_files(folder: Path) -> None:
         except OSError:
             continue  # a dangling symlink: whatever needs it reports it missing
         if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
-            raise UserError(f"{quote(str(p), 300)}: not a regular file ({file_kind(kind)}); a model folder holds "
-                            "plain files")
+            raise UserError(f"{p}: not a regular file ({file_kind(kind)}); a model folder holds plain files")
 
 
 def file_kind(mode: int) -> str:

@@ -60,7 +60,9 @@ def check_storage(url: str, protect: Path | None = None) -> None:
     shown = quote(redact(url), 300)
     try:
         parsed = make_url(url)
-        parsed.get_dialect().import_dbapi()
+        dialect = parsed.get_dialect()
+        dialect.import_dbapi()
+        dialect().create_connect_args(parsed)  # what the dialect refuses (sqlite with a password) is refused now
     except NoSuchModuleError:  # an ArgumentError too: first
         raise UserError(f"--storage {shown}: unknown database kind {quote(url.split(':', 1)[0])}") from None
     except (ArgumentError, ValueError):
