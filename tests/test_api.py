@@ -3,7 +3,7 @@
 from melsurgery.architectures import family_for
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.tokenizer import load_tokenizer
+from melsurgery.checkpoint.safeload import load_tokenizer
 
 
 def test_streaming_engine_observes_each_layer(planted):

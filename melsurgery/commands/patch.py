@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from melsurgery.checkpoint.atomic import check_output
 from melsurgery.commands.shared import (
     calibration_options,
     device_option,
+    preflight,
     quiet_option,
     quiet_transformers,
     revision_option,
@@ -140,17 +142,20 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
             recipes=resolve_recipes(_params_from_flags(recipes, values)),
         )
     gguf_out = fmt == "gguf" or (fmt is None and out.suffix.lower() == ".gguf")
+    preflight((man.model,))  # the model read-only before anything is checked or written
     if gguf_out:
-        from melsurgery.surgery.gguf_patch import gguf_source_file, preflight
+        from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file
 
         # before resolving, which converts a GGUF on first use
-        preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
+        gguf_preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
                   overwrite=overwrite)
         if do_verify or link:
             raise UserError(f"{'--verify' if do_verify else '--link'} applies to safetensors output; for GGUF "
                             "output run `melsurgery verify BASE.gguf OUT.gguf` afterwards")
     elif fmt == "safetensors" and out.suffix.lower() == ".gguf":
         raise UserError(f"{out}: --format safetensors writes a folder; name it without .gguf")
+    else:
+        check_output(out, overwrite)
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
     if quiet:

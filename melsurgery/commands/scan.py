@@ -10,6 +10,7 @@ from melsurgery.commands.shared import (
     dtype_option,
     json_option,
     plot_option,
+    preflight,
     quiet_option,
     revision_option,
     torch_dtype,
@@ -54,6 +55,7 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     from melsurgery.errors import NoMassiveActivations
     from melsurgery.report.text import scan_report
 
+    preflight((model,), (json_path, plot_path))
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
     click.echo(scan_report(result))

@@ -12,6 +12,7 @@ from melsurgery.commands.shared import (
     finite_float,
     json_option,
     plot_option,
+    preflight,
     quiet_option,
     quiet_transformers,
     torch_dtype,
@@ -48,15 +49,15 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
 
     Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
     """
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.checkpoint.validate import open_model
     from melsurgery.measure.verify import Gates, run_verify, verify_report
 
-    if patched.is_file():
-        if patched.suffix.lower() != ".gguf":
-            raise UserError(f"{patched}: PATCHED must be a model folder or a .gguf file")
-        patched = resolve(str(patched)).folder  # dequantised through transformers, like a GGUF base
+    preflight((base, patched), (json_path, plot_path))
+    if patched.is_file() and patched.suffix.lower() != ".gguf":
+        raise UserError(f"{patched}: PATCHED must be a model folder or a .gguf file")
+    patched = resolve(str(patched)).folder  # a .gguf is dequantised through transformers, like a GGUF base
     base_folder = resolve(base).folder
     for folder in (base_folder, patched):  # safetensors only, config consistent with the weights: before loading
         open_model(folder)

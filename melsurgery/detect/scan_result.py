@@ -283,12 +283,10 @@ class ScanResult(JsonRecord):
 
 def write_json(data: dict, path: Path) -> None:
     """Write a JSON-ready dict (non-finite figures as null); an unwritable path is a one-line user error."""
+    from melsurgery.checkpoint.atomic import write_atomic
     from melsurgery.formats.jsonsafe import dumps
 
-    try:
-        Path(path).write_text(dumps(data, indent=1) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    write_atomic(path, dumps(data, indent=1) + "\n")
 
 
 def _check_references(data: dict, need: Need, path: str) -> None:
