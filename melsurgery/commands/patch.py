@@ -9,7 +9,7 @@ import click
 from ..errors import UserError
 from ..recipes import registry, resolve_recipes
 from ..recipes.params import Param
-from .shared import calibration_options, device_option, quiet_transformers, revision_option
+from .shared import calibration_options, device_option, examples, quiet_transformers, revision_option
 
 _METAVARS = {"float": "FLOAT", "int": "INT", "layers": "LAYERS", "int_list": "DIMS", "neurons": "NEURONS"}
 
@@ -62,7 +62,13 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
     return out
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery patch default -o out/damp --recipe ffn-dampen --dampen 0.2 --verify",
+        "melsurgery patch default -o out/wemask --scan scan.json --recipe wemask --layers after-me --strength 0.5",
+        "melsurgery patch --manifest manifests/smollm2-wemask.yaml -o out/wemask   # bit for bit",
+    )
+)
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder, or a .gguf file (GGUF output from a GGUF source).")

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from .shared import calibration_options, device_option, dtype_option, revision_option, torch_dtype, write_outputs
+from .shared import (
+    calibration_options,
+    device_option,
+    dtype_option,
+    examples,
+    revision_option,
+    torch_dtype,
+    write_outputs,
+)
 
 
 def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
@@ -27,7 +35,13 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
     )
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery scan default --json scan.json --plot scan.png   # the embedded SmolLM2-135M-Instruct",
+        "melsurgery scan HuggingFaceTB/SmolLM2-1.7B-Instruct --num-samples auto --dtype bfloat16",
+        "melsurgery scan ./my-model --calib prompts.jsonl --max-tokens 256 --quiet",
+    )
+)
 @click.argument("model", required=False)
 @revision_option
 @calibration_options

@@ -7,10 +7,16 @@ from pathlib import Path
 import click
 
 from ..recipes import registry
-from .shared import device_option, dtype_option, resolve_device, revision_option, torch_dtype
+from .shared import device_option, dtype_option, examples, resolve_device, revision_option, torch_dtype
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery tune default -o runs/smollm2 --trials 60 --max-kl 0.05",
+        "melsurgery tune default -o runs/smollm2 --trials 80 --apply out/tuned   # continue, write the choice",
+        "melsurgery tune ./my-model -o runs/m --recipes ffn-dampen,norm-rescale --storage sqlite:///tune.db",
+    )
+)
 @click.argument("model", required=False)
 @click.option("-o", "--out", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run folder: the study (continued when rerun), tune.json, tune.png, best.yaml.")
