@@ -16,12 +16,12 @@ from transformers import AutoModelForCausalLM
 
 import melsurgery
 from melsurgery.architectures import FAMILIES, family_for
+from melsurgery.calibrate.samples import read_records, tokenize
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.source import resolve
+from melsurgery.detect.scan import CalibrationSpec, calibrate, read_json, run_scan, write_json
 from melsurgery.errors import UserError
-from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import CalibrationSpec, calibrate, read_json, run_scan, write_json
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
@@ -136,7 +136,7 @@ RECIPE_IDS = ["wemask", "wemask-first", "norm-rescale", "ffn-dampen", "me-norm"]
 
 
 DEFAULTS = {"norm-rescale": {"factor": 0.5}, "ffn-dampen": {"factor": 0.2}, "me-norm": {"factor": 0.5},
-            "wemask": {"strength": 1.0}}  # the README's documented defaults
+            "wemask": {"strength": 1.0}}  # the documented defaults (docs/recipes.md)
 
 
 def reference_for(recipe, params, plan, model, scan, model_type):
@@ -294,7 +294,7 @@ def test_hybrid_scan_measures_every_layer_and_sinks_only_attention(planted_famil
         assert (r.sink[i] is None) == (kind != "attention"), i
     (d,) = r.dims_attribution
     assert d.mixer == MIXERS[model_type] and abs(d.ffn_write) > 100 * abs(d.attn_write)
-    from melsurgery.report import scan_report
+    from melsurgery.report.text import scan_report
 
     assert f"({MIXERS[model_type]}) <- ME Layer" in scan_report(r)
 
@@ -345,8 +345,8 @@ def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
 def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
     """verify streams hybrids through the same layer-kind dispatch: the planted massive token is found,
     and the sink is measured on the attention layers only."""
-    from melsurgery.measure import DetectParams
-    from melsurgery.verify import run_verify
+    from melsurgery.measure.verify import run_verify
+    from melsurgery.params import DetectParams
 
     folder, _ = planted_family("lfm2")
     r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0, params=DetectParams(ratio=100.0))

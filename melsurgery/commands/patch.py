@@ -6,10 +6,17 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from ..recipes import registry, resolve_recipes
-from ..recipes.params import Param
-from .shared import calibration_options, device_option, examples, quiet_transformers, revision_option
+from melsurgery.commands.shared import (
+    calibration_options,
+    device_option,
+    examples,
+    quiet_option,
+    quiet_transformers,
+    revision_option,
+)
+from melsurgery.errors import UserError
+from melsurgery.params import Param
+from melsurgery.recipes import registry, resolve_recipes
 
 _METAVARS = {"float": "FLOAT", "int": "INT", "layers": "LAYERS", "int_list": "DIMS", "neurons": "NEURONS"}
 
@@ -20,7 +27,7 @@ def recipe_options(f):
     Values arrive as raw strings and are validated by the declaration itself, so the command line and
     manifests accept and refuse the same things with the same messages.
     """
-    from ..recipes import registry
+    from melsurgery.recipes import registry
 
     flags: dict[str, list[tuple[str, Param]]] = {}
     for recipe in registry().values():
@@ -45,7 +52,7 @@ MANIFEST_SETS = ("calib", "num_samples", "max_tokens", "seed", "abs_threshold", 
 
 def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) -> list[tuple[str, dict]]:
     """Each chosen recipe with the flags it declares; a flag that no chosen recipe uses is an error."""
-    from ..recipes import get_recipe
+    from melsurgery.recipes import get_recipe
 
     chosen = [get_recipe(r) for r in recipes]
     out, used = [], set()
@@ -93,7 +100,7 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
 @click.option("--verify-windows", type=click.IntRange(min=1), default=None,
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, calib, num_samples, max_tokens, seed,
           abs_threshold, ratio, persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet,
           **recipe_flags) -> None:
@@ -102,13 +109,13 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
     Untouched tensors stay byte-identical; the output is written atomically with a model card,
     provenance.json and the resolved manifest.
     """
-    from ..basemodel import explicit
-    from ..checkpoint.source import resolve
-    from ..detect import DetectParams
-    from ..manifest import Manifest, load_manifest
-    from ..patch import run_patch
-    from ..samples import CalibrationSpec
-    from ..scan import read_json
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.checkpoint.basemodel import explicit
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import read_json
+    from melsurgery.params import DetectParams
+    from melsurgery.surgery.manifest import Manifest, load_manifest
+    from melsurgery.surgery.patch import run_patch
 
     values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
     if base_model:
@@ -141,7 +148,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
         )
     gguf_out = fmt == "gguf" or (fmt is None and out.suffix.lower() == ".gguf")
     if gguf_out:
-        from ..gguf_patch import gguf_source_file, preflight
+        from melsurgery.surgery.gguf_patch import gguf_source_file, preflight
 
         # before resolving, which converts a GGUF on first use
         preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
@@ -156,7 +163,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
     if quiet:
         quiet_transformers()
     if gguf_out:
-        from ..gguf_patch import run_patch_gguf
+        from melsurgery.surgery.gguf_patch import run_patch_gguf
 
         res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
                              device=device, progress=not quiet)
@@ -181,7 +188,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
     how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
     if result.verified:
-        from ..verify import verify_report
+        from melsurgery.measure.verify import verify_report
 
         click.echo(verify_report(result.verified))
     click.echo(f"wrote {out} (loads with {how})")

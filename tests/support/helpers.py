@@ -50,7 +50,7 @@ def assert_clean_failure(res, *needles: str, out: Path | None = None, code: int 
 def patch(folder, out, recipes, scan=None, **kw):
     """The library's patch of a local folder with these (name, params) recipes: one helper for every test."""
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
 
     return run_patch(resolve(str(folder)), out, Manifest(model=str(folder), recipes=recipes), scan=scan, **kw)

@@ -1,0 +1,1 @@
+"""Searching recipe settings per model (Optuna): sink cut against KL."""
