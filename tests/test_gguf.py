@@ -313,7 +313,7 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
 
 def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2, smollm2_scan, tmp_path):
     """F32 norm edits are exact: transformers' GGUF loader on the patched default GGUF gives the logits of
-    the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see the README.)"""
+    the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see docs/gguf.md.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from melsurgery.surgery.patch import run_patch

@@ -10,6 +10,7 @@ from melsurgery.checkpoint.atomic import check_output
 from melsurgery.commands.shared import (
     calibration_options,
     device_option,
+    examples,
     preflight,
     quiet_option,
     quiet_transformers,
@@ -70,7 +71,13 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
     return out
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery patch default -o out/damp --recipe ffn-dampen --dampen 0.2 --verify",
+        "melsurgery patch default -o out/wemask --scan scan.json --recipe wemask --layers after-me --strength 0.5",
+        "melsurgery patch --manifest manifests/smollm2-wemask.yaml -o out/wemask   # bit for bit",
+    )
+)
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder, or a .gguf file (GGUF output from a GGUF source).")

@@ -183,6 +183,13 @@ def torch_dtype(name: str):
     return None if name == "checkpoint" else getattr(torch, DTYPES[name])
 
 
+def examples(*lines: str) -> str:
+    """A command's --help epilog: "Examples:" and one real invocation per line, kept as written (click's
+    `\\b` marks a paragraph it must not rewrap). tests/test_cli_help.py parses every line against the
+    command's parameters, so an example cannot name a flag the command no longer has."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.",
                              callback=lambda ctx, param, value: resolve_device(value))
 dtype_option = click.option(

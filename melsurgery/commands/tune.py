@@ -9,6 +9,7 @@ import click
 from melsurgery.commands.shared import (
     device_option,
     dtype_option,
+    examples,
     preflight,
     quiet_option,
     resolve_device,
@@ -18,7 +19,13 @@ from melsurgery.commands.shared import (
 from melsurgery.recipes import registry
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery tune default -o runs/smollm2 --trials 60 --max-kl 0.05",
+        "melsurgery tune default -o runs/smollm2 --trials 80 --apply out/tuned   # continue, write the choice",
+        "melsurgery tune ./my-model -o runs/m --recipes ffn-dampen,norm-rescale --storage sqlite:///tune.db",
+    )
+)
 @click.argument("model", required=False)
 @click.option("-o", "--out", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run folder: the study (continued when rerun), tune.json, tune.png, best.yaml.")

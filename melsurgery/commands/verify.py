@@ -9,6 +9,7 @@ import click
 from melsurgery.commands.shared import (
     device_option,
     dtype_option,
+    examples,
     finite_float,
     json_option,
     plot_option,
@@ -23,7 +24,13 @@ from melsurgery.errors import UserError
 GATE_EXIT = 4
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery verify default out/damp --json verify.json --plot verify.png",
+        "melsurgery verify default out/damp --windows 2 --max-kl 0.05 --min-sink-reduction 5   # exit 4 on a gate",
+        "melsurgery verify model.Q4_1.gguf out/model-damp.gguf   # GGUF files, by their dequantised weights",
+    )
+)
 @click.argument("base")
 @click.argument("patched", type=click.Path(path_type=Path, exists=True))
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")

@@ -47,7 +47,7 @@ def run_scan(
     dtype: torch.dtype | None = torch.float32,
     progress: bool = False,
 ) -> ScanResult:
-    """Scan a model and return its typed result (README, "Scan JSON"); dtype None: the checkpoint's."""
+    """Scan a model and return its typed result (docs/commands/scan.md, "Scan JSON"); dtype None: the checkpoint's."""
     calib = calib or CalibrationSpec()
     params = params or DetectParams()
     check_scan_params(calib, params)

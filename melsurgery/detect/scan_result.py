@@ -1,4 +1,4 @@
-"""The scan result as typed data: what `scan` writes (README, "Scan JSON", schema_version 1) and what patch, the
+"""The scan result as typed data: what `scan` writes (docs/commands/scan.md, schema_version 1) and what patch, the
 recipes, tune, the model card, the report and verify read.
 
 Torch-free, so that detection, the recipes and the card can share it without a model. `to_json()` gives the
@@ -216,7 +216,7 @@ class LayerRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class ScanResult(JsonRecord):
-    """Everything a scan found, typed (README, "Scan JSON"); the same object in memory and in the JSON.
+    """Everything a scan found, typed (docs/commands/scan.md, "Scan JSON"); the same object in memory and in the JSON.
 
     Fields absent from a JSON take their defaults (a hand-edited or older result still reads).
     """
