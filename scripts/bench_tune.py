@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
     import torch
 
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.detect.scan import read_json, run_scan
     from melsurgery.measure.verify import eval_text, run_verify
     from melsurgery.recipes import plan_recipes, registry, resolve_recipes

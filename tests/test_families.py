@@ -351,6 +351,6 @@ def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
     folder, _ = planted_family("lfm2")
     r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0, params=DetectParams(ratio=100.0))
     kinds = expected_kinds("lfm2")
-    assert r["me_layer"] == PLANT.layer
-    assert [s is None for s in r["sink_base"]] == [k != "attention" for k in kinds]
-    assert r["kl_mean"] == 0 and r["max_abs_base"][PLANT.layer] > 100
+    assert r.me_layer == PLANT.layer
+    assert [s is None for s in r.sink_base] == [k != "attention" for k in kinds]
+    assert r.kl_mean == 0 and r.max_abs_base[PLANT.layer] > 100

@@ -33,7 +33,7 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: no such model folder")
         refuse_special_files(self.folder)
-        self.config = _read_config(self.folder)
+        self.config = read_config(self.folder)
         self.shards, self.index = _find_shards(self.folder)
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -135,7 +135,8 @@ class Checkpoint:
         return max(size, key=size.__getitem__) if size else torch.float32
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict: refused (one line) when absent, not JSON, or quantised."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")

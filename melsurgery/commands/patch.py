@@ -193,9 +193,10 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
     if result.writer is not None:
         click.echo(f"  weights: {result.writer.summary}")
-    how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
+    how = ("trust_remote_code=True, melsurgery.load() or vLLM beside melsurgery" if result.custom_layer
+           else "stock transformers")
     if result.verified:
-        from melsurgery.measure.verify import verify_report
+        from melsurgery.measure.verify_result import verify_report
 
         click.echo(verify_report(result.verified))
     click.echo(f"wrote {out} (loads with {how})")

@@ -19,7 +19,7 @@ from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import Source
-from melsurgery.checkpoint.validate import nonfinite, open_model
+from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
 from melsurgery.detect import attn_input
 from melsurgery.detect.ffn_attribution import ScanProbe, attribute
 from melsurgery.detect.me_layer import Detection, detect, entry_dict
@@ -52,6 +52,7 @@ def run_scan(
     params = params or DetectParams()
     check_scan_params(calib, params)
     ckpt, family = open_model(source.folder)
+    refuse_custom_layer(ckpt, "scan")
     dtype = dtype or ckpt.float_dtype
     tokenizer = load_tokenizer(source.folder)
     records, calib_name = read_records(calib.path)

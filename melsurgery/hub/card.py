@@ -103,10 +103,14 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
                   f'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")', "```"]
     elif custom_layer:
         lines += ["This checkpoint carries a small custom layer (token-selective masking cannot be folded into "
-                  "weights), configured in `config.json` (`melsurgery_wemask`):", "", "```python",
-                  "from transformers import AutoModelForCausalLM",
+                  "weights), configured in `config.json` (`melsurgery_wemask`). It declares the model type "
+                  "`melsurgery`, so an engine that would run it without the layer refuses it instead:", "",
+                  "```python", "from transformers import AutoModelForCausalLM",
                   "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-                  "# or, without remote code: import melsurgery; model, tokenizer = melsurgery.load(path)", "```"]
+                  "# or, without remote code: import melsurgery; model, tokenizer = melsurgery.load(path)", "```", "",
+                  "vLLM serves it through melsurgery's plugin (`pip install melsurgery` beside vLLM; nothing else "
+                  "to pass). It has no GGUF form: llama.cpp cannot select tokens at run time.", "", "```bash",
+                  "vllm serve path", "```"]
     else:
         lines += ["Only folded edits: a stock checkpoint.", "", "```python",
                   "from transformers import AutoModelForCausalLM",

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import torch
 
+from melsurgery.architectures import BASE_KEY, PATCHED_ARCH_PREFIX, PATCHED_MODEL_TYPE, WEMASK_KEY
 from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
 from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
-from melsurgery.checkpoint.validate import nonfinite, open_model
+from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
 from melsurgery.checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from melsurgery.detect.scan import ScanResult, check_scan_params, run_scan
 from melsurgery.errors import UserError
 from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
+from melsurgery.measure.verify_result import VerifyResult, measurements_for_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.params import LAYER_WORDS
 from melsurgery.recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
@@ -28,7 +30,8 @@ from melsurgery.surgery.manifest import Manifest
 from melsurgery.version import __version__
 
 MODELING_FILE = "modeling_melsurgery.py"
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
+AUTO_MAP = {"AutoConfig": "modeling_melsurgery.MelsurgeryConfig",
+            "AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class PatchResult(JsonRecord):
     applied: list[AppliedEdit]
     scan: ScanResult
     custom_layer: bool
-    verified: dict | None = None
+    verified: VerifyResult | None = None
     writer: WriteRecord | None = None
 
 
@@ -74,6 +77,7 @@ def run_patch(
     check_output(out, overwrite, protect=source.folder)
     base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
     ckpt, family = open_model(source.folder)
+    refuse_custom_layer(ckpt, "patch")
     check_params_fit(recipes, ckpt.config)
     if scan is None:
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
@@ -89,9 +93,7 @@ def run_patch(
         applied, inputs = written.applied, dict(written.inputs)
         inputs.update(copy_side_files(ckpt, tmp, skip=("config.json",) if wemask else ()))
         if wemask:
-            config = dict(ckpt.config)
-            config["auto_map"] = AUTO_MAP
-            config["melsurgery_wemask"] = wemask.to_config()
+            config = patched_config(ckpt.config, wemask.to_config())
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             modeling = resources.files("melsurgery.engines").joinpath(MODELING_FILE).read_bytes()
             (tmp / MODELING_FILE).write_bytes(modeling)
@@ -99,7 +101,7 @@ def run_patch(
         (tmp / MANIFEST).write_text(manifest.to_yaml())
         measured = None
         if verify is not None:
-            from melsurgery.measure.verify import measurements_for_card, run_verify
+            from melsurgery.measure.verify import run_verify
 
             measured = run_verify(source.folder, tmp, device=device, progress=progress, params=scan.params,
                                   claimed_edits=sorted({a.tensor for a in applied}), **verify)
@@ -110,8 +112,21 @@ def run_patch(
         (tmp / MODEL_CARD).write_text(card)
         # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
-                         measurements=_compact(measured), known=written.outputs, writer=written.record)
+                         measurements=measured.compact() if measured else None, known=written.outputs,
+                         writer=written.record)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured, written.record)
+
+
+def patched_config(config: dict, spec: dict) -> dict:
+    """config.json of a checkpoint that needs the custom layer: a model type and architecture names no stock
+    engine knows (so an engine without the layer refuses it rather than running the base model), the base's
+    recorded under BASE_KEY, the remote-code map, and the WeMask spec."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = list(config.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]])
+    return {**config, "model_type": PATCHED_MODEL_TYPE, "architectures": [PATCHED_ARCH_PREFIX + n for n in names],
+            BASE_KEY: {"model_type": config["model_type"], "architectures": names}, "auto_map": AUTO_MAP,
+            WEMASK_KEY: spec}
 
 
 def check_scan_fits(scan: ScanResult, config: dict) -> None:
@@ -194,13 +209,6 @@ def check_written(folder: Path, source: Checkpoint, applied: list[AppliedEdit]) 
             had = nonfinite(source.load(a.tensor))
             raise UserError(f"{a.tensor}: the edit leaves {bad} non-finite entries (NaN or Inf; the source tensor "
                             f"holds {had}); nothing was written")
-
-
-def _compact(measured: dict | None) -> dict | None:
-    """Verification figures for provenance: everything but the generated text."""
-    if measured is None:
-        return None
-    return {k: v for k, v in measured.items() if k not in ("generations", "seconds", "massive_positions")}
 
 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
