@@ -21,7 +21,7 @@ from .checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from .errors import UserError
 from .manifest import Manifest
 from .outputs import MANIFEST, MODEL_CARD
-from .provenance import Provenance, RecipeRecord
+from .provenance import Provenance, RecipeRecord, SearchRecord
 from .recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
 from .recipes.params import LAYER_WORDS
 from .scan import ScanResult, check_scan_params, run_scan
@@ -64,8 +64,11 @@ def run_patch(
     device: str = "cpu",
     progress: bool = False,
     verify: dict | None = None,
+    search: SearchRecord | None = None,
 ) -> PatchResult:
-    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
+    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed.
+
+    `search`: how a budgeted patch chose these recipes (the card and provenance record it)."""
     # everything that can be checked without calibrating is checked first: fail fast
     recipes = resolve_recipes(manifest.recipes)
     check_scan_params(manifest.calibration, manifest.detection)
@@ -104,10 +107,10 @@ def run_patch(
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
-                           measurements=measurements_for_card(measured) if measured else None)
+                           measurements=measurements_for_card(measured) if measured else None, search=search)
         (tmp / MODEL_CARD).write_text(card)
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
-                         measurements=_compact(measured), known=weights)
+                         measurements=_compact(measured), known=weights, search=search)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
 
 
@@ -202,7 +205,7 @@ def _compact(measured: dict | None) -> dict | None:
 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
                      applied: list, inputs: dict, measurements: dict | None = None,
-                     known: dict[str, str] | None = None) -> Provenance:
+                     known: dict[str, str] | None = None, search: SearchRecord | None = None) -> Provenance:
     """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
 
     `applied`: the writer's records (AppliedEdit, or GGUFEdit for a GGUF output); `known`: sha256 already
@@ -218,6 +221,7 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: Sca
         edits=tuple(asdict(e) for e in applied),
         scan=scan_summary(scan),
         measurements=measurements or {},
+        search=search,
     ).with_outputs(folder, known)
     prov.write(folder)
     return prov

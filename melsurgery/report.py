@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 from .scan_result import FfnNeuron, ScanResult
+
+
+def change_text(reduction_pct: float | None) -> str:
+    """A reduction (percent of the base) worded as the change it is: a cut is negative, a rise says it is worse.
+
+    "-14.6%" for a cut, "+2.9% (worse)" for an increase, "unchanged" within 0.05 points."""
+    if reduction_pct is None or not math.isfinite(reduction_pct):
+        return "not measured"
+    if abs(reduction_pct) < 0.05:
+        return "unchanged"
+    return f"-{reduction_pct:.1f}%" if reduction_pct > 0 else f"+{-reduction_pct:.1f}% (worse)"
 
 
 def _num(x: float | None, digits: int = 1) -> str:

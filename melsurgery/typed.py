@@ -2,7 +2,9 @@
 typed records melsurgery writes (the scan result, provenance), so each declares its fields once.
 
 Field metadata: `omit_none` leaves a None field out of the JSON; `none_as` writes None as that value (and reads
-it back as None). Reading checks every JSON type and names the first bad field in one line (UserError).
+it back as None); `nan` reads null back as NaN (JSON writes non-finite figures as null); `skip` keeps a field
+out of the JSON altogether (run-time state beside the record). Reading checks every JSON type and names the
+first bad field in one line (UserError).
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ def load(tp: Any, value: Any, path: str, need: Need | None) -> Any:
         kwargs = {}
         for f in fields(tp):
             sub = f"{path}.{f.name}" if path else f.name
-            if f.name in value and not ("none_as" in f.metadata and value[f.name] == f.metadata["none_as"]):
+            if "skip" in f.metadata:
+                continue
+            if f.metadata.get("nan") and f.name in value and value[f.name] is None:
+                kwargs[f.name] = math.nan
+            elif f.name in value and not ("none_as" in f.metadata and value[f.name] == f.metadata["none_as"]):
                 kwargs[f.name] = load(hints[f.name], value[f.name], sub, need)
             elif f.default is MISSING and f.default_factory is MISSING:
                 check(False, sub, _want(hints[f.name]), None)
@@ -114,7 +120,7 @@ def dump(obj: Any) -> Any:
         out = {}
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if value is None and "omit_none" in f.metadata:
+            if "skip" in f.metadata or (value is None and "omit_none" in f.metadata):
                 continue
             out[f.name] = f.metadata["none_as"] if value is None and "none_as" in f.metadata else dump(value)
         return out

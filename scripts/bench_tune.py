@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from melsurgery.recipes import plan_recipes, registry, resolve_recipes
     from melsurgery.samples import load_tokenizer
     from melsurgery.scan import read_json, run_scan
-    from melsurgery.tune import Evaluator, make_space, split_text, text_windows
+    from melsurgery.search.engine import Evaluator
+    from melsurgery.search.space import make_space
+    from melsurgery.search.tune import split_text, text_windows
     from melsurgery.verify import eval_text, run_verify
 
     source = resolve(args.model)

@@ -14,7 +14,9 @@ from melsurgery.checkpoint.source import resolve
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
 from melsurgery.recipes.params import Param
 from melsurgery.scan import read_json, run_scan, write_json
-from melsurgery.tune import Evaluator, Space, make_space, text_windows
+from melsurgery.search.engine import Evaluator
+from melsurgery.search.space import Space, make_space
+from melsurgery.search.tune import text_windows
 from tests.support.helpers import run_cli
 from tests.support.planted import build_model, llama_config, save_model
 

@@ -52,10 +52,10 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     """
     from ..checkpoint.atomic import check_apart, check_output
     from ..checkpoint.source import resolve
-    from ..errors import UserError
+    from ..errors import BudgetNotMet
     from ..samples import CalibrationSpec
     from ..scan import read_json
-    from ..tune import TuneOptions, run_tune, tune_report, validate
+    from ..search.tune import TuneOptions, run_tune, tune_report, validate
 
     opts = validate(TuneOptions(tuple(r.strip() for r in recipes.split(",") if r.strip()), objective, max_kl,
                                 max_ppl_increase, trials, timeout, seed, max_tokens, windows, storage))
@@ -73,7 +73,7 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     click.echo(tune_report(result))
     click.echo(f"wrote {run_dir / 'tune.json'}, {run_dir / 'tune.png'}")
     if result.manifest is None:
-        raise UserError("no trial meets the budget", exit_code=4)
+        raise BudgetNotMet("no trial meets the budget")
     if apply_out is not None:
         from ..patch import run_patch
 

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
+from ..errors import BudgetNotMet, UserError
 from .shared import device_option, dtype_option, finite_float, quiet_transformers, torch_dtype, write_outputs
-
-GATE_EXIT = 4
 
 
 @click.command()
@@ -62,4 +60,4 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
     write_outputs(result, json_path, plot_path, plot_verify)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
     if violations:
-        raise UserError("gate violated: " + "; ".join(violations), exit_code=GATE_EXIT)
+        raise BudgetNotMet("gate violated: " + "; ".join(violations))

@@ -37,6 +37,8 @@ class Param:
     choices: tuple[str, ...] = ()
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
     same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
+    # whether a search varies it (None: when it has a default and a range, see search/space.py)
+    search: bool | None = None
 
     @property
     def where(self) -> str:
