@@ -122,11 +122,9 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
 def search_lines(search) -> list[str]:
     """The card's account of a budgeted patch: the budget, the search, and the held-out figures with their
     definitions (which layers, which text, how many windows)."""
-    from .report import change_text
+    from .report import budget_text, change_text
 
-    budget = " and ".join([f"KL <= {search.budget['max_kl']:g}"] * (search.budget["max_kl"] is not None)
-                          + [f"perplexity +{search.budget['max_ppl_increase']:g}% at most"]
-                          * (search.budget["max_ppl_increase"] is not None))
+    budget = budget_text(search.budget["max_kl"], search.budget["max_ppl_increase"])
     st, tu, ho = search.study, search.tuning, search.heldout
     f, t = search.figures_heldout, search.figures_tuning
     held = f"{_inline(ho['text'])}, {ho['windows']} windows of up to {ho['max_tokens']} tokens ({ho['tokens']} tokens)"

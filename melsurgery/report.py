@@ -18,6 +18,19 @@ def change_text(reduction_pct: float | None) -> str:
     return f"-{reduction_pct:.1f}%" if reduction_pct > 0 else f"+{-reduction_pct:.1f}% (worse)"
 
 
+def count(n: int, noun: str) -> str:
+    """ "1 window", "3 windows"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def budget_text(max_kl: float | None, max_ppl_increase: float | None) -> str:
+    """A quality budget as words: "KL <= 0.05", "perplexity +3% at most", or both."""
+    parts = [f"KL <= {max_kl:g}"] if max_kl is not None else []
+    if max_ppl_increase is not None:
+        parts.append(f"perplexity +{max_ppl_increase:g}% at most")
+    return " and ".join(parts)
+
+
 def _num(x: float | None, digits: int = 1) -> str:
     if x is None:
         return "-"

@@ -25,6 +25,7 @@ from .measure import DetectParams, find_massive, layer_stats, sink, sink_rate, t
 from .modeling.modeling_melsurgery import CONFIG_KEY
 from .probes import Probe
 from .provenance import Provenance
+from .report import change_text
 from .samples import load_tokenizer
 from .stats import LayerStats
 from .streaming import Stream, StreamingModel, run_layers
@@ -52,7 +53,7 @@ class Gates:
             (self.max_kl, "kl_mean", "--max-kl", "KL", lambda x, lim: x > lim),
             (self.max_ppl_increase, "ppl_increase_pct", "--max-ppl-increase", "perplexity increase %",
              lambda x, lim: x > lim),
-            (self.min_sink_reduction, "sink_reduction_pct", "--min-sink-reduction", "sink reduction %",
+            (self.min_sink_reduction, "sink_reduction_pct", "--min-sink-reduction", "sink cut % (negative: it rose)",
              lambda x, lim: x < lim),
         ):
             if limit is None:
@@ -404,9 +405,13 @@ def _f(x: float | None, spec: str) -> str:
 
 def measurements_for_card(r: dict) -> dict:
     """The headline figures, as (base, patched) pairs for the model card and provenance."""
-    layers = f"layers {r['sink_layers_from']}+"
+    layers = f"layers {r['sink_layers_from']}-{len(r['sink_base']) - 1}"
+    on = f"{r['text']}, {r['windows']} windows, {r['tokens']} tokens"
+    patched_sink = _f(r["sink_mean_patched"], ".3f")
+    if r["sink_reduction_pct"] is not None:
+        patched_sink += f" ({change_text(r['sink_reduction_pct'])})"
     return {
-        f"attention sink (mean, {layers})": (_f(r["sink_mean_base"], ".3f"), _f(r["sink_mean_patched"], ".3f")),
+        f"attention sink (mean over {layers}; {on})": (_f(r["sink_mean_base"], ".3f"), patched_sink),
         f"attention-input similarity (mean, {layers})": (_f(r["similarity_mean_base"], ".3f"),
                                                         _f(r["similarity_mean_patched"], ".3f")),
         "perplexity (held-out text)": (f"{r['ppl_base']:.2f}", f"{r['ppl_patched']:.2f}"),
@@ -432,15 +437,17 @@ def verify_report(r: dict) -> str:
                      f"{_f(r['sink_base'][i], '.3f'):>10} {_f(r['sink_patched'][i], '.3f'):>8} "
                      f"{_f(r['sink_rate_base'][i], '.2f'):>10} {_f(r['sink_rate_patched'][i], '.2f'):>8} "
                      f"{_f(r['similarity_base'][i], '.3f'):>9} {_f(r['similarity_patched'][i], '.3f'):>8}")
-    reduction = "" if r["sink_reduction_pct"] is None else f" ({r['sink_reduction_pct']:+.1f}% reduction)"
+    change = "" if r["sink_reduction_pct"] is None else f" ({change_text(r['sink_reduction_pct'])})"
+    after = f"layers {r['sink_layers_from']}-{len(r['sink_base']) - 1}"
+    on = f"the text above, {r['windows']} windows"
     lines += ["",
               f"perplexity: base {r['ppl_base']:.2f}, patched {r['ppl_patched']:.2f} ({r['ppl_increase_pct']:+.2f}%)",
               f"KL(base || patched): mean {r['kl_mean']:.4f}, max {r['kl_max']:.4f}; top-1 agreement "
               f"{100 * r['top1_agreement']:.1f}%",
-              f"attention sink (mean over layers {r['sink_layers_from']}+): base {_f(r['sink_mean_base'], '.3f')}, "
-              f"patched {_f(r['sink_mean_patched'], '.3f')}{reduction}; sink rate base "
+              f"attention sink (mean over {after}, {on}): base {_f(r['sink_mean_base'], '.3f')}, "
+              f"patched {_f(r['sink_mean_patched'], '.3f')}{change}; sink rate base "
               f"{_f(r['sink_rate_mean_base'], '.2f')}, patched {_f(r['sink_rate_mean_patched'], '.2f')}",
-              f"attention-input similarity (mean over layers {r['sink_layers_from']}+, lower is more diverse): base "
+              f"attention-input similarity (mean over {after}, lower is more diverse): base "
               f"{_f(r['similarity_mean_base'], '.3f')}, patched {_f(r['similarity_mean_patched'], '.3f')}"]
     w = r["weights"]
     lines.append(f"tensors that differ: {len(w['changed'])} ({', '.join(w['changed'][:6])}"

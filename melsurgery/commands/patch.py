@@ -253,6 +253,9 @@ def _echo_written(result, out: Path) -> None:
 
         click.echo(verify_report(result.verified))
     how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
+    if not result.custom_layer and not any(a.changed for a in result.applied):
+        click.echo("THIS PATCH CHANGES NOTHING: every tensor is byte-identical to the source (the edits leave every "
+                   "entry as it was)")
     click.echo(f"wrote {out} (loads with {how})")
 
 

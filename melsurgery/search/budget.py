@@ -64,10 +64,9 @@ class BudgetOptions:
 
     def describe(self) -> str:
         """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""
-        parts = [f"KL <= {self.max_kl:g}"] if self.max_kl is not None else []
-        if self.max_ppl_increase is not None:
-            parts.append(f"perplexity +{self.max_ppl_increase:g}% at most")
-        return " and ".join(parts)
+        from ..report import budget_text
+
+        return budget_text(self.max_kl, self.max_ppl_increase)
 
 
 def validate_budget(opts: BudgetOptions) -> BudgetOptions:
@@ -194,22 +193,20 @@ def _measure_candidates(evaluator: Evaluator, held: Callable[[], TextCache], rec
                         opts: BudgetOptions, cache: HeldOutCache, progress: bool) -> list[Candidate]:
     """Re-measure the best tuning-text candidates on held-out text (each distinct setting once); `held` runs the
     base model over the held-out text when a setting is not in the cache yet."""
+    todo: list[tuple[dict, list, str]] = []
+    for r in candidates_for(records, opts):  # distinct settings, the largest tuning cuts first
+        recipes = [(x["name"], x["params"]) for x in r["recipes"]]
+        key = effect_key(evaluator.plans(recipes))
+        if len(todo) < opts.candidates and key not in {k for _, _, k in todo}:
+            todo.append((r, recipes, key))
     out: list[Candidate] = []
-    seen: set[str] = set()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=opts.candidates, desc="held-out", unit="setting", leave=False)
+        bar = tqdm(total=len(todo), desc="held-out", unit="setting", leave=False)
     try:
-        for r in candidates_for(records, opts):
-            if len(out) >= opts.candidates:
-                break
-            recipes = [(x["name"], x["params"]) for x in r["recipes"]]
-            key = effect_key(evaluator.plans(recipes))
-            if key in seen:
-                continue
-            seen.add(key)
+        for r, recipes, key in todo:
             fig = cache.get(key)
             if fig is None:
                 fig = evaluator.run(held(), evaluator.plans(recipes))
@@ -325,7 +322,7 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions,
 def budget_report(done: BudgetedPatch, opts: BudgetOptions) -> str:
     """What `patch --max-kl` prints: the search, the texts, the chosen setting and its held-out figures, each
     figure with its definition."""
-    from ..report import change_text
+    from ..report import change_text, count
     from .tune import choices, short_params
 
     c, ch = done.choice, done.choice.chosen
@@ -335,8 +332,9 @@ def budget_report(done: BudgetedPatch, opts: BudgetOptions) -> str:
     return "\n".join([
         f"search: {c.trials} trials ({c.ran} run now) over {', '.join(r.name for r in c.space.recipes)} and their "
         f"compositions; study in {c.folder}",
-        f"tuning text: {t.tune_name}, {len(t.tune.ids)} windows, {c.tuning_tokens} tokens; held-out: {t.held_name}, "
-        f"{len(t.held.ids)} windows, {c.heldout_tokens} tokens (windows of up to {opts.max_tokens} tokens)",
+        f"tuning text: {t.tune_name}, {count(len(t.tune.ids), 'window')}, {c.tuning_tokens} tokens; held-out: "
+        f"{t.held_name}, {count(len(t.held.ids), 'window')}, {c.heldout_tokens} tokens (windows of up to "
+        f"{opts.max_tokens} tokens)",
         f"budget: {opts.describe()} on the held-out text; {len(c.candidates)} settings re-measured there",
         f"chosen: trial #{ch.trial}: {what}",
         f"held-out figures: sink (mean over layers {c.space.me_layer + 1}-{c.space.num_layers - 1}, after the ME "

@@ -398,9 +398,10 @@ def pareto_front(records: list[dict], objective: str) -> list[int]:
 
 
 def best_within(records: list[dict], objective: str, budget: Budget) -> dict | None:
-    """The largest reduction within the budget (ties: the smaller KL)."""
+    """The largest reduction within the budget (ties: the smaller KL); None when no trial within it cuts at all
+    (a setting that raises the sink is never "the best cut")."""
     key = objective_key(objective)
-    ok = [r for r in records if budget.holds(r["figures"])]
+    ok = [r for r in records if budget.holds(r["figures"]) and r["figures"][key] > 0]
     return max(ok, key=lambda r: (r["figures"][key], -r["figures"]["kl_mean"]), default=None)
 
 
@@ -432,6 +433,8 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objec
     Returns how many this process ran. With `progress`, a bar on stderr shows the best within the budget."""
     import optuna
 
+    from ..report import change_text
+
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     remaining = max(0, trials - len(finished))
     if not remaining:
@@ -452,8 +455,8 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objec
         best = best_within(complete_records(study), objective, budget)
         if best:
             f = best["figures"]
-            bar.set_postfix_str(f"best #{best['number']}: {objective} {-f[objective_key(objective)]:+.1f}% "
-                                f"KL {f['kl_mean']:.4f}")
+            bar.set_postfix_str(f"best within the budget #{best['number']}: {objective} "
+                                f"{change_text(f[objective_key(objective)])}, KL {f['kl_mean']:.4f}")
 
     stop = optuna.study.MaxTrialsCallback(trials, states=tuple(s for s in optuna.trial.TrialState if s.is_finished()))
     try:

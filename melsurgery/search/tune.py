@@ -492,13 +492,15 @@ def figures_row(label: str, fig: Figures, objective: str, recipes: tuple[RecipeC
 
 def tune_report(result: TuneResult) -> str:
     """What the command prints: the workload, the defaults, the front at the reported budgets, the choice."""
+    from ..report import count
+
     w = result.workload
     what = "sink" if result.objective == "sink" else "max/median ratio"
     n = result.scan.model.num_layers if result.scan else None
     layers = f"layers {result.me_layer + 1}-{n - 1}" if n else f"layers {result.me_layer + 1}+"
     lines = [f"study: {result.study['trials']} trials ({result.ran} run now) in {result.study['storage']}",
-             f"tuning text: {w.tuning.text}, {w.tuning.windows} windows, {w.tuning.tokens} tokens; "
-             f"held-out: {w.heldout.text}, {w.heldout.windows} windows, {w.heldout.tokens} tokens",
+             f"tuning text: {w.tuning.text}, {count(w.tuning.windows, 'window')}, {w.tuning.tokens} tokens; "
+             f"held-out: {w.heldout.text}, {count(w.heldout.windows, 'window')}, {w.heldout.tokens} tokens",
              f"ME Layer {result.me_layer}; {what} = mean over {layers} (after the ME Layer), on the held-out text "
              "(base -> patched, change), KL(base || patched) per token, perplexity:", ""]
     for m in result.defaults:
@@ -512,7 +514,8 @@ def tune_report(result: TuneResult) -> str:
         lines.append(f"chosen: trial #{result.chosen.trial} (largest {what} cut within the budget on the tuning text) "
                      f"-> {(result.run_dir or Path('.')) / 'best.yaml'}")
     else:
-        lines.append("no trial within the budget: loosen --max-kl / --max-ppl-increase or run more --trials")
+        lines.append("no trial cuts the sink within the budget: loosen --max-kl / --max-ppl-increase or run more "
+                     "--trials")
     return "\n".join(lines)
 
 
