@@ -42,8 +42,8 @@ def measure_group(ev, tuning, held_pass, group: tuple[str, ...], scan, folder: P
     name = "+".join(group)
     study = open_study(folder / f"{name}.journal", {**fingerprint, "group": name}, args.seed)
     if not study.get_trials(deepcopy=False):
-        for r in space.recipes:
-            study.enqueue_trial(space.defaults(r))
+        for start in space.starts():
+            study.enqueue_trial(start)
     trials = args.trials if len(group) == 1 else args.combined
     t0 = time.perf_counter()
     run_trials(study, make_objective(ev, tuning, space.suggest, "sink", Budget(None, None)), trials,

@@ -243,9 +243,9 @@ def search_budget(source: Source, opts: BudgetOptions, *, scan: ScanResult | Non
     space = make_space(opts.searched, scan)
     with locked(folder):
         study = open_study(folder / "study.journal", {**fingerprint, "me_layer": space.me_layer}, opts.seed)
-        if not study.get_trials(deepcopy=False):  # a new study starts from the recipes' defaults
-            for r in space.recipes:
-                study.enqueue_trial(space.defaults(r))
+        if not study.get_trials(deepcopy=False):  # new: from the defaults and late-layer variants
+            for start in space.starts():
+                study.enqueue_trial(start)
     evaluator = Evaluator(source, scan, device=device, dtype=dtype)
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     ran = 0

@@ -38,6 +38,22 @@ class Axis:
     high: float | None = None
     choices: tuple[str, ...] = ()
 
+    def starts(self) -> list[dict]:
+        """Where a new study starts: each recipe's defaults, then each recipe that acts on a run of layers with its
+        defaults on the last third of the layers after the ME Layer (late layers feed the fewest others, so a cut
+        there costs least; the sampler takes it from there)."""
+        out = [self.defaults(r) for r in self.recipes]
+        lo, hi = self.me_layer + 1, self.num_layers - 1
+        count = max(1, (hi - lo + 1) // 3)
+        for r in self.recipes:
+            late = self.defaults(r)
+            runs = [k for k in late if k.endswith(".first")]
+            for k in runs:
+                late[k], late[k.removesuffix(".first") + ".count"] = hi - count + 1, count
+            if runs and late not in out:
+                out.append(late)
+        return out
+
     def to_dict(self) -> dict:
         """The axis as the search settings record it (provenance, tune.json)."""
         out: dict = {"key": self.key, "kind": self.kind}
@@ -122,6 +138,22 @@ class Space:
                 out[axis.key] = float(p.default)
             else:
                 out[axis.key] = min(max(int(p.default), int(axis.low)), int(axis.high))
+        return out
+
+    def starts(self) -> list[dict]:
+        """Where a new study starts: each recipe's defaults, then each recipe that acts on a run of layers with its
+        defaults on the last third of the layers after the ME Layer (late layers feed the fewest others, so a cut
+        there costs least; the sampler takes it from there)."""
+        out = [self.defaults(r) for r in self.recipes]
+        lo, hi = self.me_layer + 1, self.num_layers - 1
+        count = max(1, (hi - lo + 1) // 3)
+        for r in self.recipes:
+            late = self.defaults(r)
+            runs = [k for k in late if k.endswith(".first")]
+            for k in runs:
+                late[k], late[k.removesuffix(".first") + ".count"] = hi - count + 1, count
+            if runs and late not in out:
+                out.append(late)
         return out
 
     def to_dict(self) -> dict:

@@ -355,8 +355,8 @@ def _open_tune_study(run_dir: Path, opts: TuneOptions, space: Space, source: Sou
     with locked(run_dir):
         study = open_study(opts.storage or run_dir / "study.journal", fingerprint, opts.seed)
         if not study.get_trials(deepcopy=False):
-            for r in space.recipes:
-                study.enqueue_trial(space.defaults(r))
+            for start in space.starts():
+                study.enqueue_trial(start)
     return study
 
 
