@@ -78,6 +78,8 @@ def budget_options(f):
                      help="With a budget: at most N windows of 512 tokens of each text (tuning, held-out)."),
         click.option("--text", type=click.Path(path_type=Path), default=None,
                      help="With a budget: search text (default: the embedded held-out text, first half)."),
+        click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+                     help="With a budget: PNG of the search (trials, held-out re-measurements, the choice)."),
         click.option("--heldout", type=click.Path(path_type=Path), default=None,
                      help="With a budget: held-out text the budget is checked on (default: the second half of "
                           "--text)."),
@@ -87,7 +89,7 @@ def budget_options(f):
     return f
 
 
-BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout")
+BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
 
 
 @click.command()
@@ -118,8 +120,8 @@ BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def patch(model, out, fmt, recipes, manifest, scan_path, max_kl, max_ppl_increase, trials, timeout, windows, text,
-          heldout, revision, base_model, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
-          overwrite, link, do_verify, verify_windows, device, quiet, **recipe_flags) -> None:
+          plot_path, heldout, revision, base_model, calib, num_samples, max_tokens, seed, abs_threshold, ratio,
+          persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet, **recipe_flags) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
 
     Untouched tensors stay byte-identical; the output is written atomically with a model card,
@@ -133,7 +135,8 @@ def patch(model, out, fmt, recipes, manifest, scan_path, max_kl, max_ppl_increas
     values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
     ctx = click.get_current_context()
     budgeted = max_kl is not None or max_ppl_increase is not None
-    search = {"trials": trials, "timeout": timeout, "windows": windows, "text": text, "heldout": heldout}
+    search = {"trials": trials, "timeout": timeout, "windows": windows, "text": text, "heldout": heldout,
+              "plot": plot_path}
     if budgeted:
         opts = validate_budget(BudgetOptions(max_kl, max_ppl_increase, tuple(dict.fromkeys(recipes)),
                                              **{k: v for k, v in search.items() if k in ("trials", "timeout",
@@ -154,7 +157,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, max_kl, max_ppl_increas
         quiet_transformers()
     verify = {"max_windows": verify_windows} if do_verify else None
     if budgeted:
-        _patch_budgeted(man, out, opts, scan_path, text, heldout, overwrite, link, device, quiet, verify)
+        _patch_budgeted(man, out, opts, scan_path, (text, heldout, plot_path), overwrite, link, device, quiet, verify)
     elif fmt == "gguf" or (fmt is None and out.suffix.lower() == ".gguf"):
         _patch_gguf(man, out, scan_path, overwrite, device, quiet, do_verify, link)
     else:
@@ -271,7 +274,7 @@ def _patch_folder(man, out: Path, scan_path, overwrite: bool, link: bool, device
     _echo_written(result, out)
 
 
-def _patch_budgeted(man, out: Path, opts, scan_path, text, heldout, overwrite: bool, link: bool, device: str,
+def _patch_budgeted(man, out: Path, opts, scan_path, files: tuple, overwrite: bool, link: bool, device: str,
                     quiet: bool, verify) -> None:
     from ..checkpoint.source import resolve
     from ..scan import read_json
@@ -279,7 +282,10 @@ def _patch_budgeted(man, out: Path, opts, scan_path, text, heldout, overwrite: b
 
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
+    text, heldout, plot = files
     done = run_budgeted_patch(source, out, man, opts, scan=scan, text=text, heldout=heldout, overwrite=overwrite,
-                              link=link, device=device, progress=not quiet, verify=verify)
+                              link=link, device=device, progress=not quiet, verify=verify, plot=plot)
     click.echo(budget_report(done, opts))
+    if plot is not None:
+        click.echo(f"wrote {plot}")
     _echo_written(done.patch, out)

@@ -122,6 +122,19 @@ class BudgetChoice:
     texts: Texts
     tuning_tokens: int
     heldout_tokens: int
+    tried: list[dict]  # every complete trial: number, sink cut and KL on the tuning text
+
+    def plot_data(self, model: str, opts: BudgetOptions) -> dict:
+        """What `plot.plot_search` draws."""
+        t = self.texts
+        return {"model": model, "max_kl": opts.max_kl, "trials": self.tried,
+                "sink_layers": f"{self.space.me_layer + 1}-{self.space.num_layers - 1}",
+                "texts": f"tuning {len(t.tune.ids)} x {opts.max_tokens} tokens, held-out {len(t.held.ids)} x "
+                         f"{opts.max_tokens}",
+                "candidates": [{"trial": c.trial, "tuning": asdict(c.tuning), "heldout": asdict(c.heldout)}
+                               for c in self.candidates],
+                "chosen": None if self.chosen is None else {"trial": self.chosen.trial,
+                                                            "heldout": asdict(self.chosen.heldout)}}
 
     def record(self, opts: BudgetOptions, device: str, dtype: torch.dtype) -> SearchRecord:
         """The search settings and the chosen setting's figures, as provenance and the card keep them."""
@@ -266,8 +279,10 @@ def search_budget(source: Source, opts: BudgetOptions, *, scan: ScanResult | Non
         return held[0]
 
     found = _measure_candidates(evaluator, held_pass, records, opts, HeldOutCache(folder), progress)
+    tried = [{"trial": r["number"], "sink_reduction_pct": r["figures"]["sink_reduction_pct"],
+              "kl_mean": r["figures"]["kl_mean"]} for r in records]
     choice = BudgetChoice(pick(found, opts.budget), found, len(records), ran, folder, space, texts,
-                          sum(len(w) for w in texts.tune.ids), sum(len(w) for w in texts.held.ids))
+                          sum(len(w) for w in texts.tune.ids), sum(len(w) for w in texts.held.ids), tried)
     return choice, scan
 
 
@@ -294,11 +309,13 @@ class BudgetedPatch:
 def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions, *, scan: ScanResult | None = None,
                        text: Path | None = None, heldout: Path | None = None, overwrite: bool = False,
                        link: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                       progress: bool = False, verify: dict | None = None) -> BudgetedPatch:
+                       progress: bool = False, verify: dict | None = None,
+                       plot: Path | None = None) -> BudgetedPatch:
     """Search, choose on held-out text, and write the chosen patch with the search record in card and provenance.
 
-    `manifest` gives the model, calibration and detection (its recipes are what the search chooses). Raises
-    `BudgetNotMet` (exit 4, nothing written) when no setting cuts the sink within the budget."""
+    `manifest` gives the model, calibration and detection (its recipes are what the search chooses); `plot`: a
+    PNG of the search (written also when nothing is chosen). Raises `BudgetNotMet` (exit 4, no patch written) when
+    no setting cuts the sink within the budget."""
     from dataclasses import replace
 
     from ..checkpoint.atomic import check_output
@@ -311,6 +328,10 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions,
     choice, scan = search_budget(source, opts, scan=scan, calibration=manifest.calibration,
                                  detection=manifest.detection, text=text, heldout=heldout, device=device, dtype=dtype,
                                  progress=progress)
+    if plot is not None:
+        from ..plot import plot_search
+
+        plot_search(choice.plot_data(source.id, opts), plot)
     if choice.chosen is None:
         raise refusal(choice, opts)
     chosen = replace(manifest, recipes=choice.chosen.recipes)
