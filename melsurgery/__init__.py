@@ -1,24 +1,57 @@
-"""melsurgery: find and fix massive activations (the Massive Emergence Layer) in decoder checkpoints."""
+"""melsurgery: find and fix massive activations (the Massive Emergence Layer) in decoder checkpoints.
 
-__version__ = "0.1.0"
+The library API, one entry point per CLI command (the CLI is a thin layer over these):
+
+    import melsurgery
+    source = melsurgery.resolve("default")            # a folder, Hub id, .gguf file or `default`
+    result = melsurgery.scan(source)                  # ScanResult: the ME Layer, explained
+    melsurgery.patch(source, out, manifest)           # write a patched checkpoint
+    report = melsurgery.verify(base, out)             # base versus patched, on held-out text
+    model, tokenizer = melsurgery.load(out)           # a patched checkpoint, custom layer included
+
+Names are imported on first use, so `import melsurgery` stays cheap (no torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from melsurgery.version import __version__
+
+# public name -> (module, attribute)
+_API = {
+    "resolve": ("melsurgery.checkpoint.source", "resolve"),
+    "Source": ("melsurgery.checkpoint.source", "Source"),
+    "scan": ("melsurgery.detect.scan", "run_scan"),
+    "ScanResult": ("melsurgery.detect.scan_result", "ScanResult"),
+    "CalibrationSpec": ("melsurgery.calibrate.samples", "CalibrationSpec"),
+    "DetectParams": ("melsurgery.params", "DetectParams"),
+    "Manifest": ("melsurgery.surgery.manifest", "Manifest"),
+    "load_manifest": ("melsurgery.surgery.manifest", "load_manifest"),
+    "patch": ("melsurgery.surgery.patch", "run_patch"),
+    "patch_gguf": ("melsurgery.surgery.gguf_patch", "run_patch_gguf"),
+    "verify": ("melsurgery.measure.verify", "run_verify"),
+    "diff": ("melsurgery.compare.checkpoints", "diff_checkpoints"),
+    "tune": ("melsurgery.search.tune", "run_tune"),
+    "TuneOptions": ("melsurgery.search.tune", "TuneOptions"),
+    "push": ("melsurgery.hub.push", "push"),
+    "load": ("melsurgery.engines.loading", "load"),
+    "UserError": ("melsurgery.errors", "UserError"),
+}
+
+__all__ = ["__version__", *_API]
 
 
-def load(path, *, device: str = "cpu", dtype=None, **kwargs):
-    """Load a (patched) checkpoint with its custom layer, without trust_remote_code.
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562)."""
+    if name not in _API:
+        raise AttributeError(f"module 'melsurgery' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
 
-    Returns (model, tokenizer). The WeMask hooks come from melsurgery's own copy of the custom layer,
-    configured by the checkpoint's config.json; folded checkpoints load as stock models.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from .modeling.modeling_melsurgery import apply_wemask
-    from .samples import load_tokenizer
-
-    tokenizer = load_tokenizer(path)
-    # safetensors only: transformers would otherwise fall back to unpickling pytorch_model.bin
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True, **kwargs)
-    model._melsurgery_hooks = apply_wemask(model)
-    model.to(device).eval()
-    return model, tokenizer
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,3 +1,3 @@
-from .cli import main
+from melsurgery.cli import main
 
 main()

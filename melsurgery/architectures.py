@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from melsurgery.errors import UserError
 
 if TYPE_CHECKING:
     import torch

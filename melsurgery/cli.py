@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
-from .commands.diff import diff
-from .commands.patch import patch
-from .commands.push import push
-from .commands.scan import scan
-from .commands.shared import Group
-from .commands.tune import tune
-from .commands.verify import verify
+from melsurgery.commands.diff import diff
+from melsurgery.commands.patch import patch
+from melsurgery.commands.push import push
+from melsurgery.commands.scan import scan
+from melsurgery.commands.shared import Group
+from melsurgery.commands.tune import tune
+from melsurgery.commands.verify import verify
+from melsurgery.version import __version__
 
 
 @click.group(cls=Group)

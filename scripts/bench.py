@@ -165,7 +165,8 @@ def child_naive_scan(src: str, dtype: str, num_samples: str, max_tokens: str) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.samples import load_tokenizer, read_records, tokenize
+    from melsurgery.calibrate.samples import read_records, tokenize
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
 
     tok = load_tokenizer(Path(src))
     records, _ = read_records(None)
@@ -187,7 +188,7 @@ def child_naive_patch(src: str, out: str, scan_json: str, factor: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.scan import read_json
+    from melsurgery.detect.scan import read_json
 
     scan = read_json(Path(scan_json))
     neurons = sorted({n.neuron for n in scan.ffn_neurons})
@@ -203,8 +204,8 @@ def child_naive_verify(src: str, patched: str, max_tokens: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.samples import load_tokenizer
-    from melsurgery.verify import eval_text, make_windows
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.measure.verify import eval_text, make_windows
 
     window = make_windows(load_tokenizer(Path(src)), eval_text(None)[0], int(max_tokens), 1).ids[0]
     logits = []

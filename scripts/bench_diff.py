@@ -129,7 +129,7 @@ def path_read(a: Path, b: Path) -> dict:
 
 
 def path_diff(a: Path, b: Path) -> dict:
-    from melsurgery.diff import diff_checkpoints
+    from melsurgery.compare.checkpoints import diff_checkpoints
 
     r = diff_checkpoints(a, b)
     changed = [t.name for t in r.tensors if t.status != "identical"]
@@ -181,7 +181,7 @@ def child(name: str, a: Path, b: Path) -> None:
     import torch  # noqa: F401
 
     if name == "diff":
-        import melsurgery.diff  # noqa: F401
+        pass
     if name == "transformers":
         import transformers  # noqa: F401
     base = _vmhwm_kib()

@@ -43,15 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.detect.scan import read_json, run_scan
+    from melsurgery.measure.verify import eval_text, run_verify
     from melsurgery.recipes import plan_recipes, registry, resolve_recipes
-    from melsurgery.samples import load_tokenizer
-    from melsurgery.scan import read_json, run_scan
     from melsurgery.search.engine import Evaluator
     from melsurgery.search.space import make_space
     from melsurgery.search.tune import split_text, text_windows
-    from melsurgery.verify import eval_text, run_verify
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
 
     source = resolve(args.model)
     scan = read_json(args.scan) if args.scan else run_scan(source)

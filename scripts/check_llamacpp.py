@@ -84,7 +84,7 @@ def check(base_gguf: Path, patched_gguf: Path, n_windows: int, size: int) -> dic
     """Both runtimes on base and patched: the patch's effect in each, and llama.cpp vs transformers."""
     from transformers import AutoTokenizer
 
-    from melsurgery.verify import eval_text, windows
+    from melsurgery.measure.verify import eval_text, windows
 
     tok = AutoTokenizer.from_pretrained(base_gguf.parent, gguf_file=base_gguf.name)
     chunks = windows(list(tok(eval_text(None)[0])["input_ids"]), size, n_windows)
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ensure_llama_cpp(args.build)
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.gguf_patch import run_patch_gguf
-    from melsurgery.manifest import Manifest
-    from melsurgery.scan import read_json, run_scan
+    from melsurgery.detect.scan import read_json, run_scan
+    from melsurgery.surgery.gguf_patch import run_patch_gguf
+    from melsurgery.surgery.manifest import Manifest
 
     src = resolve("default")
     scan = read_json(args.scan) if args.scan else run_scan(src)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from melsurgery.provenance import Provenance
-    from melsurgery.report import budget_text, change_text, count
+    from melsurgery.checkpoint.provenance import Provenance
+    from melsurgery.formats.wording import budget_text, change_text, count
 
     out = Path((argv or sys.argv[1:] or ["out"])[0])
     prov = Provenance.read(out / "smollm2-budget")

@@ -19,12 +19,12 @@ import torch
 # Run as a file (python scripts/gpu_check.py): the repository root makes tests.support importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import melsurgery  # noqa: E402
+import melsurgery
 from melsurgery.checkpoint.source import resolve  # noqa: E402
-from melsurgery.manifest import Manifest  # noqa: E402
-from melsurgery.patch import run_patch  # noqa: E402
-from melsurgery.scan import run_scan  # noqa: E402
-from melsurgery.verify import run_verify  # noqa: E402
+from melsurgery.detect.scan import run_scan  # noqa: E402
+from melsurgery.measure.verify import run_verify  # noqa: E402
+from melsurgery.surgery.manifest import Manifest  # noqa: E402
+from melsurgery.surgery.patch import run_patch  # noqa: E402
 from tests.support.planted import make_tokenizer, planted_folder  # noqa: E402
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 
 from melsurgery.checkpoint.source import resolve
-from melsurgery.manifest import Manifest
-from melsurgery.patch import run_patch
-from melsurgery.scan import read_json, run_scan
-from melsurgery.verify import run_verify
+from melsurgery.detect.scan import read_json, run_scan
+from melsurgery.measure.verify import run_verify
+from melsurgery.surgery.manifest import Manifest
+from melsurgery.surgery.patch import run_patch
 
 VARIANTS: list[tuple[str, list[tuple[str, dict]]]] = [
     ("wemask (default: layer ME+1, top-3 dims, magnitude selector)", [("wemask", {})]),

@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from melsurgery.calibrate.samples import CalibrationSpec
     from melsurgery.checkpoint.source import cache_dir, resolve
-    from melsurgery.detect import DetectParams
+    from melsurgery.params import DetectParams
     from melsurgery.recipes import registry
-    from melsurgery.samples import CalibrationSpec
     from melsurgery.search.budget import HeldOutCache, model_fingerprint
     from melsurgery.search.engine import Evaluator
     from melsurgery.search.tune import read_texts, scan_once, text_sha, tuning_pass

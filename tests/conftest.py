@@ -32,7 +32,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_scan(smollm2):
-    from melsurgery.scan import run_scan
+    from melsurgery.detect.scan import run_scan
 
     return run_scan(smollm2)
 
@@ -49,7 +49,7 @@ def planted(tmp_path_factory):
 def planted_scan(planted):
     """The scan of the shared planted folder (ME Layer 3, dim 17, neuron 41)."""
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.scan import run_scan
+    from melsurgery.detect.scan import run_scan
 
     return run_scan(resolve(str(planted)))
 

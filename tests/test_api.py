@@ -1,9 +1,9 @@
 """The README's Python API for a measurement of one's own: the streaming engine, one layer in memory."""
 
 from melsurgery.architectures import family_for
+from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.samples import load_tokenizer
-from melsurgery.streaming import Stream, StreamingModel, run_layers
+from melsurgery.checkpoint.tokenizer import load_tokenizer
 
 
 def test_streaming_engine_observes_each_layer(planted):

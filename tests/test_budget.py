@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.source import resolve
-from melsurgery.provenance import Provenance
-from melsurgery.scan import run_scan, write_json
+from melsurgery.detect.scan import run_scan, write_json
 from tests.support.helpers import assert_clean_failure, run_cli
 from tests.support.planted import planted_folder
 from tests.support.planted_sink import HELD_TEXT, SINK_LAYER, TUNE_TEXT, masked_sink_model
@@ -32,7 +32,7 @@ def _budgeted(root, folder, out, cache, *extra):
 
 
 def test_the_budgeted_patch_is_the_planted_cut_and_verify_reproduces_its_figures(sinkmodel, tmp_path):
-    from melsurgery.verify import run_verify
+    from melsurgery.measure.verify import run_verify
 
     root, folder = sinkmodel
     out, cache = tmp_path / "out", tmp_path / "cache"

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from melsurgery.basemodel import (
+from melsurgery.checkpoint.basemodel import (
     explicit,
     for_folder,
     from_cache_path,
@@ -19,12 +19,12 @@ from melsurgery.basemodel import (
     gguf_fields,
     hub_url_id,
 )
-from melsurgery.card import base_license, front_matter, render_card
 from melsurgery.checkpoint.source import DEFAULT_BASE_ID, default_gguf
+from melsurgery.detect.scan_result import ModelInfo, ScanResult
 from melsurgery.errors import UserError
-from melsurgery.hubmeta import hub_licenses, metadata_problems
-from melsurgery.manifest import load_manifest
-from melsurgery.scan_result import ModelInfo, ScanResult
+from melsurgery.hub.card import base_license, front_matter, render_card
+from melsurgery.hub.metadata import hub_licenses, metadata_problems
+from melsurgery.surgery.manifest import load_manifest
 from tests.support.helpers import run_cli
 from tests.support.hub_server import hub_metadata_errors
 

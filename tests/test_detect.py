@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from melsurgery.detect import DetectParams, detect
-from melsurgery.measure import required_persistence
-from melsurgery.stats import Entry, LayerStats, Sample, Stats
+from melsurgery.calibrate.stats import Entry, LayerStats, Sample, Stats
+from melsurgery.detect.me_layer import detect
+from melsurgery.measure.definitions import required_persistence
+from melsurgery.params import DetectParams
 
 
 def layer(i, entries, median=1.0, attention=None):

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from melsurgery.checkpoint.source import resolve
-from melsurgery.diff import diff_checkpoints
-from melsurgery.manifest import Manifest
-from melsurgery.patch import run_patch
-from melsurgery.scan import CalibrationSpec
+from melsurgery.compare.checkpoints import diff_checkpoints
+from melsurgery.detect.scan import CalibrationSpec
+from melsurgery.surgery.manifest import Manifest
+from melsurgery.surgery.patch import run_patch
 from tests.support.helpers import run_cli
 from tests.support.hub_server import HubServer, emit_result_code, result_of
 from tests.support.planted import planted_folder

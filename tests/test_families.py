@@ -16,12 +16,12 @@ from transformers import AutoModelForCausalLM
 
 import melsurgery
 from melsurgery.architectures import FAMILIES, family_for
+from melsurgery.calibrate.samples import read_records, tokenize
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.source import resolve
+from melsurgery.detect.scan import CalibrationSpec, calibrate, read_json, run_scan, write_json
 from melsurgery.errors import UserError
-from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import CalibrationSpec, calibrate, read_json, run_scan, write_json
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import FAMILY_CONFIGS, Plant, build_model, family_config, make_tokenizer, save_model
@@ -83,7 +83,7 @@ def test_scan_json_round_trips_exactly(planted_family, model_type, tmp_path):
     data = json.loads(path.read_text())
     assert ("expert" in data["ffn_neurons"][0]) == is_moe(model_type)
     again = read_json(path)
-    assert again.to_dict() == data
+    assert again.to_json() == data
     again.write(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == path.read_text()
 
@@ -294,7 +294,7 @@ def test_hybrid_scan_measures_every_layer_and_sinks_only_attention(planted_famil
         assert (r.sink[i] is None) == (kind != "attention"), i
     (d,) = r.dims_attribution
     assert d.mixer == MIXERS[model_type] and abs(d.ffn_write) > 100 * abs(d.attn_write)
-    from melsurgery.report import scan_report
+    from melsurgery.report.text import scan_report
 
     assert f"({MIXERS[model_type]}) <- ME Layer" in scan_report(r)
 
@@ -345,8 +345,8 @@ def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
 def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
     """verify streams hybrids through the same layer-kind dispatch: the planted massive token is found,
     and the sink is measured on the attention layers only."""
-    from melsurgery.measure import DetectParams
-    from melsurgery.verify import run_verify
+    from melsurgery.measure.verify import run_verify
+    from melsurgery.params import DetectParams
 
     folder, _ = planted_family("lfm2")
     r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0, params=DetectParams(ratio=100.0))

@@ -19,8 +19,8 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 from melsurgery.architectures import family_for, gguf_target, rope_row_order
 from melsurgery.checkpoint.gguf_file import GGUFFile
 from melsurgery.errors import UserError
-from melsurgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
-from melsurgery.manifest import Manifest
+from melsurgery.surgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
+from melsurgery.surgery.manifest import Manifest
 from tests.support.helpers import run_cli
 from tests.support.planted import build_model, llama_config
 from tests.support.planted_gguf import Q, write_gguf
@@ -170,7 +170,7 @@ def test_patched_gguf_loads_in_transformers_like_the_safetensors_patch(gguf_dir,
     (from the dequantised source), up to the requantisation of the edited blocks."""
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.patch import run_patch
+    from melsurgery.surgery.patch import run_patch
 
     src = _resolve(gguf_dir / f"planted-{qtype.name}.gguf", cache_dir)
     run_patch(src, tmp_path / "st", Manifest(recipes=RECIPES), scan=planted_scan)
@@ -232,7 +232,7 @@ def test_repatching_replaces_the_melsurgery_keys(patched, planted_scan, cache_di
 
 
 def test_folder_output_is_pushable_and_tamper_evident(gguf_dir, cache_dir, planted_scan, tmp_path):
-    from melsurgery.hub import validate_for_push
+    from melsurgery.hub.push import validate_for_push
 
     src = gguf_dir / "planted-Q4_0.gguf"
     out = tmp_path / "pub"
@@ -258,7 +258,7 @@ def test_folder_output_is_pushable_and_tamper_evident(gguf_dir, cache_dir, plant
 
 
 def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, planted_scan, tmp_path):
-    from melsurgery.gguf_diff import diff_gguf
+    from melsurgery.compare.gguf import diff_gguf
 
     src, res = gguf_dir / "planted-Q4_1.gguf", patched[Q.Q4_1]
     r = diff_gguf(src, res.file)
@@ -270,8 +270,8 @@ def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, plant
     assert set(down.cols) <= {c for n in planted_scan.ffn_neurons for c in range(n.neuron // 32 * 32,
                                                                                     n.neuron // 32 * 32 + 32)}
     assert down.max_abs_diff == pytest.approx(edit.max_abs_delta)
-    assert set(r.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
-    assert not r.removed and not r.changed_keys and not r.identical
+    assert set(r.metadata.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
+    assert not r.metadata.removed and not r.metadata.changed and not r.identical
     cli = run_cli("diff", src, res.file, "--only-changed", "--json", tmp_path / "d.json")
     assert cli.returncode == 1 and f"{down.name}  Q4_1" in cli.stdout and "key +    melsurgery.version" in cli.stdout
     assert json.loads((tmp_path / "d.json").read_text())["summary"]["changed"] == 3
@@ -316,7 +316,7 @@ def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2,
     the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see the README.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from melsurgery.patch import run_patch
+    from melsurgery.surgery.patch import run_patch
 
     norms = Manifest(recipes=RECIPES[1:])
     res = run_patch_gguf(smollm2, tmp_path / "norms.gguf", norms, scan=smollm2_scan)

@@ -23,14 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from melsurgery.architectures import family_for
+from melsurgery.checkpoint.edits import Edit
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_header
 from melsurgery.checkpoint.source import resolve
 from melsurgery.checkpoint.validate import open_model
-from melsurgery.detect import DetectParams
 from melsurgery.errors import UserError
-from melsurgery.manifest import Manifest, read_yaml
-from melsurgery.recipes import Edit, RecipePlan, WeMaskLayer, WeMaskSpec
+from melsurgery.params import DetectParams
+from melsurgery.recipes import RecipePlan, WeMaskLayer, WeMaskSpec
+from melsurgery.surgery.manifest import Manifest, read_yaml
 from tests.support.helpers import assert_clean_failure, run_cli, snapshot
 
 INDEX = "model.safetensors.index.json"
@@ -69,8 +70,8 @@ def replace_tensor(folder: Path, name: str, tensor: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def patched(sharded, tmp_path_factory) -> Path:
     """A real melsurgery output (ffn-dampen of the shared planted model), for verify and push."""
-    from melsurgery.patch import run_patch
-    from melsurgery.scan import read_json
+    from melsurgery.detect.scan import read_json
+    from melsurgery.surgery.patch import run_patch
 
     out = tmp_path_factory.mktemp("patched") / "out"
     run_patch(resolve(str(sharded[0])), out, Manifest(model=str(sharded[0]), recipes=[("ffn-dampen", {})]),
@@ -134,7 +135,7 @@ BAD_MESSAGES = ['"hi"', "[]", '[{"role": 1, "content": "x"}]', '[["user", "x"]]'
 
 @pytest.mark.parametrize("messages", BAD_MESSAGES)
 def test_calibration_messages_must_be_role_content_objects(tmp_path, messages):
-    from melsurgery.samples import read_records
+    from melsurgery.calibrate.samples import read_records
 
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "fine"}\n{"messages": ' + messages + "}\n")
@@ -206,7 +207,7 @@ CLI_MANIFESTS = ("calibration-a-string", "params-a-string", "max-tokens-quoted",
 
 @pytest.mark.parametrize("case", sorted(MANIFESTS))
 def test_manifest_fields_are_typed(tmp_path, case):
-    from melsurgery.manifest import load_manifest
+    from melsurgery.surgery.manifest import load_manifest
 
     text, needle = MANIFESTS[case]
     path = tmp_path / "m.yaml"
@@ -264,7 +265,7 @@ def damaged_scan(sharded, tmp_path: Path, case: str) -> Path:
 
 @pytest.mark.parametrize("case", sorted(SCAN_DAMAGE))
 def test_scan_json_is_read_with_a_typed_schema(sharded, tmp_path, case):
-    from melsurgery.scan import read_json
+    from melsurgery.detect.scan import read_json
 
     with pytest.raises(UserError) as err:
         read_json(damaged_scan(sharded, tmp_path, case))
@@ -280,8 +281,8 @@ def test_bad_scan_json_through_patch(sharded, tmp_path):
 
 
 def test_a_scan_of_another_model_is_refused(sharded, tmp_path):
-    from melsurgery.patch import run_patch
-    from melsurgery.scan import read_json
+    from melsurgery.detect.scan import read_json
+    from melsurgery.surgery.patch import run_patch
 
     scan = read_json(sharded[1])
     scan = replace(scan, model=replace(scan.model, hidden_size=128))
@@ -394,8 +395,8 @@ def strict_json(text: str) -> object:
 
 
 def test_json_outputs_are_always_valid_json(sharded, tmp_path):
-    from melsurgery.patch import write_provenance
-    from melsurgery.scan import read_json, write_json
+    from melsurgery.detect.scan import read_json, write_json
+    from melsurgery.surgery.patch import write_provenance
 
     write_json({"ratio": float("inf"), "layers": [{"max_abs": float("nan")}]}, tmp_path / "s.json")
     assert strict_json((tmp_path / "s.json").read_text()) == {"ratio": None, "layers": [{"max_abs": None}]}
@@ -407,7 +408,7 @@ def test_json_outputs_are_always_valid_json(sharded, tmp_path):
 
 
 def test_push_refuses_non_finite_weights_and_invalid_json(patched, tmp_path):
-    from melsurgery.hub import validate_for_push
+    from melsurgery.hub.push import validate_for_push
 
     nan = Path(shutil.copytree(patched, tmp_path / "nan"))
     replace_tensor(nan, DOWN, torch.full((64, 128), float("nan")))
@@ -443,7 +444,7 @@ def test_gates_fail_on_non_finite_figures(sharded, tmp_path):
 
 
 def test_plans_that_edit_nothing_or_out_of_range_are_refused(sharded):
-    from melsurgery.patch import check_plans
+    from melsurgery.surgery.patch import check_plans
 
     ckpt = Checkpoint(sharded[0])
     norm = "model.layers.4.input_layernorm.weight"
@@ -539,7 +540,7 @@ def test_reader_refuses_exactly_the_shapes_safetensors_refuses(tmp_path, dtype):
     (Manifest(recipes=[("wemask", {})], detection=DetectParams(ratio=-1.0)), "ratio"),
 ], ids=["param", "recipe", "dims", "layers", "detection-nan", "detection-negative"])
 def test_python_api_validates_before_calibrating(sharded, tmp_path, monkeypatch, manifest, needle):
-    import melsurgery.patch as patch_module
+    import melsurgery.surgery.patch as patch_module
 
     def no_scan(*args, **kwargs):
         raise AssertionError("calibration started before the parameters were checked")

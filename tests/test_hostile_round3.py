@@ -105,7 +105,7 @@ def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(shar
     assert len(result.trials) == 2
     broken = (replace(result.trials[0], figures=replace(result.trials[0].figures, ppl_patched=math.inf)),
               replace(result.trials[1], figures=replace(result.trials[1].figures, ratio_patched=math.nan)))
-    monkeypatch.setattr("melsurgery.plot.plot_tune", lambda data, path: Path(path).write_bytes(b"png"))
+    monkeypatch.setattr("melsurgery.report.plot.plot_tune", lambda data, path: Path(path).write_bytes(b"png"))
     tune.write_outputs(run, replace(result, trials=broken), None)
     figures = strict_json((run / "tune.json").read_text())["trials"]
     assert figures[0]["figures"]["ppl_patched"] is None and figures[1]["figures"]["ratio_patched"] is None
@@ -138,7 +138,7 @@ def test_named_files_must_be_plain_files(sharded, files, tmp_path):
                          ids=["text", "messages"])
 def test_calibration_lone_surrogates_are_refused(tmp_path, line):
     """A JSON escape of half a surrogate pair is not text: the tokenizer raised a TypeError traceback."""
-    from melsurgery.samples import read_records
+    from melsurgery.calibrate.samples import read_records
 
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
@@ -150,7 +150,7 @@ def test_calibration_lone_surrogates_are_refused(tmp_path, line):
 
 
 def test_manifest_merge_keys_may_be_overridden(tmp_path):
-    from melsurgery.manifest import load_manifest
+    from melsurgery.surgery.manifest import load_manifest
 
     path = tmp_path / "m.yaml"
     path.write_text("detection: &d {ratio: 500.0}\ncalibration: {<<: {seed: 1, max_tokens: 64}, seed: 3}\n"
@@ -162,7 +162,7 @@ def test_manifest_merge_keys_may_be_overridden(tmp_path):
 def test_manifest_and_model_argument(sharded, tmp_path, monkeypatch):
     """A manifest without `model` takes MODEL (it was refused as naming 'default'); one naming the same folder
     in another spelling is accepted; one naming another model is refused."""
-    from melsurgery.manifest import load_manifest
+    from melsurgery.surgery.manifest import load_manifest
 
     m = sharded[0]
     bare, named = tmp_path / "bare.yaml", tmp_path / "named.yaml"
@@ -209,7 +209,7 @@ CARDS = {
 @pytest.mark.parametrize("case", sorted(CARDS))
 def test_push_refuses_cards_whose_metadata_breaks_limits(tmp_path, case):
     """Deep nesting was a RecursionError traceback; the bomb and the repeated key were accepted and sent."""
-    from melsurgery.hub import validate_for_push
+    from melsurgery.hub.push import validate_for_push
     from tests.test_push import make_output, write_provenance
 
     folder = make_output(tmp_path / "out")

@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import melsurgery
-from melsurgery.card import front_matter
+from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.errors import UserError
-from melsurgery.manifest import load_manifest
-from melsurgery.provenance import Provenance
+from melsurgery.hub.card import front_matter
+from melsurgery.surgery.manifest import load_manifest
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model

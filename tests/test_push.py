@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from melsurgery.errors import UserError
-from melsurgery.hub import default_commit_message, validate_for_push
+from melsurgery.hub.push import default_commit_message, validate_for_push
 from tests.support.hub_server import HubServer, emit_result_code, result_of
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -230,9 +230,9 @@ def test_push_round_trip(hub_server: HubServer, tmp_path: Path) -> None:
 def wemask_checkpoint(tmp_path_factory, planted: Path) -> Path:
     """A real melsurgery output: a planted model patched with wemask (custom layer shipped)."""
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
-    from melsurgery.scan import CalibrationSpec
+    from melsurgery.detect.scan import CalibrationSpec
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
 
     out = tmp_path_factory.mktemp("wemask") / "out"
     man = Manifest(model=str(planted), calibration=CalibrationSpec(num_samples=4, max_tokens=32),
@@ -431,10 +431,10 @@ def test_patched_local_folder_card_is_accepted(hub_server: HubServer, planted: P
     """Patch a local folder, push it: the card names the base by Hub id when one is known, else by name only."""
     import shutil
 
-    from melsurgery.card import front_matter
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
+    from melsurgery.hub.card import front_matter
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
     from tests.support.helpers import run_cli
 
     src, out = tmp_path / "my-finetune", tmp_path / "out"

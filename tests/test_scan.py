@@ -3,12 +3,13 @@ import json
 import pytest
 import torch
 
+import melsurgery
 from melsurgery.architectures import family_for
+from melsurgery.calibrate.samples import read_records, tokenize
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import resolve
-from melsurgery.samples import read_records, tokenize
-from melsurgery.scan import calibrate, read_json, run_scan, write_json
-from melsurgery.scan_result import ScanResult
+from melsurgery.detect.scan import calibrate, read_json, run_scan, write_json
+from melsurgery.detect.scan_result import ScanResult
 from tests.support.helpers import run_cli
 from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
@@ -68,8 +69,8 @@ def test_scan_json_round_trips_exactly(planted_scan, tmp_path):
     write_json(planted_scan, path)
     text = path.read_text()
     data = json.loads(text)
-    again = ScanResult.from_dict(data, str(path))
-    assert again.to_dict() == data and again == planted_scan
+    again = ScanResult.from_json(data, str(path))
+    assert again.to_json() == data and again == planted_scan
     again.write(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == text
 
@@ -103,7 +104,7 @@ def test_calibration_files(planted, tmp_path):
     jl.write_text(json.dumps({"text": "plain text"}) + "\n" + json.dumps({"messages": [{"role": "user",
                                                                                         "content": "hi there"}]}))
     for path, n in ((txt, 3), (jl, 2)):
-        r = run_scan(resolve(str(planted)), calib=__import__("melsurgery.scan").scan.CalibrationSpec(path))
+        r = run_scan(resolve(str(planted)), calib=melsurgery.CalibrationSpec(path))
         assert r.calibration.num_samples == n and r.me_layer == 3
 
 
@@ -177,7 +178,7 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
                   "--json", out)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
-    assert read_json(out).to_dict() == data  # the adaptive rounds are typed too
+    assert read_json(out).to_json() == data  # the adaptive rounds are typed too
     cal = data["calibration"]
     assert cal["dtype"] == "bfloat16"
     rounds = cal["adaptive"]["rounds"]
@@ -191,9 +192,9 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
 def test_adaptive_calibration_settles_without_a_bos_token():
     """Without BOS the first word of each sample is massive: a new sample's new word is not a new kind of
     massive token, but a delimiter massive at a later position is."""
-    from melsurgery.detect import Detection
-    from melsurgery.scan import _adaptive
-    from melsurgery.stats import Sample, Stats
+    from melsurgery.calibrate.stats import Sample, Stats
+    from melsurgery.detect.me_layer import Detection
+    from melsurgery.detect.scan import _adaptive
 
     def measure(records, delimiter_from=None):
         tokens = [{"pos": 0, "token": r["text"].split()[0], "count": 1} for r in records]

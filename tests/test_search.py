@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from melsurgery.checkpoint.edits import Edit, edited_tensor
 from melsurgery.checkpoint.source import resolve
-from melsurgery.edits import Edit, edited_tensor
+from melsurgery.detect.scan import run_scan
 from melsurgery.recipes import RecipePlan
-from melsurgery.scan import run_scan
 from melsurgery.search.engine import Evaluator
 from melsurgery.search.tune import text_windows
 from tests.support.planted import family_config, planted_folder
@@ -50,7 +50,7 @@ def test_trials_that_edit_the_embedding_and_the_head_match_a_full_forward(family
     """An edit of the first token's embedding row (the row every window starts with) and of LM-head rows: the
     engine's KL and perplexities equal those of whole models. Llama: untied head; Gemma 2: tied head (the
     edited row is an output logit too) and soft-capped logits (the base logits are recomputed per block)."""
-    from melsurgery.samples import load_tokenizer
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
 
     folder = planted_folder(tmp_path / family, family_config(family))
     source = resolve(str(folder))

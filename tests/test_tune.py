@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from melsurgery.checkpoint.source import resolve
+from melsurgery.detect.scan import read_json, run_scan, write_json
+from melsurgery.params import Param
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
-from melsurgery.recipes.params import Param
-from melsurgery.scan import read_json, run_scan, write_json
 from melsurgery.search.engine import Evaluator
 from melsurgery.search.space import Space, make_space
 from melsurgery.search.tune import TuneResult, text_windows
@@ -74,10 +74,10 @@ def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmo
 
 def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
     """A folded edit (ffn-dampen) applied in memory gives the figures verify gives for the written checkpoint."""
-    from melsurgery.manifest import Manifest
-    from melsurgery.patch import run_patch
-    from melsurgery.samples import load_tokenizer
-    from melsurgery.verify import run_verify
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.measure.verify import run_verify
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
 
     root, folder = sinkmodel
     source = resolve(str(folder))

@@ -4,11 +4,11 @@ import shutil
 import pytest
 import torch
 
-import melsurgery.verify as verify_module
+import melsurgery.measure.verify as verify_module
 from melsurgery.checkpoint.source import resolve
-from melsurgery.samples import load_tokenizer
-from melsurgery.scan import CalibrationSpec, run_scan
-from melsurgery.verify import Gates, make_windows, run_verify, verify_report
+from melsurgery.checkpoint.tokenizer import load_tokenizer
+from melsurgery.detect.scan import CalibrationSpec, run_scan
+from melsurgery.measure.verify import Gates, make_windows, run_verify, verify_report
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import family_config, make_tokenizer, planted_folder

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from melsurgery.checkpoint.source import resolve
-from melsurgery.manifest import Manifest
-from melsurgery.patch import run_patch
+from melsurgery.surgery.manifest import Manifest
+from melsurgery.surgery.patch import run_patch
 from tests.support.helpers import assert_clean_failure, run_cli
 
 HAMLET = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 import melsurgery
 from melsurgery.architectures import family_for
 from melsurgery.checkpoint.source import resolve
+from melsurgery.detect.scan import CalibrationSpec, run_scan
 from melsurgery.errors import UserError
 from melsurgery.recipes import get_recipe
-from melsurgery.report import scan_report
-from melsurgery.scan import CalibrationSpec, run_scan
+from melsurgery.report.text import scan_report
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import make_tokenizer, save_model

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
+from melsurgery.errors import UserError
 
 PREFIX = ".melsurgery-tmp-"
 

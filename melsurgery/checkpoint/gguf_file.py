@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from melsurgery.errors import UserError
 
 MELSURGERY_PREFIX = "melsurgery."
 _STRING, ARRAY = 8, 9  # GGUFValueType.STRING, .ARRAY

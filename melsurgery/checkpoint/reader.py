@@ -8,9 +8,9 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from ..errors import UserError
-from ..textfile import file_kind
-from .safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
+from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
+from melsurgery.errors import UserError
+from melsurgery.formats.textfile import file_kind
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..textfile import file_kind
+from melsurgery.errors import UserError
+from melsurgery.formats.textfile import file_kind
 
 # safetensors dtype codes we can compute with; anything else (fp8, packed ints) is refused.
 DTYPES: dict[str, torch.dtype] = {

@@ -14,11 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..architectures import family_for
-from ..basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
-from ..errors import UserError, one_line
-from ..outputs import MODEL_CARD
-from ..provenance import Provenance
+from melsurgery.architectures import family_for
+from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
+from melsurgery.checkpoint.provenance import Provenance
+from melsurgery.errors import UserError, one_line
+from melsurgery.outputs import MODEL_CARD
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -75,7 +75,7 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{spec}: no such GGUF file")
-        from .gguf_file import GGUFFile
+        from melsurgery.checkpoint.gguf_file import GGUFFile
 
         GGUFFile(path)  # header and tensor extents checked (a truncated file is refused) before anything reads it
         return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
@@ -129,7 +129,7 @@ def _gguf_card(gguf: Path, base_id: str) -> str:
 def _gguf_provenance(gguf: Path) -> Provenance | None:
     """A GGUF that melsurgery patched records what it did in `melsurgery.*` keys; its converted folder gets the
     same record as provenance.json (edits under their Hugging Face names), so that `verify` can check it."""
-    from .gguf_file import GGUFFile
+    from melsurgery.checkpoint.gguf_file import GGUFFile
 
     meta = GGUFFile(gguf).metadata()
     if "melsurgery.edits" not in meta:
@@ -164,7 +164,7 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - import errors of core deps
         raise UserError(f"cannot convert GGUF: {exc}") from None
-    from .validate import check_finite
+    from melsurgery.checkpoint.validate import check_finite
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading .gguf files needs the gguf extra: pip install 'melsurgery[gguf]'")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import Family, family_for
-from ..errors import UserError
-from .reader import Checkpoint
+from melsurgery.architectures import Family, family_for
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.errors import UserError
 
 # Config sizes that must be positive integers when present (the first four always).
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")

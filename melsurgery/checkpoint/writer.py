@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..edits import Edit, edited_tensor, is_identity
-from ..errors import UserError
-from ..outputs import GENERATED  # produced by patch itself, never copied from the source
-from .hashing import copy_hashing, sha256_file
-from .reader import INDEX_NAME, Checkpoint
-from .safetensors_file import TensorInfo, tensor_bytes
+from melsurgery.checkpoint.edits import Edit, edited_tensor, is_identity
+from melsurgery.checkpoint.hashing import copy_hashing, sha256_file
+from melsurgery.checkpoint.reader import INDEX_NAME, Checkpoint
+from melsurgery.checkpoint.safetensors_file import TensorInfo, tensor_bytes
+from melsurgery.errors import UserError
+from melsurgery.outputs import GENERATED  # produced by patch itself, never copied from the source
 
 
 @dataclass

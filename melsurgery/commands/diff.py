@@ -7,13 +7,15 @@ from pathlib import Path
 
 import click
 
+from melsurgery.commands.shared import json_option
+
 
 @click.command()
 @click.argument("a")
 @click.argument("b")
 @click.option("--revision-a", default=None, help="Hub revision of A (branch, tag or commit).")
 @click.option("--revision", "revision_b", default=None, help="Hub revision of B (branch, tag or commit).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
+@json_option("Write every figure as JSON.")
 @click.option("--only-changed", is_flag=True, help="List only tensors and files that differ.")
 @click.option("--stat", is_flag=True, help="Per layer: tensors that differ and entries changed, instead of tensors.")
 def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:
@@ -25,9 +27,9 @@ def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:
     is no difference: tensors are matched by name.
     """
     if a.lower().endswith(".gguf") and b.lower().endswith(".gguf") and Path(a).is_file() and Path(b).is_file():
-        from ..errors import UserError
-        from ..gguf_diff import diff_gguf, gguf_diff_report
-        from ..gguf_diff import write_json as write_gguf_json
+        from melsurgery.compare.gguf import diff_gguf, gguf_diff_report
+        from melsurgery.compare.gguf import write_json as write_gguf_json
+        from melsurgery.errors import UserError
 
         if stat or revision_a or revision_b:
             raise UserError("--stat and --revision apply to checkpoint folders, not to two .gguf files")
@@ -37,7 +39,7 @@ def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:
             write_gguf_json(r, json_path)
             click.echo(f"wrote {json_path}")
         sys.exit(0 if r.identical else 1)
-    from ..diff import diff_checkpoints, diff_report, write_json
+    from melsurgery.compare.checkpoints import diff_checkpoints, diff_report, write_json
 
     result = diff_checkpoints(a, b, revision_a=revision_a, revision_b=revision_b)
     click.echo(diff_report(result, only_changed=only_changed, stat=stat))

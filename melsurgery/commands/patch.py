@@ -6,10 +6,17 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from ..recipes import registry, resolve_recipes
-from ..recipes.params import Param
-from .shared import calibration_options, device_option, finite_float, quiet_transformers, revision_option
+from melsurgery.commands.shared import (
+    calibration_options,
+    device_option,
+    finite_float,
+    quiet_option,
+    quiet_transformers,
+    revision_option,
+)
+from melsurgery.errors import UserError
+from melsurgery.params import Param
+from melsurgery.recipes import registry, resolve_recipes
 
 _METAVARS = {"float": "FLOAT", "int": "INT", "layers": "LAYERS", "int_list": "DIMS", "neurons": "NEURONS"}
 
@@ -20,7 +27,7 @@ def recipe_options(f):
     Values arrive as raw strings and are validated by the declaration itself, so the command line and
     manifests accept and refuse the same things with the same messages.
     """
-    from ..recipes import registry
+    from melsurgery.recipes import registry
 
     flags: dict[str, list[tuple[str, Param]]] = {}
     for recipe in registry().values():
@@ -45,7 +52,7 @@ MANIFEST_SETS = ("calib", "num_samples", "max_tokens", "seed", "abs_threshold", 
 
 def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) -> list[tuple[str, dict]]:
     """Each chosen recipe with the flags it declares; a flag that no chosen recipe uses is an error."""
-    from ..recipes import get_recipe
+    from melsurgery.recipes import get_recipe
 
     chosen = [get_recipe(r) for r in recipes]
     out, used = [], set()
@@ -118,7 +125,7 @@ BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
 @click.option("--verify-windows", type=click.IntRange(min=1), default=None,
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def patch(model, out, fmt, recipes, manifest, scan_path, max_kl, max_ppl_increase, trials, timeout, windows, text,
           plot_path, heldout, revision, base_model, calib, num_samples, max_tokens, seed, abs_threshold, ratio,
           persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet, **recipe_flags) -> None:
@@ -129,8 +136,8 @@ def patch(model, out, fmt, recipes, manifest, scan_path, max_kl, max_ppl_increas
     flags, the recipes and their settings are searched: the largest sink cut within the budget on
     held-out text is written (exit status 4, nothing written, when no setting meets the budget).
     """
-    from ..basemodel import explicit
-    from ..search.budget import BudgetOptions, validate_budget
+    from melsurgery.checkpoint.basemodel import explicit
+    from melsurgery.search.budget import BudgetOptions, validate_budget
 
     values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
     ctx = click.get_current_context()
@@ -182,7 +189,7 @@ def _check_budget_args(values: dict, manifest, fmt, out: Path) -> None:
 
 def _from_manifest(ctx, manifest: Path, model, base_model, recipes, values):
     """The manifest, with nothing on the command line that it would silently override."""
-    from ..manifest import load_manifest
+    from melsurgery.surgery.manifest import load_manifest
 
     given = [flag for flag, v in values.items() if v is not None]
     if given:
@@ -202,9 +209,9 @@ def _from_manifest(ctx, manifest: Path, model, base_model, recipes, values):
 
 def _from_flags(model, revision, base_model, recipes, values, calibration: tuple, detection: tuple, budgeted: bool):
     """A manifest from the command line (with a budget, the recipes are left to the search)."""
-    from ..detect import DetectParams
-    from ..manifest import Manifest
-    from ..samples import CalibrationSpec
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.params import DetectParams
+    from melsurgery.surgery.manifest import Manifest
 
     if not recipes and not budgeted:
         raise UserError("name at least one --recipe (wemask, norm-rescale, ffn-dampen, me-norm), a --manifest, or "
@@ -218,9 +225,9 @@ def _from_flags(model, revision, base_model, recipes, values, calibration: tuple
 
 def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: bool, do_verify: bool,
                 link: bool) -> None:
-    from ..checkpoint.source import resolve
-    from ..gguf_patch import gguf_source_file, preflight, run_patch_gguf
-    from ..scan import read_json
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import read_json
+    from melsurgery.surgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
 
     # before resolving, which converts a GGUF on first use
     preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
@@ -252,7 +259,7 @@ def _echo_written(result, out: Path) -> None:
     for a in result.applied:
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
     if result.verified:
-        from ..verify import verify_report
+        from melsurgery.measure.verify import verify_report
 
         click.echo(verify_report(result.verified))
     how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
@@ -263,9 +270,9 @@ def _echo_written(result, out: Path) -> None:
 
 
 def _patch_folder(man, out: Path, scan_path, overwrite: bool, link: bool, device: str, quiet: bool, verify) -> None:
-    from ..checkpoint.source import resolve
-    from ..patch import run_patch
-    from ..scan import read_json
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import read_json
+    from melsurgery.surgery.patch import run_patch
 
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
@@ -276,9 +283,9 @@ def _patch_folder(man, out: Path, scan_path, overwrite: bool, link: bool, device
 
 def _patch_budgeted(man, out: Path, opts, scan_path, files: tuple, overwrite: bool, link: bool, device: str,
                     quiet: bool, verify) -> None:
-    from ..checkpoint.source import resolve
-    from ..scan import read_json
-    from ..search.budget import budget_report, run_budgeted_patch
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import read_json
+    from melsurgery.search.budget import budget_report, run_budgeted_patch
 
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None

@@ -21,7 +21,7 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
     The token comes from HF_TOKEN or `hf auth login` and is never printed. Exit status: 0 on
     success, 2 on any failure (one line on stderr).
     """
-    from ..hub import push as push_folder
+    from melsurgery.hub.push import push as push_folder
 
     result = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
                          commit_message=commit_message, dry_run=dry_run)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from .shared import calibration_options, device_option, dtype_option, revision_option, torch_dtype, write_outputs
+from melsurgery.commands.shared import (
+    calibration_options,
+    device_option,
+    dtype_option,
+    json_option,
+    plot_option,
+    quiet_option,
+    revision_option,
+    torch_dtype,
+    write_outputs,
+)
 
 
 def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device,
           dtype, quiet) -> dict:
-    from ..checkpoint.source import resolve
-    from ..detect import DetectParams
-    from ..samples import CalibrationSpec
-    from ..scan import run_scan
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import run_scan
+    from melsurgery.params import DetectParams
 
     source = resolve(model, revision)
     return run_scan(
@@ -33,9 +41,9 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
 @calibration_options
 @device_option
 @dtype_option
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full result as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of max |h| per layer.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option("Write the full result as JSON.")
+@plot_option("Write a PNG of max |h| per layer.")
+@quiet_option
 def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device, dtype,
          json_path, plot_path, quiet) -> None:
     """Find and explain the ME Layer of MODEL by streaming calibration.
@@ -43,13 +51,13 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     Exit status: 0 when an ME Layer is found, 3 when no massive activation persists (the report and
     JSON are still written), 2 on errors.
     """
-    from ..errors import NoMassiveActivations
-    from ..report import scan_report
+    from melsurgery.errors import NoMassiveActivations
+    from melsurgery.report.text import scan_report
 
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
     click.echo(scan_report(result))
-    from ..plot import plot_scan
+    from melsurgery.report.plot import plot_scan
 
     write_outputs(result, json_path, plot_path, plot_scan)
     if result.me_layer is None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from ..recipes.params import CALIBRATION, DETECTION, Param
+from melsurgery.errors import UserError
+from melsurgery.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
@@ -79,6 +79,17 @@ dtype_option = click.option(
     help="Compute dtype; `checkpoint`: the dtype that holds most of the checkpoint's weights."
 )
 revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+
+
+def json_option(what: str = "Write every figure as JSON."):
+    """--json PATH: where a command writes its result as strict JSON."""
+    return click.option("--json", "json_path", type=click.Path(path_type=Path), help=what)
+
+
+def plot_option(what: str):
+    """--plot PATH: where a command writes its PNG (matplotlib, the `plot` extra)."""
+    return click.option("--plot", "plot_path", type=click.Path(path_type=Path), help=what)
 
 
 def finite_float(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -97,7 +108,7 @@ def declared_option(param: Param):
 
 
 def calibration_options(f):
-    """--calib, then every calibration and detection parameter as declared in recipes/params.py."""
+    """--calib, then every calibration and detection parameter as declared in params.py."""
     for param in reversed([p for p in (*CALIBRATION, *DETECTION) if p.flag]):
         f = declared_option(param)(f)
     return click.option("--calib", type=click.Path(path_type=Path), default=None,
@@ -107,7 +118,7 @@ def calibration_options(f):
 def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
     """--json and --plot of a command's result, each announced on its own line."""
     if json_path:
-        from ..scan import write_json
+        from melsurgery.detect.scan import write_json
 
         write_json(result, json_path)
         click.echo(f"wrote {json_path}")

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import click
 
-from ..recipes import registry
-from .shared import device_option, dtype_option, resolve_device, revision_option, torch_dtype
+from melsurgery.commands.shared import (
+    device_option,
+    dtype_option,
+    quiet_option,
+    resolve_device,
+    revision_option,
+    torch_dtype,
+)
+from melsurgery.recipes import registry
 
 
 @click.command()
@@ -41,7 +48,7 @@ from .shared import device_option, dtype_option, resolve_device, revision_option
 @revision_option
 @device_option
 @dtype_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_increase, seed, storage, text, heldout,
          max_tokens, windows, scan_path, calib, apply_out, overwrite, revision, device, dtype, quiet) -> None:
     """Search recipe settings for MODEL: sink reduction after the ME Layer against KL, under a budget.
@@ -50,12 +57,12 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     within the budget) is re-measured on held-out text and written as RUN_DIR/best.yaml, a manifest
     for `patch --manifest`. Exit status: 0, 4 when no trial meets the budget, 2 on errors.
     """
-    from ..checkpoint.atomic import check_apart, check_output
-    from ..checkpoint.source import resolve
-    from ..errors import BudgetNotMet
-    from ..samples import CalibrationSpec
-    from ..scan import read_json
-    from ..search.tune import TuneOptions, run_tune, tune_report, validate
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.checkpoint.atomic import check_apart, check_output
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import read_json
+    from melsurgery.errors import BudgetNotMet
+    from melsurgery.search.tune import TuneOptions, run_tune, tune_report, validate
 
     opts = validate(TuneOptions(tuple(r.strip() for r in recipes.split(",") if r.strip()), objective, max_kl,
                                 max_ppl_increase, trials, timeout, seed, max_tokens, windows, storage))
@@ -73,9 +80,9 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     click.echo(tune_report(result))
     click.echo(f"wrote {run_dir / 'tune.json'}, {run_dir / 'tune.png'}")
     if result.manifest is None:
-        raise BudgetNotMet("no trial meets the budget")
+        raise BudgetNotMet("no trial cuts the sink within the budget")
     if apply_out is not None:
-        from ..patch import run_patch
+        from melsurgery.surgery.patch import run_patch
 
         patched = run_patch(source, apply_out, result.manifest, scan=result.scan, overwrite=overwrite,
                             device=resolve_device(device), progress=not quiet)

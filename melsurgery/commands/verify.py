@@ -6,8 +6,18 @@ from pathlib import Path
 
 import click
 
-from ..errors import BudgetNotMet, UserError
-from .shared import device_option, dtype_option, finite_float, quiet_transformers, torch_dtype, write_outputs
+from melsurgery.commands.shared import (
+    device_option,
+    dtype_option,
+    finite_float,
+    json_option,
+    plot_option,
+    quiet_option,
+    quiet_transformers,
+    torch_dtype,
+    write_outputs,
+)
+from melsurgery.errors import BudgetNotMet, UserError
 
 
 @click.command()
@@ -20,14 +30,14 @@ from .shared import device_option, dtype_option, finite_float, quiet_transformer
               help="Greedy generations shown side by side.")
 @device_option
 @dtype_option
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG: sink and ratio per layer.")
+@json_option("Write every figure as JSON.")
+@plot_option("PNG: sink and ratio per layer.")
 @click.option("--max-kl", type=float, callback=finite_float, default=None, help="Gate: fail when mean KL exceeds this.")
 @click.option("--max-ppl-increase", type=float, callback=finite_float, default=None,
               help="Gate: fail when perplexity rises more (percent).")
 @click.option("--min-sink-reduction", type=float, callback=finite_float, default=None,
               help="Gate: fail when the sink drops less (percent).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def verify(base, patched, text, max_tokens, max_windows, generations, device, dtype, json_path, plot_path, max_kl,
            max_ppl_increase, min_sink_reduction, quiet) -> None:
     """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
@@ -36,10 +46,10 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
 
     Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
     """
-    from ..checkpoint.source import resolve
-    from ..checkpoint.validate import open_model
-    from ..samples import load_tokenizer
-    from ..verify import Gates, run_verify, verify_report
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.validate import open_model
+    from melsurgery.measure.verify import Gates, run_verify, verify_report
 
     if patched.is_file():
         if patched.suffix.lower() != ".gguf":
@@ -55,7 +65,7 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
                         device=device, dtype=torch_dtype(dtype), generations=generations,
                         progress=not quiet)
     click.echo(verify_report(result))
-    from ..plot import plot_verify
+    from melsurgery.report.plot import plot_verify
 
     write_outputs(result, json_path, plot_path, plot_verify)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)

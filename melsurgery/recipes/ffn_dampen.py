@@ -6,11 +6,12 @@ In an MoE layer a neuron belongs to an expert, and its column lies in that exper
 
 from __future__ import annotations
 
-from ..architectures import Family
-from ..errors import UserError
-from ..scan_result import ScanResult
-from . import Edit, RecipePlan, require_me
-from .params import Param, expert_id
+from melsurgery.architectures import Family
+from melsurgery.checkpoint.edits import Edit
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.params import Param, expert_id
+from melsurgery.recipes.base import RecipePlan, require_me
 
 NAME = "ffn-dampen"
 FOLDS = True

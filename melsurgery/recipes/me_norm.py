@@ -8,11 +8,12 @@ FFN writes into the residual, and it is the one rescaled (`Family.me_norm`).
 
 from __future__ import annotations
 
-from ..architectures import Family
-from ..errors import UserError
-from ..scan_result import ScanResult
-from . import Edit, RecipePlan, require_me
-from .params import Param
+from melsurgery.architectures import Family
+from melsurgery.checkpoint.edits import Edit
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.params import Param
+from melsurgery.recipes.base import RecipePlan, require_me
 
 NAME = "me-norm"
 FOLDS = True

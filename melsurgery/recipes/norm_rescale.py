@@ -5,10 +5,11 @@ Where a family has no attention-input norm the same scaling folds into the q/k/v
 
 from __future__ import annotations
 
-from ..architectures import Family
-from ..scan_result import ScanResult
-from . import Edit, RecipePlan, attention_layers, layer_dims, require_me
-from .params import ATTN_DIMS, Param
+from melsurgery.architectures import Family
+from melsurgery.checkpoint.edits import Edit
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.params import ATTN_DIMS, Param
+from melsurgery.recipes.base import RecipePlan, attention_layers, layer_dims, require_me
 
 NAME = "norm-rescale"
 FOLDS = True

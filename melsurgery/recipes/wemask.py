@@ -9,11 +9,11 @@ planning is a pure function of it; `install` applies a plan's spec to a model in
 
 from __future__ import annotations
 
-from ..architectures import Family
-from ..errors import UserError
-from ..scan_result import ScanResult
-from . import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, layer_dims, require_me
-from .params import ATTN_DIMS, Param
+from melsurgery.architectures import Family
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.params import ATTN_DIMS, Param
+from melsurgery.recipes.base import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, layer_dims, require_me
 
 NAME = "wemask"
 FOLDS = False
@@ -99,6 +99,6 @@ def _summary(spec: WeMaskSpec, skipped: list[int]) -> str:
 
 def install(model, spec: WeMaskSpec) -> list:
     """Apply a spec to a loaded model in memory (the custom layer's own hooks); remove the handles to undo."""
-    from ..modeling.modeling_melsurgery import apply_wemask
+    from melsurgery.engines.modeling_melsurgery import apply_wemask
 
     return apply_wemask(model, spec.to_config())

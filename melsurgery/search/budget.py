@@ -23,16 +23,35 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.source import Source, cache_dir
-from ..errors import BudgetNotMet, NoMassiveActivations, UserError
-from ..jsonsafe import dumps
-from ..provenance import SearchRecord
-from ..recipes import registry
-from ..scan_result import ScanResult
-from .engine import Budget, Evaluator, Figures, TextCache, complete_records, effect_key, make_objective, open_study
-from .engine import run_trials as run_study
-from .space import Space, make_space
-from .tune import Texts, atomic_text, check_budget, check_recipes, locked, read_texts, scan_once, text_sha, tuning_pass
+from melsurgery.checkpoint.provenance import SearchRecord
+from melsurgery.checkpoint.source import Source, cache_dir
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import BudgetNotMet, NoMassiveActivations, UserError
+from melsurgery.formats.jsonsafe import dumps
+from melsurgery.recipes import registry
+from melsurgery.search.engine import (
+    Budget,
+    Evaluator,
+    Figures,
+    TextCache,
+    complete_records,
+    effect_key,
+    make_objective,
+    open_study,
+)
+from melsurgery.search.engine import run_trials as run_study
+from melsurgery.search.space import Space, make_space
+from melsurgery.search.tune import (
+    Texts,
+    atomic_text,
+    check_budget,
+    check_recipes,
+    locked,
+    read_texts,
+    scan_once,
+    text_sha,
+    tuning_pass,
+)
 
 SLACK = 2.0  # tuning-text candidates reach up to this many times the budget (held-out KL decides)
 FINGERPRINT_BYTES = 1 << 16
@@ -64,7 +83,7 @@ class BudgetOptions:
 
     def describe(self) -> str:
         """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""
-        from ..report import budget_text
+        from melsurgery.formats.wording import budget_text
 
         return budget_text(self.max_kl, self.max_ppl_increase)
 
@@ -318,9 +337,9 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions,
     no setting cuts the sink within the budget."""
     from dataclasses import replace
 
-    from ..checkpoint.atomic import check_output
-    from ..patch import run_patch
-    from ..scan import check_scan_params
+    from melsurgery.checkpoint.atomic import check_output
+    from melsurgery.detect.scan import check_scan_params
+    from melsurgery.surgery.patch import run_patch
 
     validate_budget(opts)
     check_scan_params(manifest.calibration, manifest.detection)
@@ -329,7 +348,7 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions,
                                  detection=manifest.detection, text=text, heldout=heldout, device=device, dtype=dtype,
                                  progress=progress)
     if plot is not None:
-        from ..plot import plot_search
+        from melsurgery.report.plot import plot_search
 
         plot_search(choice.plot_data(source.id, opts), plot)
     if choice.chosen is None:
@@ -343,8 +362,8 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions,
 def budget_report(done: BudgetedPatch, opts: BudgetOptions) -> str:
     """What `patch --max-kl` prints: the search, the texts, the chosen setting and its held-out figures, each
     figure with its definition."""
-    from ..report import change_text, count
-    from .tune import choices, short_params
+    from melsurgery.formats.wording import change_text, count
+    from melsurgery.search.tune import choices, short_params
 
     c, ch = done.choice, done.choice.chosen
     assert ch is not None

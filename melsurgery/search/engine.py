@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import Family, family_for
-from ..checkpoint.reader import Checkpoint
-from ..checkpoint.source import Source
-from ..edits import Edit, edited_rows, edited_tensor
-from ..errors import UserError
-from ..measure import find_massive, layer_stats, sink, top_k_for
-from ..probes import Probe
-from ..recipes import RecipePlan, plan_recipes, require_me
-from ..scan_result import ScanResult
-from ..stats import LayerStats
-from ..streaming import Stream, StreamingModel, run_layers
+from melsurgery.architectures import Family, family_for
+from melsurgery.calibrate.stats import LayerStats
+from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
+from melsurgery.checkpoint.edits import Edit, edited_rows, edited_tensor
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.source import Source
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.measure.definitions import find_massive, layer_stats, sink, top_k_for
+from melsurgery.measure.probes import Probe
+from melsurgery.recipes import RecipePlan, plan_recipes, require_me
 
 HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
 SEEDS = 2**32  # the samplers take seeds in [0, 2^32)
@@ -433,7 +433,7 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objec
     Returns how many this process ran. With `progress`, a bar on stderr shows the best within the budget."""
     import optuna
 
-    from ..report import change_text
+    from melsurgery.formats.wording import change_text
 
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     remaining = max(0, trials - len(finished))

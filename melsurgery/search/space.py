@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from ..errors import UserError
-from ..recipes import Recipe, parse_layers, registry, resolve_recipes
-from ..recipes.params import Param
-from ..scan_result import ScanResult
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.params import Param
+from melsurgery.recipes import Recipe, parse_layers, registry, resolve_recipes
 
 # Upper ends for declared integers without one, from the scan.
 INT_HIGH = {"top_k": lambda scan: max(1, min(8, len(scan.top_dims or scan.massive_dims)))}

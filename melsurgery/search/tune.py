@@ -22,16 +22,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.atomic import check_apart
-from ..checkpoint.reader import Checkpoint
-from ..checkpoint.source import Source
-from ..errors import UserError
-from ..jsonsafe import dumps
-from ..patch import check_scan_fits
-from ..recipes import get_recipe, registry, resolve_recipes
-from ..scan_result import ScanResult
-from ..typed import Need, dump, load
-from .engine import (
+from melsurgery.checkpoint.atomic import check_apart
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.source import Source
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.formats.jsonsafe import dumps
+from melsurgery.formats.typed import Need, dump, load
+from melsurgery.recipes import get_recipe, registry, resolve_recipes
+from melsurgery.search.engine import (
     SEEDS,
     Budget,
     Evaluator,
@@ -45,7 +44,8 @@ from .engine import (
     pareto_front,
     run_trials,
 )
-from .space import Space, make_space, searched
+from melsurgery.search.space import Space, make_space, searched
+from melsurgery.surgery.patch import check_scan_fits
 
 OBJECTIVES = ("sink", "ratio")
 BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the docs)
@@ -211,7 +211,7 @@ class TuneResult:
     @classmethod
     def read(cls, path: Path) -> TuneResult:
         """A tune.json file."""
-        from ..jsonsafe import load_strict
+        from melsurgery.formats.jsonsafe import load_strict
 
         try:
             return cls.from_json(load_strict(Path(path), "tune.json"), str(path))
@@ -232,7 +232,7 @@ def split_text(raw: str) -> tuple[str, str]:
 
 def text_windows(tokenizer, raw: str, max_tokens: int, limit: int | None):
     """Windows exactly as `verify` cuts them from the same text (each starts with the special prefix)."""
-    from ..verify import make_windows
+    from melsurgery.measure.verify import make_windows
 
     return make_windows(tokenizer, raw, max_tokens, limit)
 
@@ -257,8 +257,8 @@ class Texts:
 def read_texts(folder: Path, text: Path | None, heldout: Path | None, max_tokens: int, windows: int | None) -> Texts:
     """Tuning and held-out windows: `text` split in halves (default: the embedded held-out text), or `text`
     for tuning and `heldout` apart."""
-    from ..samples import load_tokenizer
-    from ..verify import eval_text
+    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.measure.verify import eval_text
 
     raw, text_name = eval_text(text)
     if heldout is None:
@@ -334,7 +334,7 @@ def _prepare_run_dir(run_dir: Path, source: Source, scan: ScanResult | None, opt
 def scan_once(folder: Path, source: Source, calibration, detection, *, device: str, dtype: torch.dtype,
               progress: bool) -> ScanResult:
     """The scan, computed once per folder (later runs and other workers reuse FOLDER/scan.json)."""
-    from ..scan import run_scan
+    from melsurgery.detect.scan import run_scan
 
     scan_path = folder / "scan.json"
     key = {"calibration": str(asdict(calibration)), "detection": asdict(detection), "folder": str(source.folder)}
@@ -342,7 +342,7 @@ def scan_once(folder: Path, source: Source, calibration, detection, *, device: s
         if scan_path.is_file() and json.loads(scan_path.read_text()).get("tune_key") == key:
             return ScanResult.read(scan_path)
         scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-        atomic_text(scan_path, dumps({**scan.to_dict(), "tune_key": key}, default=str))
+        atomic_text(scan_path, dumps({**scan.to_json(), "tune_key": key}, default=str))
     return scan
 
 
@@ -426,9 +426,9 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
              calibration=None, detection=None, text: Path | None = None, heldout: Path | None = None,
              device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False) -> TuneResult:
     """Search, then write tune.json, tune.png and best.yaml into `run_dir`; see docs/budgeted-patch.md."""
-    from ..detect import DetectParams
-    from ..manifest import Manifest
-    from ..samples import CalibrationSpec
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.params import DetectParams
+    from melsurgery.surgery.manifest import Manifest
 
     validate(opts)
     calibration = calibration or CalibrationSpec()
@@ -463,7 +463,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
 
 def write_outputs(run_dir: Path, result: TuneResult, manifest) -> None:
     """tune.json, tune.png and best.yaml, each replaced atomically (a stale best.yaml is removed)."""
-    from ..plot import plot_tune
+    from melsurgery.report.plot import plot_tune
 
     data = result.to_json()
     atomic_text(run_dir / "tune.json", dumps(data, indent=1) + "\n")
@@ -480,7 +480,7 @@ def write_outputs(run_dir: Path, result: TuneResult, manifest) -> None:
 
 def figures_row(label: str, fig: Figures, objective: str, recipes: tuple[RecipeChoice, ...]) -> str:
     """One line of figures: the objective base -> patched with its change worded honestly, KL, perplexity."""
-    from ..report import change_text
+    from melsurgery.formats.wording import change_text
 
     sink = objective == "sink"
     base, patched = (fig.sink_base, fig.sink_patched) if sink else (fig.ratio_base, fig.ratio_patched)
@@ -492,7 +492,7 @@ def figures_row(label: str, fig: Figures, objective: str, recipes: tuple[RecipeC
 
 def tune_report(result: TuneResult) -> str:
     """What the command prints: the workload, the defaults, the front at the reported budgets, the choice."""
-    from ..report import count
+    from melsurgery.formats.wording import count
 
     w = result.workload
     what = "sink" if result.objective == "sink" else "max/median ratio"

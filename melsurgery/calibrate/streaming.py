@@ -1,0 +1,283 @@
+"""The streaming engine: push token sequences through the model one decoder layer at a time.
+
+Only the embeddings and one decoder layer are ever materialised, so scan, verify and tune need about
+embeddings + one layer + activations of memory whatever the model size. The engine knows nothing of
+what is measured: callers observe each layer's inputs and outputs (`run_layers`), and what they record
+is plain data (`stats.Stats`), so detection is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule
+from melsurgery.checkpoint.edits import Edit, edited_rows
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.validate import check_finite
+from melsurgery.errors import UserError
+
+
+@functools.cache
+def _fixed_mmap_threshold() -> None:
+    """Make glibc return freed layer-sized buffers to the system.
+
+    Streaming allocates and frees a layer's weights and activations per layer. glibc raises its mmap
+    threshold after each large free (up to 32 MB), so later activation-sized buffers come from the heap,
+    which fragments: a scan of the 7B shape grew by about 50 MB per layer (8 x 128 tokens). A fixed 1 MB
+    threshold keeps peak memory flat in the number of layers. Other C libraries are left alone.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
+class StreamingModel:
+    """A model skeleton without weights; layers are filled from the checkpoint one at a time.
+
+    It reproduces the full model's forward exactly: the embedding scale (Gemma), each layer's own
+    attention mask (full or sliding window) and rotary embedding (Gemma 3 has one per layer type).
+    Layers of hybrid families whose mixer is not attention (convolution, state space) run on the
+    unpadded sequence without a mask, as the full model runs them.
+    """
+
+    def __init__(
+        self, ckpt: Checkpoint, family: Family, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
+        _fixed_mmap_threshold()
+        try:
+            config = AutoConfig.from_pretrained(ckpt.folder)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{ckpt.folder}/config.json: transformers cannot read it: {exc}") from None
+        if getattr(config, "use_bidirectional_attention", False):
+            raise UserError(f"{ckpt.folder}: bidirectional attention (an encoder); melsurgery scans causal LMs")
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        self.config = self.skeleton.config
+        self.layers: nn.ModuleList = submodule(self.skeleton, family.layers_module)  # type: ignore[assignment]
+        # Gemma scales embeddings inside the embedding module, by a non-persistent buffer: read its
+        # plain-float twin, since the skeleton's buffer lives on the meta device.
+        self.embed_scale: float | None = getattr(submodule(self.skeleton, family.embed_module), "scalar_embed_scale",
+                                                 None)
+        self.rotary = None  # Jamba-style models have no position embedding at all
+        if has_submodule(self.skeleton, family.rotary_module):
+            self.rotary = type(submodule(self.skeleton, family.rotary_module))(config=self.config).to(self.device)
+        self._rotary_per_type = self.rotary is not None and "layer_type" in inspect.signature(
+            self.rotary.forward).parameters
+        self.num_layers = len(self.layers)
+        self.layer_types = [self._layer_type(i) for i in range(self.num_layers)]
+        self.mixers: list[Mixer] = []
+        for i, t in enumerate(self.layer_types):
+            try:
+                self.mixers.append(family.mixer(t))
+            except UserError:
+                raise UserError(f"{self.ckpt.folder}: layer {i} has type {t!r}, which melsurgery cannot reproduce "
+                                f"for {family.name}") from None
+            if not has_submodule(self.layers[i], self.mixers[i].module):
+                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {self.mixers[i].module!r} module; "
+                                f"is this really a {family.name} model?")
+
+    def _layer_type(self, i: int) -> str:
+        """Type of layer i (full or sliding attention, or a hybrid's other mixer), as the model's forward decides."""
+        types = getattr(self.config, "layer_types", None)
+        if types is None:  # Mistral, Phi-3, Qwen3-MoE: one window (or none) for all layers
+            return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+        return types[i]
+
+    def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None,
+              edits: list[Edit] | None = None) -> list[torch.Tensor]:
+        """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur.
+
+        `ckpt`: read the table from another checkpoint of the same architecture (a patched copy); `edits`:
+        edits of the embedding table, applied in memory (a search trial)."""
+        vocab = sorted({t for ids in sequences for t in ids}
+                       | {i for e in edits or () if e.axis == 0 and e.index is not None for i in e.index})
+        weight = (ckpt or self.ckpt).load_rows(self.family.embed, vocab, self.dtype, self.device)
+        check_finite(weight, f"{self.family.embed} (rows of the calibration tokens)", (ckpt or self.ckpt).folder)
+        if edits:
+            weight = edited_rows(weight, vocab, edits)
+        row = {t: k for k, t in enumerate(vocab)}
+        out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
+               for ids in sequences]
+        if self.embed_scale is not None:  # as transformers does: a float32 scalar cast to the weight dtype
+            scale = torch.tensor(self.embed_scale).to(weight.dtype)
+            out = [e * scale for e in out]
+        return out
+
+    def read_layer(self, i: int, ckpt: Checkpoint | None = None) -> dict[str, torch.Tensor]:
+        """Decoder layer i's tensors as stored (names relative to the layer, checkpoint dtype, on the CPU)."""
+        return (ckpt or self.ckpt).load_prefix(self.family.prefix(i))
+
+    def load_layer(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Materialise decoder layer i on the device with these tensors (checkpoint names, relative)."""
+        layer = self.layers[i]
+        for name, t in state.items():
+            check_finite(t, self.family.prefix(i) + name, self.ckpt.folder)
+        state = self.family.module_state({k: v.to(self.device, self.dtype) for k, v in state.items()})
+        # assign: the converted tensors become the parameters, so the layer is never held twice in memory
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+        for module in layer.modules():  # buffers the checkpoint does not hold, materialised as to_empty would
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_meta:
+                    setattr(module, name, torch.empty_like(buf, device=self.device))
+        if missing or unexpected:
+            layer.to("meta")
+            raise UserError(
+                f"{self.ckpt.folder}: layer {i} weights do not match the architecture "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        return layer.eval()
+
+    def free_layer(self, i: int) -> None:
+        """Send layer i's weights back to the meta device, so that only one layer is ever resident."""
+        self.layers[i].to("meta")
+
+    def final_norm(self, weight: torch.Tensor) -> nn.Module:
+        """The model's final norm, materialised with this weight."""
+        norm = submodule(self.skeleton, self.family.final_norm.removesuffix(".weight"))
+        norm.to_empty(device=self.device).to(self.dtype)
+        norm.load_state_dict({"weight": weight.to(self.device, self.dtype)})
+        return norm.eval()
+
+    @property
+    def head_tensor(self) -> str:
+        """The LM head's tensor name (the embedding table where they are tied)."""
+        return self.family.lm_head if self.family.lm_head in self.ckpt else self.family.embed
+
+    def logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V'] of final-normed states h [T, D] for a block of LM-head rows, as the model computes them."""
+        z = h @ rows.to(self.device, self.dtype).T
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
+    def run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """One decoder layer on one unpadded sequence [1, T, D], exactly as the full model runs it.
+
+        Attention layers get their causal mask and rotary embedding; other mixers get no mask (the
+        full model passes none for an unpadded batch) and no rotary embedding (they do not use one)."""
+        i = next(k for k, other in enumerate(self.layers) if other is layer)
+        kind = self.layer_types[i]
+        T = h.shape[1]
+        pos = torch.arange(T, device=self.device).unsqueeze(0)
+        mask, extra = None, {}
+        if self.mixers[i].kind == ATTENTION:
+            window = self.config.sliding_window if kind == "sliding_attention" else None
+            mask = causal_mask(T, h.dtype, self.device, window)
+            if self.rotary is not None:
+                rotary = self.rotary(h, pos, kind) if self._rotary_per_type else self.rotary(h, pos)
+                extra["position_embeddings"] = rotary
+        out = layer(h, attention_mask=mask, position_ids=pos, **extra)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def causal_mask(T: int, dtype: torch.dtype, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Additive [1, 1, T, T] causal mask (with an optional sliding window) for eager attention."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    allowed = k <= q
+    if window:
+        allowed &= k > q - window
+    mask = torch.zeros(T, T, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+Edits = Mapping[int, dict[str, torch.Tensor]] | Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Stream:
+    """Hidden states [T, D] of each sequence on their way through the decoder layers.
+
+    A stream may run a model that differs from the checkpoint: `edits` gives, per layer, replacement
+    tensors (names relative to the layer, as the checkpoint names them), either as a mapping or as a
+    function (layer, the checkpoint's tensors of that layer) -> replacements; `wemask` is a custom-layer
+    spec (config.json `melsurgery_wemask`) whose hooks run on this stream only.
+    """
+
+    states: list[torch.Tensor]
+    edits: Edits | None = None
+    wemask: dict | None = None
+
+    def edits_for(self, i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This stream's replacement tensors for layer i (none: the layer runs as stored), given its stored ones."""
+        if self.edits is None:
+            return {}
+        return self.edits(i, base) if callable(self.edits) else dict(self.edits.get(i, {}))
+
+
+class LayerProbe(Protocol):
+    """What `run_layers` needs of a probe (measure.probes.Probe is one): a context manager that installs
+    its hooks on one layer, and a check after each sequence. The engine knows nothing of what it records."""
+
+    def __enter__(self) -> LayerProbe: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def end_sample(self) -> None: ...
+
+
+Observer = Callable[[int, int, list[torch.Tensor], list[torch.Tensor], LayerProbe], None]
+
+
+def run_layers(
+    model: StreamingModel,
+    streams: list[Stream],
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    probe: Callable[[nn.Module], LayerProbe] | None = None,
+    observe: Observer | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Push every stream through decoder layers [start, stop), reading each layer once for all of them.
+
+    For each layer, stream k runs with its own edits swapped in and its WeMask hooks installed; then
+    `observe(layer index, k, inputs, outputs, probe)` sees the pass (with `probe(layer)`'s records).
+    The streams' states are replaced by the layer outputs. Memory: one layer (twice while an edited
+    copy is loaded) plus the streams' activations.
+    """
+    from melsurgery.engines.modeling_melsurgery import apply_wemask
+
+    stop = model.num_layers if stop is None else stop
+    for i in range(start, stop):
+        base = model.read_layer(i)
+        loaded: dict | None = None
+        try:
+            for k, stream in enumerate(streams):
+                edits = stream.edits_for(i, base)
+                if loaded is None or edits or loaded:
+                    layer = model.load_layer(i, {**base, **edits})
+                    loaded = edits
+                spec = stream.wemask
+                hooks = apply_wemask(model.skeleton, {**spec, "layers": [i]}) if spec and i in spec["layers"] else []
+                try:
+                    with probe(layer) if probe else nullcontext() as p, torch.no_grad():
+                        inputs = stream.states
+                        outputs = []
+                        for h in inputs:
+                            outputs.append(model.run_layer(layer, h[None])[0])
+                            if p is not None:
+                                p.end_sample()
+                        if observe:
+                            observe(i, k, inputs, outputs, p)
+                finally:
+                    for handle in hooks:
+                        handle.remove()
+                stream.states = outputs
+        finally:
+            model.free_layer(i)
+        if progress:
+            progress(1)

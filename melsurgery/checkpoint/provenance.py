@@ -1,0 +1,180 @@
+"""provenance.json, typed: what a patch did (source, manifest, recipes, edits, scan summary, measurements) and
+the sha256 of every file it wrote.
+
+Written by `patch` (folder outputs, GGUF folder outputs) and, for a converted patched GGUF, from its
+`melsurgery.*` metadata; read by `verify` (the detection thresholds and the claimed edits) and by `push`
+(`verify`: the folder is exactly what was written). Torch-free. The file format is unchanged; fields absent
+from a record (older versions, a converted GGUF) stay absent when it is written again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from melsurgery.checkpoint.hashing import sha256_file
+from melsurgery.errors import UserError
+from melsurgery.formats.jsonsafe import dumps, load_strict
+from melsurgery.formats.typed import Need, dump, load
+from melsurgery.outputs import PROVENANCE
+from melsurgery.params import DetectParams
+
+FIX = "re-run the patch"
+_OMIT = {"omit_none": True}
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeRecord:
+    """One applied recipe: its name, resolved parameters, whether it folds into weights, its summary line."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    folds: bool | None = field(default=None, metadata=_OMIT)
+    summary: str | None = field(default=None, metadata=_OMIT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRecord:
+    """How a budgeted patch (`patch --max-kl`) was chosen: the budget, the space searched, the study, the texts,
+    and the chosen setting's figures on the tuning and the held-out text (the engine's `Figures`; the sink is the
+    mean over `sink_layers`, the layers after the ME Layer)."""
+
+    budget: dict[str, float | None]
+    objective: str
+    sink_layers: str
+    space: dict[str, Any]
+    study: dict[str, Any]
+    tuning: dict[str, Any]
+    heldout: dict[str, Any]
+    compute: dict[str, Any]
+    trial: int
+    figures_tuning: dict[str, float | None]
+    figures_heldout: dict[str, float | None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    """The record of one patch. `edits` are the writers' records (each names its `tensor`, the Hugging Face
+    name); `scan` is the scan summary (`melsurgery.patch.scan_summary`); `outputs` maps each other file of
+    the folder to its sha256."""
+
+    tool: str | None = field(default=None, metadata=_OMIT)
+    source: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = field(default=None, metadata=_OMIT)
+    recipes: tuple[RecipeRecord, ...] = ()
+    edits: tuple[dict[str, Any], ...] | None = field(default=None, metadata=_OMIT)
+    scan: dict[str, Any] | None = field(default=None, metadata=_OMIT)
+    measurements: dict[str, Any] | None = field(default=None, metadata=_OMIT)
+    search: SearchRecord | None = field(default=None, metadata=_OMIT)
+    outputs: dict[str, str] | None = field(default=None, metadata=_OMIT)
+
+    def to_dict(self) -> dict:
+        """The provenance.json object, keys in the order melsurgery has always written them."""
+        return dump(self)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> Provenance:
+        """Check the record (one line naming the first bad field), then build it."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object with 'outputs', 'recipes' and 'source'")
+        outputs = data.get("outputs")
+        if outputs is not None and not (isinstance(outputs, dict) and all(
+                isinstance(k, str) and _is_sha256(v) for k, v in outputs.items())):
+            raise UserError(f"{where}: 'outputs' must map relative file paths to lowercase sha256 hex digests")
+        recipes = data.get("recipes", [])
+        if not isinstance(recipes, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"] for r in recipes):
+            raise UserError(f"{where}: 'recipes' must be a non-empty list of objects with a 'name'")
+        source = data.get("source", {})
+        if not isinstance(source, dict):
+            raise UserError(f"{where}: 'source' must be an object whose 'id' names the base model")
+        need = Need(where, FIX)
+        for k, e in enumerate(data.get("edits") or []):
+            need(isinstance(e, dict) and isinstance(e.get("tensor"), str), f"edits[{k}]",
+                 "an object naming its 'tensor'", e)
+        scan = data.get("scan")
+        if isinstance(scan, dict) and "params" in scan:
+            load(DetectParams, scan["params"], "scan.params", need)
+        return load(cls, data, "", need)
+
+    @classmethod
+    def read(cls, path: Path) -> Provenance:
+        """A provenance.json (or the folder holding one), as strict JSON: NaN and Infinity are refused."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROVENANCE
+        try:
+            data = load_strict(path, "provenance")
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read provenance ({exc.strerror})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def find(cls, folder: Path) -> Provenance | None:
+        """The folder's record, or None where it has none; an unreadable one is a UserError saying why."""
+        if not (Path(folder) / PROVENANCE).is_file():
+            return None
+        return cls.read(folder)
+
+    def write(self, folder: Path) -> None:
+        """Write provenance.json into `folder` (non-finite figures as null)."""
+        (Path(folder) / PROVENANCE).write_text(dumps(self.to_dict(), indent=2, default=str) + "\n")
+
+    def with_outputs(self, folder: Path, known: dict[str, str] | None = None) -> Provenance:
+        """This record with the sha256 of every other file below `folder`; `known`: hashes computed while writing
+        (the weights), not read again."""
+        known = known or {}
+        outputs = {rel: known.get(rel) or sha256_file(p) for p in sorted(Path(folder).rglob("*"))
+                   if p.is_file() and (rel := p.relative_to(folder).as_posix()) != PROVENANCE}
+        return replace(self, outputs=outputs)
+
+    @property
+    def detect_params(self) -> DetectParams | None:
+        """The detection thresholds of the patch's scan (verify measures with the same definition)."""
+        params = (self.scan or {}).get("params")
+        return DetectParams(**params) if isinstance(params, dict) else None
+
+    @property
+    def edited_tensors(self) -> list[str] | None:
+        """The tensors the patch says it changed, by their Hugging Face names, sorted (None: it does not say)."""
+        return None if self.edits is None else sorted({e["tensor"] for e in self.edits})
+
+    def check_publishable(self, where: str) -> None:
+        """What push needs from the record: the outputs it hashed, the recipes applied, the source's id."""
+        if self.outputs is None:
+            raise UserError(f"{where}: 'outputs' must map relative file paths to lowercase sha256 hex digests")
+        if not self.recipes:
+            raise UserError(f"{where}: 'recipes' must be a non-empty list of objects with a 'name'")
+        if not isinstance(self.source.get("id"), str) or not self.source["id"]:
+            raise UserError(f"{where}: 'source' must be an object whose 'id' names the base model")
+
+    def verify(self, folder: Path, files: dict[str, Path] | None = None) -> None:
+        """The folder is exactly what was written: every listed file present with its sha256, nothing else.
+
+        `files`: the folder's files by relative posix path (push passes those it would upload); default all."""
+        folder = Path(folder)
+        if files is None:
+            files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        where = folder / PROVENANCE
+        self.check_publishable(str(where))
+        outputs = self.outputs or {}
+        for rel in outputs:
+            if rel == PROVENANCE:
+                raise UserError(f"{where}: 'outputs' lists {PROVENANCE} itself, which cannot hash itself")
+            if rel not in files:
+                raise UserError(f"{folder / rel}: listed in {PROVENANCE} but missing from the folder")
+        for rel, path in files.items():
+            if rel == PROVENANCE:
+                continue
+            expected = outputs.get(rel)
+            if expected is None:
+                raise UserError(f"{path}: not listed in {PROVENANCE} 'outputs'; remove it or re-run the surgery")
+            if sha256_file(path) != expected:
+                raise UserError(f"{path}: sha256 differs from {PROVENANCE}; the file changed after surgery")
+
+
+def _is_sha256(v: object) -> bool:
+    return isinstance(v, str) and len(v) == 64 and set(v) <= _SHA256_HEX
+

@@ -1,0 +1,1 @@
+"""Formats the user hands us or we hand back: plain text files, strict JSON, YAML with limits, typed JSON."""

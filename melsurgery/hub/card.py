@@ -1,0 +1,145 @@
+"""The model card (README.md) of a patched checkpoint: YAML front matter plus what was done and measured."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from melsurgery.checkpoint.basemodel import BaseModelId
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.formats import yamlsafe
+from melsurgery.hub.metadata import hub_licenses
+from melsurgery.outputs import MODEL_CARD
+from melsurgery.version import __version__
+
+
+def front_matter(text: str) -> dict:
+    """A card's YAML front matter as a mapping ({} when there is none); ValueError when it is broken."""
+    if not text.startswith("---"):
+        return {}
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", text, re.S)
+    if not m:
+        raise ValueError("the YAML front matter is not closed by a '---' line")
+    try:
+        meta = yamlsafe.load(m.group(1))
+    except yamlsafe.YAMLRefused as exc:
+        raise ValueError(f"the YAML front matter {exc}") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError("the YAML front matter is not a mapping")
+    return meta or {}
+
+
+def base_license(folder: Path) -> tuple[dict, str | None]:
+    """The licence fields of the base model's card that the Hub accepts, and a licence it would refuse.
+
+    `license` (with `license_name` / `license_link` when it is `other`) is carried over when the Hub
+    knows the id; an unknown one (e.g. 'Apache 2.0') is returned apart, for the card's text."""
+    card = folder / MODEL_CARD
+    try:
+        meta = front_matter(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else {}
+    except ValueError:  # a broken base card: nothing to carry over
+        meta = {}
+    lic = meta.get("license")
+    if not lic:
+        return {}, None
+    if not (isinstance(lic, str) and lic in hub_licenses()):
+        return {}, str(lic)
+    fields = {"license": lic}
+    if lic == "other":
+        fields.update({k: meta[k] for k in ("license_name", "license_link") if isinstance(meta.get(k), str)})
+    return fields, None
+
+
+def _inline(text: str) -> str:
+    """A name safe inside inline code: no backticks, no control characters."""
+    return "".join(c if c.isprintable() and c != "`" else "'" for c in text)
+
+
+def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_license: str | None = None,
+                plans: list, scan: ScanResult, applied: list, custom_layer: bool,
+                measurements: dict | None = None, gguf_file: str | None = None, search=None) -> str:
+    """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
+
+    `name` is what the text calls the base when its Hub id is unknown: a folder or file name, never a path.
+    `gguf_file` names the patched GGUF of a GGUF output folder (loading instructions, tags); `search` (a
+    provenance.SearchRecord) says how a budgeted patch was chosen and what it measured."""
+    recipes = [p.recipe for p in plans]
+    meta: dict = {}
+    if base is not None:
+        meta.update(base_model=base.id, base_model_relation="finetune")
+    meta.update(library_name="gguf" if gguf_file else "transformers",
+                tags=["melsurgery", "massive-activations", *(["gguf"] if gguf_file else []), *recipes], **license)
+    effect = (f"with its massive activations mitigated by melsurgery {__version__}. The ME Layer (the layer where "
+              f"the massive activations emerge) is layer {scan.me_layer}; massive dims "
+              f"{list(scan.massive_dims)}.")
+    if base is not None:
+        title = base.id.split("/")[-1]
+        intro = (f"This checkpoint is [{base.id}](https://huggingface.co/{base.id}) {effect} "
+                 f"Base model id from {base.origin}.")
+    else:
+        title = _inline(name)
+        intro = (f"This checkpoint is the local model `{_inline(name)}` {effect} Its Hub id is unknown, so this card "
+                 "names no `base_model`; `provenance.json` describes the source in full.")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {title} + melsurgery ({', '.join(recipes)})", "", intro, ""]
+    if unknown_license:
+        lines += [f"The base model's card names the licence {unknown_license!r}, which is not a licence id the Hub "
+                  "knows, so this card carries no `license`: the base model's terms apply.", ""]
+    lines += ["## What was done", ""]
+    lines += [f"- {p.summary}" for p in plans]
+    lines += ["", "Edited tensors (all others are byte-identical to the base):", ""]
+    lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
+        "- none"]
+    lines += ["", "## Loading", ""]
+    if gguf_file:
+        lines += [f"`{_inline(gguf_file)}` is the base GGUF with only the edited tensors changed: same metadata (plus "
+                  "`melsurgery.*` keys), tensor order, names, shapes and quantisation types. Quantised tensors were "
+                  "requantised only in the blocks holding edited entries.", "", "```bash",
+                  f"llama-cli -m {gguf_file}", "```", "", "```python",
+                  "from transformers import AutoModelForCausalLM",
+                  f'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")', "```"]
+    elif custom_layer:
+        lines += ["This checkpoint carries a small custom layer (token-selective masking cannot be folded into "
+                  "weights), configured in `config.json` (`melsurgery_wemask`):", "", "```python",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+                  "# or, without remote code: import melsurgery; model, tokenizer = melsurgery.load(path)", "```"]
+    else:
+        lines += ["Only folded edits: a stock checkpoint.", "", "```python",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(path)", "```"]
+    if measurements:
+        lines += ["", "## Measured effect", "", "| metric | base | patched |", "|---|---|---|"]
+        for key, (before, after) in measurements.items():
+            lines.append(f"| {key} | {before} | {after} |")
+    if search is not None:
+        lines += search_lines(search)
+    lines += ["", "Provenance (inputs, recipe, scan, output hashes): `provenance.json`.", ""]
+    return "\n".join(lines)
+
+
+def search_lines(search) -> list[str]:
+    """The card's account of a budgeted patch: the budget, the search, and the held-out figures with their
+    definitions (which layers, which text, how many windows)."""
+    from melsurgery.formats.wording import budget_text, change_text
+
+    budget = budget_text(search.budget["max_kl"], search.budget["max_ppl_increase"])
+    st, tu, ho = search.study, search.tuning, search.heldout
+    f, t = search.figures_heldout, search.figures_tuning
+    held = f"{_inline(ho['text'])}, {ho['windows']} windows of up to {ho['max_tokens']} tokens ({ho['tokens']} tokens)"
+    return ["", "## How this patch was chosen", "",
+            f"`melsurgery patch --max-kl` searched {st['trials']} settings of {', '.join(search.space['recipes'])} "
+            f"and their compositions (Optuna {st['sampler']}, seed {st['seed']}) on a tuning text "
+            f"({_inline(tu['text'])}, {tu['windows']} windows, {tu['tokens']} tokens), re-measured the "
+            f"{st['candidates']} largest sink cuts within {st['slack']:g}x the budget on held-out text ({held}), and "
+            f"chose trial #{search.trial}: the largest sink cut whose held-out figures are within the budget "
+            f"({budget}).",
+            "", "| figure (held-out text) | base | patched |", "|---|---|---|",
+            f"| attention sink, mean over layers {search.sink_layers} (after the ME Layer) | {f['sink_base']:.3f} | "
+            f"{f['sink_patched']:.3f} ({change_text(f['sink_reduction_pct'])}) |",
+            f"| KL(base \\|\\| patched), mean per scored token | 0 | {f['kl_mean']:.4f} |",
+            f"| perplexity | {f['ppl_base']:.2f} | {f['ppl_patched']:.2f} ({f['ppl_increase_pct']:+.1f}%) |", "",
+            f"On the tuning text the same setting measured sink {change_text(t['sink_reduction_pct'])} at KL "
+            f"{t['kl_mean']:.4f}. Computed in {search.compute['dtype']} on {search.compute['device']}."]

@@ -1,0 +1,1 @@
+"""What a patch does, measured: the one definition of each quantity, the probes, verify."""

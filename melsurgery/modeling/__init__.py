@@ -1,1 +1,0 @@
-"""The custom layer shipped (verbatim) into patched checkpoints that need one."""

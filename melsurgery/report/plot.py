@@ -1,0 +1,151 @@
+"""Optional plots (matplotlib is an extra: `pip install 'melsurgery[plot]'`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'melsurgery[plot]'") from None
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
+
+
+def plot_scan(result: ScanResult, path: Path) -> None:
+    """Per-layer max |h| and max/median ratio on a log scale, with the ME Layer marked; beside it, per
+    layer after the ME Layer, how much of the sink attribution the sink and the magnitude top-k hold."""
+    plt = _pyplot()
+    layers = [entry for entry in result.layers if entry.layer >= 0]
+    x = [entry.layer for entry in layers]
+    sinks = [s for s in result.sink_dims if s.dims]
+    if sinks:
+        fig, (ax, a2) = plt.subplots(1, 2, figsize=(14, 4.5))
+        k = result.sink_dims_k
+        xs = [s.layer for s in sinks]
+        a2.plot(xs, [s.sink_top_share for s in sinks], marker="o", label=f"sink top-{k} dims (per layer)")
+        a2.plot(xs, [s.magnitude_top_share for s in sinks], marker="s", label=f"magnitude top-{k} dims")
+        a2.plot(xs, [s.overlap for s in sinks], ls=":", marker="x", label="overlap of the two")
+        a2.set_ylim(0, 1.05)
+        a2.set_xlabel("decoder layer (attention input)")
+        a2.set_title("share of the sink attribution (|grad x input|)")
+        a2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.semilogy(x, [entry.max_abs for entry in layers], marker="o", label="max |h|")
+    ax.semilogy(x, [entry.ratio or float("nan") for entry in layers], marker="s", label="max / median")
+    ax.axhline(result.params.abs_threshold, color="grey", ls=":", lw=1, label="absolute threshold")
+    if result.me_layer is not None:
+        ax.axvline(result.me_layer, color="red", ls="--", label=f"ME Layer {result.me_layer}")
+    ax.set_xlabel("decoder layer (output)")
+    ax.set_title(f"massive activations: {result.model.id}")
+    ax.legend()
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+def plot_verify(result: dict, path: Path) -> None:
+    """Sink score, max/median ratio and attention-input similarity per layer, base versus patched."""
+    plt = _pyplot()
+
+    def values(key: str) -> list[float]:
+        return [float("nan") if v is None else v for v in result[key]]
+
+    x = list(range(len(result["sink_base"])))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, title, log in ((a1, "sink", "attention sink (attention mass on the massive tokens)", False),
+                                (a2, "ratio", "max |h| / median |h|", True),
+                                (a3, "similarity", "attention-input similarity (mean pairwise cosine)", False)):
+        draw = ax.semilogy if log else ax.plot
+        draw(x, values(f"{key}_base"), marker="o", label="base")
+        draw(x, values(f"{key}_patched"), marker="s", label="patched")
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.legend()
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+def plot_tune(data: dict, path: Path) -> None:
+    """Every trial's reduction against its KL (log scale), the Pareto front, the budget and the defaults."""
+    plt = _pyplot()
+    key = "sink_reduction_pct" if data["objective"] == "sink" else "ratio_reduction_pct"
+    label = "sink" if data["objective"] == "sink" else "max/median ratio"
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    trials = {t["number"]: t["figures"] for t in data["trials"]}
+    floor = 1e-6
+
+    def xy(figs: list[dict]) -> tuple[list[float], list[float]]:
+        return [max(f["kl_mean"], floor) for f in figs], [f[key] for f in figs]
+
+    ax.scatter(*xy(list(trials.values())), s=14, color="0.65", label=f"trials ({len(trials)})")
+    front = sorted((trials[n] for n in data["pareto_front"]), key=lambda f: f["kl_mean"])
+    ax.plot(*xy(front), "o-", color="tab:blue", ms=5, label="Pareto front")
+    for d in data["defaults"]:
+        if "tuning" in d:
+            (x,), (y,) = xy([d["tuning"]])
+            ax.scatter([x], [y], marker="s", s=40, color="tab:red", zorder=3)
+            ax.annotate(f"default {d['recipes'][0]['name']}", (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+    if data["chosen"]:
+        (x,), (y,) = xy([data["chosen"]["tuning"]])
+        ax.scatter([x], [y], marker="*", s=160, color="tab:green", zorder=4, label=f"chosen #{data['chosen']['trial']}")
+    if data["budget"]["max_kl"]:
+        ax.axvline(data["budget"]["max_kl"], color="tab:green", ls="--", lw=1, label="--max-kl")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(base || patched) per token, tuning text")
+    ax.set_ylabel(f"{label} reduction after the ME Layer (%)")
+    ax.set_title(f"melsurgery tune: {data['model']['id']}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+def plot_search(data: dict, path: Path) -> None:
+    """A budgeted patch's search: every trial on the tuning text, the candidates re-measured on held-out text
+    (an arrow from tuning to held-out), the chosen one, and the budget."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    floor = 1e-6
+    trials = data["trials"]
+    ax.scatter([max(t["kl_mean"], floor) for t in trials], [t["sink_reduction_pct"] for t in trials], s=14,
+               color="0.65", label=f"trials, tuning text ({len(trials)})")
+    for k, c in enumerate(data["candidates"]):
+        a, b = c["tuning"], c["heldout"]
+        ax.annotate("", (max(b["kl_mean"], floor), b["sink_reduction_pct"]),
+                    (max(a["kl_mean"], floor), a["sink_reduction_pct"]), arrowprops={"arrowstyle": "->", "lw": 0.6,
+                                                                                      "color": "tab:blue"})
+        ax.scatter([max(b["kl_mean"], floor)], [b["sink_reduction_pct"]], s=22, color="tab:blue",
+                   label="re-measured on held-out text" if k == 0 else None, zorder=3)
+    chosen = data.get("chosen")
+    if chosen:
+        h = chosen["heldout"]
+        ax.scatter([max(h["kl_mean"], floor)], [h["sink_reduction_pct"]], marker="*", s=180, color="tab:green",
+                   zorder=4, label=f"chosen #{chosen['trial']}: sink -{h['sink_reduction_pct']:.1f}%, "
+                                   f"KL {h['kl_mean']:.3f}")
+    if data.get("max_kl"):
+        ax.axvline(data["max_kl"], color="tab:green", ls="--", lw=1, label=f"KL budget {data['max_kl']:g}")
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(base || patched) per token")
+    ax.set_ylabel(f"sink cut (%), mean over layers {data['sink_layers']}")
+    ax.set_title(f"patch --max-kl: {data['model']} ({data['texts']})", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(plt, fig, path)

@@ -1,0 +1,269 @@
+"""`patch` into GGUF: fold recipes into a llama.cpp file, keeping every byte that need not change.
+
+The scan and the plan run on the dequantised Hugging Face view of the source (as for any GGUF
+source); each planned edit is then mapped onto its GGUF tensor through the architecture entry
+(llama.cpp names, the rotary row permutation of q/k, Gemma's stored 1 + g norms). Edits on F32,
+F16 and BF16 tensors are exact (computed in fp32, rounded once). On a block-quantised tensor only
+the blocks holding entries whose value changes are requantised, with the `gguf` package's quantiser
+for that type; every other block keeps its bytes, and the requantisation error of the edited blocks
+is reported. A type without a quantiser is refused (a tensor's type is never changed).
+
+Output layout:
+- `-o OUT.gguf`: one self-describing file; the record of what was done is in its metadata
+  (`melsurgery.*` keys), because a GGUF is usually run, copied and shared as a single file;
+- `-o DIR --format gguf`: a folder for publishing (`push`): the patched file under the source's file
+  name, the model card README.md, provenance.json (hashes of every file) and the manifest, which is
+  how GGUF repos on the Hub are laid out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from melsurgery.architectures import Family, family_for, gguf_target
+from melsurgery.checkpoint.atomic import atomic_file, atomic_folder, check_output, check_output_file
+from melsurgery.checkpoint.edits import Edit, apply_edit, is_identity
+from melsurgery.checkpoint.gguf_file import GGUFFile, GGUFInfo, can_quantise, dequantise_bytes, quantise_blocks
+from melsurgery.checkpoint.hashing import sha256_file
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.source import Source
+from melsurgery.checkpoint.writer import copy_spliced, fsync_file
+from melsurgery.detect.scan import run_scan
+from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
+from melsurgery.hub.card import base_license, render_card
+from melsurgery.outputs import MANIFEST, MODEL_CARD
+from melsurgery.recipes import RecipePlan, plan_recipes
+from melsurgery.surgery.manifest import Manifest
+from melsurgery.surgery.patch import check_scan_fits
+from melsurgery.version import __version__
+
+FOLDED = ("norm-rescale", "ffn-dampen", "me-norm")
+# The recipe -> role map used to refuse unquantisable types before the scan; the exact check follows the plan.
+_ROLES = {"ffn-dampen": "ffn_down", "me-norm": "ffn_norm", "norm-rescale": "attn_norm"}
+
+
+@dataclass
+class GGUFEdit:
+    """What changed in one GGUF tensor (figures after dequantisation, the way a runtime sees them)."""
+
+    tensor: str  # GGUF name
+    hf_tensor: str  # the same tensor in the Hugging Face view (what the scan and the plan name)
+    type: str
+    changed: int  # entries whose dequantised value differs from the source
+    max_abs_delta: float
+    blocks_requantised: int  # blocks holding entries the edit changes, requantised (F32/F16/BF16: entries)
+    blocks_changed: int  # of those, blocks whose bytes differ (a small change can round back onto the grid)
+    blocks_total: int
+    requant_max_abs_err: float  # max |stored - exact edit| over the rewritten blocks
+    requant_rms_err: float
+
+
+@dataclass(frozen=True)
+class GGUFPatchResult(JsonRecord):
+    """What `run_patch_gguf` wrote: the output (file or folder), the plans, the block-level edits, the scan."""
+
+    out: Path
+    file: Path  # the .gguf written
+    plans: list[RecipePlan]
+    applied: list[GGUFEdit]
+    scan: ScanResult
+    source_sha256: str
+    output_sha256: str
+
+
+def refuse_unfoldable(recipes: list[tuple[str, dict]]) -> None:
+    """Refuse, before any work, recipes a GGUF cannot carry (it has no place for a custom layer)."""
+    bad = [name for name, _ in recipes if name not in FOLDED]
+    if bad:
+        raise UserError(
+            f"{', '.join(bad)} cannot be written into a GGUF: wemask selects tokens at run time, which needs a "
+            f"custom layer that llama.cpp and other GGUF runtimes do not have; GGUF output takes only the folded "
+            f"recipes ({', '.join(FOLDED)}), or write safetensors (an -o folder without --format gguf)")
+
+
+def _refuse_types_early(gf: GGUFFile, recipes: list[tuple[str, dict]]) -> None:
+    """Before the scan: a recipe whose target role has no quantiser in any layer cannot succeed."""
+    for name, _ in recipes:
+        role = _ROLES.get(name)
+        infos = [i for n, i in gf.tensors.items() if n.startswith("blk.") and n.endswith(f".{role}.weight")]
+        if infos and not any(can_quantise(i.type) for i in infos):
+            raise _no_quantiser(infos[0], name)
+
+
+def _no_quantiser(info: GGUFInfo, what: str) -> UserError:
+    return UserError(
+        f"{what}: {info.name} is {info.type_name}, which the gguf package cannot quantise; melsurgery never "
+        f"changes a tensor's type. Use a recipe that edits only F32 norm weights (norm-rescale, me-norm), or a "
+        f"GGUF whose matrices are Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1")
+
+
+Ops = list[tuple[Edit, int | None]]  # edits of one GGUF tensor in its own indices, with the expert slice
+
+
+def map_edits(edits: list[Edit], family: Family, config: dict, gf: GGUFFile) -> dict[str, Ops]:
+    """Planned edits (Hugging Face names) as edits of GGUF tensors: (edit in GGUF indices, expert slice)."""
+    out: dict[str, Ops] = {}
+    for e in edits:
+        if is_identity(e):
+            continue
+        target = gguf_target(family, e.tensor, config)
+        if target.name not in gf.tensors:
+            raise UserError(f"{gf.path}: has no tensor {target.name} (for {e.tensor}); is it a {family.name} model?")
+        index = e.index
+        if index is not None and e.axis == 0 and target.row_order is not None:
+            index = tuple(target.row_order[i] for i in index)
+        mapped = replace(e, tensor=target.name, index=index, offset=e.offset - target.norm_added)
+        out.setdefault(target.name, []).append((mapped, target.expert))
+    return out
+
+
+def edit_tensor(gf: GGUFFile, name: str, ops: Ops, hf_tensor: str) -> tuple[bytes, GGUFEdit]:
+    """The tensor's new bytes: edits applied in fp32 to the dequantised values, changed blocks requantised."""
+    info = gf.tensors[name]
+    if not can_quantise(info.type):
+        raise _no_quantiser(info, hf_tensor)
+    raw = gf.raw(name)
+    old = dequantise_bytes(raw, info)
+    new = torch.from_numpy(old.copy())
+    for edit, expert in ops:
+        if expert is None:
+            new = apply_edit(new, edit)
+        else:
+            new[expert] = apply_edit(new[expert], edit)
+    exact = new.numpy().reshape(-1, info.block_size)
+    if not np.isfinite(exact).all():
+        held = int((~np.isfinite(old)).sum())  # a cache converted by an older melsurgery may hold it
+        if held:
+            raise UserError(f"{gf.path}: tensor {name} holds {held} NaN or infinite entries; the GGUF is broken: "
+                            "re-download or re-export it")
+        raise UserError(f"{name}: the edit produces non-finite values; check the recipe parameters")
+    hit = (exact != old.reshape(-1, info.block_size)).any(axis=1)
+    blocks = raw.reshape(-1, info.type_size)
+    stored = quantise_blocks(exact[hit], info)
+    rewritten = int((stored != blocks[hit]).any(axis=1).sum())
+    blocks[hit] = stored
+    final = dequantise_bytes(blocks[hit], replace(info, shape=(int(hit.sum()) * info.block_size,)))
+    final = final.reshape(-1, info.block_size)
+    err = np.abs(final.astype(np.float64) - exact[hit])
+    delta = np.abs(final.astype(np.float64) - old.reshape(-1, info.block_size)[hit])
+    applied = GGUFEdit(
+        tensor=name, hf_tensor=hf_tensor, type=info.type_name, changed=int((delta > 0).sum()),
+        max_abs_delta=float(delta.max()) if delta.size else 0.0, blocks_requantised=int(hit.sum()),
+        blocks_changed=rewritten, blocks_total=int(hit.size), requant_max_abs_err=float(err.max()) if err.size else 0.0,
+        requant_rms_err=float(math.sqrt(float((err**2).mean()))) if err.size else 0.0)
+    return blocks.tobytes(), applied
+
+
+def metadata_keys(source_file: Path, source_sha256: str, manifest: Manifest, plans: list[RecipePlan],
+                  applied: list[GGUFEdit], scan: ScanResult) -> dict[str, str]:
+    """The `melsurgery.*` keys of the output (strings; structured values as JSON)."""
+    from melsurgery.surgery.patch import scan_summary
+
+    return {
+        "melsurgery.version": __version__,
+        "melsurgery.source.file": source_file.name,
+        "melsurgery.source.sha256": source_sha256,
+        "melsurgery.recipes": json.dumps([{"name": p.recipe, "params": p.params, "summary": p.summary}
+                                          for p in plans], sort_keys=True, default=str),
+        "melsurgery.edits": json.dumps([asdict(a) for a in applied], sort_keys=True),
+        "melsurgery.scan": json.dumps(scan_summary(scan), sort_keys=True, default=str),
+        "melsurgery.manifest": manifest.to_yaml(),
+    }
+
+
+def gguf_source_file(spec: str | None) -> Path:
+    """The .gguf behind a model argument, found without converting it (the default alias, or a .gguf path)."""
+    from melsurgery.checkpoint.source import DEFAULT_ALIASES, default_gguf
+
+    if spec is None or spec.lower() in DEFAULT_ALIASES:
+        return default_gguf()
+    path = Path(spec).expanduser()
+    if path.suffix.lower() != ".gguf":
+        raise UserError(f"{spec}: GGUF output needs a GGUF source (a .gguf file or the default model); "
+                        "melsurgery does not convert safetensors to GGUF")
+    if not path.is_file():
+        raise UserError(f"{spec}: no such GGUF file")
+    return path
+
+
+def preflight(src_file: Path, out: Path, recipes: list[tuple[str, dict]], *, folder: bool, overwrite: bool) -> None:
+    """Everything that can be refused before the source is converted and scanned."""
+    refuse_unfoldable(recipes)
+    if folder:
+        check_output(out, overwrite, protect=src_file)
+    else:
+        check_output_file(out, overwrite, protect=src_file)
+    _refuse_types_early(GGUFFile(src_file), recipes)
+
+
+def run_patch_gguf(
+    source: Source,
+    out: Path,
+    manifest: Manifest,
+    *,
+    folder: bool = False,
+    scan: ScanResult | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+) -> GGUFPatchResult:
+    """Patch the GGUF `source.origin_file` into `out` (a .gguf file, or with `folder` a publishable folder)."""
+    if source.origin_file is None:
+        raise UserError(f"{source.id}: GGUF output needs a GGUF source (a .gguf file or the default model); "
+                        "melsurgery does not convert safetensors to GGUF")
+    src_file = source.origin_file
+    preflight(src_file, out, manifest.recipes, folder=folder, overwrite=overwrite)
+    gf = GGUFFile(src_file)
+    config = Checkpoint(source.folder).config
+    family = family_for(config)
+    if scan is None:
+        scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
+                        progress=progress)
+    else:
+        check_scan_fits(scan, config)
+    plans = plan_recipes(scan, family, config, manifest.recipes)
+    hf_names = {}
+    for e in (e for p in plans for e in p.edits):
+        hf_names.setdefault(gguf_target(family, e.tensor, config).name, e.tensor)
+    by_tensor = map_edits([e for p in plans for e in p.edits], family, config, gf)
+    for name in by_tensor:  # every type checked before any work on the tensors
+        if not can_quantise(gf.tensors[name].type):
+            raise _no_quantiser(gf.tensors[name], hf_names[name])
+    new_bytes: dict[str, bytes] = {}
+    applied: list[GGUFEdit] = []
+    for name in sorted(by_tensor, key=lambda n: gf.tensors[n].start):
+        new_bytes[name], a = edit_tensor(gf, name, by_tensor[name], hf_names[name])
+        applied.append(a)
+    source_sha = sha256_file(src_file)
+    header = gf.header(metadata_keys(src_file, source_sha, manifest, plans, applied, scan))
+    splices = {0: (gf.data_offset, lambda _old: header)}
+    for name, data in new_bytes.items():
+        splices[gf.tensors[name].start] = (gf.tensors[name].end, lambda _old, d=data: d)
+    if not folder:
+        with atomic_file(out, overwrite, protect=src_file) as tmp:
+            _, out_sha = copy_spliced(src_file, tmp, splices)
+        return GGUFPatchResult(Path(out), Path(out), plans, applied, scan, source_sha, out_sha)
+    from melsurgery.checkpoint.basemodel import explicit
+    from melsurgery.surgery.patch import write_provenance
+
+    base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
+    with atomic_folder(out, overwrite, protect=src_file) as tmp:
+        target = tmp / src_file.name
+        _, out_sha = copy_spliced(src_file, target, splices, sync=False)
+        fsync_file(target)
+        (tmp / MANIFEST).write_text(manifest.to_yaml())
+        license, unknown_license = base_license(source.folder)
+        card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
+                           plans=plans, scan=scan, applied=applied, custom_layer=False, gguf_file=src_file.name)
+        (tmp / MODEL_CARD).write_text(card)
+        write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied,
+                         {src_file.name: source_sha}, known={src_file.name: out_sha})
+    return GGUFPatchResult(Path(out), Path(out) / src_file.name, plans, applied, scan, source_sha, out_sha)
