@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
 from melsurgery.errors import UserError
 from melsurgery.formats.textfile import file_kind
@@ -113,11 +114,13 @@ class Checkpoint:
         return {n[len(prefix) :]: self.load(n, dtype, device) for n in self.tensors if n.startswith(prefix)}
 
     def side_files(self) -> list[str]:
-        """Files other than weights and their index: tokenizer, templates, configs, licences, cards."""
+        """Files other than weights, their index and their sha256 sidecars (which describe this folder's files,
+        not an output's): tokenizer, templates, configs, licences, cards."""
         out = []
         for p in sorted(self.folder.rglob("*")):
             rel = p.relative_to(self.folder).as_posix()
-            if p.is_file() and not rel.startswith(".") and not any(p.match(pat) for pat in OTHER_WEIGHTS):
+            weights = p.with_suffix("") if p.suffix == SIDECAR else p
+            if p.is_file() and not rel.startswith(".") and not any(weights.match(pat) for pat in OTHER_WEIGHTS):
                 out.append(rel)
         return out
 

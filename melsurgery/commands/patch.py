@@ -258,6 +258,8 @@ def _echo_written(result, out: Path) -> None:
         click.echo(f"  {p.summary}")
     for a in result.applied:
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
+    if result.writer is not None:
+        click.echo(f"  weights: {result.writer.summary}")
     if result.verified:
         from melsurgery.measure.verify import verify_report
 
