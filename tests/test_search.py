@@ -45,11 +45,12 @@ def _full_forward(folder, windows, first, edits):
     return kl / n, math.exp(nll_b / n), math.exp(nll_p / n)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2"])
 def test_trials_that_edit_the_embedding_and_the_head_match_a_full_forward(family, tmp_path):
     """An edit of the first token's embedding row (the row every window starts with) and of LM-head rows: the
-    engine's KL and perplexities equal those of whole models. Llama: untied head; Gemma 2: tied head (the
-    edited row is an output logit too) and soft-capped logits (the base logits are recomputed per block)."""
+    engine's KL and perplexities equal those of whole models. Llama: untied head, and a column edit of the table;
+    Gemma 3: tied head (the edited row is an output logit too); Gemma 2: tied and soft-capped logits (the base
+    logits are recomputed per block)."""
     from melsurgery.checkpoint.tokenizer import load_tokenizer
 
     folder = planted_folder(tmp_path / family, family_config(family))
@@ -58,7 +59,7 @@ def test_trials_that_edit_the_embedding_and_the_head_match_a_full_forward(family
     ev = Evaluator(source, scan)
     win = text_windows(load_tokenizer(folder), TEXT, 64, None)
     text = ev.base_pass("text", win.ids, win.first_target)
-    assert ev.linear_head == (family == "llama")
+    assert ev.linear_head == (family != "gemma2")
     bos = win.ids[0][0]
     embed = ev.family.embed
     edits = [Edit(embed, 0.5, shift=0.01, axis=0, index=(bos,)), Edit(ev.model.head_tensor, 1.3, axis=0,

@@ -250,13 +250,31 @@ class Evaluator:
         stream = Stream(states, edits=edited, wemask=spec.to_config() if spec else None)
         run_layers(self.model, [stream], start, probe=lambda layer: Probe(layer, self.family), observe=observe)
         normed = self._normed(stream.states, text.first, norm)
-        out = self._head(normed, text.targets, head, base=None if self.linear_head else text)
-        if self.linear_head:
+        # the base's expected head row stands for its logits only while the head is the same matrix, or differs
+        # in a few rows (corrected below); soft-capped logits and column edits recompute the base logits instead
+        linear = self.linear_head and all(e.axis == 0 and e.index is not None for e in head)
+        out = self._head(normed, text.targets, head, base=None if linear else text)
+        if linear:
             kl = (out.lse - text.lse) - ((normed - text.normed).double() * text.mean_row).sum(-1)
+            kl -= self._edited_rows_term(text, normed, head)
         else:
             kl = out.mean_row  # the cross path's KL per token (see _head)
         nll_p = float((out.lse - out.target).sum())
         return self._figures(text, stats, float(kl.clamp(min=0).sum()), nll_p)
+
+    def _edited_rows_term(self, text: TextCache, normed: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
+        """sum over the edited LM-head rows v of p_base(v) (z_patched(v) - W_v . n_patched): what the expected
+        head row of the base misses of the base-weighted patched logits when rows of the head were edited."""
+        rows = sorted({i for e in edits for i in e.index})
+        if not rows:
+            return torch.zeros(len(text.targets), dtype=torch.float64, device=self.device)
+        stored = self.ckpt.load_rows(self.model.head_tensor, rows)
+        new = edited_rows(stored, rows, edits).to(self.device, self.dtype)
+        old = stored.to(self.device, self.dtype)
+        with torch.no_grad():
+            p_base = torch.exp(self.model.logits(text.normed, old).double() - text.lse[:, None])
+            delta = self.model.logits(normed, new).double() - self.model.logits(normed, old).double()
+        return (p_base * delta).sum(-1)
 
     def _normed(self, states: list[torch.Tensor], first: int, edits: list[Edit]) -> torch.Tensor:
         """Final-normed states [n, D] of the scored positions (position t predicts token t + 1), all windows."""
