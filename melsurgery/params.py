@@ -24,7 +24,8 @@ class Param:
 
     `kind` is one of float, int, choice, layers, int_list, neurons; `low`/`high` bound numbers
     (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag share
-    its meaning (e.g. --layers for wemask and norm-rescale).
+    its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
+    budgeted patch) from varying it.
     """
 
     name: str
@@ -37,8 +38,7 @@ class Param:
     choices: tuple[str, ...] = ()
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
     same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
-    # whether a search varies it (None: when it has a default and a range, see search/space.py)
-    search: bool | None = None
+    search: bool = True
 
     @property
     def where(self) -> str:

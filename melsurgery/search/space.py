@@ -1,8 +1,8 @@
 """The search space, as data derived from the recipes' parameter declarations.
 
 Every declared parameter with a default and a range is searched over that range, unless its declaration
-says `search=False` (explicit dim or neuron lists, alternatives to another parameter); options that are
-off by default are searched where they default to another parameter's value (a strength ramp's end). A
+says `search=False`; options that are off by default (explicit dim or neuron lists, alternatives to another
+parameter) are not, except where they default to another parameter's value (a strength ramp's end). A
 recipe added to the registry joins the space by itself. A trial composes any non-empty subset of the
 searched recipes.
 """
@@ -22,10 +22,9 @@ INT_HIGH = {"top_k": lambda scan: max(1, min(8, len(scan.top_dims or scan.massiv
 
 
 def searched(p: Param) -> bool:
-    """Whether the search varies this declared parameter."""
-    if p.search is not None:
-        return p.search
-    return p.default is not None or p.same_as is not None
+    """Whether the search varies this declared parameter: not when its declaration says so, nor an option that is
+    off by default (unless it defaults to another parameter's value)."""
+    return p.search and (p.default is not None or p.same_as is not None)
 
 
 @dataclass(frozen=True)
