@@ -51,9 +51,9 @@ from melsurgery.recipes import registry
 @quiet_option
 def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_increase, seed, storage, text, heldout,
          max_tokens, windows, scan_path, calib, apply_out, overwrite, revision, device, dtype, quiet) -> None:
-    """Search recipe settings for MODEL: sink reduction after the ME Layer against KL, under a budget.
+    """Search recipe settings for MODEL: the sink cut after the ME Layer against KL, under a budget.
 
-    Trials are scored on a tuning text without writing checkpoints; the choice (the largest reduction
+    Trials are scored on a tuning text without writing checkpoints; the choice (the largest cut
     within the budget) is re-measured on held-out text and written as RUN_DIR/best.yaml, a manifest
     for `patch --manifest`. Exit status: 0, 4 when no trial meets the budget, 2 on errors.
     """

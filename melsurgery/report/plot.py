@@ -83,7 +83,7 @@ def plot_verify(result: dict, path: Path) -> None:
 
 
 def plot_tune(data: dict, path: Path) -> None:
-    """Every trial's reduction against its KL (log scale), the Pareto front, the budget and the defaults."""
+    """Every trial's cut against its KL (log scale), the Pareto front, the budget and the defaults."""
     plt = _pyplot()
     key = "sink_reduction_pct" if data["objective"] == "sink" else "ratio_reduction_pct"
     label = "sink" if data["objective"] == "sink" else "max/median ratio"
@@ -110,7 +110,7 @@ def plot_tune(data: dict, path: Path) -> None:
         ax.axvline(data["budget"]["max_kl"], color="tab:green", ls="--", lw=1, label="--max-kl")
     ax.set_xscale("log")
     ax.set_xlabel("KL(base || patched) per token, tuning text")
-    ax.set_ylabel(f"{label} reduction after the ME Layer (%)")
+    ax.set_ylabel(f"{label} cut after the ME Layer (%; below 0: it rose)")
     ax.set_title(f"melsurgery tune: {data['model']['id']}", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -473,7 +473,8 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objec
         best = best_within(complete_records(study), objective, budget)
         if best:
             f = best["figures"]
-            bar.set_postfix_str(f"best within the budget #{best['number']}: {objective} "
+            within = "within the budget " if budget.max_kl or budget.max_ppl_increase else ""
+            bar.set_postfix_str(f"largest cut {within}#{best['number']}: {objective} "
                                 f"{change_text(f[objective_key(objective)])}, KL {f['kl_mean']:.4f}")
 
     stop = optuna.study.MaxTrialsCallback(trials, states=tuple(s for s in optuna.trial.TrialState if s.is_finished()))

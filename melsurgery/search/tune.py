@@ -1,4 +1,4 @@
-"""`tune`: search recipe settings per model (Optuna): sink reduction after the ME Layer against KL.
+"""`tune`: search recipe settings per model (Optuna): the sink cut after the ME Layer against KL.
 
 Massive activations and sinks differ from model to model, so the right cut is searched, not guessed.
 The trials run on the search engine (`search.engine`): no checkpoint is written per trial. The study
