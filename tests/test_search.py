@@ -73,3 +73,36 @@ def test_trials_that_edit_the_embedding_and_the_head_match_a_full_forward(family
     assert fig.ppl_base == pytest.approx(ppl_b, rel=1e-5)
     assert fig.ppl_patched == pytest.approx(ppl_p, rel=1e-5)
     assert ev.run(text, []).kl_mean == 0.0
+
+
+def test_changes_are_worded_as_what_they_are():
+    from melsurgery.formats.wording import change_text
+
+    assert change_text(14.63) == "-14.6%"
+    assert change_text(-2.9) == "+2.9% (worse)"
+    assert change_text(0.01) == "unchanged"
+    assert change_text(None) == change_text(math.nan) == "not measured"
+
+
+def _fig(cut: float, kl: float, ppl: float = 1.0):
+    from melsurgery.search.engine import Figures
+
+    return Figures(0.5, 0.5 * (1 - cut / 100), cut, 1.0, 1.0, 0.0, kl, 40.0, 40.0 * (1 + ppl / 100), ppl, 512)
+
+
+def test_the_choice_is_the_largest_held_out_cut_within_the_budget():
+    """The tuning text ranks (within twice the budget, largest cut first), the held-out text decides; a setting
+    that raises the sink is never chosen, and a budget nothing meets chooses nothing."""
+    from dataclasses import asdict
+
+    from melsurgery.search.budget import BudgetOptions, Candidate, candidates_for, pick
+
+    records = [{"number": n, "figures": asdict(_fig(cut, kl))} for n, cut, kl in
+               ((0, 30.0, 0.2), (1, 20.0, 0.09), (2, 15.0, 0.04), (3, -5.0, 0.001), (4, 10.0, 0.01))]
+    opts = BudgetOptions(max_kl=0.05)
+    assert [r["number"] for r in candidates_for(records, opts)] == [1, 2, 4]
+    held = {1: _fig(19.0, 0.06), 2: _fig(14.0, 0.045), 4: _fig(9.0, 0.012)}
+    found = [Candidate(n, [], _fig(0, 0), held[n]) for n in (1, 2, 4)]
+    assert pick(found, opts.budget).trial == 2  # 1 cuts more but is over the budget on held-out text
+    assert pick(found, BudgetOptions(max_kl=0.05, max_ppl_increase=0.5).budget) is None
+    assert pick([Candidate(3, [], _fig(0, 0), _fig(-5.0, 0.001))], opts.budget) is None
