@@ -24,7 +24,8 @@ class Param:
 
     `kind` is one of float, int, choice, layers, int_list, neurons; `low`/`high` bound numbers
     (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag share
-    its meaning (e.g. --layers for wemask and norm-rescale).
+    its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
+    budgeted patch) from varying it.
     """
 
     name: str
@@ -37,6 +38,7 @@ class Param:
     choices: tuple[str, ...] = ()
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
     same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
+    search: bool = True
 
     @property
     def where(self) -> str:
@@ -172,7 +174,9 @@ TOP_K = Param("top_k", "int", 3, "Act on the top-k dims of the massive tokens.",
 DIMS = Param("dims", "int_list", None, "Explicit dims, e.g. 507,247 (overrides --top-k).", flag="--dims", low=0)
 MASK_RATIO = Param("mask_ratio", "float", None, "Dims whose mean |h| is at least this share of the top dim's.",
                    flag="--mask-ratio", low=0.0, high=1.0)
-ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO)
+DIMS_BY = Param("dims_by", "choice", "magnitude", "Choose dims by magnitude at the ME Layer (the same for every layer) "
+                "or by the scan's sink attribution (per layer).", flag="--dims-by", choices=("magnitude", "sink"))
+ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO, DIMS_BY)
 
 
 # The scan's parameters, declared the same way: `scan`/`patch` options, manifest sections and the Python

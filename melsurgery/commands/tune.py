@@ -59,9 +59,9 @@ from melsurgery.recipes import registry
 @quiet_option
 def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_increase, seed, storage, text, heldout,
          max_tokens, windows, scan_path, calib, apply_out, overwrite, revision, device, dtype, quiet) -> None:
-    """Search recipe settings for MODEL: sink reduction after the ME Layer against KL, under a budget.
+    """Search recipe settings for MODEL: the sink cut after the ME Layer against KL, under a budget.
 
-    Trials are scored on a tuning text without writing checkpoints; the choice (the largest reduction
+    Trials are scored on a tuning text without writing checkpoints; the choice (the largest cut
     within the budget) is re-measured on held-out text and written as RUN_DIR/best.yaml, a manifest
     for `patch --manifest`. Exit status: 0, 4 when no trial meets the budget, 2 on errors.
     """
@@ -70,7 +70,7 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     from melsurgery.checkpoint.guard import check_apart
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
-    from melsurgery.errors import UserError
+    from melsurgery.errors import BudgetNotMet
     from melsurgery.search.tune import TuneOptions, run_tune, tune_report, validate
 
     preflight((model,))  # a local model is read-only before --storage and RUN_DIR are checked
@@ -90,7 +90,7 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     click.echo(tune_report(result))
     click.echo(f"wrote {run_dir / 'tune.json'}, {run_dir / 'tune.png'}")
     if result.manifest is None:
-        raise UserError("no trial meets the budget", exit_code=4)
+        raise BudgetNotMet("no trial cuts the sink within the budget")
     if apply_out is not None:
         from melsurgery.surgery.patch import run_patch
 

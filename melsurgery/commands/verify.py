@@ -19,9 +19,7 @@ from melsurgery.commands.shared import (
     torch_dtype,
     write_outputs,
 )
-from melsurgery.errors import UserError
-
-GATE_EXIT = 4
+from melsurgery.errors import BudgetNotMet, UserError
 
 
 @click.command(
@@ -89,4 +87,4 @@ def verify(base, patched, text, max_tokens, max_windows, generations, engine, de
     write_outputs(result.to_json(), json_path, plot_path, plot_verify)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
     if violations:
-        raise UserError("gate violated: " + "; ".join(violations), exit_code=GATE_EXIT)
+        raise BudgetNotMet("gate violated: " + "; ".join(violations))

@@ -6,8 +6,10 @@ string); nested dataclasses; Any, bare dict and bare list (passed through as the
 
 Field metadata: `omit_none` leaves a None field out of the JSON; `none_as` writes None as that value (and reads
 it back as None); `nonfinite_as_text` writes a NaN or infinite float as "nan", "inf" or "-inf" (and reads those
-back); `inside` writes the field in the named object of the document (`{"summary": {field: ...}}`) and reads it
-from there. Reading checks every JSON type and names the first bad field in one line (UserError).
+back); `nan` reads null back as NaN (where a JSON writer wrote a non-finite figure as null); `skip` keeps a field
+out of the document altogether (run-time state beside the record); `inside` writes the field in the named object
+of the document (`{"summary": {field: ...}}`) and reads it from there. Reading checks every JSON type and names
+the first bad field in one line (UserError).
 
 `JsonRecord` gives a result its `to_json`/`from_json`, the same pair for every result.
 """
@@ -110,6 +112,8 @@ def _load_record(tp: Any, value: Any, path: str, need: Need | None) -> Any:
     hints = typing.get_type_hints(tp)
     kwargs = {}
     for f in fields(tp):
+        if "skip" in f.metadata:
+            continue
         holder, sub = value, join(path, f.name)
         if "inside" in f.metadata:
             holder = value.get(f.metadata["inside"])
@@ -117,7 +121,9 @@ def _load_record(tp: Any, value: Any, path: str, need: Need | None) -> Any:
                 need(isinstance(holder, dict), join(path, f.metadata["inside"]), "an object", holder)
             sub = join(join(path, f.metadata["inside"]), f.name)
         raw = holder.get(f.name, MISSING) if isinstance(holder, dict) else MISSING
-        if raw is not MISSING and not ("none_as" in f.metadata and raw == f.metadata["none_as"]):
+        if raw is None and f.metadata.get("nan"):
+            kwargs[f.name] = math.nan
+        elif raw is not MISSING and not ("none_as" in f.metadata and raw == f.metadata["none_as"]):
             if "nonfinite_as_text" in f.metadata and isinstance(raw, str) and raw in _NONFINITE:
                 kwargs[f.name] = _NONFINITE[raw]
             else:
@@ -151,7 +157,7 @@ def dump(obj: Any) -> Any:
         out: dict[str, Any] = {}
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if value is None and "omit_none" in f.metadata:
+            if "skip" in f.metadata or (value is None and "omit_none" in f.metadata):
                 continue
             if value is None and "none_as" in f.metadata:
                 value = f.metadata["none_as"]

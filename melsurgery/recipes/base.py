@@ -143,6 +143,32 @@ def pick_dims(scan: ScanResult, top_k: int | None = None, dims: list[int] | None
     return tuple(d.dim for d in ranked[:k])
 
 
+def sink_dims(scan: ScanResult, layer: int, top_k: int, mask_ratio: float | None, recipe: str) -> tuple[int, ...]:
+    """The attention-input dims of the massive tokens that drive the sink at `layer` (the scan's attribution)."""
+    entry = {s.layer: s for s in scan.sink_dims}.get(layer)
+    ranked = entry.dims if entry else ()
+    if not ranked:
+        raise UserError(f"{recipe} --dims-by sink: the scan has no sink attribution at layer {layer} (the massive "
+                        "tokens do not stand out there); choose other --layers or --dims-by magnitude")
+    if mask_ratio is not None:
+        return tuple(d.dim for d in ranked if d.score >= mask_ratio * ranked[0].score)
+    if top_k > len(ranked):
+        raise UserError(f"{recipe} --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
+                        f"{len(ranked)} or less")
+    return tuple(d.dim for d in ranked[:top_k])
+
+
+def layer_dims(scan: ScanResult, params: dict, recipe: str) -> Callable[[int], tuple[int, ...]]:
+    """Per layer, the dims a recipe acting on attention inputs acts on: the same magnitude-chosen (or explicit)
+    dims for every layer, or, with dims_by "sink", each layer's own sink-driving dims."""
+    if params["dims_by"] == "sink":
+        if params["dims"]:
+            raise UserError(f"{recipe}: --dims names the dims itself; drop --dims-by sink or --dims")
+        return lambda layer: sink_dims(scan, layer, params["top_k"], params["mask_ratio"], recipe)
+    fixed = pick_dims(scan, params["top_k"], params["dims"], params["mask_ratio"])
+    return lambda layer: fixed
+
+
 def require_me(scan: ScanResult) -> int:
     """The scan's ME Layer; a recipe without one has nothing to mitigate."""
     if scan.me_layer is None:

@@ -13,7 +13,7 @@ import torch
 from melsurgery.architectures import BASE_KEY, PATCHED_ARCH_PREFIX, PATCHED_MODEL_TYPE, WEMASK_KEY
 from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
-from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, WriteRecord
+from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, SearchRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
 from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
@@ -69,8 +69,11 @@ def run_patch(
     device: str = "cpu",
     progress: bool = False,
     verify: dict | None = None,
+    search: SearchRecord | None = None,
 ) -> PatchResult:
-    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
+    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed.
+
+    `search`: how a budgeted patch chose these recipes (the card and provenance record it)."""
     # everything that can be checked without calibrating is checked first: fail fast
     recipes = resolve_recipes(manifest.recipes)
     check_scan_params(manifest.calibration, manifest.detection)
@@ -108,12 +111,12 @@ def run_patch(
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
-                           measurements=measurements_for_card(measured) if measured else None)
+                           measurements=measurements_for_card(measured) if measured else None, search=search)
         (tmp / MODEL_CARD).write_text(card)
         # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
                          measurements=measured.compact() if measured else None, known=written.outputs,
-                         writer=written.record)
+                         writer=written.record, search=search)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured, written.record)
 
 
@@ -213,7 +216,8 @@ def check_written(folder: Path, source: Checkpoint, applied: list[AppliedEdit]) 
 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
                      applied: list, inputs: dict, measurements: dict | None = None,
-                     known: dict[str, str] | None = None, writer: WriteRecord | None = None) -> Provenance:
+                     known: dict[str, str] | None = None, writer: WriteRecord | None = None,
+                     search: SearchRecord | None = None) -> Provenance:
     """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
 
     `applied`: the writer's records (AppliedEdit, or GGUFEdit for a GGUF output); `known`: sha256 already
@@ -230,6 +234,7 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: Sca
         scan=scan_summary(scan),
         measurements=measurements or {},
         writer=writer,
+        search=search,
     ).with_outputs(folder, known)
     prov.write(folder)
     return prov
