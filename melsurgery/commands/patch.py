@@ -130,7 +130,7 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
         man.base_model = base_model or man.base_model
     else:
         if not recipes:
-            raise UserError("name at least one --recipe (wemask, norm-rescale, ffn-dampen, me-norm) or a --manifest")
+            raise UserError(f"name at least one --recipe ({', '.join(registry())}) or a --manifest")
         man = Manifest(
             model=model or "default",
             revision=revision,

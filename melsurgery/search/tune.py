@@ -147,6 +147,8 @@ def validate(opts: TuneOptions) -> TuneOptions:
     for r in opts.recipes:
         if r not in known:
             raise UserError(f"--recipes: unknown recipe {r!r}; available: {', '.join(known)}")
+        if known[r].fit is not None:
+            raise UserError(f"--recipes: {r} is fitted, not searched by tune; `patch --recipe {r}` fits it")
     if len(set(opts.recipes)) != len(opts.recipes):
         raise UserError("--recipes: a recipe is named twice")
     if opts.objective not in OBJECTIVES:
@@ -346,7 +348,7 @@ class Space:
 
 def _searched(p) -> bool:
     """Whether the search varies this declared parameter."""
-    return p.name not in FIXED and (p.default is not None or p.same_as is not None)
+    return p.search and p.name not in FIXED and (p.default is not None or p.same_as is not None)
 
 
 def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
@@ -361,15 +363,6 @@ def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
 
 
 # --- Texts ---
-
-def split_text(raw: str) -> tuple[str, str]:
-    """Tuning and held-out halves of one text, cut at the paragraph boundary nearest the middle."""
-    cuts = [i for i in range(len(raw)) if raw.startswith("\n\n", i)]
-    if not cuts:
-        cuts = [i for i, c in enumerate(raw) if c == "\n"] or [len(raw) // 2]
-    cut = min(cuts, key=lambda i: abs(i - len(raw) // 2))
-    return raw[:cut].strip() + "\n", raw[cut:].strip() + "\n"
-
 
 def text_windows(tokenizer, raw: str, max_tokens: int, limit: int | None):
     """Windows exactly as `verify` cuts them from the same text (each starts with the special prefix)."""
@@ -477,7 +470,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     from melsurgery.calibrate.samples import CalibrationSpec
     from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.detect.scan import run_scan
-    from melsurgery.measure.verify import eval_text
+    from melsurgery.measure.verify import eval_text, split_text
     from melsurgery.params import DetectParams
     from melsurgery.surgery.manifest import Manifest
 
