@@ -22,10 +22,10 @@ LAYER_WORDS = ("next", "after-me", "me")
 class Param:
     """One recipe parameter.
 
-    `kind` is one of float, int, choice, layers, int_list, neurons; `low`/`high` bound numbers
-    (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag share
-    its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
-    budgeted patch) from varying it.
+    `kind` is one of float, int, choice, layers, int_list, float_list, neurons; `low`/`high` bound
+    numbers (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag
+    share its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
+    budgeted patch) from varying it: settings of how a recipe is fitted, and values a fit fills in.
     """
 
     name: str
@@ -68,6 +68,8 @@ class Param:
             return _layers(value, where)
         if self.kind == "int_list":
             return _int_list(value, where, self.low)
+        if self.kind == "float_list":
+            return _float_list(value, where)
         if self.kind == "neurons":
             return _neurons(value, where)
         raise AssertionError(self.kind)
@@ -128,6 +130,25 @@ def _int_list(value: object, where: str, low: float | None) -> list[int]:
         out.append(n)
     if not out:
         raise UserError(f"{where} {quote(value)}: the list is empty")
+    return out
+
+
+def _float_list(value: object, where: str) -> list[float]:
+    """Finite numbers (a fitted vector); in a manifest a YAML list, on the command line comma-separated."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise UserError(f"{where}: expected a non-empty list of numbers")
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            x = float(item)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: {item!r} is not a number") from None
+        if not math.isfinite(x):
+            raise UserError(f"{where}: {item!r} is not a finite number")
+        out.append(x)
     return out
 
 

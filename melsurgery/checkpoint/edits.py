@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Edit:
-    """w_eff <- scale * w_eff + shift on a slice, where w_eff = offset + w.
+    """w_eff <- scale * w_eff + shift (+ add) on a slice, where w_eff = offset + w.
 
     `axis` and `index` select the slice (rows: axis 0, columns: axis 1, None: the whole tensor);
     `offset` is the norm convention (1.0 for Gemma's (1 + g) norms) so that scaling acts on the
-    effective weight.
+    effective weight. `add` is a vector added to each selected row (axis 0) or column (axis 1) of a
+    matrix: with scale 0 it sets them (first-token writes its fitted embedding row so).
     """
 
     tensor: str
@@ -32,7 +33,7 @@ class Edit:
     index: tuple[int, ...] | None = None
     offset: float = 0.0
     why: str = ""
-
+    add: tuple[float, ...] | None = None
 
 
 def apply_edit(weight: torch.Tensor, edit: Edit) -> torch.Tensor:
@@ -40,6 +41,11 @@ def apply_edit(weight: torch.Tensor, edit: Edit) -> torch.Tensor:
     import torch
 
     w = weight.float().clone()
+    if edit.add is not None:
+        other = w.shape[1 - edit.axis] if w.dim() == 2 and edit.axis in (0, 1) else None
+        if edit.index is None or other != len(edit.add):
+            raise UserError(f"{edit.tensor}: a vector edit needs a matrix, selected rows or columns, and "
+                            f"{other} values (got {len(edit.add)})")
     if edit.index is None:
         w.copy_(_affine(w, edit))
         return w
@@ -86,10 +92,17 @@ def edited_rows(rows: torch.Tensor, row_ids: list[int], edits: list[Edit]) -> to
 
 def _affine(x: torch.Tensor, e: Edit) -> torch.Tensor:
     if e.offset:
-        return (x + e.offset) * e.scale + e.shift - e.offset
-    return x * e.scale + e.shift
+        x = (x + e.offset) * e.scale + e.shift - e.offset
+    else:
+        x = x * e.scale + e.shift
+    if e.add is not None:
+        import torch
+
+        vec = torch.tensor(e.add, dtype=x.dtype)
+        x = x + (vec if e.axis == 0 else vec[:, None])
+    return x
 
 
 def is_identity(edit: Edit) -> bool:
     """An edit that leaves every entry as it was (the writer skips it)."""
-    return edit.scale == 1.0 and edit.shift == 0.0
+    return edit.scale == 1.0 and edit.shift == 0.0 and not any(edit.add or ())

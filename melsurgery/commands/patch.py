@@ -225,8 +225,8 @@ def _from_flags(model, revision, base_model, recipes, values, calibration: tuple
     from melsurgery.surgery.manifest import Manifest
 
     if not recipes and not budgeted:
-        raise UserError("name at least one --recipe (wemask, norm-rescale, ffn-dampen, me-norm), a --manifest, or "
-                        "a budget (--max-kl) to search for the best one")
+        raise UserError(f"name at least one --recipe ({', '.join(registry())}), a --manifest, or a budget "
+                        "(--max-kl) to search for the best one")
     return Manifest(model=model or "default", revision=revision, base_model=base_model,
                     calibration=CalibrationSpec(*calibration),
                     detection=DetectParams(abs_threshold=detection[0], ratio=detection[1],

@@ -32,7 +32,8 @@ from melsurgery.recipes import registry
 @click.option("--trials", type=int, default=50, show_default=True,
               help="Trials the study should hold; rerunning continues up to this many (all workers together).")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
-@click.option("--recipes", "recipes", default=",".join(registry()), show_default=True,
+@click.option("--recipes", "recipes", default=",".join(n for n, r in registry().items() if r.fit is None),
+              show_default=True,
               help="Recipes to search, comma-separated; trials compose any non-empty subset.")
 @click.option("--objective", type=click.Choice(["sink", "ratio"]), default="sink", show_default=True,
               help="Reduction to maximise after the ME Layer: the sink score or the max/median ratio.")

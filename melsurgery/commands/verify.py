@@ -34,6 +34,10 @@ from melsurgery.errors import BudgetNotMet, UserError
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")
 @click.option("--windows", "max_windows", type=click.IntRange(min=1), default=None, help="Evaluate at most N windows.")
+@click.option("--prefix", type=click.Choice(["tokenizer", "chat"]), default=None,
+              help="What each window opens with: the tokenizer's own prefix (BOS where it adds one) or a chat's "
+                   "opening (the chat template up to the user's text). Default: what the patch assumes "
+                   "(provenance.json), else tokenizer.")
 @click.option("--generations", type=click.IntRange(min=0, max=3), default=3, show_default=True,
               help="Greedy generations shown side by side.")
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
@@ -49,8 +53,8 @@ from melsurgery.errors import BudgetNotMet, UserError
 @click.option("--min-sink-reduction", type=float, callback=finite_float, default=None,
               help="Gate: fail when the sink drops less (percent).")
 @quiet_option
-def verify(base, patched, text, max_tokens, max_windows, generations, engine, device, dtype, json_path, plot_path,
-           max_kl, max_ppl_increase, min_sink_reduction, quiet) -> None:
+def verify(base, patched, text, max_tokens, max_windows, prefix, generations, engine, device, dtype, json_path,
+           plot_path, max_kl, max_ppl_increase, min_sink_reduction, quiet) -> None:
     """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
 
     Either may be a .gguf file (compared through its dequantised weights).
@@ -80,7 +84,7 @@ def verify(base, patched, text, max_tokens, max_windows, generations, engine, de
         quiet_transformers()
     result = run_verify(base_folder, patched, text=text, max_tokens=max_tokens, max_windows=max_windows,
                         device=device, dtype=torch_dtype(dtype), generations=generations,
-                        progress=not quiet, engine=engine)
+                        progress=not quiet, engine=engine, prefix=prefix)
     click.echo(verify_report(result))
     from melsurgery.report.plot import plot_verify
 

@@ -91,6 +91,9 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
                   "knows, so this card carries no `license`: the base model's terms apply.", ""]
     lines += ["## What was done", ""]
     lines += [f"- {p.summary}" for p in plans]
+    assumed = [p.assumes for p in plans if getattr(p, "assumes", "")]
+    if assumed:
+        lines += ["", "## Input this patch assumes", ""] + [f"- The patch assumes that {a}." for a in assumed]
     lines += ["", "Edited tensors (all others are byte-identical to the base):", ""]
     lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
         "- none"]

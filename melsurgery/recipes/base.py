@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from melsurgery.architectures import ATTENTION, Family
 from melsurgery.checkpoint.edits import Edit
@@ -66,7 +67,8 @@ class WeMaskSpec:
 
 @dataclass
 class RecipePlan:
-    """A recipe's plan: resolved params, a one-line summary, folded edits and/or a WeMask spec."""
+    """A recipe's plan: resolved params, a one-line summary, folded edits and/or a WeMask spec, and what the
+    patch assumes of its input (the model card says so; empty: nothing)."""
 
     recipe: str
     params: dict
@@ -74,6 +76,7 @@ class RecipePlan:
     edits: list[Edit] = field(default_factory=list)
     wemask: WeMaskSpec | None = None
     folds: bool = True
+    assumes: str = ""
 
 
 def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int) -> tuple[int, ...]:
@@ -180,13 +183,35 @@ PlanFn = Callable[[ScanResult, Family, dict, dict], RecipePlan]
 
 
 @dataclass(frozen=True)
+class FitContext:
+    """What a recipe with fitted values (first-token) fits them on: the model folder and its scan, the fitting
+    text (never the held-out text), where to run, and a folder where fitted paths are cached (None: no cache)."""
+
+    folder: Path
+    family: Family
+    config: dict
+    scan: ScanResult
+    text: str
+    device: str = "cpu"
+    progress: bool = False
+    cache: Path | None = None
+
+
+FitFn = Callable[[FitContext, dict, list[RecipePlan]], dict]
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A recipe: its name, its parameters (declared once, see `params`) and its planner."""
+    """A recipe: its name, its parameters (declared once, see `params`) and its planner; a recipe with fitted
+    values also has `fit` (params and the other recipes' plans -> params with the fitted values) and
+    `needs_fit` (whether the params lack them)."""
 
     name: str
     plan: PlanFn
     params: tuple[Param, ...]
     folds: bool
+    fit: FitFn | None = None
+    needs_fit: Callable[[dict], bool] | None = None
 
     def resolve(self, given: dict | None, strict: bool = False) -> dict:
         """Validated parameters with defaults filled in (raises UserError before any work is done)."""

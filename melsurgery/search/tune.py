@@ -92,6 +92,8 @@ def check_recipes(names: tuple[str, ...], flag: str = "--recipes") -> None:
     for r in names:
         if r not in known:
             raise UserError(f"{flag}: unknown recipe {r!r}; available: {', '.join(known)}")
+        if known[r].fit is not None:
+            raise UserError(f"{flag}: {r} is fitted, not searched; `patch --recipe {r}` fits it")
     if len(set(names)) != len(names):
         raise UserError(f"{flag}: a recipe is named twice")
 
@@ -225,15 +227,6 @@ class TuneResult:
 
 # --- Texts ---
 
-def split_text(raw: str) -> tuple[str, str]:
-    """Tuning and held-out halves of one text, cut at the paragraph boundary nearest the middle."""
-    cuts = [i for i in range(len(raw)) if raw.startswith("\n\n", i)]
-    if not cuts:
-        cuts = [i for i, c in enumerate(raw) if c == "\n"] or [len(raw) // 2]
-    cut = min(cuts, key=lambda i: abs(i - len(raw) // 2))
-    return raw[:cut].strip() + "\n", raw[cut:].strip() + "\n"
-
-
 def text_windows(tokenizer, raw: str, max_tokens: int, limit: int | None):
     """Windows exactly as `verify` cuts them from the same text (each starts with the special prefix)."""
     from melsurgery.measure.verify import make_windows
@@ -262,7 +255,7 @@ def read_texts(folder: Path, text: Path | None, heldout: Path | None, max_tokens
     """Tuning and held-out windows: `text` split in halves (default: the embedded held-out text), or `text`
     for tuning and `heldout` apart."""
     from melsurgery.checkpoint.safeload import load_tokenizer
-    from melsurgery.measure.verify import eval_text
+    from melsurgery.measure.verify import eval_text, split_text
 
     raw, text_name = eval_text(text)
     if heldout is None:

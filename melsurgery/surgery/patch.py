@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from melsurgery.architectures import BASE_KEY, PATCHED_ARCH_PREFIX, PATCHED_MODEL_TYPE, WEMASK_KEY
+from melsurgery.architectures import BASE_KEY, PATCHED_ARCH_PREFIX, PATCHED_MODEL_TYPE, WEMASK_KEY, family_for
 from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
 from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, SearchRecord, WriteRecord
@@ -22,10 +22,19 @@ from melsurgery.detect.scan import ScanResult, check_scan_params, run_scan
 from melsurgery.errors import UserError
 from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
+from melsurgery.measure.verify import eval_text, input_prefix, split_text
 from melsurgery.measure.verify_result import VerifyResult, measurements_for_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.params import LAYER_WORDS
-from melsurgery.recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
+from melsurgery.recipes import (
+    FitContext,
+    RecipePlan,
+    WeMaskSpec,
+    fit_recipes,
+    parse_layers,
+    plan_recipes,
+    resolve_recipes,
+)
 from melsurgery.surgery.manifest import Manifest
 from melsurgery.version import __version__
 
@@ -70,10 +79,14 @@ def run_patch(
     progress: bool = False,
     verify: dict | None = None,
     search: SearchRecord | None = None,
+    fit_text: str | None = None,
 ) -> PatchResult:
     """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed.
 
-    `search`: how a budgeted patch chose these recipes (the card and provenance record it)."""
+    `search`: how a budgeted patch chose these recipes (the card and provenance record it). Recipes with fitted
+    values (first-token) are fitted after the scan on `fit_text` (default: the tuning half of the embedded
+    evaluation text, the half that verify's held-out figures in tune never see); the written manifest holds the
+    fitted values, so it reproduces the patch without fitting again."""
     # everything that can be checked without calibrating is checked first: fail fast
     recipes = resolve_recipes(manifest.recipes)
     check_scan_params(manifest.calibration, manifest.detection)
@@ -87,6 +100,8 @@ def run_patch(
                         progress=progress)
     else:
         check_scan_fits(scan, ckpt.config)
+    manifest = fitted(manifest, source, scan, device=device, progress=progress, fit_text=fit_text)
+    recipes = manifest.recipes
     plans = plan_recipes(scan, family, ckpt.config, recipes)
     check_plans(plans, ckpt)
     edits = [e for p in plans for e in p.edits]
@@ -107,7 +122,8 @@ def run_patch(
             from melsurgery.measure.verify import run_verify
 
             measured = run_verify(source.folder, tmp, device=device, progress=progress, params=scan.params,
-                                  claimed_edits=sorted({a.tensor for a in applied}), **verify)
+                                  claimed_edits=sorted({a.tensor for a in applied}),
+                                  **{"prefix": input_prefix(recipes), **verify})
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
@@ -130,6 +146,17 @@ def patched_config(config: dict, spec: dict) -> dict:
     return {**config, "model_type": PATCHED_MODEL_TYPE, "architectures": [PATCHED_ARCH_PREFIX + n for n in names],
             BASE_KEY: {"model_type": config["model_type"], "architectures": names}, "auto_map": AUTO_MAP,
             WEMASK_KEY: spec}
+
+
+def fitted(manifest: Manifest, source: Source, scan: ScanResult, *, device: str = "cpu", progress: bool = False,
+           fit_text: str | None = None) -> Manifest:
+    """The manifest with the fitted values of its recipes filled in (first-token's row), fitted after the scan on
+    `fit_text` (default: the tuning half of the embedded evaluation text, the half tune never reports on); the
+    written manifest then reproduces the patch without fitting again."""
+    ckpt = Checkpoint(source.folder)
+    text = split_text(eval_text(None)[0])[0] if fit_text is None else fit_text
+    ctx = FitContext(source.folder, family_for(ckpt.config), ckpt.config, scan, text, device, progress)
+    return replace(manifest, recipes=fit_recipes(ctx, manifest.recipes))
 
 
 def check_scan_fits(scan: ScanResult, config: dict) -> None:
@@ -161,7 +188,7 @@ def check_plans(plans: list[RecipePlan], ckpt: Checkpoint) -> None:
     for plan in plans:
         for e in plan.edits:
             shape = ckpt.info(e.tensor).shape
-            if not all(math.isfinite(x) for x in (e.scale, e.shift, e.offset)):
+            if not all(math.isfinite(x) for x in (e.scale, e.shift, e.offset, *(e.add or ()))):
                 raise UserError(f"{plan.recipe}: the edit of {e.tensor} has a non-finite factor")
             if e.index is None:
                 continue
