@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
@@ -115,8 +116,8 @@ def calibration_options(f):
                         help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages).")(f)
 
 
-def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
-    """--json and --plot of a command's result, each announced on its own line."""
+def write_outputs(result: JsonRecord | dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    """--json (`to_json()` of a typed result) and --plot of a command's result, each announced on its own line."""
     if json_path:
         from melsurgery.detect.scan import write_json
 
