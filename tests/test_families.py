@@ -136,7 +136,7 @@ RECIPE_IDS = ["wemask", "wemask-first", "norm-rescale", "ffn-dampen", "me-norm"]
 
 
 DEFAULTS = {"norm-rescale": {"factor": 0.5}, "ffn-dampen": {"factor": 0.2}, "me-norm": {"factor": 0.5},
-            "wemask": {"strength": 1.0}}  # the README's documented defaults
+            "wemask": {"strength": 1.0}}  # the documented defaults (docs/recipes.md)
 
 
 def reference_for(recipe, params, plan, model, scan, model_type):

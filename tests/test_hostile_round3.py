@@ -61,7 +61,7 @@ def test_tune_refuses_before_any_work(sharded, files, tmp_path):
         (("tune", src, "-o", run, "--seed", "-1", *common), "--seed -1: must lie in [0, 4294967295]"),
         (("tune", src, "-o", run, "--seed", str(2**32), *common), "must lie in [0, 4294967295]"),
         (("tune", src, "-o", src / "run", *common), "is inside the source model folder"),
-        (("tune", src, "-o", run, "--apply", run, *common), "holds the run folder"),
+        (("tune", src, "-o", run, "--apply", run, *common), "is the run folder"),
         (("tune", src, "-o", run / "study", "--apply", run, *common), "holds the run folder"),
         (("tune", src, "-o", run, "--scan", wider_scan(sharded, tmp_path), "--text", files / "text.txt", *TUNE),
          "the --scan result is for a model with 128 hidden size, this one has 64"),

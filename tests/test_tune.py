@@ -113,7 +113,7 @@ def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmo
 
 def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
     """A folded edit (ffn-dampen) applied in memory gives the figures verify gives for the written checkpoint."""
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.measure.verify import run_verify
     from melsurgery.surgery.manifest import Manifest
     from melsurgery.surgery.patch import run_patch

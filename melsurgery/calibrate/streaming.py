@@ -22,8 +22,9 @@ from torch import nn
 
 from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.checkpoint.validate import check_finite
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 
 @functools.cache
@@ -54,18 +55,15 @@ class StreamingModel:
     def __init__(
         self, ckpt: Checkpoint, family: Family, device: str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
         _fixed_mmap_threshold()
-        try:
-            config = AutoConfig.from_pretrained(ckpt.folder)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"{ckpt.folder}/config.json: transformers cannot read it: {exc}") from None
+        config = load_config(ckpt.folder)
         if getattr(config, "use_bidirectional_attention", False):
             raise UserError(f"{ckpt.folder}: bidirectional attention (an encoder); melsurgery scans causal LMs")
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            self.skeleton = from_config(AutoModelForCausalLM, config, attn_implementation="eager")
         self.config = self.skeleton.config
         self.layers: nn.ModuleList = submodule(self.skeleton, family.layers_module)  # type: ignore[assignment]
         # Gemma scales embeddings inside the embedding module, by a non-persistent buffer: read its
@@ -84,10 +82,10 @@ class StreamingModel:
             try:
                 self.mixers.append(family.mixer(t))
             except UserError:
-                raise UserError(f"{self.ckpt.folder}: layer {i} has type {t!r}, which melsurgery cannot reproduce "
+                raise UserError(f"{self.ckpt.folder}: layer {i} has type {quote(t)}, which melsurgery cannot reproduce "
                                 f"for {family.name}") from None
             if not has_submodule(self.layers[i], self.mixers[i].module):
-                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {self.mixers[i].module!r} module; "
+                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {quote(self.mixers[i].module)} module; "
                                 f"is this really a {family.name} model?")
 
     def _layer_type(self, i: int) -> str:

@@ -17,7 +17,9 @@ import torch
 
 from melsurgery.architectures import Family, family_for
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.errors import UserError
+from melsurgery.checkpoint.safeload import from_config, from_pretrained
+from melsurgery.errors import UserError, quote
+from melsurgery.formats.typed import Need, is_int, is_num
 
 # Config sizes that must be positive integers when present (the first four always).
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -31,32 +33,37 @@ _BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, Ze
 def open_model(folder: Path) -> tuple[Checkpoint, Family]:
     """The checkpoint and its family, with config and tensor shapes proven consistent."""
     ckpt = Checkpoint(folder)
+    check_config_types(ckpt.config, ckpt.folder / "config.json")  # before anything sizes a list by them
     family = family_for(ckpt.config)
-    check_config_types(ckpt.config, ckpt.folder / "config.json")
     check_shapes(ckpt, family)
+    check_custom_layer(ckpt, family)
     return ckpt, family
 
 
+MAX_SIZE = 2**31 - 1  # no real size comes near; a larger one would size lists and tensors by it
+
+
 def _is_size(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_SIZE
 
 
 def check_config_types(config: dict, where: Path | str) -> None:
     """Every size is a positive integer and rms_norm_eps a finite non-negative number: one message per field."""
     for key in REQUIRED_SIZES:
         if key not in config:
-            raise UserError(f"{where}: missing {key!r}; is this a complete model config?")
+            raise UserError(f"{where}: missing {quote(key)}; is this a complete model config?")
     for key in (*REQUIRED_SIZES, *OPTIONAL_SIZES):
         value = config.get(key)
         if (key in REQUIRED_SIZES or value is not None) and not _is_size(value):
-            raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+            limit = " of at most 2^31 - 1" if isinstance(value, int) and value > MAX_SIZE else ""
+            raise UserError(f"{where}: {key} must be a positive integer{limit}, got {quote(value)}")
     window = config.get("sliding_window")  # 0 or null: no sliding window (Qwen2-MoE configs say 0)
     if window is not None and not (_is_size(window) or window == 0):
-        raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {window!r}")
+        raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {quote(window)}")
     eps = config.get("rms_norm_eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
                             or eps < 0):
-        raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {eps!r}")
+        raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {quote(eps)}")
 
 
 def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -66,9 +73,9 @@ def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
 
     where = ckpt.folder / "config.json"
     try:
-        config = AutoConfig.from_pretrained(ckpt.folder)
+        config = from_pretrained(AutoConfig, ckpt.folder)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            model = from_config(AutoModelForCausalLM, config, attn_implementation="eager")
     except (*_BUILD_ERRORS, StrictDataclassError) as exc:
         last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
         raise UserError(f"{where}: transformers cannot build a model from it ({last})") from None
@@ -81,7 +88,7 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     n = ckpt.config["num_hidden_layers"]
     pattern = re.compile("^" + re.escape(family.layers).replace(r"\{i\}", r"(\d+)"))
     present = sorted({int(m[1]) for name in ckpt.names() if (m := pattern.match(name))})
-    if present != list(range(n)):
+    if len(present) != n or present != list(range(n)):
         held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
         raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
                         f"({len(present)} layers); fix the config or re-download the checkpoint")
@@ -107,6 +114,55 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     for name in (family.embed, family.tensor(0, family.attn_norm) if family.attn_norm else None):
         if name is not None and name not in actual:
             raise UserError(f"{ckpt.folder}: the weights have no {name}")
+
+
+WEMASK_KEY = "melsurgery_wemask"  # the custom layer's entry in config.json (engines/modeling_melsurgery.py)
+_FIX_WEMASK = "the custom layer's settings were edited by hand or damaged; re-run the patch"
+
+
+def check_custom_layer(ckpt: Checkpoint, family: Family) -> None:
+    """A WeMask entry in config.json, checked field by field against the model before the custom layer is
+    installed: the hooks index tensors by these numbers and look modules up by these names."""
+    spec = ckpt.config.get(WEMASK_KEY)
+    if spec is None:
+        return
+    need = Need(f"{ckpt.folder / 'config.json'}: {WEMASK_KEY}", _FIX_WEMASK)
+    hidden, n = ckpt.config["hidden_size"], ckpt.config["num_hidden_layers"]
+    need(isinstance(spec, dict), "the entry", "an object", spec)
+    need(spec.get("layers_module", family.layers_module) == family.layers_module, "layers_module",
+         quote(family.layers_module), spec.get("layers_module"))
+    for key, want in (("norm", family.attn_norm), ("attn", family.attn)):
+        if key in spec:
+            need(spec[key] == want, key, quote(want), spec[key])
+    need(spec.get("selector", "magnitude") in ("magnitude", "first"), "selector", "'magnitude' or 'first'",
+         spec.get("selector"))
+    need(spec.get("replace", "zero") in ("zero", "mean"), "replace", "'zero' or 'mean'", spec.get("replace"))
+    _check_indices(need, "selector_dims", spec.get("selector_dims", []), hidden, "hidden size")
+    entries = spec.get("per_layer")
+    need(isinstance(entries, list) and bool(entries), "per_layer", "a non-empty list", entries)
+    for k, entry in enumerate(entries):
+        at = f"per_layer[{k}]"
+        need(isinstance(entry, dict), at, "an object", entry)
+        need(is_int(entry.get("layer"), 0) and entry["layer"] < n, f"{at}.layer", f"a layer below {n}",
+             entry.get("layer"))
+        _check_indices(need, f"{at}.dims", entry.get("dims"), hidden, "hidden size", empty=False)
+        strength = entry.get("strength")
+        need(is_num(strength) and 0 <= strength <= 1, f"{at}.strength", "a number in [0, 1]", strength)
+        if spec.get("selector", "magnitude") == "magnitude":
+            need(is_num(entry.get("threshold")), f"{at}.threshold", "a finite number", entry.get("threshold"))
+        values = entry.get("values")
+        need(values is None or (isinstance(values, list) and len(values) == len(entry["dims"])
+                                and all(is_num(v) for v in values)),
+             f"{at}.values", f"null or {len(entry['dims'])} finite numbers", values)
+    layers = spec.get("layers", [e["layer"] for e in entries])
+    need(isinstance(layers, list) and all(is_int(i, 0) for i in layers)
+         and set(layers) <= {e["layer"] for e in entries}, "layers", "a list of layers that per_layer configures",
+         layers)
+
+
+def _check_indices(need: Need, path: str, value: object, size: int, what: str, empty: bool = True) -> None:
+    need(isinstance(value, list) and (empty or bool(value)) and all(is_int(v, 0) and v < size for v in value),
+         path, f"a {'' if empty else 'non-empty '}list of indices below the {what} {size}", value)
 
 
 def nonfinite(t: torch.Tensor) -> int:

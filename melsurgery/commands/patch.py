@@ -6,9 +6,12 @@ from pathlib import Path
 
 import click
 
+from melsurgery.checkpoint.atomic import check_output
 from melsurgery.commands.shared import (
     calibration_options,
     device_option,
+    examples,
+    preflight,
     quiet_option,
     quiet_transformers,
     revision_option,
@@ -68,7 +71,13 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
     return out
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery patch default -o out/damp --recipe ffn-dampen --dampen 0.2 --verify",
+        "melsurgery patch default -o out/wemask --scan scan.json --recipe wemask --layers after-me --strength 0.5",
+        "melsurgery patch --manifest manifests/smollm2-wemask.yaml -o out/wemask   # bit for bit",
+    )
+)
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder, or a .gguf file (GGUF output from a GGUF source).")
@@ -140,17 +149,20 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
             recipes=resolve_recipes(_params_from_flags(recipes, values)),
         )
     gguf_out = fmt == "gguf" or (fmt is None and out.suffix.lower() == ".gguf")
+    preflight((man.model,))  # the model read-only before anything is checked or written
     if gguf_out:
-        from melsurgery.surgery.gguf_patch import gguf_source_file, preflight
+        from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file
 
         # before resolving, which converts a GGUF on first use
-        preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
+        gguf_preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
                   overwrite=overwrite)
         if do_verify or link:
             raise UserError(f"{'--verify' if do_verify else '--link'} applies to safetensors output; for GGUF "
                             "output run `melsurgery verify BASE.gguf OUT.gguf` afterwards")
     elif fmt == "safetensors" and out.suffix.lower() == ".gguf":
         raise UserError(f"{out}: --format safetensors writes a folder; name it without .gguf")
+    else:
+        check_output(out, overwrite)
     source = resolve(man.model, man.revision)
     scan = read_json(scan_path) if scan_path else None
     if quiet:
@@ -179,6 +191,8 @@ def patch(model, out, fmt, recipes, manifest, scan_path, revision, base_model, c
         click.echo(f"  {p.summary}")
     for a in result.applied:
         click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
+    if result.writer is not None:
+        click.echo(f"  weights: {result.writer.summary}")
     how = "trust_remote_code=True or melsurgery.load()" if result.custom_layer else "stock transformers"
     if result.verified:
         from melsurgery.measure.verify import verify_report

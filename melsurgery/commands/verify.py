@@ -9,9 +9,11 @@ import click
 from melsurgery.commands.shared import (
     device_option,
     dtype_option,
+    examples,
     finite_float,
     json_option,
     plot_option,
+    preflight,
     quiet_option,
     quiet_transformers,
     torch_dtype,
@@ -22,7 +24,13 @@ from melsurgery.errors import UserError
 GATE_EXIT = 4
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery verify default out/damp --json verify.json --plot verify.png",
+        "melsurgery verify default out/damp --windows 2 --max-kl 0.05 --min-sink-reduction 5   # exit 4 on a gate",
+        "melsurgery verify model.Q4_1.gguf out/model-damp.gguf   # GGUF files, by their dequantised weights",
+    )
+)
 @click.argument("base")
 @click.argument("patched", type=click.Path(path_type=Path, exists=True))
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
@@ -48,15 +56,15 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
 
     Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
     """
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.checkpoint.validate import open_model
     from melsurgery.measure.verify import Gates, run_verify, verify_report
 
-    if patched.is_file():
-        if patched.suffix.lower() != ".gguf":
-            raise UserError(f"{patched}: PATCHED must be a model folder or a .gguf file")
-        patched = resolve(str(patched)).folder  # dequantised through transformers, like a GGUF base
+    preflight((base, patched), (json_path, plot_path))
+    if patched.is_file() and patched.suffix.lower() != ".gguf":
+        raise UserError(f"{patched}: PATCHED must be a model folder or a .gguf file")
+    patched = resolve(str(patched)).folder  # a .gguf is dequantised through transformers, like a GGUF base
     base_folder = resolve(base).folder
     for folder in (base_folder, patched):  # safetensors only, config consistent with the weights: before loading
         open_model(folder)

@@ -56,7 +56,8 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import ITEMSIZE, TensorInfo, read_bytes
 from melsurgery.checkpoint.source import Source, resolve
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import read_text
 from melsurgery.formats.typed import JsonRecord
 
 JSON_FILES = ("config.json", "generation_config.json")
@@ -232,7 +233,7 @@ def _read(info: TensorInfo) -> bytes:
     except OSError as exc:
         raise UserError(f"{info.path}: cannot read ({exc.strerror or exc})") from None
     if len(data) != info.nbytes:
-        raise UserError(f"{info.path}: truncated while reading {info.name!r}; re-download it")
+        raise UserError(f"{info.path}: truncated while reading {quote(info.name)}; re-download it")
     return data
 
 
@@ -341,8 +342,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return json.loads(read_text(path, "a side file"))
+    except (UserError, ValueError, RecursionError):  # not JSON (or unreadable): compared as bytes
         return None
 
 
@@ -533,6 +534,7 @@ def diff_report(r: DiffResult, *, only_changed: bool = False, stat: bool = False
 
 def write_json(r: DiffResult, path: Path) -> None:
     """Write the diff as JSON (non-finite numbers as null)."""
+    from melsurgery.checkpoint.atomic import write_atomic
     from melsurgery.formats.jsonsafe import dumps
 
-    Path(path).write_text(dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(path, dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n")

@@ -21,7 +21,6 @@ JSON written by ``melsurgery diff A.gguf B.gguf --json`` (`GGUFDiffResult.to_jso
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,5 +191,7 @@ def gguf_diff_report(r: GGUFDiffResult, *, only_changed: bool = False) -> str:
 
 def write_json(r: GGUFDiffResult, path: Path) -> None:
     """Write the JSON document, so scripts read the same figures the report prints."""
-    Path(path).write_text(json.dumps(r.to_json(), indent=1, ensure_ascii=False, default=str) + "\n",
-                          encoding="utf-8")
+    from melsurgery.checkpoint.atomic import write_atomic
+    from melsurgery.formats.jsonsafe import dumps
+
+    write_atomic(path, dumps(r.to_json(), indent=1, ensure_ascii=False, default=str) + "\n")

@@ -17,8 +17,8 @@ from melsurgery.calibrate.samples import CalibrationSpec, read_records, tokenize
 from melsurgery.calibrate.stats import Sample, Stats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import Source
-from melsurgery.checkpoint.tokenizer import load_tokenizer
 from melsurgery.checkpoint.validate import nonfinite, open_model
 from melsurgery.detect import attn_input
 from melsurgery.detect.ffn_attribution import ScanProbe, attribute
@@ -47,7 +47,7 @@ def run_scan(
     dtype: torch.dtype | None = torch.float32,
     progress: bool = False,
 ) -> ScanResult:
-    """Scan a model and return its typed result (README, "Scan JSON"); dtype None: the checkpoint's."""
+    """Scan a model and return its typed result (docs/commands/scan.md, "Scan JSON"); dtype None: the checkpoint's."""
     calib = calib or CalibrationSpec()
     params = params or DetectParams()
     check_scan_params(calib, params)

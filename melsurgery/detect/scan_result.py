@@ -1,4 +1,4 @@
-"""The scan result as typed data: what `scan` writes (README, "Scan JSON", schema_version 1) and what patch, the
+"""The scan result as typed data: what `scan` writes (docs/commands/scan.md, schema_version 1) and what patch, the
 recipes, tune, the model card, the report and verify read.
 
 Torch-free, so that detection, the recipes and the card can share it without a model. `to_json()` gives the
@@ -216,7 +216,7 @@ class LayerRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class ScanResult(JsonRecord):
-    """Everything a scan found, typed (README, "Scan JSON"); the same object in memory and in the JSON.
+    """Everything a scan found, typed (docs/commands/scan.md, "Scan JSON"); the same object in memory and in the JSON.
 
     Fields absent from a JSON take their defaults (a hand-edited or older result still reads).
     """
@@ -283,12 +283,10 @@ class ScanResult(JsonRecord):
 
 def write_json(data: dict, path: Path) -> None:
     """Write a JSON-ready dict (non-finite figures as null); an unwritable path is a one-line user error."""
+    from melsurgery.checkpoint.atomic import write_atomic
     from melsurgery.formats.jsonsafe import dumps
 
-    try:
-        Path(path).write_text(dumps(data, indent=1) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    write_atomic(path, dumps(data, indent=1) + "\n")
 
 
 def _check_references(data: dict, need: Need, path: str) -> None:

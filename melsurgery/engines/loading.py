@@ -16,13 +16,12 @@ def load(path, *, device: str = "cpu", dtype=None, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import from_pretrained, load_tokenizer
     from melsurgery.engines.modeling_melsurgery import apply_wemask
 
     tokenizer = load_tokenizer(path)
     # safetensors only: transformers would otherwise fall back to unpickling pytorch_model.bin
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True, **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, path, dtype=dtype or torch.float32, use_safetensors=True, **kwargs)
     model._melsurgery_hooks = apply_wemask(model)
     model.to(device).eval()
     return model, tokenizer

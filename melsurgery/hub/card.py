@@ -9,6 +9,7 @@ import yaml
 
 from melsurgery.checkpoint.basemodel import BaseModelId
 from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import quote
 from melsurgery.formats import yamlsafe
 from melsurgery.hub.metadata import hub_licenses
 from melsurgery.outputs import MODEL_CARD
@@ -84,7 +85,8 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {title} + melsurgery ({', '.join(recipes)})", "", intro, ""]
     if unknown_license:
-        lines += [f"The base model's card names the licence {unknown_license!r}, which is not a licence id the Hub "
+        lines += [f"The base model's card names the licence {quote(unknown_license)}, which is not a "
+                  "licence id the Hub "
                   "knows, so this card carries no `license`: the base model's terms apply.", ""]
     lines += ["## What was done", ""]
     lines += [f"- {p.summary}" for p in plans]

@@ -23,9 +23,9 @@ from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.tokenizer import load_tokenizer
+from melsurgery.checkpoint.safeload import load_tokenizer, render_chat
 from melsurgery.engines.modeling_melsurgery import CONFIG_KEY
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
 from melsurgery.measure.definitions import find_massive, layer_stats, sink, sink_rate, top_k_for
 from melsurgery.measure.probes import Probe
@@ -156,7 +156,7 @@ def _check_pair(base: Checkpoint, patched: Checkpoint) -> None:
     """A patched checkpoint holds the base's tensors, with the same dtypes and shapes."""
     only = sorted(set(base.names()) ^ set(patched.names()))
     if only:
-        raise UserError(f"{patched.folder}: not a patch of {base.folder}: tensor names differ ({only[0]!r} is in "
+        raise UserError(f"{patched.folder}: not a patch of {base.folder}: tensor names differ ({quote(only[0])} is in "
                         "one only); compare them with `melsurgery diff`")
     for name in base.names():
         a, b = base.info(name), patched.info(name)
@@ -374,8 +374,7 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
     out = []
     for prompt in GEN_PROMPTS[:n]:
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
+            text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
             ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         else:
             ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)

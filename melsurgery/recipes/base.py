@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from melsurgery.architectures import ATTENTION, Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.params import Param
 from melsurgery.params import resolve as resolve_params
 
@@ -97,10 +97,10 @@ def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int
                 else:
                     layers.append(int(part))
             except ValueError:
-                raise UserError(f"--layers {spec!r}: use next, after-me, me, or indices like 12,14-16") from None
+                raise UserError(f"--layers {quote(spec)}: use next, after-me, me, or indices like 12,14-16") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
-        raise UserError(f"--layers {spec!r}: layers must lie in 0-{num_layers - 1} (got {bad or 'none'})")
+        raise UserError(f"--layers {quote(spec)}: layers must lie in 0-{num_layers - 1} (got {bad or 'none'})")
     return tuple(sorted(set(layers)))
 
 

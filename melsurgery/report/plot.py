@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from melsurgery.detect.scan_result import ScanResult
@@ -20,12 +21,15 @@ def _pyplot():
 
 
 def _save(plt, fig, path: Path) -> None:
+    """The PNG rendered in memory, then written whole or not at all (the path guard and atomic write)."""
+    from melsurgery.checkpoint.atomic import write_atomic
+
+    buffer = io.BytesIO()
     try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+        fig.savefig(buffer, dpi=110, format="png")
     finally:
         plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def plot_scan(result: ScanResult, path: Path) -> None:

@@ -25,19 +25,20 @@ import torch
 from melsurgery.architectures import Family, family_for
 from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
-from melsurgery.checkpoint.atomic import check_apart
+from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.edits import Edit, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats.jsonsafe import dumps
+from melsurgery.formats.textfile import open_regular, read_text
 from melsurgery.measure.definitions import find_massive, layer_stats, sink, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.recipes import Recipe, RecipePlan, plan_recipes, registry, require_me, resolve_recipes
+from melsurgery.search.storage import LOCK, STUDY, check_run_dir, check_storage, describe, open_storage, storage_errors
 from melsurgery.surgery.patch import check_scan_fits
 
-STUDY = "melsurgery-tune"
 OBJECTIVES = ("sink", "ratio")
 SEEDS = 2**32  # the samplers take seeds in [0, 2^32)
 BUDGETS = (0.02, 0.05, 0.1)  # KL budgets reported in tune.json (and the README)
@@ -159,6 +160,8 @@ def validate(opts: TuneOptions) -> TuneOptions:
         raise UserError(f"--trials {opts.trials}: must be at least 1")
     if not 0 <= opts.seed < SEEDS:
         raise UserError(f"--seed {opts.seed}: must lie in [0, {SEEDS - 1}]")
+    if opts.storage:
+        check_storage(opts.storage)
     return opts
 
 
@@ -386,28 +389,21 @@ def open_study(run_dir: Path, storage: str | None, fingerprint: dict, seed: int)
     A study holds one model, text and search space: continuing it with others is refused.
     """
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        store = storage or JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
-        study = optuna.create_study(study_name=STUDY, storage=store, load_if_exists=True,
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is recorded, not logged with its traceback
+    with storage_errors(storage, run_dir, "open the study"):
+        study = optuna.create_study(study_name=STUDY, storage=open_storage(storage, run_dir), load_if_exists=True,
                                     directions=["maximize", "minimize"])
-    except (ValueError, ImportError, OSError) as exc:
-        where = storage or str(run_dir / "study.journal")
-        raise UserError(f"{where}: cannot open the study ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # storage back-ends raise their own errors (sqlalchemy, network)
-        raise UserError(f"--storage {storage}: cannot open the study ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]})") from None
-    held = study.user_attrs.get("fingerprint")
+        held = study.user_attrs.get("fingerprint")
+        done = len(study.get_trials(deepcopy=False))
     if held is None:
-        study.set_user_attr("fingerprint", fingerprint)
+        with storage_errors(storage, run_dir, "write to the study"):
+            study.set_user_attr("fingerprint", fingerprint)
     elif held != fingerprint:
+        held = held if isinstance(held, dict) else {}
         diff = sorted(k for k in set(held) | set(fingerprint) if held.get(k) != fingerprint.get(k))
-        raise UserError(f"the study in {storage or run_dir} was run with different {', '.join(diff)}; "
-                        "use a new RUN_DIR (or --storage) or the original settings")
-    done = len(study.get_trials(deepcopy=False))
+        raise UserError(f"the study in {quote(describe(storage, run_dir), 300)} was run with different "
+                        f"{', '.join(diff)}; use a new RUN_DIR (or --storage) or the original settings")
     # a continued run must not replay the proposals of the first one
     study.sampler = optuna.samplers.TPESampler(seed=(seed + done) % SEEDS, n_startup_trials=8)
     return study
@@ -455,7 +451,8 @@ class TuneResult:
 @contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
     """Workers sharing RUN_DIR write its outputs one at a time (the last one sees every trial)."""
-    with open(run_dir / ".lock", "a") as fh:
+    fd = open_regular(run_dir / LOCK, "the run folder's lock file", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(fd, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -475,13 +472,15 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     import optuna
 
     from melsurgery.calibrate.samples import CalibrationSpec
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.detect.scan import run_scan
     from melsurgery.measure.verify import eval_text
     from melsurgery.params import DetectParams
     from melsurgery.surgery.manifest import Manifest
 
     validate(opts)
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, opts.storage, source.folder)
     calibration = calibration or CalibrationSpec()
     detection = detection or DetectParams()
     raw, text_name = eval_text(text)
@@ -497,9 +496,6 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     if not tune_w.ids or not held_w.ids:
         raise UserError(f"{text_name}: too short to split into tuning and held-out windows of {opts.max_tokens} "
                         "tokens; give a longer --text or a --heldout file")
-    run_dir = Path(run_dir)
-    if source.kind == "folder":
-        check_apart(run_dir, source.folder)
     if scan is not None:
         check_scan_fits(scan, Checkpoint(source.folder).config)
         make_space(opts.recipes, scan)  # a scan without an ME Layer is refused before anything is written
@@ -508,17 +504,16 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
     # the held-out text as verify reads it, so that `verify --text` reproduces the held-out figures
-    _atomic_text(run_dir / "heldout.txt", held_raw)
+    write_atomic(run_dir / "heldout.txt", held_raw)
 
     if scan is None:  # scanned once per run folder: later runs and other workers reuse it
         scan_path = run_dir / "scan.json"
         key = {"calibration": str(asdict(calibration)), "detection": asdict(detection), "folder": str(source.folder)}
         with _locked(run_dir):
-            if scan_path.is_file() and json.loads(scan_path.read_text()).get("tune_key") == key:
-                scan = ScanResult.read(scan_path)
-            else:
+            scan = _cached_scan(scan_path, key)
+            if scan is None:
                 scan = run_scan(source, calibration, detection, device=device, dtype=dtype, progress=progress)
-                _atomic_text(scan_path, dumps({**scan.to_json(), "tune_key": key}, default=str))
+                write_atomic(scan_path, dumps({**scan.to_json(), "tune_key": key}, default=str))
     space = make_space(opts.recipes, scan)
     fingerprint = {"model": str(source.folder), "recipes": list(opts.recipes), "objective": opts.objective,
                    "text": _sha(tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,
@@ -526,9 +521,10 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
 
     with _locked(run_dir):
         study = open_study(run_dir, opts.storage, fingerprint, opts.seed)
-        if not study.get_trials(deepcopy=False):  # a new study starts from the recipes' defaults
-            for r in space.recipes:
-                study.enqueue_trial(space.defaults(r))
+        with storage_errors(opts.storage, run_dir, "write to the study"):
+            if not study.get_trials(deepcopy=False):  # a new study starts from the recipes' defaults
+                for r in space.recipes:
+                    study.enqueue_trial(space.defaults(r))
     evaluator = Evaluator(source, scan, device=device, dtype=dtype)
     config = evaluator.ckpt.config
     try:
@@ -634,7 +630,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
             data = {
                 "schema_version": 1,
                 "model": {"id": source.id, "folder": str(source.folder), "revision": source.revision},
-                "study": {"name": STUDY, "storage": opts.storage or str(run_dir / "study.journal"),
+                "study": {"name": STUDY, "storage": describe(opts.storage, run_dir),
                           "trials": len(records), "seed": opts.seed},
                 "objective": opts.objective,
                 "budget": {"max_kl": opts.max_kl, "max_ppl_increase": opts.max_ppl_increase},
@@ -670,23 +666,23 @@ def _write_outputs(run_dir: Path, data: dict, manifest) -> None:
     """tune.json, tune.png and best.yaml, each replaced atomically (a stale best.yaml is removed)."""
     from melsurgery.report.plot import plot_tune
 
-    _atomic_text(run_dir / "tune.json", dumps(data, indent=1) + "\n")
+    write_atomic(run_dir / "tune.json", dumps(data, indent=1) + "\n")
     if manifest is not None:
-        _atomic_text(run_dir / "best.yaml", manifest.to_yaml())
+        write_atomic(run_dir / "best.yaml", manifest.to_yaml())
     else:
         (run_dir / "best.yaml").unlink(missing_ok=True)
-    tmp = run_dir / ".tune.png.tmp.png"
-    plot_tune(data, tmp)
-    os.replace(tmp, run_dir / "tune.png")
+    plot_tune(data, run_dir / "tune.png")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _cached_scan(path: Path, key: dict) -> ScanResult | None:
+    """RUN_DIR's scan when it was made with these settings; None when absent, stale or damaged (scanned again)."""
+    if not path.exists():
+        return None
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+        held = json.loads(read_text(path, "the run folder's scan"))
+    except (UserError, ValueError, RecursionError):
+        return None
+    return ScanResult.read(path) if isinstance(held, dict) and held.get("tune_key") == key else None
 
 
 def tune_report(result: TuneResult) -> str:

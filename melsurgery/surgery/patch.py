@@ -12,7 +12,7 @@ import torch
 
 from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
-from melsurgery.checkpoint.provenance import Provenance, RecipeRecord
+from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
 from melsurgery.checkpoint.validate import nonfinite, open_model
@@ -41,6 +41,7 @@ class PatchResult(JsonRecord):
     scan: ScanResult
     custom_layer: bool
     verified: dict | None = None
+    writer: WriteRecord | None = None
 
 
 def scan_summary(scan: ScanResult) -> dict:
@@ -84,8 +85,8 @@ def run_patch(
     edits = [e for p in plans for e in p.edits]
     wemask = next((p.wemask for p in plans if p.wemask is not None), None)
     with atomic_folder(out, overwrite, protect=source.folder) as tmp:
-        weights: dict[str, str] = {}  # sha256 of the weight files as written, so provenance need not reread them
-        applied, inputs = write_weights(ckpt, edits, tmp, link=link, outputs=weights)
+        written = write_weights(ckpt, edits, tmp, link=link)
+        applied, inputs = written.applied, dict(written.inputs)
         inputs.update(copy_side_files(ckpt, tmp, skip=("config.json",) if wemask else ()))
         if wemask:
             config = dict(ckpt.config)
@@ -107,9 +108,10 @@ def run_patch(
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
                            measurements=measurements_for_card(measured) if measured else None)
         (tmp / MODEL_CARD).write_text(card)
+        # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
-                         measurements=_compact(measured), known=weights)
-    return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured)
+                         measurements=_compact(measured), known=written.outputs, writer=written.record)
+    return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured, written.record)
 
 
 def check_scan_fits(scan: ScanResult, config: dict) -> None:
@@ -203,11 +205,11 @@ def _compact(measured: dict | None) -> dict | None:
 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
                      applied: list, inputs: dict, measurements: dict | None = None,
-                     known: dict[str, str] | None = None) -> Provenance:
+                     known: dict[str, str] | None = None, writer: WriteRecord | None = None) -> Provenance:
     """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
 
     `applied`: the writer's records (AppliedEdit, or GGUFEdit for a GGUF output); `known`: sha256 already
-    computed while writing (the weights), not read again."""
+    computed while writing (the weights), not read again; `writer`: how the weights were written."""
     prov = Provenance(
         tool=f"melsurgery {__version__}",
         source={"id": source.id, "kind": source.kind, "revision": source.revision,
@@ -219,6 +221,7 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: Sca
         edits=tuple(asdict(e) for e in applied),
         scan=scan_summary(scan),
         measurements=measurements or {},
+        writer=writer,
     ).with_outputs(folder, known)
     prov.write(folder)
     return prov

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,3 +90,16 @@ def cli_returning(monkeypatch, entry: str, *args):
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert len(returned) == 1, res.output
     return returned[0], res
+
+
+def hub_cache_layout(src: Path, root: Path) -> Path:
+    """huggingface_hub's cache: snapshots/<rev>/<file> are relative symlinks to blobs/<sha256>."""
+    blobs = root / "blobs"
+    snap = root / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in src.iterdir():
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        shutil.copy(p, blobs / digest)
+        (snap / p.name).symlink_to(Path("..", "..", "blobs", digest))
+    return snap
