@@ -19,6 +19,7 @@ import click
 from melsurgery.checkpoint.atomic import FULL, check_output_file, unwind_on_signals
 from melsurgery.checkpoint.guard import exists, protect, protecting
 from melsurgery.errors import BAD_INPUT, INTERNAL, NO_SPACE, SIGNAL_BASE, UserError, escape, printable, quote, redact
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
@@ -245,8 +246,8 @@ def preflight(sources: tuple, outputs: tuple = ()) -> None:
             check_output_file(out)
 
 
-def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
-    """--json and --plot of a command's result, each announced on its own line."""
+def write_outputs(result: JsonRecord | dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    """--json (`to_json()` of a typed result) and --plot of a command's result, each announced on its own line."""
     if json_path:
         from melsurgery.detect.scan import write_json
 
