@@ -13,6 +13,9 @@ Paths:
   patch             melsurgery patch now, from the plain folder (no trusted sha256: every file hashed)
   patch-hf-cache    melsurgery patch now, from the same files laid out as a Hugging Face cache snapshot
                     (blobs named by their sha256, hard links to the plain folder's files: no extra disk)
+  patch-hf-cache-warm  the same on a warm page cache (nothing evicted; as right after a scan read the model)
+  hash-edited       sha256 of the shards the patch edits, cold: the floor of any patch that records the sha256 of
+                    its output files (sha256 is a chain: a file with one changed byte is hashed whole)
 
 Each patch applies one recipe (--recipe, default norm-rescale with its defaults) given the scan JSON
 (--scan, else a short scan is run once and kept in --dir). The patch children report run_patch's own time
@@ -52,6 +55,7 @@ BASELINE_REF = "99c46a9"  # main before issue 29: every shard copied and hashed
 CALIBRATION = ("--num-samples", "4", "--max-tokens", "32", "--seed", "0")
 GB = 1e9
 CHUNK = 64 * 1024 * 1024
+PATHS = ("cp", "cp-reflink", "patch-before", "patch", "patch-hf-cache", "patch-hf-cache-warm", "hash-edited")
 
 
 @dataclass
@@ -137,12 +141,14 @@ def hub_layout(model: Path, root: Path) -> Path:
 def child_patch(src: str, out: str, scan_json: str, recipe: str) -> None:
     """In a child, with PYTHONPATH naming the code to measure: run_patch timed apart from the imports, and the
     weight writer (what issue 29 changed) timed inside it."""
+    # Only the tree PYTHONPATH names: an editable install of another tree would fill in the modules it lacks.
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
     start = time.perf_counter()
     from melsurgery.checkpoint.source import resolve
 
-    patching = _first("melsurgery.surgery.patch", "melsurgery.patch")
-    read_json = _first("melsurgery.detect.scan", "melsurgery.scan").read_json
-    manifest = _first("melsurgery.surgery.manifest", "melsurgery.manifest").Manifest
+    patching = _first("melsurgery.patch", "melsurgery.surgery.patch")
+    read_json = _first("melsurgery.scan", "melsurgery.detect.scan").read_json
+    manifest = _first("melsurgery.manifest", "melsurgery.surgery.manifest").Manifest
     writer = patching.write_weights
     spent = []
 
@@ -161,7 +167,7 @@ def child_patch(src: str, out: str, scan_json: str, recipe: str) -> None:
 
 
 def _first(*modules: str):
-    """The first of these modules that imports (the package layout changed while this script was written)."""
+    """The first of these modules that imports (the package layout changed with House round 2)."""
     import importlib
 
     for name in modules:
@@ -173,6 +179,7 @@ def _first(*modules: str):
 
 
 def measure(name: str, cmd: list[str], dirpath: Path, out: Path, cold: list[Path], env: dict | None = None) -> Row:
+    """`cold`: files and folders evicted from the page cache first (none: a warm path)."""
     """Run one path on a cold cache: wall and CPU time, the bytes it read from and wrote to disk (/proc/<pid>/io,
     its reaped children included), and the disk it took; the output is left for the caller."""
     evict(cold)
@@ -253,10 +260,11 @@ def shared_of(out: Path) -> dict:
 
 
 def median_rows(rows: list[Row]) -> list[Row]:
-    """One row per path: the median wall, run_patch and CPU time over its repetitions, the rest from its last."""
+    """One row per path: the median wall, run_patch and CPU time over its repetitions that succeeded, the rest
+    from its last."""
     out = []
     for name in dict.fromkeys(r.name for r in rows):
-        mine = [r for r in rows if r.name == name]
+        mine = [r for r in rows if r.name == name and not r.rc] or [r for r in rows if r.name == name]
         last = mine[-1]
         times = {k: [getattr(r, k) for r in mine if getattr(r, k) is not None]
                  for k in ("wall_s", "cpu_s", "patch_s", "write_s")}
@@ -266,7 +274,7 @@ def median_rows(rows: list[Row]) -> list[Row]:
 
 def table(rows: list[Row], model_bytes: int) -> list[str]:
     cp = next((r for r in rows if r.name == "cp" and not r.rc), None)
-    cols = [("path", 15), ("wall s", 7), ("x cp", 6), ("run_patch s", 11), ("writer s", 8), ("writer x cp", 11),
+    cols = [("path", 19), ("wall s", 7), ("x cp", 6), ("run_patch s", 11), ("writer s", 8), ("writer x cp", 11),
             ("CPU s", 6), ("read GB", 7),
             ("written GB", 10), ("extra disk GB", 13), ("% model", 7), ("mode", 16), ("sha256 reused", 13),
             ("GB hashed", 9)]
@@ -288,13 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_patch(*sys.argv[2:])
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child-hash":
+        for path in sys.argv[2:]:
+            sha256_of(Path(path))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, required=True, help="Work folder, on the filesystem to measure.")
     ap.add_argument("--model", type=Path, help="Model folder (default: generate the synthetic llama2-7b in --dir).")
     ap.add_argument("--scan", type=Path, help="Scan JSON of the model (default: a short scan, kept in --dir).")
     ap.add_argument("--recipe", default="norm-rescale")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="Git ref of the code before the change.")
-    ap.add_argument("--paths", default="cp,cp-reflink,patch-before,patch,patch-hf-cache")
+    ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--reps", type=int, default=1, help="Run the paths this many times, round robin (medians).")
     ap.add_argument("--diff", action="store_true", help="Also check `melsurgery diff` of source and output.")
     ap.add_argument("--json", type=Path, help="Write the figures here (default: DIR/bench_patch.json).")
@@ -318,31 +330,42 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     checks: dict = {}
     me = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    blobs = snap.parent.parent / "blobs"
     runs = {
-        "cp": (["sh", "-c", 'cp -r --reflink=never "$0" "$1" && sync "$1"/*', model, out], None, model),
-        "cp-reflink": (["sh", "-c", 'cp -r --reflink=always "$0" "$1" && sync "$1"/*', model, out], None, model),
-        "patch-before": ([*me, model, out, scan, args.recipe], "before", model),
-        "patch": ([*me, model, out, scan, args.recipe], env_now, model),
-        "patch-hf-cache": ([*me, snap, out, scan, args.recipe], env_now, snap.parent.parent / "blobs"),
+        "cp": (["sh", "-c", 'cp -r --reflink=never "$0" "$1" && sync "$1"/*', model, out], None, [model]),
+        "cp-reflink": (["sh", "-c", 'cp -r --reflink=always "$0" "$1" && sync "$1"/*', model, out], None, [model]),
+        "patch-before": ([*me, model, out, scan, args.recipe], "before", [model, scan]),
+        "patch": ([*me, model, out, scan, args.recipe], env_now, [model, scan]),
+        "patch-hf-cache": ([*me, snap, out, scan, args.recipe], env_now, [blobs, scan]),
+        "patch-hf-cache-warm": ([*me, snap, out, scan, args.recipe], env_now, []),
+        "hash-edited": ([sys.executable, Path(__file__).resolve(), "--child-hash"], None, [blobs]),
     }
     baseline = None
+    edited_shards: list[str] = []  # the shards the patch edits, from its provenance: what hash-edited reads
     cannot: set[str] = set()
     for name in [p for _ in range(args.reps) for p in paths]:
         if name in cannot:
             continue
         cmd, env, cold = runs[name]
+        if name == "hash-edited":
+            if not edited_shards:
+                raise SystemExit("hash-edited needs a patch path before it in --paths (it reads the shards edited)")
+            cmd = [*cmd, *(snap / s for s in edited_shards)]
         if env == "before":
             baseline = baseline_checkout(args.baseline_ref, work / "baseline")
             env = {"PYTHONPATH": str(baseline)}
-        row = measure(name, [str(c) for c in cmd], work, out, [cold, scan], env)
+        row = measure(name, [str(c) for c in cmd], work, out, cold, env)
         if name == "cp-reflink" and row.rc:
             print("cp-reflink: this filesystem does not clone; left out", file=sys.stderr)
             cannot.add(name)
             remove(out)
             continue
         rows.append(row)
+        if name.startswith("patch") and not row.rc:
+            edits = json.loads((out / "provenance.json").read_text())["edits"]
+            edited_shards = sorted({e["shard"] for e in edits})
         if name == "patch-hf-cache" and not row.rc and "source_untouched" not in checks:
-            edited = sorted({e["tensor"] for e in json.loads((out / "provenance.json").read_text())["edits"]})
+            edited = sorted({e["tensor"] for e in edits})
             checks["fiemap"] = shared_of(out)
             if args.diff:
                 checks["diff"] = check_diff(snap, out, work, edited)

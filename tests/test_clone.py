@@ -225,6 +225,25 @@ def test_link_hard_links_untouched_shards_and_clones_or_copies_edited_ones(shard
     Provenance.read(tmp_path / "out").verify(tmp_path / "out")
 
 
+def test_a_source_file_changed_while_written_stops_the_patch(sharded, tmp_path, monkeypatch):
+    """A file modified between the judging of its hash and the end of its copy: refused, nothing written."""
+    from melsurgery.errors import UserError
+
+    src = shutil.copytree(sharded[0], tmp_path / "src")
+    clone_file = Copier.clone
+
+    def clone_then_touch(self, a, b):
+        done = clone_file(self, a, b)
+        st = a.stat()
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        return done
+
+    monkeypatch.setattr(Copier, "clone", clone_then_touch)
+    with pytest.raises(UserError, match=f"{SHARD1}: changed while being copied"):
+        patch_api(src, tmp_path / "out", sharded[1])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".melsurgery-tmp-*"))
+
+
 # --- hash reuse --------------------------------------------------------------------------------------------
 
 
