@@ -25,7 +25,7 @@ import torch
 from melsurgery.architectures import Family, family_for
 from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
-from melsurgery.checkpoint.atomic import write_atomic
+from melsurgery.checkpoint.atomic import critical, interruptible, write_atomic
 from melsurgery.checkpoint.edits import Edit, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
@@ -578,9 +578,14 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
 
             stop = optuna.study.MaxTrialsCallback(opts.trials, states=tuple(
                 s for s in optuna.trial.TrialState if s.is_finished()))
+            def interruptible_objective(trial) -> tuple[float, float]:
+                with interruptible():  # a signal cuts a trial's computation, never Optuna's record of it
+                    return objective(trial)
+
             try:
-                study.optimize(objective, n_trials=remaining, timeout=opts.timeout, callbacks=[on_trial, stop],
-                               catch=(UserError,))
+                with critical():
+                    study.optimize(interruptible_objective, n_trials=remaining, timeout=opts.timeout,
+                                   callbacks=[on_trial, stop], catch=(UserError,))
             finally:
                 if bar is not None:
                     bar.close()
