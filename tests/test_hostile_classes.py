@@ -17,6 +17,7 @@ import ast
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import melsurgery
@@ -47,7 +48,8 @@ CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 @dataclass
 class Outcome:
-    """What a user sees of one run: exit status, stdout, stderr, and how long it took."""
+    """What a user sees of one run: exit status, stdout, stderr, and how long it took (wall time in this process;
+    CPU time for a subprocess, whose wall time on a shared machine says more about the neighbours)."""
 
     code: int
     stdout: str
@@ -55,20 +57,38 @@ class Outcome:
     seconds: float = 0.0
 
 
+class Hung(BaseException):
+    """Raised by the test's alarm in a command that is still running after 60 s (a blocked open, a silent server)."""
+
+
+def _hung(signum, frame):
+    raise Hung
+
+
 def cli(*args, env: dict | None = None, stdin: str | None = None) -> Outcome:
-    """The command group in this process, as the console script runs it (streams, signals, guard, mapping)."""
+    """The command group in this process, as the console script runs it (streams, signals, guard, mapping); an
+    alarm ends a command still running after 60 s (it then fails with exit 70, not the documented code)."""
     start = time.monotonic()
-    res = CliRunner().invoke(main, [str(a) for a in args], env=env, input=stdin, catch_exceptions=True)
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(60)
+    try:
+        res = CliRunner().invoke(main, [str(a) for a in args], env=env, input=stdin, catch_exceptions=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     return Outcome(res.exit_code, res.stdout, res.stderr, time.monotonic() - start)
 
 
-def console(*args, env: dict | None = None, stdin: str | None = None, timeout: float = 60, **kw) -> Outcome:
-    """The real console script in a subprocess, stopped (and failed) after `timeout` seconds."""
-    start = time.monotonic()
+def console(*args, env: dict | None = None, stdin: str | None = None, timeout: float = 300, **kw) -> Outcome:
+    """The real console script in a subprocess, killed (and the test failed) after `timeout` seconds of wall time;
+    `seconds` is its CPU time (a hang on a FIFO or a silent server burns none: the kill catches it)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(["melsurgery", *map(str, args)], capture_output=True, text=True, input=stdin,
                           env={**os.environ, **(env or {})}, timeout=timeout, **kw)
-    return Outcome(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Outcome(proc.returncode, proc.stdout, proc.stderr, cpu)
 
 
 def refused(res: Outcome, code: int = 2, *needles: str, secrets: tuple[str, ...] = (), out: Path | None = None,
@@ -153,7 +173,7 @@ def evil_folder(sharded, tmp_path: Path, marker: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", ["tokenizer-unknown-class", "tokenizer-known-class", "config"])
 def test_a_folder_that_ships_code_never_runs_it(sharded, tmp_path, text, kind):
     """scan, patch, verify and tune on a folder whose auto_map names a file that writes a marker: the marker is
-    never written, even with "y" piped to transformers' trust prompt. The console script, as a user runs it."""
+    never written, even with "y" on stdin for transformers' trust prompt (and once through the console script)."""
     marker = tmp_path / "MARKER"
     folder = evil_folder(sharded, tmp_path, marker, kind)
     before = snapshot(folder)
@@ -162,12 +182,15 @@ def test_a_folder_that_ships_code_never_runs_it(sharded, tmp_path, text, kind):
             ("verify", sharded[0], folder, *VERIFY),
             ("tune", folder, "-o", tmp_path / "run", "--scan", sharded[1], "--text", text, *TUNE)]
     for args in runs:
-        res = console(*args, stdin="y\ny\ny\n", timeout=300)
+        res = cli(*args, stdin="y\ny\ny\n")
         if kind == "tokenizer-unknown-class":
             refused(res, 2, "never runs", out=tmp_path / "out")
         else:
             assert res.code == 0, res.stderr
         assert not marker.exists(), f"{args[0]} ran the folder's code"
+    if kind == "tokenizer-unknown-class":
+        refused(console(*runs[0], stdin="y\ny\ny\n", timeout=300), 2, "never runs")
+        assert not marker.exists()
     assert snapshot(folder) == before
 
 
@@ -177,10 +200,10 @@ def test_a_patched_folder_s_modeling_file_is_never_imported(sharded, tmp_path):
     from melsurgery.engines.loading import load
 
     out, marker = tmp_path / "wm", tmp_path / "MARKER"
-    assert console("patch", sharded[0], "-o", out, "--recipe", "wemask", "--scan", sharded[1], "--quiet").code == 0
+    assert cli("patch", sharded[0], "-o", out, "--recipe", "wemask", "--scan", sharded[1], "--quiet").code == 0
     shipped = next(out.glob("modeling_*.py"))
     shipped.write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + shipped.read_text())
-    res = console("verify", sharded[0], out, *VERIFY, timeout=300)
+    res = cli("verify", sharded[0], out, *VERIFY)
     assert res.code == 0, res.stderr
     model, _ = load(out)
     assert model._melsurgery_hooks and not marker.exists()
@@ -224,7 +247,9 @@ def leaks(draw) -> tuple[str, str]:
         secret = word
         key = draw(st.sampled_from(["api_key", "password", "secret", "access_token", "token", "Authorization"]))
         shown = f"{key}{draw(st.sampled_from(['=', ': ', '=' + chr(34)]))}{word}"
-    return draw(NOISE) + draw(SEPARATORS) + shown + draw(SEPARATORS) + draw(NOISE), secret
+    before, after = draw(NOISE), draw(NOISE)
+    assume(secret not in before + after)  # the surrounding text may hold anything but the secret itself
+    return before + draw(SEPARATORS) + shown + draw(SEPARATORS) + after, secret
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -361,17 +386,10 @@ def test_the_guard_judges_the_place_not_the_spelling(tmp_path_factory, data):
 # --- hangs -------------------------------------------------------------------------------------------------
 
 
-def side_by_side(*runs: tuple) -> list[Outcome]:
-    """Several console-script runs at once (each is mostly interpreter start-up), each bounded by 60 s."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(lambda r: console(*r[0], env=r[1] if len(r) > 1 else None), runs))
-
-
 def test_a_fifo_anywhere_a_file_is_read_is_refused_unopened(sharded, tmp_path, text):
     """A FIFO where a named file, a model file, or a run folder's lock, journal or scan is expected: every
-    command returns within 60 s with one line naming the FIFO (before: blocked forever)."""
+    command returns at once with one line naming the FIFO (before: blocked forever; the alarm in `cli` would
+    end a blocked open after 60 s with exit 70, failing the test)."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     m, s = sharded[0], sharded[1]
@@ -400,8 +418,9 @@ def test_a_fifo_anywhere_a_file_is_read_is_refused_unopened(sharded, tmp_path, t
         ("tune", m, "-o", run_dir_with_fifo("study.journal"), "--scan", s, "--text", text, *TUNE),
         ("tune", m, "-o", run_dir_with_fifo("scan.json"), "--text", text, *TUNE),
     ]
-    for res in side_by_side(*[(c,) for c in cases]):
-        refused(res, 2, "FIFO", out=tmp_path / "out")
+    for args in cases:
+        refused(cli(*args), 2, "FIFO", out=tmp_path / "out")
+    refused(console(*cases[0]), 2, "FIFO")  # and once as the console script
 
 
 def test_a_server_that_never_answers_is_given_up_on(hub_server, tmp_path):
@@ -625,7 +644,8 @@ def _journal_family(tmp_path: Path, journal: bytes) -> dict[str, bytes]:
         "garbage-line": b"".join(lines[:2]) + b"\x00\xff not json\n" + b"".join(lines[2:]),
         "unknown-op": b"".join(lines) + b'{"op_code": 99, "worker_id": "w"}\n',
         "not-an-object": b'[1, 2, 3]\n"x"\n',
-        "bad-reference": b"".join(lines) + b'{"op_code": 8, "worker_id": "w", "trial_id": 99999, "user_attr": {}}\n',
+        "incomplete-entry": b"".join(lines) + b'{"op_code": 4, "worker_id": "w", "study_id": 0}\n',
+        "nameless-study": b"".join(lines) + b'{"op_code": 0, "worker_id": "w"}\n',
         "foreign-study": other.read_bytes(),
         "binary": bytes(range(256)) + b"\n",
     })
@@ -633,7 +653,7 @@ def _journal_family(tmp_path: Path, journal: bytes) -> dict[str, bytes]:
 
 
 def test_tune_refuses_damaged_or_foreign_study_storage(sharded, tmp_path, text):
-    """A journal cut mid-line, with garbage, unknown operations, references to nothing, or another program's
+    """A journal cut mid-line, with garbage, unknown or incomplete operations, or another program's
     study; a SQLite file that is not a database, another program's database, or a cut Optuna database: refused
     before any work (before: tracebacks mid-study, or Optuna's tables added to a foreign database)."""
     import sqlite3
@@ -716,8 +736,8 @@ def test_a_signal_mid_patch_leaves_nothing_and_exits_128_plus_n(sharded, tmp_pat
 
 
 def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp_path, text):
-    """SIGINT while trials run (the journal already records one): exit 130, one line, no traceback (Optuna
-    logged the interrupted trial's traceback before); the journal stays sound and a rerun continues it."""
+    """SIGINT while trials run (the journal already records a complete one): exit 130, one line, no traceback
+    (Optuna logged the interrupted trial's traceback before); the journal stays sound and a rerun continues it."""
     run = tmp_path / "run"
     args = ["melsurgery", "tune", str(sharded[0]), "-o", str(run), "--scan", str(sharded[1]), "--text", str(text),
             "--max-tokens", "16", "--windows", "1", "--quiet"]
@@ -726,7 +746,8 @@ def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp
     try:
         deadline = time.monotonic() + 300
         journal = run / "study.journal"
-        while not (journal.exists() and journal.read_bytes().count(b'"op_code":6') >= 1):
+        complete = re.compile(rb'"op_code":6,[^\n]*"state":1\b')  # a trial's state set to COMPLETE
+        while not (journal.exists() and complete.search(journal.read_bytes())):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
@@ -734,7 +755,7 @@ def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp
     finally:
         proc.kill()
     refused(Outcome(proc.returncode, stdout, stderr), 130, prefix="melsurgery: interrupted")
-    res = console(*args[1:], "--trials", "1", timeout=300)  # the study continues from what it holds
+    res = console(*args[1:], "--trials", "3", timeout=300)  # the study continues from what it holds
     assert res.code == 0, res.stderr
 
 
@@ -761,11 +782,10 @@ def test_a_full_disk_fails_with_exit_5_and_leaves_nothing(sharded, small_disk):
     res = console("patch", sharded[0], "-o", out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet",
                   timeout=300)
     refused(res, 5, "No space left on device", "nothing was written", out=out)
-    with open(filler, "ab") as fh:  # now fill the disk to the last few bytes
+    with open(filler, "ab", buffering=0) as fh:  # now fill the disk to the last bytes
         try:
             while True:
-                fh.write(bytes(4096))
-                fh.flush()
+                fh.write(bytes(512))
         except OSError:
             pass
     res = console("diff", sharded[0], sharded[0], "--json", small_disk / "diff.json", timeout=300)
@@ -775,8 +795,6 @@ def test_a_full_disk_fails_with_exit_5_and_leaves_nothing(sharded, small_disk):
 
 def test_a_file_size_limit_fails_with_exit_5_and_leaves_nothing(sharded, tmp_path):
     """RLIMIT_FSIZE in the child (EFBIG, as a quota would): the --json and the patch fail with exit 5."""
-    import resource
-
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 

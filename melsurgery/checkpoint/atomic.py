@@ -162,7 +162,9 @@ def write_failed(out: Path, exc: OSError, what: str = "write failed") -> UserErr
     return UserError(f"{quote(str(out))}: {what} ({why}); nothing was written")
 
 
-_fired: list[Interrupted] = []
+_fired: list[Interrupted] = []  # the signal that is unwinding the command (at most one)
+_held: list[Interrupted] = []  # a signal that arrived inside a critical section, raised when it ends
+_critical: list[bool] = []  # the stack of critical (True) and interruptible (False) sections
 
 
 @contextmanager
@@ -187,12 +189,48 @@ def unwind_on_signals() -> Iterator[None]:
             signal.signal(sig, previous)
         if changed:
             _fired.clear()
+            _held.clear()
 
 
 def _unwind(signum, frame):  # noqa: ARG001 - signal handler signature
-    if not _fired:  # the first signal unwinds; a second one must not interrupt the cleanup it started
-        _fired.append(Interrupted(signum))
+    if _fired:  # the first signal unwinds; a second one must not interrupt the cleanup it started
+        return
+    if _critical and _critical[-1]:
+        _held[:] = _held or [Interrupted(signum)]
+        return
+    _fired.append(Interrupted(signum))
+    raise _fired[0]
+
+
+def _raise_held() -> None:
+    if _held and not _fired:
+        _fired.append(_held.pop())
         raise _fired[0]
+
+
+@contextmanager
+def critical() -> Iterator[None]:
+    """A section a signal must not cut, such as a library's own bookkeeping (Optuna recording a trial): a signal
+    arriving inside is held and raised when the section ends, or at the next `interruptible` section in it."""
+    _critical.append(True)
+    try:
+        yield
+    finally:
+        _critical.pop()
+    if not any(_critical):
+        _raise_held()
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Inside a critical section, the part a signal may cut (melsurgery's own computation); a signal held so far
+    is raised on entry."""
+    _critical.append(False)
+    try:
+        _raise_held()
+        yield
+    finally:
+        _critical.pop()
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:

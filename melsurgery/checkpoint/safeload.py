@@ -93,6 +93,16 @@ def _patched_config(folder: Path) -> Any:
     return transformers_config(config) if isinstance(config, dict) and is_patched_config(config) else None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
+def check_tokenizer(folder: Path) -> None:
+    """A folder that ships a tokenizer must ship one that loads without running code: a patch copies it into an
+    output that users load, so a broken one (or one that exists only as shipped code) is refused before any work."""
+    if any((Path(folder) / name).exists() for name in TOKENIZER_FILES):
+        load_tokenizer(folder)
+
+
 class TemplateError(UserError):
     """The chat template raised an error on a conversation (not a hang: that is refused outright)."""
 

@@ -107,8 +107,18 @@ class _Redacted(io.TextIOBase):
             self.pending = ""
         self.raw.flush()
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.raw, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return getattr(self.raw, "errors", None) or "strict"
+
     def __getattr__(self, name: str):
-        return getattr(self.raw, name)  # encoding, errors, isatty, fileno, buffer...
+        if name == "buffer":  # click writes through a stream's binary buffer when it finds one: around redaction
+            raise AttributeError(name)
+        return getattr(self.raw, name)
 
     def isatty(self) -> bool:
         return self.raw.isatty()

@@ -27,6 +27,7 @@ import torch
 from melsurgery.architectures import Family, family_for
 from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
+from melsurgery.checkpoint.atomic import critical, interruptible
 from melsurgery.checkpoint.edits import Edit, edited_rows, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
@@ -473,9 +474,14 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objec
                                 f"{change_text(f[objective_key(objective)])}, KL {f['kl_mean']:.4f}")
 
     stop = optuna.study.MaxTrialsCallback(trials, states=tuple(s for s in optuna.trial.TrialState if s.is_finished()))
+    def interruptible_objective(trial) -> tuple[float, float]:
+        with interruptible():  # a signal cuts a trial's computation, never Optuna's record of it
+            return objective_fn(trial)
+
     try:
-        study.optimize(objective_fn, n_trials=remaining, timeout=timeout, callbacks=[on_trial, stop],
-                       catch=(UserError,))
+        with critical():
+            study.optimize(interruptible_objective, n_trials=remaining, timeout=timeout, callbacks=[on_trial, stop],
+                           catch=(UserError,))
     finally:
         if bar is not None:
             bar.close()

@@ -15,6 +15,7 @@ from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
 from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, SearchRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import check_tokenizer
 from melsurgery.checkpoint.source import Source
 from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
 from melsurgery.checkpoint.writer import AppliedEdit, copy_side_files, write_weights
@@ -94,6 +95,7 @@ def run_patch(
     base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
     ckpt, family = open_model(source.folder)
     refuse_custom_layer(ckpt, "patch")
+    check_tokenizer(source.folder)
     check_params_fit(recipes, ckpt.config)
     if scan is None:
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
