@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +173,7 @@ class Family:
         for m in self.mixers:
             if m.layer_type == layer_type:
                 return m
-        raise UserError(f"{self.name}: layer type {layer_type!r} is not one melsurgery can run")
+        raise UserError(f"{self.name}: layer type {quote(layer_type)} is not one melsurgery can run")
 
     def layer_kinds(self, config: dict) -> list[str]:
         """Mixer kind of each decoder layer of a config.json.
@@ -322,7 +322,7 @@ def gguf_target(family: Family, hf_name: str, config: dict) -> GGUFTarget:
         expert, module = int(e[1]), f"{family.experts}.{e[2]}"
     names = dict(family.gguf_layer)
     if module not in names:
-        raise UserError(f"{hf_name}: no GGUF name known for {module!r} in a {family.name} model")
+        raise UserError(f"{hf_name}: no GGUF name known for {quote(module)} in a {family.name} model")
     gguf = names[module]
     row_order = None
     if family.gguf_rope_permuted and gguf in ("attn_q", "attn_k"):
@@ -407,13 +407,11 @@ def has_custom_layer(config: dict) -> bool:
     return is_patched_config(config) or WEMASK_KEY in config
 
 
-def transformers_config(config: dict, folder: object = None):
-    """transformers' config object for a config.json (read from `folder` when given), a patched one as its base
-    architecture: nothing shipped with a checkpoint is imported."""
+def transformers_config(config: dict):
+    """transformers' config object for a config.json dict, a patched one as its base architecture: nothing shipped
+    with a checkpoint is imported."""
     from transformers import AutoConfig
 
-    if folder is not None and not is_patched_config(config):
-        return AutoConfig.from_pretrained(folder)
     return AutoConfig.for_model(**base_config(config))
 
 
@@ -423,7 +421,7 @@ def family_for(config: dict) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    raise UserError(f"unsupported architecture {model_type!r}; melsurgery supports: {supported()}")
+    raise UserError(f"unsupported architecture {quote(model_type)}; melsurgery supports: {supported()}")
 
 
 def submodule(root: object, path: str) -> object:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import melsurgery.measure.verify as verify_module
+from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import resolve
-from melsurgery.checkpoint.tokenizer import load_tokenizer
 from melsurgery.detect.scan import CalibrationSpec, run_scan
 from melsurgery.measure.verify import make_windows, run_verify
 from melsurgery.measure.verify_result import Gates, VerifyResult, verify_report

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from melsurgery.architectures import WEMASK_KEY, is_patched_config
+from melsurgery.architectures import WEMASK_KEY, Family, family_for, is_patched_config
 from melsurgery.checkpoint.reader import read_config
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 
 def custom_layer_spec(folder: Path, config: dict) -> dict | None:
@@ -20,10 +20,22 @@ def custom_layer_spec(folder: Path, config: dict) -> dict | None:
 
     try:
         if is_patched_config(config):
-            return getattr(patched_config(config), CONFIG_KEY)
-        return check_spec(config.get(WEMASK_KEY), config["hidden_size"], config["num_hidden_layers"])
+            spec = getattr(patched_config(config), CONFIG_KEY)
+        else:
+            spec = check_spec(config.get(WEMASK_KEY), config["hidden_size"], config["num_hidden_layers"])
     except SpecError as exc:
         raise UserError(f"{folder}: {str(exc).removeprefix('melsurgery: ')}") from None
+    if spec is not None:
+        _check_module_names(folder, spec, family_for(config))
+    return spec
+
+
+def _check_module_names(folder: Path, spec: dict, family: Family) -> None:
+    """The hooks look modules up by the spec's names: they must be the family's own, not any attribute path."""
+    for key, want in (("layers_module", family.layers_module), ("attn", family.attn), ("norm", family.attn_norm)):
+        if key in spec and spec[key] != want:
+            raise UserError(f"{folder}: config.json {WEMASK_KEY}: {key} {quote(spec[key])} is not this family's "
+                            f"{quote(want)}; the patch cannot run: re-run the patch on its base model")
 
 
 def load(path, *, device: str = "cpu", dtype=None, **kwargs):
@@ -36,7 +48,7 @@ def load(path, *, device: str = "cpu", dtype=None, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import from_pretrained, load_tokenizer
     from melsurgery.engines.modeling_melsurgery import MelsurgeryForCausalLM, apply_wemask
 
     config = read_config(Path(path))
@@ -47,7 +59,7 @@ def load(path, *, device: str = "cpu", dtype=None, **kwargs):
     if is_patched_config(config):
         model = MelsurgeryForCausalLM.from_pretrained(path, **options)
     else:  # a folded patch, a base model, or a custom layer written before patched checkpoints declared themselves
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **options)
+        model = from_pretrained(AutoModelForCausalLM, path, **options)
         model._melsurgery_hooks = apply_wemask(model)
     model.to(device).eval()
     return model, tokenizer

@@ -143,7 +143,8 @@ def check_spec(spec: object, hidden_size: int, num_layers: int) -> dict | None:
         return None
 
     def bad(what: str) -> SpecError:
-        return SpecError(f"melsurgery: config.json {CONFIG_KEY}: {what}; the patch cannot run (patch the base again)")
+        return SpecError(f"melsurgery: config.json {CONFIG_KEY}: {what}; the patch cannot run: "
+                         "re-run the patch on its base model")
 
     if not isinstance(spec, dict):
         raise bad(f"must be an object, got {type(spec).__name__}")

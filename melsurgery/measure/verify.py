@@ -23,9 +23,9 @@ from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.tokenizer import load_tokenizer
+from melsurgery.checkpoint.safeload import load_tokenizer, render_chat
 from melsurgery.engines.loading import custom_layer_spec
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
 from melsurgery.measure.definitions import find_massive, layer_stats, sink, sink_rate, top_k_for
 from melsurgery.measure.probes import Probe
@@ -45,8 +45,7 @@ def gen_prompt_ids(tok, n: int) -> list[list[int]]:
     out = []
     for prompt in GEN_PROMPTS[:n]:
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
+            text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
             out.append(list(tok(text, add_special_tokens=False)["input_ids"]))
         else:
             out.append(list(tok(prompt)["input_ids"]))
@@ -64,9 +63,19 @@ def eval_text(path: Path | None) -> tuple[str, str]:
     return raw, str(path)
 
 
+def split_text(raw: str) -> tuple[str, str]:
+    """Tuning and held-out halves of one text, cut at the paragraph boundary nearest the middle."""
+    cuts = [i for i in range(len(raw)) if raw.startswith("\n\n", i)]
+    if not cuts:
+        cuts = [i for i, c in enumerate(raw) if c == "\n"] or [len(raw) // 2]
+    cut = min(cuts, key=lambda i: abs(i - len(raw) // 2))
+    return raw[:cut].strip() + "\n", raw[cut:].strip() + "\n"
+
+
 @dataclass(frozen=True)
 class Windows:
-    """Evaluation windows: each starts with the tokenizer's special prefix (`prefix` ids, e.g. BOS)."""
+    """Evaluation windows: each starts with the same prefix (`prefix` ids: the tokenizer's, e.g. BOS, or the
+    chat template's opening)."""
 
     ids: list[list[int]]
     prefix: list[int]
@@ -75,6 +84,10 @@ class Windows:
     def first_target(self) -> int:
         """The first position whose token is predicted and scored: the prefix is context, never a target."""
         return max(len(self.prefix), 1)
+
+
+PREFIXES = ("tokenizer", "chat")  # what each window opens with: the tokenizer's special prefix, or a chat's opening
+_CONTENT = "\ue000melsurgery\ue000"  # a user message no template rewrites, to find where its content starts
 
 
 def special_prefix(tok) -> list[int]:
@@ -87,17 +100,42 @@ def special_prefix(tok) -> list[int]:
     return []
 
 
-def make_windows(tok, raw: str, size: int, limit: int | None) -> Windows:
-    """Cut the text's tokens into windows of `size` tokens, each one the special prefix plus text."""
-    prefix = special_prefix(tok)
-    body = size - len(prefix)
+def chat_prefix(tok) -> list[int]:
+    """The ids a chat-formatted input opens with, up to the first user message's content (the template's default
+    system turn included): what the model sees before any text in use, as calibration's chat samples get it."""
+    if not getattr(tok, "chat_template", None):
+        raise UserError("--prefix chat: the tokenizer has no chat template; use --prefix tokenizer")
+    text = tok.apply_chat_template([{"role": "user", "content": _CONTENT}], tokenize=False)
+    if _CONTENT not in text:
+        raise UserError("--prefix chat: the chat template does not show a user message's content verbatim; use "
+                        "--prefix tokenizer")
+    return list(tok(text[: text.index(_CONTENT)], add_special_tokens=False)["input_ids"])
+
+
+def input_prefix(recipes: list[tuple[str, dict]]) -> str:
+    """How a patch's input opens (one of PREFIXES): "chat" when a recipe assumes chat-formatted input (a first-token
+    patch of the chat template's first token, `of: chat`), else the tokenizer's own prefix."""
+    return "chat" if any(params.get("of") == "chat" for _, params in recipes) else "tokenizer"
+
+
+def window_prefix(tok, kind: str) -> list[int]:
+    """The ids every window opens with: `kind` is one of PREFIXES."""
+    if kind not in PREFIXES:
+        raise UserError(f"--prefix {kind!r}: use one of {', '.join(PREFIXES)}")
+    return special_prefix(tok) if kind == "tokenizer" else chat_prefix(tok)
+
+
+def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tokenizer") -> Windows:
+    """Cut the text's tokens into windows of `size` tokens, each one the prefix (see `window_prefix`) plus text."""
+    ids_prefix = window_prefix(tok, prefix)
+    body = size - len(ids_prefix)
     if body < 1:
-        raise UserError(f"--max-tokens {size}: the tokenizer's special prefix alone has {len(prefix)} tokens")
+        raise UserError(f"--max-tokens {size}: the window prefix alone has {len(ids_prefix)} tokens")
     ids = list(tok(raw, add_special_tokens=False)["input_ids"])
-    chunks = [prefix + ids[i : i + body] for i in range(0, len(ids), body)]
-    first = max(len(prefix), 1)
+    chunks = [ids_prefix + ids[i : i + body] for i in range(0, len(ids), body)]
+    first = max(len(ids_prefix), 1)
     chunks = [c for c in chunks if len(c) > first]
-    return Windows(chunks[:limit] if limit else chunks, prefix)
+    return Windows(chunks[:limit] if limit else chunks, ids_prefix)
 
 
 HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
@@ -141,7 +179,7 @@ def _check_pair(base: Checkpoint, patched: Checkpoint) -> None:
     """A patched checkpoint holds the base's tensors, with the same dtypes and shapes."""
     only = sorted(set(base.names()) ^ set(patched.names()))
     if only:
-        raise UserError(f"{patched.folder}: not a patch of {base.folder}: tensor names differ ({only[0]!r} is in "
+        raise UserError(f"{patched.folder}: not a patch of {base.folder}: tensor names differ ({quote(only[0])} is in "
                         "one only); compare them with `melsurgery diff`")
     for name in base.names():
         a, b = base.info(name), patched.info(name)
@@ -179,10 +217,11 @@ class _Streamed:
     changed: list[str]
 
 
-def _claims(patched: Path, params: DetectParams | None, claimed: list[str] | None):
-    """Detection thresholds and claimed edits, from provenance.json where not given; and why it is unreadable."""
+def _claims(patched: Path, params: DetectParams | None, claimed: list[str] | None, prefix: str | None):
+    """Detection thresholds, claimed edits and how windows open (`input_prefix` of the patch's recipes), from
+    provenance.json where not given; and why it is unreadable."""
     unreadable = None
-    if params is None or claimed is None:
+    if params is None or claimed is None or prefix is None:
         try:
             record = Provenance.find(Path(patched))
         except UserError as exc:  # measured without it, and said so in the report
@@ -190,10 +229,12 @@ def _claims(patched: Path, params: DetectParams | None, claimed: list[str] | Non
         if record is not None:
             params = params or record.detect_params
             claimed = record.edited_tensors if claimed is None else claimed
-    return params, claimed, unreadable
+            prefix = prefix or input_prefix([(r.name, r.params) for r in record.recipes])
+    return params, claimed, prefix, unreadable
 
 
-def _open_pair(base: Path, patched: Path, text: Path | None, max_tokens: int, max_windows: int | None) -> _Pair:
+def _open_pair(base: Path, patched: Path, text: Path | None, max_tokens: int, max_windows: int | None,
+               prefix: str | None) -> _Pair:
     """Everything checked before any layer runs: the text, the pair's tensors, the patch's spec, the windows."""
     raw, text_name = eval_text(text)
     bckpt, pckpt = Checkpoint(base), Checkpoint(patched)
@@ -201,7 +242,7 @@ def _open_pair(base: Path, patched: Path, text: Path | None, max_tokens: int, ma
     spec = custom_layer_spec(pckpt.folder, pckpt.config)
     family = family_for(bckpt.config)
     tok = load_tokenizer(Path(base))
-    win = make_windows(tok, raw, max_tokens, max_windows)
+    win = make_windows(tok, raw, max_tokens, max_windows, prefix or "tokenizer")
     if not win.ids:
         raise UserError(f"{text_name}: too short to evaluate")
     return _Pair(bckpt, pckpt, family, tok, win, text_name, spec)
@@ -276,7 +317,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
                max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
                generations: int = 3, max_new_tokens: int = 40, progress: bool = False,
                params: DetectParams | None = None, claimed_edits: list[str] | None = None,
-               engine: str = "transformers") -> VerifyResult:
+               engine: str = "transformers", prefix: str | None = None) -> VerifyResult:
     """Base versus patched on held-out text, streaming: one decoder layer in memory serves both models.
 
     Each base layer is read once; the patched stream runs it with the patched checkpoint's differing
@@ -285,7 +326,9 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
 
     `params`: the detection thresholds of the patch's scan; `claimed_edits`: the tensors the patch says it
     changed (checked against those that differ). Where not given, they come from the patched folder's
-    provenance.json when it has one; else the default thresholds, and no claim to check.
+    provenance.json when it has one; else the default thresholds, and no claim to check. `prefix`: how each
+    window opens (one of PREFIXES); where not given, as the patch's recipes assume their input opens
+    (`input_prefix` of provenance.json's recipes), else with the tokenizer's own prefix.
 
     `engine` "vllm": also serve both models with vLLM on the same windows (`ServedFigures`: perplexity,
     top-1 agreement and greedy generations as vLLM computes them, and how far its log-probs are from
@@ -295,9 +338,9 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
         raise UserError(f"engine {engine!r}: use {' or '.join(ENGINES)}")
     if engine == "vllm":
         require_vllm()
-    params, claimed_edits, unreadable = _claims(patched, params, claimed_edits)
+    params, claimed_edits, prefix, unreadable = _claims(patched, params, claimed_edits, prefix)
     start = time.perf_counter()
-    pair = _open_pair(base, patched, text, max_tokens, max_windows)
+    pair = _open_pair(base, patched, text, max_tokens, max_windows, prefix)
     dtype = dtype or pair.base.float_dtype
     streamed = _stream(pair, device, dtype, progress)
     found = find_massive(streamed.stats[0], params or DetectParams())

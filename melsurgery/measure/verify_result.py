@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from melsurgery.formats.wording import change_text
+
 
 @dataclass
 class WeightCheck:
@@ -128,7 +130,7 @@ class Gates:
             (self.max_kl, r.kl_mean, "--max-kl", "KL", lambda x, lim: x > lim),
             (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity increase %",
              lambda x, lim: x > lim),
-            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink reduction %",
+            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink cut % (negative: it rose)",
              lambda x, lim: x < lim),
         ):
             if limit is None:
@@ -148,9 +150,13 @@ def _f(x: float | None, spec: str) -> str:
 
 def measurements_for_card(r: VerifyResult) -> dict:
     """The headline figures, as (base, patched) pairs for the model card and provenance."""
-    layers = f"layers {r.sink_layers_from}+"
+    layers = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
+    on = f"{r.text}, {r.windows} windows, {r.tokens} tokens"
+    patched_sink = _f(r.sink_mean_patched, ".3f")
+    if r.sink_reduction_pct is not None:
+        patched_sink += f" ({change_text(r.sink_reduction_pct)})"
     return {
-        f"attention sink (mean, {layers})": (_f(r.sink_mean_base, ".3f"), _f(r.sink_mean_patched, ".3f")),
+        f"attention sink (mean over {layers}; {on})": (_f(r.sink_mean_base, ".3f"), patched_sink),
         f"attention-input similarity (mean, {layers})": (_f(r.similarity_mean_base, ".3f"),
                                                         _f(r.similarity_mean_patched, ".3f")),
         "perplexity (held-out text)": (f"{r.ppl_base:.2f}", f"{r.ppl_patched:.2f}"),
@@ -207,15 +213,17 @@ def verify_report(r: VerifyResult) -> str:
              "massive tokens (base, on this text): " + (
                  f"ME Layer {r.me_layer}, positions {sorted({q for w in r.massive_positions for q in w})}"
                  if r.me_layer is not None else "none: the sink is not measured"), "", *_layer_table(r)]
-    reduction = "" if r.sink_reduction_pct is None else f" ({r.sink_reduction_pct:+.1f}% reduction)"
+    change = "" if r.sink_reduction_pct is None else f" ({change_text(r.sink_reduction_pct)})"
+    after = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
+    on = f"the text above, {r.windows} windows"
     lines += ["",
               f"perplexity: base {r.ppl_base:.2f}, patched {r.ppl_patched:.2f} ({r.ppl_increase_pct:+.2f}%)",
               f"KL(base || patched): mean {r.kl_mean:.4f}, max {r.kl_max:.4f}; top-1 agreement "
               f"{100 * r.top1_agreement:.1f}%",
-              f"attention sink (mean over layers {r.sink_layers_from}+): base {_f(r.sink_mean_base, '.3f')}, "
-              f"patched {_f(r.sink_mean_patched, '.3f')}{reduction}; sink rate base "
+              f"attention sink (mean over {after}, {on}): base {_f(r.sink_mean_base, '.3f')}, "
+              f"patched {_f(r.sink_mean_patched, '.3f')}{change}; sink rate base "
               f"{_f(r.sink_rate_mean_base, '.2f')}, patched {_f(r.sink_rate_mean_patched, '.2f')}",
-              f"attention-input similarity (mean over layers {r.sink_layers_from}+, lower is more diverse): base "
+              f"attention-input similarity (mean over {after}, lower is more diverse): base "
               f"{_f(r.similarity_mean_base, '.3f')}, patched {_f(r.similarity_mean_patched, '.3f')}",
               *_weight_lines(r.weights)]
     if r.no_effect:

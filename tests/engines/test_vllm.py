@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from melsurgery.calibrate.samples import CalibrationSpec
+from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import resolve
-from melsurgery.checkpoint.tokenizer import load_tokenizer
 from melsurgery.detect.scan import run_scan
 from melsurgery.engines.loading import load
 from melsurgery.engines.vllm_serve import Request, ServeError, serve, serve_each
