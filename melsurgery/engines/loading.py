@@ -26,11 +26,11 @@ def custom_layer_spec(folder: Path, config: dict) -> dict | None:
     except SpecError as exc:
         raise UserError(f"{folder}: {str(exc).removeprefix('melsurgery: ')}") from None
     if spec is not None:
-        _check_module_names(folder, spec, family_for(config))
+        check_module_names(folder, spec, family_for(config))
     return spec
 
 
-def _check_module_names(folder: Path, spec: dict, family: Family) -> None:
+def check_module_names(folder: Path | str, spec: dict, family: Family) -> None:
     """The hooks look modules up by the spec's names: they must be the family's own, not any attribute path."""
     for key, want in (("layers_module", family.layers_module), ("attn", family.attn), ("norm", family.attn_norm)):
         if key in spec and spec[key] != want:

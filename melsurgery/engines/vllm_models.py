@@ -36,6 +36,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
+from melsurgery.architectures import family_for
+from melsurgery.engines.loading import check_module_names
 from melsurgery.engines.modeling_melsurgery import CONFIG_KEY, LayerMask, SpecError, check_spec, layer_masks
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ def install_wemask(model: torch.nn.Module, hf_config) -> list:
         raise SpecError(f"melsurgery: config.json declares the architecture {hf_config.architectures} but has no "
                         f"{CONFIG_KEY}; the checkpoint is damaged: patch its base again")
     spec = check_spec(spec, hf_config.hidden_size, hf_config.num_hidden_layers)
+    # the hooks find modules by the spec's names: they must be the family's own (vLLM keeps transformers' names)
+    check_module_names(getattr(hf_config, "name_or_path", "") or "the checkpoint", spec,
+                       family_for({"model_type": hf_config.model_type}))
     selector = spec.get("selector", "magnitude")
     layers = _submodule(model, spec["layers_module"])
     handles, hooked = [], []

@@ -25,7 +25,7 @@ from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import resolve
 from melsurgery.detect.scan import run_scan
 from melsurgery.engines.loading import load
-from melsurgery.engines.vllm_serve import Request, ServeError, serve, serve_each
+from melsurgery.engines.vllm_serve import Request, ServeError, serve_each
 from melsurgery.surgery.manifest import Manifest
 from melsurgery.surgery.patch import run_patch
 
@@ -71,11 +71,16 @@ def prompts(folders) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def served(folders, prompts) -> dict[str, object]:
-    """Every model served by one vLLM process, in turn, with melsurgery's plugin."""
+def served(folders, prompts, tmp_path_factory) -> dict[str, object]:
+    """Every model served by one vLLM process, in turn, with melsurgery's plugin; last, a wemask patch whose spec
+    names another module to hook (what vLLM makes of it: `hooking-another-module`)."""
     names = list(folders)
-    out = serve([Request(str(folders[n]), prompts, generate=prompts, max_new_tokens=MAX_NEW) for n in names])
-    return dict(zip(names, out))
+    other = _tampered(folders["wemask-magnitude"], tmp_path_factory.mktemp("other"),
+                      lambda c: c["melsurgery_wemask"].update(norm="post_attention_layernorm"))
+    out = serve_each([*(Request(str(folders[n]), prompts, generate=prompts, max_new_tokens=MAX_NEW) for n in names),
+                      Request(str(other), prompts[:1])])
+    assert not any(isinstance(o, ServeError) for o in out[:-1]), out
+    return {**dict(zip(names, out)), "hooking-another-module": out[-1]}
 
 
 def transformers_logprobs(folder: Path, sequences: list[list[int]]) -> list[list[float]]:
@@ -168,6 +173,12 @@ def test_vllm_without_the_plugin_still_serves_folded_patches(without_plugin, ser
     """A folded patch is plain weights: vLLM serves it with no plugin, exactly as with it."""
     folded = without_plugin[0]
     assert not isinstance(folded, ServeError) and folded.logprobs == served["folded"].logprobs
+
+
+def test_the_plugin_refuses_a_spec_that_hooks_another_module(served):
+    """The hooks find modules by the spec's names: a name that is not the family's own is refused at load."""
+    refused = served["hooking-another-module"]
+    assert isinstance(refused, ServeError) and "norm 'post_attention_layernorm' is not this family's" in str(refused)
 
 
 def test_parity_figures_are_finite(parity):
