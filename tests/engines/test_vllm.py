@@ -28,6 +28,7 @@ from melsurgery.engines.loading import load
 from melsurgery.engines.vllm_serve import Request, ServeError, serve_each
 from melsurgery.surgery.manifest import Manifest
 from melsurgery.surgery.patch import run_patch
+from tests.support.planted import Plant, build_model, family_config, make_tokenizer, save_model
 
 pytestmark = pytest.mark.engines
 
@@ -282,3 +283,43 @@ def test_lm_eval_hf_with_remote_code_runs_the_patch(folders, prompts):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                          stdin=subprocess.DEVNULL)
     assert res.returncode != 0 and "Please pass the argument `trust_remote_code=True`" in res.stderr, res.stderr[-800:]
+
+
+# Every family the plugin registers, as a planted model (random weights, a massive activation engineered on
+# BOS at layer 3) with heads vLLM's CPU attention takes (head sizes 32, 64, 80, ...).
+FAMILIES = {"llama": {}, "mistral": {}, "qwen2": {"use_sliding_window": False},  # vLLM: all layers or none
+            "qwen3": {}, "gemma3_text": {"query_pre_attn_scalar": 32}}
+WIDE = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+PLANTED_TEXTS = ["the cat sat on the mat", "1 + 2 = 3, and 2 * 3 = 6; then 6 - 1 = 5.",
+                 "a longer line of text: " + "abc def ghi " * 12]
+
+
+@pytest.fixture(scope="module")
+def planted_patches(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per family: the planted base folder and its wemask patch (every layer after the ME Layer)."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family, extra in FAMILIES.items():
+        base = save_model(build_model(family_config(family, **WIDE, **extra), Plant()), root / family / "base")
+        scan = run_scan(resolve(str(base)), CalibrationSpec(num_samples=8, max_tokens=64))
+        run_patch(resolve(str(base)), root / family / "wemask", Manifest(recipes=[("wemask", {"layers": "after-me"})]),
+                  scan=scan)
+        out[family] = base, root / family / "wemask"
+    return out
+
+
+def test_every_family_the_plugin_registers_serves_the_patch(planted_patches):
+    """Llama, Mistral, Qwen2, Qwen3 and Gemma 3: vLLM's wrapped class computes what transformers computes with the
+    custom layer, and not what the base computes."""
+    tok = make_tokenizer()
+    prompts = [tok(t)["input_ids"] for t in PLANTED_TEXTS]  # BOS first: the massive token
+    served = serve_each([Request(str(patched), prompts, generate=prompts, max_new_tokens=4, max_model_len=256)
+                         for _, patched in planted_patches.values()])
+    for (family, (base, patched)), s in zip(planted_patches.items(), served, strict=True):
+        assert not isinstance(s, ServeError), (family, s)
+        ref = transformers_logprobs(patched, [p + g for p, g in zip(prompts, s.generated)])
+        plain = transformers_logprobs(base, prompts)
+        ref_prompt = [r[: len(p) - 1] for r, p in zip(ref, prompts)]
+        gap, effect = mean_abs_diff(s.logprobs, ref_prompt), mean_abs_diff(plain, ref_prompt)
+        assert gap <= TOLERANCE and effect > 10 * gap, (family, gap, effect)
+        assert mean_abs_diff(s.generated_logprobs, [r[len(p) - 1 :] for r, p in zip(ref, prompts)]) <= TOLERANCE
