@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from melsurgery.checkpoint.atomic import atomic_folder
 from melsurgery.checkpoint.safetensors_file import DTYPES, ITEMSIZE, load_tensor, read_header
 from melsurgery.errors import UserError
-from tests.support.helpers import QUICK_SCAN, assert_clean_failure, run_cli, snapshot
+from tests.support.helpers import QUICK_SCAN, assert_clean_failure, hub_cache_layout, run_cli, snapshot
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -267,8 +267,8 @@ def test_write_error_fails_cleanly_and_removes_partial_output(base, tmp_path):
     res = subprocess.run(["melsurgery", "patch", str(base[0]), "-o", str(out), "--scan", str(base[1]), *PATCH],
                          capture_output=True, text=True, preexec_fn=small_files, timeout=600,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    assert res.returncode == 2, res.stderr  # not killed by SIGXFSZ
-    assert_clean_failure(res, "write failed", "nothing was written", out=out)
+    assert res.returncode == 5, res.stderr  # not killed by SIGXFSZ; 5: out of space
+    assert_clean_failure(res, "write failed", "nothing was written", out=out, code=5)
 
 
 def test_concurrent_patches_into_one_output(base, tmp_path):
@@ -336,7 +336,7 @@ def test_interrupted_patch_leaves_nothing(base, tmp_path, sig):
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), err
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), err
     assert not out.exists()
     if sig != signal.SIGKILL:
         assert b"interrupted" in err and b"Traceback" not in err, err
@@ -391,19 +391,6 @@ def test_read_only_source_is_never_modified(base, tmp_path):
     finally:
         for p in [folder, *folder.iterdir()]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
-
-
-def hub_cache_layout(src: Path, root: Path) -> Path:
-    """huggingface_hub's cache: snapshots/<rev>/<file> are relative symlinks to blobs/<sha256>."""
-    blobs = root / "blobs"
-    snap = root / "snapshots" / ("0" * 40)
-    blobs.mkdir(parents=True)
-    snap.mkdir(parents=True)
-    for p in src.iterdir():
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        shutil.copy(p, blobs / digest)
-        (snap / p.name).symlink_to(Path("..", "..", "blobs", digest))
-    return snap
 
 
 @pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])

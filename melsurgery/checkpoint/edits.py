@@ -7,7 +7,7 @@ torch; applying an edit does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from melsurgery.errors import UserError
@@ -69,6 +69,25 @@ def edited_tensor(original: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
     for e in edits:
         new = apply_edit(new, e)
     return new.to(original.dtype)
+
+
+def edited_rows(rows: torch.Tensor, row_ids: list[int], edits: list[Edit]) -> torch.Tensor:
+    """Some rows of a 2-D tensor after `edits` (of the whole tensor), given which rows they are.
+
+    In-memory trials read a table in pieces (the embedding rows of the tokens at hand, the LM head in
+    blocks); this applies whole-tensor edits to such a piece exactly as `edited_tensor` applies them to
+    the whole. Row edits (axis 0) must name only rows the piece holds; callers load those rows.
+    """
+    where = {r: k for k, r in enumerate(row_ids)}
+    out = rows
+    for e in edits:
+        if e.axis == 0 and e.index is not None:
+            missing = [i for i in e.index if i not in where]
+            if missing:
+                raise ValueError(f"{e.tensor}: rows {missing[:3]} are not among the rows at hand")
+            e = replace(e, index=tuple(where[i] for i in e.index))
+        out = edited_tensor(out, [e])
+    return out
 
 
 def _affine(x: torch.Tensor, e: Edit) -> torch.Tensor:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path, PurePosixPath
 
 import torch
 
+from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
-from melsurgery.errors import UserError
-from melsurgery.formats.textfile import file_kind
+from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import refuse_special_files
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,8 +32,8 @@ class Checkpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: no such model folder")
-        _refuse_special_files(self.folder)
-        self.config = _read_config(self.folder)
+        refuse_special_files(self.folder)
+        self.config = read_config(self.folder)
         self.shards, self.index = _find_shards(self.folder)
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -43,16 +43,18 @@ class Checkpoint:
             for name, info in header.tensors.items():
                 if name in self.tensors:
                     raise UserError(
-                        f"{self.folder}: tensor {name!r} appears in both {self.tensors[name].path.name} and {shard}"
+                        f"{self.folder}: tensor {quote(name)} appears in both "
+                        f"{self.tensors[name].path.name} and {shard}"
                     )
                 self.tensors[name] = info
         if self.index is not None:
             for name, shard in self.index.items():
                 if name not in self.tensors:
-                    raise UserError(f"{self.folder / INDEX_NAME}: names tensor {name!r}, which {shard} does not hold")
+                    raise UserError(f"{self.folder / INDEX_NAME}: names tensor {quote(name)}, which {shard} "
+                                    "does not hold")
                 if self.tensors[name].path.name != shard:
                     raise UserError(
-                        f"{self.folder / INDEX_NAME}: places {name!r} in {shard}, but it is in "
+                        f"{self.folder / INDEX_NAME}: places {quote(name)} in {shard}, but it is in "
                         f"{self.tensors[name].path.name}"
                     )
 
@@ -68,7 +70,7 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise UserError(f"{self.folder}: the checkpoint has no tensor {name!r}") from None
+            raise UserError(f"{self.folder}: the checkpoint has no tensor {quote(name)}") from None
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor read by its byte range alone (no shard is loaded whole), cast and moved as asked."""
@@ -113,11 +115,13 @@ class Checkpoint:
         return {n[len(prefix) :]: self.load(n, dtype, device) for n in self.tensors if n.startswith(prefix)}
 
     def side_files(self) -> list[str]:
-        """Files other than weights and their index: tokenizer, templates, configs, licences, cards."""
+        """Files other than weights, their index and their sha256 sidecars (which describe this folder's files,
+        not an output's): tokenizer, templates, configs, licences, cards."""
         out = []
         for p in sorted(self.folder.rglob("*")):
             rel = p.relative_to(self.folder).as_posix()
-            if p.is_file() and not rel.startswith(".") and not any(p.match(pat) for pat in OTHER_WEIGHTS):
+            weights = p.with_suffix("") if p.suffix == SIDECAR else p
+            if p.is_file() and not rel.startswith(".") and not any(weights.match(pat) for pat in OTHER_WEIGHTS):
                 out.append(rel)
         return out
 
@@ -131,18 +135,8 @@ class Checkpoint:
         return max(size, key=size.__getitem__) if size else torch.float32
 
 
-def _refuse_special_files(folder: Path) -> None:
-    """FIFOs, devices and sockets would block or stream forever when read: refused before anything is opened."""
-    for p in folder.iterdir():
-        try:
-            mode = p.stat().st_mode
-        except OSError:
-            continue  # a dangling symlink: whatever needs it reports it missing
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise UserError(f"{p}: not a regular file ({file_kind(mode)}); a model folder holds plain files")
-
-
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict: refused (one line) when absent, not JSON, or quantised."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")
@@ -177,7 +171,7 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
         for shard in shards:
             rel = PurePosixPath(shard)
             if rel.is_absolute() or ".." in rel.parts or "\\" in shard or not shard:
-                raise UserError(f"{index_path}: shard name {shard!r} points outside the model folder")
+                raise UserError(f"{index_path}: shard name {quote(shard)} points outside the model folder")
             if not (folder / shard).exists():
                 raise UserError(f"{index_path}: names shard {shard}, which is missing; re-download the checkpoint")
         return shards, weight_map

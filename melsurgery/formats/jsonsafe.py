@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, redact
 from melsurgery.formats.textfile import read_text
 
 
@@ -27,8 +27,9 @@ def finite(obj: object) -> object:
 
 
 def dumps(obj: object, **kwargs) -> str:
-    """json.dumps that writes non-finite numbers as null: our JSON files are always valid JSON."""
-    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+    """json.dumps that writes non-finite numbers as null (our JSON files are always valid JSON) and no secret
+    (a storage URL's password, a token a server echoed: see errors.redact)."""
+    return redact(json.dumps(finite(obj), allow_nan=False, **kwargs))
 
 
 def _no_constant(name: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from melsurgery.architectures import Family
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.recipes.base import (
     FitContext,
     Recipe,
@@ -17,6 +17,7 @@ from melsurgery.recipes.base import (
     WeMaskLayer,
     WeMaskSpec,
     attention_layers,
+    layer_dims,
     parse_layers,
     pick_dims,
     require_me,
@@ -29,6 +30,7 @@ __all__ = [
     "WeMaskLayer",
     "WeMaskSpec",
     "attention_layers",
+    "layer_dims",
     "parse_layers",
     "pick_dims",
     "require_me",
@@ -52,7 +54,7 @@ def get_recipe(name: str) -> Recipe:
     """The recipe of this name, or a one-line error naming the available ones."""
     known = registry()
     if name not in known:
-        raise UserError(f"unknown recipe {name!r}; available: {', '.join(known)}")
+        raise UserError(f"unknown recipe {quote(name)}; available: {', '.join(known)}")
     return known[name]
 
 
