@@ -37,8 +37,8 @@ def main() -> None:
 
     from melsurgery.architectures import family_for
     from melsurgery.checkpoint.reader import Checkpoint
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.measure.verify import eval_text, make_windows, split_text
     from melsurgery.params import DetectParams
     from melsurgery.recipes.first_token_fit import RowObjective, first_token

@@ -40,10 +40,10 @@ def _front(points: list[dict], n: int) -> list[dict]:
 
 def run(args) -> dict:
     import torch
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
 
     from melsurgery.architectures import family_for
     from melsurgery.checkpoint.reader import Checkpoint
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json, run_scan
     from melsurgery.measure.verify import eval_text, make_windows, split_text

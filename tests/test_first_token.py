@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from melsurgery.checkpoint.tokenizer import load_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from melsurgery.architectures import family_for
 from melsurgery.checkpoint.edits import Edit, apply_edit
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.errors import UserError
 from melsurgery.measure.verify import eval_text, make_windows, run_verify, split_text
 from melsurgery.outputs import MANIFEST

@@ -51,7 +51,7 @@ def test_trials_that_edit_the_embedding_and_the_head_match_a_full_forward(family
     engine's KL and perplexities equal those of whole models. Llama: untied head, and a column edit of the table;
     Gemma 3: tied head (the edited row is an output logit too); Gemma 2: tied and soft-capped logits (the base
     logits are recomputed per block)."""
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
 
     folder = planted_folder(tmp_path / family, family_config(family))
     source = resolve(str(folder))

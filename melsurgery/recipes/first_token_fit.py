@@ -469,7 +469,7 @@ def fit_params(ctx, params: dict, edits: list[Edit]) -> dict:
     """The first-token params with `row` and `token_id` filled in: the path is fitted (or read from the
     cache) on the fitting text, on top of the other recipes' `edits`, and `kl` picks its point."""
     from melsurgery.architectures import family_for
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.measure.verify import make_windows
 
     ckpt = Checkpoint(ctx.folder)
