@@ -358,12 +358,12 @@ def _mean(values: list) -> float:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How the path is walked: normalised gradient steps on sink ratio + lambda * KL, where lambda follows a KL
-    target that grows geometrically from `first_kl` (step 1) to `path_kl` (the last step): after each step
-    lambda is multiplied by KL / target (at most e-fold), so the steps trace the front from small cuts to large
-    ones. Step lengths are relative to the stored row's norm: `lr` for the first step; after it, the length
-    that moves the KL from one target to the next where KL grows with the square of the distance travelled
-    (as it does near the stored row: KL is quadratic there). The walk stops once KL passes 2 * path_kl."""
+    """How the path is walked: Adam steps on sink ratio + lambda * KL, where lambda follows a KL target that
+    grows geometrically from `first_kl` (step 1) to `path_kl` (the last step): after each step lambda is
+    multiplied by KL / target (at most e-fold), so the steps trace the front from small cuts to large ones.
+    `lr` is Adam's step relative to the stored row's RMS (Adam moves every coordinate by about that much: a
+    diagonal preconditioner, where plain gradient steps crawl along the directions that cost little KL). The
+    walk stops once KL passes 2 * path_kl."""
 
     steps: int = 24
     lr: float = 0.03
@@ -373,14 +373,6 @@ class FitSettings:
     def target(self, step: int) -> float:
         """The KL target of a step (step 0 is the stored row)."""
         return self.first_kl * (self.path_kl / self.first_kl) ** ((max(1, step) - 1) / max(1, self.steps - 1))
-
-    def length(self, step: int, travelled: float, kl: float) -> float:
-        """The length of the step from `step` to the next, given the distance travelled so far and the KL there."""
-        if step == 0 or kl <= 0:
-            return self.lr
-        per_root = travelled / math.sqrt(kl)  # distance per sqrt(KL) along the path so far
-        grow = math.sqrt(self.target(step + 1)) - math.sqrt(self.target(step))
-        return min(4 * self.lr, max(self.lr / 8, per_root * grow))
 
 
 @dataclass(frozen=True)
@@ -398,9 +390,9 @@ def fit_path(objective: RowObjective, settings: FitSettings,
     """Walk from the stored row towards smaller sinks; every step's row and figures are kept (the front is
     read off the path). Returns the points and the seconds taken."""
     start = time.perf_counter()
-    row0 = objective.row0.clone()
-    norm = float(row0.norm()) or 1.0
-    row = row0.clone()
+    row = objective.row0.clone()
+    rms = float(row.pow(2).mean().sqrt()) or 1.0
+    opt = torch.optim.Adam([row.requires_grad_(True)], lr=settings.lr * rms)
     points: list[PathPoint] = []
     lam = 1.0
     for step in range(settings.steps + 1):
@@ -408,16 +400,17 @@ def fit_path(objective: RowObjective, settings: FitSettings,
             kl = max(points[-1].figures.kl, 1e-9)
             lam *= math.exp(max(-1.0, min(1.0, math.log(kl / settings.target(step - 1)))))
         last = step == settings.steps
-        fig, grad = objective.evaluate(row, None if last else lam)
+        fig, grad = objective.evaluate(row.detach(), None if last else lam)
         if not (math.isfinite(fig.kl) and math.isfinite(fig.sink_patched)):
             break
-        points.append(PathPoint(step, lam, fig, tuple(float(x) for x in row)))
+        points.append(PathPoint(step, lam, fig, tuple(float(x) for x in row.detach())))
         if progress:
             progress(points[-1])
-        if last or fig.kl > 2 * settings.path_kl or grad is None or not float(grad.norm()) > 0:
+        if last or fig.kl > 2 * settings.path_kl:
             break
-        length = settings.length(step, float((row - row0).norm()) / norm, fig.kl)
-        row = row - (length * norm / float(grad.norm())) * grad.to(row.dtype)
+        opt.zero_grad()
+        row.grad = grad
+        opt.step()
     return points, time.perf_counter() - start
 
 

@@ -78,8 +78,9 @@ class BudgetOptions:
 
     @property
     def searched(self) -> tuple[str, ...]:
-        """The recipes searched: those named, else every registered one."""
-        return self.recipes or tuple(registry())
+        """The recipes searched: those named, else every registered one that is not fitted (first-token's row is
+        fitted by `patch --recipe first-token`, a path of minutes per composition, not a trial's setting)."""
+        return self.recipes or tuple(n for n, r in registry().items() if r.fit is None)
 
     def describe(self) -> str:
         """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""
