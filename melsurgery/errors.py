@@ -18,6 +18,17 @@ import re
 BAD_INPUT, NOTHING_FOUND, GATE, NO_SPACE, INTERNAL = 2, 3, 4, 5, 70
 SIGNAL_BASE = 128
 
+# The exit status of every command, in one place (docs/budgeted-patch.md lists them).
+EXIT_CODES = {
+    0: "success",
+    1: "diff: the checkpoints differ (as diff(1))",
+    2: "a user error: bad input, an unreadable file, a refused option; nothing was written",
+    3: "no massive activation persists: no ME Layer, so there is nothing to mitigate",
+    4: "a quality budget is not met: a verify gate, no tune trial within the budget, or no setting of the "
+       "budgeted patch's search space that cuts the sink within the budget (nothing written)",
+    130: "interrupted (Ctrl-C); nothing half-written is left",
+}
+
 
 class UserError(Exception):
     """An error the user can fix; the CLI prints its one line and exits with ``exit_code``."""
@@ -34,6 +45,13 @@ class NoMassiveActivations(UserError):
     """Scan found nothing massive: a distinct exit code so pipelines can tell it from failure."""
 
     exit_code = NOTHING_FOUND
+
+
+class BudgetNotMet(UserError):
+    """Nothing meets the quality budget (a verify gate, tune, `patch --max-kl`): its own code, so pipelines can tell
+    a measured "no" from a failure."""
+
+    exit_code = 4
 
 
 class Interrupted(KeyboardInterrupt):

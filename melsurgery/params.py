@@ -22,9 +22,10 @@ LAYER_WORDS = ("next", "after-me", "me")
 class Param:
     """One recipe parameter.
 
-    `kind` is one of float, int, choice, layers, int_list, neurons; `low`/`high` bound numbers
-    (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag share
-    its meaning (e.g. --layers for wemask and norm-rescale).
+    `kind` is one of float, int, choice, layers, int_list, float_list, neurons; `low`/`high` bound
+    numbers (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag
+    share its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
+    budgeted patch) from varying it: settings of how a recipe is fitted, and values a fit fills in.
     """
 
     name: str
@@ -37,6 +38,7 @@ class Param:
     choices: tuple[str, ...] = ()
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
     same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
+    search: bool = True
 
     @property
     def where(self) -> str:
@@ -66,6 +68,8 @@ class Param:
             return _layers(value, where)
         if self.kind == "int_list":
             return _int_list(value, where, self.low)
+        if self.kind == "float_list":
+            return _float_list(value, where)
         if self.kind == "neurons":
             return _neurons(value, where)
         raise AssertionError(self.kind)
@@ -129,6 +133,25 @@ def _int_list(value: object, where: str, low: float | None) -> list[int]:
     return out
 
 
+def _float_list(value: object, where: str) -> list[float]:
+    """Finite numbers (a fitted vector); in a manifest a YAML list, on the command line comma-separated."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise UserError(f"{where}: expected a non-empty list of numbers")
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            x = float(item)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: {item!r} is not a number") from None
+        if not math.isfinite(x):
+            raise UserError(f"{where}: {item!r} is not a finite number")
+        out.append(x)
+    return out
+
+
 def expert_id(e: object) -> int | str:
     """An expert index, or "shared" (Qwen2-MoE's shared expert)."""
     return SHARED if isinstance(e, str) and e.strip() == SHARED else int(e)  # type: ignore[call-overload]
@@ -172,7 +195,9 @@ TOP_K = Param("top_k", "int", 3, "Act on the top-k dims of the massive tokens.",
 DIMS = Param("dims", "int_list", None, "Explicit dims, e.g. 507,247 (overrides --top-k).", flag="--dims", low=0)
 MASK_RATIO = Param("mask_ratio", "float", None, "Dims whose mean |h| is at least this share of the top dim's.",
                    flag="--mask-ratio", low=0.0, high=1.0)
-ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO)
+DIMS_BY = Param("dims_by", "choice", "magnitude", "Choose dims by magnitude at the ME Layer (the same for every layer) "
+                "or by the scan's sink attribution (per layer).", flag="--dims-by", choices=("magnitude", "sink"))
+ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO, DIMS_BY)
 
 
 # The scan's parameters, declared the same way: `scan`/`patch` options, manifest sections and the Python

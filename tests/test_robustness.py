@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from melsurgery.checkpoint.atomic import atomic_folder
 from melsurgery.checkpoint.safetensors_file import DTYPES, ITEMSIZE, load_tensor, read_header
 from melsurgery.errors import UserError
-from tests.support.helpers import QUICK_SCAN, assert_clean_failure, run_cli, snapshot
+from tests.support.helpers import QUICK_SCAN, assert_clean_failure, hub_cache_layout, run_cli, snapshot
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -391,19 +391,6 @@ def test_read_only_source_is_never_modified(base, tmp_path):
     finally:
         for p in [folder, *folder.iterdir()]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
-
-
-def hub_cache_layout(src: Path, root: Path) -> Path:
-    """huggingface_hub's cache: snapshots/<rev>/<file> are relative symlinks to blobs/<sha256>."""
-    blobs = root / "blobs"
-    snap = root / "snapshots" / ("0" * 40)
-    blobs.mkdir(parents=True)
-    snap.mkdir(parents=True)
-    for p in src.iterdir():
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        shutil.copy(p, blobs / digest)
-        (snap / p.name).symlink_to(Path("..", "..", "blobs", digest))
-    return snap
 
 
 @pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])

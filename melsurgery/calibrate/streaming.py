@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule
+from melsurgery.checkpoint.edits import Edit, edited_rows
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.checkpoint.validate import check_finite
@@ -95,13 +96,18 @@ class StreamingModel:
             return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
         return types[i]
 
-    def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None) -> list[torch.Tensor]:
+    def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None,
+              edits: list[Edit] | None = None) -> list[torch.Tensor]:
         """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur.
 
-        `ckpt`: read the table from another checkpoint of the same architecture (a patched copy)."""
-        vocab = sorted({t for ids in sequences for t in ids})
+        `ckpt`: read the table from another checkpoint of the same architecture (a patched copy); `edits`:
+        edits of the embedding table, applied in memory (a search trial)."""
+        vocab = sorted({t for ids in sequences for t in ids}
+                       | {i for e in edits or () if e.axis == 0 and e.index is not None for i in e.index})
         weight = (ckpt or self.ckpt).load_rows(self.family.embed, vocab, self.dtype, self.device)
         check_finite(weight, f"{self.family.embed} (rows of the calibration tokens)", (ckpt or self.ckpt).folder)
+        if edits:
+            weight = edited_rows(weight, vocab, edits)
         row = {t: k for k, t in enumerate(vocab)}
         out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
                for ids in sequences]

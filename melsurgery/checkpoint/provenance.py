@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from melsurgery.checkpoint.hashing import sha256_file
+from melsurgery.checkpoint.hashing import Recorded, is_sha256, sha256_file
 from melsurgery.errors import UserError
 from melsurgery.formats.jsonsafe import dumps, load_strict
 from melsurgery.formats.typed import Need, dump, load
@@ -22,7 +22,6 @@ from melsurgery.params import DetectParams
 
 FIX = "re-run the patch"
 _OMIT = {"omit_none": True}
-_SHA256_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,11 +34,62 @@ class RecipeRecord:
     summary: str | None = field(default=None, metadata=_OMIT)
 
 
+_MODE_WORDS = {"clone": "cloned (blocks shared with the source)", "copy_file_range": "copied in the kernel",
+               "read-write": "copied through this process", "link": "hard-linked"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WriteRecord:
+    """How patch wrote the weight files. `mode`: how untouched bytes reached the output: clone (blocks shared
+    with the source, copy-on-write), copy_file_range (copied in the kernel) or read-write (through the
+    process), joined by '+' when files differed ("link" when every file was hard-linked); `linked`: files
+    hard-linked (--link); `rewritten_bytes`: bytes of edited tensors written; `hashed_bytes`: bytes read to
+    compute sha256; `reused_sha256`: input files whose sha256 was reused, not computed, each with the key of
+    its reason, which `trusted_because` spells out."""
+
+    mode: str
+    linked: tuple[str, ...] = ()
+    rewritten_bytes: int = 0
+    hashed_bytes: int = 0
+    reused_sha256: dict[str, str] = field(default_factory=dict)
+    trusted_because: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        """One line for the command's report: how untouched bytes were written, what was hashed and reused."""
+        how = "+".join(_MODE_WORDS.get(m, m) for m in self.mode.split("+"))
+        linked = f", {len(self.linked)} hard-linked" if self.linked and self.mode != "link" else ""
+        reused = (f"sha256 reused for {len(self.reused_sha256)} ({', '.join(sorted(set(self.reused_sha256.values())))})"
+                  if self.reused_sha256 else "no sha256 reused")
+        return (f"untouched bytes {how}{linked}; {self.rewritten_bytes:,} edited bytes written; {reused}; "
+                f"{self.hashed_bytes / 1e9:.2f} GB hashed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRecord:
+    """How a budgeted patch (`patch --max-kl`) was chosen: the budget, the space searched, the study, the texts,
+    and the chosen setting's figures on the tuning and the held-out text (the engine's `Figures`; the sink is the
+    mean over `sink_layers`, the layers after the ME Layer)."""
+
+    budget: dict[str, float | None]
+    objective: str
+    sink_layers: str
+    space: dict[str, Any]
+    study: dict[str, Any]
+    tuning: dict[str, Any]
+    heldout: dict[str, Any]
+    compute: dict[str, Any]
+    trial: int
+    figures_tuning: dict[str, float | None]
+    figures_heldout: dict[str, float | None]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Provenance:
     """The record of one patch. `edits` are the writers' records (each names its `tensor`, the Hugging Face
-    name); `scan` is the scan summary (`melsurgery.patch.scan_summary`); `outputs` maps each other file of
-    the folder to its sha256."""
+    name); `scan` is the scan summary (`melsurgery.patch.scan_summary`); `writer` says how the weights were
+    written; `outputs` maps each other file of the folder to its sha256, `sizes` to its size (so that a later
+    patch of this folder can reuse the sha256 of a file still that size and not modified since)."""
 
     tool: str | None = field(default=None, metadata=_OMIT)
     source: dict[str, Any] = field(default_factory=dict)
@@ -48,7 +98,10 @@ class Provenance:
     edits: tuple[dict[str, Any], ...] | None = field(default=None, metadata=_OMIT)
     scan: dict[str, Any] | None = field(default=None, metadata=_OMIT)
     measurements: dict[str, Any] | None = field(default=None, metadata=_OMIT)
+    search: SearchRecord | None = field(default=None, metadata=_OMIT)
+    writer: WriteRecord | None = field(default=None, metadata=_OMIT)
     outputs: dict[str, str] | None = field(default=None, metadata=_OMIT)
+    sizes: dict[str, int] | None = field(default=None, metadata=_OMIT)
 
     def to_dict(self) -> dict:
         """The provenance.json object, keys in the order melsurgery has always written them."""
@@ -61,7 +114,7 @@ class Provenance:
             raise UserError(f"{where}: expected a JSON object with 'outputs', 'recipes' and 'source'")
         outputs = data.get("outputs")
         if outputs is not None and not (isinstance(outputs, dict) and all(
-                isinstance(k, str) and _is_sha256(v) for k, v in outputs.items())):
+                isinstance(k, str) and is_sha256(v) for k, v in outputs.items())):
             raise UserError(f"{where}: 'outputs' must map relative file paths to lowercase sha256 hex digests")
         recipes = data.get("recipes", [])
         if not isinstance(recipes, list) or not all(
@@ -106,9 +159,10 @@ class Provenance:
         """This record with the sha256 of every other file below `folder`; `known`: hashes computed while writing
         (the weights), not read again."""
         known = known or {}
-        outputs = {rel: known.get(rel) or sha256_file(p) for p in sorted(Path(folder).rglob("*"))
-                   if p.is_file() and (rel := p.relative_to(folder).as_posix()) != PROVENANCE}
-        return replace(self, outputs=outputs)
+        files = {rel: p for p in sorted(Path(folder).rglob("*"))
+                 if p.is_file() and (rel := p.relative_to(folder).as_posix()) != PROVENANCE}
+        return replace(self, outputs={rel: known.get(rel) or sha256_file(p) for rel, p in files.items()},
+                       sizes={rel: p.stat().st_size for rel, p in files.items()})
 
     @property
     def detect_params(self) -> DetectParams | None:
@@ -155,6 +209,17 @@ class Provenance:
                 raise UserError(f"{path}: sha256 differs from {PROVENANCE}; the file changed after surgery")
 
 
-def _is_sha256(v: object) -> bool:
-    return isinstance(v, str) and len(v) == 64 and set(v) <= _SHA256_HEX
+def recorded_hashes(folder: Path) -> Recorded | None:
+    """What the folder's own provenance.json (written by the patch that made it) records of its files' sha256
+    and sizes, for reuse when the folder is patched again; None where it has no record with sizes (an older
+    melsurgery, a folder of another origin) or an unreadable one (then its files are simply hashed)."""
+    path = Path(folder) / PROVENANCE
+    try:
+        record = Provenance.find(folder)
+        written_ns = path.stat().st_mtime_ns
+    except (UserError, OSError):
+        return None
+    if record is None or not record.outputs or not record.sizes:
+        return None
+    return Recorded(dict(record.outputs), dict(record.sizes), written_ns)
 

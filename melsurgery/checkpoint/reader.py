@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text, refuse_special_files
@@ -34,7 +35,7 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: no such model folder")
         refuse_special_files(self.folder)
-        self.config = _read_config(self.folder)
+        self.config = read_config(self.folder)
         self.shards, self.index = _find_shards(self.folder)
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -116,11 +117,13 @@ class Checkpoint:
         return {n[len(prefix) :]: self.load(n, dtype, device) for n in self.tensors if n.startswith(prefix)}
 
     def side_files(self) -> list[str]:
-        """Files other than weights and their index: tokenizer, templates, configs, licences, cards."""
+        """Files other than weights, their index and their sha256 sidecars (which describe this folder's files,
+        not an output's): tokenizer, templates, configs, licences, cards."""
         out = []
         for p in sorted(self.folder.rglob("*")):
             rel = p.relative_to(self.folder).as_posix()
-            if p.is_file() and not rel.startswith(".") and not any(p.match(pat) for pat in OTHER_WEIGHTS):
+            weights = p.with_suffix("") if p.suffix == SIDECAR else p
+            if p.is_file() and not rel.startswith(".") and not any(weights.match(pat) for pat in OTHER_WEIGHTS):
                 out.append(rel)
         return out
 
@@ -134,7 +137,8 @@ class Checkpoint:
         return max(size, key=size.__getitem__) if size else torch.float32
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict: refused (one line) when absent, not JSON, or quantised."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")

@@ -14,6 +14,7 @@ rendering is bounded in time (MELSURGERY_TEMPLATE_TIMEOUT seconds, default 10) a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from melsurgery.architectures import is_patched_config, transformers_config
 from melsurgery.errors import UserError, one_line, quote
 from melsurgery.formats.textfile import refuse_special_files
 
@@ -48,11 +50,13 @@ def from_config(auto_class: Any, config: Any, **kwargs) -> Any:
 
 
 def load_config(folder: Path) -> Any:
-    """The folder's config through transformers (stock class for its model_type; auto_map ignored)."""
+    """The folder's config through transformers (stock class for its model_type; auto_map ignored). A patch that
+    runs a custom layer declares a model type no engine knows: it is read as its base architecture."""
     from transformers import AutoConfig
 
     try:
-        return from_pretrained(AutoConfig, folder)
+        patched = _patched_config(Path(folder))
+        return patched if patched is not None else from_pretrained(AutoConfig, folder)
     except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{Path(folder) / 'config.json'}: transformers cannot read it ({_why(exc)})") from None
 
@@ -66,7 +70,9 @@ def load_tokenizer(folder: Path) -> object:
     if folder.is_dir():
         refuse_special_files(folder)
     try:
-        tokenizer = from_pretrained(AutoTokenizer, folder)
+        patched = _patched_config(folder) if folder.is_dir() else None
+        options = {"config": patched} if patched is not None else {}
+        tokenizer = from_pretrained(AutoTokenizer, folder, **options)
     except Exception as exc:  # noqa: BLE001 - third-party parsers of untrusted files raise anything (KeyError...)
         raise UserError(f"{quote(str(folder), 300)}: cannot load the tokenizer ({_why(exc)})") from None
     if getattr(tokenizer, "chat_template", None):
@@ -75,6 +81,16 @@ def load_tokenizer(folder: Path) -> object:
         except TemplateError:
             pass  # a template that refuses this probe may take real conversations; using it reports the error
     return tokenizer
+
+
+def _patched_config(folder: Path) -> Any:
+    """transformers' config of a patched checkpoint's base architecture, or None for any other folder (or one whose
+    config.json is unreadable: the caller's own load says what is wrong)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return transformers_config(config) if isinstance(config, dict) and is_patched_config(config) else None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")

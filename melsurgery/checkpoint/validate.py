@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from melsurgery.architectures import Family, family_for
+from melsurgery.architectures import WEMASK_KEY, Family, family_for, has_custom_layer
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.safeload import from_config, from_pretrained
+from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.errors import UserError, quote
-from melsurgery.formats.typed import Need, is_int, is_num
 
 # Config sizes that must be positive integers when present (the first four always).
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -36,11 +35,19 @@ def open_model(folder: Path) -> tuple[Checkpoint, Family]:
     check_config_types(ckpt.config, ckpt.folder / "config.json")  # before anything sizes a list by them
     family = family_for(ckpt.config)
     check_shapes(ckpt, family)
-    check_custom_layer(ckpt, family)
     return ckpt, family
 
 
 MAX_SIZE = 2**31 - 1  # no real size comes near; a larger one would size lists and tensors by it
+
+
+def refuse_custom_layer(ckpt: Checkpoint, what: str) -> None:
+    """scan and patch read weights, not a custom layer: a checkpoint that runs one would be measured (and planned)
+    as its base model, so it is refused; its base model is what to scan and patch."""
+    if has_custom_layer(ckpt.config):
+        raise UserError(f"{ckpt.folder}: a melsurgery patch with a custom layer ({WEMASK_KEY}); {what} reads plain "
+                        "weights and would measure it without the layer: give its base model, with every recipe "
+                        "in one manifest")
 
 
 def _is_size(x: object) -> bool:
@@ -69,11 +76,11 @@ def check_config_types(config: dict, where: Path | str) -> None:
 def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the model transformers builds from config.json (on the meta device: no memory)."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     where = ckpt.folder / "config.json"
     try:
-        config = from_pretrained(AutoConfig, ckpt.folder)
+        config = load_config(ckpt.folder)
         with torch.device("meta"):
             model = from_config(AutoModelForCausalLM, config, attn_implementation="eager")
     except (*_BUILD_ERRORS, StrictDataclassError) as exc:
@@ -114,55 +121,6 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     for name in (family.embed, family.tensor(0, family.attn_norm) if family.attn_norm else None):
         if name is not None and name not in actual:
             raise UserError(f"{ckpt.folder}: the weights have no {name}")
-
-
-WEMASK_KEY = "melsurgery_wemask"  # the custom layer's entry in config.json (engines/modeling_melsurgery.py)
-_FIX_WEMASK = "the custom layer's settings were edited by hand or damaged; re-run the patch"
-
-
-def check_custom_layer(ckpt: Checkpoint, family: Family) -> None:
-    """A WeMask entry in config.json, checked field by field against the model before the custom layer is
-    installed: the hooks index tensors by these numbers and look modules up by these names."""
-    spec = ckpt.config.get(WEMASK_KEY)
-    if spec is None:
-        return
-    need = Need(f"{ckpt.folder / 'config.json'}: {WEMASK_KEY}", _FIX_WEMASK)
-    hidden, n = ckpt.config["hidden_size"], ckpt.config["num_hidden_layers"]
-    need(isinstance(spec, dict), "the entry", "an object", spec)
-    need(spec.get("layers_module", family.layers_module) == family.layers_module, "layers_module",
-         quote(family.layers_module), spec.get("layers_module"))
-    for key, want in (("norm", family.attn_norm), ("attn", family.attn)):
-        if key in spec:
-            need(spec[key] == want, key, quote(want), spec[key])
-    need(spec.get("selector", "magnitude") in ("magnitude", "first"), "selector", "'magnitude' or 'first'",
-         spec.get("selector"))
-    need(spec.get("replace", "zero") in ("zero", "mean"), "replace", "'zero' or 'mean'", spec.get("replace"))
-    _check_indices(need, "selector_dims", spec.get("selector_dims", []), hidden, "hidden size")
-    entries = spec.get("per_layer")
-    need(isinstance(entries, list) and bool(entries), "per_layer", "a non-empty list", entries)
-    for k, entry in enumerate(entries):
-        at = f"per_layer[{k}]"
-        need(isinstance(entry, dict), at, "an object", entry)
-        need(is_int(entry.get("layer"), 0) and entry["layer"] < n, f"{at}.layer", f"a layer below {n}",
-             entry.get("layer"))
-        _check_indices(need, f"{at}.dims", entry.get("dims"), hidden, "hidden size", empty=False)
-        strength = entry.get("strength")
-        need(is_num(strength) and 0 <= strength <= 1, f"{at}.strength", "a number in [0, 1]", strength)
-        if spec.get("selector", "magnitude") == "magnitude":
-            need(is_num(entry.get("threshold")), f"{at}.threshold", "a finite number", entry.get("threshold"))
-        values = entry.get("values")
-        need(values is None or (isinstance(values, list) and len(values) == len(entry["dims"])
-                                and all(is_num(v) for v in values)),
-             f"{at}.values", f"null or {len(entry['dims'])} finite numbers", values)
-    layers = spec.get("layers", [e["layer"] for e in entries])
-    need(isinstance(layers, list) and all(is_int(i, 0) for i in layers)
-         and set(layers) <= {e["layer"] for e in entries}, "layers", "a list of layers that per_layer configures",
-         layers)
-
-
-def _check_indices(need: Need, path: str, value: object, size: int, what: str, empty: bool = True) -> None:
-    need(isinstance(value, list) and (empty or bool(value)) and all(is_int(v, 0) and v < size for v in value),
-         path, f"a {'' if empty else 'non-empty '}list of indices below the {what} {size}", value)
 
 
 def nonfinite(t: torch.Tensor) -> int:

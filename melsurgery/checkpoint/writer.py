@@ -1,13 +1,21 @@
-"""Writing a patched checkpoint: untouched bytes copied, edited tensors spliced in on the way.
+"""Writing a patched checkpoint: untouched bytes cloned or copied, edited tensors written in place.
 
-Edits keep dtype and shape, so an edited tensor occupies exactly its old byte range: a shard with
-edits is copied with only those ranges replaced. Headers, the index and every other tensor stay
-byte-identical, every byte is read and written once, and peak memory is one tensor plus a few chunks.
+Edits keep dtype and shape, so an edited tensor occupies exactly its old byte range and the output keeps the
+source's layout byte for byte: headers, the index and every other tensor stay identical. That layout is
+also the cheapest one for a filesystem that shares blocks: every untouched byte keeps its offset, so a
+whole-file clone (`clone.Copier`) followed by rewriting the edited ranges in place shares every block but
+those an edit touches (two partial blocks at most per edited tensor), with no range to align by hand.
+Where the filesystem cannot clone, the file is copied in the kernel with the edited ranges spliced in.
+
+sha256: an untouched file's is reused when a record of it can be trusted (`hashing.known_sha256`), else
+computed while copying. An edited file's output sha256 is always computed over the whole file: sha256 is a
+chain over the bytes in order, so a change at any offset changes everything after it, and no midstate of
+the source's hash is stored anywhere to resume from. That pass reads the source once, and also yields the
+input sha256 when it was not known.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
@@ -23,8 +31,10 @@ from pathlib import Path
 
 import torch
 
+from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, UNSUPPORTED, Copier, kernel_copy, process_copy
 from melsurgery.checkpoint.edits import Edit, edited_tensor, is_identity
-from melsurgery.checkpoint.hashing import copy_hashing, sha256_file
+from melsurgery.checkpoint.hashing import TRUST, KnownHash, copy_hashing, known_sha256, sha256_file
+from melsurgery.checkpoint.provenance import WriteRecord, recorded_hashes
 from melsurgery.checkpoint.reader import INDEX_NAME, Checkpoint
 from melsurgery.checkpoint.safetensors_file import TensorInfo, tensor_bytes
 from melsurgery.errors import UserError
@@ -42,45 +52,146 @@ class AppliedEdit:
     max_abs_delta: float
 
 
-def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = False,
-                  outputs: dict[str, str] | None = None) -> tuple[list[AppliedEdit], dict]:
-    """Write every shard (and the index) into `out`; returns what changed and sha256 of each input file.
+@dataclass(frozen=True)
+class ShardPlan:
+    """How one weight file is written: hard-linked (`link`, only when untouched) or copied (cloned where the
+    filesystem can), the byte ranges rewritten with edited tensors, and the input sha256 when a trusted record
+    of it exists (else it is computed)."""
 
-    `outputs`, when given, receives the sha256 of every file written here, computed on the way (so that
-    provenance need not read the output again).
-    """
+    shard: str
+    size: int
+    rewrites: tuple[tuple[int, int], ...] = ()
+    known: KnownHash | None = None
+    link: bool = False
+
+    @property
+    def hashed_bytes(self) -> int:
+        """Bytes read to compute sha256: none for an untouched file with a trusted hash, else the whole file
+        (one pass gives the input hash, when unknown, and the output hash of an edited file)."""
+        return 0 if self.known is not None and not self.rewrites else self.size
+
+    def copied_bytes(self, mode: str) -> int:
+        """Bytes the copy moves (read and written) in `mode`: a clone or a hard link moves none."""
+        return 0 if self.link or mode == CLONE else self.size
+
+    @property
+    def rewritten_bytes(self) -> int:
+        """Bytes of edited tensors written over the copy."""
+        return sum(end - start for start, end in self.rewrites)
+
+
+def plan_shards(sizes: dict[str, int], rewrites: dict[str, list[tuple[int, int]]],
+                known: dict[str, KnownHash], link: bool) -> list[ShardPlan]:
+    """One plan per weight file, in the given order: `--link` hard-links only files without edits."""
+    return [ShardPlan(shard, size, tuple(sorted(rewrites.get(shard, ()))), known.get(shard),
+                      link and not rewrites.get(shard)) for shard, size in sizes.items()]
+
+
+@dataclass
+class WrittenWeights:
+    """What write_weights did: the edits applied, sha256 of each input and output weight file, and the record
+    of how (provenance `writer`)."""
+
+    applied: list[AppliedEdit]
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    record: WriteRecord
+
+
+def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = False) -> WrittenWeights:
+    """Write every shard (and the index) into `out`, each untouched byte cloned or copied, each edited tensor
+    written over it; sha256 of the inputs reused where trusted, of the outputs computed on the way (so that
+    provenance need not read the output again)."""
     by_tensor: dict[str, list[Edit]] = {}
     for e in edits:
         if is_identity(e):
             continue
         ckpt.info(e.tensor)  # fails clearly on an unknown name
         by_tensor.setdefault(e.tensor, []).append(e)
+    mine = {shard: [ckpt.headers[shard].tensors[n] for n in by_tensor if ckpt.info(n).path.name == Path(shard).name]
+            for shard in ckpt.shards}
+    recorded = recorded_hashes(ckpt.folder)
+    # each file as it was when its hash was judged: a file that changes before it is written loses the trust
+    seen = {s: _identity(ckpt.folder / s) for s in ckpt.shards}
+    plans = plan_shards({s: seen[s][2] for s in ckpt.shards},
+                        {s: [(i.start, i.end) for i in infos] for s, infos in mine.items() if infos},
+                        {s: k for s in ckpt.shards if (k := known_sha256(ckpt.folder, s, recorded)) is not None},
+                        link)
+    copier = Copier()
     applied: list[AppliedEdit] = []
     inputs: dict[str, str] = {}
-    outputs = {} if outputs is None else outputs
-    for shard in ckpt.shards:
-        src, dst = ckpt.folder / shard, out / shard
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        mine = [n for n in by_tensor if ckpt.info(n).path.name == Path(shard).name]
-        if not mine and link:
-            inputs[shard] = outputs[shard] = sha256_file(src)
-            try:
-                os.link(os.path.realpath(src), dst)  # os.link does not follow symlinks (Hub cache) on Linux
-                continue
-            except OSError:
-                pass  # another filesystem: copy instead
+    outputs: dict[str, str] = {}
+    linked: list[str] = []
+    for plan in plans:
+        (out / plan.shard).parent.mkdir(parents=True, exist_ok=True)
         done: dict[str, AppliedEdit] = {}
-        splices = {info.start: (info.end, _editor(info, by_tensor[info.name], shard, done))
-                   for info in (ckpt.headers[shard].tensors[n] for n in mine)}
-        inputs[shard], outputs[shard] = copy_spliced(src, dst, splices, sync=False)
-        applied += [done[n] for n in mine]
-        if shard == ckpt.shards[0]:
+        splices = {info.start: (info.end, _editor(info, by_tensor[info.name], plan.shard, done))
+                   for info in mine[plan.shard]}
+        inputs[plan.shard], outputs[plan.shard], how = _write_shard(ckpt.folder, out, plan, splices, copier)
+        if _identity(ckpt.folder / plan.shard) != seen[plan.shard]:
+            raise UserError(f"{ckpt.folder / plan.shard}: changed while being copied; patch again when nothing "
+                            "writes to it")
+        if how == "link":
+            linked.append(plan.shard)
+        applied += [done[i.name] for i in mine[plan.shard]]
+        if plan is plans[0]:
             _test_pause()
     for shard in ckpt.shards:  # durable before anything is committed; writeback overlapped the copying
         fsync_file(out / shard)
     if ckpt.index is not None:
         inputs[INDEX_NAME] = outputs[INDEX_NAME] = copy_hashing(ckpt.folder / INDEX_NAME, out / INDEX_NAME)
-    return applied, inputs
+    reused = {p.shard: p.known.trust for p in plans if p.known is not None}
+    record = WriteRecord(
+        mode=copier.mode or "link", linked=tuple(linked),
+        rewritten_bytes=sum(p.rewritten_bytes for p in plans),
+        hashed_bytes=sum(p.hashed_bytes for p in plans),
+        reused_sha256=reused, trusted_because={k: TRUST[k] for k in sorted(set(reused.values()))})
+    return WrittenWeights(applied, inputs, outputs, record)
+
+
+def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tuple[int, Splice]],
+                 copier: Copier) -> tuple[str, str, str]:
+    """Write one weight file as planned; returns its input sha256, output sha256 and how it was written
+    ("link", or the copier's method)."""
+    src, dst = folder / plan.shard, out / plan.shard
+    how = None
+    if plan.link:
+        try:
+            os.link(os.path.realpath(src), dst)  # os.link does not follow symlinks (Hub cache) on Linux
+            how = "link"
+        except OSError:
+            pass  # another filesystem: copy instead
+    if how is None and plan.known is not None and not plan.rewrites:
+        how = copier.copy(src, dst)
+        if how != CLONE:
+            _start_writeback(dst)
+    if how is not None:
+        digest = plan.known.sha256 if plan.known is not None else sha256_file(src)
+        in_sha = out_sha = digest
+    else:
+        cloned = copier.clone(src, dst)
+        in_sha, out_sha = copy_spliced(src, dst, splices, sync=False, cloned=cloned, input_hash=plan.known is None,
+                                       copier=copier)
+        in_sha = in_sha or plan.known.sha256  # type: ignore[union-attr]
+        how = copier.used[str(dst)]
+    return in_sha, out_sha, how
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is written to (its size is third): a copy, or a trusted hash, is valid only if
+    it stays the same."""
+    st = path.stat()
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _start_writeback(path: Path) -> None:
+    """Start writing a copied file back to disk without waiting, so that the next file's work overlaps it."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 PAUSE_ENV = "MELSURGERY_TEST_PAUSE_FILE"
@@ -137,22 +248,26 @@ def _applied(name: str, shard: str, original: torch.Tensor, new: torch.Tensor) -
 Splice = Callable[[bytes], bytes]
 PIECE = 64 * 1024 * 1024  # unit of copying and hashing
 WINDOW = 4 * PIECE  # how far the copy and the hash may drift apart (so the source is read from disk once)
-NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 
 
-def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], sync: bool = True) -> tuple[str, str]:
+def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], sync: bool = True, *,
+                 cloned: bool = False, input_hash: bool = True, copier: Copier | None = None) -> tuple[str | None, str]:
     """Copy src to dst, replacing each byte range [start, end) by splice(original bytes).
 
     A splice may return more or fewer bytes than it replaced (a GGUF header that gains metadata keys):
     everything after it then lands shifted in dst by the difference.
 
     With sync=False the file is not fsynced here (the caller does, later) but its writeback is started, so
-    that the next file's work overlaps it.
+    that the next file's work overlaps it. With cloned=True dst already holds src's bytes (a clone): only the
+    spliced ranges are written, over it, and they must keep their size. `copier`: the run's record of the
+    copying methods a filesystem refused and used (copy_file_range is not tried again once refused).
 
-    Returns sha256 of the input and of the output. A second thread copies in the kernel
-    (copy_file_range) while this one hashes the source through a read-only mapping, so each byte is read
-    from disk once and copied in memory once: hashing costs CPU, not extra I/O, and runs alongside the copy.
+    Returns sha256 of the input (None with input_hash=False: not needed, so not computed past the first
+    splice) and of the output. A second thread copies in the kernel (copy_file_range) while this one hashes
+    the source through a read-only mapping, so each byte is read from disk once and copied in memory once:
+    hashing costs CPU, not extra I/O, and runs alongside the copy.
     """
+    copier = copier or Copier()
     size = src.stat().st_size
     pieces = list(_pieces(size, splices))
     spliced: dict[int, Future[bytes]] = {start: Future() for start in splices}
@@ -161,9 +276,10 @@ def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], s
     out_hash = None  # a copy of in_hash from the first splice on: the bytes before it are the same
     # From the first splice on, the output's hash runs in its own thread, a few pieces behind this one.
     behind: deque[tuple[Future[None], memoryview | bytes, int]] = deque()
-    with (open(src, "rb") as fi, open(dst, "wb") as fo, ThreadPoolExecutor(1, "melsurgery-copy") as pool,
-          ThreadPoolExecutor(1, "melsurgery-hash") as hasher):
-        copier = pool.submit(_copy_pieces, fi.fileno(), fo.fileno(), pieces, spliced, progress)
+    with (open(src, "rb") as fi, open(dst, "r+b" if cloned else "wb") as fo,
+          ThreadPoolExecutor(1, "melsurgery-copy") as pool, ThreadPoolExecutor(1, "melsurgery-hash") as hasher):
+        copying = pool.submit(_copy_pieces, fi.fileno(), fo.fileno(), pieces, spliced, progress,
+                              None if cloned else copier)
         try:
             with _mapped(fi.fileno(), size) as source:
                 released = 0
@@ -172,12 +288,13 @@ def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], s
                         try:
                             progress.wait("hash", offset)
                         except CancelledError:
-                            copier.result()  # the copy failed (a full disk, say): raise its error
+                            copying.result()  # the copy failed (a full disk, say): raise its error
                             raise
                         if splice is not None and out_hash is None:
                             out_hash = in_hash.copy()
                         with source[offset : offset + length] as data:
-                            in_hash.update(data)
+                            if out_hash is None or input_hash:
+                                in_hash.update(data)
                             # the output hash needs its own view of a plain piece: it outlives this block
                             out = splice(bytes(data)) if splice is not None else source[offset : offset + length]
                         if splice is not None:
@@ -192,7 +309,9 @@ def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], s
                     _settle(behind, keep=0)
                 finally:
                     _drop(behind)  # views into the mapping must go before it is closed
-            copier.result()
+            method = copying.result()
+            if method is not None:  # None: a clone, recorded by the copier that made it
+                copier.used[str(dst)] = method
         except BaseException:
             progress.stop()
             for f in spliced.values():
@@ -200,9 +319,9 @@ def copy_spliced(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]], s
             raise
         if sync:
             os.fsync(fo.fileno())
-        elif hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fo.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # starts writeback, does not wait
-    return in_hash.hexdigest(), (out_hash or in_hash).hexdigest()
+        elif hasattr(os, "posix_fadvise") and not cloned:
+            os.posix_fadvise(fo.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # as _start_writeback
+    return in_hash.hexdigest() if input_hash or out_hash is None else None, (out_hash or in_hash).hexdigest()
 
 
 def _drop(behind: deque[tuple[Future[None], memoryview | bytes, int]]) -> None:
@@ -277,50 +396,43 @@ def _release(mm: object, start: int, end: int) -> int:
 
 
 def _copy_pieces(fd_in: int, fd_out: int, pieces: list[tuple[int, int, Splice | None]],
-                 spliced: dict[int, Future[bytes]], progress: _Progress) -> None:
+                 spliced: dict[int, Future[bytes]], progress: _Progress, copier: Copier | None) -> str | None:
     try:
-        _copy_pieces_in_order(fd_in, fd_out, pieces, spliced, progress)
+        return _copy_pieces_in_order(fd_in, fd_out, pieces, spliced, progress, copier)
     except BaseException:
         progress.stop()  # wake the hashing thread, which then raises this error
         raise
 
 
 def _copy_pieces_in_order(fd_in: int, fd_out: int, pieces: list[tuple[int, int, Splice | None]],
-                          spliced: dict[int, Future[bytes]], progress: _Progress) -> None:
-    in_kernel = hasattr(os, "copy_file_range")
+                          spliced: dict[int, Future[bytes]], progress: _Progress, copier: Copier | None) -> str | None:
+    """Write the pieces in order: spliced ones from the hashing thread, the others copied from the source
+    (copy_file_range, else through this process); `copier` None: dst is a clone, only splices are written.
+    Returns the copying method used (None for a clone)."""
+    in_kernel = copier is not None and KERNEL_COPY not in copier.refused and hasattr(os, "copy_file_range")
     shift = 0  # where dst is relative to src, after splices that changed size
     for offset, length, splice in pieces:
         progress.wait("copy", offset)
         if splice is not None:
             data = spliced[offset].result()
+            if copier is None and len(data) != length:
+                raise RuntimeError("a splice changed the size of a range of a cloned file")
             _pwrite_all(fd_out, data, offset + shift)
             shift += len(data) - length
+        elif copier is None:
+            pass  # a clone already holds these bytes
         elif in_kernel:
             try:
-                _copy_range(fd_in, fd_out, offset, length, shift)
+                kernel_copy(fd_in, fd_out, offset, length, shift)
             except OSError as exc:
-                if exc.errno not in NO_COPY_RANGE:
+                if exc.errno not in UNSUPPORTED:
                     raise
                 in_kernel = False  # a filesystem without copy_file_range: copy through this process
-        if splice is None and not in_kernel:
-            _pwrite_all(fd_out, os.pread(fd_in, length, offset), offset + shift)
+                copier.refused.add(KERNEL_COPY)
+        if splice is None and copier is not None and not in_kernel:
+            process_copy(fd_in, fd_out, offset, length, shift)
         progress.advance("copy", offset + length)
-
-
-def _copy_range(fd_in: int, fd_out: int, offset: int, length: int, shift: int = 0) -> None:
-    end = offset + length
-    while offset < end:
-        n = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset + shift)
-        if n == 0:
-            raise UserError(f"{_fd_name(fd_in)}: truncated while being copied; re-download it")
-        offset += n
-
-
-def _fd_name(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return "a source file"
+    return None if copier is None else KERNEL_COPY if in_kernel else PROCESS_COPY
 
 
 def _pieces(size: int, splices: dict[int, tuple[int, Splice]]) -> Iterator[tuple[int, int, Splice | None]]:

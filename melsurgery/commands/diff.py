@@ -7,10 +7,16 @@ from pathlib import Path
 
 import click
 
-from melsurgery.commands.shared import json_option, preflight
+from melsurgery.commands.shared import examples, json_option, preflight
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery diff default out/damp --only-changed",
+        "melsurgery diff default out/damp --stat --json diff.json",
+        "melsurgery diff owner/model owner/model-patched --revision-a v1 --revision main",
+    )
+)
 @click.argument("a")
 @click.argument("b")
 @click.option("--revision-a", default=None, help="Hub revision of A (branch, tag or commit).")

@@ -19,6 +19,7 @@ import click
 from melsurgery.checkpoint.atomic import FULL, check_output_file, unwind_on_signals
 from melsurgery.checkpoint.guard import exists, protect, protecting
 from melsurgery.errors import BAD_INPUT, INTERNAL, NO_SPACE, SIGNAL_BASE, UserError, escape, printable, quote, redact
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
@@ -198,6 +199,13 @@ def torch_dtype(name: str):
     return None if name == "checkpoint" else getattr(torch, DTYPES[name])
 
 
+def examples(*lines: str) -> str:
+    """A command's --help epilog: "Examples:" and one real invocation per line, kept as written (click's
+    `\\b` marks a paragraph it must not rewrap). tests/test_cli_help.py parses every line against the
+    command's parameters, so an example cannot name a flag the command no longer has."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.",
                              callback=lambda ctx, param, value: resolve_device(value))
 dtype_option = click.option(
@@ -253,8 +261,8 @@ def preflight(sources: tuple, outputs: tuple = ()) -> None:
             check_output_file(out)
 
 
-def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
-    """--json and --plot of a command's result, each announced on its own line."""
+def write_outputs(result: JsonRecord | dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    """--json (`to_json()` of a typed result) and --plot of a command's result, each announced on its own line."""
     if json_path:
         from melsurgery.detect.scan import write_json
 

@@ -41,6 +41,7 @@ from melsurgery.checkpoint.safetensors_file import load_tensor, read_header
 from melsurgery.checkpoint.validate import check_finite
 from melsurgery.errors import UserError, one_line, redact, register_secret
 from melsurgery.formats.jsonsafe import load_strict
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import front_matter
 from melsurgery.hub.metadata import metadata_problems
 from melsurgery.outputs import MODEL_CARD, PROVENANCE
@@ -67,7 +68,7 @@ class PushManifest:
 
 
 @dataclass(frozen=True)
-class PushResult:
+class PushResult(JsonRecord):
     """Outcome of `push`. On a dry run nothing was sent, so `commit_url` and `pr_url` are None."""
 
     repo_url: str

@@ -37,15 +37,16 @@ from melsurgery.checkpoint.writer import copy_spliced, fsync_file
 from melsurgery.detect.scan import run_scan
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.recipes import RecipePlan, plan_recipes
 from melsurgery.surgery.manifest import Manifest
-from melsurgery.surgery.patch import check_scan_fits
+from melsurgery.surgery.patch import check_scan_fits, fitted
 from melsurgery.version import __version__
 
 GGUF_HINT = "name a .gguf file, or pass --format gguf to write a folder"
-FOLDED = ("norm-rescale", "ffn-dampen", "me-norm")
+FOLDED = ("norm-rescale", "ffn-dampen", "me-norm", "first-token")
 # The recipe -> role map used to refuse unquantisable types before the scan; the exact check follows the plan.
 _ROLES = {"ffn-dampen": "ffn_down", "me-norm": "ffn_norm", "norm-rescale": "attn_norm"}
 
@@ -66,8 +67,8 @@ class GGUFEdit:
     requant_rms_err: float
 
 
-@dataclass
-class GGUFPatchResult:
+@dataclass(frozen=True)
+class GGUFPatchResult(JsonRecord):
     """What `run_patch_gguf` wrote: the output (file or folder), the plans, the block-level edits, the scan."""
 
     out: Path
@@ -230,6 +231,7 @@ def run_patch_gguf(
                         progress=progress)
     else:
         check_scan_fits(scan, config)
+    manifest = fitted(manifest, source, scan, device=device, progress=progress)
     plans = plan_recipes(scan, family, config, manifest.recipes)
     hf_names = {}
     for e in (e for p in plans for e in p.edits):

@@ -1,0 +1,429 @@
+"""A patch costs what it edits: untouched bytes cloned (or copied where the filesystem cannot share blocks),
+edited tensors written over the copy, sha256 of untouched files reused when a record of them is trusted.
+
+Most checks run on whatever filesystem holds pytest's tmp_path (ext4 on the development machine: the copy
+fallback). Those that need blocks really shared run in $MELSURGERY_REFLINK_DIR, a folder on a filesystem
+that clones (XFS with reflink=1, btrfs); without it they are reported as skipped, naming the variable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from melsurgery.checkpoint import clone
+from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, Copier, shared_bytes, unshared_bytes
+from melsurgery.checkpoint.hashing import KnownHash, Recorded, known_sha256, sha256_file, write_sidecar
+from melsurgery.checkpoint.provenance import Provenance, WriteRecord, recorded_hashes
+from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safetensors_file import read_bytes
+from melsurgery.checkpoint.writer import ShardPlan, copy_spliced, plan_shards
+from tests.support.helpers import hub_cache_layout, run_cli, snapshot
+
+REFLINK_ENV = "MELSURGERY_REFLINK_DIR"
+SHARD1 = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"  # holds layer 3's down projection, which ffn-dampen edits
+EDITED = "model.layers.3.mlp.down_proj.weight"
+
+
+@pytest.fixture
+def reflink_dir(tmp_path_factory) -> Path:
+    """A fresh folder on a filesystem that clones; skipped (with the reason) where none was given."""
+    root = os.environ.get(REFLINK_ENV)
+    if not root:
+        pytest.skip(f"needs a reflink filesystem: set {REFLINK_ENV} to a folder on XFS (reflink=1) or btrfs")
+    folder = Path(root) / f"test-{os.getpid()}-{time.monotonic_ns()}"
+    folder.mkdir(parents=True)
+    probe = Copier()
+    (folder / "probe").write_bytes(b"x" * 4096)
+    assert probe.clone(folder / "probe", folder / "probe2"), f"{root}: this filesystem cannot clone"
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["here", "reflink"])
+def where(request, tmp_path) -> Path:
+    """The folder a test writes in: pytest's tmp_path (this machine's filesystem), or the reflink folder."""
+    return tmp_path if request.param == "here" else request.getfixturevalue("reflink_dir")
+
+
+def patch_api(src: Path, out: Path, scan_json: Path, recipe: str = "ffn-dampen", link: bool = False):
+    """run_patch as the Python API calls it, on the sharded planted model's scan."""
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.detect.scan import read_json
+    from melsurgery.surgery.manifest import Manifest
+    from melsurgery.surgery.patch import run_patch
+
+    return run_patch(resolve(str(src)), out, Manifest(model=str(src), recipes=[(recipe, {})]),
+                     scan=read_json(scan_json), link=link)
+
+
+def is_shared(path: Path) -> bool:
+    """Whether FIEMAP reports every byte of the file's extents shared (a clone of an untouched file)."""
+    shared, total = shared_bytes(path)
+    return total > 0 and shared == total
+
+
+# --- planning: pure functions ----------------------------------------------------------------------------
+
+
+def test_plan_links_only_untouched_files_and_hashes_only_what_is_not_known():
+    known = KnownHash("a" * 64, "sidecar")
+    plans = plan_shards({"a": 100, "b": 200, "c": 300}, {"b": [(50, 60), (10, 20)]}, {"a": known, "b": known},
+                        link=True)
+    assert plans == [ShardPlan("a", 100, (), known, link=True), ShardPlan("b", 200, ((10, 20), (50, 60)), known),
+                     ShardPlan("c", 300, (), None, link=True)]
+    # a known untouched file is not read at all; an edited one is read once for its output hash; an unknown one
+    # once for its input hash (= its output hash)
+    assert [p.hashed_bytes for p in plans] == [0, 200, 300]
+    assert [p.rewritten_bytes for p in plans] == [0, 20, 0]
+    assert [p.copied_bytes(CLONE) for p in plans] == [0, 0, 0]
+    assert [p.copied_bytes(KERNEL_COPY) for p in plans] == [0, 200, 0]  # linked files are never copied
+    assert not any(p.link for p in plan_shards({"a": 1}, {}, {}, link=False))
+
+
+@pytest.mark.parametrize(("ranges", "block", "expected"), [
+    ([], 4096, 0),
+    ([(10, 10)], 4096, 0),  # an empty range touches nothing
+    ([(0, 4096)], 4096, 4096),  # exactly one block
+    ([(4095, 4097)], 4096, 8192),  # two bytes across a block boundary: both blocks
+    ([(100, 200), (300, 400)], 4096, 4096),  # two edits in one block: that block once
+    ([(100, 5000), (4500, 9000)], 4096, 3 * 4096),  # overlapping spans merge
+    ([(8192, 8193), (0, 1)], 4096, 8192),  # unsorted, apart
+    ([(0, 4096), (4096, 8192)], 4096, 8192),  # adjacent, aligned
+])
+def test_unshared_bytes_counts_each_touched_block_once(ranges, block, expected):
+    assert unshared_bytes(ranges, block) == expected
+
+
+# --- copying on this machine's filesystem ----------------------------------------------------------------
+
+
+def test_copier_reports_what_the_filesystem_did(tmp_path):
+    """Cloned where the filesystem can (FIEMAP then shows the blocks shared), else copied in the kernel."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 65536 + 7))
+    copier = Copier()
+    mode = copier.copy(src, tmp_path / "dst")
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+    assert mode in (CLONE, KERNEL_COPY) and copier.mode == mode
+    assert is_shared(tmp_path / "dst") == (mode == CLONE)
+    assert (CLONE in copier.refused) == (mode != CLONE)
+
+
+def test_copier_falls_back_once_per_refused_method(tmp_path, monkeypatch):
+    """Across filesystems (tmpfs -> tmp_path) nothing can clone: each refused method is tried once per run."""
+    shm = Path("/dev/shm")
+    assert shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev, "needs tmpfs at /dev/shm"
+    sources = []
+    for k in range(2):
+        sources.append(shm / f"melsurgery-test-{os.getpid()}-{k}")
+        sources[-1].write_bytes(os.urandom(100_000 + k))
+    calls = {"ioctl": 0, "copy_file_range": 0}
+    ioctl, copy_file_range = clone.fcntl.ioctl, os.copy_file_range
+
+    def count(name, real):
+        def spy(*args):
+            calls[name] += 1
+            return real(*args)
+        return spy
+
+    monkeypatch.setattr(clone.fcntl, "ioctl", count("ioctl", ioctl))
+    monkeypatch.setattr(os, "copy_file_range", count("copy_file_range", copy_file_range))
+    copier = Copier()
+    try:
+        modes = [copier.copy(s, tmp_path / s.name) for s in sources]
+        assert all((tmp_path / s.name).read_bytes() == s.read_bytes() for s in sources)
+    finally:
+        for s in sources:
+            s.unlink()
+    assert CLONE in copier.refused and calls["ioctl"] == 1
+    assert modes[0] == modes[1] and copier.mode == modes[0]
+    # a kernel that copies across filesystems (5.3-5.18) keeps using copy_file_range; one that refuses is asked once
+    if modes[0] == PROCESS_COPY:
+        assert KERNEL_COPY in copier.refused and calls["copy_file_range"] == 1
+    else:
+        assert modes[0] == KERNEL_COPY and calls["copy_file_range"] >= 2
+
+
+@given(data=st.binary(min_size=1, max_size=5000), cuts=st.sets(st.integers(0, 5000), max_size=6))
+def test_spliced_write_over_a_copy_writes_and_hashes_exactly(tmp_path_factory, data, cuts):
+    """cloned=True: dst already holds src's bytes, only the spliced ranges are written; the input hash is not
+    computed past the first splice when it is known."""
+    folder = tmp_path_factory.mktemp("spliced")
+    src, dst = folder / "src", folder / "dst"
+    src.write_bytes(data)
+    Copier().copy(src, dst)
+    cuts = sorted(c for c in cuts if c <= len(data))
+    ranges = {a: b for a, b in zip(cuts[::2], cuts[1::2]) if b > a}
+    expected = bytearray(data)
+    for a, b in ranges.items():
+        expected[a:b] = bytes(255 - x for x in data[a:b])
+    splices = {a: (b, lambda d: bytes(255 - x for x in d)) for a, b in ranges.items()}
+    digest_in, digest_out = copy_spliced(src, dst, splices, cloned=True, input_hash=False)
+    assert dst.read_bytes() == expected and digest_out == hashlib.sha256(expected).hexdigest()
+    assert digest_in == (None if ranges else hashlib.sha256(data).hexdigest())
+
+
+# --- the writer, end to end ------------------------------------------------------------------------------
+
+
+def assert_untouched_identical(src: Path, out: Path, edited: set[str]) -> None:
+    """Every tensor not edited has the source's bytes, every edited one its dtype and shape."""
+    a, b = Checkpoint(src), Checkpoint(out)
+    assert set(a.tensors) == set(b.tensors)
+    for name, info in a.tensors.items():
+        got = b.tensors[name]
+        assert (got.dtype, got.shape, got.start, got.end) == (info.dtype, info.shape, info.start, info.end), name
+        assert (read_bytes(got) == read_bytes(info)) == (name not in edited), name
+
+
+def test_patch_clones_or_copies_and_keeps_every_untouched_byte(sharded, where):
+    src = shutil.copytree(sharded[0], where / "src")
+    before = snapshot(src)
+    res = patch_api(src, where / "out", sharded[1])
+    out, record = where / "out", res.writer
+    assert [a.tensor for a in res.applied] == [EDITED]
+    assert_untouched_identical(src, out, {EDITED})
+    assert (out / SHARD1).read_bytes() == (src / SHARD1).read_bytes()
+    assert snapshot(src) == before
+    prov = Provenance.read(out)
+    prov.verify(out)
+    assert prov.writer == record and record.reused_sha256 == {}  # a plain folder: every hash computed
+    info = Checkpoint(src).info(EDITED)
+    assert record.rewritten_bytes == info.nbytes
+    assert record.hashed_bytes == sum((src / s).stat().st_size for s in (SHARD1, SHARD2))
+    # the record tells the truth about the blocks: a clone shares all but the edited tensor's blocks
+    assert record.mode in (CLONE, KERNEL_COPY)
+    assert is_shared(out / SHARD1) == (record.mode == CLONE)
+    if record.mode == CLONE:
+        block = os.statvfs(out).f_bsize
+        shared, total = shared_bytes(out / SHARD2)
+        assert total - shared == unshared_bytes([(info.start, info.end)], block)
+    else:
+        assert shared_bytes(out / SHARD2)[0] == 0
+
+
+def test_link_hard_links_untouched_shards_and_clones_or_copies_edited_ones(sharded, tmp_path):
+    src = shutil.copytree(sharded[0], tmp_path / "src")
+    record = patch_api(src, tmp_path / "out", sharded[1], link=True).writer
+    assert record.linked == (SHARD1,)
+    assert os.path.samefile(tmp_path / "out" / SHARD1, src / SHARD1)
+    assert not os.path.samefile(tmp_path / "out" / SHARD2, src / SHARD2)
+    assert record.mode in (CLONE, KERNEL_COPY)
+    assert record.hashed_bytes == sum((src / s).stat().st_size for s in (SHARD1, SHARD2))  # nothing known
+    Provenance.read(tmp_path / "out").verify(tmp_path / "out")
+
+
+def test_a_source_file_changed_while_written_stops_the_patch(sharded, tmp_path, monkeypatch):
+    """A file modified between the judging of its hash and the end of its copy: refused, nothing written."""
+    from melsurgery.errors import UserError
+
+    src = shutil.copytree(sharded[0], tmp_path / "src")
+    clone_file = Copier.clone
+
+    def clone_then_touch(self, a, b):
+        done = clone_file(self, a, b)
+        st = a.stat()
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        return done
+
+    monkeypatch.setattr(Copier, "clone", clone_then_touch)
+    with pytest.raises(UserError, match=f"{SHARD1}: changed while being copied"):
+        patch_api(src, tmp_path / "out", sharded[1])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".melsurgery-tmp-*"))
+
+
+# --- hash reuse --------------------------------------------------------------------------------------------
+
+
+def test_hf_cache_blob_is_trusted_only_in_a_real_cache_layout(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "w.safetensors").write_bytes(b"weights")
+    (plain / "config.json").write_bytes(b"{}")
+    snap = hub_cache_layout(plain, tmp_path / "hub" / "models--org--m")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert known_sha256(snap, "w.safetensors") == KnownHash(digest, "hf-cache-blob")
+    assert known_sha256(plain, "w.safetensors") is None  # a plain file: nothing names its hash
+    # the same links outside a snapshots/<rev> folder of that repo
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "w.safetensors").symlink_to(snap / "w.safetensors")
+    assert known_sha256(loose, "w.safetensors") is None
+    other = tmp_path / "hub" / "models--org--other" / "snapshots" / ("1" * 40)
+    other.mkdir(parents=True)
+    (other / "w.safetensors").symlink_to(tmp_path / "hub" / "models--org--m" / "blobs" / digest)
+    assert known_sha256(other, "w.safetensors") is None  # another repo's blob
+    # a blob written after the snapshot linked it (through the link, say) no longer is what its name says
+    blob = tmp_path / "hub" / "models--org--m" / "blobs" / digest
+    later = (snap / "w.safetensors").lstat().st_mtime_ns + 10**9
+    os.utime(blob, ns=(later, later))
+    assert known_sha256(snap, "w.safetensors") is None
+    # small files are named by their git sha1 in a real cache: 40 hex digits, never taken for a sha256
+    sha1 = hashlib.sha1(b"{}").hexdigest()
+    (snap / "config.json").unlink()
+    (blob.parent / hashlib.sha256(b"{}").hexdigest()).rename(blob.parent / sha1)
+    (snap / "config.json").symlink_to(Path("..", "..", "blobs", sha1))
+    assert known_sha256(snap, "config.json") is None
+
+
+def test_sidecar_is_trusted_only_while_size_and_mtime_match(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"weights")
+    digest = write_sidecar(path)
+    assert digest == hashlib.sha256(b"weights").hexdigest()
+    assert known_sha256(tmp_path, path.name) == KnownHash(digest, "sidecar")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # same bytes, another mtime: not trusted
+    assert known_sha256(tmp_path, path.name) is None
+    write_sidecar(path)
+    path.write_bytes(b"weights!")  # rewritten: another size, another mtime
+    assert known_sha256(tmp_path, path.name) is None
+    for bad in (f"{digest}  w.safetensors\n", "{", json.dumps({"sha256": digest.upper(), "size": 8})):
+        (tmp_path / "w.safetensors.sha256").write_text(bad)  # sha256sum's format records no size or mtime
+        assert known_sha256(tmp_path, path.name) is None
+
+
+def test_provenance_of_an_earlier_patch_is_trusted_while_files_are_unchanged(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "w.safetensors").write_bytes(b"weights")
+    old = time.time_ns() - 10**9
+    os.utime(folder / "w.safetensors", ns=(old, old))
+    Provenance(recipes=(), source={"id": "x"}).with_outputs(folder).write(folder)
+    recorded = recorded_hashes(folder)
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert recorded == Recorded({"w.safetensors": digest}, {"w.safetensors": 7},
+                                (folder / "provenance.json").stat().st_mtime_ns)
+    assert known_sha256(folder, "w.safetensors", recorded) == KnownHash(digest, "provenance")
+    later = recorded.written_ns + 1
+    os.utime(folder / "w.safetensors", ns=(later, later))  # modified after the record was written
+    assert known_sha256(folder, "w.safetensors", recorded) is None
+    # a provenance.json of an older melsurgery (no sizes) stays readable, and reuses nothing
+    data = json.loads((folder / "provenance.json").read_text())
+    del data["sizes"]
+    (folder / "provenance.json").write_text(json.dumps(data))
+    assert Provenance.read(folder).outputs == {"w.safetensors": digest} and recorded_hashes(folder) is None
+    (folder / "provenance.json").write_text("{not json")
+    assert recorded_hashes(folder) is None
+
+
+def test_write_record_round_trips_through_provenance_json():
+    record = WriteRecord(mode="clone", linked=("a",), rewritten_bytes=3, hashed_bytes=9,
+                         reused_sha256={"b": "sidecar"}, trusted_because={"sidecar": "why"})
+    prov = Provenance(recipes=(), source={"id": "x"}, writer=record, outputs={}, sizes={})
+    assert Provenance.from_dict(prov.to_dict(), "test") == prov
+    assert "untouched bytes cloned" in record.summary and "sha256 reused for 1 (sidecar)" in record.summary
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["sidecar-matches", "sidecar-mtime-wrong"])
+def test_patch_reuses_a_trusted_sidecar_without_reading_the_file(sharded, tmp_path, trusted):
+    """A sidecar whose digest is deliberately not the file's: reused, it shows in provenance as the input's hash
+    (proof that the file was not read for it); distrusted (wrong mtime), the real digest is computed."""
+    src = shutil.copytree(sharded[0], tmp_path / "src")
+    st = (src / SHARD1).stat()
+    fake = "f" * 64
+    (src / f"{SHARD1}.sha256").write_text(json.dumps(
+        {"sha256": fake, "size": st.st_size, "mtime_ns": st.st_mtime_ns + (0 if trusted else 1)}))
+    record = patch_api(src, tmp_path / "out", sharded[1]).writer
+    prov = Provenance.read(tmp_path / "out")
+    real = sha256_file(src / SHARD1)
+    assert prov.source["files"][SHARD1] == (fake if trusted else real)
+    assert record.reused_sha256 == ({SHARD1: "sidecar"} if trusted else {})
+    shard2 = (src / SHARD2).stat().st_size
+    assert record.hashed_bytes == shard2 + (0 if trusted else st.st_size)
+    assert not list((tmp_path / "out").glob("*.sha256"))  # sidecars describe the source; never copied
+
+
+def test_patch_of_a_hub_cache_snapshot_reuses_the_blob_names(sharded, tmp_path):
+    snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
+    record = patch_api(snap, tmp_path / "out", sharded[1]).writer
+    assert record.reused_sha256 == {SHARD1: "hf-cache-blob", SHARD2: "hf-cache-blob"}
+    assert record.hashed_bytes == (snap / SHARD2).stat().st_size  # the edited shard's output hash only
+    prov = Provenance.read(tmp_path / "out")
+    prov.verify(tmp_path / "out")
+    assert prov.source["files"][SHARD1] == sha256_file(snap / SHARD1) == prov.outputs[SHARD1]
+    # patching the patched folder again trusts its provenance for the untouched shard
+    again = patch_api(tmp_path / "out", tmp_path / "again", sharded[1], recipe="norm-rescale").writer
+    assert again.reused_sha256 == {SHARD1: "provenance", SHARD2: "provenance"}
+    Provenance.read(tmp_path / "again").verify(tmp_path / "again")
+
+
+# --- diff, verify and push on a cloned output, the source untouched ---------------------------------------
+
+
+def test_diff_verify_and_push_work_on_a_cloned_output(sharded, reflink_dir, hub_server):
+    """(On this machine's filesystem the same commands run on copied outputs in test_diff, test_verify and
+    test_push.)"""
+    from tests.test_push import all_bytes, download, downloaded_files, run_push
+
+    where = reflink_dir
+    src = shutil.copytree(sharded[0], where / "src")
+    out = where / "out"
+    res = run_cli("patch", src, "-o", out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert Provenance.read(out).writer.mode == CLONE and "weights: untouched bytes cloned" in res.stdout
+    diff = run_cli("diff", src, out, "--json", where / "diff.json")
+    assert diff.returncode == 1, diff.stderr
+    tensors = json.loads((where / "diff.json").read_text())["tensors"]
+    assert [t["name"] for t in tensors if t["status"] != "identical"] == [EDITED]
+    verify = run_cli("verify", src, out, "--windows", "1", "--max-tokens", "32", "--generations", "0", "--quiet")
+    assert verify.returncode == 0, verify.stderr
+    repo = f"{hub_server.user}/cloned"
+    assert run_push(hub_server, str(out), repo).returncode == 0
+    got = download(hub_server, repo, where / "dl")
+    assert got["proc"].returncode == 0 and downloaded_files(where / "dl") == all_bytes(out)
+
+
+def test_writing_to_a_clone_never_changes_the_source(sharded, reflink_dir):
+    """On a filesystem that shares blocks: the output shares all but the edited blocks with the source, and
+    writing over every byte of the output leaves the source's bytes as they were."""
+    snap = hub_cache_layout(sharded[0], reflink_dir / "models--org--tiny")
+    before = snapshot(snap)
+    record = patch_api(snap, reflink_dir / "out", sharded[1]).writer
+    assert record.mode == CLONE and record.hashed_bytes == (snap / SHARD2).stat().st_size
+    for shard in (SHARD1, SHARD2):
+        assert shared_bytes(snap / shard)[0] > 0  # the source's blocks are shared now
+        out = reflink_dir / "out" / shard
+        with open(out, "r+b") as fh:
+            fh.write(b"\xff" * out.stat().st_size)
+            os.fsync(fh.fileno())
+    assert snapshot(snap) == before
+    for shard in (SHARD1, SHARD2):  # the blob names are still their content's sha256
+        assert sha256_file(snap / shard) == os.path.basename(os.path.realpath(snap / shard))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_interrupted_clone_leaves_nothing(sharded, reflink_dir, sig):
+    """Interrupted after its first cloned shard (test hook): no output, and a rerun cleans what KILL left."""
+    src = shutil.copytree(sharded[0], reflink_dir / "src")
+    before = snapshot(src)
+    out, ready = reflink_dir / "out", reflink_dir / "first-shard-written"
+    cmd = ["melsurgery", "patch", str(src), "-o", str(out), "--scan", str(sharded[1]), "--recipe", "ffn-dampen",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "MELSURGERY_TEST_PAUSE_FILE": str(ready)})
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        assert list(reflink_dir.glob(".melsurgery-tmp-out-*/" + SHARD1)), "paused after cloning a shard"
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert not out.exists() and snapshot(src) == before
+    res = run_cli("patch", src, "-o", out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert not list(reflink_dir.glob(".melsurgery-tmp-*")) and Provenance.read(out).writer.mode == CLONE
