@@ -851,3 +851,34 @@ def test_an_unexpected_failure_is_one_line_with_exit_70():
     is there with MELSURGERY_DEBUG=1."""
     code, line = failure(ZeroDivisionError("division by zero"))
     assert code == 70 and "internal error (ZeroDivisionError" in line and "MELSURGERY_DEBUG" in line
+
+
+def test_a_pipe_or_device_named_as_output_is_written_to_not_replaced(sharded, tmp_path):
+    """`--json /dev/stdout`, a process substitution, a FIFO someone reads: written as a stream. Before, the
+    atomic rename replaced the path itself (as root: /dev/stdout became a regular file). Checked here on a
+    symlink to /dev/null and on a FIFO with a reader; a FIFO nobody reads is refused, not waited on."""
+    import threading
+
+    link = tmp_path / "null-link"
+    link.symlink_to("/dev/null")
+    res = cli("diff", sharded[0], sharded[0], "--json", link)
+    assert res.code == 0 and link.is_symlink() and os.readlink(link) == "/dev/null", res.stderr
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    time.sleep(0.2)  # the reader is waiting in open()
+    res = cli("diff", sharded[0], sharded[0], "--json", fifo)
+    reader.join(timeout=60)
+    assert res.code == 0 and json.loads(got[0])["identical"] is True, res.stderr
+    refused(cli("diff", sharded[0], sharded[0], "--json", fifo), 2, "a FIFO that nobody reads")
+
+
+def test_undecodable_bytes_in_a_name_are_printed_escaped(tmp_path):
+    """A folder name that is not UTF-8 (a lone surrogate once decoded): one escaped line, not a
+    UnicodeEncodeError from a strict stream."""
+    name = os.fsdecode(b"bad\xffname")
+    (tmp_path / name).mkdir()
+    res = console("scan", tmp_path / name, *QUICK_SCAN, env={"PYTHONIOENCODING": "utf-8:strict"})
+    refused(res, 2, "no config.json", "\\udcff")

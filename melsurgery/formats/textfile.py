@@ -48,10 +48,10 @@ def read_bytes(path: Path, what: str, limit: int = MAX_TEXT) -> bytes:
     return data
 
 
-def read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str, limit: int = MAX_TEXT) -> str:
     """The file's UTF-8 text; a missing, special, huge or undecodable file is a one-line error naming `what`."""
     try:
-        return read_bytes(path, what).decode("utf-8")
+        return read_bytes(path, what, limit).decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{quote(str(path), 300)}: cannot read {what} (not UTF-8 text)") from None
 
