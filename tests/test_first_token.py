@@ -75,6 +75,20 @@ def test_the_gradient_is_the_objectives(which, planted, gemma3) -> None:
     assert float(grad.double() @ d.double()) == pytest.approx(fd, rel=0.02, abs=1e-9)
 
 
+def test_a_streamed_fit_computes_what_a_resident_one_does(planted, monkeypatch) -> None:
+    """Models too large to keep resident stream their layers and recompute them in the backward pass."""
+    from melsurgery.recipes import first_token_fit
+
+    resident, _ = _objective(planted)
+    monkeypatch.setattr(first_token_fit, "RESIDENT_BYTES", 0)
+    streamed, _ = _objective(planted)
+    assert resident.resident and not streamed.resident
+    row = resident.row0 * 0.8
+    (fr, gr), (fs, gs) = resident.evaluate(row, 2.0), streamed.evaluate(row, 2.0)
+    assert fr == fs
+    torch.testing.assert_close(gr, gs, rtol=1e-5, atol=1e-7)
+
+
 def test_the_row_changes_only_its_token_and_runs_in_plain_transformers(tmp_path, gemma3) -> None:
     """The written checkpoint loads without remote code and differs from the base in one row of one tensor (tied:
     the embedding is also the head); position 0's states change, later positions' only through attention to it."""

@@ -1,12 +1,13 @@
-"""Fit the first token's embedding row: gradient descent on sink + lambda * KL through the streaming engine.
+"""Fit the first token's embedding row: Adam steps on sink + lambda * KL through the streaming engine.
 
 With causal attention, position 0 attends only to itself, so its whole trajectory depends on its own
 embedding row (and its rotary phase). Later positions depend on the row only through their attention to
 position 0, but from layer 0 on: their states change in every layer, so nothing after the embeddings can
 be cached across steps. What is cached is what does not depend on the row: the base model's pass (its
-massive tokens, its sink per layer, its final states for the KL), and the embeddings of every other
-position. Each step is one forward pass and one backward pass whose only leaf is the row (no weight
-gradients), windows batched, the LM head scored in position blocks so that no full logit matrix is held.
+massive tokens, its sink per layer, and per scored position the terms the KL needs of the base distribution,
+so that no step recomputes the base logits), and the embeddings of every other position. Each step is one
+forward pass and one backward pass whose only leaf is the row (no weight gradients), windows batched, the LM
+head scored in position blocks so that no full logit matrix is held.
 
 Layers stay resident when they fit (then the forward keeps each layer's graph, and the backward walks them
 in reverse); otherwise each layer is read again in the backward pass and its forward recomputed from its
@@ -146,7 +147,7 @@ class RowObjective:
     # --- the base model, once ---
 
     def _base_pass(self, params: DetectParams) -> None:
-        """Massive tokens, sink per layer and final states of the base model (verify's definitions)."""
+        """Massive tokens, sink per layer and the KL's terms of the base model (verify's definitions)."""
         stats: list[LayerStats] = []
         k = top_k_for(len(self.windows))
         order = [w for b in self.batches for w in b.windows]  # the stream's sequences -> window indices
