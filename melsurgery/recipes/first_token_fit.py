@@ -32,6 +32,7 @@ from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.edits import Edit, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import render_chat
 from melsurgery.errors import UserError
 from melsurgery.measure.definitions import find_massive, head_sinks_of, key_attention, layer_stats, sink, top_k_for
 from melsurgery.measure.probes import Probe
@@ -457,7 +458,7 @@ def _chat_first(tok) -> int:
     firsts = set()
     user, system = {"role": "user", "content": "a"}, {"role": "system", "content": "b"}
     for conv in ([user], [system, user]):
-        text = tok.apply_chat_template(conv, tokenize=False)
+        text = render_chat(tok, conv)
         firsts.add(tok(text, add_special_tokens=False)["input_ids"][0])
     if len(firsts) != 1:
         raise UserError("first-token --first-token-of chat: the chat template does not always open with the same "
