@@ -191,8 +191,8 @@ def test_a_folder_that_ships_code_never_runs_it(sharded, tmp_path, text, kind):
         res = cli(*args, stdin="y\ny\ny\n")
         if kind == "tokenizer-unknown-class":
             refused(res, 2, "never runs", out=tmp_path / "out")
-        else:
-            assert res.code == 0, res.stderr
+        else:  # ran (tune may find no cut of this model's sink within its budget: exit 4, its documented answer)
+            assert res.code == 0 or (args[0] == "tune" and res.code == 4), res.stderr
         assert not marker.exists(), f"{args[0]} ran the folder's code"
     if kind == "tokenizer-unknown-class":
         refused(console(*runs[0], stdin="y\ny\ny\n", timeout=300), 2, "never runs")
@@ -667,7 +667,7 @@ def test_tune_refuses_damaged_or_foreign_study_storage(sharded, tmp_path, text):
     import optuna
 
     run = tmp_path / "made"
-    assert cli("tune", sharded[0], "-o", run, "--scan", sharded[1], "--text", text, *TUNE).code == 0
+    assert cli("tune", sharded[0], "-o", run, "--scan", sharded[1], "--text", text, *TUNE).code in (0, 4)
     for name, data in _journal_family(tmp_path, (run / "study.journal").read_bytes()).items():
         bad = tmp_path / f"run-{name}"
         bad.mkdir()
@@ -762,7 +762,9 @@ def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp
         proc.kill()
     refused(Outcome(proc.returncode, stdout, stderr), 130, prefix="melsurgery: interrupted")
     res = console(*args[1:], "--trials", "3", timeout=300)  # the study continues from what it holds
-    assert res.code == 0, res.stderr
+    assert res.code in (0, 4), res.stderr  # 4: no trial of this planted model cuts its sink within the budget
+    held, ran = map(int, re.search(r"study: (\d+) trials \((\d+) run now\)", res.stdout).groups())
+    assert ran >= 1 and held >= ran + 1, res.stdout  # the first run's complete trial is kept, new ones added
 
 
 @pytest.fixture
