@@ -26,7 +26,12 @@ EXIT_CODES = {
     3: "no massive activation persists: no ME Layer, so there is nothing to mitigate",
     4: "a quality budget is not met: a verify gate, no tune trial within the budget, or no setting of the "
        "budgeted patch's search space that cuts the sink within the budget (nothing written)",
+    5: "the machine ran out of space (ENOSPC, a quota, a file-size limit) or memory; nothing was written",
+    70: "an internal error (a bug in melsurgery), one line; MELSURGERY_DEBUG=1 prints the traceback",
+    129: "stopped by SIGHUP (a closed terminal); nothing half-written is left",
     130: "interrupted (Ctrl-C); nothing half-written is left",
+    141: "the reader of stdout went away (`| head`); nothing is printed about it",
+    143: "stopped by SIGTERM; nothing half-written is left",
 }
 
 

@@ -10,9 +10,7 @@ import torch
 from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
 from melsurgery.errors import UserError, quote
-from melsurgery.formats.textfile import read_text, refuse_special_files
-
-MAX_JSON = 64 << 20  # a config or an index of 64 MB is not one: refused before it is parsed
+from melsurgery.formats.textfile import MAX_JSON, read_text, refuse_special_files
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from melsurgery.errors import UserError, quote
 
-MAX_TEXT = 1 << 30  # 1 GiB: more is not a calibration, evaluation or JSON file
+MAX_TEXT = 1 << 30  # 1 GiB: more is not a calibration or evaluation text
+MAX_JSON = 64 << 20  # 64 MB: more is not a config, an index or a scan result
 
 
 def open_regular(path: Path, what: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:

@@ -21,19 +21,24 @@ changes, and the KL here includes that change, so the fit pays for it.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from melsurgery.architectures import Family, submodule
 from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
+from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.edits import Edit, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import render_chat
 from melsurgery.errors import UserError
+from melsurgery.formats.textfile import read_text
 from melsurgery.measure.definitions import find_massive, head_sinks_of, key_attention, layer_stats, sink, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.params import DetectParams
@@ -451,7 +456,7 @@ def _chat_first(tok) -> int:
     firsts = set()
     user, system = {"role": "user", "content": "a"}, {"role": "system", "content": "b"}
     for conv in ([user], [system, user]):
-        text = tok.apply_chat_template(conv, tokenize=False)
+        text = render_chat(tok, conv)
         firsts.add(tok(text, add_special_tokens=False)["input_ids"][0])
     if len(firsts) != 1:
         raise UserError("first-token --first-token-of chat: the chat template does not always open with the same "
@@ -493,7 +498,6 @@ def cached_path(ctx, ckpt: Checkpoint, family: Family, win, token_id: int, edits
     """The fitted path, from `ctx.cache` when an identical fit (model files, windows, edits, settings) ran
     before; a fit takes minutes and a search asks for the same path with many budgets."""
     import hashlib
-    import json
     import os
     from dataclasses import asdict
 
@@ -501,9 +505,9 @@ def cached_path(ctx, ckpt: Checkpoint, family: Family, win, token_id: int, edits
     key = hashlib.sha256(json.dumps([str(ckpt.folder), files, win.ids, token_id, repr(edits), asdict(settings)],
                                     default=str).encode()).hexdigest()[:20]
     where = ctx.cache / f"first-token-{key}.json" if ctx.cache else None
-    if where is not None and where.is_file():
-        data = json.loads(where.read_text())
-        return [PathPoint(p["step"], p["kl_weight"], Figures(**p["figures"]), tuple(p["row"])) for p in data["path"]]
+    cached = _cached_path(where) if where is not None else None
+    if cached is not None:
+        return cached
     objective = RowObjective(ckpt, family, win.ids, win.first_target, token_id, ctx.scan.params, edits=edits,
                              device=ctx.device)
     bar = None
@@ -524,9 +528,18 @@ def cached_path(ctx, ckpt: Checkpoint, family: Family, win, token_id: int, edits
             bar.close()
     if where is not None:
         where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = where.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": seconds, "path": [
+        write_atomic(where, json.dumps({"seconds": seconds, "path": [
             {"step": p.step, "kl_weight": p.kl_weight, "figures": asdict(p.figures), "row": list(p.row)}
             for p in points]}))
-        os.replace(tmp, where)
     return points
+
+
+def _cached_path(where: Path) -> list[PathPoint] | None:
+    """A fit path cached by an earlier run; None when absent or damaged (then it is fitted again)."""
+    if not where.exists():
+        return None
+    try:
+        data = json.loads(read_text(where, "the first-token cache"))
+        return [PathPoint(p["step"], p["kl_weight"], Figures(**p["figures"]), tuple(p["row"])) for p in data["path"]]
+    except (UserError, ValueError, RecursionError, KeyError, TypeError):
+        return None
