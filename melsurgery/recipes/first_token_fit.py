@@ -95,7 +95,7 @@ def layer_edits(family: Family, num_layers: int, edits: list[Edit]) -> dict[int,
 
 @dataclass
 class _Batch:
-    """Windows of one length, run together: ids [B, T] and their embeddings (position 0 replaced per step)."""
+    """Windows of one length, run together: ids [B, T] and their embeddings (the edited token's replaced per step)."""
 
     windows: list[int]  # indices into the objective's windows
     ids: torch.Tensor
@@ -318,7 +318,8 @@ class RowObjective:
         keep = grad and self.resident  # keep each layer's graph, else recompute it in the backward pass
         with torch.set_grad_enabled(grad):
             x0 = b.embeds.clone()
-            x0[:, 0] = r.to(self.dtype) * self.scale if self.scale is not None else r.to(self.dtype)
+            # every occurrence of the token takes the row (a chat template's first token opens later turns too)
+            x0[b.ids == self.token_id] = r.to(self.dtype) * self.scale if self.scale is not None else r.to(self.dtype)
         inputs: list[torch.Tensor] = []
         graphs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         x = x0.detach()
