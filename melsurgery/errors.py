@@ -26,7 +26,12 @@ EXIT_CODES = {
     3: "no massive activation persists: no ME Layer, so there is nothing to mitigate",
     4: "a quality budget is not met: a verify gate, no tune trial within the budget, or no setting of the "
        "budgeted patch's search space that cuts the sink within the budget (nothing written)",
+    5: "the machine ran out of space (ENOSPC, a quota, a file-size limit) or memory; nothing was written",
+    70: "an internal error (a bug in melsurgery), one line; MELSURGERY_DEBUG=1 prints the traceback",
+    129: "stopped by SIGHUP (a closed terminal); nothing half-written is left",
     130: "interrupted (Ctrl-C); nothing half-written is left",
+    141: "the reader of stdout went away (`| head`); nothing is printed about it",
+    143: "stopped by SIGTERM; nothing half-written is left",
 }
 
 
@@ -90,7 +95,7 @@ _PATTERNS = [
 def register_secret(value: str | None) -> None:
     """Never print `value` (a token, a password taken from a URL): `redact` replaces it wherever it appears."""
     if value and len(value) >= 4:
-        _SECRETS.add(value)
+        _SECRETS.update({value, repr(value)[1:-1], value.encode("unicode_escape").decode("ascii")})
 
 
 def redact(text: str) -> str:
@@ -104,8 +109,9 @@ def redact(text: str) -> str:
 
 # --- bounded, escaped echo -----------------------------------------------------------------------------
 
-# C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+# C0 and C1 controls, DEL, the bidirectional overrides that reorder what a terminal shows, and lone surrogates
+# (undecodable bytes of a file name, which a strict UTF-8 stream refuses to print)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
 QUOTE_LIMIT = 120
 LINE_LIMIT = 2000
 

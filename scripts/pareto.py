@@ -76,6 +76,21 @@ def best_within(points: list[dict], max_kl: float) -> dict | None:
     return max(ok, key=lambda p: p["heldout"]["sink_reduction_pct"], default=None)
 
 
+def fitted_label(path: Path) -> str:
+    """How the plot names a first-token path: the recipe, what it was fitted on, its windows' opening."""
+    d = json.loads(Path(path).read_text())
+    on = f" on {', '.join(d['on_summary'])[:40]}" if d["on"] else ""
+    return f"first-token{on} ({''.join(d['heldout']['prefix']) or 'no prefix'} windows)"
+
+
+def fitted_points(path: Path) -> dict:
+    """The held-out points of a first-token path (scripts/first_token_front.py's JSON) and its settings."""
+    d = json.loads(Path(path).read_text())
+    return {"file": str(path), "settings": d["settings"], "heldout": d["heldout"],
+            "points": [{"step": p["step"], "tuning": p["tuning"], "heldout": p["heldout"]} for p in d["path"]
+                       if "heldout" in p]}
+
+
 def plot(data: dict, path: Path) -> None:
     """Held-out sink cut against held-out KL (log), one front per group; the budget and the 30% target marked."""
     import matplotlib
@@ -92,6 +107,9 @@ def plot(data: dict, path: Path) -> None:
         ys = [p["heldout"]["sink_reduction_pct"] for p in pts]
         style = "o-" if "+" not in name else "s--"
         ax.plot(xs, ys, style, ms=4, label=f"{name} ({g['trials']} trials)")
+    for name, g in data.get("fitted", {}).items():  # first-token paths (scripts/first_token_front.py), held out
+        pts = sorted((p["heldout"]["kl_mean"], p["heldout"]["sink_reduction_pct"]) for p in g["points"])
+        ax.plot([max(x, 1e-6) for x, _ in pts], [y for _, y in pts], "^-.", ms=5, label=name)
     ax.axvline(data["budget"], color="tab:green", ls=":", lw=1, label=f"KL {data['budget']:g}")
     ax.axhline(30, color="tab:red", ls=":", lw=1, label="30% cut")
     ax.set_xscale("log")
@@ -119,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.05, help="KL budget marked on the plot (default 0.05).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("docs/img"))
+    ap.add_argument("--first-token", type=Path, action="append", default=[],
+                    help="A JSON of scripts/first_token_front.py: its held-out points join the plot (repeatable).")
     args = ap.parse_args(argv)
 
     import torch
@@ -169,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {out['groups'][label]['trials']} trials; best held-out cut within KL {args.budget:g}: "
               + (f"{best['heldout']['sink_reduction_pct']:.1f}% at KL {best['heldout']['kl_mean']:.4f} "
                  f"(trial #{best['trial']})" if best else "none"), flush=True)
+    out["fitted"] = {fitted_label(f): fitted_points(f) for f in args.first_token}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"pareto-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     plot(out, args.out_dir / f"pareto-{name}.png")

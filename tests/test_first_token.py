@@ -26,7 +26,7 @@ from melsurgery.params import DetectParams
 from melsurgery.recipes import FitContext, fit_recipes
 from melsurgery.recipes.first_token_fit import Figures, PathPoint, RowObjective, choose
 from tests.support.helpers import QUICK_SCAN, assert_clean_failure, run_cli
-from tests.support.planted import CHAT_TEMPLATE, family_config, make_tokenizer, planted_folder
+from tests.support.planted import family_config, make_tokenizer, planted_folder
 
 FAST = ("--first-token-steps", "3", "--first-token-lr", "0.3", "--first-token-windows", "2",
         "--first-token-window-tokens", "48", "--first-token-kl", "5")
@@ -73,6 +73,20 @@ def test_the_gradient_is_the_objectives(which, planted, gemma3) -> None:
 
     fd = (loss(row + d) - loss(row - d)) / 2
     assert float(grad.double() @ d.double()) == pytest.approx(fd, rel=0.02, abs=1e-9)
+
+
+def test_a_streamed_fit_computes_what_a_resident_one_does(planted, monkeypatch) -> None:
+    """Models too large to keep resident stream their layers and recompute them in the backward pass."""
+    from melsurgery.recipes import first_token_fit
+
+    resident, _ = _objective(planted)
+    monkeypatch.setattr(first_token_fit, "RESIDENT_BYTES", 0)
+    streamed, _ = _objective(planted)
+    assert resident.resident and not streamed.resident
+    row = resident.row0 * 0.8
+    (fr, gr), (fs, gs) = resident.evaluate(row, 2.0), streamed.evaluate(row, 2.0)
+    assert fr == fs
+    torch.testing.assert_close(gr, gs, rtol=1e-5, atol=1e-7)
 
 
 def test_the_row_changes_only_its_token_and_runs_in_plain_transformers(tmp_path, gemma3) -> None:
@@ -153,8 +167,13 @@ def _no_bos_folder(root: Path, template: str | None) -> Path:
     return planted_folder(root, tokenizer=tok)
 
 
+# a chat template with a default system turn: its opening holds the first token twice, as SmolLM2's does
+SYSTEM_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<s>system: be brief\n{% endif %}"
+                   "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+
+
 def test_a_tokenizer_without_a_first_token_is_refused_and_chat_is_offered(tmp_path) -> None:
-    folder = _no_bos_folder(tmp_path / "nobos", CHAT_TEMPLATE)
+    folder = _no_bos_folder(tmp_path / "nobos", SYSTEM_TEMPLATE)
     out = tmp_path / "out"
     res = run_cli("patch", folder, "-o", out, "--recipe", "first-token", *FAST, *QUICK_SCAN)
     assert_clean_failure(res, "adds no BOS", "--first-token-of chat", "'<s>'", out=out, code=2)
@@ -162,8 +181,17 @@ def test_a_tokenizer_without_a_first_token_is_refused_and_chat_is_offered(tmp_pa
                   *QUICK_SCAN, "--verify", "--verify-windows", "1")
     assert res.returncode == 0, res.stderr
     assert "every later occurrence" in (out / "README.md").read_text()
-    prov = json.loads((out / "provenance.json").read_text())
-    assert prov["measurements"]["window_prefix"][0] == "<s>"  # verify measured chat-formatted windows
+    measured = json.loads((out / "provenance.json").read_text())["measurements"]
+    assert measured["window_prefix"][:2] == ["<s>", "s"]  # verify measured chat-formatted windows
+    # every occurrence of the token (both in the opening) takes the row, in the fit as in the written model
+    tok = load_tokenizer(folder)
+    win = make_windows(tok, eval_text(None)[0], 512, 1, "chat")
+    assert win.ids[0].count(BOS) == 2
+    ckpt = Checkpoint(folder)
+    obj = RowObjective(ckpt, family_for(ckpt.config), win.ids, win.first_target, BOS, DetectParams())
+    fig, _ = obj.evaluate(_tensors(out)["model.embed_tokens.weight"][BOS].clone())
+    assert fig.sink_patched == pytest.approx(measured["sink_mean_patched"], rel=1e-5)
+    assert fig.kl == pytest.approx(measured["kl_mean"], rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize("template, needle", [(None, "adds no BOS"),

@@ -126,6 +126,9 @@ def text(tmp_path) -> Path:
 LOADERS = {"from_pretrained", "from_config", "apply_chat_template"}
 SHIPPED = ROOT / "engines" / "modeling_melsurgery.py"  # runs in the user's transformers, never imported as code here
 WRAPPER = ROOT / "checkpoint" / "safeload.py"
+# The vLLM harness passes its request's field through to vLLM; nothing in the package sets it other than False
+# (any `trust_remote_code=True` in the package fails this test).
+PASS_THROUGH = {"engines/vllm_serve.py: trust_remote_code=request.trust_remote_code"}
 
 
 def loader_bypasses(source: str, name: str) -> list[str]:
@@ -135,7 +138,9 @@ def loader_bypasses(source: str, name: str) -> list[str]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOADERS:
             found.append(f"{name}:{node.lineno}: .{node.func.attr}(...) bypasses checkpoint/safeload.py")
         for kw in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
-            if kw.arg == "trust_remote_code" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+            if kw.arg != "trust_remote_code" or (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                continue
+            if f"{name}: trust_remote_code={ast.unparse(kw.value)}" not in PASS_THROUGH:
                 found.append(f"{name}:{node.lineno}: trust_remote_code is not the constant False")
     return found
 
@@ -150,6 +155,7 @@ def test_every_transformers_load_goes_through_the_wrapper():
     assert found == []
     # the check can fail
     assert len(loader_bypasses("AutoTokenizer.from_pretrained(p)\nm.from_config(c, trust_remote_code=True)", "x")) == 3
+    assert loader_bypasses("LLM(m, trust_remote_code=True)", "engines/vllm_serve.py")
 
 
 def evil_folder(sharded, tmp_path: Path, marker: Path, kind: str) -> Path:
@@ -185,8 +191,8 @@ def test_a_folder_that_ships_code_never_runs_it(sharded, tmp_path, text, kind):
         res = cli(*args, stdin="y\ny\ny\n")
         if kind == "tokenizer-unknown-class":
             refused(res, 2, "never runs", out=tmp_path / "out")
-        else:
-            assert res.code == 0, res.stderr
+        else:  # ran (tune may find no cut of this model's sink within its budget: exit 4, its documented answer)
+            assert res.code == 0 or (args[0] == "tune" and res.code == 4), res.stderr
         assert not marker.exists(), f"{args[0]} ran the folder's code"
     if kind == "tokenizer-unknown-class":
         refused(console(*runs[0], stdin="y\ny\ny\n", timeout=300), 2, "never runs")
@@ -661,7 +667,7 @@ def test_tune_refuses_damaged_or_foreign_study_storage(sharded, tmp_path, text):
     import optuna
 
     run = tmp_path / "made"
-    assert cli("tune", sharded[0], "-o", run, "--scan", sharded[1], "--text", text, *TUNE).code == 0
+    assert cli("tune", sharded[0], "-o", run, "--scan", sharded[1], "--text", text, *TUNE).code in (0, 4)
     for name, data in _journal_family(tmp_path, (run / "study.journal").read_bytes()).items():
         bad = tmp_path / f"run-{name}"
         bad.mkdir()
@@ -756,7 +762,9 @@ def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp
         proc.kill()
     refused(Outcome(proc.returncode, stdout, stderr), 130, prefix="melsurgery: interrupted")
     res = console(*args[1:], "--trials", "3", timeout=300)  # the study continues from what it holds
-    assert res.code == 0, res.stderr
+    assert res.code in (0, 4), res.stderr  # 4: no trial of this planted model cuts its sink within the budget
+    held, ran = map(int, re.search(r"study: (\d+) trials \((\d+) run now\)", res.stdout).groups())
+    assert ran >= 1 and held >= ran + 1, res.stdout  # the first run's complete trial is kept, new ones added
 
 
 @pytest.fixture
@@ -851,3 +859,52 @@ def test_an_unexpected_failure_is_one_line_with_exit_70():
     is there with MELSURGERY_DEBUG=1."""
     code, line = failure(ZeroDivisionError("division by zero"))
     assert code == 70 and "internal error (ZeroDivisionError" in line and "MELSURGERY_DEBUG" in line
+
+
+def test_a_pipe_or_device_named_as_output_is_written_to_not_replaced(sharded, tmp_path):
+    """`--json /dev/stdout`, a process substitution, a FIFO someone reads: written as a stream. Before, the
+    atomic rename replaced the path itself (as root: /dev/stdout became a regular file). Checked here on a
+    symlink to /dev/null and on a FIFO with a reader; a FIFO nobody reads is refused, not waited on."""
+    import threading
+
+    link = tmp_path / "null-link"
+    link.symlink_to("/dev/null")
+    res = cli("diff", sharded[0], sharded[0], "--json", link)
+    assert res.code == 0 and link.is_symlink() and os.readlink(link) == "/dev/null", res.stderr
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    time.sleep(0.2)  # the reader is waiting in open()
+    res = cli("diff", sharded[0], sharded[0], "--json", fifo)
+    reader.join(timeout=60)
+    assert res.code == 0 and json.loads(got[0])["identical"] is True, res.stderr
+    refused(cli("diff", sharded[0], sharded[0], "--json", fifo), 2, "a FIFO that nobody reads")
+
+
+def test_undecodable_bytes_in_a_name_are_printed_escaped(tmp_path):
+    """A folder name that is not UTF-8 (a lone surrogate once decoded): one escaped line, not a
+    UnicodeEncodeError from a strict stream."""
+    name = os.fsdecode(b"bad\xffname")
+    (tmp_path / name).mkdir()
+    res = console("scan", tmp_path / name, *QUICK_SCAN, env={"PYTHONIOENCODING": "utf-8:strict"})
+    refused(res, 2, "no config.json", "\\udcff")
+
+
+def test_a_damaged_cache_is_recomputed_not_trusted(tmp_path):
+    """Caches melsurgery writes and reads back (the budgeted patch's held-out figures): not JSON, the wrong shape,
+    wrong fields, or a FIFO in its place are ignored (before: a TypeError or AttributeError traceback, or a hang)."""
+    from melsurgery.search.budget import HeldOutCache
+
+    figures = {"sink_base": 1.0}  # a figure set with a field missing
+    for name, data in {"garbage": b"\x00\xff{", "a-list": b"[1, 2]", "not-objects": b'{"k": 3}',
+                       "wrong-fields": json.dumps({"k": figures}).encode()}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "heldout.json").write_bytes(data)
+        assert HeldOutCache(folder).data == {}, name
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    os.mkfifo(folder / "heldout.json")
+    assert HeldOutCache(folder).data == {}

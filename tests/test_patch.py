@@ -323,7 +323,7 @@ def test_default_model_patch_matches_reference(smollm2, smollm2_scan, tmp_path, 
 
 
 def test_python_api_has_no_cli_dependency():
-    code = "import melsurgery, melsurgery.patch, melsurgery.scan; print('ok')"
+    code = "import melsurgery, melsurgery.surgery.patch, melsurgery.detect.scan; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 

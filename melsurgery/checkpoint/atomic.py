@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,13 +145,42 @@ def atomic_file(out: Path, overwrite: bool = False, protect: Path | None = None,
 
 def write_atomic(path: Path, data: str | bytes, protect: Path | None = None) -> Path:
     """Write one file (JSON, PNG, YAML, text) whole or not at all: guarded, written and synced as a hidden
-    sibling, renamed over `path`; a failure or a signal leaves neither a partial file nor the sibling."""
-    with atomic_file(path, overwrite=True, protect=protect, new_folder=False) as tmp:
+    sibling, renamed over `path` (over the file a symlink names); a failure or a signal leaves neither a partial
+    file nor the sibling. A pipe or terminal (`--json /dev/stdout`, a process substitution) is written to as a
+    stream: it cannot be replaced, and must not be (as root, renaming over /dev/stdout would replace it)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return _write_stream(path, raw, protect)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    with atomic_file(target, overwrite=True, protect=protect, new_folder=False) as tmp:
         with open(tmp, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.write(raw)
             fh.flush()
             os.fsync(fh.fileno())
-    return Path(path).absolute()
+    return path.absolute()
+
+
+def _write_stream(path: Path, data: bytes, protect: Path | None) -> Path:
+    """Write to an existing pipe or character device; anything else that is not a regular file is refused."""
+    check_writable(path, protect)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        why = "a FIFO that nobody reads" if exc.errno == errno.ENXIO else exc.strerror or str(exc)
+        raise UserError(f"{quote(str(path), 300)}: cannot write there ({why})") from None
+    try:
+        if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISCHR(os.fstat(fd).st_mode)):
+            raise UserError(f"{quote(str(path), 300)}: not a file, a pipe or a terminal; name a file")
+        os.set_blocking(fd, True)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise write_failed(path, exc) from None
+    finally:
+        os.close(fd)
+    return path
 
 
 def write_failed(out: Path, exc: OSError, what: str = "write failed") -> UserError:

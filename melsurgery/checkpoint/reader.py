@@ -10,7 +10,7 @@ import torch
 from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
 from melsurgery.errors import UserError, quote
-from melsurgery.formats.textfile import refuse_special_files
+from melsurgery.formats.textfile import MAX_JSON, read_text, refuse_special_files
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -141,10 +141,8 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        cfg = json.loads(read_text(path, "config.json", MAX_JSON))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise UserError(f"{path}: not a model config (no model_type)")
@@ -162,8 +160,8 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
     index_path = folder / INDEX_NAME
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+            weight_map = json.loads(read_text(index_path, "the index", MAX_JSON))["weight_map"]
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
             raise UserError(f"{index_path}: invalid index (no weight_map)") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index_path}: invalid index (weight_map must map tensor names to shard files)")

@@ -32,8 +32,8 @@ _BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, Ze
 def open_model(folder: Path) -> tuple[Checkpoint, Family]:
     """The checkpoint and its family, with config and tensor shapes proven consistent."""
     ckpt = Checkpoint(folder)
+    family = family_for(ckpt.config)  # an unsupported architecture is named as such, whatever else it lacks
     check_config_types(ckpt.config, ckpt.folder / "config.json")  # before anything sizes a list by them
-    family = family_for(ckpt.config)
     check_shapes(ckpt, family)
     return ckpt, family
 

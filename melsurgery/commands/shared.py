@@ -133,11 +133,16 @@ def redacted_output() -> Iterator[None]:
     and `escape`: \\n and \\t stay, \\r stays on stderr (progress bars), any other control character is shown
     escaped."""
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Redacted(sys.stdout, "\n\t"), _Redacted(sys.stderr, "\n\t\r")
+    if sys.stdout is not None:  # None when the process started with its stdout closed
+        sys.stdout = _Redacted(sys.stdout, "\n\t")
+    if sys.stderr is not None:
+        sys.stderr = _Redacted(sys.stderr, "\n\t\r")
     try:
         yield
     finally:
         for stream in (sys.stdout, sys.stderr):
+            if stream is None:
+                continue
             try:
                 stream.flush()
             except BrokenPipeError:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from melsurgery.errors import UserError
-from melsurgery.formats.textfile import read_text
+from melsurgery.formats.textfile import MAX_JSON, read_text
 from melsurgery.formats.typed import JsonRecord, Need, is_int, is_num, join, load
 from melsurgery.params import DetectParams
 
@@ -273,7 +273,7 @@ class ScanResult(JsonRecord):
     @classmethod
     def read(cls, path: Path) -> ScanResult:
         """A scan result written by `scan --json`, every field checked before anything uses it."""
-        text = read_text(path, "scan JSON")
+        text = read_text(path, "scan JSON", MAX_JSON)
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:

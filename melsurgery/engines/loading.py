@@ -57,7 +57,7 @@ def load(path, *, device: str = "cpu", dtype=None, **kwargs):
     # safetensors only: transformers would otherwise fall back to unpickling pytorch_model.bin
     options = {"dtype": dtype or torch.float32, "use_safetensors": True, **kwargs}
     if is_patched_config(config):
-        model = MelsurgeryForCausalLM.from_pretrained(path, **options)
+        model = from_pretrained(MelsurgeryForCausalLM, path, **options)
     else:  # a folded patch, a base model, or a custom layer written before patched checkpoints declared themselves
         model = from_pretrained(AutoModelForCausalLM, path, **options)
         model._melsurgery_hooks = apply_wemask(model)

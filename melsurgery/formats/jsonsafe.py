@@ -38,7 +38,7 @@ def _no_constant(name: str) -> Any:
 
 def load_strict(path: Path, what: str) -> Any:
     """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
-    text = read_text(path, what)
+    text = read_text(path, what)  # any JSON file of a folder (a tokenizer.json may be tens of MB)
     try:
         return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from melsurgery.errors import UserError, quote
 
-MAX_TEXT = 1 << 30  # 1 GiB: more is not a calibration, evaluation or JSON file
+MAX_TEXT = 1 << 30  # 1 GiB: more is not a calibration or evaluation text
+MAX_JSON = 64 << 20  # 64 MB: more is not a config, an index or a scan result
 
 
 def open_regular(path: Path, what: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
@@ -48,10 +49,10 @@ def read_bytes(path: Path, what: str, limit: int = MAX_TEXT) -> bytes:
     return data
 
 
-def read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str, limit: int = MAX_TEXT) -> str:
     """The file's UTF-8 text; a missing, special, huge or undecodable file is a one-line error naming `what`."""
     try:
-        return read_bytes(path, what).decode("utf-8")
+        return read_bytes(path, what, limit).decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{quote(str(path), 300)}: cannot read {what} (not UTF-8 text)") from None
 

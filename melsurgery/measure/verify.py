@@ -105,7 +105,7 @@ def chat_prefix(tok) -> list[int]:
     system turn included): what the model sees before any text in use, as calibration's chat samples get it."""
     if not getattr(tok, "chat_template", None):
         raise UserError("--prefix chat: the tokenizer has no chat template; use --prefix tokenizer")
-    text = tok.apply_chat_template([{"role": "user", "content": _CONTENT}], tokenize=False)
+    text = render_chat(tok, [{"role": "user", "content": _CONTENT}])
     if _CONTENT not in text:
         raise UserError("--prefix chat: the chat template does not show a user message's content verbatim; use "
                         "--prefix tokenizer")

@@ -35,8 +35,8 @@ PARAMS = (
           "smallest sink within it.", flag="--first-token-kl", low=0.0, high=10.0),
     Param("steps", "int", 24, "first-token: gradient steps of the fit.", flag="--first-token-steps", low=1, high=1000,
           search=False),
-    Param("lr", "float", 0.03, "first-token: length of the first step, relative to the row's norm (later steps "
-          "follow the fit's KL targets).", flag="--first-token-lr", low=1e-5, high=1.0, search=False),
+    Param("lr", "float", 0.03, "first-token: Adam step of the fit, relative to the row's RMS.",
+          flag="--first-token-lr", low=1e-5, high=1.0, search=False),
     Param("windows", "int", 4, "first-token: fitting windows (from the tuning half of the text).",
           flag="--first-token-windows", low=1, high=256, search=False),
     Param("window_tokens", "int", 256, "first-token: tokens per fitting window.", flag="--first-token-window-tokens",

@@ -1,12 +1,13 @@
-"""Fit the first token's embedding row: gradient descent on sink + lambda * KL through the streaming engine.
+"""Fit the first token's embedding row: Adam steps on sink + lambda * KL through the streaming engine.
 
 With causal attention, position 0 attends only to itself, so its whole trajectory depends on its own
 embedding row (and its rotary phase). Later positions depend on the row only through their attention to
 position 0, but from layer 0 on: their states change in every layer, so nothing after the embeddings can
 be cached across steps. What is cached is what does not depend on the row: the base model's pass (its
-massive tokens, its sink per layer, its final states for the KL), and the embeddings of every other
-position. Each step is one forward pass and one backward pass whose only leaf is the row (no weight
-gradients), windows batched, the LM head scored in position blocks so that no full logit matrix is held.
+massive tokens, its sink per layer, and per scored position the terms the KL needs of the base distribution,
+so that no step recomputes the base logits), and the embeddings of every other position. Each step is one
+forward pass and one backward pass whose only leaf is the row (no weight gradients), windows batched, the LM
+head scored in position blocks so that no full logit matrix is held.
 
 Layers stay resident when they fit (then the forward keeps each layer's graph, and the backward walks them
 in reverse); otherwise each layer is read again in the backward pass and its forward recomputed from its
@@ -20,19 +21,24 @@ changes, and the KL here includes that change, so the fit pays for it.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from melsurgery.architectures import Family, submodule
 from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
+from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.edits import Edit, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import render_chat
 from melsurgery.errors import UserError
+from melsurgery.formats.textfile import read_text
 from melsurgery.measure.definitions import find_massive, head_sinks_of, key_attention, layer_stats, sink, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.params import DetectParams
@@ -89,7 +95,7 @@ def layer_edits(family: Family, num_layers: int, edits: list[Edit]) -> dict[int,
 
 @dataclass
 class _Batch:
-    """Windows of one length, run together: ids [B, T] and their embeddings (position 0 replaced per step)."""
+    """Windows of one length, run together: ids [B, T] and their embeddings (the edited token's replaced per step)."""
 
     windows: list[int]  # indices into the objective's windows
     ids: torch.Tensor
@@ -146,7 +152,7 @@ class RowObjective:
     # --- the base model, once ---
 
     def _base_pass(self, params: DetectParams) -> None:
-        """Massive tokens, sink per layer and final states of the base model (verify's definitions)."""
+        """Massive tokens, sink per layer and the KL's terms of the base model (verify's definitions)."""
         stats: list[LayerStats] = []
         k = top_k_for(len(self.windows))
         order = [w for b in self.batches for w in b.windows]  # the stream's sequences -> window indices
@@ -312,7 +318,8 @@ class RowObjective:
         keep = grad and self.resident  # keep each layer's graph, else recompute it in the backward pass
         with torch.set_grad_enabled(grad):
             x0 = b.embeds.clone()
-            x0[:, 0] = r.to(self.dtype) * self.scale if self.scale is not None else r.to(self.dtype)
+            # every occurrence of the token takes the row (a chat template's first token opens later turns too)
+            x0[b.ids == self.token_id] = r.to(self.dtype) * self.scale if self.scale is not None else r.to(self.dtype)
         inputs: list[torch.Tensor] = []
         graphs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         x = x0.detach()
@@ -358,12 +365,12 @@ def _mean(values: list) -> float:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How the path is walked: normalised gradient steps on sink ratio + lambda * KL, where lambda follows a KL
-    target that grows geometrically from `first_kl` (step 1) to `path_kl` (the last step): after each step
-    lambda is multiplied by KL / target (at most e-fold), so the steps trace the front from small cuts to large
-    ones. Step lengths are relative to the stored row's norm: `lr` for the first step; after it, the length
-    that moves the KL from one target to the next where KL grows with the square of the distance travelled
-    (as it does near the stored row: KL is quadratic there). The walk stops once KL passes 2 * path_kl."""
+    """How the path is walked: Adam steps on sink ratio + lambda * KL, where lambda follows a KL target that
+    grows geometrically from `first_kl` (step 1) to `path_kl` (the last step): after each step lambda is
+    multiplied by KL / target (at most e-fold), so the steps trace the front from small cuts to large ones.
+    `lr` is Adam's step relative to the stored row's RMS (Adam moves every coordinate by about that much: a
+    diagonal preconditioner, where plain gradient steps crawl along the directions that cost little KL). The
+    walk stops once KL passes 2 * path_kl."""
 
     steps: int = 24
     lr: float = 0.03
@@ -373,14 +380,6 @@ class FitSettings:
     def target(self, step: int) -> float:
         """The KL target of a step (step 0 is the stored row)."""
         return self.first_kl * (self.path_kl / self.first_kl) ** ((max(1, step) - 1) / max(1, self.steps - 1))
-
-    def length(self, step: int, travelled: float, kl: float) -> float:
-        """The length of the step from `step` to the next, given the distance travelled so far and the KL there."""
-        if step == 0 or kl <= 0:
-            return self.lr
-        per_root = travelled / math.sqrt(kl)  # distance per sqrt(KL) along the path so far
-        grow = math.sqrt(self.target(step + 1)) - math.sqrt(self.target(step))
-        return min(4 * self.lr, max(self.lr / 8, per_root * grow))
 
 
 @dataclass(frozen=True)
@@ -398,9 +397,9 @@ def fit_path(objective: RowObjective, settings: FitSettings,
     """Walk from the stored row towards smaller sinks; every step's row and figures are kept (the front is
     read off the path). Returns the points and the seconds taken."""
     start = time.perf_counter()
-    row0 = objective.row0.clone()
-    norm = float(row0.norm()) or 1.0
-    row = row0.clone()
+    row = objective.row0.clone()
+    rms = float(row.pow(2).mean().sqrt()) or 1.0
+    opt = torch.optim.Adam([row.requires_grad_(True)], lr=settings.lr * rms)
     points: list[PathPoint] = []
     lam = 1.0
     for step in range(settings.steps + 1):
@@ -408,16 +407,17 @@ def fit_path(objective: RowObjective, settings: FitSettings,
             kl = max(points[-1].figures.kl, 1e-9)
             lam *= math.exp(max(-1.0, min(1.0, math.log(kl / settings.target(step - 1)))))
         last = step == settings.steps
-        fig, grad = objective.evaluate(row, None if last else lam)
+        fig, grad = objective.evaluate(row.detach(), None if last else lam)
         if not (math.isfinite(fig.kl) and math.isfinite(fig.sink_patched)):
             break
-        points.append(PathPoint(step, lam, fig, tuple(float(x) for x in row)))
+        points.append(PathPoint(step, lam, fig, tuple(float(x) for x in row.detach())))
         if progress:
             progress(points[-1])
-        if last or fig.kl > 2 * settings.path_kl or grad is None or not float(grad.norm()) > 0:
+        if last or fig.kl > 2 * settings.path_kl:
             break
-        length = settings.length(step, float((row - row0).norm()) / norm, fig.kl)
-        row = row - (length * norm / float(grad.norm())) * grad.to(row.dtype)
+        opt.zero_grad()
+        row.grad = grad
+        opt.step()
     return points, time.perf_counter() - start
 
 
@@ -457,7 +457,7 @@ def _chat_first(tok) -> int:
     firsts = set()
     user, system = {"role": "user", "content": "a"}, {"role": "system", "content": "b"}
     for conv in ([user], [system, user]):
-        text = tok.apply_chat_template(conv, tokenize=False)
+        text = render_chat(tok, conv)
         firsts.add(tok(text, add_special_tokens=False)["input_ids"][0])
     if len(firsts) != 1:
         raise UserError("first-token --first-token-of chat: the chat template does not always open with the same "
@@ -499,7 +499,6 @@ def cached_path(ctx, ckpt: Checkpoint, family: Family, win, token_id: int, edits
     """The fitted path, from `ctx.cache` when an identical fit (model files, windows, edits, settings) ran
     before; a fit takes minutes and a search asks for the same path with many budgets."""
     import hashlib
-    import json
     import os
     from dataclasses import asdict
 
@@ -507,9 +506,9 @@ def cached_path(ctx, ckpt: Checkpoint, family: Family, win, token_id: int, edits
     key = hashlib.sha256(json.dumps([str(ckpt.folder), files, win.ids, token_id, repr(edits), asdict(settings)],
                                     default=str).encode()).hexdigest()[:20]
     where = ctx.cache / f"first-token-{key}.json" if ctx.cache else None
-    if where is not None and where.is_file():
-        data = json.loads(where.read_text())
-        return [PathPoint(p["step"], p["kl_weight"], Figures(**p["figures"]), tuple(p["row"])) for p in data["path"]]
+    cached = _cached_path(where) if where is not None else None
+    if cached is not None:
+        return cached
     objective = RowObjective(ckpt, family, win.ids, win.first_target, token_id, ctx.scan.params, edits=edits,
                              device=ctx.device)
     bar = None
@@ -530,9 +529,18 @@ def cached_path(ctx, ckpt: Checkpoint, family: Family, win, token_id: int, edits
             bar.close()
     if where is not None:
         where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = where.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": seconds, "path": [
+        write_atomic(where, json.dumps({"seconds": seconds, "path": [
             {"step": p.step, "kl_weight": p.kl_weight, "figures": asdict(p.figures), "row": list(p.row)}
             for p in points]}))
-        os.replace(tmp, where)
     return points
+
+
+def _cached_path(where: Path) -> list[PathPoint] | None:
+    """A fit path cached by an earlier run; None when absent or damaged (then it is fitted again)."""
+    if not where.exists():
+        return None
+    try:
+        data = json.loads(read_text(where, "the first-token cache"))
+        return [PathPoint(p["step"], p["kl_weight"], Figures(**p["figures"]), tuple(p["row"])) for p in data["path"]]
+    except (UserError, ValueError, RecursionError, KeyError, TypeError):
+        return None

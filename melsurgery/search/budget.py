@@ -19,6 +19,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from melsurgery.checkpoint.source import Source, cache_dir
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet, NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
+from melsurgery.formats.textfile import read_text
 from melsurgery.recipes import registry
 from melsurgery.search.engine import (
     Budget,
@@ -78,8 +80,9 @@ class BudgetOptions:
 
     @property
     def searched(self) -> tuple[str, ...]:
-        """The recipes searched: those named, else every registered one."""
-        return self.recipes or tuple(registry())
+        """The recipes searched: those named, else every registered one that is not fitted (first-token's row is
+        fitted by `patch --recipe first-token`, a path of minutes per composition, not a trial's setting)."""
+        return self.recipes or tuple(n for n, r in registry().items() if r.fit is None)
 
     def describe(self) -> str:
         """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""
@@ -196,10 +199,15 @@ class HeldOutCache:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "heldout.json"
-        try:
-            self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except (OSError, json.JSONDecodeError):
-            self.data = {}  # a damaged cache is recomputed, never trusted
+        self.data: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(read_text(self.path, "the held-out cache"))
+            except (UserError, ValueError, RecursionError):
+                data = None
+            fields = {f.name for f in dataclass_fields(Figures)}
+            if isinstance(data, dict) and all(isinstance(v, dict) and set(v) == fields for v in data.values()):
+                self.data = data  # anything else is a damaged cache: recomputed, never trusted
 
     def get(self, key: str) -> Figures | None:
         """The cached figures of a setting, if measured before."""

@@ -168,5 +168,6 @@ def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
     me, n = scan.me_layer, scan.model.num_layers
     if me + 1 >= n:
         raise UserError(f"the ME Layer is the last layer ({me}): no layer after it to act on")
-    known = registry()
-    return Space(tuple(known[r] for r in known if r in names), me, n, {k: f(scan) for k, f in INT_HIGH.items()})
+    known = registry()  # fitted recipes (first-token) are fitted by `patch`, not searched trial by trial
+    return Space(tuple(known[r] for r in known if r in names and known[r].fit is None), me, n,
+                 {k: f(scan) for k, f in INT_HIGH.items()})

@@ -471,9 +471,7 @@ def write_outputs(run_dir: Path, result: TuneResult, manifest) -> None:
         write_atomic(run_dir / "best.yaml", manifest.to_yaml())
     else:
         (run_dir / "best.yaml").unlink(missing_ok=True)
-    tmp = run_dir / ".tune.png.tmp.png"
-    plot_tune(data, tmp)
-    os.replace(tmp, run_dir / "tune.png")
+    plot_tune(data, run_dir / "tune.png")  # written atomically by the plot itself
 
 
 # --- The report ---
