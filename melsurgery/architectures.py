@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +173,7 @@ class Family:
         for m in self.mixers:
             if m.layer_type == layer_type:
                 return m
-        raise UserError(f"{self.name}: layer type {layer_type!r} is not one melsurgery can run")
+        raise UserError(f"{self.name}: layer type {quote(layer_type)} is not one melsurgery can run")
 
     def layer_kinds(self, config: dict) -> list[str]:
         """Mixer kind of each decoder layer of a config.json.
@@ -184,10 +184,8 @@ class Family:
         n = int(config["num_hidden_layers"])
         if not self.mixers:
             return [ATTENTION] * n
-        from transformers import AutoConfig
-
         try:
-            types = list(AutoConfig.for_model(**config).layer_types)
+            types = list(transformers_config(config).layer_types)
         except (ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"config.json: transformers cannot read the layer pattern of this {self.name} model "
                             f"({exc})") from None
@@ -324,7 +322,7 @@ def gguf_target(family: Family, hf_name: str, config: dict) -> GGUFTarget:
         expert, module = int(e[1]), f"{family.experts}.{e[2]}"
     names = dict(family.gguf_layer)
     if module not in names:
-        raise UserError(f"{hf_name}: no GGUF name known for {module!r} in a {family.name} model")
+        raise UserError(f"{hf_name}: no GGUF name known for {quote(module)} in a {family.name} model")
     gguf = names[module]
     row_order = None
     if family.gguf_rope_permuted and gguf in ("attn_q", "attn_k"):
@@ -373,13 +371,57 @@ def supported() -> str:
     return ", ".join(t for f in FAMILIES for t in f.model_types)
 
 
+# A checkpoint that needs run-time code (a token-selective custom layer) declares a model type and
+# architecture names no stock engine knows, so that transformers without remote code, vLLM without
+# melsurgery's plugin and llama.cpp's converter refuse it instead of running the base model; its base
+# architecture is recorded under BASE_KEY for melsurgery's own code. The shipped custom layer
+# (engines/modeling_melsurgery.py) spells the same contract: it cannot import this package.
+PATCHED_MODEL_TYPE = "melsurgery"
+PATCHED_ARCH_PREFIX = "Melsurgery"
+BASE_KEY = "melsurgery_base"
+WEMASK_KEY = "melsurgery_wemask"  # the custom layer's spec
+
+
+def base_config(config: dict) -> dict:
+    """config.json as its base architecture reads it: a patched config's own model type, architecture names
+    and remote-code map replaced by the base's (recorded under BASE_KEY); any other config unchanged."""
+    if config.get("model_type") != PATCHED_MODEL_TYPE and BASE_KEY not in config:
+        return config
+    base = config.get(BASE_KEY)
+    if not (isinstance(base, dict) and isinstance(base.get("model_type"), str)
+            and isinstance(base.get("architectures"), list) and base["architectures"]
+            and all(isinstance(a, str) for a in base["architectures"])):
+        raise UserError(f"config.json: model type {PATCHED_MODEL_TYPE!r} needs {BASE_KEY} with the base model_type "
+                        f"and architectures, got {base!r}; the checkpoint is damaged: patch its base again")
+    rest = {k: v for k, v in config.items() if k not in (BASE_KEY, "auto_map")}
+    return {**rest, "model_type": base["model_type"], "architectures": list(base["architectures"])}
+
+
+def is_patched_config(config: dict) -> bool:
+    """Whether a config.json declares melsurgery's own model type (a checkpoint that needs the custom layer)."""
+    return config.get("model_type") == PATCHED_MODEL_TYPE or BASE_KEY in config
+
+
+def has_custom_layer(config: dict) -> bool:
+    """Whether a checkpoint runs melsurgery's custom layer (also one written before patches declared themselves)."""
+    return is_patched_config(config) or WEMASK_KEY in config
+
+
+def transformers_config(config: dict):
+    """transformers' config object for a config.json dict, a patched one as its base architecture: nothing shipped
+    with a checkpoint is imported."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**base_config(config))
+
+
 def family_for(config: dict) -> Family:
-    """The family entry for a config, or a UserError naming what is supported."""
-    model_type = config.get("model_type")
+    """The family entry for a config (a patched config's base architecture), or a UserError naming what is supported."""
+    model_type = base_config(config).get("model_type")
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    raise UserError(f"unsupported architecture {model_type!r}; melsurgery supports: {supported()}")
+    raise UserError(f"unsupported architecture {quote(model_type)}; melsurgery supports: {supported()}")
 
 
 def submodule(root: object, path: str) -> object:

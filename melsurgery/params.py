@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from melsurgery.architectures import SHARED
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 _LAYERS_RE = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
 LAYER_WORDS = ("next", "after-me", "me")
@@ -22,9 +22,10 @@ LAYER_WORDS = ("next", "after-me", "me")
 class Param:
     """One recipe parameter.
 
-    `kind` is one of float, int, choice, layers, int_list, neurons; `low`/`high` bound numbers
-    (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag share
-    its meaning (e.g. --layers for wemask and norm-rescale).
+    `kind` is one of float, int, choice, layers, int_list, float_list, neurons; `low`/`high` bound
+    numbers (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag
+    share its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
+    budgeted patch) from varying it: settings of how a recipe is fitted, and values a fit fills in.
     """
 
     name: str
@@ -37,6 +38,7 @@ class Param:
     choices: tuple[str, ...] = ()
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
     same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
+    search: bool = True
 
     @property
     def where(self) -> str:
@@ -55,17 +57,19 @@ class Param:
             return value
         if self.kind in ("float", "int"):
             if strict and isinstance(value, str):
-                raise UserError(f"{where} {value!r}: expected {'an integer' if self.kind == 'int' else 'a number'}, "
-                                "got a string (write it without quotes)")
+                want = "an integer" if self.kind == "int" else "a number"
+                raise UserError(f"{where} {quote(value)}: expected {want}, got a string (write it without quotes)")
             return self._number(value, where)
         if self.kind == "choice":
             if value not in self.choices:
-                raise UserError(f"{where} {value!r}: use one of {', '.join(self.choices)}")
+                raise UserError(f"{where} {quote(value)}: use one of {', '.join(self.choices)}")
             return value
         if self.kind == "layers":
             return _layers(value, where)
         if self.kind == "int_list":
             return _int_list(value, where, self.low)
+        if self.kind == "float_list":
+            return _float_list(value, where)
         if self.kind == "neurons":
             return _neurons(value, where)
         raise AssertionError(self.kind)
@@ -73,17 +77,17 @@ class Param:
     def _number(self, value: object, where: str) -> float | int:
         want = ("an integer" if self.kind == "int" else "a number") + (" or 'auto'" if self.auto else "")
         if isinstance(value, bool):
-            raise UserError(f"{where} {value!r}: expected {want}")
+            raise UserError(f"{where} {quote(value)}: expected {want}")
         try:
             x = int(value) if self.kind == "int" else float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise UserError(f"{where} {value!r}: expected {want}") from None
+            raise UserError(f"{where} {quote(value)}: expected {want}") from None
         if self.kind == "int" and isinstance(value, float) and value != x:
-            raise UserError(f"{where} {value!r}: expected {want}")
+            raise UserError(f"{where} {quote(value)}: expected {want}")
         if isinstance(x, float) and not math.isfinite(x):
-            raise UserError(f"{where} {value!r}: must be a finite number")
+            raise UserError(f"{where} {quote(value)}: must be a finite number")
         if (self.low is not None and x < self.low) or (self.high is not None and x > self.high):
-            raise UserError(f"{where} {value!r}: must lie in {self.range_text()}")
+            raise UserError(f"{where} {quote(value)}: must lie in {self.range_text()}")
         return x
 
     def range_text(self) -> str:
@@ -100,17 +104,17 @@ def _layers(value: object, where: str) -> str | list[int]:
     if text in LAYER_WORDS:
         return text
     if not _LAYERS_RE.match(text):
-        raise UserError(f"{where} {value!r}: use next, after-me, me, or indices like 12,14-16")
+        raise UserError(f"{where} {quote(value)}: use next, after-me, me, or indices like 12,14-16")
     for lo, hi in re.findall(r"(\d+)\s*-\s*(\d+)", text):
         if int(lo) > int(hi):
-            raise UserError(f"{where} {value!r}: the range {lo}-{hi} is empty; write it low-high, e.g. {hi}-{lo}")
+            raise UserError(f"{where} {quote(value)}: the range {lo}-{hi} is empty; write it low-high, e.g. {hi}-{lo}")
     return text
 
 
 def _int_list(value: object, where: str, low: float | None) -> list[int]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise UserError(f"{where} {value!r}: expected a list of integers, e.g. 507,247")
+        raise UserError(f"{where} {quote(value)}: expected a list of integers, e.g. 507,247")
     out = []
     for item in items:
         if isinstance(item, str) and not item.strip():
@@ -120,12 +124,31 @@ def _int_list(value: object, where: str, low: float | None) -> list[int]:
                 raise ValueError
             n = int(item)
         except (TypeError, ValueError):
-            raise UserError(f"{where} {value!r}: expected integers, e.g. 507,247") from None
+            raise UserError(f"{where} {quote(value)}: expected integers, e.g. 507,247") from None
         if low is not None and n < low:
-            raise UserError(f"{where} {value!r}: {n} is negative; indices start at 0")
+            raise UserError(f"{where} {quote(value)}: {n} is negative; indices start at 0")
         out.append(n)
     if not out:
-        raise UserError(f"{where} {value!r}: the list is empty")
+        raise UserError(f"{where} {quote(value)}: the list is empty")
+    return out
+
+
+def _float_list(value: object, where: str) -> list[float]:
+    """Finite numbers (a fitted vector); in a manifest a YAML list, on the command line comma-separated."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise UserError(f"{where}: expected a non-empty list of numbers")
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            x = float(item)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: {item!r} is not a number") from None
+        if not math.isfinite(x):
+            raise UserError(f"{where}: {item!r} is not a finite number")
+        out.append(x)
     return out
 
 
@@ -139,7 +162,7 @@ def _neurons(value: object, where: str) -> list[int | list]:
     usage = "use neurons like 1229,1487, or 3:41 for expert 3, or shared:41 for a shared expert"
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise UserError(f"{where} {value!r}: {usage}")
+        raise UserError(f"{where} {quote(value)}: {usage}")
     out: list[int | list] = []
     for item in items:
         try:
@@ -155,12 +178,12 @@ def _neurons(value: object, where: str) -> list[int | list]:
             else:
                 out.append(int(item))
         except (TypeError, ValueError):
-            raise UserError(f"{where} {value!r}: {usage}") from None
+            raise UserError(f"{where} {quote(value)}: {usage}") from None
     flat = [n for x in out for n in (x if isinstance(x, list) else [x]) if not isinstance(n, str)]
     if any(n < 0 for n in flat):
-        raise UserError(f"{where} {value!r}: neuron and expert indices start at 0")
+        raise UserError(f"{where} {quote(value)}: neuron and expert indices start at 0")
     if not out:
-        raise UserError(f"{where} {value!r}: the list is empty")
+        raise UserError(f"{where} {quote(value)}: the list is empty")
     return out
 
 
@@ -172,7 +195,9 @@ TOP_K = Param("top_k", "int", 3, "Act on the top-k dims of the massive tokens.",
 DIMS = Param("dims", "int_list", None, "Explicit dims, e.g. 507,247 (overrides --top-k).", flag="--dims", low=0)
 MASK_RATIO = Param("mask_ratio", "float", None, "Dims whose mean |h| is at least this share of the top dim's.",
                    flag="--mask-ratio", low=0.0, high=1.0)
-ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO)
+DIMS_BY = Param("dims_by", "choice", "magnitude", "Choose dims by magnitude at the ME Layer (the same for every layer) "
+                "or by the scan's sink attribution (per layer).", flag="--dims-by", choices=("magnitude", "sink"))
+ATTN_DIMS = (LAYERS, TOP_K, DIMS, MASK_RATIO, DIMS_BY)
 
 
 # The scan's parameters, declared the same way: `scan`/`patch` options, manifest sections and the Python
@@ -218,5 +243,5 @@ def resolve(recipe: str, params: tuple[Param, ...], given: dict | None, strict: 
     known = {p.name: p for p in params}
     unknown = sorted(set(given) - set(known), key=str)
     if unknown:
-        raise UserError(f"{recipe}: unknown parameter {unknown[0]!r}; known: {', '.join(known)}")
+        raise UserError(f"{recipe}: unknown parameter {quote(unknown[0])}; known: {', '.join(known)}")
     return {p.name: p.parse(given.get(p.name), recipe, strict) for p in params}

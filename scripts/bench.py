@@ -166,7 +166,7 @@ def child_naive_scan(src: str, dtype: str, num_samples: str, max_tokens: str) ->
     from transformers import AutoModelForCausalLM
 
     from melsurgery.calibrate.samples import read_records, tokenize
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
 
     tok = load_tokenizer(Path(src))
     records, _ = read_records(None)
@@ -204,7 +204,7 @@ def child_naive_verify(src: str, patched: str, max_tokens: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.measure.verify import eval_text, make_windows
 
     window = make_windows(load_tokenizer(Path(src)), eval_text(None)[0], int(max_tokens), 1).ids[0]

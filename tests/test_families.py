@@ -83,7 +83,7 @@ def test_scan_json_round_trips_exactly(planted_family, model_type, tmp_path):
     data = json.loads(path.read_text())
     assert ("expert" in data["ffn_neurons"][0]) == is_moe(model_type)
     again = read_json(path)
-    assert again.to_dict() == data
+    assert again.to_json() == data
     again.write(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == path.read_text()
 
@@ -136,7 +136,7 @@ RECIPE_IDS = ["wemask", "wemask-first", "norm-rescale", "ffn-dampen", "me-norm"]
 
 
 DEFAULTS = {"norm-rescale": {"factor": 0.5}, "ffn-dampen": {"factor": 0.2}, "me-norm": {"factor": 0.5},
-            "wemask": {"strength": 1.0}}  # the README's documented defaults
+            "wemask": {"strength": 1.0}}  # the documented defaults (docs/recipes.md)
 
 
 def reference_for(recipe, params, plan, model, scan, model_type):
@@ -351,6 +351,6 @@ def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
     folder, _ = planted_family("lfm2")
     r = run_verify(folder, folder, max_tokens=64, max_windows=1, generations=0, params=DetectParams(ratio=100.0))
     kinds = expected_kinds("lfm2")
-    assert r["me_layer"] == PLANT.layer
-    assert [s is None for s in r["sink_base"]] == [k != "attention" for k in kinds]
-    assert r["kl_mean"] == 0 and r["max_abs_base"][PLANT.layer] > 100
+    assert r.me_layer == PLANT.layer
+    assert [s is None for s in r.sink_base] == [k != "attention" for k in kinds]
+    assert r.kl_mean == 0 and r.max_abs_base[PLANT.layer] > 100

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 from melsurgery.architectures import family_for, gguf_target, rope_row_order
 from melsurgery.checkpoint.gguf_file import GGUFFile
 from melsurgery.errors import UserError
-from melsurgery.surgery.gguf_patch import gguf_source_file, preflight, run_patch_gguf
+from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, run_patch_gguf
 from melsurgery.surgery.manifest import Manifest
 from tests.support.helpers import run_cli
 from tests.support.planted import build_model, llama_config
@@ -214,7 +214,7 @@ def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
     r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", env=env)
     assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
     with pytest.raises(UserError, match="is the source model"):
-        preflight(src, src, [RECIPES[1]], folder=False, overwrite=True)
+        gguf_preflight(src, src, [RECIPES[1]], folder=False, overwrite=True)
     with pytest.raises(UserError, match="needs a GGUF source"):
         gguf_source_file(str(tmp_path))
     with pytest.raises(UserError, match="not a readable GGUF"):
@@ -270,8 +270,8 @@ def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, plant
     assert set(down.cols) <= {c for n in planted_scan.ffn_neurons for c in range(n.neuron // 32 * 32,
                                                                                     n.neuron // 32 * 32 + 32)}
     assert down.max_abs_diff == pytest.approx(edit.max_abs_delta)
-    assert set(r.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
-    assert not r.removed and not r.changed_keys and not r.identical
+    assert set(r.metadata.added) == {k for k in GGUFFile(res.file).metadata() if k.startswith("melsurgery.")}
+    assert not r.metadata.removed and not r.metadata.changed and not r.identical
     cli = run_cli("diff", src, res.file, "--only-changed", "--json", tmp_path / "d.json")
     assert cli.returncode == 1 and f"{down.name}  Q4_1" in cli.stdout and "key +    melsurgery.version" in cli.stdout
     assert json.loads((tmp_path / "d.json").read_text())["summary"]["changed"] == 3
@@ -313,7 +313,7 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
 
 def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2, smollm2_scan, tmp_path):
     """F32 norm edits are exact: transformers' GGUF loader on the patched default GGUF gives the logits of
-    the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see the README.)"""
+    the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see docs/gguf.md.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from melsurgery.surgery.patch import run_patch

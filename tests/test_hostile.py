@@ -482,7 +482,7 @@ def test_output_paths_that_would_touch_the_source_or_cannot_exist(sharded, tmp_p
     runs = cli_all(("patch", src, "-o", inside, "--scan", sharded[1], "--recipe", "wemask", "--quiet"),
                    ("patch", src, "-o", under_file, "--scan", sharded[1], "--recipe", "wemask", "--quiet"))
     assert_clean_failure(runs[0], "is inside the source model folder", code=2)
-    assert_clean_failure(runs[1], "afile.txt is a file, not a folder", code=2)
+    assert_clean_failure(runs[1], "afile.txt' is a file, not a folder", code=2)
     assert snapshot(src) == before and not inside.exists()
 
 

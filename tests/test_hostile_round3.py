@@ -61,7 +61,7 @@ def test_tune_refuses_before_any_work(sharded, files, tmp_path):
         (("tune", src, "-o", run, "--seed", "-1", *common), "--seed -1: must lie in [0, 4294967295]"),
         (("tune", src, "-o", run, "--seed", str(2**32), *common), "must lie in [0, 4294967295]"),
         (("tune", src, "-o", src / "run", *common), "is inside the source model folder"),
-        (("tune", src, "-o", run, "--apply", run, *common), "holds the run folder"),
+        (("tune", src, "-o", run, "--apply", run, *common), "is the run folder"),
         (("tune", src, "-o", run / "study", "--apply", run, *common), "holds the run folder"),
         (("tune", src, "-o", run, "--scan", wider_scan(sharded, tmp_path), "--text", files / "text.txt", *TUNE),
          "the --scan result is for a model with 128 hidden size, this one has 64"),
@@ -90,6 +90,8 @@ def test_tune_refuses_a_base_model_whose_figures_are_not_finite(sharded, files, 
 def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(sharded, files, tmp_path, monkeypatch):
     """--seed 2^32-1 is valid, and a continued study (the sampler is seeded with seed + trials done) does not
     overflow it; tune.json is strict JSON even when a figure is not finite."""
+    from dataclasses import replace
+
     from melsurgery.search import tune
 
     run = tmp_path / "run"
@@ -99,12 +101,12 @@ def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(shar
     assert first.returncode == 0, first.stderr
     second = run_cli(*args, "--trials", "2")
     assert second.returncode == 0, second.stderr
-    data = strict_json((run / "tune.json").read_text())
-    assert len(data["trials"]) == 2
-    data["trials"][0]["figures"]["ppl_patched"] = math.inf
-    data["trials"][1]["figures"]["ratio_patched"] = math.nan
+    result = tune.TuneResult.read(run / "tune.json")
+    assert len(result.trials) == 2
+    broken = (replace(result.trials[0], figures=replace(result.trials[0].figures, ppl_patched=math.inf)),
+              replace(result.trials[1], figures=replace(result.trials[1].figures, ratio_patched=math.nan)))
     monkeypatch.setattr("melsurgery.report.plot.plot_tune", lambda data, path: Path(path).write_bytes(b"png"))
-    tune._write_outputs(run, data, None)
+    tune.write_outputs(run, replace(result, trials=broken), None)
     figures = strict_json((run / "tune.json").read_text())["trials"]
     assert figures[0]["figures"]["ppl_patched"] is None and figures[1]["figures"]["ratio_patched"] is None
 

@@ -18,8 +18,8 @@ STAGES = ["data", "errors", "version", "outputs", "architectures", "params", "fo
           "commands", "cli", "__main__", "__init__"]
 
 TORCH_FREE = ["calibrate.stats", "calibrate.samples", "detect.scan_result", "checkpoint.provenance", "checkpoint.edits",
-              "formats.typed", "outputs", "params", "surgery.manifest", "recipes", "hub.card", "report.text",
-              "hub.metadata", "formats.textfile", "formats.yamlsafe", "formats.jsonsafe", "version"]
+              "formats.typed", "formats.wording", "outputs", "params", "surgery.manifest", "recipes", "hub.card",
+              "report.text", "hub.metadata", "formats.textfile", "formats.yamlsafe", "formats.jsonsafe", "version"]
 
 
 def _modules() -> dict[str, Path]:
@@ -189,3 +189,36 @@ def test_tensor_and_module_names_live_in_the_architecture_entry() -> None:
     leaks = {str(f.relative_to(root)): found for f in files if (found := _name_leaks(f.read_text()))}
     assert leaks == {}
     assert _name_leaks('w = layer.mlp.down_proj.weight\nname = "model.layers.3.self_attn.q_proj.weight"\n')
+
+
+MAX_FUNCTION_LINES = 100
+# Known offenders, split on their own branches (issue 27 item 4): the lead empties this set when they land.
+PENDING_SPLIT: set[str] = set()
+
+
+def _function_lengths() -> dict[str, int]:
+    """`path:Class.function` -> lines from its `def` to its last line (decorators not counted), for every function
+    and method in the package, nested ones included."""
+    lengths = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                lengths[f"{prefix}{child.name}"] = child.end_lineno - child.lineno + 1
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            else:
+                visit(child, prefix)
+
+    for path in sorted(ROOT.rglob("*.py")):
+        visit(ast.parse(path.read_text()), f"{path.relative_to(ROOT.parent).as_posix()}:")
+    return lengths
+
+
+def test_no_function_is_longer_than_100_lines() -> None:
+    lengths = _function_lengths()
+    assert lengths["melsurgery/formats/typed.py:JsonRecord.from_json"] < MAX_FUNCTION_LINES  # methods are counted
+    too_long = {name: n for name, n in lengths.items() if n > MAX_FUNCTION_LINES}
+    assert set(too_long) - PENDING_SPLIT == set(), too_long
+    # the allow-list cannot go stale: each entry still exists and still exceeds the limit
+    assert PENDING_SPLIT <= set(too_long), {name: lengths.get(name) for name in PENDING_SPLIT}

@@ -44,7 +44,7 @@ def tensor_bytes_equal(a, b, name):
     return read_bytes(a.info(name)) == read_bytes(b.info(name))
 
 
-# The README's documented defaults, which the reference applies when a test gives no value.
+# The documented defaults (docs/recipes.md), which the reference applies when a test gives no value.
 DEFAULTS = {"norm-rescale": {"factor": 0.5}, "ffn-dampen": {"factor": 0.2}, "me-norm": {"factor": 0.5},
             "wemask": {"strength": 1.0}}
 PLANT = Plant()
@@ -311,7 +311,7 @@ def test_default_model_patch_matches_reference(smollm2, smollm2_scan, tmp_path, 
     tok = AutoTokenizer.from_pretrained(smollm2.folder)
     ids = torch.tensor([tok("To be, or not to be, that is the question:")["input_ids"]])
     base = load_base(smollm2.folder)
-    # the README's measurements of SmolLM2-135M-Instruct (and the paper's): ME Layer 11 of 30, dims 507, 247
+    # the documented measurements of SmolLM2-135M-Instruct (and the paper's): ME Layer 11 of 30, dims 507, 247
     # and 14, neurons 1229 and 1487, the massive token first in every sequence
     truth = ref.Truth(11, (507, 247, 14), (1229, 1487), 30)
     handles = reference_for(recipe, {}, plan, base, truth)
@@ -323,7 +323,7 @@ def test_default_model_patch_matches_reference(smollm2, smollm2_scan, tmp_path, 
 
 
 def test_python_api_has_no_cli_dependency():
-    code = "import melsurgery, melsurgery.patch, melsurgery.scan; print('ok')"
+    code = "import melsurgery, melsurgery.surgery.patch, melsurgery.detect.scan; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 

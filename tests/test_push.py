@@ -394,16 +394,16 @@ def test_a_hub_error_echoing_the_token_never_shows_it(hub_server: HubServer, tmp
 
 
 def test_the_echoed_token_leaks_without_scrubbing(hub_server: HubServer, tmp_path: Path) -> None:
-    """The planted bug the test above must catch: the same push with melsurgery's scrubbing disabled shows the
-    token on stderr (so the echo reaches the user unless melsurgery removes it)."""
+    """The planted bug the test above must catch: the same push with melsurgery's redaction disabled (errors.redact,
+    which the error line, the output streams and the JSON writers all call) shows the token on stderr (so the echo
+    reaches the user unless melsurgery removes it)."""
     fault = echo_token(hub_server, "commit")
     folder = make_output(tmp_path / "out")
     code = textwrap.dedent(
         f"""
         import sys
-        import melsurgery.hub as hub
-        scrub = hub.one_line
-        hub.one_line = lambda text, secret: scrub(text, None)  # the planted bug: nothing is scrubbed
+        import melsurgery.errors as errors
+        errors.redact = lambda text: text  # the planted bug: nothing is redacted
         from melsurgery.cli import main
         sys.argv = ["melsurgery", "push", r"{folder}", "{hub_server.user}/target"]
         main()

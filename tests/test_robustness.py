@@ -267,8 +267,8 @@ def test_write_error_fails_cleanly_and_removes_partial_output(base, tmp_path):
     res = subprocess.run(["melsurgery", "patch", str(base[0]), "-o", str(out), "--scan", str(base[1]), *PATCH],
                          capture_output=True, text=True, preexec_fn=small_files, timeout=600,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    assert res.returncode == 2, res.stderr  # not killed by SIGXFSZ
-    assert_clean_failure(res, "write failed", "nothing was written", out=out)
+    assert res.returncode == 5, res.stderr  # not killed by SIGXFSZ; 5: out of space
+    assert_clean_failure(res, "write failed", "nothing was written", out=out, code=5)
 
 
 def test_concurrent_patches_into_one_output(base, tmp_path):
@@ -336,7 +336,7 @@ def test_interrupted_patch_leaves_nothing(base, tmp_path, sig):
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), err
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), err
     assert not out.exists()
     if sig != signal.SIGKILL:
         assert b"interrupted" in err and b"Traceback" not in err, err

@@ -69,8 +69,8 @@ def test_scan_json_round_trips_exactly(planted_scan, tmp_path):
     write_json(planted_scan, path)
     text = path.read_text()
     data = json.loads(text)
-    again = ScanResult.from_dict(data, str(path))
-    assert again.to_dict() == data and again == planted_scan
+    again = ScanResult.from_json(data, str(path))
+    assert again.to_json() == data and again == planted_scan
     again.write(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == text
 
@@ -178,7 +178,7 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
                   "--json", out)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
-    assert read_json(out).to_dict() == data  # the adaptive rounds are typed too
+    assert read_json(out).to_json() == data  # the adaptive rounds are typed too
     cal = data["calibration"]
     assert cal["dtype"] == "bfloat16"
     rounds = cal["adaptive"]["rounds"]

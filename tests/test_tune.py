@@ -7,63 +7,23 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from melsurgery.checkpoint.source import resolve
 from melsurgery.detect.scan import read_json, run_scan, write_json
 from melsurgery.params import Param
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
-from melsurgery.search.tune import Evaluator, Space, make_space, text_windows
+from melsurgery.search.engine import Evaluator
+from melsurgery.search.space import Space, make_space
+from melsurgery.search.tune import TuneResult, text_windows
 from tests.support.helpers import run_cli
-from tests.support.planted import build_model, llama_config, save_model
-
-SINK_LAYER = 5  # the last layer; the planted ME Layer is 3
-HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2
-QUERY_DIM = 9  # a dim every token's embedding carries (1.0): every query reads it
-
-
-def sink_planted(folder):
-    """The planted model plus an attention sink in one layer only, that one masked layer removes cheaply.
-
-    In layer 5 every query reads QUERY_DIM and every key reads the massive dim (17), on the lowest
-    rotary frequency (so position hardly matters): all queries attend to the massive token. Masking dim
-    17 of that token in layer 5's attention input removes the sink; layer 5's output projection is
-    small, so the redistribution costs almost no KL. Layer 4's values read dim 17 strongly, so masking
-    layer 4 too costs ~60x the KL for no further gain; cutting the massive value at the ME Layer
-    (ffn-dampen) costs ~500x.
-    """
-    model = build_model(llama_config())
-    layers = model.model.layers
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, QUERY_DIM] = 1.0
-        att = layers[SINK_LAYER].self_attn
-        low = HEAD_DIM // 2 - 1  # rotate_half pairs (low, low + HEAD_DIM/2) turn slowest
-        for h in range(HEADS):
-            for r, col in ((h * HEAD_DIM + low, QUERY_DIM), (h * HEAD_DIM + low + HEAD_DIM // 2, None)):
-                att.q_proj.weight[r].zero_()
-                if col is not None:
-                    att.q_proj.weight[r, col] = 1.5
-        for kv in range(KV_HEADS):
-            att.k_proj.weight[kv * HEAD_DIM + low].zero_()
-            att.k_proj.weight[kv * HEAD_DIM + low, 17] = 1.5
-            att.k_proj.weight[kv * HEAD_DIM + low + HEAD_DIM // 2].zero_()
-        att.o_proj.weight.mul_(0.1)
-        layers[SINK_LAYER - 1].self_attn.v_proj.weight[:, 17] = 2.0 * torch.randn(KV_HEADS * HEAD_DIM)
-    return save_model(model, folder)
-
-
-# Tuning and held-out texts: distinct, each one window of 256 tokens (so each starts with BOS).
-TUNE_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
-             "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them.\n")
-HELD_TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
-             "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound.\n")
+from tests.support.planted_sink import HELD_TEXT, SINK_LAYER, TUNE_TEXT, masked_sink_model
 
 
 @pytest.fixture(scope="module")
 def sinkmodel(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    folder = sink_planted(root / "model")
+    folder = masked_sink_model(root / "model")
     (root / "tune.txt").write_text(TUNE_TEXT)
     (root / "held.txt").write_text(HELD_TEXT)
     write_json(run_scan(resolve(str(folder))), root / "scan.json")
@@ -84,6 +44,7 @@ def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmo
     assert r.returncode == 0, r.stderr
     data = json.loads((run / "tune.json").read_text())
     assert len(data["trials"]) == 16 and data["pareto_front"]
+    assert TuneResult.read(run / "tune.json").to_json() == data  # typed, and the schema as written
     chosen = data["chosen"]
     mask = next(x["params"] for x in chosen["recipes"] if x["name"] == "wemask")
     assert mask["layers"] == f"{SINK_LAYER}-{SINK_LAYER}"
@@ -113,7 +74,7 @@ def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmo
 
 def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
     """A folded edit (ffn-dampen) applied in memory gives the figures verify gives for the written checkpoint."""
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.measure.verify import run_verify
     from melsurgery.surgery.manifest import Manifest
     from melsurgery.surgery.patch import run_patch
@@ -133,9 +94,9 @@ def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
     (tmp_path / "held.txt").write_text(HELD_TEXT)
     v = run_verify(folder, tmp_path / "p", text=tmp_path / "held.txt", max_tokens=256, generations=0)
     assert first.kl_mean > 1e-4
-    assert v["kl_mean"] == pytest.approx(first.kl_mean, rel=1e-3)
-    assert v["sink_mean_patched"] == pytest.approx(first.sink_patched, rel=1e-3)
-    assert v["ppl_patched"] == pytest.approx(first.ppl_patched, rel=1e-4)
+    assert v.kl_mean == pytest.approx(first.kl_mean, rel=1e-3)
+    assert v.sink_mean_patched == pytest.approx(first.sink_patched, rel=1e-3)
+    assert v.ppl_patched == pytest.approx(first.ppl_patched, rel=1e-4)
 
 
 def test_rerun_continues_the_study_without_losing_trials(sinkmodel, tmp_path):

@@ -1,19 +1,29 @@
 import json
 import shutil
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import melsurgery.measure.verify as verify_module
+from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import resolve
-from melsurgery.checkpoint.tokenizer import load_tokenizer
 from melsurgery.detect.scan import CalibrationSpec, run_scan
-from melsurgery.measure.verify import Gates, make_windows, run_verify, verify_report
+from melsurgery.measure.verify import make_windows, run_verify
+from melsurgery.measure.verify_result import Gates, VerifyResult, verify_report
 from tests.support import reference as ref
 from tests.support.helpers import patch, run_cli
 from tests.support.planted import family_config, make_tokenizer, planted_folder
 
 FAST = {"max_windows": 2, "max_tokens": 128, "generations": 1, "max_new_tokens": 8}
+VERIFY_JSON_KEYS = [
+    "text", "windows", "tokens", "window_prefix", "scored_tokens", "kl_mean", "kl_max", "top1_agreement", "ppl_base",
+    "ppl_patched", "me_layer", "massive_positions", "sink_base", "sink_rate_base", "max_abs_base", "ratio_base",
+    "similarity_base", "sink_patched", "sink_rate_patched", "max_abs_patched", "ratio_patched", "similarity_patched",
+    "ppl_increase_pct", "sink_layers_from", "sink_mean_base", "sink_mean_patched", "sink_reduction_pct",
+    "sink_rate_mean_base", "sink_rate_mean_patched", "similarity_mean_base", "similarity_mean_patched", "weights",
+    "no_effect", "generations", "generations_note", "seconds"]
 
 
 
@@ -21,24 +31,26 @@ FAST = {"max_windows": 2, "max_tokens": 128, "generations": 1, "max_new_tokens":
 def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("wemask", {"strength": 0.0}), ("ffn-dampen", {"factor": 1.0})], planted_scan)
     r = run_verify(planted, tmp_path / "out", **FAST)
-    assert r["kl_mean"] == 0 and r["kl_max"] == 0 and r["top1_agreement"] == 1
-    assert r["ppl_base"] == r["ppl_patched"]
-    assert r["sink_base"] == r["sink_patched"] and r["max_abs_base"] == r["max_abs_patched"]
-    assert r["weights"]["changed"] == [] and r["weights"]["matches_provenance"] is True
-    assert r["generations"][0]["base"] == r["generations"][0]["patched"]
-    assert r["no_effect"] is True and "THIS PATCH CHANGED NOTHING" in verify_report(r)
+    assert r.kl_mean == 0 and r.kl_max == 0 and r.top1_agreement == 1
+    assert r.ppl_base == r.ppl_patched
+    assert r.sink_base == r.sink_patched and r.max_abs_base == r.max_abs_patched
+    assert r.weights.changed == [] and r.weights.matches_provenance is True
+    assert r.generations[0]["base"] == r.generations[0]["patched"]
+    assert r.no_effect is True and "THIS PATCH CHANGED NOTHING" in verify_report(r)
+    assert VerifyResult.from_json(json.loads(json.dumps(r.to_json()))) == r  # the typed result is its JSON
+    assert list(r.to_json()) == VERIFY_JSON_KEYS  # the schema `verify --json` has always written
 
 
 def test_removing_the_massive_activation_shows_in_the_right_layers(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
     r = run_verify(planted, tmp_path / "out", **FAST)
     me = planted_scan.me_layer
-    assert r["max_abs_base"][:me] == r["max_abs_patched"][:me]  # before the ME Layer nothing changes
-    for i in range(me, len(r["max_abs_base"])):
-        assert r["max_abs_patched"][i] < 0.1 * r["max_abs_base"][i]
-    assert r["kl_mean"] > 0 and r["weights"]["changed"] == ["model.layers.3.mlp.down_proj.weight"]
-    assert r["weights"]["matches_provenance"] is True
-    assert r["no_effect"] is False and "CHANGED NOTHING" not in verify_report(r)
+    assert r.max_abs_base[:me] == r.max_abs_patched[:me]  # before the ME Layer nothing changes
+    for i in range(me, len(r.max_abs_base)):
+        assert r.max_abs_patched[i] < 0.1 * r.max_abs_base[i]
+    assert r.kl_mean > 0 and r.weights.changed == ["model.layers.3.mlp.down_proj.weight"]
+    assert r.weights.matches_provenance is True
+    assert r.no_effect is False and "CHANGED NOTHING" not in verify_report(r)
 
 
 
@@ -46,14 +58,16 @@ def test_an_unreadable_provenance_is_said_not_skipped(planted, planted_scan, tmp
     patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
     (tmp_path / "out" / "provenance.json").write_text('{"melsurgery": ')  # cut short
     r = run_verify(planted, tmp_path / "out", max_windows=1, max_tokens=64, generations=0)
-    w = r["weights"]
-    assert w["matches_provenance"] is None and w["provenance_edits"] is None
-    assert "provenance.json" in w["provenance_unreadable"]
+    w = r.weights
+    assert w.matches_provenance is None and w.provenance_edits is None
+    assert "provenance.json" in w.provenance_unreadable
     assert "provenance.json is unreadable, so no claim was checked" in verify_report(r)
-    assert "provenance.json is unreadable" not in verify_report({**r, "weights": {**w, "provenance_unreadable": None}})
+    readable = replace(r, weights=replace(w, provenance_unreadable=None))
+    assert "provenance.json is unreadable" not in verify_report(readable)
+
 
 def test_gates():
-    r = {"kl_mean": 0.05, "ppl_increase_pct": 3.0, "sink_reduction_pct": 10.0}
+    r = SimpleNamespace(kl_mean=0.05, ppl_increase_pct=3.0, sink_reduction_pct=10.0)  # the figures gates read
     assert Gates().check(r) == []
     assert Gates(max_kl=0.1, max_ppl_increase=5, min_sink_reduction=5).check(r) == []
     assert len(Gates(max_kl=0.01, max_ppl_increase=1, min_sink_reduction=50).check(r)) == 3
@@ -78,11 +92,11 @@ def test_cli_verify_json_plot_and_gate_exit(planted, planted_scan, tmp_path):
 
 def test_patch_verify_writes_figures_into_card_and_provenance(planted, planted_scan, tmp_path):
     result = patch(planted, tmp_path / "out", [("ffn-dampen", {})], planted_scan, verify=FAST)
-    assert result.verified["kl_mean"] > 0
+    assert result.verified.kl_mean > 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Measured effect" in card and "perplexity" in card
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert prov["measurements"]["kl_mean"] == pytest.approx(result.verified["kl_mean"])
+    assert prov["measurements"]["kl_mean"] == pytest.approx(result.verified.kl_mean)
     from melsurgery.checkpoint.hashing import sha256_file
 
     assert all(sha256_file(tmp_path / "out" / f) == h for f, h in prov["outputs"].items())
@@ -102,11 +116,11 @@ def _close(got, want, tol=1e-4):
 def _equals_whole_model_verify(base, patched, tok, max_tokens=64, windows=2):
     r = run_verify(base, patched, max_windows=windows, max_tokens=max_tokens, generations=0)
     win = make_windows(tok, verify_module.eval_text(None)[0], max_tokens, windows)
-    massive = [(w, q) for w, qs in enumerate(r["massive_positions"]) for q in qs]
+    massive = [(w, q) for w, qs in enumerate(r.massive_positions) for q in qs]
     assert massive, "the base has massive tokens on this text"
     want = ref.whole_verify(base, patched, win.ids, win.first_target, massive)
     for key, value in want.items():
-        got = r[key][:-1] if key.startswith("max_abs") else r[key]
+        got = getattr(r, key)[:-1] if key.startswith("max_abs") else getattr(r, key)
         _close(got, value[:-1] if key.startswith("max_abs") else value)
     return r
 
@@ -115,7 +129,7 @@ def _equals_whole_model_verify(base, patched, tok, max_tokens=64, windows=2):
 def test_streaming_verify_equals_whole_model_verify(planted, planted_scan, recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(verify_module, "HEAD_ROWS", 10)  # the LM head in 10 blocks: the online softmax sums
     patch(planted, tmp_path / "out", [recipe], planted_scan)
-    assert _equals_whole_model_verify(planted, tmp_path / "out", make_tokenizer())["kl_mean"] > 0
+    assert _equals_whole_model_verify(planted, tmp_path / "out", make_tokenizer()).kl_mean > 0
 
 
 def test_streaming_verify_equals_whole_model_verify_gemma2(tmp_path):
@@ -123,23 +137,23 @@ def test_streaming_verify_equals_whole_model_verify_gemma2(tmp_path):
     base = planted_folder(tmp_path / "m", family_config("gemma2"))
     scan = run_scan(resolve(str(base)), CalibrationSpec(num_samples=4, max_tokens=32))
     patch(base, tmp_path / "out", [("norm-rescale", {"factor": 0.5})], scan)
-    assert _equals_whole_model_verify(base, tmp_path / "out", make_tokenizer())["kl_mean"] > 0
+    assert _equals_whole_model_verify(base, tmp_path / "out", make_tokenizer()).kl_mean > 0
 
 
 def test_streaming_verify_equals_whole_model_verify_on_default_model(smollm2, smollm2_scan, tmp_path):
     patch(smollm2.folder, tmp_path / "out", [("wemask", {})], smollm2_scan)
     r = _equals_whole_model_verify(smollm2.folder, tmp_path / "out", load_tokenizer(smollm2.folder), windows=1)
-    assert r["sink_mean_base"] > 0.3 and r["kl_mean"] > 0
+    assert r.sink_mean_base > 0.3 and r.kl_mean > 0
 
 
 def _scan_and_verify_sinks(folder, text, max_tokens):
     scan = run_scan(resolve(str(folder)), CalibrationSpec(path=text, max_tokens=max_tokens))
     r = run_verify(folder, folder, text=text, max_tokens=max_tokens, max_windows=1, generations=0)
-    assert r["windows"] == 1 and scan.calibration.num_samples == 1
-    assert r["me_layer"] == scan.me_layer is not None
-    assert r["massive_positions"][0] == sorted(t.pos for t in scan.massive_tokens)
-    _close(r["sink_base"], list(scan.sink), 1e-6)
-    _close(r["sink_rate_base"], list(scan.sink_rate), 1e-6)
+    assert r.windows == 1 and scan.calibration.num_samples == 1
+    assert r.me_layer == scan.me_layer is not None
+    assert r.massive_positions[0] == sorted(t.pos for t in scan.massive_tokens)
+    _close(r.sink_base, list(scan.sink), 1e-6)
+    _close(r.sink_rate_base, list(scan.sink_rate), 1e-6)
     return scan
 
 
@@ -168,7 +182,7 @@ def test_windows_open_with_bos_and_perplexity_excludes_it(planted, tmp_path):
     same = tmp_path / "same"
     shutil.copytree(planted, same)
     r = run_verify(planted, same, max_tokens=40, max_windows=3, generations=0)
-    assert r["no_effect"] is True and r["massive_positions"] == [[0]] * 3 and r["scored_tokens"] == 3 * 39
+    assert r.no_effect is True and r.massive_positions == [[0]] * 3 and r.scored_tokens == 3 * 39
     model, _ = __import__("melsurgery").load(planted)
     nll, nll_no_bos = [], []
     with torch.no_grad():
@@ -178,7 +192,7 @@ def test_windows_open_with_bos_and_perplexity_excludes_it(planted, tmp_path):
             logp = model(torch.tensor([w[1:]])).logits[0].double().log_softmax(-1)
             nll_no_bos.append(-logp[:-1].gather(-1, torch.tensor(w[2:])[:, None]))
     ppl = float(torch.cat(nll).mean().exp())
-    assert r["ppl_base"] == pytest.approx(ppl, rel=1e-5)
+    assert r.ppl_base == pytest.approx(ppl, rel=1e-5)
     assert abs(float(torch.cat(nll_no_bos).mean().exp()) - ppl) > 1e-3 * ppl  # BOS matters to this model
 
 
@@ -186,8 +200,8 @@ def test_generations_are_skipped_when_whole_models_do_not_fit(planted, planted_s
     patch(planted, tmp_path / "out", [("ffn-dampen", {})], planted_scan)
     monkeypatch.setattr(verify_module, "_free_memory", lambda device: 1000)
     r = run_verify(planted, tmp_path / "out", max_windows=1, max_tokens=32, generations=2)
-    assert r["generations"] == [] and r["generations_note"].startswith("generations skipped")
-    assert r["generations_note"] in verify_report(r)
+    assert r.generations == [] and r.generations_note.startswith("generations skipped")
+    assert r.generations_note in verify_report(r)
 
 
 def test_a_checkpoint_of_another_shape_is_not_a_patch(planted, tmp_path):

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from melsurgery.calibrate.stats import Sample
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
 
 DEFAULT_CALIBRATION = "calibration.jsonl"
@@ -27,7 +27,7 @@ class CalibrationSpec:
     def __post_init__(self) -> None:
         n = self.num_samples
         if not (n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
-            raise UserError(f"calibration num_samples {n!r}: a positive number, or 'auto'")
+            raise UserError(f"calibration num_samples {quote(n)}: a positive number, or 'auto'")
 
 
 def read_records(path: Path | None) -> tuple[list[dict], str]:
@@ -97,7 +97,9 @@ def tokenize(
     for rec in records:
         if "messages" in rec:
             if getattr(tokenizer, "chat_template", None):
-                text = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+                from melsurgery.checkpoint.safeload import render_chat
+
+                text = render_chat(tokenizer, rec["messages"])
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 ids = tokenizer("\n".join(m.get("content", "") for m in rec["messages"]))["input_ids"]

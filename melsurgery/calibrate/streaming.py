@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule
+from melsurgery.checkpoint.edits import Edit, edited_rows
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.checkpoint.validate import check_finite
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 
 @functools.cache
@@ -54,18 +56,15 @@ class StreamingModel:
     def __init__(
         self, ckpt: Checkpoint, family: Family, device: str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
         _fixed_mmap_threshold()
-        try:
-            config = AutoConfig.from_pretrained(ckpt.folder)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"{ckpt.folder}/config.json: transformers cannot read it: {exc}") from None
+        config = load_config(ckpt.folder)
         if getattr(config, "use_bidirectional_attention", False):
             raise UserError(f"{ckpt.folder}: bidirectional attention (an encoder); melsurgery scans causal LMs")
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            self.skeleton = from_config(AutoModelForCausalLM, config, attn_implementation="eager")
         self.config = self.skeleton.config
         self.layers: nn.ModuleList = submodule(self.skeleton, family.layers_module)  # type: ignore[assignment]
         # Gemma scales embeddings inside the embedding module, by a non-persistent buffer: read its
@@ -84,10 +83,10 @@ class StreamingModel:
             try:
                 self.mixers.append(family.mixer(t))
             except UserError:
-                raise UserError(f"{self.ckpt.folder}: layer {i} has type {t!r}, which melsurgery cannot reproduce "
+                raise UserError(f"{self.ckpt.folder}: layer {i} has type {quote(t)}, which melsurgery cannot reproduce "
                                 f"for {family.name}") from None
             if not has_submodule(self.layers[i], self.mixers[i].module):
-                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {self.mixers[i].module!r} module; "
+                raise UserError(f"{self.ckpt.folder}: layer {i} ({t}) has no {quote(self.mixers[i].module)} module; "
                                 f"is this really a {family.name} model?")
 
     def _layer_type(self, i: int) -> str:
@@ -97,13 +96,18 @@ class StreamingModel:
             return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
         return types[i]
 
-    def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None) -> list[torch.Tensor]:
+    def embed(self, sequences: list[list[int]], ckpt: Checkpoint | None = None,
+              edits: list[Edit] | None = None) -> list[torch.Tensor]:
         """Embeddings [T, D] of each sequence, reading only the table rows of the tokens that occur.
 
-        `ckpt`: read the table from another checkpoint of the same architecture (a patched copy)."""
-        vocab = sorted({t for ids in sequences for t in ids})
+        `ckpt`: read the table from another checkpoint of the same architecture (a patched copy); `edits`:
+        edits of the embedding table, applied in memory (a search trial)."""
+        vocab = sorted({t for ids in sequences for t in ids}
+                       | {i for e in edits or () if e.axis == 0 and e.index is not None for i in e.index})
         weight = (ckpt or self.ckpt).load_rows(self.family.embed, vocab, self.dtype, self.device)
         check_finite(weight, f"{self.family.embed} (rows of the calibration tokens)", (ckpt or self.ckpt).folder)
+        if edits:
+            weight = edited_rows(weight, vocab, edits)
         row = {t: k for k, t in enumerate(vocab)}
         out = [nn.functional.embedding(torch.tensor([row[t] for t in ids], device=self.device), weight)
                for ids in sequences]

@@ -18,7 +18,8 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import read_text
 
 _HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#]+)/([^/?#]+)/?(?:$|[?#]|/tree/|/blob/)")
 _NOT_MODELS = ("datasets", "spaces", "collections", "docs", "papers", "api")
@@ -48,7 +49,8 @@ class BaseModelId:
 def explicit(value: str, where: str) -> BaseModelId:
     """The id the user named (``--base-model`` or a manifest's ``base_model``), or a one-line error."""
     if not is_repo_id(value, namespace=True):
-        raise UserError(f"{where} {value!r} is not a Hub model id: use OWNER/NAME (letters, digits, '-', '_', '.'), "
+        raise UserError(f"{where} {quote(value)} is not a Hub model id: use OWNER/NAME (letters, digits, "
+                        "'-', '_', '.'), "
                         "e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     return BaseModelId(value, "the user (--base-model or the manifest's base_model)")
 
@@ -87,8 +89,8 @@ def for_folder(typed: Path, folder: Path) -> BaseModelId | None:
     found = from_cache_path(folder) or from_cache_path(typed.absolute())
     if found is None:
         try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # the checkpoint reader reports a broken config with its own message
+            config = json.loads(read_text(folder / "config.json", "config.json"))
+        except (UserError, ValueError, RecursionError):  # the checkpoint reader reports it with its own message
             return None
         found = from_config(config, folder) if isinstance(config, dict) else None
     return found

@@ -7,7 +7,7 @@ torch; applying an edit does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from melsurgery.errors import UserError
@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Edit:
-    """w_eff <- scale * w_eff + shift on a slice, where w_eff = offset + w.
+    """w_eff <- scale * w_eff + shift (+ add) on a slice, where w_eff = offset + w.
 
     `axis` and `index` select the slice (rows: axis 0, columns: axis 1, None: the whole tensor);
     `offset` is the norm convention (1.0 for Gemma's (1 + g) norms) so that scaling acts on the
-    effective weight.
+    effective weight. `add` is a vector added to each selected row (axis 0) or column (axis 1) of a
+    matrix: with scale 0 it sets them (first-token writes its fitted embedding row so).
     """
 
     tensor: str
@@ -32,7 +33,7 @@ class Edit:
     index: tuple[int, ...] | None = None
     offset: float = 0.0
     why: str = ""
-
+    add: tuple[float, ...] | None = None
 
 
 def apply_edit(weight: torch.Tensor, edit: Edit) -> torch.Tensor:
@@ -40,6 +41,11 @@ def apply_edit(weight: torch.Tensor, edit: Edit) -> torch.Tensor:
     import torch
 
     w = weight.float().clone()
+    if edit.add is not None:
+        other = w.shape[1 - edit.axis] if w.dim() == 2 and edit.axis in (0, 1) else None
+        if edit.index is None or other != len(edit.add):
+            raise UserError(f"{edit.tensor}: a vector edit needs a matrix, selected rows or columns, and "
+                            f"{other} values (got {len(edit.add)})")
     if edit.index is None:
         w.copy_(_affine(w, edit))
         return w
@@ -65,12 +71,38 @@ def edited_tensor(original: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
     return new.to(original.dtype)
 
 
+def edited_rows(rows: torch.Tensor, row_ids: list[int], edits: list[Edit]) -> torch.Tensor:
+    """Some rows of a 2-D tensor after `edits` (of the whole tensor), given which rows they are.
+
+    In-memory trials read a table in pieces (the embedding rows of the tokens at hand, the LM head in
+    blocks); this applies whole-tensor edits to such a piece exactly as `edited_tensor` applies them to
+    the whole. Row edits (axis 0) must name only rows the piece holds; callers load those rows.
+    """
+    where = {r: k for k, r in enumerate(row_ids)}
+    out = rows
+    for e in edits:
+        if e.axis == 0 and e.index is not None:
+            missing = [i for i in e.index if i not in where]
+            if missing:
+                raise ValueError(f"{e.tensor}: rows {missing[:3]} are not among the rows at hand")
+            e = replace(e, index=tuple(where[i] for i in e.index))
+        out = edited_tensor(out, [e])
+    return out
+
+
 def _affine(x: torch.Tensor, e: Edit) -> torch.Tensor:
     if e.offset:
-        return (x + e.offset) * e.scale + e.shift - e.offset
-    return x * e.scale + e.shift
+        x = (x + e.offset) * e.scale + e.shift - e.offset
+    else:
+        x = x * e.scale + e.shift
+    if e.add is not None:
+        import torch
+
+        vec = torch.tensor(e.add, dtype=x.dtype)
+        x = x + (vec if e.axis == 0 else vec[:, None])
+    return x
 
 
 def is_identity(edit: Edit) -> bool:
     """An edit that leaves every entry as it was (the writer skips it)."""
-    return edit.scale == 1.0 and edit.shift == 0.0
+    return edit.scale == 1.0 and edit.shift == 0.0 and not any(edit.add or ())

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 
 MELSURGERY_PREFIX = "melsurgery."
 _STRING, ARRAY = 8, 9  # GGUFValueType.STRING, .ARRAY
@@ -70,7 +70,7 @@ class GGUFFile:
 
     def __init__(self, path: Path) -> None:
         try:
-            from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+            from gguf import GGMLQuantizationType
         except ImportError:
             raise UserError("reading .gguf files needs the gguf extra: pip install 'melsurgery[gguf]'") from None
         self.path = Path(path)
@@ -114,15 +114,25 @@ class GGUFFile:
         self.data_offset = self.ti_end + (-self.ti_end % self.alignment)
         self.tensors: dict[str, GGUFInfo] = {}
         for name, dims, qtype, offset in infos:
-            bs, ts = GGML_QUANT_SIZES[qtype]
-            shape = tuple(int(d) for d in reversed(dims))
-            n = math.prod(shape)
-            if name in self.tensors or not shape or shape[-1] % bs:
-                raise UserError(f"{self.path}: tensor {name!r} is duplicated or its shape does not fit {qtype.name}")
-            info = GGUFInfo(name, qtype, shape, self.data_offset + int(offset), n // bs * ts, bs, ts)
-            if info.end > size:
-                raise UserError(f"{self.path}: tensor {name!r} extends past the end of the file; re-download it")
-            self.tensors[name] = info
+            self.tensors[name] = self._tensor(name, dims, qtype, offset, size)
+        _refuse_overlaps(self.path, sorted(self.tensors.values(), key=lambda t: t.start))
+
+    def _tensor(self, name: str, dims: list[int], qtype: Any, offset: int, size: int) -> GGUFInfo:
+        """One tensor-info entry, checked as llama.cpp checks it: unique, whole blocks, aligned, inside the file."""
+        from gguf import GGML_QUANT_SIZES
+
+        where, shown = self.path, quote(name, 80)
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        shape = tuple(int(d) for d in reversed(dims))
+        if name in self.tensors or not shape or shape[-1] % bs:
+            raise UserError(f"{where}: tensor {shown} is duplicated or its shape does not fit {qtype.name}")
+        if offset % self.alignment:
+            raise UserError(f"{where}: tensor {shown} starts at offset {offset}, not a multiple of the file's "
+                            f"alignment {self.alignment} (llama.cpp refuses the file); re-download or re-convert it")
+        info = GGUFInfo(name, qtype, shape, self.data_offset + int(offset), math.prod(shape) // bs * ts, bs, ts)
+        if info.end > size:
+            raise UserError(f"{where}: tensor {shown} extends past the end of the file; re-download it")
+        return info
 
     def value(self, key: str) -> Any:
         """A metadata value, decoded only when asked (None when absent): opening a big file stays cheap."""
@@ -200,6 +210,8 @@ class _Parser:
             itype, n = self.u32(), self.u64()
             if itype in _NUMPY:
                 self.take(n * np.dtype(_NUMPY[itype]).itemsize)
+            elif itype == ARRAY:
+                raise ValueError("an array of arrays in the metadata (llama.cpp refuses nested arrays)")
             elif itype == _STRING:  # the vocabulary: step over each length-prefixed string
                 pos, unpack, buf = self.pos, struct.unpack_from, self.buf
                 for _ in range(n):
@@ -228,8 +240,18 @@ class _Parser:
                 width = np.dtype(_NUMPY[itype]).itemsize
                 values = np.frombuffer(self.take(n * width), dtype=_NUMPY[itype])
                 return values.astype(bool).tolist() if itype == 7 else values.tolist()
+            if itype == ARRAY:
+                raise ValueError("an array of arrays in the metadata (llama.cpp refuses nested arrays)")
             return [self.value(itype) for _ in range(n)]
         raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def _refuse_overlaps(path: Path, tensors: list[GGUFInfo]) -> None:
+    """Two tensors sharing bytes would make an edit of one change the other."""
+    for a, b in zip(tensors, tensors[1:]):
+        if b.start < a.end:
+            raise UserError(f"{quote(str(path), 300)}: tensors {quote(a.name, 80)} and {quote(b.name, 80)} overlap "
+                            "in the file; re-download or re-convert it")
 
 
 def _string(s: str) -> bytes:

@@ -66,6 +66,25 @@ class WriteRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SearchRecord:
+    """How a budgeted patch (`patch --max-kl`) was chosen: the budget, the space searched, the study, the texts,
+    and the chosen setting's figures on the tuning and the held-out text (the engine's `Figures`; the sink is the
+    mean over `sink_layers`, the layers after the ME Layer)."""
+
+    budget: dict[str, float | None]
+    objective: str
+    sink_layers: str
+    space: dict[str, Any]
+    study: dict[str, Any]
+    tuning: dict[str, Any]
+    heldout: dict[str, Any]
+    compute: dict[str, Any]
+    trial: int
+    figures_tuning: dict[str, float | None]
+    figures_heldout: dict[str, float | None]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Provenance:
     """The record of one patch. `edits` are the writers' records (each names its `tensor`, the Hugging Face
     name); `scan` is the scan summary (`melsurgery.patch.scan_summary`); `writer` says how the weights were
@@ -79,6 +98,7 @@ class Provenance:
     edits: tuple[dict[str, Any], ...] | None = field(default=None, metadata=_OMIT)
     scan: dict[str, Any] | None = field(default=None, metadata=_OMIT)
     measurements: dict[str, Any] | None = field(default=None, metadata=_OMIT)
+    search: SearchRecord | None = field(default=None, metadata=_OMIT)
     writer: WriteRecord | None = field(default=None, metadata=_OMIT)
     outputs: dict[str, str] | None = field(default=None, metadata=_OMIT)
     sizes: dict[str, int] | None = field(default=None, metadata=_OMIT)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
-from melsurgery.errors import UserError
-from melsurgery.formats.textfile import file_kind
+from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import MAX_JSON, read_text, refuse_special_files
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,8 +32,8 @@ class Checkpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: no such model folder")
-        _refuse_special_files(self.folder)
-        self.config = _read_config(self.folder)
+        refuse_special_files(self.folder)
+        self.config = read_config(self.folder)
         self.shards, self.index = _find_shards(self.folder)
         self.headers: dict[str, SafetensorsHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -44,16 +43,18 @@ class Checkpoint:
             for name, info in header.tensors.items():
                 if name in self.tensors:
                     raise UserError(
-                        f"{self.folder}: tensor {name!r} appears in both {self.tensors[name].path.name} and {shard}"
+                        f"{self.folder}: tensor {quote(name)} appears in both "
+                        f"{self.tensors[name].path.name} and {shard}"
                     )
                 self.tensors[name] = info
         if self.index is not None:
             for name, shard in self.index.items():
                 if name not in self.tensors:
-                    raise UserError(f"{self.folder / INDEX_NAME}: names tensor {name!r}, which {shard} does not hold")
+                    raise UserError(f"{self.folder / INDEX_NAME}: names tensor {quote(name)}, which {shard} "
+                                    "does not hold")
                 if self.tensors[name].path.name != shard:
                     raise UserError(
-                        f"{self.folder / INDEX_NAME}: places {name!r} in {shard}, but it is in "
+                        f"{self.folder / INDEX_NAME}: places {quote(name)} in {shard}, but it is in "
                         f"{self.tensors[name].path.name}"
                     )
 
@@ -69,7 +70,7 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise UserError(f"{self.folder}: the checkpoint has no tensor {name!r}") from None
+            raise UserError(f"{self.folder}: the checkpoint has no tensor {quote(name)}") from None
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor read by its byte range alone (no shard is loaded whole), cast and moved as asked."""
@@ -134,26 +135,14 @@ class Checkpoint:
         return max(size, key=size.__getitem__) if size else torch.float32
 
 
-def _refuse_special_files(folder: Path) -> None:
-    """FIFOs, devices and sockets would block or stream forever when read: refused before anything is opened."""
-    for p in folder.iterdir():
-        try:
-            mode = p.stat().st_mode
-        except OSError:
-            continue  # a dangling symlink: whatever needs it reports it missing
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise UserError(f"{p}: not a regular file ({file_kind(mode)}); a model folder holds plain files")
-
-
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict: refused (one line) when absent, not JSON, or quantised."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; is this a Hugging Face model folder?")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        cfg = json.loads(read_text(path, "config.json", MAX_JSON))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise UserError(f"{path}: not a model config (no model_type)")
@@ -171,8 +160,8 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
     index_path = folder / INDEX_NAME
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+            weight_map = json.loads(read_text(index_path, "the index", MAX_JSON))["weight_map"]
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
             raise UserError(f"{index_path}: invalid index (no weight_map)") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index_path}: invalid index (weight_map must map tensor names to shard files)")
@@ -180,7 +169,7 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
         for shard in shards:
             rel = PurePosixPath(shard)
             if rel.is_absolute() or ".." in rel.parts or "\\" in shard or not shard:
-                raise UserError(f"{index_path}: shard name {shard!r} points outside the model folder")
+                raise UserError(f"{index_path}: shard name {quote(shard)} points outside the model folder")
             if not (folder / shard).exists():
                 raise UserError(f"{index_path}: names shard {shard}, which is missing; re-download the checkpoint")
         return shards, weight_map

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import file_kind
 
 # safetensors dtype codes we can compute with; anything else (fp8, packed ints) is refused.
@@ -102,9 +102,11 @@ def read_header(path: Path) -> SafetensorsHeader:
         dtype, shape, lo, hi = _entry(path, name, spec)
         numel = _numel(path, name, shape, dtype)
         if hi < lo or hi - lo != numel * ITEMSIZE[dtype]:
-            raise UserError(f"{path}: corrupt safetensors header: offsets of {name!r} do not match its shape and dtype")
+            raise UserError(f"{path}: corrupt safetensors header: offsets of {quote(name)} do not match its "
+                            "shape and dtype")
         if data_start + hi > size:
-            raise UserError(f"{path}: truncated file: tensor {name!r} ends past the end of the file; re-download it")
+            raise UserError(f"{path}: truncated file: tensor {quote(name)} ends past the end of the file; "
+                            "re-download it")
         spans.append((lo, hi, name))
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + lo, data_start + hi)
     _check_coverage(path, sorted(spans), size - data_start)
@@ -115,11 +117,11 @@ def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: in
     """Tensors must tile the data region exactly, as safetensors itself requires (no overlap, gap or tail)."""
     for (_lo1, hi1, n1), (lo2, _hi2, n2) in zip(spans, spans[1:]):
         if lo2 < hi1:
-            raise UserError(f"{path}: corrupt safetensors header: tensors {n1!r} and {n2!r} overlap")
+            raise UserError(f"{path}: corrupt safetensors header: tensors {quote(n1)} and {quote(n2)} overlap")
     end = 0
     for lo, hi, name in spans:
         if lo != end:
-            raise UserError(f"{path}: corrupt safetensors header: a gap before tensor {name!r}")
+            raise UserError(f"{path}: corrupt safetensors header: a gap before tensor {quote(name)}")
         end = hi
     if end != data_size:
         raise UserError(f"{path}: corrupt safetensors file: {data_size - end} stray bytes after the last tensor")
@@ -132,9 +134,9 @@ def _numel(path: Path, name: str, shape: tuple[int, ...], dtype: str) -> int:
     for dim in shape:
         numel *= dim
         if dim >= 2**63 or numel >= 2**64:
-            raise UserError(f"{path}: corrupt safetensors header: the shape {list(shape)} of {name!r} overflows")
+            raise UserError(f"{path}: corrupt safetensors header: the shape {list(shape)} of {quote(name)} overflows")
     if numel * ITEMSIZE[dtype] * 8 >= 2**64:
-        raise UserError(f"{path}: corrupt safetensors header: the shape {list(shape)} of {name!r} overflows")
+        raise UserError(f"{path}: corrupt safetensors header: the shape {list(shape)} of {quote(name)} overflows")
     return numel
 
 
@@ -145,15 +147,16 @@ def _is_count(x: object) -> bool:
 def _entry(path: Path, name: str, spec: object) -> tuple[str, tuple[int, ...], int, int]:
     """dtype, shape and relative offsets of one header entry, each checked for type and sign."""
     if not isinstance(spec, dict):
-        raise UserError(f"{path}: corrupt safetensors header entry for {name!r}")
+        raise UserError(f"{path}: corrupt safetensors header entry for {quote(name)}")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_count, shape)):
-        raise UserError(f"{path}: corrupt safetensors header entry for {name!r}")
+        raise UserError(f"{path}: corrupt safetensors header entry for {quote(name)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-        raise UserError(f"{path}: corrupt safetensors header: offsets of {name!r} are not two non-negative integers")
+        raise UserError(f"{path}: corrupt safetensors header: offsets of {quote(name)} are not two "
+                        "non-negative integers")
     if dtype not in DTYPES:
         raise UserError(
-            f"{path}: tensor {name!r} has dtype {dtype}, which melsurgery cannot edit "
+            f"{path}: tensor {quote(name)} has dtype {dtype}, which melsurgery cannot edit "
             f"(supported: {', '.join(DTYPES)}); use an unquantised checkpoint"
         )
     return dtype, tuple(shape), offsets[0], offsets[1]
@@ -180,7 +183,7 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
         except OSError as exc:
             raise UserError(f"{info.path}: cannot read ({exc.strerror or exc})") from None
     if got != info.nbytes:
-        raise UserError(f"{info.path}: truncated while reading {info.name!r}; re-download it")
+        raise UserError(f"{info.path}: truncated while reading {quote(info.name)}; re-download it")
     return raw.view(info.torch_dtype).reshape(info.shape)
 
 

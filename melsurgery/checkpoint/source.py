@@ -16,8 +16,10 @@ from pathlib import Path
 
 from melsurgery.architectures import family_for
 from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
+from melsurgery.checkpoint.guard import protect
 from melsurgery.checkpoint.provenance import Provenance
-from melsurgery.errors import UserError, one_line
+from melsurgery.checkpoint.safeload import from_pretrained
+from melsurgery.errors import UserError, one_line, quote
 from melsurgery.outputs import MODEL_CARD
 
 DEFAULT_ALIASES = ("default", "smollm2")
@@ -66,20 +68,35 @@ def default_gguf() -> Path:
 
 
 def resolve(spec: str | None, revision: str | None = None) -> Source:
-    """Resolve a model argument; the default alias and .gguf files are converted once and cached."""
+    """Resolve a model argument; the default alias and .gguf files are converted once and cached.
+
+    The folder read (and a .gguf file) is read-only for the rest of the command (checkpoint.guard).
+    """
+    source = _resolve(spec, revision)
+    protect(source.folder)
+    if source.origin_file is not None:
+        protect(source.origin_file)
+    return source
+
+
+def _resolve(spec: str | None, revision: str | None) -> Source:
     if spec is None or spec.lower() in DEFAULT_ALIASES:
         return _from_gguf(default_gguf(), DEFAULT_BASE_ID, BaseModelId(DEFAULT_BASE_ID, "the embedded default model"))
     path = Path(spec).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
+    except OSError as exc:  # a name too long, a symlink loop
+        raise UserError(f"{quote(spec)}: cannot read the model ({exc.strerror or exc})") from None
+    if is_dir:
         return Source(path.resolve(), str(path), "folder", base_model=for_folder(path, path.resolve()))
     if path.suffix == ".gguf":
-        if not path.is_file():
+        if not is_file:
             raise UserError(f"{spec}: no such GGUF file")
         from melsurgery.checkpoint.gguf_file import GGUFFile
 
         GGUFFile(path)  # header and tensor extents checked (a truncated file is refused) before anything reads it
         return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
-    if path.exists():
+    if exists:
         raise UserError(f"{spec}: not a model folder or a .gguf file")
     if HUB_ID.match(spec):
         return _from_hub(spec, revision)
@@ -90,6 +107,9 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from melsurgery.checkpoint.network import configure_hub
+
+    configure_hub()
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except RepositoryNotFoundError:
@@ -98,6 +118,8 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
         # snapshot_download falls back to the cache when the lookup fails; an HTTP answer is not "unreachable"
         if isinstance(exc.__cause__, HfHubHTTPError):
             raise UserError(f"{repo_id}: the Hub refused the lookup: {_hub_message(exc.__cause__)}") from None
+        if isinstance(exc.__cause__, TimeoutError):
+            raise UserError(f"{repo_id}: {exc.__cause__}") from None
         raise UserError(
             f"{repo_id}: not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
         ) from None
@@ -107,13 +129,13 @@ def _from_hub(repo_id: str, revision: str | None) -> Source:
 
 
 def _hub_message(exc: Exception) -> str:
-    """The HTTP status and the server's own message, one line, the user's token scrubbed."""
-    from huggingface_hub import get_token
+    """The HTTP status and the server's own message, one line, the user's token scrubbed (registered as a secret
+    by configure_hub)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
     text = (exc.server_message if isinstance(exc, HfHubHTTPError) else None) or str(exc) or type(exc).__name__
-    return (f"HTTP {status}: " if status else "") + one_line(text, get_token())
+    return (f"HTTP {status}: " if status else "") + one_line(text)
 
 
 def _gguf_card(gguf: Path, base_id: str) -> str:
@@ -174,8 +196,8 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         # an internal step: the loaders' progress bars would be noise on every command's stderr
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+                tokenizer = from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             why = one_line(str(exc) or type(exc).__name__)
             raise UserError(f"{gguf}: cannot convert to safetensors ({why})") from None

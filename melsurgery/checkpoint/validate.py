@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from melsurgery.architectures import Family, family_for
+from melsurgery.architectures import WEMASK_KEY, Family, family_for, has_custom_layer
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.errors import UserError
+from melsurgery.checkpoint.safeload import from_config, load_config
+from melsurgery.errors import UserError, quote
 
 # Config sizes that must be positive integers when present (the first four always).
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -31,44 +32,57 @@ _BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, Ze
 def open_model(folder: Path) -> tuple[Checkpoint, Family]:
     """The checkpoint and its family, with config and tensor shapes proven consistent."""
     ckpt = Checkpoint(folder)
-    family = family_for(ckpt.config)
-    check_config_types(ckpt.config, ckpt.folder / "config.json")
+    family = family_for(ckpt.config)  # an unsupported architecture is named as such, whatever else it lacks
+    check_config_types(ckpt.config, ckpt.folder / "config.json")  # before anything sizes a list by them
     check_shapes(ckpt, family)
     return ckpt, family
 
 
+MAX_SIZE = 2**31 - 1  # no real size comes near; a larger one would size lists and tensors by it
+
+
+def refuse_custom_layer(ckpt: Checkpoint, what: str) -> None:
+    """scan and patch read weights, not a custom layer: a checkpoint that runs one would be measured (and planned)
+    as its base model, so it is refused; its base model is what to scan and patch."""
+    if has_custom_layer(ckpt.config):
+        raise UserError(f"{ckpt.folder}: a melsurgery patch with a custom layer ({WEMASK_KEY}); {what} reads plain "
+                        "weights and would measure it without the layer: give its base model, with every recipe "
+                        "in one manifest")
+
+
 def _is_size(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_SIZE
 
 
 def check_config_types(config: dict, where: Path | str) -> None:
     """Every size is a positive integer and rms_norm_eps a finite non-negative number: one message per field."""
     for key in REQUIRED_SIZES:
         if key not in config:
-            raise UserError(f"{where}: missing {key!r}; is this a complete model config?")
+            raise UserError(f"{where}: missing {quote(key)}; is this a complete model config?")
     for key in (*REQUIRED_SIZES, *OPTIONAL_SIZES):
         value = config.get(key)
         if (key in REQUIRED_SIZES or value is not None) and not _is_size(value):
-            raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+            limit = " of at most 2^31 - 1" if isinstance(value, int) and value > MAX_SIZE else ""
+            raise UserError(f"{where}: {key} must be a positive integer{limit}, got {quote(value)}")
     window = config.get("sliding_window")  # 0 or null: no sliding window (Qwen2-MoE configs say 0)
     if window is not None and not (_is_size(window) or window == 0):
-        raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {window!r}")
+        raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {quote(window)}")
     eps = config.get("rms_norm_eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
                             or eps < 0):
-        raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {eps!r}")
+        raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {quote(eps)}")
 
 
 def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the model transformers builds from config.json (on the meta device: no memory)."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     where = ckpt.folder / "config.json"
     try:
-        config = AutoConfig.from_pretrained(ckpt.folder)
+        config = load_config(ckpt.folder)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            model = from_config(AutoModelForCausalLM, config, attn_implementation="eager")
     except (*_BUILD_ERRORS, StrictDataclassError) as exc:
         last = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
         raise UserError(f"{where}: transformers cannot build a model from it ({last})") from None
@@ -81,7 +95,7 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     n = ckpt.config["num_hidden_layers"]
     pattern = re.compile("^" + re.escape(family.layers).replace(r"\{i\}", r"(\d+)"))
     present = sorted({int(m[1]) for name in ckpt.names() if (m := pattern.match(name))})
-    if present != list(range(n)):
+    if len(present) != n or present != list(range(n)):
         held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
         raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
                         f"({len(present)} layers); fix the config or re-download the checkpoint")

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import click
 
-from melsurgery.commands.shared import json_option
+from melsurgery.commands.shared import examples, json_option, preflight
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery diff default out/damp --only-changed",
+        "melsurgery diff default out/damp --stat --json diff.json",
+        "melsurgery diff owner/model owner/model-patched --revision-a v1 --revision main",
+    )
+)
 @click.argument("a")
 @click.argument("b")
 @click.option("--revision-a", default=None, help="Hub revision of A (branch, tag or commit).")
@@ -26,6 +32,7 @@ def diff(a, b, revision_a, revision_b, json_path, only_changed, stat) -> None:
     Exit status as diff(1): 0 when identical, 1 when they differ, 2 on errors. Shard layout alone
     is no difference: tensors are matched by name.
     """
+    preflight((a, b), (json_path,))
     if a.lower().endswith(".gguf") and b.lower().endswith(".gguf") and Path(a).is_file() and Path(b).is_file():
         from melsurgery.compare.gguf import diff_gguf, gguf_diff_report
         from melsurgery.compare.gguf import write_json as write_gguf_json

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import click
 
+from melsurgery.commands.shared import examples
 
-@click.command()
+
+@click.command(
+    epilog=examples(
+        "melsurgery push out/damp you/SmolLM2-135M-Instruct-damp --dry-run   # validate and list, send nothing",
+        "melsurgery push out/damp you/SmolLM2-135M-Instruct-damp --private",
+        "melsurgery push out/damp you/SmolLM2-135M-Instruct-damp --create-pr --commit-message 'ffn-dampen x0.2'",
+    )
+)
 @click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (refuses to push into an existing public one).")

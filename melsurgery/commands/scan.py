@@ -8,8 +8,10 @@ from melsurgery.commands.shared import (
     calibration_options,
     device_option,
     dtype_option,
+    examples,
     json_option,
     plot_option,
+    preflight,
     quiet_option,
     revision_option,
     torch_dtype,
@@ -35,7 +37,13 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
     )
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery scan default --json scan.json --plot scan.png   # the embedded SmolLM2-135M-Instruct",
+        "melsurgery scan HuggingFaceTB/SmolLM2-1.7B-Instruct --num-samples auto --dtype bfloat16",
+        "melsurgery scan ./my-model --calib prompts.jsonl --max-tokens 256 --quiet",
+    )
+)
 @click.argument("model", required=False)
 @revision_option
 @calibration_options
@@ -54,6 +62,7 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     from melsurgery.errors import NoMassiveActivations
     from melsurgery.report.text import scan_report
 
+    preflight((model,), (json_path, plot_path))
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
     click.echo(scan_report(result))

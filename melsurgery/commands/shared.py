@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import math
+import os
 import re
+import signal
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from melsurgery.errors import UserError
+from melsurgery.checkpoint.atomic import FULL, check_output_file, unwind_on_signals
+from melsurgery.checkpoint.guard import exists, protect, protecting
+from melsurgery.errors import BAD_INPUT, INTERNAL, NO_SPACE, SIGNAL_BASE, UserError, escape, printable, quote, redact
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.params import CALIBRATION, DETECTION, Param
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
@@ -17,23 +27,140 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 class Group(click.Group):
-    """Turns UserError into one line on stderr and its exit code; never a traceback for user errors."""
+    """The output layer of every command: what reaches the terminal is redacted, every failure is one line and a
+    documented exit code (melsurgery/errors.py), never a traceback."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        """Run with stdout and stderr redacted, the catchable signals unwinding (cleanup, then 128 + n), and the
+        models the command reads protected from its writers."""
+        with redacted_output(), unwind_on_signals(), protecting():
+            return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
-        """Run the command; a UserError or usage error becomes one `melsurgery: error:` line and its exit status,
-        Ctrl-C exit 130, never a traceback."""
+        """Run the command; any failure becomes one `melsurgery: error:` line and its exit status."""
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"melsurgery: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except click.UsageError as exc:  # click's own parse errors: the same one line, not usage text
-            where = f"melsurgery {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent else "melsurgery"
-            click.echo(f"melsurgery: error: {exc.format_message()} (see `{where} --help`)", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("melsurgery: interrupted", err=True)
-            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the one place every failure is turned into a line
+            code, message = failure(exc)
+            if isinstance(exc, BrokenPipeError):
+                _drop_stdout()
+            if message:
+                click.echo(f"melsurgery: {message}", err=True)
+            if code == INTERNAL and os.environ.get(DEBUG_ENV):
+                traceback.print_exception(exc)
+            sys.exit(code)
+
+
+DEBUG_ENV = "MELSURGERY_DEBUG"
+# OSError kinds a user can act on: named with the file, exit 2 (a full disk: exit 5)
+_OS_ERRORS = {errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+              errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EBUSY, errno.ETXTBSY, errno.EMFILE,
+              errno.ENFILE, errno.EIO, errno.EINVAL, errno.ENXIO, errno.ENODEV, errno.ETIMEDOUT, errno.ECONNREFUSED,
+              errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+
+
+def failure(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the one line (without the `melsurgery: ` prefix) of any exception leaving a command."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else BAD_INPUT, ""
+    if isinstance(exc, UserError):
+        return exc.exit_code, "error: " + printable(str(exc))
+    if isinstance(exc, click.UsageError):  # click's own parse errors: the same one line, not usage text
+        where = f"melsurgery {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent else "melsurgery"
+        return exc.exit_code, "error: " + printable(f"{exc.format_message()} (see `{where} --help`)")
+    if isinstance(exc, BrokenPipeError):  # `melsurgery ... | head`: the reader left; nothing to say
+        return SIGNAL_BASE + signal.SIGPIPE, ""
+    if isinstance(exc, KeyboardInterrupt):
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return SIGNAL_BASE + signum, f"interrupted ({signal.Signals(signum).name}); unfinished output removed"
+    if isinstance(exc, OSError) and (exc.errno in FULL or exc.errno in _OS_ERRORS or isinstance(exc, TimeoutError)):
+        where = " -> ".join(quote(str(f)) for f in (exc.filename, exc.filename2) if f is not None)
+        why = exc.strerror or str(exc) or type(exc).__name__
+        code = NO_SPACE if exc.errno in FULL else BAD_INPUT
+        return code, "error: " + printable(f"{where + ': ' if where else ''}{why}")
+    if isinstance(exc, MemoryError):
+        return NO_SPACE, "error: out of memory; use a smaller model, fewer samples or --max-tokens, or another device"
+    name = type(exc).__name__
+    return INTERNAL, "error: " + printable(f"internal error ({name}: {str(exc) or 'no message'}); this is a bug in "
+                                           f"melsurgery, please report it (set {DEBUG_ENV}=1 for the traceback)", 400)
+
+
+class _Redacted(io.TextIOBase):
+    """A text stream that passes on whole lines with secrets redacted and control characters escaped."""
+
+    def __init__(self, raw, keep: str) -> None:
+        super().__init__()
+        self.raw, self.keep, self.pending = raw, keep, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *done, self.pending = re.split(r"(?<=[\n\r])", self.pending)
+        for piece in done:
+            self.raw.write(escape(redact(piece), keep=self.keep))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.raw.write(escape(redact(self.pending), keep=self.keep))
+            self.pending = ""
+        self.raw.flush()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.raw, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return getattr(self.raw, "errors", None) or "strict"
+
+    def __getattr__(self, name: str):
+        if name == "buffer":  # click writes through a stream's binary buffer when it finds one: around redaction
+            raise AttributeError(name)
+        return getattr(self.raw, name)
+
+    def isatty(self) -> bool:
+        return self.raw.isatty()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+
+@contextmanager
+def redacted_output() -> Iterator[None]:
+    """While a command runs, stdout and stderr (reports, progress bars, warnings, logs) pass through `redact`
+    and `escape`: \\n and \\t stay, \\r stays on stderr (progress bars), any other control character is shown
+    escaped."""
+    saved = sys.stdout, sys.stderr
+    if sys.stdout is not None:  # None when the process started with its stdout closed
+        sys.stdout = _Redacted(sys.stdout, "\n\t")
+    if sys.stderr is not None:
+        sys.stderr = _Redacted(sys.stderr, "\n\t\r")
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is None:
+                continue
+            try:
+                stream.flush()
+            except BrokenPipeError:
+                _drop_stdout()
+            except (OSError, ValueError):
+                pass
+        sys.stdout, sys.stderr = saved
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout left (`| head`): what is still buffered goes nowhere, instead of failing again (with a
+    second message) when the interpreter flushes stdout on exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -70,6 +197,13 @@ def torch_dtype(name: str):
     import torch
 
     return None if name == "checkpoint" else getattr(torch, DTYPES[name])
+
+
+def examples(*lines: str) -> str:
+    """A command's --help epilog: "Examples:" and one real invocation per line, kept as written (click's
+    `\\b` marks a paragraph it must not rewrap). tests/test_cli_help.py parses every line against the
+    command's parameters, so an example cannot name a flag the command no longer has."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.",
@@ -115,8 +249,20 @@ def calibration_options(f):
                         help="Calibration text: .txt (blank-line separated samples) or .jsonl (text or messages).")(f)
 
 
-def write_outputs(result: dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
-    """--json and --plot of a command's result, each announced on its own line."""
+def preflight(sources: tuple, outputs: tuple = ()) -> None:
+    """Before any work: each local model named on the command line is read-only for the command (the path guard),
+    and each file output (--json, --plot) is checked by the guard: outside the models, in an existing folder,
+    not a folder itself, a name the filesystem can hold."""
+    for source in sources:
+        if source and exists(Path(source).expanduser()):
+            protect(Path(source).expanduser())
+    for out in outputs:
+        if out is not None:
+            check_output_file(out)
+
+
+def write_outputs(result: JsonRecord | dict, json_path: Path | None, plot_path: Path | None, plot) -> None:
+    """--json (`to_json()` of a typed result) and --plot of a command's result, each announced on its own line."""
     if json_path:
         from melsurgery.detect.scan import write_json
 

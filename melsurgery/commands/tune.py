@@ -9,6 +9,8 @@ import click
 from melsurgery.commands.shared import (
     device_option,
     dtype_option,
+    examples,
+    preflight,
     quiet_option,
     resolve_device,
     revision_option,
@@ -17,14 +19,21 @@ from melsurgery.commands.shared import (
 from melsurgery.recipes import registry
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery tune default -o runs/smollm2 --trials 60 --max-kl 0.05",
+        "melsurgery tune default -o runs/smollm2 --trials 80 --apply out/tuned   # continue, write the choice",
+        "melsurgery tune ./my-model -o runs/m --recipes ffn-dampen,norm-rescale --storage sqlite:///tune.db",
+    )
+)
 @click.argument("model", required=False)
 @click.option("-o", "--out", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run folder: the study (continued when rerun), tune.json, tune.png, best.yaml.")
 @click.option("--trials", type=int, default=50, show_default=True,
               help="Trials the study should hold; rerunning continues up to this many (all workers together).")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
-@click.option("--recipes", "recipes", default=",".join(registry()), show_default=True,
+@click.option("--recipes", "recipes", default=",".join(n for n, r in registry().items() if r.fit is None),
+              show_default=True,
               help="Recipes to search, comma-separated; trials compose any non-empty subset.")
 @click.option("--objective", type=click.Choice(["sink", "ratio"]), default="sink", show_default=True,
               help="Reduction to maximise after the ME Layer: the sink score or the max/median ratio.")
@@ -51,19 +60,21 @@ from melsurgery.recipes import registry
 @quiet_option
 def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_increase, seed, storage, text, heldout,
          max_tokens, windows, scan_path, calib, apply_out, overwrite, revision, device, dtype, quiet) -> None:
-    """Search recipe settings for MODEL: sink reduction after the ME Layer against KL, under a budget.
+    """Search recipe settings for MODEL: the sink cut after the ME Layer against KL, under a budget.
 
-    Trials are scored on a tuning text without writing checkpoints; the choice (the largest reduction
+    Trials are scored on a tuning text without writing checkpoints; the choice (the largest cut
     within the budget) is re-measured on held-out text and written as RUN_DIR/best.yaml, a manifest
     for `patch --manifest`. Exit status: 0, 4 when no trial meets the budget, 2 on errors.
     """
     from melsurgery.calibrate.samples import CalibrationSpec
-    from melsurgery.checkpoint.atomic import check_apart, check_output
+    from melsurgery.checkpoint.atomic import check_output
+    from melsurgery.checkpoint.guard import check_apart
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
-    from melsurgery.errors import UserError
+    from melsurgery.errors import BudgetNotMet
     from melsurgery.search.tune import TuneOptions, run_tune, tune_report, validate
 
+    preflight((model,))  # a local model is read-only before --storage and RUN_DIR are checked
     opts = validate(TuneOptions(tuple(r.strip() for r in recipes.split(",") if r.strip()), objective, max_kl,
                                 max_ppl_increase, trials, timeout, seed, max_tokens, windows, storage))
     if apply_out is not None:
@@ -80,7 +91,7 @@ def tune(model, run_dir, trials, timeout, recipes, objective, max_kl, max_ppl_in
     click.echo(tune_report(result))
     click.echo(f"wrote {run_dir / 'tune.json'}, {run_dir / 'tune.png'}")
     if result.manifest is None:
-        raise UserError("no trial meets the budget", exit_code=4)
+        raise BudgetNotMet("no trial cuts the sink within the budget")
     if apply_out is not None:
         from melsurgery.surgery.patch import run_patch
 

@@ -9,27 +9,40 @@ import click
 from melsurgery.commands.shared import (
     device_option,
     dtype_option,
+    examples,
     finite_float,
     json_option,
     plot_option,
+    preflight,
     quiet_option,
     quiet_transformers,
     torch_dtype,
     write_outputs,
 )
-from melsurgery.errors import UserError
-
-GATE_EXIT = 4
+from melsurgery.errors import BudgetNotMet, UserError
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "melsurgery verify default out/damp --json verify.json --plot verify.png",
+        "melsurgery verify default out/damp --windows 2 --max-kl 0.05 --min-sink-reduction 5   # exit 4 on a gate",
+        "melsurgery verify model.Q4_1.gguf out/model-damp.gguf   # GGUF files, by their dequantised weights",
+    )
+)
 @click.argument("base")
 @click.argument("patched", type=click.Path(path_type=Path, exists=True))
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")
 @click.option("--windows", "max_windows", type=click.IntRange(min=1), default=None, help="Evaluate at most N windows.")
+@click.option("--prefix", type=click.Choice(["tokenizer", "chat"]), default=None,
+              help="What each window opens with: the tokenizer's own prefix (BOS where it adds one) or a chat's "
+                   "opening (the chat template up to the user's text). Default: what the patch assumes "
+                   "(provenance.json), else tokenizer.")
 @click.option("--generations", type=click.IntRange(min=0, max=3), default=3, show_default=True,
               help="Greedy generations shown side by side.")
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              help="vllm: also serve both models with vLLM on the same windows (perplexity, top-1 agreement, "
+                   "generations as vLLM computes them, and their gap to transformers').")
 @device_option
 @dtype_option
 @json_option("Write every figure as JSON.")
@@ -40,19 +53,25 @@ GATE_EXIT = 4
 @click.option("--min-sink-reduction", type=float, callback=finite_float, default=None,
               help="Gate: fail when the sink drops less (percent).")
 @quiet_option
-def verify(base, patched, text, max_tokens, max_windows, generations, device, dtype, json_path, plot_path, max_kl,
-           max_ppl_increase, min_sink_reduction, quiet) -> None:
+def verify(base, patched, text, max_tokens, max_windows, prefix, generations, engine, device, dtype, json_path,
+           plot_path, max_kl, max_ppl_increase, min_sink_reduction, quiet) -> None:
     """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
 
     Either may be a .gguf file (compared through its dequantised weights).
 
-    Exit status: 0 when every gate holds, 4 when a gate is violated, 2 on errors.
+    Exit status: 0 when every gate holds, 4 when a gate is violated, 5 when --engine vllm finds no vLLM,
+    2 on other errors.
     """
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.checkpoint.tokenizer import load_tokenizer
     from melsurgery.checkpoint.validate import open_model
-    from melsurgery.measure.verify import Gates, run_verify, verify_report
+    from melsurgery.measure.served import require_vllm
+    from melsurgery.measure.verify import run_verify
+    from melsurgery.measure.verify_result import Gates, verify_report
 
+    preflight((base, patched), (json_path, plot_path))
+    if engine == "vllm":
+        require_vllm()
     if patched.is_file():
         if patched.suffix.lower() != ".gguf":
             raise UserError(f"{patched}: PATCHED must be a model folder or a .gguf file")
@@ -65,11 +84,11 @@ def verify(base, patched, text, max_tokens, max_windows, generations, device, dt
         quiet_transformers()
     result = run_verify(base_folder, patched, text=text, max_tokens=max_tokens, max_windows=max_windows,
                         device=device, dtype=torch_dtype(dtype), generations=generations,
-                        progress=not quiet)
+                        progress=not quiet, engine=engine, prefix=prefix)
     click.echo(verify_report(result))
     from melsurgery.report.plot import plot_verify
 
-    write_outputs(result, json_path, plot_path, plot_verify)
+    write_outputs(result.to_json(), json_path, plot_path, plot_verify)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
     if violations:
-        raise UserError("gate violated: " + "; ".join(violations), exit_code=GATE_EXIT)
+        raise BudgetNotMet("gate violated: " + "; ".join(violations))

@@ -8,7 +8,7 @@ comparing their bytes, and only changed tensors are converted to floats, in boun
 Tensors are matched by name, whatever their shard: a sharded and a single-file checkpoint holding
 the same tensors compare identical (the layout difference is reported as information only).
 
-JSON written by ``melsurgery diff --json`` (`DiffResult.to_json`):
+JSON written by ``melsurgery diff --json`` (`DiffResult.to_json`; `DiffResult.from_json` reads it back):
 
 - ``identical``: true when every tensor and every side file is the same (exit status 0).
 - ``a`` / ``b``: ``spec`` (as given), ``id``, ``kind`` (folder, hub, gguf), ``revision``, ``folder``,
@@ -47,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -56,7 +56,9 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import ITEMSIZE, TensorInfo, read_bytes
 from melsurgery.checkpoint.source import Source, resolve
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import read_text
+from melsurgery.formats.typed import JsonRecord
 
 JSON_FILES = ("config.json", "generation_config.json")
 CHUNK_ELEMS = 1 << 20  # float work on a changed tensor is done this many entries at a time
@@ -66,8 +68,12 @@ _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", 
 _BITS = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
 
+_TEXT = {"nonfinite_as_text": True}  # NaN and infinities written as "nan", "inf", "-inf"
+_SUMMARY = {"inside": "summary"}  # written in (and read from) the document's summary
+
+
 @dataclass
-class TensorDiff:
+class TensorDiff(JsonRecord):
     """How one tensor name compares between A and B (see the module docstring for each field)."""
 
     name: str
@@ -78,8 +84,8 @@ class TensorDiff:
     shape_b: list[int] | None = None
     numel: int = 0
     changed: int = 0
-    max_abs_diff: float = 0.0
-    rel_change: float = 0.0
+    max_abs_diff: float = field(default=0.0, metadata=_TEXT)
+    rel_change: float = field(default=0.0, metadata=_TEXT)
     pattern: str | None = None
     indices: list[int] | None = None
     rows: list[int] | None = None
@@ -93,6 +99,10 @@ class TensorDiff:
         """Decoder layer index parsed from the name (None outside the layers), for the per-layer `--stat` view."""
         m = LAYER.search(self.name)
         return int(m.group(1)) if m else None
+
+    def json_document(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields, then the layer parsed from the name."""
+        return {**data, "layer": self.layer}
 
 
 @dataclass
@@ -118,21 +128,34 @@ class Layout:
     shards_b: list[str]
 
 
-@dataclass
-class DiffResult:
-    """Two checkpoints compared tensor by tensor, and the files beside the weights."""
+@dataclass(frozen=True)
+class DiffSide:
+    """One side of a diff: the model as given (`spec`), as resolved, and its weight files in order."""
 
-    a: Source
-    b: Source
-    spec_a: str
-    spec_b: str
-    shards_a: list[str]
-    shards_b: list[str]
+    spec: str
+    id: str
+    kind: str  # folder, hub or gguf
+    revision: str | None
+    folder: Path
+    shards: list[str]
+
+
+@dataclass
+class DiffResult(JsonRecord):
+    """Two checkpoints compared tensor by tensor, and the files beside the weights.
+
+    Its JSON is the `diff --json` document; `identical`, `stat`, each tensor's `layer` and the summary's counts
+    are derived from the fields, recomputed when a document is read back, never trusted from it."""
+
+    a: DiffSide
+    b: DiffSide
     tensors: list[TensorDiff]
     files: list[FileDiff]
     layout: Layout
-    bytes_read: int
-    wall_s: float
+    bytes_read: int = field(metadata=_SUMMARY)
+    wall_s: float = field(metadata=_SUMMARY)  # seconds, to 0.1 ms (as the document holds it)
+
+    json_fix: ClassVar[str] = "rerun `melsurgery diff --json`"
 
     @property
     def identical(self) -> bool:
@@ -155,7 +178,7 @@ class DiffResult:
             "files_compared": len(self.files),
             "files_differ": sum(f.status != "identical" for f in self.files),
             "bytes_read": self.bytes_read,
-            "wall_s": round(self.wall_s, 4),
+            "wall_s": self.wall_s,
             "mb_per_s": round(self.bytes_read / 1e6 / self.wall_s, 1) if self.wall_s > 0 else None,
         }
 
@@ -171,34 +194,16 @@ class DiffResult:
             slot["entries"] += t.changed
         return {"layers": dict(sorted(layers.items())), "other": other}
 
-    def to_json(self) -> dict[str, Any]:
-        """The `diff --json` document (schema in the module docstring); non-finite numbers become strings."""
-        def side(src: Source, spec: str, shards: list[str]) -> dict[str, Any]:
-            return {"spec": spec, "id": src.id, "kind": src.kind, "revision": src.revision,
-                    "folder": str(src.folder), "shards": shards}
-
-        tensors = []
-        for t in self.tensors:
-            d = {k: _finite(v) for k, v in t.__dict__.items()}
-            d["layer"] = t.layer
-            tensors.append(d)
+    def json_document(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The `diff --json` document (schema in the module docstring): the verdict first, the derived per-layer
+        stat and summary last; non-finite figures are the strings "nan" / "inf"."""
         stat = self.stat()
         return {
             "identical": self.identical,
-            "a": side(self.a, self.spec_a, self.shards_a),
-            "b": side(self.b, self.spec_b, self.shards_b),
-            "tensors": tensors,
-            "files": [f.__dict__ for f in self.files],
-            "layout": self.layout.__dict__,
+            **{k: data[k] for k in ("a", "b", "tensors", "files", "layout")},
             "stat": {"layers": {str(k): v for k, v in stat["layers"].items()}, "other": stat["other"]},
             "summary": self.summary(),
         }
-
-
-def _finite(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
 
 
 def _natural(name: str) -> list:
@@ -228,7 +233,7 @@ def _read(info: TensorInfo) -> bytes:
     except OSError as exc:
         raise UserError(f"{info.path}: cannot read ({exc.strerror or exc})") from None
     if len(data) != info.nbytes:
-        raise UserError(f"{info.path}: truncated while reading {info.name!r}; re-download it")
+        raise UserError(f"{info.path}: truncated while reading {quote(info.name)}; re-download it")
     return data
 
 
@@ -337,8 +342,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return json.loads(read_text(path, "a side file"))
+    except (UserError, ValueError, RecursionError):  # not JSON (or unreadable): compared as bytes
         return None
 
 
@@ -422,8 +427,9 @@ def diff_checkpoints(
                               cb.folder / name if name in side_b else None)
         files.append(fd)
         nread += n
-    return DiffResult(src_a, src_b, spec_a, spec_b, list(ca.shards), list(cb.shards), tensors, files,
-                      _layout(ca, cb), nread, time.perf_counter() - t0)
+    sides = [DiffSide(spec, src.id, src.kind, src.revision, src.folder, list(ckpt.shards))
+             for spec, src, ckpt in ((spec_a, src_a, ca), (spec_b, src_b, cb))]
+    return DiffResult(*sides, tensors, files, _layout(ca, cb), nread, round(time.perf_counter() - t0, 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,7 +517,7 @@ def stat_lines(r: DiffResult) -> list[str]:
 
 def diff_report(r: DiffResult, *, only_changed: bool = False, stat: bool = False) -> str:
     """The text `melsurgery diff` prints: tensors (or the per-layer stat), side files, layout, summary."""
-    lines = [f"A: {r.spec_a}  ({r.a.folder})", f"B: {r.spec_b}  ({r.b.folder})"]
+    lines = [f"A: {r.a.spec}  ({r.a.folder})", f"B: {r.b.spec}  ({r.b.folder})"]
     if stat:
         lines += stat_lines(r)
     else:
@@ -528,6 +534,7 @@ def diff_report(r: DiffResult, *, only_changed: bool = False, stat: bool = False
 
 def write_json(r: DiffResult, path: Path) -> None:
     """Write the diff as JSON (non-finite numbers as null)."""
+    from melsurgery.checkpoint.atomic import write_atomic
     from melsurgery.formats.jsonsafe import dumps
 
-    Path(path).write_text(dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(path, dumps(r.to_json(), indent=1, ensure_ascii=False) + "\n")

@@ -4,7 +4,7 @@ A tensor is identical when its stored bytes are; otherwise the report says which
 changed (and in which rows), which entries changed after dequantisation (rows and columns), and the
 largest |B - A| of the dequantised values. Different types of the same shape are compared by value.
 
-JSON written by ``melsurgery diff A.gguf B.gguf --json``:
+JSON written by ``melsurgery diff A.gguf B.gguf --json`` (`GGUFDiffResult.to_json`; `from_json` reads it back):
 
 - ``identical``; ``a`` / ``b``: the file paths; ``order_same``: same tensor names in the same order.
 - ``tensors``: per name in A or B (file order of A, then B's extra): ``name``; ``status`` (``identical``,
@@ -21,18 +21,17 @@ JSON written by ``melsurgery diff A.gguf B.gguf --json``:
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from melsurgery.checkpoint.gguf_file import GGUFFile, GGUFInfo
 from melsurgery.compare.checkpoints import compare_json
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
+from melsurgery.formats.typed import JsonRecord
 
 
 @dataclass
@@ -48,7 +47,7 @@ class GGUFTensorDiff:
     blocks_total: int = 0
     blocks_changed: int = 0
     changed: int = 0
-    max_abs_diff: float = 0.0
+    max_abs_diff: float = field(default=0.0, metadata={"nonfinite_as_text": True})  # NaN written as "nan"
     rows: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
     n_rows: int = 0
@@ -56,24 +55,38 @@ class GGUFTensorDiff:
 
 
 @dataclass
-class GGUFDiffResult:
-    """Two GGUF files compared tensor by tensor and key by key, with what was read and how long it took."""
+class MetadataDiff:
+    """The metadata keys that differ: added {key: value in B}, removed {key: value in A}, changed {key: [A, B]}."""
+
+    added: dict[str, Any]
+    removed: dict[str, Any]
+    changed: dict[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.added) + len(self.removed) + len(self.changed)
+
+
+@dataclass
+class GGUFDiffResult(JsonRecord):
+    """Two GGUF files compared tensor by tensor and key by key, with what was read and how long it took.
+
+    Its JSON is the `diff --json` document for GGUFs; `identical` and the summary's counts are derived from the
+    fields, recomputed when a document is read back, never trusted from it."""
 
     a: Path
     b: Path
-    tensors: list[GGUFTensorDiff]
-    added: dict[str, Any]
-    removed: dict[str, Any]
-    changed_keys: dict[str, list[Any]]
     order_same: bool
-    bytes_read: int
-    wall_s: float
+    tensors: list[GGUFTensorDiff]
+    metadata: MetadataDiff
+    bytes_read: int = field(metadata={"inside": "summary"})
+    wall_s: float = field(metadata={"inside": "summary"})  # seconds, to 0.1 ms (as the document holds it)
+
+    json_fix: ClassVar[str] = "rerun `melsurgery diff A.gguf B.gguf --json`"
 
     @property
     def identical(self) -> bool:
         """True only when every tensor's bytes and every metadata key agree: what the exit status reports."""
-        return all(t.status == "identical" for t in self.tensors) and not (self.added or self.removed or
-                                                                           self.changed_keys)
+        return all(t.status == "identical" for t in self.tensors) and not self.metadata
 
     def summary(self) -> dict[str, Any]:
         """Counts per status and metadata keys that differ: the JSON `summary` and the report's last line."""
@@ -81,16 +94,13 @@ class GGUFDiffResult:
                                                                        "only_a", "only_b")}
         return {"tensors_compared": len(self.tensors), "identical": count["identical"], "changed": count["changed"],
                 "type_changed": count["type"], "shape_changed": count["shape"], "only_a": count["only_a"],
-                "only_b": count["only_b"],
-                "keys_differ": len(self.added) + len(self.removed) + len(self.changed_keys),
-                "bytes_read": self.bytes_read, "wall_s": round(self.wall_s, 4)}
+                "only_b": count["only_b"], "keys_differ": len(self.metadata), "bytes_read": self.bytes_read,
+                "wall_s": self.wall_s}
 
-    def to_json(self) -> dict[str, Any]:
-        """The `diff --json` document for GGUFs (schema in the module docstring); non-finite numbers as strings."""
-        return {"identical": self.identical, "a": str(self.a), "b": str(self.b), "order_same": self.order_same,
-                "tensors": [{k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in t.__dict__.items()} for t in self.tensors],
-                "metadata": {"added": self.added, "removed": self.removed, "changed": self.changed_keys},
+    def json_document(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The `diff --json` document for GGUFs (schema in the module docstring): the verdict first, the derived
+        summary last; non-finite numbers as strings."""
+        return {"identical": self.identical, **{k: data[k] for k in ("a", "b", "order_same", "tensors", "metadata")},
                 "summary": self.summary()}
 
 
@@ -139,9 +149,9 @@ def diff_gguf(a: Path, b: Path) -> GGUFDiffResult:
         nread += n
     tensors += [GGUFTensorDiff(n, "only_b", None, ib.type_name, None, list(ib.shape))
                 for n, ib in fb.tensors.items() if n not in fa.tensors]
-    added, removed, changed = compare_json(fa.metadata(), fb.metadata())
-    return GGUFDiffResult(Path(a), Path(b), tensors, added, removed, changed,
-                          list(fa.tensors) == list(fb.tensors), nread, time.perf_counter() - t0)
+    keys = MetadataDiff(*compare_json(fa.metadata(), fb.metadata()))
+    return GGUFDiffResult(Path(a), Path(b), list(fa.tensors) == list(fb.tensors), tensors, keys, nread,
+                          round(time.perf_counter() - t0, 4))
 
 
 def describe(t: GGUFTensorDiff) -> str:
@@ -166,9 +176,9 @@ def gguf_diff_report(r: GGUFDiffResult, *, only_changed: bool = False) -> str:
     """The text report of a GGUF diff: one line per tensor and key, then a one-line verdict with counts."""
     lines = [f"A: {r.a}", f"B: {r.b}"]
     lines += [describe(t) for t in r.tensors if not (only_changed and t.status == "identical")]
-    lines += [f"key      {k}: {value_text(o)} -> {value_text(n)}" for k, (o, n) in r.changed_keys.items()]
-    lines += [f"key +    {k}: {value_text(v)}" for k, v in r.added.items()]
-    lines += [f"key -    {k}: {value_text(v)}" for k, v in r.removed.items()]
+    lines += [f"key      {k}: {value_text(o)} -> {value_text(n)}" for k, (o, n) in r.metadata.changed.items()]
+    lines += [f"key +    {k}: {value_text(v)}" for k, v in r.metadata.added.items()]
+    lines += [f"key -    {k}: {value_text(v)}" for k, v in r.metadata.removed.items()]
     if not r.order_same:
         lines.append("order    the tensors are stored in a different order")
     s = r.summary()
@@ -181,5 +191,7 @@ def gguf_diff_report(r: GGUFDiffResult, *, only_changed: bool = False) -> str:
 
 def write_json(r: GGUFDiffResult, path: Path) -> None:
     """Write the JSON document, so scripts read the same figures the report prints."""
-    Path(path).write_text(json.dumps(r.to_json(), indent=1, ensure_ascii=False, default=str) + "\n",
-                          encoding="utf-8")
+    from melsurgery.checkpoint.atomic import write_atomic
+    from melsurgery.formats.jsonsafe import dumps
+
+    write_atomic(path, dumps(r.to_json(), indent=1, ensure_ascii=False, default=str) + "\n")

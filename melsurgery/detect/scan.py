@@ -17,15 +17,16 @@ from melsurgery.calibrate.samples import CalibrationSpec, read_records, tokenize
 from melsurgery.calibrate.stats import Sample, Stats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.checkpoint.source import Source
-from melsurgery.checkpoint.tokenizer import load_tokenizer
-from melsurgery.checkpoint.validate import nonfinite, open_model
+from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
 from melsurgery.detect import attn_input
 from melsurgery.detect.ffn_attribution import ScanProbe, attribute
 from melsurgery.detect.me_layer import Detection, detect, entry_dict
 from melsurgery.detect.scan_result import SCHEMA_VERSION, ScanResult
 from melsurgery.detect.scan_result import write_json as write_dict
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.measure.definitions import layer_stats, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.params import DetectParams
@@ -46,11 +47,12 @@ def run_scan(
     dtype: torch.dtype | None = torch.float32,
     progress: bool = False,
 ) -> ScanResult:
-    """Scan a model and return its typed result (README, "Scan JSON"); dtype None: the checkpoint's."""
+    """Scan a model and return its typed result (docs/commands/scan.md, "Scan JSON"); dtype None: the checkpoint's."""
     calib = calib or CalibrationSpec()
     params = params or DetectParams()
     check_scan_params(calib, params)
     ckpt, family = open_model(source.folder)
+    refuse_custom_layer(ckpt, "scan")
     dtype = dtype or ckpt.float_dtype
     tokenizer = load_tokenizer(source.folder)
     records, calib_name = read_records(calib.path)
@@ -232,9 +234,10 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def write_json(result: ScanResult | dict, path: Path) -> None:
-    """Write a scan result (or another command's JSON-ready result) as JSON, non-finite figures as null."""
-    write_dict(result.to_dict() if isinstance(result, ScanResult) else result, path)
+def write_json(result: JsonRecord | dict, path: Path) -> None:
+    """Write a scan result (or another command's result, typed or JSON-ready) as JSON, non-finite figures as
+    null."""
+    write_dict(result.to_json() if isinstance(result, JsonRecord) else result, path)
 
 
 def read_json(path: Path) -> ScanResult:

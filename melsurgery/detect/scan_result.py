@@ -1,9 +1,9 @@
-"""The scan result as typed data: what `scan` writes (README, "Scan JSON", schema_version 1) and what patch, the
+"""The scan result as typed data: what `scan` writes (docs/commands/scan.md, schema_version 1) and what patch, the
 recipes, tune, the model card, the report and verify read.
 
-Torch-free, so that detection, the recipes and the card can share it without a model. `to_dict()` gives the
-JSON object key for key in the documented order (a scan JSON read with `from_dict` comes back byte for byte);
-`from_dict` checks every field first and names the first bad one in one line (exit status 2).
+Torch-free, so that detection, the recipes and the card can share it without a model. `to_json()` gives the
+JSON object key for key in the documented order (a scan JSON read with `from_json` comes back byte for byte);
+`from_json` checks every field first and names the first bad one in one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from melsurgery.errors import UserError
-from melsurgery.formats.textfile import read_text
-from melsurgery.formats.typed import Need, dump, is_int, is_num, load
+from melsurgery.formats.textfile import MAX_JSON, read_text
+from melsurgery.formats.typed import JsonRecord, Need, is_int, is_num, join, load
 from melsurgery.params import DetectParams
 
 SCHEMA_VERSION = 1
@@ -214,8 +215,8 @@ class LayerRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScanResult:
-    """Everything a scan found, typed (README, "Scan JSON"); the same object in memory and in the JSON.
+class ScanResult(JsonRecord):
+    """Everything a scan found, typed (docs/commands/scan.md, "Scan JSON"); the same object in memory and in the JSON.
 
     Fields absent from a JSON take their defaults (a hand-edited or older result still reads).
     """
@@ -248,18 +249,17 @@ class ScanResult:
     sink_dims_k: int | None = None
     layers: tuple[LayerRecord, ...] = ()
 
-    def to_dict(self) -> dict:
-        """The JSON object (schema_version 1), keys in the documented order; non-finite floats stay as they are
-        (`write` turns them into null)."""
-        return dump(self)
+    json_fix: ClassVar[str] = FIX
 
     @classmethod
-    def from_dict(cls, data: object, where: str) -> ScanResult:
-        """Check every field (one message naming the first bad field and what it should be), then build."""
+    def json_check(cls, data: object, need: Need | None, path: str) -> None:
+        """A scan result of this schema, its references checked beyond the types (sizes, layers, dims)."""
+        if need is None:
+            return
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{where}: not a melsurgery scan result (schema_version {SCHEMA_VERSION})")
-        _check_references(data, where)
-        return load(cls, data, "", Need(where, FIX))
+            at = f"{path} is " if path else ""
+            raise UserError(f"{need.where}: {at}not a melsurgery scan result (schema_version {SCHEMA_VERSION})")
+        _check_references(data, need, path)
 
     @classmethod
     def build(cls, data: dict) -> ScanResult:
@@ -268,63 +268,64 @@ class ScanResult:
 
     def write(self, path: Path) -> None:
         """Write as JSON (non-finite figures as null); an unwritable path is a one-line user error."""
-        write_json(self.to_dict(), path)
+        write_json(self.to_json(), path)
 
     @classmethod
     def read(cls, path: Path) -> ScanResult:
         """A scan result written by `scan --json`, every field checked before anything uses it."""
-        text = read_text(path, "scan JSON")
+        text = read_text(path, "scan JSON", MAX_JSON)
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
             raise UserError(f"{path}: cannot read scan JSON ({exc})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_json(data, str(path))
 
 
 def write_json(data: dict, path: Path) -> None:
     """Write a JSON-ready dict (non-finite figures as null); an unwritable path is a one-line user error."""
+    from melsurgery.checkpoint.atomic import write_atomic
     from melsurgery.formats.jsonsafe import dumps
 
-    try:
-        Path(path).write_text(dumps(data, indent=1) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    write_atomic(path, dumps(data, indent=1) + "\n")
 
 
-def _check_references(data: dict, where: str) -> None:
+def _check_references(data: dict, need: Need, path: str) -> None:
     """The checks beyond types: sizes positive, layers and dims inside the model, dims present with a layer."""
-    need = Need(where, FIX)
-    model = data.get("model")
-    need(isinstance(model, dict), "model", "an object", model)
-    n, hidden = model.get("num_layers"), model.get("hidden_size")
-    need(is_int(n, 1), "model.num_layers", "a positive integer", n)
-    need(is_int(hidden, 1), "model.hidden_size", "a positive integer", hidden)
-    me = data.get("me_layer")
-    need(me is None or (is_int(me, 0) and me < n), "me_layer", f"null or a layer index 0-{n - 1}", me)
 
-    def dims(path: str, value: object) -> None:
-        need(isinstance(value, list) and all(is_int(d, 0) and d < hidden for d in value), path,
+    def at(key: str) -> str:
+        return join(path, key)
+
+    model = data.get("model")
+    need(isinstance(model, dict), at("model"), "an object", model)
+    n, hidden = model.get("num_layers"), model.get("hidden_size")
+    need(is_int(n, 1), at("model.num_layers"), "a positive integer", n)
+    need(is_int(hidden, 1), at("model.hidden_size"), "a positive integer", hidden)
+    me = data.get("me_layer")
+    need(me is None or (is_int(me, 0) and me < n), at("me_layer"), f"null or a layer index 0-{n - 1}", me)
+
+    def dims(key: str, value: object) -> None:
+        need(isinstance(value, list) and all(is_int(d, 0) and d < hidden for d in value), at(key),
              f"a list of dims 0-{hidden - 1}", value)
 
     massive = data.get("massive_dims", [])
     dims("massive_dims", massive)
     top = data.get("top_dims", [])
-    need(isinstance(top, list) and all(isinstance(t, dict) for t in top), "top_dims", "a list of objects", top)
+    need(isinstance(top, list) and all(isinstance(t, dict) for t in top), at("top_dims"), "a list of objects", top)
     for k, t in enumerate(top):
         dims(f"top_dims[{k}].dim", [t.get("dim")])
-        need(is_num(t.get("mean_abs")), f"top_dims[{k}].mean_abs", "a finite number", t.get("mean_abs"))
+        need(is_num(t.get("mean_abs")), at(f"top_dims[{k}].mean_abs"), "a finite number", t.get("mean_abs"))
     thr = data.get("selector_threshold")
-    need(thr is None or (is_num(thr) and thr >= 0), "selector_threshold", "null or a finite number >= 0", thr)
+    need(thr is None or (is_num(thr) and thr >= 0), at("selector_threshold"), "null or a finite number >= 0", thr)
     neurons = data.get("ffn_neurons", [])
-    need(isinstance(neurons, list) and all(isinstance(x, dict) for x in neurons), "ffn_neurons",
+    need(isinstance(neurons, list) and all(isinstance(x, dict) for x in neurons), at("ffn_neurons"),
          "a list of objects", neurons)
     for k, x in enumerate(neurons):
-        need(is_int(x.get("neuron"), 0), f"ffn_neurons[{k}].neuron", "an index >= 0", x.get("neuron"))
-        need(x.get("expert") in (None, "shared") or is_int(x.get("expert"), 0), f"ffn_neurons[{k}].expert",
+        need(is_int(x.get("neuron"), 0), at(f"ffn_neurons[{k}].neuron"), "an index >= 0", x.get("neuron"))
+        need(x.get("expert") in (None, "shared") or is_int(x.get("expert"), 0), at(f"ffn_neurons[{k}].expert"),
              "null, \"shared\" or an index >= 0", x.get("expert"))
     norm = data.get("norm") or {}
-    need(isinstance(norm, dict), "norm", "an object", norm)
+    need(isinstance(norm, dict), at("norm"), "an object", norm)
     mean = norm.get("ffn_norm_weight_mean")
-    need(mean is None or is_num(mean), "norm.ffn_norm_weight_mean", "null or a finite number", mean)
+    need(mean is None or is_num(mean), at("norm.ffn_norm_weight_mean"), "null or a finite number", mean)
     if me is not None:
-        need(bool(massive), "massive_dims", "non-empty when me_layer is set", massive)
+        need(bool(massive), at("massive_dims"), "non-empty when me_layer is set", massive)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, redact
 from melsurgery.formats.textfile import read_text
 
 
@@ -27,8 +27,9 @@ def finite(obj: object) -> object:
 
 
 def dumps(obj: object, **kwargs) -> str:
-    """json.dumps that writes non-finite numbers as null: our JSON files are always valid JSON."""
-    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+    """json.dumps that writes non-finite numbers as null (our JSON files are always valid JSON) and no secret
+    (a storage URL's password, a token a server echoed: see errors.redact)."""
+    return redact(json.dumps(finite(obj), allow_nan=False, **kwargs))
 
 
 def _no_constant(name: str) -> Any:
@@ -37,7 +38,7 @@ def _no_constant(name: str) -> Any:
 
 def load_strict(path: Path, what: str) -> Any:
     """Strict JSON: Python's bare NaN/Infinity extension is refused, as every other JSON reader refuses it."""
-    text = read_text(path, what)
+    text = read_text(path, what)  # any JSON file of a folder (a tokenizer.json may be tens of MB)
     try:
         return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import yaml
 
+from melsurgery.errors import quote
+
 MAX_NODES = 100_000  # values after alias expansion (a billion-laughs file expands to ~10^9)
 _MERGE = "tag:yaml.org,2002:merge"
 
@@ -28,7 +30,7 @@ class _UniqueKeys(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node)
             if key in seen:
-                raise YAMLRefused(f"gives the key {key!r} twice (line {key_node.start_mark.line + 1})")
+                raise YAMLRefused(f"gives the key {quote(key)} twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep)
 

@@ -9,6 +9,7 @@ import yaml
 
 from melsurgery.checkpoint.basemodel import BaseModelId
 from melsurgery.detect.scan_result import ScanResult
+from melsurgery.errors import quote
 from melsurgery.formats import yamlsafe
 from melsurgery.hub.metadata import hub_licenses
 from melsurgery.outputs import MODEL_CARD
@@ -59,11 +60,12 @@ def _inline(text: str) -> str:
 
 def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_license: str | None = None,
                 plans: list, scan: ScanResult, applied: list, custom_layer: bool,
-                measurements: dict | None = None, gguf_file: str | None = None) -> str:
+                measurements: dict | None = None, gguf_file: str | None = None, search=None) -> str:
     """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
 
     `name` is what the text calls the base when its Hub id is unknown: a folder or file name, never a path.
-    `gguf_file` names the patched GGUF of a GGUF output folder (loading instructions, tags)."""
+    `gguf_file` names the patched GGUF of a GGUF output folder (loading instructions, tags); `search` (a
+    provenance.SearchRecord) says how a budgeted patch was chosen and what it measured."""
     recipes = [p.recipe for p in plans]
     meta: dict = {}
     if base is not None:
@@ -84,10 +86,14 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {title} + melsurgery ({', '.join(recipes)})", "", intro, ""]
     if unknown_license:
-        lines += [f"The base model's card names the licence {unknown_license!r}, which is not a licence id the Hub "
+        lines += [f"The base model's card names the licence {quote(unknown_license)}, which is not a "
+                  "licence id the Hub "
                   "knows, so this card carries no `license`: the base model's terms apply.", ""]
     lines += ["## What was done", ""]
     lines += [f"- {p.summary}" for p in plans]
+    assumed = [p.assumes for p in plans if getattr(p, "assumes", "")]
+    if assumed:
+        lines += ["", "## Input this patch assumes", ""] + [f"- The patch assumes that {a}." for a in assumed]
     lines += ["", "Edited tensors (all others are byte-identical to the base):", ""]
     lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
         "- none"]
@@ -101,10 +107,14 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
                   f'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")', "```"]
     elif custom_layer:
         lines += ["This checkpoint carries a small custom layer (token-selective masking cannot be folded into "
-                  "weights), configured in `config.json` (`melsurgery_wemask`):", "", "```python",
-                  "from transformers import AutoModelForCausalLM",
+                  "weights), configured in `config.json` (`melsurgery_wemask`). It declares the model type "
+                  "`melsurgery`, so an engine that would run it without the layer refuses it instead:", "",
+                  "```python", "from transformers import AutoModelForCausalLM",
                   "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-                  "# or, without remote code: import melsurgery; model, tokenizer = melsurgery.load(path)", "```"]
+                  "# or, without remote code: import melsurgery; model, tokenizer = melsurgery.load(path)", "```", "",
+                  "vLLM serves it through melsurgery's plugin (`pip install melsurgery` beside vLLM; nothing else "
+                  "to pass). It has no GGUF form: llama.cpp cannot select tokens at run time.", "", "```bash",
+                  "vllm serve path", "```"]
     else:
         lines += ["Only folded edits: a stock checkpoint.", "", "```python",
                   "from transformers import AutoModelForCausalLM",
@@ -113,5 +123,32 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
         lines += ["", "## Measured effect", "", "| metric | base | patched |", "|---|---|---|"]
         for key, (before, after) in measurements.items():
             lines.append(f"| {key} | {before} | {after} |")
+    if search is not None:
+        lines += search_lines(search)
     lines += ["", "Provenance (inputs, recipe, scan, output hashes): `provenance.json`.", ""]
     return "\n".join(lines)
+
+
+def search_lines(search) -> list[str]:
+    """The card's account of a budgeted patch: the budget, the search, and the held-out figures with their
+    definitions (which layers, which text, how many windows)."""
+    from melsurgery.formats.wording import budget_text, change_text
+
+    budget = budget_text(search.budget["max_kl"], search.budget["max_ppl_increase"])
+    st, tu, ho = search.study, search.tuning, search.heldout
+    f, t = search.figures_heldout, search.figures_tuning
+    held = f"{_inline(ho['text'])}, {ho['windows']} windows of up to {ho['max_tokens']} tokens ({ho['tokens']} tokens)"
+    return ["", "## How this patch was chosen", "",
+            f"`melsurgery patch --max-kl` searched {st['trials']} settings of {', '.join(search.space['recipes'])} "
+            f"and their compositions (Optuna {st['sampler']}, seed {st['seed']}) on a tuning text "
+            f"({_inline(tu['text'])}, {tu['windows']} windows, {tu['tokens']} tokens), re-measured the "
+            f"{st['candidates']} largest sink cuts within {st['slack']:g}x the budget on held-out text ({held}), and "
+            f"chose trial #{search.trial}: the largest sink cut whose held-out figures are within the budget "
+            f"({budget}).",
+            "", "| figure (held-out text) | base | patched |", "|---|---|---|",
+            f"| attention sink, mean over layers {search.sink_layers} (after the ME Layer) | {f['sink_base']:.3f} | "
+            f"{f['sink_patched']:.3f} ({change_text(f['sink_reduction_pct'])}) |",
+            f"| KL(base \\|\\| patched), mean per scored token | 0 | {f['kl_mean']:.4f} |",
+            f"| perplexity | {f['ppl_base']:.2f} | {f['ppl_patched']:.2f} ({f['ppl_increase_pct']:+.1f}%) |", "",
+            f"On the tuning text the same setting measured sink {change_text(t['sink_reduction_pct'])} at KL "
+            f"{t['kl_mean']:.4f}. Computed in {search.compute['dtype']} on {search.compute['device']}."]

@@ -13,6 +13,7 @@ from functools import cache
 from importlib import resources
 
 from melsurgery.checkpoint.basemodel import is_repo_id
+from melsurgery.errors import quote
 
 # Relations the Hub's model tree knows (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
@@ -54,8 +55,9 @@ def _strings(meta: dict, key: str, fix: str) -> list[MetadataProblem]:
     if isinstance(value, str):
         return []
     if not isinstance(value, list):
-        return [MetadataProblem(key, f"is {value!r} ({type(value).__name__}), not a string or a list of strings", fix)]
-    return [MetadataProblem(f"{key}[{i}]", f"is {v!r} ({type(v).__name__}), not a string", fix)
+        return [MetadataProblem(key, f"is {quote(value)} ({type(value).__name__}), not a string or a list "
+                                     f"of strings", fix)]
+    return [MetadataProblem(f"{key}[{i}]", f"is {quote(v)} ({type(v).__name__}), not a string", fix)
             for i, v in enumerate(value) if not isinstance(v, str)]
 
 
@@ -63,23 +65,24 @@ def metadata_problems(meta: dict) -> list[MetadataProblem]:
     """Every field of a card's front matter that the Hub would refuse (empty: the Hub accepts it)."""
     problems: list[MetadataProblem] = []
     if "base_model" in meta:
-        problems += [MetadataProblem(field, f"{v!r} is not a Hub model id (owner/name)", BASE_MODEL_FIX)
+        problems += [MetadataProblem(field, f"{quote(v)} is not a Hub model id (owner/name)", BASE_MODEL_FIX)
                      for field, v in _entries(meta, "base_model") if not is_repo_id(v)]
     if "base_model_relation" in meta and meta["base_model_relation"] not in BASE_MODEL_RELATIONS:
-        problems.append(MetadataProblem("base_model_relation", f"{meta['base_model_relation']!r} is not a relation "
+        problems.append(MetadataProblem("base_model_relation", f"{quote(meta['base_model_relation'])} is "
+                                                               "not a relation "
                                         "the Hub knows", f"use one of {', '.join(BASE_MODEL_RELATIONS)}"))
     if "license" in meta:
-        problems += [MetadataProblem(field, f"{v!r} is not a licence id the Hub knows", LICENSE_FIX)
+        problems += [MetadataProblem(field, f"{quote(v)} is not a licence id the Hub knows", LICENSE_FIX)
                      for field, v in _entries(meta, "license") if not (isinstance(v, str) and v in hub_licenses())]
     for key in LIST_FIELDS:
         if key in meta:
             problems += _strings(meta, key, f"write every {key} entry as a string")
     if "datasets" in meta:
-        problems += [MetadataProblem(field, f"{v!r} is not a Hub dataset id (owner/name)",
+        problems += [MetadataProblem(field, f"{quote(v)} is not a Hub dataset id (owner/name)",
                                      "name datasets by their Hub id, or leave them out")
                      for field, v in _entries(meta, "datasets") if not is_repo_id(v)]
     for key in STRING_FIELDS:
         if key in meta and not isinstance(meta[key], str):
-            problems.append(MetadataProblem(key, f"is {meta[key]!r} ({type(meta[key]).__name__}), not a string",
+            problems.append(MetadataProblem(key, f"is {quote(meta[key])} ({type(meta[key]).__name__}), not a string",
                                             f"write {key} as a string"))
     return problems

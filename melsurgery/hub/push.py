@@ -33,12 +33,15 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from melsurgery.checkpoint.basemodel import is_repo_id
 from melsurgery.checkpoint.gguf_file import GGUFFile
+from melsurgery.checkpoint.network import ENV as TIMEOUT_ENV
+from melsurgery.checkpoint.network import configure_hub
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.reader import PICKLE_PATTERNS
 from melsurgery.checkpoint.safetensors_file import load_tensor, read_header
 from melsurgery.checkpoint.validate import check_finite
-from melsurgery.errors import UserError, one_line
+from melsurgery.errors import UserError, one_line, redact, register_secret
 from melsurgery.formats.jsonsafe import load_strict
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import front_matter
 from melsurgery.hub.metadata import metadata_problems
 from melsurgery.outputs import MODEL_CARD, PROVENANCE
@@ -65,7 +68,7 @@ class PushManifest:
 
 
 @dataclass(frozen=True)
-class PushResult:
+class PushResult(JsonRecord):
     """Outcome of `push`. On a dry run nothing was sent, so `commit_url` and `pr_url` are None."""
 
     repo_url: str
@@ -202,7 +205,7 @@ _TRANSPORT_ERRORS = _transport_errors()
 
 def _http_error(exc: HfHubHTTPError, repo_id: str, revision: str | None, token: str) -> UserError:
     status = exc.response.status_code if exc.response is not None else None
-    detail = one_line(exc.server_message or "", token)
+    detail = one_line(exc.server_message or "")
     suffix = f": {detail}" if detail else ""
     if isinstance(exc, RevisionNotFoundError):
         return UserError(f"branch {revision!r} not found in {repo_id}{suffix}")
@@ -245,7 +248,7 @@ def _hub_validates_card(path: Path, token: str) -> None:
         except (ValueError, AttributeError):
             errors = [response.text]
         raise UserError(f"{path}: the Hugging Face Hub refused the card's metadata: "
-                        f"{one_line('; '.join(errors), token)}")
+                        f"{one_line('; '.join(errors))}")
     hf_raise_for_status(response)
 
 
@@ -271,7 +274,7 @@ def push(
         raise UserError("a pull request always targets main; drop --revision when using --create-pr")
     manifest = validate_for_push(Path(folder))
     message = commit_message or default_commit_message(manifest)
-    repo_url = f"{constants.ENDPOINT}/{repo_id}"
+    repo_url = f"{redact(constants.ENDPOINT)}/{repo_id}"
     if dry_run:
         return PushResult(repo_url, None, manifest.files, True, message)
 
@@ -281,12 +284,13 @@ def push(
         token = None
     if not token:
         raise UserError("no Hugging Face token found; set HF_TOKEN or run `hf auth login` (a write token is needed)")
-
+    register_secret(token)
+    configure_hub()
     api = HfApi(token=token)
     try:
         _hub_validates_card(manifest.folder / MODEL_CARD, token)
         # private=None (not False) lets the Hub apply the namespace's default visibility to a new repo.
-        repo_url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True))
+        repo_url = redact(str(api.create_repo(repo_id, private=True if private else None, exist_ok=True)))
         if private and not api.model_info(repo_id).private:
             raise UserError(f"{repo_id} already exists and is public; refusing a --private push into it")
         if revision and revision != constants.DEFAULT_REVISION and not create_pr and not revision.startswith("refs/"):
@@ -307,13 +311,13 @@ def push(
         raise UserError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and retry") from None
     except _TRANSPORT_ERRORS as exc:
         raise UserError(
-            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
-            f"({one_line(str(exc) or type(exc).__name__, token)}); check the network or HF_ENDPOINT"
+            f"cannot reach the Hugging Face Hub at {redact(constants.ENDPOINT)} "
+            f"({one_line(str(exc) or type(exc).__name__)}); check the network, HF_ENDPOINT or {TIMEOUT_ENV}"
         ) from None
     except HFValidationError as exc:
-        raise UserError(one_line(str(exc), token)) from None
+        raise UserError(one_line(str(exc))) from None
     except ValueError as exc:  # e.g. the Hub's verdict on invalid model card metadata
-        raise UserError(f"the push was refused before upload: {one_line(str(exc), token)}") from None
+        raise UserError(f"the push was refused before upload: {one_line(str(exc))}") from None
     except OSError as exc:
         raise UserError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}") from None
     # The client silently skips an empty commit (returning the current head); it marks operations as

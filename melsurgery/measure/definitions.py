@@ -116,14 +116,21 @@ def find_massive(decoder: list[LayerStats], p: DetectParams) -> Massive:
 
 def head_sinks(layer: LayerStats, tokens: list[tuple[int, int]]) -> torch.Tensor | None:
     """[heads]: each head's sink on this layer, averaged over the sequences that hold massive tokens."""
-    if not layer.key_attention or not tokens:
+    return head_sinks_of(layer.key_attention, tokens)
+
+
+def head_sinks_of(key_att: list[torch.Tensor] | None, tokens: list[tuple[int, int]]) -> torch.Tensor | None:
+    """`head_sinks` from the key attention of each sequence ([heads, T] each, see `key_attention`).
+
+    Differentiable: the first-token fit follows its gradient, so the fit and verify share this definition."""
+    if not key_att or not tokens:
         return None
     by_seq: dict[int, list[int]] = {}
     for s, q in tokens:
         by_seq.setdefault(s, []).append(q)
     per_seq = []
     for s, positions in sorted(by_seq.items()):
-        ka = layer.key_attention[s]
+        ka = key_att[s]
         cols = ka[:, [q for q in positions if q < ka.shape[1]]]
         cols = cols[:, ~cols.isnan().any(0)]  # a massive token in last place has no later queries
         if cols.shape[1]:

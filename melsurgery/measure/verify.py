@@ -18,17 +18,19 @@ from pathlib import Path
 
 import torch
 
-from melsurgery.architectures import family_for
+from melsurgery.architectures import Family, family_for
 from melsurgery.calibrate.stats import LayerStats
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.tokenizer import load_tokenizer
-from melsurgery.engines.modeling_melsurgery import CONFIG_KEY
-from melsurgery.errors import UserError
+from melsurgery.checkpoint.safeload import load_tokenizer, render_chat
+from melsurgery.engines.loading import custom_layer_spec
+from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
 from melsurgery.measure.definitions import find_massive, layer_stats, sink, sink_rate, top_k_for
 from melsurgery.measure.probes import Probe
+from melsurgery.measure.served import ENGINES, require_vllm, served_figures
+from melsurgery.measure.verify_result import VerifyResult, WeightCheck
 from melsurgery.params import DetectParams
 
 GEN_PROMPTS = [
@@ -38,34 +40,16 @@ GEN_PROMPTS = [
 ]
 
 
-@dataclass(frozen=True)
-class Gates:
-    """Publishing gates: a patch passes when every given limit holds (NaN never passes)."""
-
-    max_kl: float | None = None
-    max_ppl_increase: float | None = None  # percent
-    min_sink_reduction: float | None = None  # percent
-
-    def check(self, r: dict) -> list[str]:
-        """Human-readable violations (empty when every gate holds); a NaN or infinite figure never passes."""
-        bad = []
-        for limit, key, flag, what, fails in (
-            (self.max_kl, "kl_mean", "--max-kl", "KL", lambda x, lim: x > lim),
-            (self.max_ppl_increase, "ppl_increase_pct", "--max-ppl-increase", "perplexity increase %",
-             lambda x, lim: x > lim),
-            (self.min_sink_reduction, "sink_reduction_pct", "--min-sink-reduction", "sink reduction %",
-             lambda x, lim: x < lim),
-        ):
-            if limit is None:
-                continue
-            x = r.get(key)
-            if x is None and key == "sink_reduction_pct":
-                bad.append("no massive tokens in the base on this text: --min-sink-reduction cannot be checked")
-            elif not isinstance(x, int | float) or not math.isfinite(x):
-                bad.append(f"{what} is {x} (not a finite number), so {flag} {limit:g} cannot hold")
-            elif fails(x, limit):
-                bad.append(f"{what} {x:.4g} {'>' if flag.startswith('--max') else '<'} {flag} {limit:g}")
-        return bad
+def gen_prompt_ids(tok, n: int) -> list[list[int]]:
+    """The first n generation prompts as token ids, in the chat template where the tokenizer has one."""
+    out = []
+    for prompt in GEN_PROMPTS[:n]:
+        if getattr(tok, "chat_template", None):
+            text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            out.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+        else:
+            out.append(list(tok(prompt)["input_ids"]))
+    return out
 
 
 def eval_text(path: Path | None) -> tuple[str, str]:
@@ -79,9 +63,19 @@ def eval_text(path: Path | None) -> tuple[str, str]:
     return raw, str(path)
 
 
+def split_text(raw: str) -> tuple[str, str]:
+    """Tuning and held-out halves of one text, cut at the paragraph boundary nearest the middle."""
+    cuts = [i for i in range(len(raw)) if raw.startswith("\n\n", i)]
+    if not cuts:
+        cuts = [i for i, c in enumerate(raw) if c == "\n"] or [len(raw) // 2]
+    cut = min(cuts, key=lambda i: abs(i - len(raw) // 2))
+    return raw[:cut].strip() + "\n", raw[cut:].strip() + "\n"
+
+
 @dataclass(frozen=True)
 class Windows:
-    """Evaluation windows: each starts with the tokenizer's special prefix (`prefix` ids, e.g. BOS)."""
+    """Evaluation windows: each starts with the same prefix (`prefix` ids: the tokenizer's, e.g. BOS, or the
+    chat template's opening)."""
 
     ids: list[list[int]]
     prefix: list[int]
@@ -90,6 +84,10 @@ class Windows:
     def first_target(self) -> int:
         """The first position whose token is predicted and scored: the prefix is context, never a target."""
         return max(len(self.prefix), 1)
+
+
+PREFIXES = ("tokenizer", "chat")  # what each window opens with: the tokenizer's special prefix, or a chat's opening
+_CONTENT = "\ue000melsurgery\ue000"  # a user message no template rewrites, to find where its content starts
 
 
 def special_prefix(tok) -> list[int]:
@@ -102,17 +100,42 @@ def special_prefix(tok) -> list[int]:
     return []
 
 
-def make_windows(tok, raw: str, size: int, limit: int | None) -> Windows:
-    """Cut the text's tokens into windows of `size` tokens, each one the special prefix plus text."""
-    prefix = special_prefix(tok)
-    body = size - len(prefix)
+def chat_prefix(tok) -> list[int]:
+    """The ids a chat-formatted input opens with, up to the first user message's content (the template's default
+    system turn included): what the model sees before any text in use, as calibration's chat samples get it."""
+    if not getattr(tok, "chat_template", None):
+        raise UserError("--prefix chat: the tokenizer has no chat template; use --prefix tokenizer")
+    text = render_chat(tok, [{"role": "user", "content": _CONTENT}])
+    if _CONTENT not in text:
+        raise UserError("--prefix chat: the chat template does not show a user message's content verbatim; use "
+                        "--prefix tokenizer")
+    return list(tok(text[: text.index(_CONTENT)], add_special_tokens=False)["input_ids"])
+
+
+def input_prefix(recipes: list[tuple[str, dict]]) -> str:
+    """How a patch's input opens (one of PREFIXES): "chat" when a recipe assumes chat-formatted input (a first-token
+    patch of the chat template's first token, `of: chat`), else the tokenizer's own prefix."""
+    return "chat" if any(params.get("of") == "chat" for _, params in recipes) else "tokenizer"
+
+
+def window_prefix(tok, kind: str) -> list[int]:
+    """The ids every window opens with: `kind` is one of PREFIXES."""
+    if kind not in PREFIXES:
+        raise UserError(f"--prefix {kind!r}: use one of {', '.join(PREFIXES)}")
+    return special_prefix(tok) if kind == "tokenizer" else chat_prefix(tok)
+
+
+def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tokenizer") -> Windows:
+    """Cut the text's tokens into windows of `size` tokens, each one the prefix (see `window_prefix`) plus text."""
+    ids_prefix = window_prefix(tok, prefix)
+    body = size - len(ids_prefix)
     if body < 1:
-        raise UserError(f"--max-tokens {size}: the tokenizer's special prefix alone has {len(prefix)} tokens")
+        raise UserError(f"--max-tokens {size}: the window prefix alone has {len(ids_prefix)} tokens")
     ids = list(tok(raw, add_special_tokens=False)["input_ids"])
-    chunks = [prefix + ids[i : i + body] for i in range(0, len(ids), body)]
-    first = max(len(prefix), 1)
+    chunks = [ids_prefix + ids[i : i + body] for i in range(0, len(ids), body)]
+    first = max(len(ids_prefix), 1)
     chunks = [c for c in chunks if len(c) > first]
-    return Windows(chunks[:limit] if limit else chunks, prefix)
+    return Windows(chunks[:limit] if limit else chunks, ids_prefix)
 
 
 HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
@@ -156,7 +179,7 @@ def _check_pair(base: Checkpoint, patched: Checkpoint) -> None:
     """A patched checkpoint holds the base's tensors, with the same dtypes and shapes."""
     only = sorted(set(base.names()) ^ set(patched.names()))
     if only:
-        raise UserError(f"{patched.folder}: not a patch of {base.folder}: tensor names differ ({only[0]!r} is in "
+        raise UserError(f"{patched.folder}: not a patch of {base.folder}: tensor names differ ({quote(only[0])} is in "
                         "one only); compare them with `melsurgery diff`")
     for name in base.names():
         a, b = base.info(name), patched.info(name)
@@ -170,39 +193,64 @@ def _mean(values: list) -> float | None:
     return sum(v) / len(v) if v else None
 
 
-def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_tokens: int = 512,
-               max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
-               generations: int = 3, max_new_tokens: int = 40, progress: bool = False,
-               params: DetectParams | None = None, claimed_edits: list[str] | None = None) -> dict:
-    """Base versus patched on held-out text, streaming: one decoder layer in memory serves both models.
+@dataclass
+class _Pair:
+    """The two checkpoints compared, and what both share: family, tokenizer, windows, the patch's checked spec."""
 
-    Each base layer is read once; the patched stream runs it with the patched checkpoint's differing
-    tensors swapped in (and its WeMask hooks), so the patched checkpoint is read once too, tensor by
-    tensor, which also tells which tensors differ. The LM head is scored in vocabulary blocks.
+    base: Checkpoint
+    patched: Checkpoint
+    family: Family
+    tok: object
+    win: Windows
+    text_name: str
+    spec: dict | None
 
-    `params`: the detection thresholds of the patch's scan; `claimed_edits`: the tensors the patch says it
-    changed (checked against those that differ). Where not given, they come from the patched folder's
-    provenance.json when it has one; else the default thresholds, and no claim to check.
-    """
-    unreadable = None  # why the patched folder's provenance.json could not be used, when it could not
-    if params is None or claimed_edits is None:
+
+@dataclass
+class _Streamed:
+    """What the streaming pass measured: per-layer statistics of both streams, the head's scores, each scored
+    target's log-prob (base, patched), and the tensors that differ."""
+
+    stats: list[list[LayerStats]]
+    scores: dict
+    target_logprobs: tuple[list[float], list[float]]
+    changed: list[str]
+
+
+def _claims(patched: Path, params: DetectParams | None, claimed: list[str] | None, prefix: str | None):
+    """Detection thresholds, claimed edits and how windows open (`input_prefix` of the patch's recipes), from
+    provenance.json where not given; and why it is unreadable."""
+    unreadable = None
+    if params is None or claimed is None or prefix is None:
         try:
             record = Provenance.find(Path(patched))
         except UserError as exc:  # measured without it, and said so in the report
             record, unreadable = None, str(exc)
         if record is not None:
             params = params or record.detect_params
-            claimed_edits = record.edited_tensors if claimed_edits is None else claimed_edits
-    start = time.perf_counter()
+            claimed = record.edited_tensors if claimed is None else claimed
+            prefix = prefix or input_prefix([(r.name, r.params) for r in record.recipes])
+    return params, claimed, prefix, unreadable
+
+
+def _open_pair(base: Path, patched: Path, text: Path | None, max_tokens: int, max_windows: int | None,
+               prefix: str | None) -> _Pair:
+    """Everything checked before any layer runs: the text, the pair's tensors, the patch's spec, the windows."""
     raw, text_name = eval_text(text)
     bckpt, pckpt = Checkpoint(base), Checkpoint(patched)
     _check_pair(bckpt, pckpt)
+    spec = custom_layer_spec(pckpt.folder, pckpt.config)
     family = family_for(bckpt.config)
-    dtype = dtype or bckpt.float_dtype
     tok = load_tokenizer(Path(base))
-    win = make_windows(tok, raw, max_tokens, max_windows)
+    win = make_windows(tok, raw, max_tokens, max_windows, prefix or "tokenizer")
     if not win.ids:
         raise UserError(f"{text_name}: too short to evaluate")
+    return _Pair(bckpt, pckpt, family, tok, win, text_name, spec)
+
+
+def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool) -> _Streamed:
+    """Both models through every layer (one base layer in memory), then both heads: statistics and scores."""
+    bckpt, pckpt, family, win = pair.base, pair.patched, pair.family, pair.win
     model = StreamingModel(bckpt, family, device, dtype)
     changed: set[str] = set()
 
@@ -214,12 +262,8 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
 
     def patched_edits(i: int, base_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = family.prefix(i)
-        edits = {}
-        for name, t in base_layer.items():
-            other = pckpt.load(prefix + name)
-            if differs(prefix + name, t, other):
-                edits[name] = other
-        return edits
+        return {name: other for name, t in base_layer.items()
+                if differs(prefix + name, t, other := pckpt.load(prefix + name))}
 
     bar = None
     if progress:
@@ -231,7 +275,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
         base_states = model.embed(win.ids)
         streams = [Stream(base_states),
                    Stream(model.embed(win.ids, pckpt) if embed_changed else list(base_states), edits=patched_edits,
-                          wemask=pckpt.config.get(CONFIG_KEY))]
+                          wemask=pair.spec)]
         k = top_k_for(len(win.ids))
         stats: list[list[LayerStats]] = [[], []]
 
@@ -240,46 +284,85 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
 
         run_layers(model, streams, probe=lambda layer: Probe(layer, family, similarity=True), observe=observe,
                    progress=bar.update if bar else None)
-        scores = _score_head(model, bckpt, pckpt, [s.states for s in streams], win, differs)
+        scores, target_logprobs = _score_head(model, bckpt, pckpt, [s.states for s in streams], win, differs)
         _compare_rest(bckpt, pckpt, family, model.num_layers, differs)
         if bar:
             bar.update(1)
     finally:
         if bar:
             bar.close()
+    return _Streamed(stats, scores, target_logprobs, sorted(changed))
 
-    found = find_massive(stats[0], params or DetectParams())
-    tokens = found.tokens
-    result = {
-        "text": text_name,
-        "windows": len(win.ids),
-        "tokens": sum(len(w) for w in win.ids),
-        "window_prefix": tok.convert_ids_to_tokens(win.prefix),
-        **scores,
-        "me_layer": found.me_layer,
-        "massive_positions": [[q for s, q in tokens if s == w] for w in range(len(win.ids))],
-    }
+
+def _layer_figures(stats: list[list[LayerStats]], tokens: list[tuple[int, int]], me_layer: int | None) -> dict:
+    """Per layer and averaged from the layer after the ME Layer: sink, sink rate, max |h|, ratio, similarity."""
+    out: dict = {}
     for key, which in (("base", 0), ("patched", 1)):
-        result[f"sink_{key}"] = [sink(layer, tokens) for layer in stats[which]]
-        result[f"sink_rate_{key}"] = [sink_rate(layer, tokens) for layer in stats[which]]
-        result[f"max_abs_{key}"] = [layer.max_abs for layer in stats[which]]
-        result[f"ratio_{key}"] = [layer.ratio if math.isfinite(layer.ratio) else None for layer in stats[which]]
-        result[f"similarity_{key}"] = [layer.similarity for layer in stats[which]]
-    result["ppl_increase_pct"] = 100 * (result["ppl_patched"] / result["ppl_base"] - 1)
-    first = found.me_layer + 1 if found.me_layer is not None else 0
-    sb, sp = _mean(result["sink_base"][first:]), _mean(result["sink_patched"][first:])
-    result.update(sink_layers_from=first, sink_mean_base=sb, sink_mean_patched=sp,
-                  sink_reduction_pct=100 * (1 - sp / sb) if sb and sp is not None else None,
-                  sink_rate_mean_base=_mean(result["sink_rate_base"][first:]),
-                  sink_rate_mean_patched=_mean(result["sink_rate_patched"][first:]),
-                  similarity_mean_base=_mean(result["similarity_base"][first:]),
-                  similarity_mean_patched=_mean(result["similarity_patched"][first:]))
-    result["weights"] = _weight_check(sorted(changed), claimed_edits, unreadable)
-    result["no_effect"] = result["kl_max"] == 0 and not changed
-    result["generations"], result["generations_note"] = _maybe_generate(bckpt, Path(base), Path(patched), tok,
-                                                                        generations, max_new_tokens, device, dtype)
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    return result
+        out[f"sink_{key}"] = [sink(layer, tokens) for layer in stats[which]]
+        out[f"sink_rate_{key}"] = [sink_rate(layer, tokens) for layer in stats[which]]
+        out[f"max_abs_{key}"] = [layer.max_abs for layer in stats[which]]
+        out[f"ratio_{key}"] = [layer.ratio if math.isfinite(layer.ratio) else None for layer in stats[which]]
+        out[f"similarity_{key}"] = [layer.similarity for layer in stats[which]]
+    first = me_layer + 1 if me_layer is not None else 0
+    sb, sp = _mean(out["sink_base"][first:]), _mean(out["sink_patched"][first:])
+    out.update(sink_layers_from=first, sink_mean_base=sb, sink_mean_patched=sp,
+               sink_reduction_pct=100 * (1 - sp / sb) if sb and sp is not None else None)
+    for name in ("sink_rate", "similarity"):
+        for key in ("base", "patched"):
+            out[f"{name}_mean_{key}"] = _mean(out[f"{name}_{key}"][first:])
+    return out
+
+
+def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_tokens: int = 512,
+               max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
+               generations: int = 3, max_new_tokens: int = 40, progress: bool = False,
+               params: DetectParams | None = None, claimed_edits: list[str] | None = None,
+               engine: str = "transformers", prefix: str | None = None) -> VerifyResult:
+    """Base versus patched on held-out text, streaming: one decoder layer in memory serves both models.
+
+    Each base layer is read once; the patched stream runs it with the patched checkpoint's differing
+    tensors swapped in (and its WeMask hooks), so the patched checkpoint is read once too, tensor by
+    tensor, which also tells which tensors differ. The LM head is scored in vocabulary blocks.
+
+    `params`: the detection thresholds of the patch's scan; `claimed_edits`: the tensors the patch says it
+    changed (checked against those that differ). Where not given, they come from the patched folder's
+    provenance.json when it has one; else the default thresholds, and no claim to check. `prefix`: how each
+    window opens (one of PREFIXES); where not given, as the patch's recipes assume their input opens
+    (`input_prefix` of provenance.json's recipes), else with the tokenizer's own prefix.
+
+    `engine` "vllm": also serve both models with vLLM on the same windows (`ServedFigures`: perplexity,
+    top-1 agreement and greedy generations as vLLM computes them, and how far its log-probs are from
+    transformers'); the generations then come from vLLM only.
+    """
+    if engine not in ENGINES:
+        raise UserError(f"engine {engine!r}: use {' or '.join(ENGINES)}")
+    if engine == "vllm":
+        require_vllm()
+    params, claimed_edits, prefix, unreadable = _claims(patched, params, claimed_edits, prefix)
+    start = time.perf_counter()
+    pair = _open_pair(base, patched, text, max_tokens, max_windows, prefix)
+    dtype = dtype or pair.base.float_dtype
+    streamed = _stream(pair, device, dtype, progress)
+    found = find_massive(streamed.stats[0], params or DetectParams())
+    scores = streamed.scores
+    served = None
+    if engine == "vllm":
+        served = served_figures(Path(base), Path(patched), pair.win.ids, pair.win.first_target, pair.tok,
+                                streamed.target_logprobs, dtype=dtype, prompts=GEN_PROMPTS[:generations],
+                                generations=gen_prompt_ids(pair.tok, generations), max_new_tokens=max_new_tokens)
+        gens, note = [], None
+    else:
+        gens, note = _maybe_generate(pair.base, Path(base), Path(patched), pair.tok, generations, max_new_tokens,
+                                     device, dtype)
+    return VerifyResult(
+        text=pair.text_name, windows=len(pair.win.ids), tokens=sum(len(w) for w in pair.win.ids),
+        window_prefix=pair.tok.convert_ids_to_tokens(pair.win.prefix), **scores, me_layer=found.me_layer,
+        massive_positions=[[q for s, q in found.tokens if s == w] for w in range(len(pair.win.ids))],
+        ppl_increase_pct=100 * (scores["ppl_patched"] / scores["ppl_base"] - 1),
+        **_layer_figures(streamed.stats, found.tokens, found.me_layer),
+        weights=WeightCheck.of(streamed.changed, claimed_edits, unreadable),
+        no_effect=scores["kl_max"] == 0 and not streamed.changed, generations=gens, generations_note=note,
+        seconds=round(time.perf_counter() - start, 2), vllm=served)
 
 
 def _differs_by_rows(a: Checkpoint, b: Checkpoint, name: str, differs) -> bool:
@@ -290,8 +373,9 @@ def _differs_by_rows(a: Checkpoint, b: Checkpoint, name: str, differs) -> bool:
 
 
 def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, states: list[list[torch.Tensor]],
-                win: Windows, differs) -> dict:
-    """Final norm and LM head for both streams, in vocabulary blocks: KL, perplexity, top-1 agreement.
+                win: Windows, differs) -> tuple[dict, tuple[list[float], list[float]]]:
+    """Final norm and LM head for both streams, in vocabulary blocks: KL, perplexity, top-1 agreement, and
+    each target's log-prob (base, patched).
 
     Position t's distribution predicts token t+1; the targets are the tokens after the special prefix."""
     family, first = model.family, win.first_target
@@ -320,15 +404,15 @@ def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, sta
             acc_p.add(zp, lo, target)
             cross = cross * torch.exp(old - acc_b.m) + (torch.exp(zb - acc_b.m[:, None]) * (zb - zp)).sum(-1)
     kl = (cross / acc_b.s - acc_b.lse + acc_p.lse).clamp(min=0)
-    n = len(target)
+    lp_b, lp_p = acc_b.target - acc_b.lse, acc_p.target - acc_p.lse
     return {
-        "scored_tokens": n,
+        "scored_tokens": len(target),
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
         "top1_agreement": float((acc_b.arg == acc_p.arg).double().mean()),
-        "ppl_base": math.exp(float((acc_b.lse - acc_b.target).mean())),
-        "ppl_patched": math.exp(float((acc_p.lse - acc_p.target).mean())),
-    }
+        "ppl_base": math.exp(-float(lp_b.mean())),
+        "ppl_patched": math.exp(-float(lp_p.mean())),
+    }, (lp_b.tolist(), lp_p.tolist())
 
 
 def _compare_rest(bckpt: Checkpoint, pckpt: Checkpoint, family, num_layers: int, differs) -> None:
@@ -372,13 +456,8 @@ def _free_memory(device: str) -> int:
 
 def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dict]:
     out = []
-    for prompt in GEN_PROMPTS[:n]:
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        else:
-            ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+    for prompt, prompt_ids in zip(GEN_PROMPTS, gen_prompt_ids(tok, n)):
+        ids = torch.tensor([prompt_ids], device=device)
         row = {"prompt": prompt}
         for key, model in (("base", mb), ("patched", mp)):
             with torch.no_grad():
@@ -387,77 +466,3 @@ def _generate(mb, mp, tok, n: int, max_new_tokens: int, device: str) -> list[dic
             row[key] = tok.decode(g[0, ids.shape[1] :], skip_special_tokens=True)
         out.append(row)
     return out
-
-
-def _weight_check(changed: list[str], claimed: list[str] | None, unreadable: str | None) -> dict:
-    """The tensors that differ, against those the patch claims to have changed (None: no claim), and why a
-    provenance.json present could not be read (None: read, or absent)."""
-    if claimed is not None:
-        claimed = sorted(set(claimed))
-    return {"changed": changed, "provenance_edits": claimed,
-            "matches_provenance": None if claimed is None else claimed == changed,
-            "provenance_unreadable": unreadable}
-
-
-def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def measurements_for_card(r: dict) -> dict:
-    """The headline figures, as (base, patched) pairs for the model card and provenance."""
-    layers = f"layers {r['sink_layers_from']}+"
-    return {
-        f"attention sink (mean, {layers})": (_f(r["sink_mean_base"], ".3f"), _f(r["sink_mean_patched"], ".3f")),
-        f"attention-input similarity (mean, {layers})": (_f(r["similarity_mean_base"], ".3f"),
-                                                        _f(r["similarity_mean_patched"], ".3f")),
-        "perplexity (held-out text)": (f"{r['ppl_base']:.2f}", f"{r['ppl_patched']:.2f}"),
-        "KL(base, patched), mean per token": ("0", f"{r['kl_mean']:.4f}"),
-        "top-1 agreement with base": ("1", f"{r['top1_agreement']:.3f}"),
-        "max |h| (largest layer)": (f"{max(r['max_abs_base']):.0f}", f"{max(r['max_abs_patched']):.0f}"),
-    }
-
-
-def verify_report(r: dict) -> str:
-    """The human-readable verify report."""
-    prefix = f", each opening with {''.join(r['window_prefix'])!r}" if r["window_prefix"] else ""
-    lines = [f"held-out text: {r['text']}, {r['windows']} windows{prefix}, {r['tokens']} tokens, "
-             f"{r['scored_tokens']} scored ({r['seconds']:.1f} s)",
-             "massive tokens (base, on this text): " + (
-                 f"ME Layer {r['me_layer']}, positions {sorted({q for w in r['massive_positions'] for q in w})}"
-                 if r["me_layer"] is not None else "none: the sink is not measured"), "",
-             f"{'layer':>5} {'max|h| base':>12} {'patched':>10} {'ratio base':>11} {'patched':>9} "
-             f"{'sink base':>10} {'patched':>8} {'rate base':>10} {'patched':>8} {'sim base':>9} {'patched':>8}"]
-    for i in range(len(r["sink_base"])):
-        lines.append(f"{i:>5} {r['max_abs_base'][i]:>12,.1f} {r['max_abs_patched'][i]:>10,.1f} "
-                     f"{_f(r['ratio_base'][i], ',.0f'):>11} {_f(r['ratio_patched'][i], ',.0f'):>9} "
-                     f"{_f(r['sink_base'][i], '.3f'):>10} {_f(r['sink_patched'][i], '.3f'):>8} "
-                     f"{_f(r['sink_rate_base'][i], '.2f'):>10} {_f(r['sink_rate_patched'][i], '.2f'):>8} "
-                     f"{_f(r['similarity_base'][i], '.3f'):>9} {_f(r['similarity_patched'][i], '.3f'):>8}")
-    reduction = "" if r["sink_reduction_pct"] is None else f" ({r['sink_reduction_pct']:+.1f}% reduction)"
-    lines += ["",
-              f"perplexity: base {r['ppl_base']:.2f}, patched {r['ppl_patched']:.2f} ({r['ppl_increase_pct']:+.2f}%)",
-              f"KL(base || patched): mean {r['kl_mean']:.4f}, max {r['kl_max']:.4f}; top-1 agreement "
-              f"{100 * r['top1_agreement']:.1f}%",
-              f"attention sink (mean over layers {r['sink_layers_from']}+): base {_f(r['sink_mean_base'], '.3f')}, "
-              f"patched {_f(r['sink_mean_patched'], '.3f')}{reduction}; sink rate base "
-              f"{_f(r['sink_rate_mean_base'], '.2f')}, patched {_f(r['sink_rate_mean_patched'], '.2f')}",
-              f"attention-input similarity (mean over layers {r['sink_layers_from']}+, lower is more diverse): base "
-              f"{_f(r['similarity_mean_base'], '.3f')}, patched {_f(r['similarity_mean_patched'], '.3f')}"]
-    w = r["weights"]
-    lines.append(f"tensors that differ: {len(w['changed'])} ({', '.join(w['changed'][:6])}"
-                 f"{', ...' if len(w['changed']) > 6 else ''})")
-    if w["matches_provenance"] is not None:
-        lines.append("  matches provenance.json edits" if w["matches_provenance"] else
-                     f"  DOES NOT match provenance.json edits {w['provenance_edits']}")
-    if w["provenance_unreadable"]:
-        lines.append("  provenance.json is unreadable, so no claim was checked and the default detection thresholds "
-                     f"were used: {w['provenance_unreadable']}")
-    if r["no_effect"]:
-        lines.append("THIS PATCH CHANGED NOTHING: no tensor differs and KL(base || patched) is 0 on every token "
-                     "(a custom layer that selects no token does nothing)")
-    if r["generations_note"]:
-        lines += ["", r["generations_note"]]
-    for g in r["generations"]:
-        lines += ["", f"prompt: {g['prompt']}", f"  base:    {g['base'].strip()[:200]!r}",
-                  f"  patched: {g['patched'].strip()[:200]!r}"]
-    return "\n".join(lines)

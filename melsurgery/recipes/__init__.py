@@ -9,27 +9,32 @@ from __future__ import annotations
 
 from melsurgery.architectures import Family
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.recipes.base import (
+    FitContext,
     Recipe,
     RecipePlan,
     WeMaskLayer,
     WeMaskSpec,
     attention_layers,
+    layer_dims,
     parse_layers,
     pick_dims,
     require_me,
 )
 
 __all__ = [
+    "FitContext",
     "Recipe",
     "RecipePlan",
     "WeMaskLayer",
     "WeMaskSpec",
     "attention_layers",
+    "layer_dims",
     "parse_layers",
     "pick_dims",
     "require_me",
+    "fit_recipes",
     "get_recipe",
     "plan_recipes",
     "registry",
@@ -39,25 +44,44 @@ __all__ = [
 
 def registry() -> dict[str, Recipe]:
     """Every recipe by name, in the order they are documented."""
-    from melsurgery.recipes import ffn_dampen, me_norm, norm_rescale, wemask
+    from melsurgery.recipes import ffn_dampen, first_token, me_norm, norm_rescale, wemask
 
-    return {m.NAME: Recipe(m.NAME, m.plan, m.PARAMS, m.FOLDS) for m in (wemask, norm_rescale, ffn_dampen, me_norm)}
+    return {m.NAME: Recipe(m.NAME, m.plan, m.PARAMS, m.FOLDS, getattr(m, "fit", None), getattr(m, "needs_fit", None))
+            for m in (wemask, norm_rescale, ffn_dampen, me_norm, first_token)}
 
 
 def get_recipe(name: str) -> Recipe:
     """The recipe of this name, or a one-line error naming the available ones."""
     known = registry()
     if name not in known:
-        raise UserError(f"unknown recipe {name!r}; available: {', '.join(known)}")
+        raise UserError(f"unknown recipe {quote(name)}; available: {', '.join(known)}")
     return known[name]
 
 
 def resolve_recipes(recipes: list[tuple[str, dict]], strict: bool = False) -> list[tuple[str, dict]]:
     """Check names and parameters of (name, params) pairs up front; returns them with defaults filled."""
     resolved = [(name, get_recipe(name).resolve(params, strict)) for name, params in recipes]
-    if sum(name == "wemask" for name, _ in resolved) > 1:
-        raise UserError("wemask can be applied once per patch; give it all its layers in one recipe")
+    for once in ("wemask", "first-token"):
+        if sum(name == once for name, _ in resolved) > 1:
+            raise UserError(f"{once} can be applied once per patch")
     return resolved
+
+
+def fit_recipes(ctx: FitContext, recipes: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The recipes with every fitted value filled in: each recipe that needs a fit is fitted on top of the
+    others' plans (the recipes that need none); the others pass through unchanged."""
+    resolved = resolve_recipes(recipes)
+    needing = {k for k, (name, params) in enumerate(resolved)
+               if (r := get_recipe(name)).fit is not None and r.needs_fit is not None and r.needs_fit(params)}
+    if not needing:
+        return resolved
+    out = []
+    for k, (name, params) in enumerate(resolved):
+        if k in needing:
+            others = [(n, p) for j, (n, p) in enumerate(resolved) if j not in needing]
+            params = get_recipe(name).fit(ctx, params, plan_recipes(ctx.scan, ctx.family, ctx.config, others))
+        out.append((name, params))
+    return out
 
 
 def plan_recipes(scan: ScanResult, family: Family, config: dict, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:

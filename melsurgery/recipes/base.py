@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from melsurgery.architectures import ATTENTION, Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.params import Param
 from melsurgery.params import resolve as resolve_params
 
@@ -66,7 +67,8 @@ class WeMaskSpec:
 
 @dataclass
 class RecipePlan:
-    """A recipe's plan: resolved params, a one-line summary, folded edits and/or a WeMask spec."""
+    """A recipe's plan: resolved params, a one-line summary, folded edits and/or a WeMask spec, and what the
+    patch assumes of its input (the model card says so; empty: nothing)."""
 
     recipe: str
     params: dict
@@ -74,6 +76,7 @@ class RecipePlan:
     edits: list[Edit] = field(default_factory=list)
     wemask: WeMaskSpec | None = None
     folds: bool = True
+    assumes: str = ""
 
 
 def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int) -> tuple[int, ...]:
@@ -97,10 +100,10 @@ def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int
                 else:
                     layers.append(int(part))
             except ValueError:
-                raise UserError(f"--layers {spec!r}: use next, after-me, me, or indices like 12,14-16") from None
+                raise UserError(f"--layers {quote(spec)}: use next, after-me, me, or indices like 12,14-16") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
-        raise UserError(f"--layers {spec!r}: layers must lie in 0-{num_layers - 1} (got {bad or 'none'})")
+        raise UserError(f"--layers {quote(spec)}: layers must lie in 0-{num_layers - 1} (got {bad or 'none'})")
     return tuple(sorted(set(layers)))
 
 
@@ -143,6 +146,32 @@ def pick_dims(scan: ScanResult, top_k: int | None = None, dims: list[int] | None
     return tuple(d.dim for d in ranked[:k])
 
 
+def sink_dims(scan: ScanResult, layer: int, top_k: int, mask_ratio: float | None, recipe: str) -> tuple[int, ...]:
+    """The attention-input dims of the massive tokens that drive the sink at `layer` (the scan's attribution)."""
+    entry = {s.layer: s for s in scan.sink_dims}.get(layer)
+    ranked = entry.dims if entry else ()
+    if not ranked:
+        raise UserError(f"{recipe} --dims-by sink: the scan has no sink attribution at layer {layer} (the massive "
+                        "tokens do not stand out there); choose other --layers or --dims-by magnitude")
+    if mask_ratio is not None:
+        return tuple(d.dim for d in ranked if d.score >= mask_ratio * ranked[0].score)
+    if top_k > len(ranked):
+        raise UserError(f"{recipe} --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
+                        f"{len(ranked)} or less")
+    return tuple(d.dim for d in ranked[:top_k])
+
+
+def layer_dims(scan: ScanResult, params: dict, recipe: str) -> Callable[[int], tuple[int, ...]]:
+    """Per layer, the dims a recipe acting on attention inputs acts on: the same magnitude-chosen (or explicit)
+    dims for every layer, or, with dims_by "sink", each layer's own sink-driving dims."""
+    if params["dims_by"] == "sink":
+        if params["dims"]:
+            raise UserError(f"{recipe}: --dims names the dims itself; drop --dims-by sink or --dims")
+        return lambda layer: sink_dims(scan, layer, params["top_k"], params["mask_ratio"], recipe)
+    fixed = pick_dims(scan, params["top_k"], params["dims"], params["mask_ratio"])
+    return lambda layer: fixed
+
+
 def require_me(scan: ScanResult) -> int:
     """The scan's ME Layer; a recipe without one has nothing to mitigate."""
     if scan.me_layer is None:
@@ -154,13 +183,35 @@ PlanFn = Callable[[ScanResult, Family, dict, dict], RecipePlan]
 
 
 @dataclass(frozen=True)
+class FitContext:
+    """What a recipe with fitted values (first-token) fits them on: the model folder and its scan, the fitting
+    text (never the held-out text), where to run, and a folder where fitted paths are cached (None: no cache)."""
+
+    folder: Path
+    family: Family
+    config: dict
+    scan: ScanResult
+    text: str
+    device: str = "cpu"
+    progress: bool = False
+    cache: Path | None = None
+
+
+FitFn = Callable[[FitContext, dict, list[RecipePlan]], dict]
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A recipe: its name, its parameters (declared once, see `params`) and its planner."""
+    """A recipe: its name, its parameters (declared once, see `params`) and its planner; a recipe with fitted
+    values also has `fit` (params and the other recipes' plans -> params with the fitted values) and
+    `needs_fit` (whether the params lack them)."""
 
     name: str
     plan: PlanFn
     params: tuple[Param, ...]
     folds: bool
+    fit: FitFn | None = None
+    needs_fit: Callable[[dict], bool] | None = None
 
     def resolve(self, given: dict | None, strict: bool = False) -> dict:
         """Validated parameters with defaults filled in (raises UserError before any work is done)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from melsurgery.architectures import Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.params import Param, expert_id
 from melsurgery.recipes.base import RecipePlan, require_me
 
@@ -38,7 +38,7 @@ def parse_neuron(n: object) -> Neuron:
             return _expert(e), int(j)
         return None, int(n)  # type: ignore[arg-type]
     except (TypeError, ValueError, KeyError):
-        raise UserError(f"--neurons: cannot read {n!r}; use 41, or expert:neuron like 3:41 or shared:41 in MoE "
+        raise UserError(f"--neurons: cannot read {quote(n)}; use 41, or expert:neuron like 3:41 or shared:41 in MoE "
                         "layers") from None
 
 

@@ -9,7 +9,7 @@ from melsurgery.architectures import Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.params import ATTN_DIMS, Param
-from melsurgery.recipes.base import RecipePlan, attention_layers, pick_dims, require_me
+from melsurgery.recipes.base import RecipePlan, attention_layers, layer_dims, require_me
 
 NAME = "norm-rescale"
 FOLDS = True
@@ -23,14 +23,18 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
     p = params
     me = require_me(scan)
     layers = attention_layers(p["layers"], me, family, config, "norm-rescale")
-    dims = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"])
+    dims_of = layer_dims(scan, p, "norm-rescale")
+    per_layer = {i: dims_of(i) for i in layers}
     a = float(p["factor"])
     why = f"norm-rescale x{a:g}"
     edits = []
-    for i in layers:
+    for i, dims in per_layer.items():
         if family.attn_norm is not None:
             edits.append(Edit(family.attn_norm_tensor(i), a, axis=0, index=dims, offset=family.norm_offset, why=why))
         else:
             edits.extend(Edit(t, a, axis=1, index=dims, why=why) for t in family.attn_input_tensors(i))
-    summary = f"norm-rescale: attention-input dims {list(dims)} of layers {list(layers)} scaled by {a:g} for all tokens"
-    return RecipePlan("norm-rescale", {**p, "layers": list(layers), "dims": list(dims)}, summary, edits)
+    same = len(set(per_layer.values())) == 1
+    dims_param = list(per_layer[layers[0]]) if same else {str(i): list(d) for i, d in per_layer.items()}
+    which = f"dims {dims_param}" if same else f"each layer's sink-driving dims {dims_param}"
+    summary = f"norm-rescale: attention-input {which} of layers {list(layers)} scaled by {a:g} for all tokens"
+    return RecipePlan("norm-rescale", {**p, "layers": list(layers), "dims": dims_param}, summary, edits)

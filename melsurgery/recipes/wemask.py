@@ -13,7 +13,7 @@ from melsurgery.architectures import Family
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
 from melsurgery.params import ATTN_DIMS, Param
-from melsurgery.recipes.base import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, pick_dims, require_me
+from melsurgery.recipes.base import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, layer_dims, require_me
 
 NAME = "wemask"
 FOLDS = False
@@ -25,25 +25,8 @@ PARAMS = (*ATTN_DIMS,
                 same_as="strength"),
           Param("selector", "choice", "magnitude", "wemask: which tokens are masked.", flag="--selector",
                 choices=("magnitude", "first")),
-          Param("dims_by", "choice", "magnitude", "wemask: choose dims by magnitude at the ME Layer (the same "
-                "for every layer) or by the scan's sink attribution (per layer).", flag="--dims-by",
-                choices=("magnitude", "sink")),
           Param("replace", "choice", "zero", "wemask: replace the dims by zero or by the mean attention input of "
                 "the ordinary tokens at that layer (from calibration).", flag="--replace", choices=("zero", "mean")))
-
-
-def _sink_dims(scan: ScanResult, layer: int, top_k: int, mask_ratio: float | None) -> tuple[int, ...]:
-    entry = {s.layer: s for s in scan.sink_dims}.get(layer)
-    ranked = entry.dims if entry else ()
-    if not ranked:
-        raise UserError(f"wemask --dims-by sink: the scan has no sink attribution at layer {layer} (the massive "
-                        "tokens do not stand out there); choose other --layers or --dims-by magnitude")
-    if mask_ratio is not None:
-        return tuple(d.dim for d in ranked if d.score >= mask_ratio * ranked[0].score)
-    if top_k > len(ranked):
-        raise UserError(f"wemask --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
-                        f"{len(ranked)} or less")
-    return tuple(d.dim for d in ranked[:top_k])
 
 
 def _strengths(layers: tuple[int, ...], start: float, end: float | None) -> list[float]:
@@ -60,8 +43,6 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
     layers = attention_layers(p["layers"], me, family, config, "wemask")
     if any(i <= me for i in layers):
         raise UserError(f"wemask acts on layers after the ME Layer ({me}); got {list(layers)}")
-    if p["dims_by"] == "sink" and p["dims"]:
-        raise UserError("wemask: --dims names the dims itself; drop --dims-by sink or --dims")
     thresholds: dict[int, float | None] = dict.fromkeys(layers)
     skipped: list[int] = []
     if p["selector"] == "magnitude":
@@ -81,10 +62,10 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
     if p["replace"] == "mean" and any(i not in means for i in layers):
         raise UserError(f"wemask --replace mean: the scan has no ordinary-token mean for layers "
                         f"{[i for i in layers if i not in means]}; rerun scan")
-    fixed = pick_dims(scan, p["top_k"], p["dims"], p["mask_ratio"]) if p["dims_by"] == "magnitude" else None
+    dims_of = layer_dims(scan, p, "wemask")
     per_layer = []
     for i, strength in zip(layers, _strengths(layers, float(p["strength"]), p["strength_end"])):
-        dims = fixed or _sink_dims(scan, i, p["top_k"], p["mask_ratio"])
+        dims = dims_of(i)
         values = tuple(float(means[i][d]) for d in dims) if means else None
         per_layer.append(WeMaskLayer(i, dims, strength, thresholds[i], values))
     spec = WeMaskSpec.for_family(family, tuple(per_layer), selector=p["selector"], selector_dims=scan.massive_dims,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from melsurgery.detect.scan_result import ScanResult
@@ -20,12 +21,15 @@ def _pyplot():
 
 
 def _save(plt, fig, path: Path) -> None:
+    """The PNG rendered in memory, then written whole or not at all (the path guard and atomic write)."""
+    from melsurgery.checkpoint.atomic import write_atomic
+
+    buffer = io.BytesIO()
     try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+        fig.savefig(buffer, dpi=110, format="png")
     finally:
         plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def plot_scan(result: ScanResult, path: Path) -> None:
@@ -83,7 +87,7 @@ def plot_verify(result: dict, path: Path) -> None:
 
 
 def plot_tune(data: dict, path: Path) -> None:
-    """Every trial's reduction against its KL (log scale), the Pareto front, the budget and the defaults."""
+    """Every trial's cut against its KL (log scale), the Pareto front, the budget and the defaults."""
     plt = _pyplot()
     key = "sink_reduction_pct" if data["objective"] == "sink" else "ratio_reduction_pct"
     label = "sink" if data["objective"] == "sink" else "max/median ratio"
@@ -110,8 +114,42 @@ def plot_tune(data: dict, path: Path) -> None:
         ax.axvline(data["budget"]["max_kl"], color="tab:green", ls="--", lw=1, label="--max-kl")
     ax.set_xscale("log")
     ax.set_xlabel("KL(base || patched) per token, tuning text")
-    ax.set_ylabel(f"{label} reduction after the ME Layer (%)")
+    ax.set_ylabel(f"{label} cut after the ME Layer (%; below 0: it rose)")
     ax.set_title(f"melsurgery tune: {data['model']['id']}", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+def plot_search(data: dict, path: Path) -> None:
+    """A budgeted patch's search: every trial on the tuning text, the candidates re-measured on held-out text
+    (an arrow from tuning to held-out), the chosen one, and the budget."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    floor = 1e-6
+    trials = data["trials"]
+    ax.scatter([max(t["kl_mean"], floor) for t in trials], [t["sink_reduction_pct"] for t in trials], s=14,
+               color="0.65", label=f"trials, tuning text ({len(trials)})")
+    for k, c in enumerate(data["candidates"]):
+        a, b = c["tuning"], c["heldout"]
+        ax.annotate("", (max(b["kl_mean"], floor), b["sink_reduction_pct"]),
+                    (max(a["kl_mean"], floor), a["sink_reduction_pct"]), arrowprops={"arrowstyle": "->", "lw": 0.6,
+                                                                                      "color": "tab:blue"})
+        ax.scatter([max(b["kl_mean"], floor)], [b["sink_reduction_pct"]], s=22, color="tab:blue",
+                   label="re-measured on held-out text" if k == 0 else None, zorder=3)
+    chosen = data.get("chosen")
+    if chosen:
+        h = chosen["heldout"]
+        ax.scatter([max(h["kl_mean"], floor)], [h["sink_reduction_pct"]], marker="*", s=180, color="tab:green",
+                   zorder=4, label=f"chosen #{chosen['trial']}: sink -{h['sink_reduction_pct']:.1f}%, "
+                                   f"KL {h['kl_mean']:.3f}")
+    if data.get("max_kl"):
+        ax.axvline(data["max_kl"], color="tab:green", ls="--", lw=1, label=f"KL budget {data['max_kl']:g}")
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(base || patched) per token")
+    ax.set_ylabel(f"sink cut (%), mean over layers {data['sink_layers']}")
+    ax.set_title(f"patch --max-kl: {data['model']} ({data['texts']})", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     _save(plt, fig, path)

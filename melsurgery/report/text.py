@@ -33,7 +33,7 @@ def _ranges(indices: list[int]) -> str:
 
 
 def scan_report(r: ScanResult) -> str:
-    """The human-readable scan report (the README shows one)."""
+    """The human-readable scan report (docs/commands/scan.md shows one)."""
     m = r.model
     lines = [f"model: {m.id} ({m.family}, {m.num_layers} layers, hidden {m.hidden_size})"]
     if (c := r.calibration) is not None:

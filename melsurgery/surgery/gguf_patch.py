@@ -37,14 +37,16 @@ from melsurgery.checkpoint.writer import copy_spliced, fsync_file
 from melsurgery.detect.scan import run_scan
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.recipes import RecipePlan, plan_recipes
 from melsurgery.surgery.manifest import Manifest
-from melsurgery.surgery.patch import check_scan_fits
+from melsurgery.surgery.patch import check_scan_fits, fitted
 from melsurgery.version import __version__
 
-FOLDED = ("norm-rescale", "ffn-dampen", "me-norm")
+GGUF_HINT = "name a .gguf file, or pass --format gguf to write a folder"
+FOLDED = ("norm-rescale", "ffn-dampen", "me-norm", "first-token")
 # The recipe -> role map used to refuse unquantisable types before the scan; the exact check follows the plan.
 _ROLES = {"ffn-dampen": "ffn_down", "me-norm": "ffn_norm", "norm-rescale": "attn_norm"}
 
@@ -65,8 +67,8 @@ class GGUFEdit:
     requant_rms_err: float
 
 
-@dataclass
-class GGUFPatchResult:
+@dataclass(frozen=True)
+class GGUFPatchResult(JsonRecord):
     """What `run_patch_gguf` wrote: the output (file or folder), the plans, the block-level edits, the scan."""
 
     out: Path
@@ -84,7 +86,7 @@ def refuse_unfoldable(recipes: list[tuple[str, dict]]) -> None:
     if bad:
         raise UserError(
             f"{', '.join(bad)} cannot be written into a GGUF: wemask selects tokens at run time, which needs a "
-            f"custom layer that llama.cpp and other GGUF runtimes do not have; GGUF output takes only the folded "
+            "custom layer that llama.cpp and other GGUF runtimes do not have; GGUF output takes only the folded "
             f"recipes ({', '.join(FOLDED)}), or write safetensors (an -o folder without --format gguf)")
 
 
@@ -100,8 +102,8 @@ def _refuse_types_early(gf: GGUFFile, recipes: list[tuple[str, dict]]) -> None:
 def _no_quantiser(info: GGUFInfo, what: str) -> UserError:
     return UserError(
         f"{what}: {info.name} is {info.type_name}, which the gguf package cannot quantise; melsurgery never "
-        f"changes a tensor's type. Use a recipe that edits only F32 norm weights (norm-rescale, me-norm), or a "
-        f"GGUF whose matrices are Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1")
+        "changes a tensor's type. Use a recipe that edits only F32 norm weights (norm-rescale, me-norm), or a "
+        "GGUF whose matrices are Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1")
 
 
 Ops = list[tuple[Edit, int | None]]  # edits of one GGUF tensor in its own indices, with the expert slice
@@ -193,13 +195,14 @@ def gguf_source_file(spec: str | None) -> Path:
     return path
 
 
-def preflight(src_file: Path, out: Path, recipes: list[tuple[str, dict]], *, folder: bool, overwrite: bool) -> None:
+def gguf_preflight(src_file: Path, out: Path, recipes: list[tuple[str, dict]], *, folder: bool,
+                   overwrite: bool) -> None:
     """Everything that can be refused before the source is converted and scanned."""
     refuse_unfoldable(recipes)
     if folder:
         check_output(out, overwrite, protect=src_file)
     else:
-        check_output_file(out, overwrite, protect=src_file)
+        check_output_file(out, overwrite, protect=src_file, hint=GGUF_HINT, new_folder=True)
     _refuse_types_early(GGUFFile(src_file), recipes)
 
 
@@ -219,7 +222,7 @@ def run_patch_gguf(
         raise UserError(f"{source.id}: GGUF output needs a GGUF source (a .gguf file or the default model); "
                         "melsurgery does not convert safetensors to GGUF")
     src_file = source.origin_file
-    preflight(src_file, out, manifest.recipes, folder=folder, overwrite=overwrite)
+    gguf_preflight(src_file, out, manifest.recipes, folder=folder, overwrite=overwrite)
     gf = GGUFFile(src_file)
     config = Checkpoint(source.folder).config
     family = family_for(config)
@@ -228,6 +231,7 @@ def run_patch_gguf(
                         progress=progress)
     else:
         check_scan_fits(scan, config)
+    manifest = fitted(manifest, source, scan, device=device, progress=progress)
     plans = plan_recipes(scan, family, config, manifest.recipes)
     hf_names = {}
     for e in (e for p in plans for e in p.edits):
@@ -247,7 +251,7 @@ def run_patch_gguf(
     for name, data in new_bytes.items():
         splices[gf.tensors[name].start] = (gf.tensors[name].end, lambda _old, d=data: d)
     if not folder:
-        with atomic_file(out, overwrite, protect=src_file) as tmp:
+        with atomic_file(out, overwrite, protect=src_file, hint=GGUF_HINT) as tmp:
             _, out_sha = copy_spliced(src_file, tmp, splices)
         return GGUFPatchResult(Path(out), Path(out), plans, applied, scan, source_sha, out_sha)
     from melsurgery.checkpoint.basemodel import explicit

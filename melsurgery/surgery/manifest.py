@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import yaml
 
 from melsurgery.calibrate.samples import CalibrationSpec
 from melsurgery.checkpoint.basemodel import explicit
-from melsurgery.errors import UserError
+from melsurgery.errors import UserError, quote
 from melsurgery.formats import yamlsafe
+from melsurgery.formats.textfile import read_bytes
 from melsurgery.params import CALIBRATION, DETECTION, DetectParams
 from melsurgery.params import resolve as resolve_params
 from melsurgery.recipes import resolve_recipes
@@ -54,17 +54,12 @@ def read_yaml(path: Path) -> object:
     """Parse YAML with limits: a regular file of at most MAX_BYTES, read by `yamlsafe.load` (alias expansion,
     nesting and repeated keys limited)."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size:,} bytes; a manifest may be at most {MAX_BYTES:,}")
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{path}: not a regular file")
-        if st.st_size > MAX_BYTES:
-            raise UserError(f"{path}: {st.st_size:,} bytes; a manifest may be at most {MAX_BYTES:,}")
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read(MAX_BYTES + 1)
-        return yamlsafe.load(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
+        return yamlsafe.load(read_bytes(path, "manifest", MAX_BYTES).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: cannot read manifest (not UTF-8 text)") from None
     except yamlsafe.YAMLRefused as exc:
         raise UserError(f"{path}: cannot read manifest: the YAML {exc}") from None
 
@@ -100,12 +95,12 @@ def _manifest(data: object, path: Path, given: str | None = None) -> Manifest:
         raise UserError("a manifest needs a 'recipes' list (see manifests/ for examples)")
     unknown = sorted(set(data) - set(TOP_LEVEL), key=str)
     if unknown:
-        raise UserError(f"unknown field {unknown[0]!r}; a manifest has {', '.join(TOP_LEVEL)}")
+        raise UserError(f"unknown field {quote(unknown[0])}; a manifest has {', '.join(TOP_LEVEL)}")
     model, revision = data.get("model"), data.get("revision")
     if model is not None and (not isinstance(model, str) or not model):
         raise UserError(f"model must be a folder, Hub id, .gguf file or 'default', got {model!r:.60}")
     if given and model is not None and not _same_model(given, model):
-        raise UserError(f"names model {model!r}, the command line {given!r}; drop MODEL or edit the manifest")
+        raise UserError(f"names model {quote(model)}, the command line {quote(given)}; drop MODEL or edit the manifest")
     model = given or model or "default"
     if revision is not None and not isinstance(revision, str):
         raise UserError(f"revision must be a string or null, got {revision!r:.60}")

@@ -10,28 +10,42 @@ from pathlib import Path
 
 import torch
 
+from melsurgery.architectures import BASE_KEY, PATCHED_ARCH_PREFIX, PATCHED_MODEL_TYPE, WEMASK_KEY, family_for
 from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
-from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, WriteRecord
+from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, SearchRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
+from melsurgery.checkpoint.safeload import check_tokenizer
 from melsurgery.checkpoint.source import Source
-from melsurgery.checkpoint.validate import nonfinite, open_model
+from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
 from melsurgery.checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from melsurgery.detect.scan import ScanResult, check_scan_params, run_scan
 from melsurgery.errors import UserError
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
+from melsurgery.measure.verify import eval_text, input_prefix, split_text
+from melsurgery.measure.verify_result import VerifyResult, measurements_for_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.params import LAYER_WORDS
-from melsurgery.recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
+from melsurgery.recipes import (
+    FitContext,
+    RecipePlan,
+    WeMaskSpec,
+    fit_recipes,
+    parse_layers,
+    plan_recipes,
+    resolve_recipes,
+)
 from melsurgery.surgery.manifest import Manifest
 from melsurgery.version import __version__
 
 MODELING_FILE = "modeling_melsurgery.py"
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
+AUTO_MAP = {"AutoConfig": "modeling_melsurgery.MelsurgeryConfig",
+            "AutoModelForCausalLM": "modeling_melsurgery.MelsurgeryForCausalLM"}
 
 
-@dataclass
-class PatchResult:
+@dataclass(frozen=True)
+class PatchResult(JsonRecord):
     """What `run_patch` wrote: the folder, the plans, the edits applied, the scan, the verify figures."""
 
     out: Path
@@ -39,7 +53,7 @@ class PatchResult:
     applied: list[AppliedEdit]
     scan: ScanResult
     custom_layer: bool
-    verified: dict | None = None
+    verified: VerifyResult | None = None
     writer: WriteRecord | None = None
 
 
@@ -47,7 +61,7 @@ def scan_summary(scan: ScanResult) -> dict:
     """The part of a scan that provenance keeps (enough to reproduce and to verify the patch)."""
     keys = ("me_layer", "massive_dims", "top_dims", "persist_until", "ffn_neurons", "selector_threshold",
             "sink_after_me", "token_summary", "calibration", "params")
-    data = scan.to_dict()
+    data = scan.to_json()
     summary = {k: data[k] for k in keys}
     # timings would make two identical patches differ byte for byte
     summary["calibration"] = {k: v for k, v in (data["calibration"] or {}).items() if k != "seconds"}
@@ -65,20 +79,31 @@ def run_patch(
     device: str = "cpu",
     progress: bool = False,
     verify: dict | None = None,
+    search: SearchRecord | None = None,
+    fit_text: str | None = None,
 ) -> PatchResult:
-    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed."""
+    """Write the patched checkpoint; with `verify` (run_verify options) measure it before it is committed.
+
+    `search`: how a budgeted patch chose these recipes (the card and provenance record it). Recipes with fitted
+    values (first-token) are fitted after the scan on `fit_text` (default: the tuning half of the embedded
+    evaluation text, the half that verify's held-out figures in tune never see); the written manifest holds the
+    fitted values, so it reproduces the patch without fitting again."""
     # everything that can be checked without calibrating is checked first: fail fast
     recipes = resolve_recipes(manifest.recipes)
     check_scan_params(manifest.calibration, manifest.detection)
     check_output(out, overwrite, protect=source.folder)
     base = explicit(manifest.base_model, "base_model") if manifest.base_model else source.base_model
     ckpt, family = open_model(source.folder)
+    refuse_custom_layer(ckpt, "patch")
+    check_tokenizer(source.folder)
     check_params_fit(recipes, ckpt.config)
     if scan is None:
         scan = run_scan(source, manifest.calibration, manifest.detection, device=device, dtype=torch.float32,
                         progress=progress)
     else:
         check_scan_fits(scan, ckpt.config)
+    manifest = fitted(manifest, source, scan, device=device, progress=progress, fit_text=fit_text)
+    recipes = manifest.recipes
     plans = plan_recipes(scan, family, ckpt.config, recipes)
     check_plans(plans, ckpt)
     edits = [e for p in plans for e in p.edits]
@@ -88,9 +113,7 @@ def run_patch(
         applied, inputs = written.applied, dict(written.inputs)
         inputs.update(copy_side_files(ckpt, tmp, skip=("config.json",) if wemask else ()))
         if wemask:
-            config = dict(ckpt.config)
-            config["auto_map"] = AUTO_MAP
-            config["melsurgery_wemask"] = wemask.to_config()
+            config = patched_config(ckpt.config, wemask.to_config())
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             modeling = resources.files("melsurgery.engines").joinpath(MODELING_FILE).read_bytes()
             (tmp / MODELING_FILE).write_bytes(modeling)
@@ -98,19 +121,44 @@ def run_patch(
         (tmp / MANIFEST).write_text(manifest.to_yaml())
         measured = None
         if verify is not None:
-            from melsurgery.measure.verify import measurements_for_card, run_verify
+            from melsurgery.measure.verify import run_verify
 
             measured = run_verify(source.folder, tmp, device=device, progress=progress, params=scan.params,
-                                  claimed_edits=sorted({a.tensor for a in applied}), **verify)
+                                  claimed_edits=sorted({a.tensor for a in applied}),
+                                  **{"prefix": input_prefix(recipes), **verify})
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
-                           measurements=measurements_for_card(measured) if measured else None)
+                           measurements=measurements_for_card(measured) if measured else None, search=search)
         (tmp / MODEL_CARD).write_text(card)
         # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
-                         measurements=_compact(measured), known=written.outputs, writer=written.record)
+                         measurements=measured.compact() if measured else None, known=written.outputs,
+                         writer=written.record, search=search)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured, written.record)
+
+
+def patched_config(config: dict, spec: dict) -> dict:
+    """config.json of a checkpoint that needs the custom layer: a model type and architecture names no stock
+    engine knows (so an engine without the layer refuses it rather than running the base model), the base's
+    recorded under BASE_KEY, the remote-code map, and the WeMask spec."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = list(config.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]])
+    return {**config, "model_type": PATCHED_MODEL_TYPE, "architectures": [PATCHED_ARCH_PREFIX + n for n in names],
+            BASE_KEY: {"model_type": config["model_type"], "architectures": names}, "auto_map": AUTO_MAP,
+            WEMASK_KEY: spec}
+
+
+def fitted(manifest: Manifest, source: Source, scan: ScanResult, *, device: str = "cpu", progress: bool = False,
+           fit_text: str | None = None) -> Manifest:
+    """The manifest with the fitted values of its recipes filled in (first-token's row), fitted after the scan on
+    `fit_text` (default: the tuning half of the embedded evaluation text, the half tune never reports on); the
+    written manifest then reproduces the patch without fitting again."""
+    ckpt = Checkpoint(source.folder)
+    text = split_text(eval_text(None)[0])[0] if fit_text is None else fit_text
+    ctx = FitContext(source.folder, family_for(ckpt.config), ckpt.config, scan, text, device, progress)
+    return replace(manifest, recipes=fit_recipes(ctx, manifest.recipes))
 
 
 def check_scan_fits(scan: ScanResult, config: dict) -> None:
@@ -142,7 +190,7 @@ def check_plans(plans: list[RecipePlan], ckpt: Checkpoint) -> None:
     for plan in plans:
         for e in plan.edits:
             shape = ckpt.info(e.tensor).shape
-            if not all(math.isfinite(x) for x in (e.scale, e.shift, e.offset)):
+            if not all(math.isfinite(x) for x in (e.scale, e.shift, e.offset, *(e.add or ()))):
                 raise UserError(f"{plan.recipe}: the edit of {e.tensor} has a non-finite factor")
             if e.index is None:
                 continue
@@ -195,16 +243,10 @@ def check_written(folder: Path, source: Checkpoint, applied: list[AppliedEdit]) 
                             f"holds {had}); nothing was written")
 
 
-def _compact(measured: dict | None) -> dict | None:
-    """Verification figures for provenance: everything but the generated text."""
-    if measured is None:
-        return None
-    return {k: v for k, v in measured.items() if k not in ("generations", "seconds", "massive_positions")}
-
-
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
                      applied: list, inputs: dict, measurements: dict | None = None,
-                     known: dict[str, str] | None = None, writer: WriteRecord | None = None) -> Provenance:
+                     known: dict[str, str] | None = None, writer: WriteRecord | None = None,
+                     search: SearchRecord | None = None) -> Provenance:
     """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
 
     `applied`: the writer's records (AppliedEdit, or GGUFEdit for a GGUF output); `known`: sha256 already
@@ -221,6 +263,7 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: Sca
         scan=scan_summary(scan),
         measurements=measurements or {},
         writer=writer,
+        search=search,
     ).with_outputs(folder, known)
     prov.write(folder)
     return prov

@@ -57,6 +57,41 @@ def patch(folder, out, recipes, scan=None, **kw):
     return run_patch(resolve(str(folder)), out, Manifest(model=str(folder), recipes=recipes), scan=scan, **kw)
 
 
+def json_round_trip(result):
+    """`result.to_json()` as strict JSON text and back through `from_json`: asserts the document comes back the
+    same and returns it (the typed result is its JSON, nothing lost, nothing added)."""
+    import json
+
+    doc = result.to_json()
+    again = type(result).from_json(json.loads(json.dumps(doc, allow_nan=False)), "round trip")
+    assert again.to_json() == doc
+    return doc
+
+
+def cli_returning(monkeypatch, entry: str, *args):
+    """Run `melsurgery ARGS` in this process; returns what the library entry point `entry` ("module:function",
+    the call the command makes) returned to the command, and click's result. So a test compares what the
+    command wrote (--json) with the typed result it wrote it from, both from the same run."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from melsurgery.cli import main
+
+    module_name, name = entry.split(":")
+    module = importlib.import_module(module_name)
+    real, returned = getattr(module, name), []
+
+    def recording(*a, **kw):
+        returned.append(real(*a, **kw))
+        return returned[-1]
+
+    monkeypatch.setattr(module, name, recording)
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert len(returned) == 1, res.output
+    return returned[0], res
+
+
 def hub_cache_layout(src: Path, root: Path) -> Path:
     """huggingface_hub's cache: snapshots/<rev>/<file> are relative symlinks to blobs/<sha256>."""
     blobs = root / "blobs"

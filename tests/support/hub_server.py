@@ -364,6 +364,9 @@ class Hub:
         self.errors: list[str] = []  # server-side exceptions (500s)
         self.lfs_uploads: list[tuple[str, str, int]] = []  # (repo_id, sha256, size) received by PUT
         self.faults: list[Fault] = []  # planned failures, checked before any route (see HubServer.fail)
+        # A careless server that echoes the request's credentials in its *success* answers (the commit URL):
+        # tests prove the client never prints them, whatever part of an answer carries them.
+        self.echo_credentials = False
         self._routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = []
         self._add_routes()
 
@@ -426,6 +429,10 @@ class Hub:
             raise HubError(405, f"Method {req.method} not allowed")
         self.unhandled.append((req.method, req.path))
         raise HubError(404, f"Not implemented by the test hub server: {req.method} {req.path}")
+
+    def _echoed(self, req: Request) -> str:
+        """The request's Authorization header as a URL query, when `echo_credentials` is on."""
+        return f"?debug={req.headers.get('authorization', '')}" if self.echo_credentials else ""
 
     # ---- auth ----------------------------------------------------------------------------------
 
@@ -986,7 +993,7 @@ class Hub:
         body: dict[str, Any] = {
             "success": True,
             "commitOid": commit.oid,
-            "commitUrl": f"{self.endpoint}/{repo}/commit/{commit.oid}",
+            "commitUrl": f"{self.endpoint}/{repo}/commit/{commit.oid}{self._echoed(req)}",
         }
         if create_pr:
             num = r.next_discussion

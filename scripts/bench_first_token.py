@@ -1,0 +1,96 @@
+"""One first-token fit step against a plain full-model autograd step, in one run (ratios, not seconds).
+
+    python3 scripts/bench_first_token.py [MODEL] [--windows 2] [--tokens 128] [--repeat 2]
+
+Workload: MODEL (default: the embedded SmolLM2), `--windows` windows of `--tokens` tokens from the tuning half
+of the embedded text, float32 on the CPU. Both steps compute the same kind of objective (sink after the ME
+Layer over the base's massive tokens, plus the mean KL to the base over the scored tokens) and its gradient
+with respect to the first token's embedding row:
+
+- plain: the whole transformers model in memory, the row spliced into `inputs_embeds`, attentions returned,
+  the base model's logits recomputed by a second forward pass (nothing cached), full logits, one backward;
+- fit: `RowObjective.evaluate` (recipes/first_token_fit.py): base pass cached once (massive tokens, base sinks,
+  the KL's per-position terms), only the row as a leaf, the head scored in blocks.
+
+Prints the median seconds of each and their ratio; the memory figure is the process's peak RSS after each
+(the plain step runs second, so its peak includes the fit's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default="default")
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from melsurgery.architectures import family_for
+    from melsurgery.checkpoint.reader import Checkpoint
+    from melsurgery.checkpoint.safeload import load_tokenizer
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.measure.verify import eval_text, make_windows, split_text
+    from melsurgery.params import DetectParams
+    from melsurgery.recipes.first_token_fit import RowObjective, first_token
+
+    source = resolve(args.model)
+    ckpt = Checkpoint(source.folder)
+    tok = load_tokenizer(source.folder)
+    of = "bos" if tok("a")["input_ids"] != tok("a", add_special_tokens=False)["input_ids"] else "chat"
+    token_id = first_token(tok, of)
+    win = make_windows(tok, split_text(eval_text(None)[0])[0], args.tokens, args.windows,
+                       "chat" if of == "chat" else "tokenizer")
+    t = time.perf_counter()
+    obj = RowObjective(ckpt, family_for(ckpt.config), win.ids, win.first_target, token_id, DetectParams())
+    base_pass = time.perf_counter() - t
+    row = obj.row0 * 0.97
+    fit = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        obj.evaluate(row, 1.0)
+        fit.append(time.perf_counter() - t)
+    fit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    model.requires_grad_(False)
+    ids = torch.tensor(win.ids)
+    first, after = win.first_target, obj.sink_layers
+    embed = model.get_input_embeddings()
+    plain = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        r = row.clone().requires_grad_(True)
+        x = embed(ids).detach()
+        scale = obj.scale if obj.scale is not None else 1.0
+        x = torch.cat([(r * scale)[None, None].expand(len(ids), 1, -1), x[:, 1:]], dim=1)
+        out = model(inputs_embeds=x, output_attentions=True)
+        with torch.no_grad():
+            lb = model(ids).logits[:, first - 1 : -1].double().log_softmax(-1)
+        lp = out.logits[:, first - 1 : -1].double().log_softmax(-1)
+        kl = (lb.exp() * (lb - lp)).sum(-1).mean()
+        sink = torch.stack([out.attentions[i][:, :, 1:, 0].mean() for i in after]).mean()
+        (sink / obj.sink_base + kl).backward()
+        plain.append(time.perf_counter() - t)
+    plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    f, p = statistics.median(fit), statistics.median(plain)
+    print(f"workload: {source.id}, {len(win.ids)} windows x {args.tokens} tokens (first token {token_id}), "
+          f"float32, CPU, {torch.get_num_threads()} threads, median of {args.repeat}")
+    print(f"fit step {f:.1f} s, plain step {p:.1f} s: the fit step takes {f / p:.2f}x the plain step's time "
+          f"({p / f:.2f}x faster); the fit's base pass, once per path: {base_pass / f:.2f} fit steps")
+    print(f"peak RSS after the fit steps {fit_rss:.2f} GB, after the plain steps {plain_rss:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

