@@ -28,10 +28,11 @@ name is its sha256: the source must be untouched.
     python scripts/bench_patch.py --dir /mnt/xfs/bench                # generates the synthetic 7B there
     python scripts/bench_patch.py --dir /work/bench --model /work/bench/model --diff
 
-An XFS filesystem with reflink, as root (unmount and delete the image when done):
+An XFS filesystem with reflink, as root (unmount and delete the image when done; the loop device does direct
+I/O, so that the image's own page cache does not make a cold path warm):
 
     apt-get install -y xfsprogs; truncate -s 40G /work/xfs.img; mkfs.xfs -m reflink=1 /work/xfs.img
-    mkdir -p /mnt/xfs; mount -o loop /work/xfs.img /mnt/xfs
+    mkdir -p /mnt/xfs; mount -o discard $(losetup -f --show --direct-io=on /work/xfs.img) /mnt/xfs
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from melsurgery.checkpoint.provenance import Provenance, WriteRecord, recorded_h
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.writer import ShardPlan, copy_spliced, plan_shards
-from tests.support.helpers import hub_cache_layout, run_cli, snapshot
+from melsurgery.surgery.patch import PatchResult
+from tests.support.helpers import hub_cache_layout, json_round_trip, run_cli, snapshot
 
 REFLINK_ENV = "MELSURGERY_REFLINK_DIR"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -200,6 +201,8 @@ def test_patch_clones_or_copies_and_keeps_every_untouched_byte(sharded, where):
     prov = Provenance.read(out)
     prov.verify(out)
     assert prov.writer == record and record.reused_sha256 == {}  # a plain folder: every hash computed
+    doc = json_round_trip(res)  # the patch's JSON result says it too
+    assert doc["writer"]["mode"] == record.mode and PatchResult.from_json(doc).writer == record
     info = Checkpoint(src).info(EDITED)
     assert record.rewritten_bytes == info.nbytes
     assert record.hashed_bytes == sum((src / s).stat().st_size for s in (SHARD1, SHARD2))
