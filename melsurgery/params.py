@@ -26,6 +26,8 @@ class Param:
     numbers (inclusive); `flag` is the `patch` option (None: manifest only). Recipes that share a flag
     share its meaning (e.g. --layers for wemask and norm-rescale). `search` False keeps a search (tune,
     budgeted patch) from varying it: settings of how a recipe is fitted, and values a fit fills in.
+    `neutral`, for a strength or a factor, is the value that leaves the model as it is: a search scales a
+    setting toward it to bring the setting within a budget.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Param:
     auto: bool = False  # the word "auto" is also accepted (adaptive calibration)
     same_as: str | None = None  # default None means "the value of this other parameter" (a ramp's end)
     search: bool = True
+    neutral: float | None = None  # the value at which it has no effect (a strength 0, a factor 1)
 
     @property
     def where(self) -> str:

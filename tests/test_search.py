@@ -106,3 +106,40 @@ def test_the_choice_is_the_largest_held_out_cut_within_the_budget():
     assert pick(found, opts.budget).trial == 2  # 1 cuts more but is over the budget on held-out text
     assert pick(found, BudgetOptions(max_kl=0.05, max_ppl_increase=0.5).budget) is None
     assert pick([Candidate(3, [], _fig(0, 0), _fig(-5.0, 0.001))], opts.budget) is None
+
+
+def test_the_search_scales_promising_over_budget_settings_into_the_budget(tmp_path):
+    """With a budget, the last trials of a search take the over-budget setting that promises the largest cut and
+    scale its strengths toward no effect until it fits: here ffn-dampen's factor toward 1 (on this planted model
+    only the full cut lowers the sink; the test is of the mechanism)."""
+    import optuna
+
+    from melsurgery.checkpoint.safeload import load_tokenizer
+    from melsurgery.recipes import resolve_recipes
+    from melsurgery.search.engine import Budget, complete_records, make_objective, over_budget, run_trials
+    from melsurgery.search.space import make_space
+
+    folder = planted_folder(tmp_path / "m")
+    source = resolve(str(folder))
+    scan = run_scan(source)
+    ev = Evaluator(source, scan)
+    win = text_windows(load_tokenizer(folder), TEXT, 64, None)
+    text = ev.base_pass("text", win.ids, win.first_target)
+    strong = ev.run(text, ev.plans(resolve_recipes([("ffn-dampen", {"factor": 0.0})])))
+    budget = Budget(max_kl=strong.kl_mean / 20)
+    space = make_space(("ffn-dampen",), scan)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial({"recipes": "ffn-dampen", "ffn-dampen.factor": 0.0})
+    run_trials(study, make_objective(ev, text, space.suggest, "sink", budget), 9, timeout=None, objective="sink",
+               budget=budget, progress=False, space=space)
+    refined = [t for t in study.trials if "toward" in t.user_attrs]
+    assert len(study.trials) == 9 and len(refined) == 3
+    origin = study.trials[refined[0].user_attrs["toward"]]
+    assert over_budget(origin.user_attrs["figures"], budget) > 1
+    for t in refined:  # the origin's factor, moved toward 1 by the recorded scale
+        scale = t.user_attrs["scale"]
+        assert 0 < scale < 1
+        assert t.params["ffn-dampen.factor"] == pytest.approx(1 + scale * (origin.params["ffn-dampen.factor"] - 1))
+    # the steps bracket the budget's edge: within it, and not far inside (a scale near 0 would fit trivially)
+    kls = [r["figures"]["kl_mean"] for r in complete_records(study) if r["number"] in {t.number for t in refined}]
+    assert min(kls) <= budget.max_kl and max(k for k in kls if k <= budget.max_kl) > budget.max_kl / 3

@@ -16,7 +16,8 @@ from melsurgery.recipes.base import RecipePlan, require_me
 NAME = "ffn-dampen"
 FOLDS = True
 PARAMS = (Param("factor", "float", 0.2, "ffn-dampen: factor on the neurons' down-projection columns.",
-                flag="--dampen", low=0.0, high=1.0),
+                flag="--dampen", low=0.0, high=1.0,
+                neutral=1.0),
           Param("neurons", "neurons", None, "ffn-dampen: explicit neurons (E:J for expert E of a mixture of experts, "
                 "shared:J for a shared expert).",
                 flag="--neurons"))

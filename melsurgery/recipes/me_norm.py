@@ -18,7 +18,8 @@ from melsurgery.recipes.base import RecipePlan, require_me
 NAME = "me-norm"
 FOLDS = True
 PARAMS = (Param("factor", "float", 0.5, "me-norm: shrink factor toward the mean (1 leaves the weight).",
-                flag="--me-norm-factor", low=0.0, high=1.0),
+                flag="--me-norm-factor", low=0.0, high=1.0,
+                neutral=1.0),
           Param("dims", "int_list", None, "me-norm: restrict the shrink to these dims (manifest only).", low=0))
 
 

@@ -15,7 +15,7 @@ NAME = "norm-rescale"
 FOLDS = True
 PARAMS = (*ATTN_DIMS,
           Param("factor", "float", 0.5, "norm-rescale: factor on the dims' norm weight.", flag="--norm-factor",
-                low=0.0, high=1.0))
+                low=0.0, high=1.0, neutral=1.0))
 
 
 def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> RecipePlan:

@@ -19,10 +19,10 @@ NAME = "wemask"
 FOLDS = False
 PARAMS = (*ATTN_DIMS,
           Param("strength", "float", 1.0, "wemask: 1 replaces the dims, 0.5 moves them halfway.", flag="--strength",
-                low=0.0, high=1.0),
+                low=0.0, high=1.0, neutral=0.0),
           Param("strength_end", "float", None, "wemask: strength at the last masked layer, interpolated linearly "
                 "in the layer index from --strength at the first.", flag="--strength-end", low=0.0, high=1.0,
-                same_as="strength"),
+                same_as="strength", neutral=0.0),
           Param("selector", "choice", "magnitude", "wemask: which tokens are masked.", flag="--selector",
                 choices=("magnitude", "first")),
           Param("replace", "choice", "zero", "wemask: replace the dims by zero or by the mean attention input of "

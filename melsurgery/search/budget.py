@@ -293,7 +293,7 @@ def search_budget(source: Source, opts: BudgetOptions, *, scan: ScanResult | Non
         tuning = tuning_pass(evaluator, texts, source)
         ran = run_study(study, make_objective(evaluator, tuning, space.suggest, "sink", opts.budget), opts.trials,
                         timeout=opts.timeout, objective="sink", budget=opts.budget, progress=progress,
-                        label="search")
+                        space=space, label="search")
     records = complete_records(study)
     held: list[TextCache] = []
 

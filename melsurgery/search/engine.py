@@ -18,6 +18,7 @@ recompute the base logits block by block instead (as verify does).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -440,11 +441,94 @@ def make_objective(evaluator: Evaluator, text: TextCache, suggest: Callable, obj
     return run
 
 
-def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objective: str, budget: Budget,
-               progress: bool, label: str = "search") -> int:
-    """Run trials until the study holds `trials` finished ones (all workers together) or `timeout` seconds pass.
+REFINE_STEPS = 3  # trials spent bringing one over-budget setting within the budget
 
-    Returns how many this process ran. With `progress`, a bar on stderr shows the best within the budget."""
+
+def refine_share(trials: int, budget: Budget) -> int:
+    """Trials of a search of `trials` spent scaling its most promising over-budget settings into the budget: a third,
+    at most three settings' worth; none without a budget."""
+    if budget.max_kl is None and budget.max_ppl_increase is None:
+        return 0
+    return min(3 * REFINE_STEPS, trials // 3) // REFINE_STEPS * REFINE_STEPS
+
+
+def over_budget(fig: dict, budget: Budget) -> float:
+    """How many times over the budget figures are (at most 1: within it), by KL or perplexity, whichever is
+    tighter."""
+    ratios = [fig["kl_mean"] / budget.max_kl] if budget.max_kl else []
+    if budget.max_ppl_increase:
+        ratios.append(max(fig["ppl_increase_pct"], 0.0) / budget.max_ppl_increase)
+    return max(ratios)
+
+
+def _promising(study, objective: str, budget: Budget):
+    """The over-budget trial whose cut should be largest once scaled into the budget, not refined before.
+
+    A setting's sink cut changes at first order in its strength, KL and perplexity at second order, so scaling a
+    setting that is `over` times over the budget by t = 1/sqrt(over) keeps about cut/sqrt(over) of its cut."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    done = {t.user_attrs["toward"] for t in trials if "toward" in t.user_attrs}
+    key = objective_key(objective)
+    over = [(t, t.user_attrs["figures"]) for t in trials if t.number not in done and "toward" not in t.user_attrs]
+    over = [(t, f[key] / math.sqrt(o)) for t, f in over if f[key] > 0 and (o := over_budget(f, budget)) > 1]
+    return max(over, key=lambda x: x[1], default=(None, 0.0))[0]
+
+
+def _run(study, objective_fn, n: int, timeout: float | None, callbacks: list) -> None:
+    """n trials of the study (fewer when `timeout` seconds pass), interruptible between Optuna's records."""
+
+    def interruptible_objective(trial) -> tuple[float, float]:
+        with interruptible():  # a signal cuts a trial's computation, never Optuna's record of it
+            return objective_fn(trial)
+
+    with critical():
+        study.optimize(interruptible_objective, n_trials=n, timeout=timeout, callbacks=callbacks, catch=(UserError,))
+
+
+def _refine(study, objective_fn, space, trials: int, deadline: float | None, objective: str, budget: Budget,
+            callbacks: list) -> None:
+    """Scale the most promising over-budget settings toward no effect (`Space.toward_neutral`) until they fit the
+    budget: a first guess from the second-order rule, then REFINE_STEPS - 1 steps of the same rule within the
+    bracket of scales known to be inside and outside the budget."""
+    import optuna
+
+    def finished() -> int:
+        return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+    def left() -> float | None:
+        return None if deadline is None else deadline - time.monotonic()
+
+    while finished() < trials and (left() is None or left() > 0):
+        origin = _promising(study, objective, budget)
+        if origin is None:
+            return
+        lo, hi = 0.0, 1.0
+        t = min(0.98, max(0.02, 0.95 / math.sqrt(over_budget(origin.user_attrs["figures"], budget))))
+        for _ in range(REFINE_STEPS):
+            if finished() >= trials or (left() is not None and left() <= 0):
+                return
+            study.enqueue_trial(space.toward_neutral(origin.params, t), user_attrs={"toward": origin.number,
+                                                                                      "scale": t})
+            _run(study, objective_fn, 1, left(), callbacks)
+            last = study.get_trials(deepcopy=False)[-1]
+            if last.state != optuna.trial.TrialState.COMPLETE:
+                break
+            over = over_budget(last.user_attrs["figures"], budget)
+            lo, hi = (t, hi) if over <= 1 else (lo, t)
+            guess = t * 0.95 / math.sqrt(over) if over > 0 else hi
+            t = guess if lo < guess < hi else (lo + hi) / 2
+
+
+def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objective: str, budget: Budget,
+               progress: bool, space=None, label: str = "search") -> int:
+    """The one search loop: run trials until the study holds `trials` finished ones (all workers together) or
+    `timeout` seconds pass, and return how many this process ran.
+
+    Sampled trials first (TPE); with a budget and a `space`, the last `refine_share` of them scale the most
+    promising over-budget settings into the budget (`_refine`). With `progress`, a bar on stderr shows the largest
+    cut within the budget so far."""
     import optuna
 
     from melsurgery.formats.wording import change_text
@@ -473,15 +557,18 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, objec
             bar.set_postfix_str(f"largest cut {within}#{best['number']}: {objective} "
                                 f"{change_text(f[objective_key(objective)])}, KL {f['kl_mean']:.4f}")
 
-    stop = optuna.study.MaxTrialsCallback(trials, states=tuple(s for s in optuna.trial.TrialState if s.is_finished()))
-    def interruptible_objective(trial) -> tuple[float, float]:
-        with interruptible():  # a signal cuts a trial's computation, never Optuna's record of it
-            return objective_fn(trial)
-
+    states = tuple(s for s in optuna.trial.TrialState if s.is_finished())
+    refine = refine_share(trials, budget) if space is not None else 0
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        with critical():
-            study.optimize(interruptible_objective, n_trials=remaining, timeout=timeout, callbacks=[on_trial, stop],
-                           catch=(UserError,))
+        sampled = max(0, trials - refine - len(finished))
+        if sampled:
+            share = None if timeout is None else timeout * (trials - refine) / trials
+            _run(study, objective_fn, sampled, share,
+                 [on_trial, optuna.study.MaxTrialsCallback(trials - refine, states=states)])
+        if refine:
+            _refine(study, objective_fn, space, trials, deadline, objective, budget,
+                    [on_trial, optuna.study.MaxTrialsCallback(trials, states=states)])
     finally:
         if bar is not None:
             bar.close()

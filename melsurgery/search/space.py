@@ -53,6 +53,20 @@ class Axis:
                 out.append(late)
         return out
 
+    def toward_neutral(self, params: dict, t: float) -> dict:
+        """A trial's parameters (Optuna's) with every strength and factor moved toward its neutral value: t = 1
+        keeps the setting, t = 0 leaves the model as it is (structure, such as layers and dims, unchanged)."""
+        out = dict(params)
+        chosen = str(params["recipes"]).split("+")
+        for recipe in self.recipes:
+            if recipe.name not in chosen:
+                continue
+            for p, axis in self.axes(recipe):
+                if p.neutral is not None and axis.key in out:
+                    value = p.neutral + t * (out[axis.key] - p.neutral)
+                    out[axis.key] = min(max(value, axis.low), axis.high)
+        return out
+
     def to_dict(self) -> dict:
         """The axis as the search settings record it (provenance, tune.json)."""
         out: dict = {"key": self.key, "kind": self.kind}
@@ -153,6 +167,20 @@ class Space:
                 late[k], late[k.removesuffix(".first") + ".count"] = hi - count + 1, count
             if runs and late not in out:
                 out.append(late)
+        return out
+
+    def toward_neutral(self, params: dict, t: float) -> dict:
+        """A trial's parameters (Optuna's) with every strength and factor moved toward its neutral value: t = 1
+        keeps the setting, t = 0 leaves the model as it is (structure, such as layers and dims, unchanged)."""
+        out = dict(params)
+        chosen = str(params["recipes"]).split("+")
+        for recipe in self.recipes:
+            if recipe.name not in chosen:
+                continue
+            for p, axis in self.axes(recipe):
+                if p.neutral is not None and axis.key in out:
+                    value = p.neutral + t * (out[axis.key] - p.neutral)
+                    out[axis.key] = min(max(value, axis.low), axis.high)
         return out
 
     def to_dict(self) -> dict:

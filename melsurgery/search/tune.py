@@ -444,7 +444,7 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: TuneOptions, *
     tuning = tuning_pass(evaluator, texts, source)
     ran = run_trials(study, make_objective(evaluator, tuning, space.suggest, opts.objective, opts.budget),
                      opts.trials, timeout=opts.timeout, objective=opts.objective, budget=opts.budget,
-                     progress=progress, label="tune")
+                     progress=progress, space=space, label="tune")
     held_cache = evaluator.base_pass("held-out", texts.held.ids, texts.held.first_target)
     with locked(run_dir):
         records = complete_records(study)
