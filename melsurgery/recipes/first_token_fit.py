@@ -365,21 +365,23 @@ def _mean(values: list) -> float:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How the path is walked: Adam steps on sink ratio + lambda * KL, where lambda follows a KL target that
-    grows geometrically from `first_kl` (step 1) to `path_kl` (the last step): after each step lambda is
-    multiplied by KL / target (at most e-fold), so the steps trace the front from small cuts to large ones.
-    `lr` is Adam's step relative to the stored row's RMS (Adam moves every coordinate by about that much: a
-    diagonal preconditioner, where plain gradient steps crawl along the directions that cost little KL). The
-    walk stops once KL passes 2 * path_kl."""
+    """How the path is walked: Adam steps on sink ratio + lambda * KL, lambda decreasing geometrically from
+    `kl_weight_start` to `kl_weight_end` over the steps, so that the walk moves out along the front, from small
+    cuts at little KL to larger ones. `lr` is Adam's step relative to the stored row's RMS (Adam moves every
+    coordinate by about that much: a diagonal preconditioner; plain gradient steps crawl along the directions
+    that cost little KL, and a lambda that chases a KL target makes the walk oscillate). The walk stops once KL
+    passes `path_kl`."""
 
     steps: int = 24
     lr: float = 0.03
-    first_kl: float = 0.003
+    kl_weight_start: float = 2.0
+    kl_weight_end: float = 0.25
     path_kl: float = 0.3
 
-    def target(self, step: int) -> float:
-        """The KL target of a step (step 0 is the stored row)."""
-        return self.first_kl * (self.path_kl / self.first_kl) ** ((max(1, step) - 1) / max(1, self.steps - 1))
+    def kl_weight(self, step: int) -> float:
+        """Lambda at a step (step 0 is the stored row)."""
+        t = step / max(1, self.steps)
+        return self.kl_weight_start * (self.kl_weight_end / self.kl_weight_start) ** t
 
 
 @dataclass(frozen=True)
@@ -401,11 +403,8 @@ def fit_path(objective: RowObjective, settings: FitSettings,
     rms = float(row.pow(2).mean().sqrt()) or 1.0
     opt = torch.optim.Adam([row.requires_grad_(True)], lr=settings.lr * rms)
     points: list[PathPoint] = []
-    lam = 1.0
     for step in range(settings.steps + 1):
-        if step > 1:  # dual ascent: more weight on KL where the last step overshot its target, less where short
-            kl = max(points[-1].figures.kl, 1e-9)
-            lam *= math.exp(max(-1.0, min(1.0, math.log(kl / settings.target(step - 1)))))
+        lam = settings.kl_weight(step)
         last = step == settings.steps
         fig, grad = objective.evaluate(row.detach(), None if last else lam)
         if not (math.isfinite(fig.kl) and math.isfinite(fig.sink_patched)):
@@ -413,7 +412,7 @@ def fit_path(objective: RowObjective, settings: FitSettings,
         points.append(PathPoint(step, lam, fig, tuple(float(x) for x in row.detach())))
         if progress:
             progress(points[-1])
-        if last or fig.kl > 2 * settings.path_kl:
+        if last or fig.kl > settings.path_kl:
             break
         opt.zero_grad()
         row.grad = grad
