@@ -37,36 +37,6 @@ class Axis:
     high: float | None = None
     choices: tuple[str, ...] = ()
 
-    def starts(self) -> list[dict]:
-        """Where a new study starts: each recipe's defaults, then each recipe that acts on a run of layers with its
-        defaults on the last third of the layers after the ME Layer (late layers feed the fewest others, so a cut
-        there costs least; the sampler takes it from there)."""
-        out = [self.defaults(r) for r in self.recipes]
-        lo, hi = self.me_layer + 1, self.num_layers - 1
-        count = max(1, (hi - lo + 1) // 3)
-        for r in self.recipes:
-            late = self.defaults(r)
-            runs = [k for k in late if k.endswith(".first")]
-            for k in runs:
-                late[k], late[k.removesuffix(".first") + ".count"] = hi - count + 1, count
-            if runs and late not in out:
-                out.append(late)
-        return out
-
-    def toward_neutral(self, params: dict, t: float) -> dict:
-        """A trial's parameters (Optuna's) with every strength and factor moved toward its neutral value: t = 1
-        keeps the setting, t = 0 leaves the model as it is (structure, such as layers and dims, unchanged)."""
-        out = dict(params)
-        chosen = str(params["recipes"]).split("+")
-        for recipe in self.recipes:
-            if recipe.name not in chosen:
-                continue
-            for p, axis in self.axes(recipe):
-                if p.neutral is not None and axis.key in out:
-                    value = p.neutral + t * (out[axis.key] - p.neutral)
-                    out[axis.key] = min(max(value, axis.low), axis.high)
-        return out
-
     def to_dict(self) -> dict:
         """The axis as the search settings record it (provenance, tune.json)."""
         out: dict = {"key": self.key, "kind": self.kind}
