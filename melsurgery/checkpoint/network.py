@@ -28,15 +28,21 @@ class NetworkTimeout(TimeoutError):
 
 def timeout() -> float:
     """Seconds any network wait may last: $MELSURGERY_TIMEOUT, else 30."""
-    raw = os.environ.get(ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_TIMEOUT
+    return env_seconds(ENV, DEFAULT_TIMEOUT)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A time bound from environment variable `name` (blank or unset: `default`); anything but a positive finite
+    number of seconds is refused in one line."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{ENV}={quote(raw)}: must be a positive number of seconds")
+        raise UserError(f"{name}={quote(raw)}: must be a positive number of seconds")
     return value
 
 

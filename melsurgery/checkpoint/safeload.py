@@ -15,8 +15,6 @@ rendering is bounded in time (MELSURGERY_TEMPLATE_TIMEOUT seconds, default 10) a
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import threading
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from melsurgery.architectures import is_patched_config, transformers_config
+from melsurgery.checkpoint.network import env_seconds
 from melsurgery.errors import UserError, one_line, quote
 from melsurgery.formats.textfile import refuse_special_files
 
@@ -133,16 +132,7 @@ def render_chat(tokenizer: Any, messages: list[dict], **kwargs) -> str:
 
 
 def _template_seconds() -> float:
-    raw = os.environ.get(TEMPLATE_ENV, "").strip()
-    if not raw:
-        return TEMPLATE_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{TEMPLATE_ENV}={quote(raw)}: must be a positive number of seconds")
-    return value
+    return env_seconds(TEMPLATE_ENV, TEMPLATE_SECONDS)
 
 
 @contextmanager
