@@ -53,7 +53,7 @@ def test_the_budgeted_patch_is_the_planted_cut_and_verify_reproduces_its_figures
     v = run_verify(folder, out, text=root / "held.txt", generations=0)
     for ours, theirs in (("kl_mean", "kl_mean"), ("sink_base", "sink_mean_base"), ("sink_patched", "sink_mean_patched"),
                          ("ppl_patched", "ppl_patched")):
-        assert v[theirs] == pytest.approx(held[ours], rel=1e-3), ours
+        assert getattr(v, theirs) == pytest.approx(held[ours], rel=1e-3), ours
     # a second identical run reuses every trial and measurement and writes the same patch
     again = _budgeted(root, folder, tmp_path / "again", cache, "--max-kl", "1e-4", "--trials", 16)
     assert again.returncode == 0, again.stderr

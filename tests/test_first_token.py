@@ -134,15 +134,15 @@ def test_verify_measures_the_written_row_with_the_fits_definitions(tmp_path, pla
     text = tmp_path / "fit.txt"
     text.write_text(split_text(eval_text(None)[0])[0])
     r = run_verify(planted, out, text=text, max_tokens=48, max_windows=2, generations=0)
-    assert r["weights"]["changed"] == ["model.embed_tokens.weight"] and r["weights"]["matches_provenance"]
+    assert r.weights.changed == ["model.embed_tokens.weight"] and r.weights.matches_provenance
     obj, _ = _objective(planted)
     row = _tensors(out)["model.embed_tokens.weight"][BOS].clone()
     fig, _ = obj.evaluate(row)
-    assert abs(r["sink_reduction_pct"]) > 0.1  # the sink moved
-    assert fig.sink_base == pytest.approx(r["sink_mean_base"], rel=1e-5)
-    assert fig.sink_patched == pytest.approx(r["sink_mean_patched"], rel=1e-5)
-    assert fig.kl == pytest.approx(r["kl_mean"], rel=1e-3, abs=1e-6)
-    assert math.exp(fig.nll_patched) == pytest.approx(r["ppl_patched"], rel=1e-5)
+    assert abs(r.sink_reduction_pct) > 0.1  # the sink moved
+    assert fig.sink_base == pytest.approx(r.sink_mean_base, rel=1e-5)
+    assert fig.sink_patched == pytest.approx(r.sink_mean_patched, rel=1e-5)
+    assert fig.kl == pytest.approx(r.kl_mean, rel=1e-3, abs=1e-6)
+    assert math.exp(fig.nll_patched) == pytest.approx(r.ppl_patched, rel=1e-5)
 
 
 def test_a_manifest_with_the_fitted_row_reproduces_the_patch_without_fitting(tmp_path, planted, planted_scan) -> None:

@@ -98,9 +98,9 @@ def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(shar
     args = ("tune", sharded[0], "-o", run, "--scan", sharded[1], "--text", files / "text.txt", "--seed",
             str(2**32 - 1), "--max-kl", "10", *TUNE[:-3], "--quiet")
     first = run_cli(*args, "--trials", "1")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode in (0, 4), first.stderr  # 4: the study ran and no trial cut the sink in budget
     second = run_cli(*args, "--trials", "2")
-    assert second.returncode == 0, second.stderr
+    assert second.returncode in (0, 4), second.stderr
     result = tune.TuneResult.read(run / "tune.json")
     assert len(result.trials) == 2
     broken = (replace(result.trials[0], figures=replace(result.trials[0].figures, ppl_patched=math.inf)),

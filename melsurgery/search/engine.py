@@ -428,7 +428,8 @@ def make_objective(evaluator: Evaluator, text: TextCache, suggest: Callable, obj
 
     def run(trial) -> tuple[float, float]:
         recipes = suggest(trial)
-        fig = evaluator.run(text, evaluator.plans(recipes))
+        with interruptible():  # a signal cuts a trial's computation, never Optuna's records (its file lock included)
+            fig = evaluator.run(text, evaluator.plans(recipes))
         trial.set_user_attr("recipes", [{"name": n, "params": p} for n, p in recipes])
         trial.set_user_attr("figures", asdict(fig))
         trial.set_user_attr("worker", os.getpid())
@@ -477,14 +478,10 @@ def _promising(study, objective: str, budget: Budget):
 
 
 def _run(study, objective_fn, n: int, timeout: float | None, callbacks: list) -> None:
-    """n trials of the study (fewer when `timeout` seconds pass), interruptible between Optuna's records."""
-
-    def interruptible_objective(trial) -> tuple[float, float]:
-        with interruptible():  # a signal cuts a trial's computation, never Optuna's record of it
-            return objective_fn(trial)
-
+    """n trials of the study (fewer when `timeout` seconds pass); only the objective's computation is
+    interruptible (see `make_objective`), so a signal never cuts Optuna's journal or its lock."""
     with critical():
-        study.optimize(interruptible_objective, n_trials=n, timeout=timeout, callbacks=callbacks, catch=(UserError,))
+        study.optimize(objective_fn, n_trials=n, timeout=timeout, callbacks=callbacks, catch=(UserError,))
 
 
 def _refine(study, objective_fn, space, trials: int, deadline: float | None, objective: str, budget: Budget,
