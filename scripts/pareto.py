@@ -40,7 +40,8 @@ def measure_group(ev, tuning, held_pass, group: tuple[str, ...], scan, folder: P
 
     space = make_space(group, scan)
     name = "+".join(group)
-    study = open_study(folder / f"{name}.journal", {**fingerprint, "group": name}, args.seed)
+    (folder / name).mkdir(exist_ok=True)  # one run folder (and journal) per group
+    study = open_study(None, folder / name, {**fingerprint, "group": name}, args.seed)
     if not study.get_trials(deepcopy=False):
         for start in space.starts():
             study.enqueue_trial(start)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             held.append(ev.base_pass("held-out", texts.held.ids, texts.held.first_target))
         return held[0]
 
-    names = list(registry())
+    names = [n for n, r in registry().items() if r.fit is None]  # fitted recipes: scripts/first_token_front.py
     groups = [(r,) for r in names] + [tuple(names)]
     if args.groups:
         wanted = args.groups.split(",")
