@@ -14,6 +14,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from melsurgery.checkpoint.provenance import Provenance
     from melsurgery.formats.wording import budget_text, change_text, count
+    from melsurgery.search.tune import choices, short_params
 
     out = Path((argv or sys.argv[1:] or ["out"])[0])
     prov = Provenance.read(out / "smollm2-budget")
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     v = json.loads((out / "verify.json").read_text())
     folds = all(r.folds for r in prov.recipes)
     whole = ": the whole embedded text, both halves" if v["text"] == "melsurgery:eval.txt" else ""
-    what = "; ".join(r.summary or r.name for r in prov.recipes)
+    what = "; ".join(f"{r.name} {short_params(r)}" for r in choices([(r.name, r.params) for r in prov.recipes]))
     lines = [
         "",
         f"==== melsurgery demo: the budgeted patch of {prov.source.get('id')} ====",
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tuning text ({s.tuning['text']}, {count(s.tuning['windows'], 'window')}); {s.study['candidates']} "
         "re-measured on the held-out text",
         f"chosen (trial #{s.trial}): {what}",
-        f"  {'folded into the weights: a stock checkpoint' if folds else 'a custom layer: loads with remote code'}",
+        f"  {'folded into the weights: a stock checkpoint' if folds else 'a custom layer (wemask): loads with trust_remote_code=True, melsurgery.load() or vLLM beside melsurgery; refused elsewhere'}",
         f"result on the held-out text: attention sink after the ME Layer (mean over layers {s.sink_layers}) "
         f"{h['sink_base']:.3f} -> {h['sink_patched']:.3f} ({change_text(h['sink_reduction_pct'])})",
         f"  at the cost of KL(base || patched) {h['kl_mean']:.4f} per token; perplexity {h['ppl_base']:.2f} -> "
