@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         f"tuning text ({s.tuning['text']}, {count(s.tuning['windows'], 'window')}); {s.study['candidates']} "
         "re-measured on the held-out text",
         f"chosen (trial #{s.trial}): {what}",
-        f"  {'folded into the weights: a stock checkpoint' if folds else 'a custom layer (wemask): loads with trust_remote_code=True, melsurgery.load() or vLLM beside melsurgery; refused elsewhere'}",
+        "  " + ("folded into the weights: a stock checkpoint" if folds else
+                "a custom layer (wemask): loads with trust_remote_code=True, melsurgery.load() or vLLM beside "
+                "melsurgery; refused elsewhere"),
         f"result on the held-out text: attention sink after the ME Layer (mean over layers {s.sink_layers}) "
         f"{h['sink_base']:.3f} -> {h['sink_patched']:.3f} ({change_text(h['sink_reduction_pct'])})",
         f"  at the cost of KL(base || patched) {h['kl_mean']:.4f} per token; perplexity {h['ppl_base']:.2f} -> "
