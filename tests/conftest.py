@@ -21,6 +21,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 settings.register_profile("melsurgery", derandomize=True, print_blob=True)
 settings.load_profile("melsurgery")
 
+# Fixtures whose use makes a test `slow` (left out of `make test-fast`): the real default model and its full scan.
+# Other slow tests carry an explicit @pytest.mark.slow (CONTRIBUTING.md says when).
+SLOW_FIXTURES = frozenset({"smollm2", "smollm2_scan"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that uses a SLOW_FIXTURES fixture, directly or through another fixture."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def smollm2():

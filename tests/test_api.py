@@ -1,11 +1,14 @@
 """The Python API (docs/api.md) for a measurement of one's own: the streaming engine, one layer in memory."""
 
+import pytest
+
 from melsurgery.architectures import family_for
 from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import load_tokenizer
 
 
+@pytest.mark.slow
 def test_streaming_engine_observes_each_layer(planted):
     # as in docs/api.md, on the planted model: its massive activation appears at layer 3
     ckpt = Checkpoint(planted)

@@ -31,6 +31,7 @@ def _budgeted(root, folder, out, cache, *extra):
                    root / "scan.json", "--quiet", *extra, env={"MELSURGERY_CACHE": str(cache)})
 
 
+@pytest.mark.slow
 def test_the_budgeted_patch_is_the_planted_cut_and_verify_reproduces_its_figures(sinkmodel, tmp_path):
     from melsurgery.measure.verify import run_verify
 
@@ -61,6 +62,7 @@ def test_the_budgeted_patch_is_the_planted_cut_and_verify_reproduces_its_figures
     assert Provenance.read(tmp_path / "again").recipes == prov.recipes
 
 
+@pytest.mark.slow
 def test_nothing_within_the_budget_writes_nothing_and_exits_4(sinkmodel, tmp_path):
     root, folder = sinkmodel
     out = tmp_path / "out"
@@ -80,6 +82,7 @@ def test_nothing_within_the_budget_writes_nothing_and_exits_4(sinkmodel, tmp_pat
     (["--max-kl", "0.05", "-o", "out.gguf"], "--max-kl writes a safetensors folder"),
     (["--trials", "5", "--recipe", "wemask"], "--trials applies to a budgeted patch"),
 ])
+@pytest.mark.slow
 def test_bad_budgets_are_refused_before_any_work(tmp_path, args, message):
     """Checked before the model is even resolved: the model named here does not exist."""
     out = tmp_path / "out"
@@ -91,6 +94,7 @@ def test_bad_budgets_are_refused_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_a_model_without_an_me_layer_is_refused_with_exit_3(tmp_path):
     folder = planted_folder(tmp_path / "plain", plant=None)
     out = tmp_path / "out"
@@ -99,6 +103,7 @@ def test_a_model_without_an_me_layer_is_refused_with_exit_3(tmp_path):
     assert_clean_failure(r, "no ME Layer", "nothing written", out=out, code=3)
 
 
+@pytest.mark.slow
 def test_provenance_keeps_the_search_record_typed(sinkmodel, tmp_path):
     """The search record reads back through the typed provenance reader; a broken one is one line naming it."""
     from melsurgery.errors import UserError

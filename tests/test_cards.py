@@ -134,6 +134,7 @@ def test_manifest_base_model(tmp_path: Path) -> None:
         load_manifest(path)
 
 
+@pytest.mark.slow
 def test_patch_refuses_a_bad_base_model_before_any_work(planted: Path, tmp_path: Path) -> None:
     res = run_cli("patch", planted, "-o", tmp_path / "out", "--recipe", "ffn-dampen", "--base-model", str(planted))
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr

@@ -189,6 +189,7 @@ def assert_untouched_identical(src: Path, out: Path, edited: set[str]) -> None:
         assert (read_bytes(got) == read_bytes(info)) == (name not in edited), name
 
 
+@pytest.mark.slow
 def test_patch_clones_or_copies_and_keeps_every_untouched_byte(sharded, where):
     src = shutil.copytree(sharded[0], where / "src")
     before = snapshot(src)

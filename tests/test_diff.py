@@ -75,6 +75,7 @@ def by_name(result) -> dict:
     return {t.name: t for t in result.tensors}
 
 
+@pytest.mark.slow
 def test_identical_copy_and_sharded_layout_are_identical(models) -> None:
     copy = models["root"] / "copy"
     shutil.copytree(models["src"], copy)
@@ -113,6 +114,7 @@ def test_patched_checkpoint_lists_exactly_the_edited_tensors(models) -> None:
         "README.md": "only_b", "melsurgery-manifest.yaml": "only_b", "provenance.json": "only_b"}
 
 
+@pytest.mark.slow
 def test_edits_of_every_kind_text_json_and_stat(models, tmp_path) -> None:
     out = tmp_path / "diff.json"
     proc = run_cli("diff", models["src"], models["edited"], "--only-changed", "--json", out)
@@ -183,6 +185,7 @@ def test_edits_of_every_kind_text_json_and_stat(models, tmp_path) -> None:
     assert not any(DOWN2 in r for r in table)
 
 
+@pytest.mark.slow
 def test_trouble_exits_2_with_one_line(models, tmp_path) -> None:
     proc = run_cli("diff", models["src"], tmp_path / "missing")
     assert proc.returncode == 2
@@ -190,6 +193,7 @@ def test_trouble_exits_2_with_one_line(models, tmp_path) -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_hub_repos_at_two_revisions(models, hub_server: HubServer) -> None:
     repo = f"{hub_server.user}/planted"
     code = emit_result_code() + textwrap.dedent(

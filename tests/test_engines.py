@@ -139,12 +139,14 @@ def test_a_damaged_spec_fails_at_load_in_transformers_and_in_melsurgery(tampered
                                                   (TAMPERED[-2], "unsupported architecture 'llama9'"),
                                                   (TAMPERED[-1], "needs melsurgery_base")],
                          indirect=["tampered"], ids=["dims", "base", "record"])
+@pytest.mark.slow
 def test_a_damaged_spec_is_one_line_from_the_cli(planted, tampered, needle):
     res = run_cli("verify", planted, tampered[0], "--windows", "1", "--max-tokens", "16", "--generations", "0",
                   "--quiet")
     assert_clean_failure(res, needle, code=2)
 
 
+@pytest.mark.slow
 def test_scan_and_patch_refuse_a_checkpoint_with_a_custom_layer(patched, tmp_path):
     """scan and patch read plain weights: a wemask patch would be measured as its base, so it is refused."""
     for args in (("scan", patched[0]), ("patch", patched[0], "-o", tmp_path / "x", "--recipe", "ffn-dampen")):
@@ -160,6 +162,7 @@ def test_the_shipped_contract_matches_the_package():
         (a.PATCHED_MODEL_TYPE, a.PATCHED_ARCH_PREFIX, a.BASE_KEY, a.WEMASK_KEY)
 
 
+@pytest.mark.slow
 def test_importing_melsurgery_never_imports_vllm():
     import subprocess
     import sys
@@ -170,6 +173,7 @@ def test_importing_melsurgery_never_imports_vllm():
     assert res.stdout.strip() == "False", res.stderr
 
 
+@pytest.mark.slow
 def test_verify_engine_vllm_without_vllm_is_one_line(planted, patched):
     """`verify --engine vllm` where vLLM is not installed (the default test environment): one line, exit 5, before
     anything is measured. With vLLM installed, tests/engines runs it for real."""

@@ -75,6 +75,7 @@ def test_every_family_is_covered():
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.slow
 def test_scan_json_round_trips_exactly(planted_family, model_type, tmp_path):
     """Every family's scan (experts, hybrid mixers, null sinks) reads back to the same object and bytes."""
     _, r = planted_family(model_type)
@@ -102,6 +103,7 @@ def test_scan_finds_the_plant(planted_family, model_type):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.slow
 def test_streaming_statistics_equal_a_full_forward(planted_family, model_type):
     folder, _ = planted_family(model_type)
     ckpt = Checkpoint(folder)
@@ -167,6 +169,7 @@ def assert_only_edited_tensors_differ(src_folder, out_folder, edited: set[str]) 
 
 @pytest.mark.parametrize("recipe,params", RECIPES, ids=RECIPE_IDS)
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.slow
 def test_patched_checkpoint_matches_hook_reference(planted_family, tmp_path, model_type, recipe, params):
     folder, scan = planted_family(model_type)
     result = patch(folder, tmp_path / "out", [(recipe, params)], scan)
@@ -205,6 +208,7 @@ DTYPE_TYPES = [t for t in MODEL_TYPES if t not in ("qwen2_moe", "bamba", "lfm2")
 
 @pytest.mark.parametrize("dtype", list(DTYPE_RECIPES), ids=str)
 @pytest.mark.parametrize("model_type", DTYPE_TYPES)
+@pytest.mark.slow
 def test_dtypes_are_preserved(planted_family, tmp_path, model_type, dtype):
     """Half-precision sources keep their dtype; edits are computed in fp32 and cast back (fp32 sources
     are covered above)."""
@@ -254,6 +258,7 @@ def test_mixtral_edits_address_the_checkpoint_names(planted_family):
         ("model.layers.3.block_sparse_moe.experts.1.w2.weight", 1, (PLANT.neuron,))]
 
 
+@pytest.mark.slow
 def test_qwen2_moe_shared_expert_is_its_own_entry(tmp_path):
     """A massive value written by Qwen2-MoE's shared expert is attributed to ("shared", neuron), with the
     sigmoid gate in its activation, and ffn-dampen edits the shared expert's down projection."""
@@ -319,6 +324,7 @@ def test_hybrid_attention_recipes_refuse_non_attention_layers(planted_family, mo
             plan_recipes(scan, family_for(config), config, [(recipe, {"layers": str(other)})])
 
 
+@pytest.mark.slow
 def test_hybrid_refusal_is_one_line_and_writes_nothing(planted_family, tmp_path):
     folder, scan = planted_family("lfm2")
     scan.write(tmp_path / "scan.json")
@@ -342,6 +348,7 @@ def test_ffn_dampen_refuses_a_value_the_mixer_wrote(planted_family):
                      [("ffn-dampen", {})])
 
 
+@pytest.mark.slow
 def test_hybrid_verify_measures_sinks_only_on_attention_layers(planted_family):
     """verify streams hybrids through the same layer-kind dispatch: the planted massive token is found,
     and the sink is measured on the attention layers only."""

@@ -56,6 +56,7 @@ def _objective(folder: Path, dtype=torch.float32, windows: int = 2, size: int = 
 
 
 @pytest.mark.parametrize("which", ["llama", "gemma3"])
+@pytest.mark.slow
 def test_the_gradient_is_the_objectives(which, planted, gemma3) -> None:
     """The gradient of sink ratio + lambda KL, through layers and the (tied) head, matches central differences."""
     obj, _ = _objective(planted if which == "llama" else gemma3, dtype=torch.float64)
@@ -75,6 +76,7 @@ def test_the_gradient_is_the_objectives(which, planted, gemma3) -> None:
     assert float(grad.double() @ d.double()) == pytest.approx(fd, rel=0.02, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_streamed_fit_computes_what_a_resident_one_does(planted, monkeypatch) -> None:
     """Models too large to keep resident stream their layers and recompute them in the backward pass."""
     from melsurgery.recipes import first_token_fit
@@ -89,6 +91,7 @@ def test_a_streamed_fit_computes_what_a_resident_one_does(planted, monkeypatch) 
     torch.testing.assert_close(gr, gs, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_row_changes_only_its_token_and_runs_in_plain_transformers(tmp_path, gemma3) -> None:
     """The written checkpoint loads without remote code and differs from the base in one row of one tensor (tied:
     the embedding is also the head); position 0's states change, later positions' only through attention to it."""
@@ -123,6 +126,7 @@ def test_the_row_changes_only_its_token_and_runs_in_plain_transformers(tmp_path,
     assert (cb.logits[0, 1:, BOS] - cp.logits[0, 1:, BOS]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_verify_measures_the_written_row_with_the_fits_definitions(tmp_path, planted) -> None:
     """verify sees the written row move the sink, and the fit's figures for the row are verify's figures for the
     checkpoint that holds it (same windows, same definitions)."""
@@ -145,6 +149,7 @@ def test_verify_measures_the_written_row_with_the_fits_definitions(tmp_path, pla
     assert math.exp(fig.nll_patched) == pytest.approx(r.ppl_patched, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_manifest_with_the_fitted_row_reproduces_the_patch_without_fitting(tmp_path, planted, planted_scan) -> None:
     out = tmp_path / "out"
     res = run_cli("patch", planted, "-o", out, "--recipe", "first-token", *FAST, *QUICK_SCAN)
@@ -172,6 +177,7 @@ SYSTEM_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<s>system: be brief\
                    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
 
 
+@pytest.mark.slow
 def test_a_tokenizer_without_a_first_token_is_refused_and_chat_is_offered(tmp_path) -> None:
     folder = _no_bos_folder(tmp_path / "nobos", SYSTEM_TEMPLATE)
     out = tmp_path / "out"
@@ -197,6 +203,7 @@ def test_a_tokenizer_without_a_first_token_is_refused_and_chat_is_offered(tmp_pa
 @pytest.mark.parametrize("template, needle", [(None, "adds no BOS"),
                                               ("Q{% for m in messages %}{{ m['content'] }}{% endfor %}",
                                                "ordinary token")])
+@pytest.mark.slow
 def test_no_fixed_special_first_token_is_refused(tmp_path, template, needle) -> None:
     folder = _no_bos_folder(tmp_path / "m", template)
     out = tmp_path / "out"
@@ -226,6 +233,7 @@ def test_a_vector_edit_sets_rows_or_columns_and_checks_its_length() -> None:
         apply_edit(w, Edit("t", 0.0, axis=0, index=(1,), add=(1.0, 2.0)))
 
 
+@pytest.mark.slow
 def test_gguf_output_requantises_only_the_rows_blocks(tmp_path) -> None:
     """Folded means it runs in llama.cpp too: the GGUF output differs from its source only in token_embd's blocks
     of the edited row (Q8_0, requantised), every other byte kept."""

@@ -112,6 +112,7 @@ def test_header_parser_agrees_with_gguf_reader(gguf_dir):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.slow
 def test_gguf_patch_contract(gguf_dir, patched, planted_scan, qtype):
     """Same metadata plus melsurgery.*, same tensors, untouched bytes identical, norms exact, quantised
     edits equal to dequantise-edit-requantise on exactly the blocks whose values the edit changes."""
@@ -164,6 +165,7 @@ def test_gguf_patch_contract(gguf_dir, patched, planted_scan, qtype):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
+@pytest.mark.slow
 def test_patched_gguf_loads_in_transformers_like_the_safetensors_patch(gguf_dir, cache_dir, patched, planted_scan,
                                                                       tmp_path, qtype):
     """transformers' GGUF loader on the output gives the logits of the same recipe patched into safetensors
@@ -189,6 +191,7 @@ def test_patched_gguf_loads_in_transformers_like_the_safetensors_patch(gguf_dir,
     assert (gg - st).abs().max() < 0.25 * min(effect, noise)
 
 
+@pytest.mark.slow
 def test_kquant_tensor_is_refused_by_name_and_norm_edits_keep_it(gguf_dir, cache_dir, planted_scan, tmp_path):
     path = gguf_dir / "planted-Q4_K.gguf"
     env = {"MELSURGERY_CACHE": str(cache_dir)}
@@ -204,6 +207,7 @@ def test_kquant_tensor_is_refused_by_name_and_norm_edits_keep_it(gguf_dir, cache
     assert [a.tensor for a in res.applied] == [f"blk.{planted_scan.me_layer}.ffn_norm.weight"]
 
 
+@pytest.mark.slow
 def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
     env = {"MELSURGERY_CACHE": str(cache_dir)}
     src = gguf_dir / "planted-Q8_0.gguf"
@@ -257,6 +261,7 @@ def test_folder_output_is_pushable_and_tamper_evident(gguf_dir, cache_dir, plant
         validate_for_push(out)
 
 
+@pytest.mark.slow
 def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, planted_scan, tmp_path):
     from melsurgery.compare.gguf import diff_gguf
 
@@ -278,6 +283,7 @@ def test_diff_gguf_reports_blocks_rows_columns_and_keys(gguf_dir, patched, plant
     assert run_cli("diff", src, src).returncode == 0
 
 
+@pytest.mark.slow
 def test_verify_reads_patched_gguf_and_its_provenance(gguf_dir, cache_dir, patched, tmp_path):
     res = patched[Q.Q8_0]
     r = run_cli("verify", gguf_dir / "planted-Q8_0.gguf", res.file, "--windows", "1", "--max-tokens", "64",
@@ -294,6 +300,7 @@ def smollm2_patched(smollm2, smollm2_scan, tmp_path_factory):
                           scan=smollm2_scan)
 
 
+@pytest.mark.slow
 def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
     """The embedded Q4_1 SmolLM2: the scan's layer, dims and neurons land on the right GGUF tensors; every
     other tensor byte-identical; the down projection requantised only in blocks of the dampened columns."""
@@ -311,6 +318,7 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
     assert set(blocks.tolist()) <= {j // 32 for j in neurons} and len(blocks) > 0
 
 
+@pytest.mark.slow
 def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2, smollm2_scan, tmp_path):
     """F32 norm edits are exact: transformers' GGUF loader on the patched default GGUF gives the logits of
     the same recipes patched into safetensors. (For ffn-dampen on Q4_1 it does not: see docs/gguf.md.)"""

@@ -110,6 +110,7 @@ def test_config_is_checked_against_the_weights(sharded, tmp_path, case):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_config_errors_through_every_model_command(sharded, tmp_path):
     """scan, patch and verify (as BASE and as PATCHED) refuse before any work, and change nothing."""
     folders = {}
@@ -163,6 +164,7 @@ OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_options_are_one_line_errors_before_any_work(sharded, tmp_path):
     """Non-finite or out-of-range numbers, unknown devices, dims and layers the model does not have (these
     are refused before any calibration: no --scan is given for them)."""
@@ -206,6 +208,7 @@ CLI_MANIFESTS = ("calibration-a-string", "params-a-string", "max-tokens-quoted",
 
 
 @pytest.mark.parametrize("case", sorted(MANIFESTS))
+@pytest.mark.slow
 def test_manifest_fields_are_typed(tmp_path, case):
     from melsurgery.surgery.manifest import load_manifest
 
@@ -217,6 +220,7 @@ def test_manifest_fields_are_typed(tmp_path, case):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_manifests_are_refused_before_the_model_is_opened(tmp_path):
     """The manifests name a model that does not exist: the field's error comes first, so nothing was opened."""
     runs = []
@@ -272,6 +276,7 @@ def test_scan_json_is_read_with_a_typed_schema(sharded, tmp_path, case):
     assert SCAN_DAMAGE[case][1] in str(err.value)
 
 
+@pytest.mark.slow
 def test_bad_scan_json_through_patch(sharded, tmp_path):
     out = tmp_path / "out"
     runs = cli_all(*[("patch", sharded[0], "-o", out, "--scan", damaged_scan(sharded, tmp_path, case), "--recipe",
@@ -317,6 +322,7 @@ def truncated_folder(sharded, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_every_command_refuses_pickles_and_corrupt_weights(sharded, patched, tmp_path):
     """verify (either side), diff (either side) and push never unpickle, and refuse truncated shards in one
     line (scan and patch: tests/test_robustness.py)."""
@@ -371,6 +377,7 @@ def nan_folder(sharded, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_reported_as_such(sharded, tmp_path):
     """scan names the tensor and counts (not 'no massive activations'); patch never writes an edit that
     leaves NaN behind (it checks the written checkpoint before committing it)."""
@@ -407,6 +414,7 @@ def test_json_outputs_are_always_valid_json(sharded, tmp_path):
     assert prov["measurements"] == {"kl_mean": None, "ppl_patched": None}
 
 
+@pytest.mark.slow
 def test_push_refuses_non_finite_weights_and_invalid_json(patched, tmp_path):
     from melsurgery.hub.push import validate_for_push
 
@@ -426,6 +434,7 @@ def test_push_refuses_non_finite_weights_and_invalid_json(patched, tmp_path):
 # --- 3. gates a broken model cannot pass ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gates_fail_on_non_finite_figures(sharded, tmp_path):
     """A model whose weights are finite but overflow (logits of +-inf): KL and perplexity are NaN, so every
     gate that compares them fails with exit 4, and the JSON says null, never a bare NaN."""
@@ -474,6 +483,7 @@ def test_plans_that_edit_nothing_or_out_of_range_are_refused(sharded):
 # --- 5. paths -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_output_paths_that_would_touch_the_source_or_cannot_exist(sharded, tmp_path):
     src = copy_model(sharded, tmp_path, "src")
     before = snapshot(src)
@@ -486,6 +496,7 @@ def test_output_paths_that_would_touch_the_source_or_cannot_exist(sharded, tmp_p
     assert snapshot(src) == before and not inside.exists()
 
 
+@pytest.mark.slow
 def test_special_files_are_refused_without_being_opened(sharded, tmp_path):
     """A FIFO would block any reader forever: a FIFO shard or tokenizer is refused at once (no timeout hit)."""
     fifo_shard = copy_model(sharded, tmp_path, "fifo-shard")

@@ -177,6 +177,7 @@ def evil_folder(sharded, tmp_path: Path, marker: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["tokenizer-unknown-class", "tokenizer-known-class", "config"])
+@pytest.mark.slow
 def test_a_folder_that_ships_code_never_runs_it(sharded, tmp_path, text, kind):
     """scan, patch, verify and tune on a folder whose auto_map names a file that writes a marker: the marker is
     never written, even with "y" on stdin for transformers' trust prompt (and once through the console script)."""
@@ -200,6 +201,7 @@ def test_a_folder_that_ships_code_never_runs_it(sharded, tmp_path, text, kind):
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_a_patched_folder_s_modeling_file_is_never_imported(sharded, tmp_path):
     """Our own custom layer comes from the installed package: a wemask output whose shipped modeling file was
     replaced by code writing a marker is verified (and loaded) without running that file."""
@@ -260,6 +262,7 @@ def leaks(draw) -> tuple[str, str]:
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(leaks())
+@pytest.mark.slow
 def test_redaction_removes_every_secret_shape(case):
     text, secret = case
     cleaned = redact(text)
@@ -276,6 +279,7 @@ def test_figures_and_ordinary_words_survive_redaction():
         assert redact(text) == text
 
 
+@pytest.mark.slow
 def test_a_storage_password_is_never_printed_or_recorded(sharded, tmp_path, text):
     """tune --storage with a password in the URL: refused (no driver here, or no server), the URL shown redacted;
     a SQLite URL cannot carry one and is refused before any work."""
@@ -290,6 +294,7 @@ def test_a_storage_password_is_never_printed_or_recorded(sharded, tmp_path, text
     assert secret not in describe(f"postgresql://bob:{secret}@h/db", tmp_path)
 
 
+@pytest.mark.slow
 def test_hub_endpoint_userinfo_and_echoed_tokens_are_never_printed(hub_server, tmp_path):
     """A Hub that echoes the request's credentials in a success answer (the commit URL it returns): the push
     succeeds and the token appears nowhere in its output. Then HF_ENDPOINT with user:password in it (the client
@@ -360,6 +365,7 @@ def test_no_output_path_leads_into_the_source(sharded, tmp_path, text):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
+@pytest.mark.slow
 def test_the_guard_judges_the_place_not_the_spelling(tmp_path_factory, data):
     """Any walk through real folders, `..` and symlinks: the guard refuses exactly the paths that land on, inside
     or above the source, as the kernel resolves them one step at a time."""
@@ -392,6 +398,7 @@ def test_the_guard_judges_the_place_not_the_spelling(tmp_path_factory, data):
 # --- hangs -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_fifo_anywhere_a_file_is_read_is_refused_unopened(sharded, tmp_path, text):
     """A FIFO where a named file, a model file, or a run folder's lock, journal or scan is expected: every
     command returns at once with one line naming the FIFO (before: blocked forever; the alarm in `cli` would
@@ -429,6 +436,7 @@ def test_a_fifo_anywhere_a_file_is_read_is_refused_unopened(sharded, tmp_path, t
     refused(console(*cases[0]), 2, "FIFO")  # and once as the console script
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_is_given_up_on(hub_server, tmp_path):
     """An endpoint that accepts the connection and never answers: a Hub source and a push each give up after
     MELSURGERY_TIMEOUT seconds (not retried), one line, exit 2 (before: waited forever)."""
@@ -461,6 +469,7 @@ TEMPLATES = {
 
 
 @pytest.mark.parametrize("kind", sorted(TEMPLATES))
+@pytest.mark.slow
 def test_a_chat_template_that_never_ends_is_bounded(sharded, tmp_path, kind):
     """A chat template that loops for hours, recurses or renders megabytes: refused when the tokenizer is
     loaded (its template is tried once, bounded in time and size), before any model work."""
@@ -523,6 +532,7 @@ def broken_models(sharded, tmp_path: Path) -> dict[str, Path]:
     return models
 
 
+@pytest.mark.slow
 def test_every_command_refuses_a_family_of_broken_models_cleanly(sharded, tmp_path, text):
     """Each broken model through scan, patch, verify (either side), diff and tune: exit 2 (diff: 1 "differs"
     is its documented answer for a changed side file), at most two lines, no traceback, no control character,
@@ -567,6 +577,7 @@ WEMASK_TAMPERING = {
 }
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_tampered_custom_layer_before_loading_it(sharded, tmp_path):
     """A wemask output whose `melsurgery_wemask` settings were edited (out-of-range dims and layers, wrong types,
     NaN, module paths that walk Python objects): one line naming the field, before any model is built."""
@@ -658,6 +669,7 @@ def _journal_family(tmp_path: Path, journal: bytes) -> dict[str, bytes]:
     return family
 
 
+@pytest.mark.slow
 def test_tune_refuses_damaged_or_foreign_study_storage(sharded, tmp_path, text):
     """A journal cut mid-line, with garbage, unknown or incomplete operations, or another program's
     study; a SQLite file that is not a database, another program's database, or a cut Optuna database: refused
@@ -723,6 +735,7 @@ def _default_signals() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
+@pytest.mark.slow
 def test_a_signal_mid_patch_leaves_nothing_and_exits_128_plus_n(sharded, tmp_path, sig):
     """The writer pauses after its first shard (test hook); the signal lands mid-write: exit 128 + n, one line,
     no output, no hidden sibling (SIGHUP killed the process uncleaned before)."""
@@ -744,6 +757,7 @@ def test_a_signal_mid_patch_leaves_nothing_and_exits_128_plus_n(sharded, tmp_pat
             out=out)
 
 
+@pytest.mark.slow
 def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp_path, text):
     """SIGINT while trials run (the journal already records a complete one): exit 130, one line, no traceback
     (Optuna logged the interrupted trial's traceback before); the journal stays sound and a rerun continues it."""
@@ -785,6 +799,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_with_exit_5_and_leaves_nothing(sharded, small_disk):
     """A real ENOSPC (a 3 MB tmpfs; the model is about 1 MB a shard): patch, and a --json written into the
     last bytes, fail with one line and exit 5, and leave neither output nor hidden sibling behind."""
@@ -805,6 +820,7 @@ def test_a_full_disk_fails_with_exit_5_and_leaves_nothing(sharded, small_disk):
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_fails_with_exit_5_and_leaves_nothing(sharded, tmp_path):
     """RLIMIT_FSIZE in the child (EFBIG, as a quota would): the --json and the patch fail with exit 5."""
     def small_files() -> None:
@@ -834,6 +850,7 @@ def test_anything_taken_from_input_prints_as_one_bounded_escaped_line(text):
     assert printable(text) == printable(printable(text)) or "\\" in text
 
 
+@pytest.mark.slow
 def test_a_config_value_with_escapes_is_quoted_and_cut(sharded, tmp_path):
     folder = copy_model(sharded, tmp_path)
     config = json.loads((folder / "config.json").read_text())
@@ -847,6 +864,7 @@ def test_a_config_value_with_escapes_is_quoted_and_cut(sharded, tmp_path):
 # --- found in this round ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_the_command_quietly(sharded):
     """`melsurgery diff A B | head -c 1`: the closed pipe ends the command with 141 (128 + SIGPIPE) and nothing
     on stderr (before: a BrokenPipeError traceback, then 'Exception ignored' when Python flushed stdout)."""
@@ -887,6 +905,7 @@ def test_a_pipe_or_device_named_as_output_is_written_to_not_replaced(sharded, tm
     refused(cli("diff", sharded[0], sharded[0], "--json", fifo), 2, "a FIFO that nobody reads")
 
 
+@pytest.mark.slow
 def test_undecodable_bytes_in_a_name_are_printed_escaped(tmp_path):
     """A folder name that is not UTF-8 (a lone surrogate once decoded): one escaped line, not a
     UnicodeEncodeError from a strict stream."""

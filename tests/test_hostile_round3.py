@@ -48,6 +48,7 @@ def wider_scan(sharded, folder: Path) -> Path:
 # --- tune ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tune_refuses_before_any_work(sharded, files, tmp_path):
     """Each of these ran (or crashed) before: a negative or 33-bit seed (numpy's traceback), a RUN_DIR inside
     the model folder (written into the source), --apply equal to or holding RUN_DIR (refused only after the
@@ -75,6 +76,7 @@ def test_tune_refuses_before_any_work(sharded, files, tmp_path):
     assert snapshot(src) == before
 
 
+@pytest.mark.slow
 def test_tune_refuses_a_base_model_whose_figures_are_not_finite(sharded, files, tmp_path):
     """Logits that overflow made every trial's KL NaN, and Optuna's NaN constraint a traceback."""
     broken = copy_model(sharded, tmp_path, "overflow")
@@ -87,6 +89,7 @@ def test_tune_refuses_a_base_model_whose_figures_are_not_finite(sharded, files, 
     assert_clean_failure(res, "perplexity on the tuning text is not a finite number", code=2)
 
 
+@pytest.mark.slow
 def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(sharded, files, tmp_path, monkeypatch):
     """--seed 2^32-1 is valid, and a continued study (the sampler is seeded with seed + trials done) does not
     overflow it; tune.json is strict JSON even when a figure is not finite."""
@@ -114,6 +117,7 @@ def test_tune_seed_at_the_top_of_its_range_continues_and_writes_strict_json(shar
 # --- calibration, evaluation and scan files ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_named_files_must_be_plain_files(sharded, files, tmp_path):
     """A FIFO blocked every reader forever; /dev/zero filled memory until the kernel killed the process. (And a
     lone surrogate in a calibration line was a tokenizer traceback.)"""
@@ -159,6 +163,7 @@ def test_manifest_merge_keys_may_be_overridden(tmp_path):
     assert (man.calibration.seed, man.calibration.max_tokens, man.detection.ratio) == (3, 64, 500.0)
 
 
+@pytest.mark.slow
 def test_manifest_and_model_argument(sharded, tmp_path, monkeypatch):
     """A manifest without `model` takes MODEL (it was refused as naming 'default'); one naming the same folder
     in another spelling is accepted; one naming another model is refused."""
@@ -207,6 +212,7 @@ CARDS = {
 
 
 @pytest.mark.parametrize("case", sorted(CARDS))
+@pytest.mark.slow
 def test_push_refuses_cards_whose_metadata_breaks_limits(tmp_path, case):
     """Deep nesting was a RecursionError traceback; the bomb and the repeated key were accepted and sent."""
     from melsurgery.hub.push import validate_for_push
@@ -246,6 +252,7 @@ def gguf(tmp_path_factory):
     return root, {"MELSURGERY_CACHE": str(root / "cache")}
 
 
+@pytest.mark.slow
 def test_corrupt_gguf_sources_are_refused_before_conversion(gguf, sharded, tmp_path):
     """Truncated files and cut headers reached transformers' loader (a reshape or struct traceback)."""
     root, env = gguf
@@ -262,6 +269,7 @@ def gguf_cli(env: dict, *runs: tuple) -> list:
         return list(pool.map(lambda args: run_cli(*args, env=env), runs))
 
 
+@pytest.mark.slow
 def test_gguf_with_nan_is_named_after_the_file(gguf, sharded, tmp_path):
     """The error named the conversion cache folder, behind the loaders' progress bars (--quiet or not)."""
     root, env = gguf
@@ -273,6 +281,7 @@ def test_gguf_with_nan_is_named_after_the_file(gguf, sharded, tmp_path):
     assert_clean_failure(patch, f"{src}: tensor", "1 NaN", out=out, code=2)
 
 
+@pytest.mark.slow
 def test_gguf_conversion_is_quiet_and_folder_output_may_sit_beside_the_source(gguf, sharded):
     """A folder beside the .gguf was refused as 'inside the source model folder' (the .gguf's parent); the
     conversion printed the loaders' progress bars even with --quiet."""

@@ -51,6 +51,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_whoami_checks_the_token(hub_server: HubServer) -> None:
     out = client(
         hub_server,
@@ -93,6 +94,7 @@ def test_whoami_checks_the_token(hub_server: HubServer) -> None:
     assert hub_server.hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_create_repo_visibility_and_exist_ok(hub_server: HubServer) -> None:
     user = hub_server.user
     out = client(
@@ -137,6 +139,7 @@ def test_create_repo_visibility_and_exist_ok(hub_server: HubServer) -> None:
     assert hub_server.hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_upload_folder_lfs_download_roundtrip(hub_server: HubServer, tmp_path: Path) -> None:
     src = tmp_path / "src"
     files = make_folder(src)
@@ -179,6 +182,7 @@ def test_upload_folder_lfs_download_roundtrip(hub_server: HubServer, tmp_path: P
     assert hub_server.hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_create_pr_leaves_main_alone(hub_server: HubServer, tmp_path: Path) -> None:
     repo = f"{hub_server.user}/with-pr"
     (tmp_path / "a.txt").write_text("v1")
@@ -207,6 +211,7 @@ def test_create_pr_leaves_main_alone(hub_server: HubServer, tmp_path: Path) -> N
     assert hub_server.hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_read_token_cannot_write(hub_server: HubServer, tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("x")
     out = client(
@@ -237,6 +242,7 @@ def test_read_token_cannot_write(hub_server: HubServer, tmp_path: Path) -> None:
     assert out == 403
 
 
+@pytest.mark.slow
 def test_resolve_headers_and_ranges(hub_server: HubServer, tmp_path: Path) -> None:
     """The headers hf_hub_download relies on, checked without the client."""
     repo = f"{hub_server.user}/raw"
@@ -266,6 +272,7 @@ def test_resolve_headers_and_ranges(hub_server: HubServer, tmp_path: Path) -> No
     assert err.value.headers["X-Repo-Commit"] == commit
 
 
+@pytest.mark.slow
 def test_tree_pagination_and_expand(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client follows Link: rel="next" pages and parses lastCommit when expand=True."""
     from tests.support import hub_server as server_module

@@ -79,6 +79,7 @@ RECIPES = [
 
 
 @pytest.mark.parametrize("recipe,params", RECIPES)
+@pytest.mark.slow
 def test_patched_checkpoint_matches_hook_reference(planted, planted_scan, tmp_path, recipe, params):
     result = patch(planted, tmp_path / "out", [(recipe, params)], scan=planted_scan)
     (plan,) = result.plans
@@ -107,6 +108,7 @@ def test_patched_checkpoint_matches_hook_reference(planted, planted_scan, tmp_pa
         assert tensor_bytes_equal(src, out, name) == (name not in edited), name
 
 
+@pytest.mark.slow
 def test_recipes_compose(planted, planted_scan, tmp_path):
     recipes = [("ffn-dampen", {"factor": 0.5}), ("norm-rescale", {"factor": 0.5}), ("wemask", {"top_k": 1})]
     result = patch(planted, tmp_path / "out", recipes, scan=planted_scan)
@@ -122,6 +124,7 @@ def test_recipes_compose(planted, planted_scan, tmp_path):
 
 @pytest.mark.parametrize("recipe,params", [("norm-rescale", {"factor": 1.0}), ("ffn-dampen", {"factor": 1.0}),
                                            ("me-norm", {"factor": 1.0}), ("wemask", {"strength": 0.0})])
+@pytest.mark.slow
 def test_neutral_strength_reproduces_the_original_exactly(planted, planted_scan, tmp_path, recipe, params):
     patch(planted, tmp_path / "out", [(recipe, params)], scan=planted_scan)
     src, out = Checkpoint(planted), Checkpoint(tmp_path / "out")
@@ -137,6 +140,7 @@ DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.0
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE), ids=str)
+@pytest.mark.slow
 def test_dtypes_are_preserved_and_values_match_the_reference(planted_scan, tmp_path, dtype):
     src = planted_folder(tmp_path / "src", dtype=dtype, shards=2)
     recipes = [("ffn-dampen", {}), ("wemask", {})]
@@ -160,6 +164,7 @@ def test_dtypes_are_preserved_and_values_match_the_reference(planted_scan, tmp_p
 
 
 @pytest.mark.parametrize("selector", ["magnitude", "first"])
+@pytest.mark.slow
 def test_wemask_kv_cache_scores_equal_full_recomputation(planted, planted_scan, tmp_path, selector):
     """Each generation step's logits (KV cache, custom layer) equal the logits of the whole sequence recomputed,
     for one sequence and for a left-padded batch: a custom layer that masked generated tokens would differ."""
@@ -180,6 +185,7 @@ def test_wemask_kv_cache_scores_equal_full_recomputation(planted, planted_scan, 
             torch.testing.assert_close(step_logits.float(), full[:, -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_first_selector_masks_only_the_real_first_token(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("wemask", {"selector": "first", "layers": "after-me"})], scan=planted_scan)
     model, tok = melsurgery.load(tmp_path / "out")
@@ -217,6 +223,7 @@ def test_first_selector_masks_only_the_real_first_token(planted, planted_scan, t
     ref.remove(handles)
 
 
+@pytest.mark.slow
 def test_batched_left_padding_matches_single_sequences(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("wemask", {"layers": "after-me"})], scan=planted_scan)
     model, tok = melsurgery.load(tmp_path / "out")
@@ -230,6 +237,7 @@ def test_batched_left_padding_matches_single_sequences(planted, planted_scan, tm
     torch.testing.assert_close(batched[0, pad:], single[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_manifest_reproduces_the_same_bytes(planted, tmp_path):
     man = tmp_path / "m.yaml"
     man.write_text(f"model: {planted}\ncalibration: {{num_samples: 6, max_tokens: 32}}\n"
@@ -283,6 +291,7 @@ def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_p
         Provenance.read(out)
 
 
+@pytest.mark.slow
 def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -292,6 +301,7 @@ def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cli_patch_each_recipe(sharded, tmp_path):
     res = run_cli("patch", sharded[0], "-o", tmp_path / "o", "--scan", sharded[1], "--recipe", "wemask", "--recipe",
                   "norm-rescale", "--top-k", "1", "--norm-factor", "0.3")
@@ -303,6 +313,7 @@ RECIPE_DEFAULTS = ["wemask", "norm-rescale", "ffn-dampen", "me-norm"]
 
 
 @pytest.mark.parametrize("recipe", RECIPE_DEFAULTS)
+@pytest.mark.slow
 def test_default_model_patch_matches_reference(smollm2, smollm2_scan, tmp_path, recipe):
     result = patch(smollm2.folder, tmp_path / "out", [(recipe, {})], scan=smollm2_scan)
     (plan,) = result.plans
@@ -322,12 +333,14 @@ def test_default_model_patch_matches_reference(smollm2, smollm2_scan, tmp_path, 
     torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_python_api_has_no_cli_dependency():
     code = "import melsurgery, melsurgery.surgery.patch, melsurgery.detect.scan; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
+@pytest.mark.slow
 def test_cli_overwrite_layer_lists_dims_and_expert_neurons(sharded, tmp_path):
     """--overwrite replaces a non-empty folder; --layers 4,5 and --dims 17,5 edit exactly those entries;
     --neurons E:J edits column J of expert E's down projection and nothing else."""

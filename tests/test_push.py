@@ -200,6 +200,7 @@ def downloaded_files(dest: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 def test_push_round_trip(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     repo = f"{hub_server.user}/smollm2-mel-fixed"
@@ -241,6 +242,7 @@ def wemask_checkpoint(tmp_path_factory, planted: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_push_real_patched_checkpoint_and_load_it_back(hub_server: HubServer, wemask_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     import melsurgery
@@ -265,6 +267,7 @@ def test_push_real_patched_checkpoint_and_load_it_back(hub_server: HubServer, we
     assert_no_token(hub_server, [proc, got["proc"]], [wemask_checkpoint, dest])
 
 
+@pytest.mark.slow
 def test_push_pr_and_branch(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     repo = f"{hub_server.user}/patched"
@@ -294,6 +297,7 @@ def test_push_pr_and_branch(hub_server: HubServer, tmp_path: Path) -> None:
     assert hub_server.hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_dry_run_sends_nothing(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     proc = run_push(hub_server, str(folder), f"{hub_server.user}/x", "--dry-run", token=None)
@@ -325,6 +329,7 @@ def _closed_port() -> int:
         ("public-exists", "already exists and is public"),
     ],
 )
+@pytest.mark.slow
 def test_push_failures_are_one_line_user_errors(hub_server: HubServer, tmp_path: Path, case: str, needle: str):
     folder = make_output(tmp_path / "out")
     repo = f"{hub_server.user}/target"
@@ -380,6 +385,7 @@ def assert_echoed(hub: HubServer, fault) -> None:
 
 
 @pytest.mark.parametrize("where", sorted(TOKEN_ECHOES))
+@pytest.mark.slow
 def test_a_hub_error_echoing_the_token_never_shows_it(hub_server: HubServer, tmp_path: Path, where: str) -> None:
     fault = echo_token(hub_server, where)
     folder = make_output(tmp_path / "out")
@@ -393,6 +399,7 @@ def test_a_hub_error_echoing_the_token_never_shows_it(hub_server: HubServer, tmp
     assert_no_token(hub_server, [proc], [folder])
 
 
+@pytest.mark.slow
 def test_the_echoed_token_leaks_without_scrubbing(hub_server: HubServer, tmp_path: Path) -> None:
     """The planted bug the test above must catch: the same push with melsurgery's redaction disabled (errors.redact,
     which the error line, the output streams and the JSON writers all call) shows the token on stderr (so the echo
@@ -426,6 +433,7 @@ def served_card(hub: HubServer, repo: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["unknown-id", "--base-model", "hf-cache"])
+@pytest.mark.slow
 def test_patched_local_folder_card_is_accepted(hub_server: HubServer, planted: Path, planted_scan: dict,
                                                tmp_path: Path, case: str) -> None:
     """Patch a local folder, push it: the card names the base by Hub id when one is known, else by name only."""
@@ -499,6 +507,7 @@ def test_validate_refuses_card_metadata_the_hub_would_refuse(tmp_path: Path, cas
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_push_refuses_a_path_as_base_model_before_sending_anything(hub_server: HubServer, tmp_path: Path) -> None:
     folder = make_output(tmp_path / "out")
     _bad_card(folder, "path")
@@ -509,6 +518,7 @@ def test_push_refuses_a_path_as_base_model_before_sending_anything(hub_server: H
     assert proc.stdout == "" and hub_server.hub.log == []  # refused before anything was sent
 
 
+@pytest.mark.slow
 def test_the_loopback_hub_refuses_the_card_as_the_hub_does(hub_server: HubServer, tmp_path: Path) -> None:
     """Sent straight through the client (create_commit and ModelCard.validate), a path as base_model is refused."""
     folder = make_output(tmp_path / "out")
@@ -550,6 +560,7 @@ def hub_licenses_list() -> list[str]:
     return HUB_LICENSES
 
 
+@pytest.mark.slow
 def test_push_asks_the_hub_before_creating_the_repo(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
     """A rule only the Hub knows (the real one may also want base_model to exist): no repo is left behind."""
     from tests.support import hub_server as server_module

@@ -186,6 +186,7 @@ def run_both(folder: Path, scan: Path, out: Path, also_scan: bool = True) -> lis
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPT))
+@pytest.mark.slow
 def test_corrupt_input_is_refused_cleanly(base, tmp_path, case):
     mutate, needle = CORRUPT[case]
     folder = copy_model(base[0], tmp_path / "model")
@@ -210,6 +211,7 @@ class _Planter:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.slow
 def test_pickled_weights_are_refused_and_never_unpickled(base, tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -223,6 +225,7 @@ def test_pickled_weights_are_refused_and_never_unpickled(base, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_custom_code_and_stray_pickles_are_never_run(base, tmp_path):
     """A folder that would run code on import (auto_map) or on unpickling: scan and patch work, run nothing."""
     folder = copy_model(base[0], tmp_path / "custom")
@@ -256,6 +259,7 @@ def test_custom_code_and_stray_pickles_are_never_run(base, tmp_path):
 # --- hostile environments: full disk, races ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_write_error_fails_cleanly_and_removes_partial_output(base, tmp_path):
     """A file-size limit (as a full disk would) stops the shard copy: EFBIG, one line, nothing left."""
     limit = (base[0] / SHARD1).stat().st_size // 2
@@ -271,6 +275,7 @@ def test_write_error_fails_cleanly_and_removes_partial_output(base, tmp_path):
     assert_clean_failure(res, "write failed", "nothing was written", out=out, code=5)
 
 
+@pytest.mark.slow
 def test_concurrent_patches_into_one_output(base, tmp_path):
     out = tmp_path / "out"
     args = ("patch", base[0], "-o", out, "--scan", base[1], *PATCH)
@@ -319,6 +324,7 @@ def _default_sigint() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+@pytest.mark.slow
 def test_interrupted_patch_leaves_nothing(base, tmp_path, sig):
     """The writer pauses after its first shard (test hook): the signal always lands mid-write."""
     src = copy_model(base[0], tmp_path / "src")
@@ -364,6 +370,7 @@ def assert_patched_copy(src: Path, out: Path) -> None:
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.slow
 def test_paths_with_spaces_and_non_ascii(base, tmp_path):
     folder = copy_model(base[0], tmp_path / "mes modèles" / "petit modèle 模型")
     scan = tmp_path / "scan résultat.json"
@@ -375,6 +382,7 @@ def test_paths_with_spaces_and_non_ascii(base, tmp_path):
     assert_patched_copy(folder, out)
 
 
+@pytest.mark.slow
 def test_read_only_source_is_never_modified(base, tmp_path):
     folder = copy_model(base[0], tmp_path / "ro")
     for p in [folder, *folder.iterdir()]:
@@ -394,6 +402,7 @@ def test_read_only_source_is_never_modified(base, tmp_path):
 
 
 @pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+@pytest.mark.slow
 def test_hub_cache_symlinks_become_real_files(base, tmp_path, link):
     snap = hub_cache_layout(base[0], tmp_path / "models--org--tiny")
     out = tmp_path / "out"
@@ -479,6 +488,7 @@ def test_garbage_files_never_escape_as_other_errors(tmp_path, garbage):
 
 @PROPS
 @given(header=JSON, data=st.binary(max_size=32))
+@pytest.mark.slow
 def test_arbitrary_json_headers_only_raise_user_errors(tmp_path, header, data):
     path = tmp_path / "j.safetensors"
     write_with_header(path, header, data)
@@ -596,6 +606,7 @@ def test_spliced_copy_failure_raises_the_real_error(tmp_path, monkeypatch):
 # --- the benchmarks' synthetic checkpoint ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_synthetic_checkpoint_is_sharded_loadable_and_planted(tmp_path):
     """scripts/make_synthetic_checkpoint.py at toy width: many shards with an index, and scan finds the plant."""
     import sys

@@ -14,6 +14,7 @@ from tests.support.helpers import run_cli
 from tests.support.planted import Plant, build_model, llama_config, make_tokenizer, planted_folder, save_model
 
 
+@pytest.mark.slow
 def test_scan_finds_the_planted_layer_dim_token_and_neuron(planted):
     r = run_scan(resolve(str(planted)))
     plant = Plant()
@@ -30,6 +31,7 @@ def test_scan_finds_the_planted_layer_dim_token_and_neuron(planted):
 
 
 @pytest.mark.parametrize("layer,dim,neuron", [(1, 40, 7), (4, 2, 100)])
+@pytest.mark.slow
 def test_scan_follows_the_plant(tmp_path, layer, dim, neuron):
     plant = Plant(layer=layer, dim=dim, neuron=neuron)
     folder = planted_folder(tmp_path / "m", plant=plant, shards=3)
@@ -75,6 +77,7 @@ def test_scan_json_round_trips_exactly(planted_scan, tmp_path):
     assert (tmp_path / "again.json").read_text() == text
 
 
+@pytest.mark.slow
 def test_unplanted_model_has_no_me_layer_and_exits_3(tmp_path):
     folder = save_model(build_model(llama_config(), plant=None), tmp_path / "m")
     out = tmp_path / "scan.json"
@@ -84,6 +87,7 @@ def test_unplanted_model_has_no_me_layer_and_exits_3(tmp_path):
     assert json.loads(out.read_text())["me_layer"] is None
 
 
+@pytest.mark.slow
 def test_cli_scan_writes_json_and_plot(planted, tmp_path):
     out, png = tmp_path / "scan.json", tmp_path / "scan.png"
     res = run_cli("scan", planted, "--quiet", "--json", out, "--plot", png, "--num-samples", "8", "--seed", "3")
@@ -114,6 +118,7 @@ def test_calibration_files(planted, tmp_path):
         '{"model_type": "llama"}')), "only pickled weights"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{not json")), "invalid JSON"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, make, message):
     d = tmp_path / "bad"
     make(d)
@@ -123,6 +128,7 @@ def test_cli_errors_are_one_line(tmp_path, make, message):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unsupported_architecture_is_refused_naming_the_supported(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -132,6 +138,7 @@ def test_unsupported_architecture_is_refused_naming_the_supported(tmp_path):
     assert res.returncode == 2 and "unsupported architecture 'gpt2'" in res.stderr and "llama" in res.stderr
 
 
+@pytest.mark.slow
 def test_bad_calibration_file(planted, tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"nope": 1}\n')
@@ -164,12 +171,14 @@ def test_default_model_is_cached(smollm2):
     assert (smollm2.folder / "model.safetensors").is_file() and (smollm2.folder / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_unwritable_json_and_plot_paths_are_one_line_errors(planted, tmp_path):
     for opt in ("--json", "--plot"):
         res = run_cli("scan", planted, "--quiet", "--num-samples", "2", opt, tmp_path / "missing" / "x")
         assert res.returncode == 2 and "cannot write" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
     """--num-samples auto stops once two rounds agree; --dtype checkpoint computes in bf16 here."""
     folder = planted_folder(tmp_path / "m", dtype=torch.bfloat16)

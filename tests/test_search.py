@@ -46,6 +46,7 @@ def _full_forward(folder, windows, first, edits):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2"])
+@pytest.mark.slow
 def test_trials_that_edit_the_embedding_and_the_head_match_a_full_forward(family, tmp_path):
     """An edit of the first token's embedding row (the row every window starts with) and of LM-head rows: the
     engine's KL and perplexities equal those of whole models. Llama: untied head, and a column edit of the table;
@@ -108,6 +109,7 @@ def test_the_choice_is_the_largest_held_out_cut_within_the_budget():
     assert pick([Candidate(3, [], _fig(0, 0), _fig(-5.0, 0.001))], opts.budget) is None
 
 
+@pytest.mark.slow
 def test_the_search_scales_promising_over_budget_settings_into_the_budget(tmp_path):
     """With a budget, the last trials of a search take the over-budget setting that promises the largest cut and
     scale its strengths toward no effect until it fits: here ffn-dampen's factor toward 1 (on this planted model

@@ -3,10 +3,13 @@
 import json
 import sys
 
+import pytest
+
 from melsurgery.checkpoint.source import default_gguf, resolve
 from tests.support.helpers import run_cli
 
 
+@pytest.mark.slow
 def test_hub_repo_id_then_offline_from_the_cache(planted, hub_server, tmp_path):
     up = hub_server.run_python(
         "from huggingface_hub import HfApi; api = HfApi(); "
@@ -37,12 +40,14 @@ def test_gguf_file_and_alias_share_the_cached_conversion(smollm2):
     assert "license: apache-2.0" in card
 
 
+@pytest.mark.slow
 def test_scan_without_a_model_uses_the_default(smollm2):
     res = run_cli("scan", "--quiet", "--num-samples", "4", "--max-tokens", "24")
     assert res.returncode == 0, res.stderr
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in res.stdout and "ME Layer: 11" in res.stdout
 
 
+@pytest.mark.slow
 def test_missing_gguf_and_garbage_arguments(tmp_path):
     res = run_cli("scan", tmp_path / "nope.gguf", "--quiet")
     assert res.returncode == 2 and "no such GGUF file" in res.stderr
@@ -50,6 +55,7 @@ def test_missing_gguf_and_garbage_arguments(tmp_path):
     assert res.returncode == 2 and "not a Hub repo id" in res.stderr
 
 
+@pytest.mark.slow
 def test_hub_errors_echoing_the_token_never_show_it(hub_server, tmp_path):
     """A Hub source whose server echoes the bearer token in its errors, on the repo lookup and on a download:
     one line, exit 2, and the token nowhere in the output (the server really sent it back)."""

@@ -36,6 +36,7 @@ def _tune(root, folder, run, *extra):
                    "--max-tokens", 256, "--scan", root / "scan.json", "--quiet", *extra)
 
 
+@pytest.mark.slow
 def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmodel, tmp_path):
     root, folder = sinkmodel
     run, out = tmp_path / "run", tmp_path / "patched"
@@ -99,6 +100,7 @@ def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
     assert v.ppl_patched == pytest.approx(first.ppl_patched, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_rerun_continues_the_study_without_losing_trials(sinkmodel, tmp_path):
     root, folder = sinkmodel
     run = tmp_path / "run"
@@ -121,6 +123,7 @@ def test_rerun_continues_the_study_without_losing_trials(sinkmodel, tmp_path):
     assert len(json.loads((run / "tune.json").read_text())["trials"]) == 5
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(sinkmodel, tmp_path):
     root, folder = sinkmodel
     run = tmp_path / "run"
@@ -183,6 +186,7 @@ def test_space_derives_from_the_declarations(planted_scan, monkeypatch):
     (["--trials", "0"], "--trials"),
     (["--objective", "x"], "objective"),
 ])
+@pytest.mark.slow
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
     r = run_cli("tune", tmp_path / "nowhere", "-o", tmp_path / "run", *args)
     assert r.returncode == 2
@@ -195,6 +199,7 @@ def test_cli_lists_tune():
     assert r.returncode == 0 and "--max-kl" in r.stdout
 
 
+@pytest.mark.slow
 def test_unreadable_text_is_refused_before_anything_is_written(sinkmodel, tmp_path):
     root, folder = sinkmodel
     r = run_cli("tune", folder, "-o", tmp_path / "run", "--text", tmp_path / "missing.txt", "--quiet")

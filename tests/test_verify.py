@@ -28,6 +28,7 @@ VERIFY_JSON_KEYS = [
 
 
 
+@pytest.mark.slow
 def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("wemask", {"strength": 0.0}), ("ffn-dampen", {"factor": 1.0})], planted_scan)
     r = run_verify(planted, tmp_path / "out", **FAST)
@@ -41,6 +42,7 @@ def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tm
     assert list(r.to_json()) == VERIFY_JSON_KEYS  # the schema `verify --json` has always written
 
 
+@pytest.mark.slow
 def test_removing_the_massive_activation_shows_in_the_right_layers(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
     r = run_verify(planted, tmp_path / "out", **FAST)
@@ -54,6 +56,7 @@ def test_removing_the_massive_activation_shows_in_the_right_layers(planted, plan
 
 
 
+@pytest.mark.slow
 def test_an_unreadable_provenance_is_said_not_skipped(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
     (tmp_path / "out" / "provenance.json").write_text('{"melsurgery": ')  # cut short
@@ -73,6 +76,7 @@ def test_gates():
     assert len(Gates(max_kl=0.01, max_ppl_increase=1, min_sink_reduction=50).check(r)) == 3
 
 
+@pytest.mark.slow
 def test_cli_verify_json_plot_and_gate_exit(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("wemask", {"layers": "after-me"})], planted_scan)
     js, png = tmp_path / "v.json", tmp_path / "v.png"
@@ -90,6 +94,7 @@ def test_cli_verify_json_plot_and_gate_exit(planted, planted_scan, tmp_path):
     assert res.returncode == 4 and "gate violated" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_patch_verify_writes_figures_into_card_and_provenance(planted, planted_scan, tmp_path):
     result = patch(planted, tmp_path / "out", [("ffn-dampen", {})], planted_scan, verify=FAST)
     assert result.verified.kl_mean > 0
@@ -126,12 +131,14 @@ def _equals_whole_model_verify(base, patched, tok, max_tokens=64, windows=2):
 
 
 @pytest.mark.parametrize("recipe", [("wemask", {"layers": "after-me"}), ("ffn-dampen", {"factor": 0.0})])
+@pytest.mark.slow
 def test_streaming_verify_equals_whole_model_verify(planted, planted_scan, recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(verify_module, "HEAD_ROWS", 10)  # the LM head in 10 blocks: the online softmax sums
     patch(planted, tmp_path / "out", [recipe], planted_scan)
     assert _equals_whole_model_verify(planted, tmp_path / "out", make_tokenizer()).kl_mean > 0
 
 
+@pytest.mark.slow
 def test_streaming_verify_equals_whole_model_verify_gemma2(tmp_path):
     """Tied LM head, logit soft-capping, post-FFN norms, sliding windows; an edited attention-input norm."""
     base = planted_folder(tmp_path / "m", family_config("gemma2"))
@@ -140,6 +147,7 @@ def test_streaming_verify_equals_whole_model_verify_gemma2(tmp_path):
     assert _equals_whole_model_verify(base, tmp_path / "out", make_tokenizer()).kl_mean > 0
 
 
+@pytest.mark.slow
 def test_streaming_verify_equals_whole_model_verify_on_default_model(smollm2, smollm2_scan, tmp_path):
     patch(smollm2.folder, tmp_path / "out", [("wemask", {})], smollm2_scan)
     r = _equals_whole_model_verify(smollm2.folder, tmp_path / "out", load_tokenizer(smollm2.folder), windows=1)
@@ -157,12 +165,14 @@ def _scan_and_verify_sinks(folder, text, max_tokens):
     return scan
 
 
+@pytest.mark.slow
 def test_scan_and_verify_agree_on_the_sink_planted(planted, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(verify_module.eval_text(None)[0][:300].replace("\n\n", "\n").strip())
     _scan_and_verify_sinks(planted, text, 512)
 
 
+@pytest.mark.slow
 def test_scan_and_verify_agree_on_the_sink_default_model(smollm2, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(verify_module.eval_text(None)[0][:600].replace("\n\n", "\n").strip())
@@ -170,6 +180,7 @@ def test_scan_and_verify_agree_on_the_sink_default_model(smollm2, tmp_path):
     assert max(s for s in scan.sink if s is not None) > 0.3
 
 
+@pytest.mark.slow
 def test_windows_open_with_bos_and_perplexity_excludes_it(planted, tmp_path):
     """The planted model's massive activation comes from BOS alone: without BOS its outputs change."""
     tok = make_tokenizer()
@@ -204,6 +215,7 @@ def test_generations_are_skipped_when_whole_models_do_not_fit(planted, planted_s
     assert r.generations_note in verify_report(r)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_shape_is_not_a_patch(planted, tmp_path):
     other = planted_folder(tmp_path / "o", family_config("llama", intermediate_size=96))
     res = run_cli("verify", planted, other, "--windows", "1", "--generations", "0", "--quiet")

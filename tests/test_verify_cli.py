@@ -47,6 +47,7 @@ def independent_figures(base, patched, text: str, windows: int) -> dict:
             "ppl_patched": math.exp(nll_p / count)}
 
 
+@pytest.mark.slow
 def test_verify_figures_gates_text_and_quiet(planted, planted_scan, tmp_path):
     out = tmp_path / "out"
     run_patch(resolve(str(planted)), out, Manifest(recipes=[("ffn-dampen", {"factor": 0.5})]), scan=planted_scan)

@@ -61,6 +61,7 @@ def forward(model, ids, mask, **kw):
         return model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kw)
 
 
+@pytest.mark.slow
 def test_per_layer_selector_fires_where_one_global_threshold_cannot(growth, tmp_path):
     folder, scan = growth
     sel = {s.layer: s for s in scan.selector_layers}
@@ -93,6 +94,7 @@ def test_per_layer_selector_fires_where_one_global_threshold_cannot(growth, tmp_
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_plan_that_selects_no_token_is_refused_in_one_line(growth, tmp_path):
     folder, scan = growth
     me = scan.me_layer
@@ -119,6 +121,7 @@ def sink_of(model, ids, layers):
     return sum(float(att[i][:, :, 1:, 0].mean()) for i in layers) / len(layers)
 
 
+@pytest.mark.slow
 def test_sink_attribution_finds_the_dims_that_drive_the_sink(sink, tmp_path):
     folder, scan = sink
     me = scan.me_layer
@@ -161,6 +164,7 @@ def test_strength_ramp_and_mean_values_come_from_the_scan(sink):
 
 
 @pytest.mark.parametrize("selector", ["magnitude", "first"])
+@pytest.mark.slow
 def test_per_layer_dims_and_mean_replacement_equal_a_hook_reference_with_cache_and_left_padding(
         sink, tmp_path, selector):
     folder, scan = sink

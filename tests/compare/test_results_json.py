@@ -45,6 +45,7 @@ def edited(planted: Path, tmp_path_factory) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_diff_json_is_the_to_json_of_the_result_and_reads_back(edited, planted, tmp_path, monkeypatch) -> None:
     path = tmp_path / "diff.json"
     result, res = cli_returning(monkeypatch, "melsurgery.compare.checkpoints:diff_checkpoints", "diff", edited,
@@ -97,6 +98,7 @@ def test_a_malformed_diff_document_names_the_field(edited, planted, case) -> Non
     assert message.endswith("; rerun `melsurgery diff --json`")
 
 
+@pytest.mark.slow
 def test_gguf_diff_json_is_the_to_json_of_the_result_and_reads_back(planted_scan, tmp_path, monkeypatch) -> None:
     from melsurgery.checkpoint.source import resolve
     from melsurgery.surgery.gguf_patch import run_patch_gguf

@@ -17,6 +17,7 @@ def test_a_real_scan_round_trips(planted_scan) -> None:
     assert doc["me_layer"] == 3 and doc["massive_dims"] == [17]
 
 
+@pytest.mark.slow
 def test_scan_json_is_the_to_json_of_the_result_it_reports(planted, tmp_path, monkeypatch) -> None:
     path = tmp_path / "scan.json"
     result, res = cli_returning(monkeypatch, "melsurgery.detect.scan:run_scan", "scan", planted, *QUICK_SCAN,

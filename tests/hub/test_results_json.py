@@ -23,6 +23,7 @@ def patched_folder(planted: Path, planted_scan, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_real_push_round_trips(hub_server: HubServer, patched_folder: Path) -> None:
     repo = f"{hub_server.user}/typed"
     code = emit_result_code() + textwrap.dedent(f"""

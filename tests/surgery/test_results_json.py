@@ -25,6 +25,7 @@ def patched(planted, planted_scan, tmp_path_factory) -> PatchResult:
     return patch(planted, out, [("wemask", {}), ("ffn-dampen", {})], planted_scan, verify=FAST_VERIFY)
 
 
+@pytest.mark.slow
 def test_a_real_patch_round_trips(patched: PatchResult) -> None:
     doc = json_round_trip(patched)
     assert doc["out"] == str(patched.out) and doc["custom_layer"] is True
@@ -55,6 +56,7 @@ def test_a_malformed_patch_document_names_the_field(patched: PatchResult, case: 
     assert str(err.value).startswith("patch.json: ") and needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_real_gguf_patch_round_trips(planted_scan, tmp_path, monkeypatch) -> None:
     from melsurgery.checkpoint.source import resolve
 
