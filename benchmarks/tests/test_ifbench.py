@@ -50,6 +50,7 @@ def _score(prompts: dict[str, ib.Prompt], key: str, response: str, suite: str = 
 # --------------------------------------------------------------------------- scoring on real prompts
 
 
+@pytest.mark.slow
 def test_prompt_files_shipped(ifbench_prompts: dict[str, ib.Prompt]) -> None:
     assert len(ifbench_prompts) == 294
     assert ib.load_prompts("ifbench", limit=5)[0].key == "0"
@@ -360,6 +361,7 @@ def test_generation_loop_and_resume(tmp_path: Path) -> None:
     assert batched == {k: r["response"] for k, r in ib.read_responses(single).items()}
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path: Path, ifbench_prompts: dict[str, ib.Prompt]) -> None:
     from click.testing import CliRunner
 
