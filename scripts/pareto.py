@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from melsurgery.calibrate.samples import CalibrationSpec
     from melsurgery.checkpoint.source import cache_dir, resolve
     from melsurgery.params import DetectParams
-    from melsurgery.recipes import registry
     from melsurgery.search.budget import HeldOutCache, model_fingerprint
     from melsurgery.search.engine import Evaluator
+    from melsurgery.search.space import searchable
     from melsurgery.search.tune import read_texts, scan_once, text_sha, tuning_pass
 
     source = resolve(args.model)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             held.append(ev.base_pass("held-out", texts.held.ids, texts.held.first_target))
         return held[0]
 
-    names = [n for n, r in registry().items() if r.fit is None]  # fitted recipes: scripts/first_token_front.py
+    names = searchable()  # fitted recipes: scripts/first_token_front.py
     groups = [(r,) for r in names] + [tuple(names)]
     if args.groups:
         wanted = args.groups.split(",")

@@ -36,7 +36,7 @@ from melsurgery.checkpoint.guard import check_writable, protect, protecting
 from melsurgery.cli import main
 from melsurgery.commands.shared import failure
 from melsurgery.errors import LINE_LIMIT, QUOTE_LIMIT, UserError, printable, quote, redact
-from tests.support.helpers import QUICK_SCAN, snapshot
+from tests.support.helpers import QUICK_SCAN, default_signals, snapshot
 
 ROOT = Path(melsurgery.__file__).parent
 TEXT = "To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer the slings.\n"
@@ -727,13 +727,6 @@ def test_names_longer_than_the_filesystem_allows_are_refused_up_front(sharded, t
 # --- debris: signals and a full disk -------------------------------------------------------------------------
 
 
-def _default_signals() -> None:
-    """The child starts with the default disposition of the signals under test, whatever the runner ignores
-    (a CI job under nohup ignores SIGHUP, and the tool rightly leaves an ignored signal ignored)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
 @pytest.mark.slow
 def test_a_signal_mid_patch_leaves_nothing_and_exits_128_plus_n(sharded, tmp_path, sig):
@@ -742,7 +735,7 @@ def test_a_signal_mid_patch_leaves_nothing_and_exits_128_plus_n(sharded, tmp_pat
     out, ready = tmp_path / "out", tmp_path / "first-shard-written"
     proc = subprocess.Popen(["melsurgery", "patch", str(sharded[0]), "-o", str(out), "--scan", str(sharded[1]),
                              "--recipe", "ffn-dampen", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_default_signals,
+                            text=True, preexec_fn=default_signals,
                             env={**os.environ, "MELSURGERY_TEST_PAUSE_FILE": str(ready)})
     try:
         deadline = time.monotonic() + 300
@@ -765,7 +758,7 @@ def test_a_signal_during_tune_stops_cleanly_and_the_study_continues(sharded, tmp
     args = ["melsurgery", "tune", str(sharded[0]), "-o", str(run), "--scan", str(sharded[1]), "--text", str(text),
             "--max-tokens", "16", "--windows", "1", "--quiet"]
     proc = subprocess.Popen([*args, "--trials", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_signals)
+                            preexec_fn=default_signals)
     try:
         deadline = time.monotonic() + 300
         journal = run / "study.journal"

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from melsurgery.checkpoint.atomic import atomic_folder
 from melsurgery.checkpoint.safetensors_file import DTYPES, ITEMSIZE, load_tensor, read_header
 from melsurgery.errors import UserError
-from tests.support.helpers import QUICK_SCAN, assert_clean_failure, hub_cache_layout, run_cli, snapshot
+from tests.support.helpers import QUICK_SCAN, assert_clean_failure, default_signals, hub_cache_layout, run_cli, snapshot
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -317,12 +317,6 @@ def test_premade_empty_output_folder_is_used(tmp_path):
 # --- interruptions ------------------------------------------------------------------------------------
 
 
-def _default_sigint() -> None:
-    """In the child: SIGINT at its default, whatever the shell that started the tests ignores (Python then
-    installs its KeyboardInterrupt handler)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
 @pytest.mark.slow
 def test_interrupted_patch_leaves_nothing(base, tmp_path, sig):
@@ -331,7 +325,7 @@ def test_interrupted_patch_leaves_nothing(base, tmp_path, sig):
     before = snapshot(src)
     out, ready = tmp_path / "out", tmp_path / "first-shard-written"
     cmd = ["melsurgery", "patch", str(src), "-o", str(out), "--scan", str(base[1]), *PATCH]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals,
                             env={**os.environ, "MELSURGERY_TEST_PAUSE_FILE": str(ready)})
     try:
         while not ready.exists():

@@ -31,7 +31,6 @@ from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet, NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.textfile import read_text
-from melsurgery.recipes import registry
 from melsurgery.search.engine import (
     Budget,
     Evaluator,
@@ -43,7 +42,7 @@ from melsurgery.search.engine import (
     open_study,
 )
 from melsurgery.search.engine import run_trials as run_study
-from melsurgery.search.space import Space, make_space
+from melsurgery.search.space import Space, make_space, searchable
 from melsurgery.search.tune import (
     Texts,
     check_budget,
@@ -80,9 +79,8 @@ class BudgetOptions:
 
     @property
     def searched(self) -> tuple[str, ...]:
-        """The recipes searched: those named, else every registered one that is not fitted (first-token's row is
-        fitted by `patch --recipe first-token`, a path of minutes per composition, not a trial's setting)."""
-        return self.recipes or tuple(n for n, r in registry().items() if r.fit is None)
+        """The recipes searched: those named, else every one the search can vary (`searchable`)."""
+        return self.recipes or searchable()
 
     def describe(self) -> str:
         """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""

@@ -159,6 +159,12 @@ class Space:
                 "axes": [a.to_dict() for r in self.recipes for _, a in self.axes(r)]}
 
 
+def searchable() -> tuple[str, ...]:
+    """The registered recipes a search varies trial by trial: all but the fitted ones (first-token's row is fitted
+    by `patch --recipe first-token`, a path of minutes, not a trial's setting)."""
+    return tuple(n for n, r in registry().items() if r.fit is None)
+
+
 def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
     """The search space of these recipes for this model, from their declared parameters."""
     if scan.me_layer is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -104,3 +105,10 @@ def hub_cache_layout(src: Path, root: Path) -> Path:
         shutil.copy(p, blobs / digest)
         (snap / p.name).symlink_to(Path("..", "..", "blobs", digest))
     return snap
+
+
+def default_signals() -> None:
+    """preexec_fn: the child starts with the default disposition of the signals under test, whatever the runner
+    ignores (a CI job under nohup ignores SIGHUP, and the tool rightly leaves an ignored signal ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
