@@ -14,8 +14,10 @@ Paths:
   patch-hf-cache    melsurgery patch now, from the same files laid out as a Hugging Face cache snapshot
                     (blobs named by their sha256, hard links to the plain folder's files: no extra disk)
   patch-hf-cache-warm  the same on a warm page cache (nothing evicted; as right after a scan read the model)
-  hash-edited       sha256 of the shards the patch edits, cold: the floor of any patch that records the sha256 of
-                    its output files (sha256 is a chain: a file with one changed byte is hashed whole)
+  hash-edited       sha256 of the shards the patch edits, cold: what recording their whole-file sha256 at patch
+                    time costs (sha256 is a chain: a file with one changed byte is hashed whole). patch records
+                    an edited shard whose source hash it trusts by its derivation instead, and push, which
+                    reads every file anyway, records the digest
 
 Each patch applies one recipe (--recipe, default norm-rescale with its defaults) given the scan JSON
 (--scan, else a short scan is run once and kept in --dir). The patch children report run_patch's own time

@@ -84,9 +84,9 @@ def test_plan_links_only_untouched_files_and_hashes_only_what_is_not_known():
                         link=True)
     assert plans == [ShardPlan("a", 100, (), known, link=True), ShardPlan("b", 200, ((10, 20), (50, 60)), known),
                      ShardPlan("c", 300, (), None, link=True)]
-    # a known untouched file is not read at all; an edited one is read once for its output hash; an unknown one
-    # once for its input hash (= its output hash)
-    assert [p.hashed_bytes for p in plans] == [0, 200, 300]
+    # a known untouched file is not read at all; of a known edited one only the bytes written are hashed; an
+    # unknown one is read once for its input hash (= its output hash, or beside it in the same pass)
+    assert [p.hashed_bytes for p in plans] == [0, 20, 300]
     assert [p.rewritten_bytes for p in plans] == [0, 20, 0]
     assert [p.copied_bytes(CLONE) for p in plans] == [0, 0, 0]
     assert [p.copied_bytes(KERNEL_COPY) for p in plans] == [0, 200, 0]  # linked files are never copied
@@ -354,14 +354,67 @@ def test_patch_of_a_hub_cache_snapshot_reuses_the_blob_names(sharded, tmp_path):
     snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
     record = patch_api(snap, tmp_path / "out", sharded[1]).writer
     assert record.reused_sha256 == {SHARD1: "hf-cache-blob", SHARD2: "hf-cache-blob"}
-    assert record.hashed_bytes == (snap / SHARD2).stat().st_size  # the edited shard's output hash only
-    prov = Provenance.read(tmp_path / "out")
-    prov.verify(tmp_path / "out")
+    info = Checkpoint(snap).info(EDITED)
+    assert record.hashed_bytes == record.rewritten_bytes == info.nbytes  # only the bytes written were hashed
+    assert record.derived == (SHARD2,) and "sha256 of 1 edited file is left to push" in record.summary
+    out = tmp_path / "out"
+    prov = Provenance.read(out)
     assert prov.source["files"][SHARD1] == sha256_file(snap / SHARD1) == prov.outputs[SHARD1]
-    # patching the patched folder again trusts its provenance for the untouched shard
-    again = patch_api(tmp_path / "out", tmp_path / "again", sharded[1], recipe="norm-rescale").writer
-    assert again.reused_sha256 == {SHARD1: "provenance", SHARD2: "provenance"}
+    # the edited shard is recorded by its derivation: the source's sha256 and the edited range's
+    assert SHARD2 not in prov.outputs and prov.sizes[SHARD2] == (out / SHARD2).stat().st_size
+    derived = prov.derived[SHARD2]
+    assert derived.source_sha256 == sha256_file(snap / SHARD2)
+    assert [(r.start, r.end, r.sha256) for r in derived.edits] == [
+        (info.start, info.end, hashlib.sha256((out / SHARD2).read_bytes()[info.start:info.end]).hexdigest())]
+    assert derived.mtime_ns == (out / SHARD2).stat().st_mtime_ns
+    complete = prov.verify(out)  # what push does: checks the derivation and computes the whole-file sha256
+    assert complete.outputs[SHARD2] == sha256_file(out / SHARD2) and complete.derived == prov.derived
+    # patching the patched folder again trusts its provenance for the untouched shard (the edited one is read)
+    again = patch_api(out, tmp_path / "again", sharded[1], recipe="norm-rescale").writer
+    assert again.reused_sha256 == {SHARD1: "provenance"}
     Provenance.read(tmp_path / "again").verify(tmp_path / "again")
+
+
+@pytest.mark.parametrize("tamper", ["edited-bytes", "untouched-byte", "size", "sealed-then-changed"])
+def test_a_derived_file_changed_after_the_patch_is_refused(sharded, tmp_path, tamper):
+    """The derivation holds while the file's size and mtime are unchanged and its edited bytes are as recorded;
+    any change is a one-line refusal naming the file (what push says before sending anything)."""
+    from melsurgery.errors import UserError
+
+    snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
+    out = tmp_path / "out"
+    patch_api(snap, out, sharded[1])
+    prov, path = Provenance.read(out), out / SHARD2
+    edit = prov.derived[SHARD2].edits[0]
+    st = path.stat()
+    if tamper == "sealed-then-changed":
+        prov = prov.verify(out)  # sealed: from now on the whole-file sha256 decides
+    with open(path, "r+b") as fh:
+        if tamper == "size":
+            fh.truncate(st.st_size - 1)
+        else:
+            fh.seek(edit.start if tamper in ("edited-bytes", "sealed-then-changed") else 0)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 1]))
+    if tamper in ("edited-bytes", "sealed-then-changed"):
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back: the bytes still tell
+    why = {"edited-bytes": f"bytes {edit.start}-{edit.end} differ", "untouched-byte": "modified after surgery",
+           "size": "size differs", "sealed-then-changed": "sha256 differs"}[tamper]
+    with pytest.raises(UserError, match=f"{SHARD2}: {why}"):
+        prov.verify(out)
+
+
+def test_a_derivation_that_is_not_one_is_refused_on_reading(tmp_path):
+    from melsurgery.errors import UserError
+
+    good = {"source_sha256": "a" * 64, "size": 10, "mtime_ns": 1, "edits": [{"start": 2, "end": 4, "sha256": "b" * 64}]}
+    doc = {"recipes": [{"name": "x"}], "source": {"id": "x"}, "outputs": {}, "derived": {"w.safetensors": good}}
+    assert Provenance.from_dict(doc, "p").derived["w.safetensors"].edits[0].end == 4
+    for bad in ({**good, "source_sha256": "A" * 64}, {**good, "edits": [{"start": 2, "end": 11, "sha256": "b" * 64}]},
+                {**good, "edits": [{"start": 2, "end": 4}]}, {**good, "size": "10"}):
+        with pytest.raises(UserError, match="^p: derived"):
+            Provenance.from_dict({**doc, "derived": {"w.safetensors": bad}}, "p")
 
 
 # --- diff, verify and push on a cloned output, the source untouched ---------------------------------------
@@ -390,13 +443,41 @@ def test_diff_verify_and_push_work_on_a_cloned_output(sharded, reflink_dir, hub_
     assert got["proc"].returncode == 0 and downloaded_files(where / "dl") == all_bytes(out)
 
 
+@pytest.mark.slow
+def test_push_records_the_whole_file_sha256_of_derived_files(sharded, tmp_path, hub_server):
+    """patch leaves the edited shard's sha256 to push; push checks the derivation, records the digest in the
+    folder's provenance.json (the dry run only says it would) and uploads the completed record."""
+    from tests.test_push import all_bytes, download, downloaded_files, run_push
+
+    snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
+    out = tmp_path / "out"
+    res = run_cli("patch", snap, "-o", out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "is left to push" in res.stdout
+    written = (out / "provenance.json").read_bytes()
+    repo = f"{hub_server.user}/derived"
+    dry = run_push(hub_server, str(out), repo, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would record in provenance.json the sha256 of 1 edited file ({SHARD2})" in dry.stdout
+    assert (out / "provenance.json").read_bytes() == written
+    pushed = run_push(hub_server, str(out), repo)
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"recorded in provenance.json the sha256 of 1 edited file ({SHARD2})" in pushed.stdout
+    prov = Provenance.read(out)
+    assert prov.outputs[SHARD2] == sha256_file(out / SHARD2) and prov.derived[SHARD2].source_sha256
+    got = download(hub_server, repo, tmp_path / "dl")
+    assert got["proc"].returncode == 0 and downloaded_files(tmp_path / "dl") == all_bytes(out)
+    again = run_push(hub_server, str(out), repo, "--dry-run")
+    assert again.returncode == 0 and "would record" not in again.stdout
+
+
 def test_writing_to_a_clone_never_changes_the_source(sharded, reflink_dir):
     """On a filesystem that shares blocks: the output shares all but the edited blocks with the source, and
     writing over every byte of the output leaves the source's bytes as they were."""
     snap = hub_cache_layout(sharded[0], reflink_dir / "models--org--tiny")
     before = snapshot(snap)
     record = patch_api(snap, reflink_dir / "out", sharded[1]).writer
-    assert record.mode == CLONE and record.hashed_bytes == (snap / SHARD2).stat().st_size
+    assert record.mode == CLONE and record.hashed_bytes == Checkpoint(snap).info(EDITED).nbytes
     for shard in (SHARD1, SHARD2):
         assert shared_bytes(snap / shard)[0] > 0  # the source's blocks are shared now
         out = reflink_dir / "out" / shard

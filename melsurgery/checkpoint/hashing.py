@@ -48,6 +48,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_range(fd: int, start: int, end: int) -> str:
+    """sha256 of bytes [start, end) of an open file, read in chunks (what provenance records of an edit)."""
+    h = hashlib.sha256()
+    while start < end:
+        chunk = os.pread(fd, min(CHUNK, end - start), start)
+        if not chunk:
+            raise UserError(f"the file ends before byte {end}")
+        h.update(chunk)
+        start += len(chunk)
+    return h.hexdigest()
+
+
 def copy_hashing(src: Path, dst: Path) -> str:
     """Copy src to dst and return the sha256 of the bytes copied (one read, one write)."""
     h = hashlib.sha256()

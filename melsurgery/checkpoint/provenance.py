@@ -3,8 +3,14 @@ the sha256 of every file it wrote.
 
 Written by `patch` (folder outputs, GGUF folder outputs) and, for a converted patched GGUF, from its
 `melsurgery.*` metadata; read by `verify` (the detection thresholds and the claimed edits) and by `push`
-(`verify`: the folder is exactly what was written). Torch-free. The file format is unchanged; fields absent
-from a record (older versions, a converted GGUF) stay absent when it is written again.
+(`verify`: the folder is exactly what was written). Torch-free.
+
+An edited weight file whose source sha256 was trusted is recorded by its derivation (`DerivedFile`: the
+source's sha256 and the sha256 of each edited byte range) rather than by its own sha256, which would mean
+reading the whole file (sha256 is a chain: one changed byte and the file is hashed whole). Push reads every
+file anyway; it checks the derivation and records the whole-file sha256 then (`Provenance.verify`).
+
+Fields absent from a record (older versions, a converted GGUF) stay absent when it is written again.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from melsurgery.checkpoint.hashing import Recorded, is_sha256, sha256_file
+from melsurgery.checkpoint.hashing import Recorded, is_sha256, sha256_file, sha256_range
 from melsurgery.errors import UserError
 from melsurgery.formats.jsonsafe import dumps, load_strict
 from melsurgery.formats.typed import Need, dump, load
@@ -38,6 +44,43 @@ _MODE_WORDS = {"clone": "cloned (blocks shared with the source)", "copy_file_ran
                "read-write": "copied through this process", "link": "hard-linked"}
 
 
+@dataclass(frozen=True)
+class EditedRange:
+    """Bytes [start, end) of a weight file that an edit rewrote, and the sha256 of the bytes written there."""
+
+    start: int
+    end: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DerivedFile:
+    """An edited weight file recorded without reading it whole: the source file it was cloned or copied from
+    (by that file's trusted sha256) with `edits` written over it. `size` and `mtime_ns` are the file's as patch
+    left it: the untouched bytes are trusted only while the file has not been written since (the rule a .sha256
+    sidecar follows)."""
+
+    source_sha256: str
+    size: int
+    mtime_ns: int
+    edits: tuple[EditedRange, ...]
+
+    def check(self, path: Path) -> None:
+        """The file is still what patch wrote: same size and mtime, every edited range holding the bytes recorded."""
+        st = path.stat()
+        if st.st_size != self.size:
+            raise UserError(f"{path}: size differs from {PROVENANCE}; the file changed after surgery")
+        if st.st_mtime_ns != self.mtime_ns:
+            raise UserError(f"{path}: modified after surgery (its mtime differs from {PROVENANCE}, which records "
+                            "only its edited bytes' sha256); re-run the patch, and copy output folders with their "
+                            "times (cp -p, rsync -t)")
+        with open(path, "rb") as fh:
+            for r in self.edits:
+                if sha256_range(fh.fileno(), r.start, r.end) != r.sha256:
+                    raise UserError(f"{path}: bytes {r.start}-{r.end} differ from {PROVENANCE}; the file changed "
+                                    "after surgery")
+
+
 @dataclass(frozen=True, kw_only=True)
 class WriteRecord:
     """How patch wrote the weight files. `mode`: how untouched bytes reached the output: clone (blocks shared
@@ -45,7 +88,8 @@ class WriteRecord:
     process), joined by '+' when files differed ("link" when every file was hard-linked); `linked`: files
     hard-linked (--link); `rewritten_bytes`: bytes of edited tensors written; `hashed_bytes`: bytes read to
     compute sha256; `reused_sha256`: input files whose sha256 was reused, not computed, each with the key of
-    its reason, which `trusted_because` spells out."""
+    its reason, which `trusted_because` spells out; `derived`: edited files recorded by their derivation
+    (`DerivedFile`), their whole-file sha256 left to push."""
 
     mode: str
     linked: tuple[str, ...] = ()
@@ -53,6 +97,7 @@ class WriteRecord:
     hashed_bytes: int = 0
     reused_sha256: dict[str, str] = field(default_factory=dict)
     trusted_because: dict[str, str] = field(default_factory=dict)
+    derived: tuple[str, ...] = ()
 
     @property
     def summary(self) -> str:
@@ -61,8 +106,10 @@ class WriteRecord:
         linked = f", {len(self.linked)} hard-linked" if self.linked and self.mode != "link" else ""
         reused = (f"sha256 reused for {len(self.reused_sha256)} ({', '.join(sorted(set(self.reused_sha256.values())))})"
                   if self.reused_sha256 else "no sha256 reused")
+        derived = (f" (the whole-file sha256 of {len(self.derived)} edited file{'s' * (len(self.derived) > 1)} is "
+                   "left to push)" if self.derived else "")
         return (f"untouched bytes {how}{linked}; {self.rewritten_bytes:,} edited bytes written; {reused}; "
-                f"{self.hashed_bytes / 1e9:.2f} GB hashed")
+                f"{self.hashed_bytes / 1e9:.2f} GB hashed{derived}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +136,8 @@ class Provenance:
     """The record of one patch. `edits` are the writers' records (each names its `tensor`, the Hugging Face
     name); `scan` is the scan summary (`melsurgery.patch.scan_summary`); `writer` says how the weights were
     written; `outputs` maps each other file of the folder to its sha256, `sizes` to its size (so that a later
-    patch of this folder can reuse the sha256 of a file still that size and not modified since)."""
+    patch of this folder can reuse the sha256 of a file still that size and not modified since), except the
+    edited files in `derived`, recorded by their derivation until push records their sha256 too."""
 
     tool: str | None = field(default=None, metadata=_OMIT)
     source: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +150,7 @@ class Provenance:
     writer: WriteRecord | None = field(default=None, metadata=_OMIT)
     outputs: dict[str, str] | None = field(default=None, metadata=_OMIT)
     sizes: dict[str, int] | None = field(default=None, metadata=_OMIT)
+    derived: dict[str, DerivedFile] | None = field(default=None, metadata=_OMIT)
 
     def to_dict(self) -> dict:
         """The provenance.json object, keys in the order melsurgery has always written them."""
@@ -130,7 +179,12 @@ class Provenance:
         scan = data.get("scan")
         if isinstance(scan, dict) and "params" in scan:
             load(DetectParams, scan["params"], "scan.params", need)
-        return load(cls, data, "", need)
+        record = load(cls, data, "", need)
+        for rel, d in (record.derived or {}).items():
+            need(is_sha256(d.source_sha256) and all(is_sha256(r.sha256) and 0 <= r.start <= r.end <= d.size
+                                                    for r in d.edits),
+                 f"derived.{rel}", "a source sha256 and edited ranges inside the file, each with its sha256", d)
+        return record
 
     @classmethod
     def read(cls, path: Path) -> Provenance:
@@ -151,18 +205,24 @@ class Provenance:
             return None
         return cls.read(folder)
 
-    def write(self, folder: Path) -> None:
-        """Write provenance.json into `folder` (non-finite figures as null)."""
-        (Path(folder) / PROVENANCE).write_text(dumps(self.to_dict(), indent=2, default=str) + "\n")
+    def text(self) -> str:
+        """provenance.json's text (non-finite figures as null)."""
+        return dumps(self.to_dict(), indent=2, default=str) + "\n"
 
-    def with_outputs(self, folder: Path, known: dict[str, str] | None = None) -> Provenance:
+    def write(self, folder: Path) -> None:
+        """Write provenance.json into `folder` (a folder being written, committed whole later)."""
+        (Path(folder) / PROVENANCE).write_text(self.text())
+
+    def with_outputs(self, folder: Path, known: dict[str, str] | None = None,
+                     derived: dict[str, DerivedFile] | None = None) -> Provenance:
         """This record with the sha256 of every other file below `folder`; `known`: hashes computed while writing
-        (the weights), not read again."""
-        known = known or {}
+        (the weights), not read again; `derived`: edited files recorded by their derivation, not hashed."""
+        known, derived = known or {}, derived or {}
         files = {rel: p for p in sorted(Path(folder).rglob("*"))
                  if p.is_file() and (rel := p.relative_to(folder).as_posix()) != PROVENANCE}
-        return replace(self, outputs={rel: known.get(rel) or sha256_file(p) for rel, p in files.items()},
-                       sizes={rel: p.stat().st_size for rel, p in files.items()})
+        return replace(self, outputs={rel: known.get(rel) or sha256_file(p) for rel, p in files.items()
+                                      if rel not in derived},
+                       sizes={rel: p.stat().st_size for rel, p in files.items()}, derived=derived or None)
 
     @property
     def detect_params(self) -> DetectParams | None:
@@ -184,8 +244,10 @@ class Provenance:
         if not isinstance(self.source.get("id"), str) or not self.source["id"]:
             raise UserError(f"{where}: 'source' must be an object whose 'id' names the base model")
 
-    def verify(self, folder: Path, files: dict[str, Path] | None = None) -> None:
-        """The folder is exactly what was written: every listed file present with its sha256, nothing else.
+    def verify(self, folder: Path, files: dict[str, Path] | None = None) -> Provenance:
+        """The folder is exactly what was written: every listed file present with its sha256 (or, for a derived
+        file, its size, mtime and edited bytes), nothing else. Returns the record with the sha256 of every file,
+        derived ones included (computed here).
 
         `files`: the folder's files by relative posix path (push passes those it would upload); default all."""
         folder = Path(folder)
@@ -193,8 +255,8 @@ class Provenance:
             files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
         where = folder / PROVENANCE
         self.check_publishable(str(where))
-        outputs = self.outputs or {}
-        for rel in outputs:
+        outputs, derived = dict(self.outputs or {}), self.derived or {}
+        for rel in [*outputs, *derived]:
             if rel == PROVENANCE:
                 raise UserError(f"{where}: 'outputs' lists {PROVENANCE} itself, which cannot hash itself")
             if rel not in files:
@@ -203,10 +265,14 @@ class Provenance:
             if rel == PROVENANCE:
                 continue
             expected = outputs.get(rel)
-            if expected is None:
+            if expected is None and rel in derived:
+                derived[rel].check(path)
+                outputs[rel] = sha256_file(path)
+            elif expected is None:
                 raise UserError(f"{path}: not listed in {PROVENANCE} 'outputs'; remove it or re-run the surgery")
-            if sha256_file(path) != expected:
+            elif sha256_file(path) != expected:
                 raise UserError(f"{path}: sha256 differs from {PROVENANCE}; the file changed after surgery")
+        return replace(self, outputs=outputs)
 
 
 def recorded_hashes(folder: Path) -> Recorded | None:

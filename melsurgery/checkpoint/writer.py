@@ -8,10 +8,12 @@ those an edit touches (two partial blocks at most per edited tensor), with no ra
 Where the filesystem cannot clone, the file is copied in the kernel with the edited ranges spliced in.
 
 sha256: an untouched file's is reused when a record of it can be trusted (`hashing.known_sha256`), else
-computed while copying. An edited file's output sha256 is always computed over the whole file: sha256 is a
-chain over the bytes in order, so a change at any offset changes everything after it, and no midstate of
-the source's hash is stored anywhere to resume from. That pass reads the source once, and also yields the
-input sha256 when it was not known.
+computed while copying. An edited file whose source sha256 is trusted is not read whole either: only the
+bytes written are hashed, and provenance records the file by its derivation (`DerivedFile`: the source's
+sha256 plus each edited range's), which push, reading every file anyway, completes with the whole-file sha256.
+(sha256 is a chain over the bytes in order: the output's own digest means reading all of it, and no midstate
+of the source's hash is stored anywhere to resume from.) An edited file whose source hash is not trusted is
+read once, in one pass that yields both the input's and the output's sha256.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, UNSUPPORTED, Copier, kernel_copy, process_copy
 from melsurgery.checkpoint.edits import Edit, edited_tensor, is_identity
 from melsurgery.checkpoint.hashing import TRUST, KnownHash, copy_hashing, known_sha256, sha256_file
-from melsurgery.checkpoint.provenance import WriteRecord, recorded_hashes
+from melsurgery.checkpoint.provenance import DerivedFile, EditedRange, WriteRecord, recorded_hashes
 from melsurgery.checkpoint.reader import INDEX_NAME, Checkpoint
 from melsurgery.checkpoint.safetensors_file import TensorInfo, tensor_bytes
 from melsurgery.errors import UserError
@@ -66,9 +68,9 @@ class ShardPlan:
 
     @property
     def hashed_bytes(self) -> int:
-        """Bytes read to compute sha256: none for an untouched file with a trusted hash, else the whole file
-        (one pass gives the input hash, when unknown, and the output hash of an edited file)."""
-        return 0 if self.known is not None and not self.rewrites else self.size
+        """Bytes read to compute sha256: with a trusted input hash, only the edited bytes written; else the
+        whole file (one pass gives the input hash and, for an edited file, the output's)."""
+        return self.rewritten_bytes if self.known is not None else self.size
 
     def copied_bytes(self, mode: str) -> int:
         """Bytes the copy moves (read and written) in `mode`: a clone or a hard link moves none."""
@@ -96,6 +98,18 @@ class WrittenWeights:
     inputs: dict[str, str]
     outputs: dict[str, str]
     record: WriteRecord
+    derived: dict[str, DerivedFile]
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """One weight file written: its input sha256, its output sha256 (None when recorded by its derivation,
+    `edits`), and how it was written ("link" or the copier's method)."""
+
+    input_sha256: str
+    output_sha256: str | None
+    how: str
+    edits: tuple[EditedRange, ...] = ()
 
 
 def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = False) -> WrittenWeights:
@@ -121,23 +135,34 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
     applied: list[AppliedEdit] = []
     inputs: dict[str, str] = {}
     outputs: dict[str, str] = {}
+    ranges: dict[str, tuple[EditedRange, ...]] = {}
     linked: list[str] = []
     for plan in plans:
         (out / plan.shard).parent.mkdir(parents=True, exist_ok=True)
         done: dict[str, AppliedEdit] = {}
         splices = {info.start: (info.end, _editor(info, by_tensor[info.name], plan.shard, done))
                    for info in mine[plan.shard]}
-        inputs[plan.shard], outputs[plan.shard], how = _write_shard(ckpt.folder, out, plan, splices, copier)
+        shard = _write_shard(ckpt.folder, out, plan, splices, copier)
         if _identity(ckpt.folder / plan.shard) != seen[plan.shard]:
             raise UserError(f"{ckpt.folder / plan.shard}: changed while being copied; patch again when nothing "
                             "writes to it")
-        if how == "link":
+        inputs[plan.shard] = shard.input_sha256
+        if shard.output_sha256 is None:
+            ranges[plan.shard] = shard.edits
+        else:
+            outputs[plan.shard] = shard.output_sha256
+        if shard.how == "link":
             linked.append(plan.shard)
         applied += [done[i.name] for i in mine[plan.shard]]
         if plan is plans[0]:
             _test_pause()
     for shard in ckpt.shards:  # durable before anything is committed; writeback overlapped the copying
         fsync_file(out / shard)
+    derived = {}
+    for shard, edits in ranges.items():  # size and mtime as left: the untouched bytes are trusted while they hold
+        st = (out / shard).stat()
+        derived[shard] = DerivedFile(source_sha256=inputs[shard], size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                     edits=edits)
     if ckpt.index is not None:
         inputs[INDEX_NAME] = outputs[INDEX_NAME] = copy_hashing(ckpt.folder / INDEX_NAME, out / INDEX_NAME)
     reused = {p.shard: p.known.trust for p in plans if p.known is not None}
@@ -145,36 +170,57 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
         mode=copier.mode or "link", linked=tuple(linked),
         rewritten_bytes=sum(p.rewritten_bytes for p in plans),
         hashed_bytes=sum(p.hashed_bytes for p in plans),
-        reused_sha256=reused, trusted_because={k: TRUST[k] for k in sorted(set(reused.values()))})
-    return WrittenWeights(applied, inputs, outputs, record)
+        reused_sha256=reused, trusted_because={k: TRUST[k] for k in sorted(set(reused.values()))},
+        derived=tuple(derived))
+    return WrittenWeights(applied, inputs, outputs, record, derived)
 
 
 def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tuple[int, Splice]],
-                 copier: Copier) -> tuple[str, str, str]:
-    """Write one weight file as planned; returns its input sha256, output sha256 and how it was written
-    ("link", or the copier's method)."""
+                 copier: Copier) -> WrittenShard:
+    """Write one weight file as planned: linked, or copied (cloned where the filesystem can) with its edits
+    written over the copy; hashed only where no trusted hash of the source is known."""
     src, dst = folder / plan.shard, out / plan.shard
-    how = None
     if plan.link:
         try:
             os.link(os.path.realpath(src), dst)  # os.link does not follow symlinks (Hub cache) on Linux
-            how = "link"
+            digest = plan.known.sha256 if plan.known is not None else sha256_file(src)
+            return WrittenShard(digest, digest, "link")
         except OSError:
             pass  # another filesystem: copy instead
-    if how is None and plan.known is not None and not plan.rewrites:
+    if plan.known is not None:
         how = copier.copy(src, dst)
+        edits = write_over(src, dst, splices)
         if how != CLONE:
             _start_writeback(dst)
-    if how is not None:
-        digest = plan.known.sha256 if plan.known is not None else sha256_file(src)
-        in_sha = out_sha = digest
-    else:
-        cloned = copier.clone(src, dst)
-        in_sha, out_sha = copy_spliced(src, dst, splices, sync=False, cloned=cloned, input_hash=plan.known is None,
-                                       copier=copier)
-        in_sha = in_sha or plan.known.sha256  # type: ignore[union-attr]
-        how = copier.used[str(dst)]
-    return in_sha, out_sha, how
+        return WrittenShard(plan.known.sha256, None if edits else plan.known.sha256, how, edits)
+    cloned = copier.clone(src, dst)
+    in_sha, out_sha = copy_spliced(src, dst, splices, sync=False, cloned=cloned, copier=copier)
+    return WrittenShard(in_sha or out_sha, out_sha, copier.used[str(dst)])
+
+
+def write_over(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]]) -> tuple[EditedRange, ...]:
+    """Write each splice over dst, a copy of src (same size): its original bytes read from src, only the bytes
+    written hashed; returns the ranges written with their sha256."""
+    written = []
+    with open(src, "rb") as fi, open(dst, "r+b") as fo:
+        for start, (end, splice) in sorted(splices.items()):
+            new = splice(_pread_all(fi.fileno(), start, end))
+            if len(new) != end - start:
+                raise RuntimeError("a splice changed the size of a range of a copied file")
+            _pwrite_all(fo.fileno(), new, start)
+            written.append(EditedRange(start, end, hashlib.sha256(new).hexdigest()))
+    return tuple(written)
+
+
+def _pread_all(fd: int, start: int, end: int) -> bytes:
+    parts = []
+    while start < end:
+        chunk = os.pread(fd, end - start, start)
+        if not chunk:
+            raise UserError(f"the file ends before byte {end}; it changed while being patched")
+        parts.append(chunk)
+        start += len(chunk)
+    return b"".join(parts)
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:

@@ -42,8 +42,13 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
         width = max(len(f.path) for f in result.files)
         for f in result.files:
             click.echo(f"  {f.path:<{width}}  {f.size:>15,}")
+        if result.sealed:
+            click.echo(f"would record in provenance.json the sha256 of {_edited(result.sealed)} (patch recorded "
+                       "only their edited bytes')")
         click.echo("dry run: nothing was sent")
         return
+    if result.sealed:
+        click.echo(f"recorded in provenance.json the sha256 of {_edited(result.sealed)}")
     if result.no_changes:
         click.echo(f"nothing to push: {where} already holds exactly these {len(result.files)} files")
     else:
@@ -53,3 +58,7 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
         click.echo(f"commit: {result.commit_url}")
     if result.pr_url:
         click.echo(f"pull request: {result.pr_url}")
+
+
+def _edited(files: list[str]) -> str:
+    return f"{len(files)} edited file{'s' * (len(files) > 1)} ({', '.join(files)})"

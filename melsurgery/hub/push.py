@@ -16,7 +16,7 @@ be in the environment before this module is first imported.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
+from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.basemodel import is_repo_id
 from melsurgery.checkpoint.gguf_file import GGUFFile
 from melsurgery.checkpoint.network import ENV as TIMEOUT_ENV
@@ -65,6 +66,8 @@ class PushManifest:
     files: list[PushedFile]
     recipes: list[str]
     base_model: str
+    provenance: Provenance  # with the sha256 of every file, derived ones included (computed by the validation)
+    sealed: list[str]  # derived files whose whole-file sha256 the validation computed, not yet in provenance.json
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class PushResult(JsonRecord):
     commit_message: str
     pr_url: str | None = None
     no_changes: bool = False  # the repo already had exactly these files: the client made no commit
+    sealed: list[str] = field(default_factory=list)  # edited files whose sha256 push recorded in provenance.json
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,9 +169,22 @@ def validate_for_push(folder: Path) -> PushManifest:
                 check_finite(load_tensor(info), info.name, path)
         elif rel in ggufs:
             GGUFFile(path)  # likewise for a GGUF's header and tensor table
-    provenance.verify(folder, files)
+    complete = provenance.verify(folder, files)
     pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
-    return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source))
+    sealed = sorted(set(complete.outputs or {}) - set(provenance.outputs or {}))
+    return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source),
+                        complete, sealed)
+
+
+def seal(manifest: PushManifest) -> PushManifest:
+    """Record in the folder's provenance.json the sha256 the validation computed for files patch recorded by their
+    derivation (atomically), so that the folder and what is pushed hold the same complete record."""
+    if not manifest.sealed:
+        return manifest
+    path = manifest.folder / PROVENANCE
+    write_atomic(path, manifest.provenance.text())
+    files = [PushedFile(f.path, path.stat().st_size) if f.path == PROVENANCE else f for f in manifest.files]
+    return replace(manifest, files=files)
 
 
 def default_commit_message(manifest: PushManifest) -> str:
@@ -276,7 +293,7 @@ def push(
     message = commit_message or default_commit_message(manifest)
     repo_url = f"{redact(constants.ENDPOINT)}/{repo_id}"
     if dry_run:
-        return PushResult(repo_url, None, manifest.files, True, message)
+        return PushResult(repo_url, None, manifest.files, True, message, sealed=manifest.sealed)
 
     try:
         token = token or get_token()
@@ -295,6 +312,7 @@ def push(
             raise UserError(f"{repo_id} already exists and is public; refusing a --private push into it")
         if revision and revision != constants.DEFAULT_REVISION and not create_pr and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        manifest = seal(manifest)
         # create_commit, not upload_folder: with hf_xet installed upload_folder may split a large
         # folder into several commits, and we publish exactly the validated file list, nothing else.
         operations = [
@@ -323,4 +341,5 @@ def push(
     # The client silently skips an empty commit (returning the current head); it marks operations as
     # committed only when it really sent one. Best effort: assume a commit if the marker ever goes away.
     no_changes = not all(getattr(op, "_is_committed", True) for op in operations)
-    return PushResult(repo_url, info.commit_url, manifest.files, False, message, info.pr_url, no_changes)
+    return PushResult(repo_url, info.commit_url, manifest.files, False, message, info.pr_url, no_changes,
+                      manifest.sealed)

@@ -13,7 +13,7 @@ import torch
 from melsurgery.architectures import BASE_KEY, PATCHED_ARCH_PREFIX, PATCHED_MODEL_TYPE, WEMASK_KEY, family_for
 from melsurgery.checkpoint.atomic import atomic_folder, check_output
 from melsurgery.checkpoint.basemodel import explicit
-from melsurgery.checkpoint.provenance import Provenance, RecipeRecord, SearchRecord, WriteRecord
+from melsurgery.checkpoint.provenance import DerivedFile, Provenance, RecipeRecord, SearchRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import check_tokenizer
 from melsurgery.checkpoint.source import Source
@@ -134,7 +134,7 @@ def run_patch(
         # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
                          measurements=measured.compact() if measured else None, known=written.outputs,
-                         writer=written.record, search=search)
+                         derived=written.derived, writer=written.record, search=search)
     return PatchResult(Path(out), plans, applied, scan, wemask is not None, measured, written.record)
 
 
@@ -246,11 +246,12 @@ def check_written(folder: Path, source: Checkpoint, applied: list[AppliedEdit]) 
 def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: ScanResult, plans: list[RecipePlan],
                      applied: list, inputs: dict, measurements: dict | None = None,
                      known: dict[str, str] | None = None, writer: WriteRecord | None = None,
-                     search: SearchRecord | None = None) -> Provenance:
+                     search: SearchRecord | None = None, derived: dict[str, DerivedFile] | None = None) -> Provenance:
     """provenance.json: inputs, recipe, scan summary, measurements and the sha256 of every output file.
 
     `applied`: the writer's records (AppliedEdit, or GGUFEdit for a GGUF output); `known`: sha256 already
-    computed while writing (the weights), not read again; `writer`: how the weights were written."""
+    computed while writing (the weights), not read again; `derived`: edited weight files recorded by their
+    derivation; `writer`: how the weights were written."""
     prov = Provenance(
         tool=f"melsurgery {__version__}",
         source={"id": source.id, "kind": source.kind, "revision": source.revision,
@@ -264,6 +265,6 @@ def write_provenance(folder: Path, source: Source, manifest: Manifest, scan: Sca
         measurements=measurements or {},
         writer=writer,
         search=search,
-    ).with_outputs(folder, known)
+    ).with_outputs(folder, known, derived)
     prov.write(folder)
     return prov
