@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from melsurgery.calibrate.samples import CalibrationSpec
-    from melsurgery.checkpoint.source import cache_dir, resolve
+    from melsurgery.checkpoint.source import resolve
+    from melsurgery.outputs import cache_dir
     from melsurgery.params import DetectParams
     from melsurgery.search.budget import HeldOutCache, model_fingerprint
     from melsurgery.search.engine import Evaluator

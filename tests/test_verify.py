@@ -13,7 +13,7 @@ from melsurgery.detect.scan import CalibrationSpec, run_scan
 from melsurgery.measure.verify import make_windows, run_verify
 from melsurgery.measure.verify_result import Gates, VerifyResult, verify_report
 from tests.support import reference as ref
-from tests.support.helpers import patch, run_cli
+from tests.support.helpers import json_round_trip, patch, run_cli
 from tests.support.planted import family_config, make_tokenizer, planted_folder
 
 FAST = {"max_windows": 2, "max_tokens": 128, "generations": 1, "max_new_tokens": 8}
@@ -38,7 +38,7 @@ def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tm
     assert r.weights.changed == [] and r.weights.matches_provenance is True
     assert r.generations[0]["base"] == r.generations[0]["patched"]
     assert r.no_effect is True and "THIS PATCH CHANGED NOTHING" in verify_report(r)
-    assert VerifyResult.from_json(json.loads(json.dumps(r.to_json()))) == r  # the typed result is its JSON
+    assert VerifyResult.from_json(json_round_trip(r)) == r  # the typed result is its JSON
     assert list(r.to_json()) == VERIFY_JSON_KEYS  # the schema `verify --json` has always written
 
 

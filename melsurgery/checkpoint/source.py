@@ -17,10 +17,11 @@ from pathlib import Path
 from melsurgery.architectures import family_for
 from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
 from melsurgery.checkpoint.guard import protect
+from melsurgery.checkpoint.hashing import write_sidecar
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.safeload import from_pretrained
 from melsurgery.errors import UserError, one_line, quote
-from melsurgery.outputs import MODEL_CARD
+from melsurgery.outputs import MODEL_CARD, cache_dir
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -44,14 +45,6 @@ class Source:
     def name(self) -> str:
         """What a card calls this model: its Hub id, else the folder's or GGUF file's name (never a path)."""
         return self.base_model.id if self.base_model else (self.origin_file or self.folder).name
-
-
-def cache_dir() -> Path:
-    """melsurgery's cache: $MELSURGERY_CACHE, else $XDG_CACHE_HOME/melsurgery, else ~/.cache/melsurgery."""
-    if os.environ.get("MELSURGERY_CACHE"):
-        return Path(os.environ["MELSURGERY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "melsurgery"
 
 
 def default_gguf() -> Path:
@@ -207,6 +200,7 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         if model.config.tie_word_embeddings:  # stored once, as the embedding table, like the family's checkpoints
             state.pop(family_for(model.config.to_dict()).lm_head, None)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_sidecar(tmp / "model.safetensors")  # so that patches of it reuse the hash instead of reading it
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config.pop("_model_name_or_path", None)

@@ -5,12 +5,21 @@ positive integers, and builds the model's skeleton on the meta device to compare
 the config implies with the shapes the weights declare. A config that disagrees with its weights
 (hidden size, head counts, layer count, a norm of shape [0]) is refused in one line here, instead of
 surfacing later as a shape error deep inside a forward pass.
+
+The skeleton's shapes are a function of config.json's bytes and the transformers and melsurgery versions, so
+they are cached under those (`shapes/` in melsurgery's cache): importing the model's code and building it is
+most of what a patch costs once its bytes are cloned, and scan, patch and verify of one model build the same
+skeleton. The cache is only ever an answer transformers gave before; an unreadable entry is built again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -19,6 +28,9 @@ from melsurgery.architectures import WEMASK_KEY, Family, family_for, has_custom_
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.errors import UserError, quote
+from melsurgery.formats.textfile import read_bytes
+from melsurgery.outputs import cache_dir
+from melsurgery.version import __version__
 
 # Config sizes that must be positive integers when present (the first four always).
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -74,6 +86,47 @@ def check_config_types(config: dict, where: Path | str) -> None:
 
 
 def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model transformers builds from config.json: cached, else built."""
+    path = _shapes_cache(ckpt.folder / "config.json")
+    shapes = _read_shapes(path)
+    if shapes is None:
+        shapes = _build_shapes(ckpt)
+        _write_shapes(path, shapes)
+    return shapes
+
+
+def _shapes_cache(config: Path) -> Path:
+    """Where the skeleton of this config.json is cached: named by its bytes and the versions that build it."""
+    key = hashlib.sha256(read_bytes(config, "the model config") + f"|{version('transformers')}|{__version__}"
+                         .encode()).hexdigest()
+    return cache_dir() / "shapes" / f"{key}.json"
+
+
+def _read_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """A cached skeleton, or None where there is none or it is not one (then it is built again)."""
+    try:
+        data = json.loads(read_bytes(path, "a cached skeleton"))
+    except (UserError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+            for v in data.values()):
+        return None
+    return {str(k): tuple(v) for k, v in data.items()}
+
+
+def _write_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Cache a skeleton (whole or not at all); a cache that cannot be written only costs the next build."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({k: list(v) for k, v in shapes.items()}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _build_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the model transformers builds from config.json (on the meta device: no memory)."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM

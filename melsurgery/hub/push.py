@@ -3,7 +3,9 @@
 A pushed model is a claim ("this is base model X with recipes Y applied"), so before anything is sent
 we check that the folder is exactly what melsurgery wrote: every file hashed in provenance.json and
 untouched since, loadable headers, a model card. Then the whole folder goes up as one commit, so
-the repo never shows a half-published model.
+the repo never shows a half-published model. An edited shard that patch recorded by its derivation (it
+hashed only the bytes it wrote) gets its whole-file sha256 here, where every byte is read anyway: push
+records it in the folder's provenance.json before the upload (`seal`).
 
 The token comes from the usual huggingface_hub places (``HF_TOKEN``, ``hf auth login``) or the
 ``token`` argument. It is handed to the client and never printed, logged or written by this module;

@@ -8,9 +8,13 @@ measure/verify.py (KL, perplexity, top-1 agreement on the evaluation windows). W
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
+from melsurgery.formats.typed import JsonRecord
 from melsurgery.formats.wording import change_text
+
+# a figure that may be NaN or infinite: written as null (JSON has no spelling for them), read back as NaN
+NAN = {"nan": True}
 
 
 @dataclass
@@ -39,12 +43,12 @@ class ServedFigures:
     sink, similarity and massive activations stay transformers' figures."""
 
     engine: str
-    ppl_base: float
-    ppl_patched: float
-    ppl_increase_pct: float
+    ppl_base: float = field(metadata=NAN)
+    ppl_patched: float = field(metadata=NAN)
+    ppl_increase_pct: float = field(metadata=NAN)
     top1_agreement: float
-    logprob_gap_base: float
-    logprob_gap_patched: float
+    logprob_gap_base: float = field(metadata=NAN)
+    logprob_gap_patched: float = field(metadata=NAN)
     generations: list[dict] = field(default_factory=list)
 
 
@@ -53,19 +57,21 @@ ENGINE_GAP = 0.02
 
 
 @dataclass
-class VerifyResult:
+class VerifyResult(JsonRecord):
     """Base versus patched on held-out text (`verify --json`; field order and names are the JSON's)."""
+
+    json_fix = "rerun verify"
 
     text: str
     windows: int
     tokens: int
     window_prefix: list[str]
     scored_tokens: int
-    kl_mean: float
-    kl_max: float
+    kl_mean: float = field(metadata=NAN)
+    kl_max: float = field(metadata=NAN)
     top1_agreement: float
-    ppl_base: float
-    ppl_patched: float
+    ppl_base: float = field(metadata=NAN)
+    ppl_patched: float = field(metadata=NAN)
     me_layer: int | None
     massive_positions: list[list[int]]
     sink_base: list[float | None]
@@ -78,7 +84,7 @@ class VerifyResult:
     max_abs_patched: list[float]
     ratio_patched: list[float | None]
     similarity_patched: list[float | None]
-    ppl_increase_pct: float
+    ppl_increase_pct: float = field(metadata=NAN)
     sink_layers_from: int
     sink_mean_base: float | None
     sink_mean_patched: float | None
@@ -92,23 +98,7 @@ class VerifyResult:
     generations: list[dict]
     generations_note: str | None
     seconds: float
-    vllm: ServedFigures | None = None  # only with --engine vllm (and only then in the JSON)
-
-    def to_json(self) -> dict:
-        """JSON-ready data: the schema `verify --json` has always written, plus `vllm` when measured."""
-        data = asdict(self)
-        if data["vllm"] is None:
-            del data["vllm"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> VerifyResult:
-        """The result a `to_json` wrote (as read back from JSON)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["weights"] = WeightCheck(**data["weights"])
-        values["vllm"] = ServedFigures(**data["vllm"]) if data.get("vllm") else None
-        return cls(**values)
+    vllm: ServedFigures | None = field(default=None, metadata={"omit_none": True})  # only with --engine vllm
 
     def compact(self) -> dict:
         """The figures provenance keeps: everything but the generated text, the timing and the positions."""

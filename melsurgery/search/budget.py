@@ -26,11 +26,12 @@ import torch
 
 from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.provenance import SearchRecord
-from melsurgery.checkpoint.source import Source, cache_dir
+from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet, NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.textfile import read_text
+from melsurgery.outputs import cache_dir
 from melsurgery.search.engine import (
     Budget,
     Evaluator,

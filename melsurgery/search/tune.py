@@ -29,7 +29,7 @@ from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.textfile import open_regular, read_text
-from melsurgery.formats.typed import Need, dump, load
+from melsurgery.formats.typed import JsonRecord, Need, load
 from melsurgery.recipes import get_recipe, registry, resolve_recipes
 from melsurgery.search.engine import (
     SEEDS,
@@ -181,7 +181,7 @@ class Workload:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TuneResult:
+class TuneResult(JsonRecord):
     """A tune run: tune.json's content (`to_json`), plus what the command needs beside it (not written)."""
 
     schema_version: int = SCHEMA_VERSION
@@ -202,17 +202,14 @@ class TuneResult:
     manifest: Any = field(default=None, metadata=SKIP)  # the Manifest of the chosen trial
     scan: ScanResult | None = field(default=None, metadata=SKIP)
 
-    def to_json(self) -> dict:
-        """tune.json's object."""
-        return dump(self)
+    json_fix = "rerun tune"
 
     @classmethod
-    def from_json(cls, data: object, where: str) -> TuneResult:
-        """A tune.json object, every field checked (one line naming the first bad one)."""
-        need = Need(where, "rerun tune")
-        need(isinstance(data, dict) and data.get("schema_version") == SCHEMA_VERSION, "schema_version",
-             str(SCHEMA_VERSION), data.get("schema_version") if isinstance(data, dict) else data)
-        return load(cls, data, "", need)
+    def json_check(cls, data: Any, need: Need | None, path: str) -> None:
+        """Only this schema version is read (a tune.json of another layout is rerun, not guessed at)."""
+        if need is not None:
+            version = data.get("schema_version") if isinstance(data, dict) else data
+            need(version == SCHEMA_VERSION, "schema_version", str(SCHEMA_VERSION), version)
 
     @classmethod
     def read(cls, path: Path) -> TuneResult:
