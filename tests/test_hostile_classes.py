@@ -299,7 +299,7 @@ def test_hub_endpoint_userinfo_and_echoed_tokens_are_never_printed(hub_server, t
     """A Hub that echoes the request's credentials in a success answer (the commit URL it returns): the push
     succeeds and the token appears nowhere in its output. Then HF_ENDPOINT with user:password in it (the client
     sends those as Basic credentials, which this Hub refuses): one line, neither the password nor the token."""
-    from tests.test_push import make_output
+    from tests.hub.test_push import make_output
 
     folder = make_output(tmp_path / "out")
     hub_server.hub.echo_credentials = True
@@ -440,8 +440,8 @@ def test_a_fifo_anywhere_a_file_is_read_is_refused_unopened(sharded, tmp_path, t
 def test_a_server_that_never_answers_is_given_up_on(hub_server, tmp_path):
     """An endpoint that accepts the connection and never answers: a Hub source and a push each give up after
     MELSURGERY_TIMEOUT seconds (not retried), one line, exit 2 (before: waited forever)."""
+    from tests.hub.test_push import make_output
     from tests.support.silent_server import silent_server
-    from tests.test_push import make_output
 
     folder = make_output(tmp_path / "out")
     with silent_server() as url:

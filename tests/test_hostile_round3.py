@@ -216,7 +216,7 @@ CARDS = {
 def test_push_refuses_cards_whose_metadata_breaks_limits(tmp_path, case):
     """Deep nesting was a RecursionError traceback; the bomb and the repeated key were accepted and sent."""
     from melsurgery.hub.push import validate_for_push
-    from tests.test_push import make_output, write_provenance
+    from tests.hub.test_push import make_output, write_provenance
 
     folder = make_output(tmp_path / "out")
     (folder / "README.md").write_text(f"---\n{CARDS[case][0]}---\n# Patched\n")

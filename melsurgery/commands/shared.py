@@ -201,7 +201,7 @@ def torch_dtype(name: str):
 
 def examples(*lines: str) -> str:
     """A command's --help epilog: "Examples:" and one real invocation per line, kept as written (click's
-    `\\b` marks a paragraph it must not rewrap). tests/test_cli_help.py parses every line against the
+    `\\b` marks a paragraph it must not rewrap). tests/commands/test_cli_help.py parses every line against the
     command's parameters, so an example cannot name a flag the command no longer has."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 

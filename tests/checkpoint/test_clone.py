@@ -423,7 +423,7 @@ def test_a_derivation_that_is_not_one_is_refused_on_reading(tmp_path):
 def test_diff_verify_and_push_work_on_a_cloned_output(sharded, reflink_dir, hub_server):
     """(On this machine's filesystem the same commands run on copied outputs in test_diff, test_verify and
     test_push.)"""
-    from tests.test_push import all_bytes, download, downloaded_files, run_push
+    from tests.hub.test_push import all_bytes, download, downloaded_files, run_push
 
     where = reflink_dir
     src = shutil.copytree(sharded[0], where / "src")
@@ -447,7 +447,7 @@ def test_diff_verify_and_push_work_on_a_cloned_output(sharded, reflink_dir, hub_
 def test_push_records_the_whole_file_sha256_of_derived_files(sharded, tmp_path, hub_server):
     """patch leaves the edited shard's sha256 to push; push checks the derivation, records the digest in the
     folder's provenance.json (the dry run only says it would) and uploads the completed record."""
-    from tests.test_push import all_bytes, download, downloaded_files, run_push
+    from tests.hub.test_push import all_bytes, download, downloaded_files, run_push
 
     snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
     out = tmp_path / "out"

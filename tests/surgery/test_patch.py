@@ -52,7 +52,7 @@ PLANT = Plant()
 
 def planted_truth(scan) -> ref.Truth:
     """The planted model's ground truth; the scan is trusted only for the ranking of the incidental dims after
-    the planted one (tests/test_scan.py checks the scan itself)."""
+    the planted one (tests/detect/test_scan.py checks the scan itself)."""
     dims = tuple(d.dim for d in scan.top_dims)
     assert dims[0] == PLANT.dim
     return ref.Truth(PLANT.layer, dims, (PLANT.neuron,), llama_config().num_hidden_layers)
