@@ -8,21 +8,9 @@ import json
 import pytest
 
 from melsurgery.checkpoint.provenance import Provenance
-from melsurgery.checkpoint.source import resolve
-from melsurgery.detect.scan import run_scan, write_json
 from tests.support.helpers import assert_clean_failure, run_cli
 from tests.support.planted import planted_folder
-from tests.support.planted_sink import HELD_TEXT, SINK_LAYER, TUNE_TEXT, masked_sink_model
-
-
-@pytest.fixture(scope="module")
-def sinkmodel(tmp_path_factory):
-    root = tmp_path_factory.mktemp("budget")
-    folder = masked_sink_model(root / "model")
-    (root / "tune.txt").write_text(TUNE_TEXT)
-    (root / "held.txt").write_text(HELD_TEXT)
-    write_json(run_scan(resolve(str(folder))), root / "scan.json")
-    return root, folder
+from tests.support.planted_sink import SINK_LAYER
 
 
 def _budgeted(root, folder, out, cache, *extra):

@@ -10,24 +10,14 @@ import pytest
 import yaml
 
 from melsurgery.checkpoint.source import resolve
-from melsurgery.detect.scan import read_json, run_scan, write_json
+from melsurgery.detect.scan import read_json
 from melsurgery.params import Param
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
 from melsurgery.search.engine import Evaluator
 from melsurgery.search.space import Space, make_space
 from melsurgery.search.tune import TuneResult, text_windows
 from tests.support.helpers import run_cli
-from tests.support.planted_sink import HELD_TEXT, SINK_LAYER, TUNE_TEXT, masked_sink_model
-
-
-@pytest.fixture(scope="module")
-def sinkmodel(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune")
-    folder = masked_sink_model(root / "model")
-    (root / "tune.txt").write_text(TUNE_TEXT)
-    (root / "held.txt").write_text(HELD_TEXT)
-    write_json(run_scan(resolve(str(folder))), root / "scan.json")
-    return root, folder
+from tests.support.planted_sink import HELD_TEXT, SINK_LAYER
 
 
 def _tune(root, folder, run, *extra):
