@@ -181,9 +181,11 @@ class Provenance:
             load(DetectParams, scan["params"], "scan.params", need)
         record = load(cls, data, "", need)
         for rel, d in (record.derived or {}).items():
-            need(is_sha256(d.source_sha256) and all(is_sha256(r.sha256) and 0 <= r.start <= r.end <= d.size
-                                                    for r in d.edits),
-                 f"derived.{rel}", "a source sha256 and edited ranges inside the file, each with its sha256", d)
+            ends = [0, *(x for r in d.edits for x in (r.start, r.end)), d.size]  # in order, none overlapping
+            need(is_sha256(d.source_sha256) and all(is_sha256(r.sha256) for r in d.edits)
+                 and all(a <= b for a, b in zip(ends, ends[1:])), f"derived.{rel}",
+                 "a source sha256 and edited ranges in order inside the file, none overlapping, each with its sha256",
+                 d)
         return record
 
     @classmethod

@@ -174,6 +174,9 @@ def validate_for_push(folder: Path) -> PushManifest:
     complete = provenance.verify(folder, files)
     pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
     sealed = sorted(set(complete.outputs or {}) - set(provenance.outputs or {}))
+    if sealed and files[PROVENANCE].is_symlink():  # recording the digests would write wherever it points
+        raise UserError(f"{files[PROVENANCE]}: a symlink; push records the sha256 of edited files in the folder's "
+                        f"own {PROVENANCE}: replace the link by the file it names")
     return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source),
                         complete, sealed)
 

@@ -412,7 +412,10 @@ def test_a_derivation_that_is_not_one_is_refused_on_reading(tmp_path):
     doc = {"recipes": [{"name": "x"}], "source": {"id": "x"}, "outputs": {}, "derived": {"w.safetensors": good}}
     assert Provenance.from_dict(doc, "p").derived["w.safetensors"].edits[0].end == 4
     for bad in ({**good, "source_sha256": "A" * 64}, {**good, "edits": [{"start": 2, "end": 11, "sha256": "b" * 64}]},
-                {**good, "edits": [{"start": 2, "end": 4}]}, {**good, "size": "10"}):
+                {**good, "edits": [{"start": 2, "end": 4}]}, {**good, "size": "10"},
+                {**good, "edits": [{"start": 4, "end": 2, "sha256": "b" * 64}]},  # backwards
+                {**good, "edits": [{"start": 2, "end": 6, "sha256": "b" * 64},  # overlapping: read twice
+                                   {"start": 5, "end": 8, "sha256": "b" * 64}]}):
         with pytest.raises(UserError, match="^p: derived"):
             Provenance.from_dict({**doc, "derived": {"w.safetensors": bad}}, "p")
 
@@ -469,6 +472,25 @@ def test_push_records_the_whole_file_sha256_of_derived_files(sharded, tmp_path, 
     assert got["proc"].returncode == 0 and downloaded_files(tmp_path / "dl") == all_bytes(out)
     again = run_push(hub_server, str(out), repo, "--dry-run")
     assert again.returncode == 0 and "would record" not in again.stdout
+
+
+@pytest.mark.slow
+def test_push_never_writes_the_record_through_a_symlink(sharded, tmp_path, hub_server):
+    """A provenance.json that is a link to a file elsewhere: push would have to write the completed record
+    through it, so it refuses (one line, nothing sent) and the file the link names is untouched."""
+    from tests.hub.test_push import run_push
+    from tests.support.helpers import assert_clean_failure
+
+    snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
+    out = tmp_path / "out"
+    patch_api(snap, out, sharded[1])
+    elsewhere = tmp_path / "elsewhere.json"
+    (out / "provenance.json").rename(elsewhere)
+    (out / "provenance.json").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    proc = run_push(hub_server, str(out), f"{hub_server.user}/linked")
+    assert_clean_failure(proc, "provenance.json: a symlink")
+    assert elsewhere.read_bytes() == before
 
 
 def test_writing_to_a_clone_never_changes_the_source(sharded, reflink_dir):
