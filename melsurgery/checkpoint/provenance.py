@@ -22,7 +22,7 @@ from typing import Any
 from melsurgery.checkpoint.hashing import Recorded, is_sha256, sha256_file, sha256_range
 from melsurgery.errors import UserError
 from melsurgery.formats.jsonsafe import dumps, load_strict
-from melsurgery.formats.typed import Need, dump, load
+from melsurgery.formats.typed import JsonRecord, Need, load
 from melsurgery.outputs import PROVENANCE
 from melsurgery.params import DetectParams
 
@@ -132,7 +132,7 @@ class SearchRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Provenance:
+class Provenance(JsonRecord):
     """The record of one patch. `edits` are the writers' records (each names its `tensor`, the Hugging Face
     name); `scan` is the scan summary (`melsurgery.patch.scan_summary`); `writer` says how the weights were
     written; `outputs` maps each other file of the folder to its sha256, `sizes` to its size (so that a later
@@ -152,13 +152,14 @@ class Provenance:
     sizes: dict[str, int] | None = field(default=None, metadata=_OMIT)
     derived: dict[str, DerivedFile] | None = field(default=None, metadata=_OMIT)
 
-    def to_dict(self) -> dict:
-        """The provenance.json object, keys in the order melsurgery has always written them."""
-        return dump(self)
+    json_fix = FIX
 
     @classmethod
-    def from_dict(cls, data: object, where: str) -> Provenance:
-        """Check the record (one line naming the first bad field), then build it."""
+    def json_check(cls, data: Any, need: Need | None, path: str) -> None:
+        """What the field types cannot say, each in its own words: digests, named recipes and edits, the source."""
+        if need is None:
+            return
+        where = need.where
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object with 'outputs', 'recipes' and 'source'")
         outputs = data.get("outputs")
@@ -169,17 +170,20 @@ class Provenance:
         if not isinstance(recipes, list) or not all(
                 isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"] for r in recipes):
             raise UserError(f"{where}: 'recipes' must be a non-empty list of objects with a 'name'")
-        source = data.get("source", {})
-        if not isinstance(source, dict):
+        if not isinstance(data.get("source", {}), dict):
             raise UserError(f"{where}: 'source' must be an object whose 'id' names the base model")
-        need = Need(where, FIX)
         for k, e in enumerate(data.get("edits") or []):
             need(isinstance(e, dict) and isinstance(e.get("tensor"), str), f"edits[{k}]",
                  "an object naming its 'tensor'", e)
         scan = data.get("scan")
         if isinstance(scan, dict) and "params" in scan:
             load(DetectParams, scan["params"], "scan.params", need)
-        record = load(cls, data, "", need)
+
+    @classmethod
+    def from_json(cls, data: object, where: str | None = None) -> Provenance:
+        """The record, every field checked (one line naming the first bad one), derivations included."""
+        record = super().from_json(data, where)
+        need = Need(where or "provenance.json", FIX)
         for rel, d in (record.derived or {}).items():
             ends = [0, *(x for r in d.edits for x in (r.start, r.end)), d.size]  # in order, none overlapping
             need(is_sha256(d.source_sha256) and all(is_sha256(r.sha256) for r in d.edits)
@@ -198,7 +202,7 @@ class Provenance:
             data = load_strict(path, "provenance")
         except OSError as exc:
             raise UserError(f"{path}: cannot read provenance ({exc.strerror})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_json(data, str(path))
 
     @classmethod
     def find(cls, folder: Path) -> Provenance | None:
@@ -209,7 +213,7 @@ class Provenance:
 
     def text(self) -> str:
         """provenance.json's text (non-finite figures as null)."""
-        return dumps(self.to_dict(), indent=2, default=str) + "\n"
+        return dumps(self.to_json(), indent=2, default=str) + "\n"
 
     def write(self, folder: Path) -> None:
         """Write provenance.json into `folder` (a folder being written, committed whole later)."""

@@ -151,7 +151,7 @@ def _gguf_provenance(gguf: Path) -> Provenance | None:
         return None
     try:
         edits = json.loads(meta["melsurgery.edits"])
-        return Provenance.from_dict({
+        return Provenance.from_json({
             "tool": f"melsurgery {meta['melsurgery.version']}",
             "source": {"gguf": meta["melsurgery.source.file"], "sha256": meta["melsurgery.source.sha256"]},
             "recipes": json.loads(meta["melsurgery.recipes"]),

@@ -327,7 +327,7 @@ def test_write_record_round_trips_through_provenance_json():
     record = WriteRecord(mode="clone", linked=("a",), rewritten_bytes=3, hashed_bytes=9,
                          reused_sha256={"b": "sidecar"}, trusted_because={"sidecar": "why"})
     prov = Provenance(recipes=(), source={"id": "x"}, writer=record, outputs={}, sizes={})
-    assert Provenance.from_dict(prov.to_dict(), "test") == prov
+    assert Provenance.from_json(prov.to_json(), "test") == prov
     assert "untouched bytes cloned" in record.summary and "sha256 reused for 1 (sidecar)" in record.summary
 
 
@@ -410,14 +410,14 @@ def test_a_derivation_that_is_not_one_is_refused_on_reading(tmp_path):
 
     good = {"source_sha256": "a" * 64, "size": 10, "mtime_ns": 1, "edits": [{"start": 2, "end": 4, "sha256": "b" * 64}]}
     doc = {"recipes": [{"name": "x"}], "source": {"id": "x"}, "outputs": {}, "derived": {"w.safetensors": good}}
-    assert Provenance.from_dict(doc, "p").derived["w.safetensors"].edits[0].end == 4
+    assert Provenance.from_json(doc, "p").derived["w.safetensors"].edits[0].end == 4
     for bad in ({**good, "source_sha256": "A" * 64}, {**good, "edits": [{"start": 2, "end": 11, "sha256": "b" * 64}]},
                 {**good, "edits": [{"start": 2, "end": 4}]}, {**good, "size": "10"},
                 {**good, "edits": [{"start": 4, "end": 2, "sha256": "b" * 64}]},  # backwards
                 {**good, "edits": [{"start": 2, "end": 6, "sha256": "b" * 64},  # overlapping: read twice
                                    {"start": 5, "end": 8, "sha256": "b" * 64}]}):
         with pytest.raises(UserError, match="^p: derived"):
-            Provenance.from_dict({**doc, "derived": {"w.safetensors": bad}}, "p")
+            Provenance.from_json({**doc, "derived": {"w.safetensors": bad}}, "p")
 
 
 # --- diff, verify and push on a cloned output, the source untouched ---------------------------------------

@@ -101,7 +101,7 @@ def test_provenance_keeps_the_search_record_typed(sinkmodel, tmp_path):
     r = _budgeted(root, folder, out, tmp_path / "cache", "--max-kl", "0.5", "--trials", 4)
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "provenance.json").read_text())
-    assert Provenance.from_dict(data, "p").search.trial == data["search"]["trial"]
+    assert Provenance.from_json(data, "p").search.trial == data["search"]["trial"]
     data["search"]["trial"] = "first"
     with pytest.raises(UserError, match="search.trial must be an integer"):
-        Provenance.from_dict(data, "p")
+        Provenance.from_json(data, "p")

@@ -276,7 +276,7 @@ def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_p
     assert prov["source"]["files"]["model.safetensors"] == sha256_file(planted / "model.safetensors")
     assert prov["recipes"][0]["name"] == "ffn-dampen" and prov["scan"]["me_layer"] == 3
     record = Provenance.read(out)  # the typed record is the file: same object, same bytes when written again
-    assert record.to_dict() == prov and record.edited_tensors == ["model.layers.3.mlp.down_proj.weight"]
+    assert record.to_json() == prov and record.edited_tensors == ["model.layers.3.mlp.down_proj.weight"]
     assert record.detect_params == planted_scan.params
     record.verify(out)
     text = (out / "provenance.json").read_text()
