@@ -143,7 +143,7 @@ def atomic_file(out: Path, overwrite: bool = False, protect: Path | None = None,
             tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, data: str | bytes, protect: Path | None = None) -> Path:
+def write_atomic(path: Path, data: str | bytes, protect: Path | None = None, mode: int | None = None) -> Path:
     """Write one file (JSON, PNG, YAML, text) whole or not at all: guarded, written and synced as a hidden
     sibling, renamed over `path` (over the file a symlink names); a failure or a signal leaves neither a partial
     file nor the sibling. A pipe or terminal (`--json /dev/stdout`, a process substitution) is written to as a
@@ -155,6 +155,8 @@ def write_atomic(path: Path, data: str | bytes, protect: Path | None = None) -> 
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     with atomic_file(target, overwrite=True, protect=protect, new_folder=False) as tmp:
         with open(tmp, "wb") as fh:
+            if mode is not None:  # the replaced file's permissions, never wider (`mode`: what it had)
+                os.fchmod(fh.fileno(), mode)
             fh.write(raw)
             fh.flush()
             os.fsync(fh.fileno())

@@ -190,6 +190,12 @@ class Provenance(JsonRecord):
                  and all(a <= b for a, b in zip(ends, ends[1:])), f"derived.{rel}",
                  "a source sha256 and edited ranges in order inside the file, none overlapping, each with its sha256",
                  d)
+            # patch derives only the safetensors shards it edited: anything else would be trusted on its size and
+            # mtime alone (a derivation without edits vouches for no byte of the file)
+            parts = rel.split("/")
+            need(rel.endswith(".safetensors") and "" not in parts and ".." not in parts and "." not in parts
+                 and bool(d.edits), f"derived.{rel}",
+                 "an edited .safetensors file of the folder, with its edited ranges", rel)
         return record
 
     @classmethod

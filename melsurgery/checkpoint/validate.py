@@ -14,11 +14,13 @@ skeleton. The cache is only ever an answer transformers gave before; an unreadab
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -85,14 +87,16 @@ def check_config_types(config: dict, where: Path | str) -> None:
         raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {quote(eps)}")
 
 
-def _skeleton_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the model transformers builds from config.json: cached, else built."""
+def _skeleton_shapes(ckpt: Checkpoint, fresh: bool = False) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """Parameter shapes of the model transformers builds from config.json, and whether they came from the cache
+    (`fresh`: built, whatever the cache holds; the built answer replaces the entry)."""
     path = _shapes_cache(ckpt.folder / "config.json")
-    shapes = _read_shapes(path)
-    if shapes is None:
-        shapes = _build_shapes(ckpt)
-        _write_shapes(path, shapes)
-    return shapes
+    shapes = None if fresh else _read_shapes(path)
+    if shapes is not None:
+        return shapes, True
+    shapes = _build_shapes(ckpt)
+    _write_shapes(path, shapes)
+    return shapes, False
 
 
 def _shapes_cache(config: Path) -> Path:
@@ -108,7 +112,7 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
         data = json.loads(read_bytes(path, "a cached skeleton"))
     except (UserError, ValueError, RecursionError):
         return None
-    if not isinstance(data, dict) or not all(
+    if not isinstance(data, dict) or not data or not all(
             isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
             for v in data.values()):
         return None
@@ -116,14 +120,19 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
 
 
 def _write_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Cache a skeleton (whole or not at all); a cache that cannot be written only costs the next build."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    """Cache a skeleton (whole or not at all); a cache that cannot be written only costs the next build. The
+    temporary file is created new (O_EXCL: never a file or link someone left under that name)."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({k: list(v) for k, v in shapes.items()}))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({k: list(v) for k, v in shapes.items()}))
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _build_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -152,7 +161,6 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
         held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
         raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
                         f"({len(present)} layers); fix the config or re-download the checkpoint")
-    expected = _skeleton_shapes(ckpt)
     actual = {name: info.shape for name, info in ckpt.tensors.items()}
     for i in range(n):  # MoE: per-expert tensors as the model holds them (stacked), compared stacked
         prefix = family.prefix(i)
@@ -164,16 +172,29 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
         if stacked is not layer:
             actual = {k: s for k, s in actual.items() if not k.startswith(prefix)}
             actual.update({prefix + k: tuple(t.shape) for k, t in stacked.items()})
-    for name, shape in actual.items():
-        want = expected.get(name)
-        if want is not None and want != shape:
-            raise UserError(
-                f"{where} disagrees with the weights: {name} has shape {list(shape)}, but the config "
-                f"(hidden_size {ckpt.config['hidden_size']}, heads {ckpt.config['num_attention_heads']}, ...) implies "
-                f"{list(want)}; fix the config or re-download the checkpoint")
+    expected, cached = _skeleton_shapes(ckpt)
+    if cached and (_mismatch(expected, actual) or not expected.keys() & actual.keys()):
+        expected, _ = _skeleton_shapes(ckpt, fresh=True)  # a cached entry is never the reason for a refusal
+    bad = _mismatch(expected, actual)
+    if bad:
+        name, shape, want = bad
+        raise UserError(
+            f"{where} disagrees with the weights: {name} has shape {list(shape)}, but the config "
+            f"(hidden_size {ckpt.config['hidden_size']}, heads {ckpt.config['num_attention_heads']}, ...) implies "
+            f"{list(want)}; fix the config or re-download the checkpoint")
     for name in (family.embed, family.tensor(0, family.attn_norm) if family.attn_norm else None):
         if name is not None and name not in actual:
             raise UserError(f"{ckpt.folder}: the weights have no {name}")
+
+
+def _mismatch(expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]]
+              ) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first tensor whose shape differs from the skeleton's (name, actual, expected), or None."""
+    for name, shape in actual.items():
+        want = expected.get(name)
+        if want is not None and tuple(want) != tuple(shape):
+            return name, shape, want
+    return None
 
 
 def nonfinite(t: torch.Tensor) -> int:

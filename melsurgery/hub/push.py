@@ -18,6 +18,7 @@ be in the environment before this module is first imported.
 from __future__ import annotations
 
 import importlib
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -43,7 +44,7 @@ from melsurgery.checkpoint.reader import PICKLE_PATTERNS
 from melsurgery.checkpoint.safetensors_file import load_tensor, read_header
 from melsurgery.checkpoint.validate import check_finite
 from melsurgery.errors import UserError, one_line, redact, register_secret
-from melsurgery.formats.jsonsafe import load_strict
+from melsurgery.formats.jsonsafe import dumps, load_strict
 from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import front_matter
 from melsurgery.hub.metadata import metadata_problems
@@ -183,11 +184,24 @@ def validate_for_push(folder: Path) -> PushManifest:
 
 def seal(manifest: PushManifest) -> PushManifest:
     """Record in the folder's provenance.json the sha256 the validation computed for files patch recorded by their
-    derivation (atomically), so that the folder and what is pushed hold the same complete record."""
+    derivation (atomically), so that the folder and what is pushed hold the same complete record. Only those
+    digests are added: every other byte of the document (fields this version does not know included) and the
+    file's mode are kept; a record that changed since the validation is refused."""
     if not manifest.sealed:
         return manifest
     path = manifest.folder / PROVENANCE
-    write_atomic(path, manifest.provenance.text())
+    complete = manifest.provenance
+    validated = replace(complete, outputs={k: v for k, v in (complete.outputs or {}).items()
+                                           if k not in manifest.sealed})
+    raw = load_strict(path, "provenance")
+    if not isinstance(raw, dict) or Provenance.from_json(raw, str(path)) != validated:
+        raise UserError(f"{path}: changed while push was checking the folder; nothing was sent: run push again")
+    raw["outputs"] = {**raw.get("outputs", {}), **{rel: complete.outputs[rel] for rel in manifest.sealed}}
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot record the sha256 of edited files ({exc.strerror or exc})") from None
+    write_atomic(path, dumps(raw, indent=2, default=str) + "\n", mode=mode)
     files = [PushedFile(f.path, path.stat().st_size) if f.path == PROVENANCE else f for f in manifest.files]
     return replace(manifest, files=files)
 
@@ -307,6 +321,7 @@ def push(
     if not token:
         raise UserError("no Hugging Face token found; set HF_TOKEN or run `hf auth login` (a write token is needed)")
     register_secret(token)
+    manifest = seal(manifest)  # local, and it can fail: before anything is created on the Hub
     configure_hub()
     api = HfApi(token=token)
     try:
@@ -317,7 +332,6 @@ def push(
             raise UserError(f"{repo_id} already exists and is public; refusing a --private push into it")
         if revision and revision != constants.DEFAULT_REVISION and not create_pr and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        manifest = seal(manifest)
         # create_commit, not upload_folder: with hf_xet installed upload_folder may split a large
         # folder into several commits, and we publish exactly the validated file list, nothing else.
         operations = [
