@@ -15,11 +15,12 @@ Fields absent from a record (older versions, a converted GGUF) stay absent when 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from melsurgery.checkpoint.hashing import Recorded, is_sha256, sha256_file, sha256_range
+from melsurgery.checkpoint.hashing import CHUNK, Recorded, is_sha256, sha256_file, sha256_range
 from melsurgery.errors import UserError
 from melsurgery.formats.jsonsafe import dumps, load_strict
 from melsurgery.formats.typed import JsonRecord, Need, load
@@ -79,6 +80,47 @@ class DerivedFile:
                 if sha256_range(fh.fileno(), r.start, r.end) != r.sha256:
                     raise UserError(f"{path}: bytes {r.start}-{r.end} differ from {PROVENANCE}; the file changed "
                                     "after surgery")
+
+
+    def compare(self, output: Path, source: Path) -> str | None:
+        """The output's sha256 when `source` is this derivation's source (its bytes hash to `source_sha256`) and
+        the output holds its bytes everywhere outside the edited ranges: both files read once, side by side.
+        None when `source` is another file (nothing can be said from it); a byte that differs is a UserError."""
+        h_out, h_src, differs, pos = hashlib.sha256(), hashlib.sha256(), None, 0
+        edits = [(r.start, r.end) for r in self.edits]
+        try:
+            with open(output, "rb") as fo, open(source, "rb") as fs:
+                while chunk := fo.read(CHUNK):
+                    theirs = fs.read(len(chunk))
+                    h_out.update(chunk)
+                    h_src.update(theirs)
+                    if differs is None and chunk != theirs:
+                        differs = _first_untouched_difference(chunk, theirs, pos, edits)
+                    pos += len(chunk)
+                h_src.update(fs.read())
+        except OSError:
+            return None
+        if h_src.hexdigest() != self.source_sha256:
+            return None
+        if differs is not None:
+            raise UserError(f"{output}: byte {differs} differs from its source ({source}) outside the edited "
+                            "ranges; the file changed after surgery")
+        return h_out.hexdigest()
+
+
+def _first_untouched_difference(a: bytes, b: bytes, offset: int, edits: list[tuple[int, int]]) -> int | None:
+    """The first file offset in [offset, offset + len(a)) outside every edited range where a and b differ."""
+    if len(a) != len(b):
+        return offset + min(len(a), len(b))
+    pos, end = offset, offset + len(a)
+    for start, stop in [*sorted(edits), (end, end)]:  # the untouched spans between the edits, slice by slice
+        span_end = min(max(start, pos), end)
+        if pos < span_end and a[pos - offset:span_end - offset] != b[pos - offset:span_end - offset]:
+            return next(i for i in range(pos, span_end) if a[i - offset] != b[i - offset])
+        pos = max(pos, min(stop, end))
+        if pos >= end:
+            break
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,18 +298,23 @@ class Provenance(JsonRecord):
         if not isinstance(self.source.get("id"), str) or not self.source["id"]:
             raise UserError(f"{where}: 'source' must be an object whose 'id' names the base model")
 
-    def verify(self, folder: Path, files: dict[str, Path] | None = None) -> Provenance:
+    def verify(self, folder: Path, files: dict[str, Path] | None = None,
+               sources: dict[str, list[Path]] | None = None) -> tuple[Provenance, dict[str, str]]:
         """The folder is exactly what was written: every listed file present with its sha256 (or, for a derived
         file, its size, mtime and edited bytes), nothing else. Returns the record with the sha256 of every file,
         derived ones included (computed here).
 
-        `files`: the folder's files by relative posix path (push passes those it would upload); default all."""
+        `files`: the folder's files by relative posix path (push passes those it would upload); default all.
+        `sources`: where each derived file's source may be; the first that is it proves the untouched bytes.
+        Also returns, per derived file, how its untouched bytes were judged: "source" (compared with it) or
+        "mtime" (no source found: trusted while size and mtime hold)."""
         folder = Path(folder)
         if files is None:
             files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
         where = folder / PROVENANCE
         self.check_publishable(str(where))
         outputs, derived = dict(self.outputs or {}), self.derived or {}
+        judged: dict[str, str] = {}
         for rel in [*outputs, *derived]:
             if rel == PROVENANCE:
                 raise UserError(f"{where}: 'outputs' lists {PROVENANCE} itself, which cannot hash itself")
@@ -279,12 +326,15 @@ class Provenance(JsonRecord):
             expected = outputs.get(rel)
             if expected is None and rel in derived:
                 derived[rel].check(path)
-                outputs[rel] = sha256_file(path)
+                digest = next((d for src in (sources or {}).get(rel, ())
+                               if (d := derived[rel].compare(path, src)) is not None), None)
+                judged[rel] = "mtime" if digest is None else "source"
+                outputs[rel] = digest or sha256_file(path)
             elif expected is None:
                 raise UserError(f"{path}: not listed in {PROVENANCE} 'outputs'; remove it or re-run the surgery")
             elif sha256_file(path) != expected:
                 raise UserError(f"{path}: sha256 differs from {PROVENANCE}; the file changed after surgery")
-        return replace(self, outputs=outputs)
+        return replace(self, outputs=outputs), judged
 
 
 def recorded_hashes(folder: Path) -> Recorded | None:

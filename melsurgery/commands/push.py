@@ -45,10 +45,12 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
         if result.sealed:
             click.echo(f"would record in provenance.json the sha256 of {_edited(result.sealed)} (patch recorded "
                        "only their edited bytes')")
+            _judged(result.judged)
         click.echo("dry run: nothing was sent")
         return
     if result.sealed:
         click.echo(f"recorded in provenance.json the sha256 of {_edited(result.sealed)}")
+        _judged(result.judged)
     if result.no_changes:
         click.echo(f"nothing to push: {where} already holds exactly these {len(result.files)} files")
     else:
@@ -62,3 +64,12 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
 
 def _edited(files: list[str]) -> str:
     return f"{len(files)} edited file{'s' * (len(files) > 1)} ({', '.join(files)})"
+
+
+_JUDGED = {"source": "its untouched bytes are its source's (compared byte for byte)",
+           "mtime": "its untouched bytes trusted on size and mtime (its source was not found to compare with)"}
+
+
+def _judged(judged: dict[str, str]) -> None:
+    for rel, how in judged.items():
+        click.echo(f"  {rel}: {_JUDGED[how]}")

@@ -71,6 +71,7 @@ class PushManifest:
     base_model: str
     provenance: Provenance  # with the sha256 of every file, derived ones included (computed by the validation)
     sealed: list[str]  # derived files whose whole-file sha256 the validation computed, not yet in provenance.json
+    judged: dict[str, str]  # per derived file: its untouched bytes compared with the "source", or trusted on "mtime"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class PushResult(JsonRecord):
     pr_url: str | None = None
     no_changes: bool = False  # the repo already had exactly these files: the client made no commit
     sealed: list[str] = field(default_factory=list)  # edited files whose sha256 push recorded in provenance.json
+    judged: dict[str, str] = field(default_factory=dict)  # how each one's untouched bytes were judged: source, mtime
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,14 +174,30 @@ def validate_for_push(folder: Path) -> PushManifest:
                 check_finite(load_tensor(info), info.name, path)
         elif rel in ggufs:
             GGUFFile(path)  # likewise for a GGUF's header and tensor table
-    complete = provenance.verify(folder, files)
+    complete, judged = provenance.verify(folder, files, _source_candidates(provenance))
     pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
     sealed = sorted(set(complete.outputs or {}) - set(provenance.outputs or {}))
     if sealed and files[PROVENANCE].is_symlink():  # recording the digests would write wherever it points
         raise UserError(f"{files[PROVENANCE]}: a symlink; push records the sha256 of edited files in the folder's "
                         f"own {PROVENANCE}: replace the link by the file it names")
     return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source),
-                        complete, sealed)
+                        complete, sealed, judged)
+
+
+def _source_candidates(provenance: Provenance) -> dict[str, list[Path]]:
+    """Where each derived file's source may still be: the source folder as patch was given it, and for a Hub
+    source the cache blob named by the source file's sha256. A candidate proves nothing unless its bytes hash
+    to the recorded sha256 (`DerivedFile.compare` checks), so a wrong guess costs only a read."""
+    source, found = provenance.source, {}
+    for rel, d in (provenance.derived or {}).items():
+        paths = []
+        if source.get("kind") == "folder":
+            paths.append(Path(source["id"]) / rel)
+        elif source.get("kind") == "hub" and is_repo_id(source.get("id")):
+            paths.append(Path(constants.HF_HUB_CACHE) / f"models--{source['id'].replace('/', '--')}" / "blobs"
+                         / d.source_sha256)
+        found[rel] = [p for p in paths if p.is_file()]
+    return found
 
 
 def seal(manifest: PushManifest) -> PushManifest:
@@ -312,7 +330,8 @@ def push(
     message = commit_message or default_commit_message(manifest)
     repo_url = f"{redact(constants.ENDPOINT)}/{repo_id}"
     if dry_run:
-        return PushResult(repo_url, None, manifest.files, True, message, sealed=manifest.sealed)
+        return PushResult(repo_url, None, manifest.files, True, message, sealed=manifest.sealed,
+                          judged=manifest.judged)
 
     try:
         token = token or get_token()
@@ -361,4 +380,4 @@ def push(
     # committed only when it really sent one. Best effort: assume a commit if the marker ever goes away.
     no_changes = not all(getattr(op, "_is_committed", True) for op in operations)
     return PushResult(repo_url, info.commit_url, manifest.files, False, message, info.pr_url, no_changes,
-                      manifest.sealed)
+                      manifest.sealed, manifest.judged)

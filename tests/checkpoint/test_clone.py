@@ -367,8 +367,14 @@ def test_patch_of_a_hub_cache_snapshot_reuses_the_blob_names(sharded, tmp_path):
     assert [(r.start, r.end, r.sha256) for r in derived.edits] == [
         (info.start, info.end, hashlib.sha256((out / SHARD2).read_bytes()[info.start:info.end]).hexdigest())]
     assert derived.mtime_ns == (out / SHARD2).stat().st_mtime_ns
-    complete = prov.verify(out)  # what push does: checks the derivation and computes the whole-file sha256
+    complete, judged = prov.verify(out)  # what push does: checks the derivation, computes the whole-file sha256
     assert complete.outputs[SHARD2] == sha256_file(out / SHARD2) and complete.derived == prov.derived
+    assert judged == {SHARD2: "mtime"}  # no source given: the untouched bytes are trusted on size and mtime
+    # given where the source is (push finds it), the untouched bytes are compared with it, in the same pass
+    other = tmp_path / "not-the-source"
+    other.write_bytes((snap / SHARD2).read_bytes()[:-1] + b"\0")
+    assert prov.verify(out, sources={SHARD2: [other]})[1] == {SHARD2: "mtime"}  # another file proves nothing
+    assert prov.verify(out, sources={SHARD2: [other, snap / SHARD2]}) == (complete, {SHARD2: "source"})
     # patching the patched folder again trusts its provenance for the untouched shard (the edited one is read)
     again = patch_api(out, tmp_path / "again", sharded[1], recipe="norm-rescale").writer
     assert again.reused_sha256 == {SHARD1: "provenance"}
@@ -388,7 +394,7 @@ def test_a_derived_file_changed_after_the_patch_is_refused(sharded, tmp_path, ta
     edit = prov.derived[SHARD2].edits[0]
     st = path.stat()
     if tamper == "sealed-then-changed":
-        prov = prov.verify(out)  # sealed: from now on the whole-file sha256 decides
+        prov, _ = prov.verify(out)  # sealed: from now on the whole-file sha256 decides
     with open(path, "r+b") as fh:
         if tamper == "size":
             fh.truncate(st.st_size - 1)
@@ -403,6 +409,27 @@ def test_a_derived_file_changed_after_the_patch_is_refused(sharded, tmp_path, ta
            "size": "size differs", "sealed-then-changed": "sha256 differs"}[tamper]
     with pytest.raises(UserError, match=f"{SHARD2}: {why}"):
         prov.verify(out)
+
+
+def test_an_untouched_byte_rewritten_with_the_mtime_put_back_is_caught_when_the_source_is_there(sharded, tmp_path):
+    """The mtime rule alone cannot see such a rewrite; compared with its source (a Hub cache blob here), the
+    derived file's untouched bytes are checked byte for byte, and the first byte that differs is named."""
+    from melsurgery.errors import UserError
+
+    snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
+    out = tmp_path / "out"
+    patch_api(snap, out, sharded[1])
+    prov, path = Provenance.read(out), out / SHARD2
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(0)
+        byte = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert prov.verify(out)[1] == {SHARD2: "mtime"}  # without the source: passes, as documented
+    with pytest.raises(UserError, match=f"{SHARD2}: byte 0 differs from its source"):
+        prov.verify(out, sources={SHARD2: [snap / SHARD2]})
 
 
 def test_a_derivation_that_is_not_one_is_refused_on_reading(tmp_path):
@@ -462,6 +489,7 @@ def test_push_records_the_whole_file_sha256_of_derived_files(sharded, tmp_path, 
     dry = run_push(hub_server, str(out), repo, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"would record in provenance.json the sha256 of 1 edited file ({SHARD2})" in dry.stdout
+    assert f"{SHARD2}: its untouched bytes are its source's (compared byte for byte)" in dry.stdout
     assert (out / "provenance.json").read_bytes() == written
     pushed = run_push(hub_server, str(out), repo)
     assert pushed.returncode == 0, pushed.stderr
