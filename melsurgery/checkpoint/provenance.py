@@ -66,12 +66,13 @@ class DerivedFile:
     mtime_ns: int
     edits: tuple[EditedRange, ...]
 
-    def check(self, path: Path) -> None:
-        """The file is still what patch wrote: same size and mtime, every edited range holding the bytes recorded."""
+    def check(self, path: Path, mtime: bool = True) -> None:
+        """The file is still what patch wrote: same size (and mtime, unless its untouched bytes are compared with
+        the source instead), every edited range holding the bytes recorded."""
         st = path.stat()
         if st.st_size != self.size:
             raise UserError(f"{path}: size differs from {PROVENANCE}; the file changed after surgery")
-        if st.st_mtime_ns != self.mtime_ns:
+        if mtime and st.st_mtime_ns != self.mtime_ns:
             raise UserError(f"{path}: modified after surgery (its mtime differs from {PROVENANCE}, which records "
                             "only its edited bytes' sha256); re-run the patch, and copy output folders with their "
                             "times (cp -p, rsync -t)")
@@ -325,9 +326,11 @@ class Provenance(JsonRecord):
                 continue
             expected = outputs.get(rel)
             if expected is None and rel in derived:
-                derived[rel].check(path)
+                derived[rel].check(path, mtime=False)
                 digest = next((d for src in (sources or {}).get(rel, ())
                                if (d := derived[rel].compare(path, src)) is not None), None)
+                if digest is None:  # no source to compare with: the untouched bytes only have the mtime rule
+                    derived[rel].check(path)
                 judged[rel] = "mtime" if digest is None else "source"
                 outputs[rel] = digest or sha256_file(path)
             elif expected is None:

@@ -432,6 +432,23 @@ def test_an_untouched_byte_rewritten_with_the_mtime_put_back_is_caught_when_the_
         prov.verify(out, sources={SHARD2: [snap / SHARD2]})
 
 
+def test_a_copy_without_its_times_is_judged_by_its_source(sharded, tmp_path):
+    """An output copied without its mtimes (cp -r): with its source there it is compared and accepted; without,
+    the mtime rule refuses it, naming the fix."""
+    from melsurgery.errors import UserError
+
+    snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
+    patch_api(snap, tmp_path / "out", sharded[1])
+    copy = Path(shutil.copytree(tmp_path / "out", tmp_path / "copy", copy_function=shutil.copyfile))
+    later = (copy / SHARD2).stat().st_mtime_ns + 10**9
+    os.utime(copy / SHARD2, ns=(later, later))
+    prov = Provenance.read(copy)
+    record, judged = prov.verify(copy, sources={SHARD2: [snap / SHARD2]})
+    assert judged == {SHARD2: "source"} and record.outputs[SHARD2] == sha256_file(copy / SHARD2)
+    with pytest.raises(UserError, match=f"{SHARD2}: modified after surgery.*cp -p"):
+        prov.verify(copy)
+
+
 def test_a_derivation_that_is_not_one_is_refused_on_reading(tmp_path):
     from melsurgery.errors import UserError
 
