@@ -66,22 +66,22 @@ class DerivedFile:
     mtime_ns: int
     edits: tuple[EditedRange, ...]
 
-    def check(self, path: Path, mtime: bool = True) -> None:
-        """The file is still what patch wrote: same size (and mtime, unless its untouched bytes are compared with
-        the source instead), every edited range holding the bytes recorded."""
-        st = path.stat()
-        if st.st_size != self.size:
+    def check(self, path: Path) -> None:
+        """The file still has the size patch left and every edited range the bytes recorded."""
+        if path.stat().st_size != self.size:
             raise UserError(f"{path}: size differs from {PROVENANCE}; the file changed after surgery")
-        if mtime and st.st_mtime_ns != self.mtime_ns:
-            raise UserError(f"{path}: modified after surgery (its mtime differs from {PROVENANCE}, which records "
-                            "only its edited bytes' sha256); re-run the patch, and copy output folders with their "
-                            "times (cp -p, rsync -t)")
         with open(path, "rb") as fh:
             for r in self.edits:
                 if sha256_range(fh.fileno(), r.start, r.end) != r.sha256:
                     raise UserError(f"{path}: bytes {r.start}-{r.end} differ from {PROVENANCE}; the file changed "
                                     "after surgery")
 
+    def check_mtime(self, path: Path) -> None:
+        """Not written since patch (its mtime as recorded): what vouches for the untouched bytes without a source."""
+        if path.stat().st_mtime_ns != self.mtime_ns:
+            raise UserError(f"{path}: modified after surgery (its mtime differs from {PROVENANCE}, which records "
+                            "only its edited bytes' sha256); re-run the patch, and copy output folders with their "
+                            "times (cp -p, rsync -t)")
 
     def compare(self, output: Path, source: Path) -> str | None:
         """The output's sha256 when `source` is this derivation's source (its bytes hash to `source_sha256`) and
@@ -326,11 +326,11 @@ class Provenance(JsonRecord):
                 continue
             expected = outputs.get(rel)
             if expected is None and rel in derived:
-                derived[rel].check(path, mtime=False)
+                derived[rel].check(path)
                 digest = next((d for src in (sources or {}).get(rel, ())
                                if (d := derived[rel].compare(path, src)) is not None), None)
                 if digest is None:  # no source to compare with: the untouched bytes only have the mtime rule
-                    derived[rel].check(path)
+                    derived[rel].check_mtime(path)
                 judged[rel] = "mtime" if digest is None else "source"
                 outputs[rel] = digest or sha256_file(path)
             elif expected is None:

@@ -70,8 +70,12 @@ class PushManifest:
     recipes: list[str]
     base_model: str
     provenance: Provenance  # with the sha256 of every file, derived ones included (computed by the validation)
-    sealed: list[str]  # derived files whose whole-file sha256 the validation computed, not yet in provenance.json
-    judged: dict[str, str]  # per derived file: its untouched bytes compared with the "source", or trusted on "mtime"
+    judged: dict[str, str]  # per derived file hashed here: untouched bytes compared with the "source", or on "mtime"
+
+    @property
+    def sealed(self) -> list[str]:
+        """Derived files whose whole-file sha256 the validation computed, not yet in provenance.json."""
+        return sorted(self.judged)
 
 
 @dataclass(frozen=True)
@@ -176,12 +180,11 @@ def validate_for_push(folder: Path) -> PushManifest:
             GGUFFile(path)  # likewise for a GGUF's header and tensor table
     complete, judged = provenance.verify(folder, files, _source_candidates(provenance))
     pushed = [PushedFile(rel, path.stat().st_size) for rel, path in files.items()]
-    sealed = sorted(set(complete.outputs or {}) - set(provenance.outputs or {}))
-    if sealed and files[PROVENANCE].is_symlink():  # recording the digests would write wherever it points
+    if judged and files[PROVENANCE].is_symlink():  # recording the digests would write wherever it points
         raise UserError(f"{files[PROVENANCE]}: a symlink; push records the sha256 of edited files in the folder's "
                         f"own {PROVENANCE}: replace the link by the file it names")
     return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source),
-                        complete, sealed, judged)
+                        complete, judged)
 
 
 def _source_candidates(provenance: Provenance) -> dict[str, list[Path]]:
