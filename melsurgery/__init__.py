@@ -34,7 +34,8 @@ _API = {
     "verify": ("melsurgery.measure.verify", "run_verify"),
     "diff": ("melsurgery.compare.checkpoints", "diff_checkpoints"),
     "tune": ("melsurgery.search.tune", "run_tune"),
-    "TuneOptions": ("melsurgery.search.tune", "TuneOptions"),
+    "SearchOptions": ("melsurgery.search.options", "SearchOptions"),
+    "TuneOptions": ("melsurgery.search.options", "SearchOptions"),  # the name before tune and patch shared them
     "push": ("melsurgery.hub.push", "push"),
     "load": ("melsurgery.engines.loading", "load"),
     "UserError": ("melsurgery.errors", "UserError"),

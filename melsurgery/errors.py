@@ -2,7 +2,8 @@
 
 Exit codes (documented in docs/reliability.md): 0 success; 1 `diff` found a difference (as diff(1)); 2 bad
 input (a UserError); 3 `scan` found no massive activation; 4 a `verify` gate or the `tune` budget is not met;
-5 the machine ran out of space or memory (nothing was written); 70 an internal error (a bug: one line, the
+5 the machine ran out of space or memory (nothing was written); 6 an engine the command was asked to use
+(vLLM) is not installed; 70 an internal error (a bug: one line, the
 traceback only with MELSURGERY_DEBUG=1); 128+n killed by signal n (130 Ctrl-C, 129 SIGHUP, 143 SIGTERM).
 
 Two functions stand between input and the user's terminal, logs and files: `redact` removes secrets (URL
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-BAD_INPUT, NOTHING_FOUND, GATE, NO_SPACE, INTERNAL = 2, 3, 4, 5, 70
+BAD_INPUT, NOTHING_FOUND, GATE, NO_SPACE, NO_ENGINE, INTERNAL = 2, 3, 4, 5, 6, 70
 SIGNAL_BASE = 128
 
 # The exit status of every command, in one place (docs/budgeted-patch.md lists them).
@@ -27,6 +28,7 @@ EXIT_CODES = {
     4: "a quality budget is not met: a verify gate, no tune trial within the budget, or no setting of the "
        "budgeted patch's search space that cuts the sink within the budget (nothing written)",
     5: "the machine ran out of space (ENOSPC, a quota, a file-size limit) or memory; nothing was written",
+    6: "an engine the command was asked to use is not installed (`--engine vllm` without vLLM); nothing was run",
     70: "an internal error (a bug in melsurgery), one line; MELSURGERY_DEBUG=1 prints the traceback",
     129: "stopped by SIGHUP (a closed terminal); nothing half-written is left",
     130: "interrupted (Ctrl-C); nothing half-written is left",

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from melsurgery.measure.verify import eval_text, run_verify, split_text
     from melsurgery.recipes import plan_recipes, registry, resolve_recipes
     from melsurgery.search.engine import Evaluator
+    from melsurgery.search.session import text_windows
     from melsurgery.search.space import make_space
-    from melsurgery.search.tune import text_windows
     from melsurgery.surgery.manifest import Manifest
     from melsurgery.surgery.patch import run_patch
 

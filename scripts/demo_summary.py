@@ -14,7 +14,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from melsurgery.checkpoint.provenance import Provenance
     from melsurgery.formats.wording import budget_text, change_text, count
-    from melsurgery.search.tune import choices, short_params
+    from melsurgery.search.records import setting
+    from melsurgery.search.space import setting_text
 
     out = Path((argv or sys.argv[1:] or ["out"])[0])
     prov = Provenance.read(out / "smollm2-budget")
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     v = json.loads((out / "verify.json").read_text())
     folds = all(r.folds for r in prov.recipes)
     whole = ": the whole embedded text, both halves" if v["text"] == "melsurgery:eval.txt" else ""
-    what = "; ".join(f"{r.name} {short_params(r)}" for r in choices([(r.name, r.params) for r in prov.recipes]))
+    what = setting_text(setting([(r.name, r.params) for r in prov.recipes]))
     lines = [
         "",
         f"==== melsurgery demo: the budgeted patch of {prov.source.get('id')} ====",

@@ -906,21 +906,3 @@ def test_undecodable_bytes_in_a_name_are_printed_escaped(tmp_path):
     (tmp_path / name).mkdir()
     res = console("scan", tmp_path / name, *QUICK_SCAN, env={"PYTHONIOENCODING": "utf-8:strict"})
     refused(res, 2, "no config.json", "\\udcff")
-
-
-def test_a_damaged_cache_is_recomputed_not_trusted(tmp_path):
-    """Caches melsurgery writes and reads back (the budgeted patch's held-out figures): not JSON, the wrong shape,
-    wrong fields, or a FIFO in its place are ignored (before: a TypeError or AttributeError traceback, or a hang)."""
-    from melsurgery.search.budget import HeldOutCache
-
-    figures = {"sink_base": 1.0}  # a figure set with a field missing
-    for name, data in {"garbage": b"\x00\xff{", "a-list": b"[1, 2]", "not-objects": b'{"k": 3}',
-                       "wrong-fields": json.dumps({"k": figures}).encode()}.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "heldout.json").write_bytes(data)
-        assert HeldOutCache(folder).data == {}, name
-    folder = tmp_path / "fifo"
-    folder.mkdir()
-    os.mkfifo(folder / "heldout.json")
-    assert HeldOutCache(folder).data == {}

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from melsurgery.calibrate.samples import CalibrationSpec
 from melsurgery.checkpoint.atomic import check_output
+from melsurgery.commands.search_flags import search_flags, search_options
 from melsurgery.commands.shared import (
     calibration_options,
     device_option,
     examples,
-    finite_float,
     preflight,
     quiet_option,
     quiet_transformers,
     revision_option,
 )
 from melsurgery.errors import UserError
-from melsurgery.params import Param
+from melsurgery.params import DetectParams, Param
 from melsurgery.recipes import registry, resolve_recipes
+from melsurgery.search.options import SearchOptions
 
 _METAVARS = {"float": "FLOAT", "int": "INT", "layers": "LAYERS", "int_list": "DIMS", "neurons": "NEURONS"}
 
@@ -72,34 +75,80 @@ def _params_from_flags(recipes: tuple[str, ...], values: dict[str, str | None]) 
     return out
 
 
-def budget_options(f):
-    """The budgeted patch's options: the budget, and how long and over what the search runs."""
-    opts = [
-        click.option("--max-kl", type=float, callback=finite_float, default=None,
-                     help="Budget: search the recipes and write the largest sink cut whose mean KL(base || patched) "
-                          "per token on held-out text is at most this (no recipe flags needed)."),
-        click.option("--max-ppl-increase", type=float, callback=finite_float, default=None,
-                     help="Budget: perplexity increase on held-out text, percent (alone or with --max-kl)."),
-        click.option("--trials", type=click.IntRange(min=1), default=None,
-                     help="With a budget: trials the search study should hold (default 40; a rerun continues it)."),
-        click.option("--timeout", type=float, callback=finite_float, default=None,
-                     help="With a budget: stop starting trials after this many seconds."),
-        click.option("--windows", type=click.IntRange(min=1), default=None,
-                     help="With a budget: at most N windows of 512 tokens of each text (tuning, held-out)."),
-        click.option("--text", type=click.Path(path_type=Path), default=None,
-                     help="With a budget: search text (default: the embedded held-out text, first half)."),
-        click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-                     help="With a budget: PNG of the search (trials, held-out re-measurements, the choice)."),
-        click.option("--heldout", type=click.Path(path_type=Path), default=None,
-                     help="With a budget: held-out text the budget is checked on (default: the second half of "
-                          "--text)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+@dataclass(frozen=True)
+class PatchOptions:
+    """Everything `patch` is asked, declared once (the click parameters map onto these fields) and validated once
+    (`check`) before any model is read; the steps below take this object, not loose arguments."""
+
+    model: str | None
+    out: Path
+    fmt: str | None
+    recipes: tuple[str, ...]
+    manifest: Path | None
+    scan_path: Path | None
+    revision: str | None
+    base_model: str | None
+    calibration: CalibrationSpec
+    detection: DetectParams
+    overwrite: bool
+    link: bool
+    verify: bool
+    verify_windows: int | None
+    device: str
+    quiet: bool
+    recipe_values: dict[str, str | None]  # recipe-parameter flags as given ("--strength": "0.5")
+    search: SearchOptions | None  # a budgeted patch's search (None: the recipes are given)
+    plot: Path | None  # with a budget: the search's plot
+    text: Path | None
+    heldout: Path | None
+
+    @classmethod
+    def from_click(cls, params: dict) -> PatchOptions:
+        """The options of the click parameters of `patch`."""
+        values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in params.items()
+                  if k.startswith("recipe_")}
+        budgeted = params["max_kl"] is not None or params["max_ppl_increase"] is not None
+        search = search_options(params, params["recipes"]) if budgeted else None
+        return cls(params["model"], params["out"], params["fmt"], params["recipes"], params["manifest"],
+                   params["scan_path"], params["revision"], params["base_model"],
+                   CalibrationSpec(params["calib"], params["num_samples"], params["max_tokens"], params["seed"]),
+                   DetectParams(abs_threshold=params["abs_threshold"], ratio=params["ratio"],
+                                persist_fraction=params["persist_fraction"]),
+                   params["overwrite"], params["link"], params["do_verify"], params["verify_windows"],
+                   params["device"], params["quiet"], values, search, params["plot_path"], params["text"],
+                   params["heldout"])
+
+    @property
+    def gguf(self) -> bool:
+        """Whether the output is GGUF (--format gguf, or -o ending in .gguf)."""
+        return self.fmt == "gguf" or (self.fmt is None and self.out.suffix.lower() == ".gguf")
+
+    @property
+    def verify_request(self) -> dict | None:
+        """What `run_patch` takes for --verify."""
+        return {"max_windows": self.verify_windows} if self.verify else None
+
+    def check(self, ctx: click.Context) -> None:
+        """Every check that needs no model, once: the budget and its flags, the recipe flags, the output kind."""
+        from melsurgery.checkpoint.basemodel import explicit
+        from melsurgery.search.options import validate
+
+        if self.search is not None:
+            validate(self.search)
+            _check_budget_args(self)
+        else:
+            given = [f"--{name.replace('_path', '').replace('_', '-')}" for name in BUDGET_ONLY
+                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+            if given:
+                raise UserError(f"{given[0]} applies to a budgeted patch: add --max-kl or --max-ppl-increase")
+        if self.base_model:
+            explicit(self.base_model, "--base-model")
+        if self.fmt == "safetensors" and self.out.suffix.lower() == ".gguf":
+            raise UserError(f"{self.out}: --format safetensors writes a folder; name it without .gguf")
 
 
-BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
+# options only a budgeted patch takes (their click parameter names)
+BUDGET_ONLY = ("objective", "trials", "timeout", "windows", "text", "heldout", "plot_path")
 
 
 @click.command(
@@ -121,7 +170,9 @@ BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
 @click.option("--manifest", type=click.Path(path_type=Path), help="YAML manifest (model, calibration, recipes).")
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), help="Reuse a scan JSON instead of scanning.")
 @recipe_options
-@budget_options
+@search_flags(budget_default=None)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="With a budget: PNG of the search (trials, held-out re-measurements, the choice).")
 @revision_option
 @click.option("--base-model", default=None, metavar="OWNER/NAME",
               help="Hub id of MODEL for the card's base_model (default: detected from the Hub source, the Hugging "
@@ -135,107 +186,81 @@ BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
 @quiet_option
-def patch(model, out, fmt, recipes, manifest, scan_path, max_kl, max_ppl_increase, trials, timeout, windows, text,
-          plot_path, heldout, revision, base_model, calib, num_samples, max_tokens, seed, abs_threshold, ratio,
-          persist_fraction, overwrite, link, do_verify, verify_windows, device, quiet, **recipe_flags) -> None:
+def patch(**params) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
 
     Untouched tensors stay byte-identical; the output is written atomically with a model card,
     provenance.json and the resolved manifest. With --max-kl (or --max-ppl-increase) and no recipe
     flags, the recipes and their settings are searched: the largest sink cut within the budget on
-    held-out text is written (exit status 4, nothing written, when no setting meets the budget).
+    held-out text is written, then measured again on the same held-out windows (exit status 4,
+    nothing written, when no setting meets the budget).
     """
-    from melsurgery.checkpoint.basemodel import explicit
-    from melsurgery.search.budget import BudgetOptions, validate_budget
-
-    values = {"--" + k[len("recipe_"):].replace("_", "-"): v for k, v in recipe_flags.items()}
     ctx = click.get_current_context()
-    budgeted = max_kl is not None or max_ppl_increase is not None
-    search = {"trials": trials, "timeout": timeout, "windows": windows, "text": text, "heldout": heldout,
-              "plot": plot_path}
-    if budgeted:
-        opts = validate_budget(BudgetOptions(max_kl, max_ppl_increase, tuple(dict.fromkeys(recipes)),
-                                             **{k: v for k, v in search.items() if k in ("trials", "timeout",
-                                                                                        "windows") and v is not None}))
-        _check_budget_args(values, manifest, fmt, out)
-    else:
-        given = [name for name in BUDGET_ONLY if search[name] is not None]
-        if given:
-            raise UserError(f"--{given[0]} applies to a budgeted patch: add --max-kl or --max-ppl-increase")
-    if base_model:
-        explicit(base_model, "--base-model")  # before any work
-    if manifest:
-        man = _from_manifest(ctx, manifest, model, base_model, recipes, values)
-    else:
-        man = _from_flags(model, revision, base_model, recipes, values, (calib, num_samples, max_tokens, seed),
-                          (abs_threshold, ratio, persist_fraction), budgeted)
-    preflight((man.model, *(f for f in (text, heldout) if f)), (plot_path,))  # read-only sources, before any work
-    if quiet:
+    opts = PatchOptions.from_click(params)
+    opts.check(ctx)
+    man = _from_manifest(ctx, opts) if opts.manifest else _from_flags(opts)
+    preflight((man.model, *(f for f in (opts.text, opts.heldout) if f)), (opts.plot,))  # before any work
+    if opts.quiet:
         quiet_transformers()
-    verify = {"max_windows": verify_windows} if do_verify else None
-    if budgeted:
-        _patch_budgeted(man, out, opts, scan_path, (text, heldout, plot_path), overwrite, link, device, quiet, verify)
-    elif fmt == "gguf" or (fmt is None and out.suffix.lower() == ".gguf"):
-        _patch_gguf(man, out, scan_path, overwrite, device, quiet, do_verify, link)
+    if opts.search is not None:
+        _patch_budgeted(man, opts)
+    elif opts.gguf:
+        _patch_gguf(man, opts)
     else:
-        if fmt == "safetensors" and out.suffix.lower() == ".gguf":
-            raise UserError(f"{out}: --format safetensors writes a folder; name it without .gguf")
-        check_output(out, overwrite)
-        _patch_folder(man, out, scan_path, overwrite, link, device, quiet, verify)
+        check_output(opts.out, opts.overwrite)
+        _patch_folder(man, opts)
 
 
-def _check_budget_args(values: dict, manifest, fmt, out: Path) -> None:
+def _check_budget_args(opts: PatchOptions) -> None:
     """A budget searches recipe settings: flags that set them, a manifest that names them, or GGUF output
     (token-selective settings do not go to GGUF) contradict it."""
-    given = [flag for flag, v in values.items() if v is not None]
+    given = [flag for flag, v in opts.recipe_values.items() if v is not None]
     if given:
         raise UserError(f"{given[0]} sets what --max-kl searches: drop it (keep --recipe to limit the search to "
                         "some recipes), or drop --max-kl / --max-ppl-increase and give the recipe in full")
-    if manifest:
+    if opts.manifest:
         raise UserError("--manifest names the recipes, --max-kl searches them: give one of the two")
-    if fmt == "gguf" or out.suffix.lower() == ".gguf":
+    if opts.gguf or opts.out.suffix.lower() == ".gguf":
         raise UserError("--max-kl writes a safetensors folder; patch the GGUF afterwards with the folder's "
                         "melsurgery-manifest.yaml (`patch --manifest ... -o OUT.gguf`, folded recipes only)")
 
 
-def _from_manifest(ctx, manifest: Path, model, base_model, recipes, values):
+def _from_manifest(ctx, opts: PatchOptions):
     """The manifest, with nothing on the command line that it would silently override."""
     from melsurgery.surgery.manifest import load_manifest
 
-    given = [flag for flag, v in values.items() if v is not None]
+    given = [flag for flag, v in opts.recipe_values.items() if v is not None]
     if given:
         raise UserError(f"{given[0]} conflicts with --manifest: set recipe parameters in the manifest")
-    if recipes:
+    if opts.recipes:
         raise UserError("give recipes either with --recipe or in the --manifest, not both")
     given = [f"--{name.replace('_', '-')}" for name in MANIFEST_SETS
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if given:  # the manifest's value would silently win
         raise UserError(f"{given[0]} conflicts with --manifest: set it in the manifest")
-    man = load_manifest(manifest, model)
-    if base_model and man.base_model and base_model != man.base_model:
+    man = load_manifest(opts.manifest, opts.model)
+    if opts.base_model and man.base_model and opts.base_model != man.base_model:
         raise UserError(f"the manifest names base_model {man.base_model!r}; drop --base-model or edit the manifest")
-    man.base_model = base_model or man.base_model
+    man.base_model = opts.base_model or man.base_model
     return man
 
 
-def _from_flags(model, revision, base_model, recipes, values, calibration: tuple, detection: tuple, budgeted: bool):
+def _from_flags(opts: PatchOptions):
     """A manifest from the command line (with a budget, the recipes are left to the search)."""
-    from melsurgery.calibrate.samples import CalibrationSpec
-    from melsurgery.params import DetectParams
     from melsurgery.surgery.manifest import Manifest
 
-    if not recipes and not budgeted:
+    budgeted = opts.search is not None
+    if not opts.recipes and not budgeted:
         raise UserError(f"name at least one --recipe ({', '.join(registry())}), a --manifest, or a budget "
                         "(--max-kl) to search for the best one")
-    return Manifest(model=model or "default", revision=revision, base_model=base_model,
-                    calibration=CalibrationSpec(*calibration),
-                    detection=DetectParams(abs_threshold=detection[0], ratio=detection[1],
-                                           persist_fraction=detection[2]),
-                    recipes=[] if budgeted else resolve_recipes(_params_from_flags(recipes, values)))
+    return Manifest(model=opts.model or "default", revision=opts.revision, base_model=opts.base_model,
+                    calibration=opts.calibration, detection=opts.detection,
+                    recipes=[] if budgeted else resolve_recipes(_params_from_flags(opts.recipes, opts.recipe_values)))
 
 
-def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: bool, do_verify: bool,
-                link: bool) -> None:
+def _patch_gguf(man, opts: PatchOptions) -> None:
+    out, scan_path, overwrite, device, quiet = opts.out, opts.scan_path, opts.overwrite, opts.device, opts.quiet
+    do_verify, link = opts.verify, opts.link
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
     from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, run_patch_gguf
@@ -283,30 +308,29 @@ def _echo_written(result, out: Path) -> None:
     click.echo(f"wrote {out} (loads with {how})")
 
 
-def _patch_folder(man, out: Path, scan_path, overwrite: bool, link: bool, device: str, quiet: bool, verify) -> None:
+def _patch_folder(man, opts: PatchOptions) -> None:
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
     from melsurgery.surgery.patch import run_patch
 
     source = resolve(man.model, man.revision)
-    scan = read_json(scan_path) if scan_path else None
-    result = run_patch(source, out, man, scan=scan, overwrite=overwrite, link=link, device=device,
-                       progress=not quiet, verify=verify)
-    _echo_written(result, out)
+    scan = read_json(opts.scan_path) if opts.scan_path else None
+    result = run_patch(source, opts.out, man, scan=scan, overwrite=opts.overwrite, link=opts.link, device=opts.device,
+                       progress=not opts.quiet, verify=opts.verify_request)
+    _echo_written(result, opts.out)
 
 
-def _patch_budgeted(man, out: Path, opts, scan_path, files: tuple, overwrite: bool, link: bool, device: str,
-                    quiet: bool, verify) -> None:
+def _patch_budgeted(man, opts: PatchOptions) -> None:
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
     from melsurgery.search.budget import budget_report, run_budgeted_patch
 
     source = resolve(man.model, man.revision)
-    scan = read_json(scan_path) if scan_path else None
-    text, heldout, plot = files
-    done = run_budgeted_patch(source, out, man, opts, scan=scan, text=text, heldout=heldout, overwrite=overwrite,
-                              link=link, device=device, progress=not quiet, verify=verify, plot=plot)
-    click.echo(budget_report(done, opts))
-    if plot is not None:
-        click.echo(f"wrote {plot}")
-    _echo_written(done.patch, out)
+    scan = read_json(opts.scan_path) if opts.scan_path else None
+    done = run_budgeted_patch(source, opts.out, man, opts.search, scan=scan, text=opts.text, heldout=opts.heldout,
+                              overwrite=opts.overwrite, link=opts.link, device=opts.device, progress=not opts.quiet,
+                              verify=opts.verify_request, plot=opts.plot)
+    click.echo(budget_report(done))
+    if opts.plot is not None:
+        click.echo(f"wrote {opts.plot}")
+    _echo_written(done.patch, opts.out)

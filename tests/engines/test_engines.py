@@ -175,11 +175,11 @@ def test_importing_melsurgery_never_imports_vllm():
 
 @pytest.mark.slow
 def test_verify_engine_vllm_without_vllm_is_one_line(planted, patched):
-    """`verify --engine vllm` where vLLM is not installed (the default test environment): one line, exit 5, before
+    """`verify --engine vllm` where vLLM is not installed (the default test environment): one line, exit 6, before
     anything is measured. With vLLM installed, tests/engines runs it for real."""
     from melsurgery.engines.vllm_serve import vllm_available
 
     if vllm_available():
         pytest.skip("vLLM is installed in this Python: tests/engines runs verify --engine vllm against it")
     res = run_cli("verify", planted, patched[0], "--engine", "vllm", "--quiet")
-    assert_clean_failure(res, "--engine vllm: vLLM is not installed in this Python", "pip install vllm", code=5)
+    assert_clean_failure(res, "--engine vllm: vLLM is not installed in this Python", "pip install vllm", code=6)

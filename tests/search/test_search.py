@@ -12,7 +12,7 @@ from melsurgery.checkpoint.source import resolve
 from melsurgery.detect.scan import run_scan
 from melsurgery.recipes import RecipePlan
 from melsurgery.search.engine import Evaluator
-from melsurgery.search.tune import text_windows
+from melsurgery.search.session import text_windows
 from tests.support.planted import family_config, planted_folder
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows of "
@@ -86,7 +86,7 @@ def test_changes_are_worded_as_what_they_are():
 
 
 def _fig(cut: float, kl: float, ppl: float = 1.0):
-    from melsurgery.search.engine import Figures
+    from melsurgery.search.records import Figures
 
     return Figures(0.5, 0.5 * (1 - cut / 100), cut, 1.0, 1.0, 0.0, kl, 40.0, 40.0 * (1 + ppl / 100), ppl, 512)
 
@@ -94,19 +94,20 @@ def _fig(cut: float, kl: float, ppl: float = 1.0):
 def test_the_choice_is_the_largest_held_out_cut_within_the_budget():
     """The tuning text ranks (within twice the budget, largest cut first), the held-out text decides; a setting
     that raises the sink is never chosen, and a budget nothing meets chooses nothing."""
-    from dataclasses import asdict
+    from melsurgery.search.options import SearchOptions
+    from melsurgery.search.records import Measured, TrialRecord
+    from melsurgery.search.session import candidates_for, pick
 
-    from melsurgery.search.budget import BudgetOptions, Candidate, candidates_for, pick
-
-    records = [{"number": n, "figures": asdict(_fig(cut, kl))} for n, cut, kl in
-               ((0, 30.0, 0.2), (1, 20.0, 0.09), (2, 15.0, 0.04), (3, -5.0, 0.001), (4, 10.0, 0.01))]
-    opts = BudgetOptions(max_kl=0.05)
-    assert [r["number"] for r in candidates_for(records, opts)] == [1, 2, 4]
+    trials = [TrialRecord(n, "COMPLETE", (), {}, _fig(cut, kl), None) for n, cut, kl in
+              ((0, 30.0, 0.2), (1, 20.0, 0.09), (2, 15.0, 0.04), (3, -5.0, 0.001), (4, 10.0, 0.01))]
+    opts = SearchOptions(max_kl=0.05)
+    assert [t.number for t in candidates_for(trials, opts.budget, opts.goal)] == [1, 2, 4]
     held = {1: _fig(19.0, 0.06), 2: _fig(14.0, 0.045), 4: _fig(9.0, 0.012)}
-    found = [Candidate(n, [], _fig(0, 0), held[n]) for n in (1, 2, 4)]
-    assert pick(found, opts.budget).trial == 2  # 1 cuts more but is over the budget on held-out text
-    assert pick(found, BudgetOptions(max_kl=0.05, max_ppl_increase=0.5).budget) is None
-    assert pick([Candidate(3, [], _fig(0, 0), _fig(-5.0, 0.001))], opts.budget) is None
+    found = [Measured(trial=n, recipes=(), tuning=_fig(0, 0), heldout=held[n]) for n in (1, 2, 4)]
+    assert pick(found, opts.budget, opts.goal).trial == 2  # 1 cuts more but is over the budget on held-out text
+    assert pick(found, SearchOptions(max_kl=0.05, max_ppl_increase=0.5).budget, opts.goal) is None
+    assert pick([Measured(trial=3, recipes=(), tuning=_fig(0, 0), heldout=_fig(-5.0, 0.001))], opts.budget,
+                opts.goal) is None
 
 
 @pytest.mark.slow
@@ -118,8 +119,9 @@ def test_the_search_scales_promising_over_budget_settings_into_the_budget(tmp_pa
 
     from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.recipes import resolve_recipes
-    from melsurgery.search.engine import Budget, complete_records, make_objective, over_budget, run_trials
+    from melsurgery.search.records import OBJECTIVES, Budget, Figures
     from melsurgery.search.space import make_space
+    from melsurgery.search.study import complete_trials, make_objective, run_trials
 
     folder = planted_folder(tmp_path / "m")
     source = resolve(str(folder))
@@ -132,16 +134,17 @@ def test_the_search_scales_promising_over_budget_settings_into_the_budget(tmp_pa
     space = make_space(("ffn-dampen",), scan)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial({"recipes": "ffn-dampen", "ffn-dampen.factor": 0.0})
-    run_trials(study, make_objective(ev, text, space.suggest, "sink", budget), 9, timeout=None, objective="sink",
-               budget=budget, progress=False, space=space)
+    goal = OBJECTIVES["sink"]
+    run_trials(study, make_objective(ev, text, space, goal, budget), 9, timeout=None, goal=goal, budget=budget,
+               progress=False, space=space)
     refined = [t for t in study.trials if "toward" in t.user_attrs]
     assert len(study.trials) == 9 and len(refined) == 3
     origin = study.trials[refined[0].user_attrs["toward"]]
-    assert over_budget(origin.user_attrs["figures"], budget) > 1
+    assert budget.over(Figures(**origin.user_attrs["figures"])) > 1
     for t in refined:  # the origin's factor, moved toward 1 by the recorded scale
         scale = t.user_attrs["scale"]
         assert 0 < scale < 1
         assert t.params["ffn-dampen.factor"] == pytest.approx(1 + scale * (origin.params["ffn-dampen.factor"] - 1))
     # the steps bracket the budget's edge: within it, and not far inside (a scale near 0 would fit trivially)
-    kls = [r["figures"]["kl_mean"] for r in complete_records(study) if r["number"] in {t.number for t in refined}]
+    kls = [t.figures.kl_mean for t in complete_trials(study) if t.number in {r.number for r in refined}]
     assert min(kls) <= budget.max_kl and max(k for k in kls if k <= budget.max_kl) > budget.max_kl / 3

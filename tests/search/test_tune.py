@@ -14,8 +14,9 @@ from melsurgery.detect.scan import read_json
 from melsurgery.params import Param
 from melsurgery.recipes import plan_recipes, registry, resolve_recipes
 from melsurgery.search.engine import Evaluator
+from melsurgery.search.session import text_windows
 from melsurgery.search.space import Space, make_space
-from melsurgery.search.tune import TuneResult, text_windows
+from melsurgery.search.tune import TuneResult
 from tests.support.helpers import run_cli
 from tests.support.planted_sink import HELD_TEXT, SINK_LAYER
 
@@ -30,7 +31,7 @@ def _tune(root, folder, run, *extra):
 def test_tune_finds_the_planted_cut_and_best_yaml_reproduces_under_verify(sinkmodel, tmp_path):
     root, folder = sinkmodel
     run, out = tmp_path / "run", tmp_path / "patched"
-    r = _tune(root, folder, run, "--recipes", "wemask,ffn-dampen", "--trials", 16, "--max-kl", "1e-4",
+    r = _tune(root, folder, run, "--recipe", "wemask", "--recipe", "ffn-dampen", "--trials", 16, "--max-kl", "1e-4",
               "--apply", out)
     assert r.returncode == 0, r.stderr
     data = json.loads((run / "tune.json").read_text())

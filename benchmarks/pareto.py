@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The Pareto front of the search space, sink cut against KL, per recipe and for all recipes together.
 
-For each group (every recipe alone, then all of them composed), a study of the search engine (the one
-`tune` and `patch --max-kl` run) maps the trade-off on the tuning text with no budget; the settings on
+For each group (every recipe alone, then all of them composed), a search session (the one `tune` and
+`patch --max-kl` drive) maps the trade-off on the tuning text with no budget; the settings on
 its front are re-measured on held-out text, and the held-out front is what the plot and the JSON show:
 
     python scripts/pareto.py                          # the embedded SmolLM2-135M-Instruct
@@ -17,57 +17,33 @@ Sink: the mean over the layers after the ME Layer of the attention mass on the m
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 
-def measure_group(ev, tuning, held_pass, group: tuple[str, ...], scan, folder: Path, fingerprint: dict, args,
-                  cache) -> dict:
+def measure_group(session) -> dict:
     """One group's study (continued where it stopped), its tuning front re-measured on held-out text."""
-    from melsurgery.search.engine import (
-        Budget,
-        complete_records,
-        effect_key,
-        make_objective,
-        open_study,
-        pareto_front,
-        run_trials,
-    )
-    from melsurgery.search.space import make_space
+    from melsurgery.search.records import OBJECTIVES, pareto_front
 
-    space = make_space(group, scan)
-    name = "+".join(group)
-    (folder / name).mkdir(exist_ok=True)  # one run folder (and journal) per group
-    study = open_study(None, folder / name, {**fingerprint, "group": name}, args.seed)
-    if not study.get_trials(deepcopy=False):
-        for start in space.starts():
-            study.enqueue_trial(start)
-    trials = args.trials if len(group) == 1 else args.combined
     t0 = time.perf_counter()
-    run_trials(study, make_objective(ev, tuning, space.suggest, "sink", Budget(None, None)), trials,
-               timeout=args.timeout, objective="sink", budget=Budget(None, None), progress=True, label=name)
+    session.run()
     seconds = time.perf_counter() - t0
-    records = complete_records(study)
-    front = [r for r in records if r["number"] in set(pareto_front(records, "sink"))
-             and r["figures"]["sink_reduction_pct"] > 0]
-    points = []
-    for r in sorted(front, key=lambda r: r["figures"]["kl_mean"]):
-        recipes = [(x["name"], x["params"]) for x in r["recipes"]]
-        key = effect_key(ev.plans(recipes))
-        fig = cache.get(key)
-        if fig is None:
-            fig = ev.run(held_pass(), ev.plans(recipes))
-            cache.put(key, fig)
-        points.append({"trial": r["number"], "recipes": r["recipes"], "tuning": r["figures"], "heldout": asdict(fig)})
-    held_front = pareto_front([{"number": p["trial"], "figures": p["heldout"]} for p in points], "sink")
+    trials = session.trials()
+    sink = OBJECTIVES["sink"]
+    on_front = set(pareto_front(trials, sink))
+    front = sorted((t for t in trials if t.number in on_front and t.figures.sink_reduction_pct > 0),
+                   key=lambda t: t.figures.kl_mean)
+    measured = [session.measure(t.recipes, t) for t in front]
+    points = [{"trial": t.number, "recipes": [asdict(r) for r in t.recipes], "tuning": asdict(t.figures),
+               "heldout": asdict(m.heldout)} for t, m in zip(front, measured)]
+    held_front = set(pareto_front([replace(t, figures=m.heldout) for t, m in zip(front, measured)], sink))
     for p in points:
         p["heldout_front"] = p["trial"] in held_front
-    return {"trials": len(records), "seconds_this_run": round(seconds, 1), "space": space.to_dict(),
-            "tuning": [{"trial": r["number"], "sink_reduction_pct": r["figures"]["sink_reduction_pct"],
-                        "kl_mean": r["figures"]["kl_mean"]} for r in records],
+    return {"trials": len(trials), "seconds_this_run": round(seconds, 1), "space": session.space.to_dict(),
+            "tuning": [{"trial": t.number, "sink_reduction_pct": t.figures.sink_reduction_pct,
+                        "kl_mean": t.figures.kl_mean} for t in trials],
             "front": points}
 
 
@@ -146,51 +122,40 @@ def main(argv: list[str] | None = None) -> int:
 
     from melsurgery.calibrate.samples import CalibrationSpec
     from melsurgery.checkpoint.source import resolve
-    from melsurgery.outputs import cache_dir
     from melsurgery.params import DetectParams
-    from melsurgery.search.budget import HeldOutCache, model_fingerprint
-    from melsurgery.search.engine import Evaluator
-    from melsurgery.search.space import searchable
-    from melsurgery.search.tune import read_texts, scan_once, text_sha, tuning_pass
+    from melsurgery.search.options import SearchOptions, searchable
+    from melsurgery.search.session import SearchSession, cache_folder, read_texts, text_sha
 
     source = resolve(args.model)
     name = args.name or source.folder.name
     texts = read_texts(source.folder, None, None, args.max_tokens, args.windows)
-    fingerprint = {"model": model_fingerprint(source.folder), "text": text_sha(texts.tune_raw),
-                   "heldout": text_sha(texts.held_raw), "max_tokens": args.max_tokens, "windows": args.windows}
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "pareto" / f"{source.folder.name}-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    scan = scan_once(folder, source, CalibrationSpec(), DetectParams(), device="cpu", dtype=torch.float32,
-                     progress=True)
-    ev = Evaluator(source, scan)
-    tuning = tuning_pass(ev, texts, source)
-    held: list = []
-
-    def held_pass():
-        if not held:
-            held.append(ev.base_pass("held-out", texts.held.ids, texts.held.first_target))
-        return held[0]
-
+    key = {"text": text_sha(texts.tune_raw), "heldout": text_sha(texts.held_raw), "max_tokens": args.max_tokens,
+           "windows": args.windows}
+    folder = cache_folder(source, key, "pareto")
     names = searchable()  # fitted recipes: scripts/first_token_front.py
     groups = [(r,) for r in names] + [tuple(names)]
     if args.groups:
         wanted = args.groups.split(",")
         groups = [g for g in groups if ("all" if len(g) > 1 else g[0]) in wanted]
-    cache = HeldOutCache(folder)
-    out = {"model": source.id, "name": name, "me_layer": scan.me_layer,
-           "sink_layers": f"{scan.me_layer + 1}-{scan.model.num_layers - 1}", "budget": args.budget,
-           "workload": {"tuning": texts.tune_name, "heldout": texts.held_name, "tuning_windows": len(texts.tune.ids),
-                        "heldout_windows": len(texts.held.ids), "max_tokens": args.max_tokens, "dtype": "float32",
-                        "device": "cpu"},
-           "groups": {}}
+    out: dict = {"model": source.id, "name": name, "budget": args.budget, "groups": {},
+                 "workload": {"tuning": texts.tune_name, "heldout": texts.held_name,
+                              "tuning_windows": len(texts.tune.ids), "heldout_windows": len(texts.held.ids),
+                              "max_tokens": args.max_tokens, "dtype": "float32", "device": "cpu"}}
+    scan = None
     for g in groups:
         label = "all" if len(g) > 1 else g[0]
-        out["groups"][label] = measure_group(ev, tuning, held_pass, g, scan, folder, fingerprint, args, cache)
+        (folder / label).mkdir(exist_ok=True)  # one study per group
+        opts = SearchOptions(recipes=g, max_kl=None, trials=args.trials if len(g) == 1 else args.combined,
+                             timeout=args.timeout, seed=args.seed, max_tokens=args.max_tokens, windows=args.windows)
+        session = SearchSession(source, opts, texts, folder / label, calibration=CalibrationSpec(),
+                                detection=DetectParams(), scan=scan, dtype=torch.float32, progress=True, label=label)
+        scan = session.scan
+        out["groups"][label] = measure_group(session)
         best = best_within(out["groups"][label]["front"], args.budget)
         print(f"{label}: {out['groups'][label]['trials']} trials; best held-out cut within KL {args.budget:g}: "
               + (f"{best['heldout']['sink_reduction_pct']:.1f}% at KL {best['heldout']['kl_mean']:.4f} "
                  f"(trial #{best['trial']})" if best else "none"), flush=True)
+    out.update(me_layer=scan.me_layer, sink_layers=f"{scan.me_layer + 1}-{scan.model.num_layers - 1}")
     out["fitted"] = {fitted_label(f): fitted_points(f) for f in args.first_token}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"pareto-{name}.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -1,0 +1,111 @@
+"""A search's options, declared once and validated once, for `tune`, the budgeted patch and the front script.
+
+The same fields, defaults and messages serve every driver (the command-line flags are built from them in
+`commands/search_flags.py`); `validate` runs before any model is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from melsurgery.errors import UserError
+from melsurgery.recipes import registry
+from melsurgery.search.records import Budget, Objective, objective
+
+TRIALS = 40  # trials a study holds by default (a rerun with more continues it)
+CANDIDATES = 6  # settings re-measured on held-out text per budget
+SEEDS = 2**32  # the samplers take seeds in [0, 2^32)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a search varies, under which budget, over which text, for how long.
+
+    `recipes`: the recipes composed (empty: every recipe the search can vary); `windows`: at most this many windows
+    of `max_tokens` tokens of each text; `candidates`: the settings that cut the sink most within twice the budget on
+    the tuning text, re-measured on the held-out text, where the choice is made; `storage`: an Optuna storage URL
+    (None: the search folder's journal)."""
+
+    recipes: tuple[str, ...] = ()
+    objective: str = "sink"
+    max_kl: float | None = 0.05
+    max_ppl_increase: float | None = None
+    trials: int = TRIALS
+    timeout: float | None = None
+    seed: int = 0
+    max_tokens: int = 512
+    windows: int | None = None
+    candidates: int = CANDIDATES
+    storage: str | None = None
+
+    @property
+    def budget(self) -> Budget:
+        """The budget as the engine checks it."""
+        return Budget(self.max_kl, self.max_ppl_increase)
+
+    @property
+    def goal(self) -> Objective:
+        """What the study maximises."""
+        return objective(self.objective)
+
+    @property
+    def searched(self) -> tuple[str, ...]:
+        """The recipes searched: those named, else every one the search can vary."""
+        return self.recipes or searchable()
+
+    def describe(self) -> str:
+        """The budget as a sentence fragment ("KL <= 0.05 and perplexity +3% at most")."""
+        from melsurgery.formats.wording import budget_text
+
+        return budget_text(self.max_kl, self.max_ppl_increase)
+
+
+def searchable() -> tuple[str, ...]:
+    """The registered recipes a search varies trial by trial: all but the fitted ones (first-token's row is fitted
+    by `patch --recipe first-token`, a path of minutes, not a trial's setting)."""
+    return tuple(n for n, r in registry().items() if r.fit is None)
+
+
+def check_positive(flag: str, value: float | None) -> None:
+    """A budget (or a time limit) must be a positive finite number."""
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise UserError(f"{flag} {value}: must be a positive finite number")
+
+
+def check_recipes(names: tuple[str, ...], flag: str = "--recipe") -> None:
+    """Recipe names to search: each known and searchable, none twice."""
+    known = registry()
+    for r in names:
+        if r not in known:
+            raise UserError(f"{flag}: unknown recipe {r!r}; available: {', '.join(known)}")
+        if known[r].fit is not None:
+            raise UserError(f"{flag}: {r} is fitted, not searched; `patch --recipe {r}` fits it")
+    if len(set(names)) != len(names):
+        raise UserError(f"{flag}: a recipe is named twice")
+
+
+def validate(opts: SearchOptions) -> SearchOptions:
+    """Refuse bad options before any model is read (the one place they are checked)."""
+    from melsurgery.search.storage import check_storage
+
+    if opts.max_kl is None and opts.max_ppl_increase is None:
+        raise UserError("a search needs a budget: --max-kl or --max-ppl-increase")
+    for flag, v in (("--max-kl", opts.max_kl), ("--max-ppl-increase", opts.max_ppl_increase),
+                    ("--timeout", opts.timeout)):
+        check_positive(flag, v)
+    check_recipes(opts.recipes)
+    opts.goal  # noqa: B018 - an unknown objective is refused here
+    if opts.trials < 1:
+        raise UserError(f"--trials {opts.trials}: must be at least 1")
+    if opts.candidates < 1:
+        raise UserError(f"candidates {opts.candidates}: must be at least 1")
+    if not 0 <= opts.seed < SEEDS:
+        raise UserError(f"--seed {opts.seed}: must lie in [0, {SEEDS - 1}]")
+    if opts.max_tokens < 8:
+        raise UserError(f"--max-tokens {opts.max_tokens}: must be at least 8")
+    if opts.windows is not None and opts.windows < 1:
+        raise UserError(f"--windows {opts.windows}: must be at least 1")
+    if opts.storage:
+        check_storage(opts.storage)
+    return opts
