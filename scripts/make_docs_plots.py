@@ -6,7 +6,7 @@
 The images are the ones `make demo` draws on the embedded default model (SmolLM2-135M-Instruct, fp32, CPU):
 the scan profile (`scan --plot`), the budgeted patch's search (`patch --max-kl 0.05 --plot`) and base against
 patched per layer (`verify --plot`); the demo's settings are in the Makefile. The Pareto fronts
-(docs/img/pareto-*.png) come from scripts/pareto.py, which runs for longer.
+(docs/img/pareto-*.png) come from benchmarks/pareto.py, which runs for longer.
 """
 
 from __future__ import annotations

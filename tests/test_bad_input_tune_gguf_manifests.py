@@ -1,8 +1,8 @@
-"""Hostile input, round 3: tune, adaptive calibration files, GGUF in and out, manifests and cards.
+"""Bad input to tune, adaptive calibration files, GGUF in and out, manifests and cards.
 
 Each case failed before its fix (a traceback, a hang, a silently ignored setting, a write into the source,
-or a refusal that came only after the expensive work). What a user must see is what round 2 checks
-(tests/test_hostile.py): one `melsurgery: error:` line, exit status 2, no output, the source untouched.
+or a refusal that came only after the expensive work). What a user must see is what
+tests/test_bad_input_cli.py checks: one `melsurgery: error:` line, exit status 2, no output, the source untouched.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from melsurgery.errors import UserError
 from tests.support.helpers import assert_clean_failure, run_cli, snapshot
-from tests.test_hostile import bomb, cli_all, copy_model, strict_json
+from tests.test_bad_input_cli import bomb, cli_all, copy_model, strict_json
 
 TEXT = "To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer the slings.\n"
 TUNE = ("--max-tokens", "16", "--windows", "1", "--trials", "1", "--quiet")

@@ -1,4 +1,4 @@
-"""Hostile input, round 3: each class of failure has one mechanism, and these tests would have caught the class.
+"""The failure contract: each class of failure has one mechanism, and these tests would have caught the class.
 
 The rule for every bad input: a documented non-zero exit code (not a generic 1), at most two lines on stderr,
 no traceback, no secret printed, the source untouched, no partial output, within 60 s. `Outcome` and `refused`
@@ -7,8 +7,8 @@ error mapping and output layer as the console script, without an interpreter sta
 process of its own (signals, hangs, a full disk, the console script's streams) runs as a subprocess.
 
 Classes (see docs/reliability.md, "Hostile input: the guarantees"): code from a checkpoint, secrets printed,
-writes where not asked, hangs, tracebacks, debris, raw echo; and the ones this round found (a closed pipe,
-SIGHUP, sizes that allocate before they are checked).
+writes where not asked, hangs, tracebacks, debris, raw echo; a closed pipe,
+SIGHUP, sizes that allocate before they are checked.
 """
 
 from __future__ import annotations
@@ -854,7 +854,7 @@ def test_a_config_value_with_escapes_is_quoted_and_cut(sharded, tmp_path):
     assert len(line) < 400 and "more characters" in line
 
 
-# --- found in this round ---------------------------------------------------------------------------------------
+# --- terminals, pipes and names ---------------------------------------------------------------------------------
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Hostile input, round 2: each class of bad input is refused through the real console script.
+"""Bad input through the console script: each class of bad input is refused through the real console script.
 
 What a user must see: one `melsurgery: error:` line on stderr, the documented exit status (2; 4 for a
 violated gate), no output written and the source untouched. Each class is run through the console
