@@ -61,7 +61,7 @@ def fitted_label(path: Path) -> str:
 
 
 def fitted_points(path: Path) -> dict:
-    """The held-out points of a first-token path (scripts/first_token_front.py's JSON) and its settings."""
+    """The held-out points of a first-token path (benchmarks/first_token_front.py's JSON) and its settings."""
     d = json.loads(Path(path).read_text())
     return {"file": str(path), "settings": d["settings"], "heldout": d["heldout"],
             "points": [{"step": p["step"], "tuning": p["tuning"], "heldout": p["heldout"]} for p in d["path"]
@@ -84,7 +84,7 @@ def plot(data: dict, path: Path) -> None:
         ys = [p["heldout"]["sink_reduction_pct"] for p in pts]
         style = "o-" if "+" not in name else "s--"
         ax.plot(xs, ys, style, ms=4, label=f"{name} ({g['trials']} trials)")
-    for name, g in data.get("fitted", {}).items():  # first-token paths (scripts/first_token_front.py), held out
+    for name, g in data.get("fitted", {}).items():  # first-token paths (benchmarks/first_token_front.py), held out
         pts = sorted((p["heldout"]["kl_mean"], p["heldout"]["sink_reduction_pct"]) for p in g["points"])
         ax.plot([max(x, 1e-6) for x, _ in pts], [y for _, y in pts], "^-.", ms=5, label=name)
     ax.axvline(data["budget"], color="tab:green", ls=":", lw=1, label=f"KL {data['budget']:g}")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", type=Path, default=Path("docs/img"))
     ap.add_argument("--first-token", type=Path, action="append", default=[],
-                    help="A JSON of scripts/first_token_front.py: its held-out points join the plot (repeatable).")
+                    help="A JSON of benchmarks/first_token_front.py: its held-out points join the plot (repeatable).")
     args = ap.parse_args(argv)
 
     import torch
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     key = {"text": text_sha(texts.tune_raw), "heldout": text_sha(texts.held_raw), "max_tokens": args.max_tokens,
            "windows": args.windows}
     folder = cache_folder(source, key, "pareto")
-    names = searchable()  # fitted recipes: scripts/first_token_front.py
+    names = searchable()  # fitted recipes: benchmarks/first_token_front.py
     groups = [(r,) for r in names] + [tuple(names)]
     if args.groups:
         wanted = args.groups.split(",")

@@ -35,7 +35,6 @@ _API = {
     "diff": ("melsurgery.compare.checkpoints", "diff_checkpoints"),
     "tune": ("melsurgery.search.tune", "run_tune"),
     "SearchOptions": ("melsurgery.search.options", "SearchOptions"),
-    "TuneOptions": ("melsurgery.search.options", "SearchOptions"),  # the name before tune and patch shared them
     "push": ("melsurgery.hub.push", "push"),
     "load": ("melsurgery.engines.loading", "load"),
     "UserError": ("melsurgery.errors", "UserError"),

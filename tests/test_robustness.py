@@ -602,11 +602,11 @@ def test_spliced_copy_failure_raises_the_real_error(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_synthetic_checkpoint_is_sharded_loadable_and_planted(tmp_path):
-    """scripts/make_synthetic_checkpoint.py at toy width: many shards with an index, and scan finds the plant."""
+    """benchmarks/make_synthetic_checkpoint.py at toy width: many shards with an index, and scan finds the plant."""
     import sys
 
     folder = tmp_path / "synthetic"
-    script = Path(__file__).parents[1] / "scripts" / "make_synthetic_checkpoint.py"
+    script = Path(__file__).parents[1] / "benchmarks" / "make_synthetic_checkpoint.py"
     subprocess.run([sys.executable, script, folder, "--layers", "5", "--hidden", "256", "--intermediate", "512",
                     "--vocab", "256", "--shard-gb", "0.002", "--plant-dim", "141", "--plant-neuron", "300"],
                    check=True, capture_output=True)

@@ -1,6 +1,6 @@
 """Measure each recipe on a model (default: the embedded SmolLM2): sink, KL and perplexity on held-out text.
 
-Produces the recipe table of docs/recipes.md. Usage: python scripts/measure_recipes.py [MODEL] [--json out.json]
+Produces the recipe table of docs/recipes.md. Usage: python benchmarks/measure_recipes.py [MODEL] [--json out.json]
 """
 
 from __future__ import annotations

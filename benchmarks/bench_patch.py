@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What `patch` costs next to a full copy of the model, on the filesystem that holds --dir (issue 29).
+"""What `patch` costs next to a full copy of the model, on the filesystem that holds --dir.
 
 Every path runs as a child process on a cold page cache (the files it reads are evicted first, after a sync)
 and is measured by its wall time and by the disk it takes: free blocks (statvfs) before and after, after a
@@ -27,8 +27,8 @@ runs, one more `patch-hf-cache` output is checked: FIEMAP says how much of it sh
 output's shards (clones, on a filesystem that clones), syncs, and re-hashes every source shard, whose blob
 name is its sha256: the source must be untouched.
 
-    python scripts/bench_patch.py --dir /mnt/xfs/bench                # generates the synthetic 7B there
-    python scripts/bench_patch.py --dir /work/bench --model /work/bench/model --diff
+    python benchmarks/bench_patch.py --dir /mnt/xfs/bench                # generates the synthetic 7B there
+    python benchmarks/bench_patch.py --dir /work/bench --model /work/bench/model --diff
 
 An XFS filesystem with reflink, as root (unmount and delete the image when done; the loop device does direct
 I/O, so that the image's own page cache does not make a cold path warm):
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is not None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
     shards = sorted(p.name for p in model.glob("*.safetensors"))
-    workload = (f"synthetic llama2-7b (scripts/make_synthetic_checkpoint.py), bf16, {len(shards)} shards, "
+    workload = (f"synthetic llama2-7b (benchmarks/make_synthetic_checkpoint.py), bf16, {len(shards)} shards, "
                 f"{model_bytes / GB:.2f} GB; recipe {args.recipe} (defaults) given a scan JSON "
                 f"({' '.join(CALIBRATION)}); filesystem {fs_type(work)} at {work}; cold page cache per path; "
                 f"{os.cpu_count()} cores, kernel {platform.release()}")

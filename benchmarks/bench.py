@@ -30,8 +30,8 @@ Compute-bound paths (scan, verify) also get a FLOP floor: 2 x (decoder-layer par
 head for verify) x tokens (x2 for verify's base and patched streams), at the matrix-multiply rate this
 machine reaches in the same run (a [256, 4096] x [4096, 11008] product in the path's dtype).
 
-    python scripts/bench.py --preset llama2-7b             # generate the 7B-shape model, run all, clean up
-    python scripts/bench.py --model /path/to/folder --paths scan,naive-scan
+    python benchmarks/bench.py --preset llama2-7b             # generate the 7B-shape model, run all, clean up
+    python benchmarks/bench.py --model /path/to/folder --paths scan,naive-scan
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Issue 2's benchmark: streaming `scan` against the naive whole-model scan, on the same model and text.
+"""Streaming `scan` against the naive whole-model scan, on the same model and text.
 
 Streaming loads one decoder layer at a time; naive loads the whole model with `from_pretrained` and
 asks for every hidden state (and attention map, as scan records sinks). Both run as child processes
 with the same calibration samples, computing in fp32; this prints wall time, CPU time and peak RSS of
-each and their ratios. The measuring is scripts/bench.py's.
+each and their ratios. The measuring is benchmarks/bench.py's.
 
-    python scripts/bench_scan.py                   # the embedded SmolLM2-135M-Instruct
-    python scripts/bench_scan.py /path/to/model --num-samples 8 --max-tokens 64
+    python benchmarks/bench_scan.py                   # the embedded SmolLM2-135M-Instruct
+    python benchmarks/bench_scan.py /path/to/model --num-samples 8 --max-tokens 64
 """
 
 from __future__ import annotations

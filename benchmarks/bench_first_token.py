@@ -1,6 +1,6 @@
 """One first-token fit step against a plain full-model autograd step, in one run (ratios, not seconds).
 
-    python3 scripts/bench_first_token.py [MODEL] [--windows 2] [--tokens 128] [--repeat 2]
+    python3 benchmarks/bench_first_token.py [MODEL] [--windows 2] [--tokens 128] [--repeat 2]
 
 Workload: MODEL (default: the embedded SmolLM2), `--windows` windows of `--tokens` tokens from the tuning half
 of the embedded text, float32 on the CPU. Both steps compute the same kind of objective (sink after the ME

@@ -15,8 +15,8 @@ reaches that neuron. Random weights are small (std 0.02, output projections 0.02
 in GPT-2's initialisation) so that the random residual stream stays near 1 and the planted value is
 massive by the usual definition (|h| > 100 and > 1000x the layer median).
 
-    python scripts/make_synthetic_checkpoint.py /tmp/llama2-7b --preset llama2-7b
-    python scripts/make_synthetic_checkpoint.py /tmp/tiny --preset llama2-7b --layers 4
+    python benchmarks/make_synthetic_checkpoint.py /tmp/llama2-7b --preset llama2-7b
+    python benchmarks/make_synthetic_checkpoint.py /tmp/tiny --preset llama2-7b --layers 4
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The first-token recipe's front: fit the path on the tuning half of the text, measure its points held out.
 
-    python3 scripts/first_token_front.py MODEL --of bos --json out.json [--on ffn-dampen:factor=0.035]
+    python3 benchmarks/first_token_front.py MODEL --of bos --json out.json [--on ffn-dampen:factor=0.035]
 
 The path is fitted exactly as `patch --recipe first-token` fits it (recipes.first_token_fit, on the tuning
 half of the embedded evaluation text); its start (the stored row, i.e. the `--on` recipes alone) and up to

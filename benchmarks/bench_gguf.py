@@ -2,14 +2,14 @@
 """Benchmark GGUF output: `melsurgery patch X.gguf -o Y.gguf` against `cp X.gguf Y.gguf`.
 
 Each path runs in its own child process with the source evicted from the page cache first (see
-scripts/bench.py, whose `measure` is reused): wall time, CPU time, peak RSS and I/O of that child.
+benchmarks/bench.py, whose `measure` is reused): wall time, CPU time, peak RSS and I/O of that child.
 
 Paths: `cp` (coreutils, the floor: a GGUF patch must at least copy the file), `patch` (ffn-dampen with
 `--scan` given, i.e. the GGUF writer itself: header, requantisation, copy, hashes), `patch+scan`
 (the whole command as a user runs it, calibration included; the dequantised cache already warm).
 
-    python scripts/bench_gguf.py                       # the embedded default model
-    python scripts/bench_gguf.py --model x.gguf --repeat 3
+    python benchmarks/bench_gguf.py                       # the embedded default model
+    python benchmarks/bench_gguf.py --model x.gguf --repeat 3
 """
 
 from __future__ import annotations
