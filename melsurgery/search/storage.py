@@ -28,7 +28,8 @@ STUDY = "melsurgery-tune"
 MARK = "melsurgery"  # the user attribute that marks a study as melsurgery's search
 JOURNAL = "study.journal"
 LOCK = ".lock"
-RUN_FILES = (JOURNAL, f"{JOURNAL}.lock", LOCK, "scan.json", "heldout.txt", "tune.json", "best.yaml", "tune.png")
+RUN_FILES = (JOURNAL, f"{JOURNAL}.lock", LOCK, "scan.json", "heldout.txt", "heldout.json", "tune.json", "best.yaml",
+             "tune.png")
 _FIX = "move it away or choose another RUN_DIR"
 
 

@@ -18,7 +18,7 @@ from melsurgery.checkpoint.atomic import write_atomic
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
-from melsurgery.errors import UserError
+from melsurgery.errors import NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.typed import JsonRecord, Need
 from melsurgery.search.options import SearchOptions, validate
@@ -115,8 +115,10 @@ def _prepare_run_dir(run_dir: Path, source: Source, scan: ScanResult | None, opt
     check_run_dir(run_dir, opts.storage, source.folder)
     if scan is not None:
         check_scan_fits(scan, Checkpoint(source.folder).config)
-        if scan.me_layer is not None:
-            make_space(opts.searched, scan)  # a space without a layer to act on is refused before anything is written
+        if scan.me_layer is None:
+            raise NoMassiveActivations(f"{source.id}: the scan found no ME Layer, so there is no sink to cut; "
+                                       "nothing written")
+        make_space(opts.searched, scan)  # a space without a layer to act on is refused before anything is written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
