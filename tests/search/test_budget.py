@@ -43,6 +43,9 @@ def test_the_budgeted_patch_is_the_planted_cut_and_verify_reproduces_its_figures
     for ours, theirs in (("kl_mean", "kl_mean"), ("sink_base", "sink_mean_base"), ("sink_patched", "sink_mean_patched"),
                          ("ppl_patched", "ppl_patched")):
         assert getattr(v, theirs) == pytest.approx(held[ours], rel=1e-3), ours
+    # and the command measured the written folder on those windows itself, agreeing (no warning first)
+    assert not r.stdout.startswith("WARNING") and f"same held-out windows: KL {v.kl_mean:.4f}" in r.stdout
+    assert "per token (" in r.stdout  # the held-out KL is given with its per-window spread
     # a second identical run reuses every trial and measurement and writes the same patch
     again = _budgeted(root, folder, tmp_path / "again", cache, "--max-kl", "1e-4", "--trials", 16)
     assert again.returncode == 0, again.stderr

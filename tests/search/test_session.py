@@ -149,3 +149,18 @@ def test_a_journal_of_another_program_is_refused_before_any_work(tmp_path, direc
     r = run_cli("tune", tmp_path / "nowhere", "-o", run, "--trials", 2)
     assert_clean_failure(r, "is not melsurgery's", code=2)
     assert (run / "study.journal").read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["study.journal"]
+
+
+def test_the_held_out_kl_comes_with_its_per_window_spread():
+    from dataclasses import replace
+
+    from melsurgery.search.budget import record_figures, spread_text
+    from melsurgery.search.records import Figures
+
+    fig = Figures.cached(json.loads(json.dumps(_figures())), 512)
+    low, high = fig.kl_interval()
+    assert low < 0.04 < high and high - low == pytest.approx(2 * 1.96 * (0.02 ** 2 / 2) ** 0.5 / 2 ** 0.5)
+    assert "0.0300-0.0500" in spread_text(fig) and "over 2 windows" in spread_text(fig)
+    one = replace(fig, kl_windows=(0.04,))
+    assert one.kl_interval() is None and "one window" in spread_text(one)
+    assert record_figures(fig)["kl_interval_high"] == pytest.approx(high) and "kl_windows" not in record_figures(fig)
