@@ -131,10 +131,7 @@ class PatchOptions:
     def check(self, ctx: click.Context) -> None:
         """Every check that needs no model, once: the budget and its flags, the recipe flags, the output kind."""
         from melsurgery.checkpoint.basemodel import explicit
-        from melsurgery.search.options import validate
-
-        if self.search is not None:
-            validate(self.search)
+        if self.search is not None:  # its own options were checked when made (SearchOptions)
             _check_budget_args(self)
         else:
             given = [f"--{name.replace('_path', '').replace('_', '-')}" for name in BUDGET_ONLY

@@ -65,7 +65,6 @@ def tune(model, run_dir, recipes, recipes_csv, seed, storage, max_tokens, scan_p
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
     from melsurgery.errors import BudgetNotMet
-    from melsurgery.search.options import validate
     from melsurgery.search.storage import check_run_dir
     from melsurgery.search.tune import run_tune, tune_report
 
@@ -76,7 +75,7 @@ def tune(model, run_dir, recipes, recipes_csv, seed, storage, max_tokens, scan_p
         recipes = tuple(r.strip() for r in recipes_csv.split(",") if r.strip())
         if not recipes:
             raise UserError("--recipes: name at least one recipe")
-    opts = validate(search_options(flags, recipes, seed=seed, max_tokens=max_tokens, storage=storage))
+    opts = search_options(flags, recipes, seed=seed, max_tokens=max_tokens, storage=storage)
     check_run_dir(run_dir, opts.storage)  # a foreign or damaged study is refused before the model is read
     if apply_out is not None:
         check_apart(apply_out, run_dir, "the run folder")  # else --apply fails only after the whole study

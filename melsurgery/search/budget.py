@@ -23,7 +23,7 @@ from melsurgery.checkpoint.provenance import SearchRecord
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet
-from melsurgery.search.options import SearchOptions, validate
+from melsurgery.search.options import SearchOptions
 from melsurgery.search.records import Measured, pairs
 from melsurgery.search.session import SLACK, Choice, SearchSession, cache_folder, fingerprint, read_texts, text_sha
 
@@ -87,7 +87,6 @@ def search_budget(source: Source, opts: SearchOptions, *, scan: ScanResult | Non
                   text: Path | None = None, heldout: Path | None = None, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, progress: bool = False) -> BudgetChoice:
     """Search the space under the budget and choose on held-out text; writes nothing but the search cache."""
-    validate(opts)
     texts = read_texts(source.folder, text, heldout, opts.max_tokens, opts.windows)
     key = {**fingerprint(source, opts, texts, calibration, detection, dtype), "heldout": text_sha(texts.held_raw)}
     session = SearchSession(source, opts, texts, cache_folder(source, key), calibration=calibration,
@@ -172,7 +171,6 @@ def run_budgeted_patch(source: Source, out: Path, manifest, opts: SearchOptions,
     from melsurgery.detect.scan import check_scan_params
     from melsurgery.surgery.patch import run_patch
 
-    validate(opts)
     check_scan_params(manifest.calibration, manifest.detection)
     check_output(out, overwrite, protect=source.folder)
     found = search_budget(source, opts, scan=scan, calibration=manifest.calibration, detection=manifest.detection,

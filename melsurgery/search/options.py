@@ -1,7 +1,8 @@
 """A search's options, declared once and validated once, for `tune`, the budgeted patch and the front script.
 
 The same fields, defaults and messages serve every driver (the command-line flags are built from them in
-`commands/search_flags.py`); `validate` runs before any model is read.
+`commands/search_flags.py`). The options validate themselves when made (`validate`), so a bad setting is
+refused where it enters, before any model is read, and no later step checks it again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class SearchOptions:
     `recipes`: the recipes composed (empty: every recipe the search can vary); `windows`: at most this many windows
     of `max_tokens` tokens of each text; `candidates`: the settings that cut the sink most within twice the budget on
     the tuning text, re-measured on the held-out text, where the choice is made; `storage`: an Optuna storage URL
-    (None: the search folder's journal)."""
+    (None: the search folder's journal). No budget (both limits None) maps the whole trade-off (the front
+    script)."""
 
     recipes: tuple[str, ...] = ()
     objective: str = "sink"
@@ -38,6 +40,9 @@ class SearchOptions:
     windows: int | None = None
     candidates: int = CANDIDATES
     storage: str | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @property
     def budget(self) -> Budget:
@@ -86,11 +91,9 @@ def check_recipes(names: tuple[str, ...], flag: str = "--recipe") -> None:
 
 
 def validate(opts: SearchOptions) -> SearchOptions:
-    """Refuse bad options before any model is read (the one place they are checked)."""
+    """Refuse bad options (the one place they are checked; `SearchOptions` calls it when made)."""
     from melsurgery.search.storage import check_storage
 
-    if opts.max_kl is None and opts.max_ppl_increase is None:
-        raise UserError("a search needs a budget: --max-kl or --max-ppl-increase")
     for flag, v in (("--max-kl", opts.max_kl), ("--max-ppl-increase", opts.max_ppl_increase),
                     ("--timeout", opts.timeout)):
         check_positive(flag, v)

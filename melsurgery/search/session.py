@@ -243,7 +243,7 @@ def pick(candidates: list[Measured], budget: Budget, goal) -> Measured | None:
 # --- The session ---
 
 class SearchSession:
-    """A search of one model under one set of options (validated by the driver): see the module docstring.
+    """A search of one model under one set of options (checked when they were made): see the module docstring.
 
     `folder`: where the study (unless `opts.storage`), the scan, the held-out cache and the lock live; `scan`: a
     scan to use instead of scanning (or reading FOLDER/scan.json)."""

@@ -21,7 +21,7 @@ from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.typed import JsonRecord, Need
-from melsurgery.search.options import SearchOptions, validate
+from melsurgery.search.options import SearchOptions
 from melsurgery.search.records import (
     OBJECTIVES,
     Budget,
@@ -153,7 +153,6 @@ def run_tune(source: Source, model_arg: str, run_dir: Path, opts: SearchOptions,
     from melsurgery.params import DetectParams
     from melsurgery.surgery.manifest import Manifest
 
-    validate(opts)
     calibration = calibration or CalibrationSpec()
     detection = detection or DetectParams()
     texts = read_texts(source.folder, text, heldout, opts.max_tokens, opts.windows)
