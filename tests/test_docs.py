@@ -45,3 +45,22 @@ def test_readme_is_a_front_door():
     text = readme.decode()
     assert "make demo" in text and "make test" in text  # the two set-up commands
     assert (ROOT / ".ci" / "run").read_text().count("make test\n") == 1  # what the README says CI runs
+
+
+# Development history belongs in CHANGELOG.md: what users and maintainers read elsewhere says what the tool does
+# now. The words are assembled so that this file does not match itself.
+_WORKLOG = re.compile("|".join([
+    r"\b(?:issue|round)s? ?#?\d+", r"\bthis (?:round|session)\b", r"\b(?:last|previous|earlier) session\b",
+    r"\bhouse round\b", r"\blanding in\b", r"\buntil it lands\b", "<" + "!--",
+]), re.I)
+_PLACEHOLDER = re.compile(r"\b(?:T" + "ODO|FIX" + "ME|X" + "XX)\b")  # upper case: `todo` is a fine variable name
+_WORKLOG_FILES = sorted(
+    p for pattern in ("README.md", "CONTRIBUTING.md", "Makefile", "mkdocs.yml", "docs/**/*.md", "melsurgery/**/*.py",
+                      "scripts/**/*", "benchmarks/**/*.py", "tests/**/*.py", "manifests/*")
+    for p in ROOT.glob(pattern) if p.is_file() and p.name != "changelog.md" and "__pycache__" not in p.parts)
+
+
+def test_no_work_log_words():
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:100]}" for p in _WORKLOG_FILES
+             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if _WORKLOG.search(line) or _PLACEHOLDER.search(line)]
+    assert not found, "work-log words (history goes to CHANGELOG.md):\n" + "\n".join(found)

@@ -86,9 +86,12 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
                         device=device, dtype=torch_dtype(dtype), generations=generations,
                         progress=not quiet, engine=engine, prefix=prefix)
     click.echo(verify_report(result))
+    from functools import partial
+
     from melsurgery.report.plot import plot_verify
 
-    write_outputs(result.to_json(), json_path, plot_path, plot_verify)
+    names = partial(plot_verify, base=str(base), patched=str(patched))
+    write_outputs(result.to_json(), json_path, plot_path, names)
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
     if violations:
         raise BudgetNotMet("gate violated: " + "; ".join(violations))

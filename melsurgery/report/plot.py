@@ -32,15 +32,46 @@ def _save(plt, fig, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def _integer_layers(ax) -> None:
+    """Layers are whole numbers: no 12.5 on a layer axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _mark_me_layer(ax, me_layer: int | None, label: bool = True) -> None:
+    if me_layer is not None:
+        ax.axvline(me_layer, color="red", ls="--", lw=1, label=f"ME Layer {me_layer}" if label else None)
+
+
 def plot_scan(result: ScanResult, path: Path) -> None:
-    """Per-layer max |h| and max/median ratio on a log scale, with the ME Layer marked; beside it, per
-    layer after the ME Layer, how much of the sink attribution the sink and the magnitude top-k hold."""
+    """Per layer: max |h| and max/median ratio (log scale) with the ME Layer marked; the attention sink (mass
+    that later queries put on the massive tokens); and, after the ME Layer, how much of the sink attribution
+    the sink and the magnitude top-k dims hold."""
     plt = _pyplot()
     layers = [entry for entry in result.layers if entry.layer >= 0]
     x = [entry.layer for entry in layers]
     sinks = [s for s in result.sink_dims if s.dims]
+    fig, axes = plt.subplots(1, 3 if sinks else 2, figsize=(17 if sinks else 12, 4.6))
+    ax, a_sink = axes[0], axes[1]
+    ax.semilogy(x, [entry.max_abs for entry in layers], marker="o", label="max |h|")
+    ax.semilogy(x, [entry.ratio or float("nan") for entry in layers], marker="s", label="max |h| / median |h|")
+    ax.axhline(result.params.abs_threshold, color="grey", ls=":", lw=1, label="absolute threshold")
+    _mark_me_layer(ax, result.me_layer)
+    ax.set_xlabel("decoder layer (output)")
+    ax.set_ylabel("hidden-state magnitude (log scale)")
+    ax.set_title("massive activations per layer")
+    ax.legend(fontsize=8)
+    sink = [float("nan") if v is None else v for v in result.sink]
+    a_sink.plot(list(range(len(sink))), sink, marker="o", color="tab:purple", label="attention sink")
+    _mark_me_layer(a_sink, result.me_layer)
+    a_sink.set_ylim(0, 1.02)
+    a_sink.set_xlabel("decoder layer")
+    a_sink.set_ylabel("attention mass on the massive tokens")
+    a_sink.set_title("attention sink per layer (mean over heads and later queries)")
+    a_sink.legend(fontsize=8)
     if sinks:
-        fig, (ax, a2) = plt.subplots(1, 2, figsize=(14, 4.5))
+        a2 = axes[2]
         k = result.sink_dims_k
         xs = [s.layer for s in sinks]
         a2.plot(xs, [s.sink_top_share for s in sinks], marker="o", label=f"sink top-{k} dims (per layer)")
@@ -48,40 +79,45 @@ def plot_scan(result: ScanResult, path: Path) -> None:
         a2.plot(xs, [s.overlap for s in sinks], ls=":", marker="x", label="overlap of the two")
         a2.set_ylim(0, 1.05)
         a2.set_xlabel("decoder layer (attention input)")
-        a2.set_title("share of the sink attribution (|grad x input|)")
-        a2.legend()
-    else:
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.semilogy(x, [entry.max_abs for entry in layers], marker="o", label="max |h|")
-    ax.semilogy(x, [entry.ratio or float("nan") for entry in layers], marker="s", label="max / median")
-    ax.axhline(result.params.abs_threshold, color="grey", ls=":", lw=1, label="absolute threshold")
-    if result.me_layer is not None:
-        ax.axvline(result.me_layer, color="red", ls="--", label=f"ME Layer {result.me_layer}")
-    ax.set_xlabel("decoder layer (output)")
-    ax.set_title(f"massive activations: {result.model.id}")
-    ax.legend()
+        a2.set_ylabel("share of the attribution")
+        a2.set_title("which dims drive the sink (|grad x input|)")
+        a2.legend(fontsize=8)
+    for a in axes:
+        _integer_layers(a)
+    cal = result.calibration
+    text = f"{cal.source}, {cal.num_samples} samples, {cal.tokens} tokens, {cal.dtype or 'float32'}" if cal else ""
+    fig.suptitle(f"melsurgery scan: {result.model.id}" + (f"  ({text})" if text else ""), fontsize=10)
     fig.tight_layout()
     _save(plt, fig, path)
 
 
-def plot_verify(result: dict, path: Path) -> None:
-    """Sink score, max/median ratio and attention-input similarity per layer, base versus patched."""
+def plot_verify(result: dict, path: Path, *, base: str = "base", patched: str = "patched") -> None:
+    """Sink, max/median ratio and attention-input similarity per layer, base versus patched, the ME Layer
+    marked; the title names both models and the text."""
     plt = _pyplot()
 
     def values(key: str) -> list[float]:
         return [float("nan") if v is None else v for v in result[key]]
 
     x = list(range(len(result["sink_base"])))
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, key, title, log in ((a1, "sink", "attention sink (attention mass on the massive tokens)", False),
-                                (a2, "ratio", "max |h| / median |h|", True),
-                                (a3, "similarity", "attention-input similarity (mean pairwise cosine)", False)):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    panels = (("sink", "attention sink", "attention mass on the massive tokens", False),
+              ("ratio", "max |h| / median |h|", "ratio (log scale)", True),
+              ("similarity", "attention-input similarity", "mean pairwise cosine", False))
+    for ax, (key, title, ylabel, log) in zip(axes, panels):
         draw = ax.semilogy if log else ax.plot
-        draw(x, values(f"{key}_base"), marker="o", label="base")
-        draw(x, values(f"{key}_patched"), marker="s", label="patched")
+        draw(x, values(f"{key}_base"), marker="o", ms=4, label="base")
+        draw(x, values(f"{key}_patched"), marker="s", ms=4, label="patched")
+        _mark_me_layer(ax, result.get("me_layer"))
         ax.set_title(title)
-        ax.set_xlabel("layer")
-        ax.legend()
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel(ylabel)
+        _integer_layers(ax)
+        ax.legend(fontsize=8)
+    from melsurgery.formats.wording import count
+
+    fig.suptitle(f"melsurgery verify: {base} (base) vs {patched} (patched); {result['text']}, "
+                 f"{count(result['windows'], 'window')}, {result['tokens']} tokens", fontsize=10)
     fig.tight_layout()
     _save(plt, fig, path)
 
