@@ -8,14 +8,20 @@ import importlib.util
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from melsurgery.architectures import family_for
-from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
+from melsurgery.checkpoint.basemodel import (
+    BaseModelId,
+    check_hub_ref,
+    for_folder,
+    from_gguf_fields,
+    gguf_fields,
+    repo_id_problem,
+)
 from melsurgery.checkpoint.guard import protect
 from melsurgery.checkpoint.hashing import write_sidecar
 from melsurgery.checkpoint.provenance import Provenance
@@ -26,7 +32,6 @@ from melsurgery.outputs import MODEL_CARD, cache_dir
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md", "LICENSE*", "*.py", "*.tiktoken"]
 
 
@@ -65,6 +70,7 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
 
     The folder read (and a .gguf file) is read-only for the rest of the command (checkpoint.guard).
     """
+    check_hub_ref(None, revision)
     source = _resolve(spec, revision)
     protect(source.folder)
     if source.origin_file is not None:
@@ -91,9 +97,10 @@ def _resolve(spec: str | None, revision: str | None) -> Source:
         return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
     if exists:
         raise UserError(f"{spec}: not a model folder or a .gguf file")
-    if HUB_ID.match(spec):
+    why = repo_id_problem(spec, namespace=True)
+    if why is None:
         return _from_hub(spec, revision)
-    raise UserError(f"{spec}: no such folder, and not a Hub repo id (owner/name)")
+    raise UserError(f"{quote(spec)}: no such folder, and not a Hub repo id OWNER/NAME ({why})")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Source:

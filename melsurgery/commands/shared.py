@@ -33,6 +33,7 @@ class Group(click.Group):
     def main(self, *args, **kwargs):  # type: ignore[override]
         """Run with stdout and stderr redacted, the catchable signals unwinding (cleanup, then 128 + n), and the
         models the command reads protected from its writers."""
+        _open_standard_fds()
         with redacted_output(), unwind_on_signals(), protecting():
             return super().main(*args, **kwargs)
 
@@ -47,10 +48,31 @@ class Group(click.Group):
             if isinstance(exc, BrokenPipeError):
                 _drop_stdout()
             if message:
-                click.echo(f"melsurgery: {message}", err=True)
+                _say(f"melsurgery: {message}")
             if code == INTERNAL and os.environ.get(DEBUG_ENV):
                 traceback.print_exception(exc)
             sys.exit(code)
+
+
+def _say(line: str) -> None:
+    """The one error line, best effort: stderr on /dev/full, closed, or a pipe nobody reads must not turn the
+    documented exit status into click's generic 1 (nor Python's 120 when it flushes the line again on exit)."""
+    try:
+        click.echo(line, err=True)
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # ValueError: a closed stream; AttributeError: none at all
+        _drop(2)
+
+
+def _open_standard_fds() -> None:
+    """A process started with stdin, stdout or stderr closed gets /dev/null there: otherwise the first file the
+    command opens takes that number, and a library printing to "stderr" (a C warning, a progress bar) would
+    write into a model or an output file."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd`, the lower ones being open
 
 
 DEBUG_ENV = "MELSURGERY_DEBUG"
@@ -155,11 +177,16 @@ def redacted_output() -> Iterator[None]:
 def _drop_stdout() -> None:
     """The reader of stdout left (`| head`): what is still buffered goes nowhere, instead of failing again (with a
     second message) when the interpreter flushes stdout on exit."""
+    _drop(1)
+
+
+def _drop(fd: int) -> None:
+    """Point `fd` (stdout or stderr) at /dev/null: what its stream still buffers goes nowhere on exit."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.__stdout__.fileno())
+        os.dup2(devnull, fd)
         os.close(devnull)
-    except (OSError, AttributeError, ValueError):
+    except OSError:
         pass
 
 
