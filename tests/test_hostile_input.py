@@ -7,14 +7,18 @@ status, nothing written, the source untouched.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from melsurgery.errors import UserError
+from tests.support.helpers import assert_clean_failure, run_cli
 
 # --- Hub identifiers and revisions ----------------------------------------------------------------------
 
@@ -130,3 +134,70 @@ def test_closed_standard_streams_are_reopened_on_dev_null():
     res = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, timeout=120,
                          preexec_fn=lambda: (os.close(2), os.close(0)))
     assert res.stdout.split() == [os.devnull, os.devnull]
+
+
+# --- safetensors header bombs ---------------------------------------------------------------------------
+
+def _safetensors(path: Path, entries: dict, data: bytes = b"") -> Path:
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _empty_tensors(n: int) -> dict:
+    return {f"model.layers.0.t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(n)}
+
+
+def _one_byte_tensors(n: int) -> tuple[dict, bytes]:
+    return {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}, bytes(n)
+
+
+BOMBS = {
+    # a few MB of empty tensors and no data: the header is larger than its data
+    "empty-tensors": lambda: (_empty_tensors(60_000), b""),
+    # metadata padding the header: the same bound, whatever the header holds
+    "metadata-padding": lambda: ({"__metadata__": {"x": "y" * 3_000_000}}, b""),
+    # as many bytes of data as of header, but more entries than any real file holds
+    "too-many-tensors": lambda: _one_byte_tensors(100_100),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOMBS))
+def test_a_header_bomb_is_refused_without_parsing_it(case, tmp_path, monkeypatch):
+    """A loose shard whose 100 MB header listed 1.7 million empty tensors made `scan` run past 60 s at about 2 GB:
+    the header was parsed, then every tensor checked. Its claims are now bounded on its bytes, before parsing."""
+    from melsurgery.checkpoint import safetensors_file
+
+    entries, data = BOMBS[case]()
+    path = _safetensors(tmp_path / "model.safetensors", entries, data)
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the header was parsed")
+
+    monkeypatch.setattr(safetensors_file.json, "loads", no_parse)
+    with pytest.raises(UserError, match="implausible safetensors header.*not parsed"):
+        safetensors_file.read_header(path)
+
+
+def test_a_tensor_name_past_the_bound_is_refused(tmp_path):
+    from melsurgery.checkpoint.safetensors_file import read_header
+
+    path = _safetensors(tmp_path / "model.safetensors",
+                        {"x" * 5000: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    with pytest.raises(UserError, match="a tensor name of 5,000 characters"):
+        read_header(path)
+
+
+@pytest.mark.slow
+def test_scan_refuses_a_bomb_shard_in_one_line(sharded, tmp_path):
+    """Through the CLI: a loose shard beside a real model's shards is refused, the model untouched."""
+    from tests.support.helpers import snapshot
+    from tests.test_hostile import copy_model
+
+    src = copy_model(sharded, tmp_path, "src")
+    (src / "model.safetensors.index.json").unlink()  # without an index, every .safetensors file is read
+    _safetensors(src / "extra.safetensors", _empty_tensors(40_000))
+    before = snapshot(src)
+    res = run_cli("scan", src, "--quiet", "--num-samples", "1", "--max-tokens", "8")
+    assert_clean_failure(res, "implausible safetensors header", code=2)
+    assert snapshot(src) == before
