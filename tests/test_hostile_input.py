@@ -201,3 +201,111 @@ def test_scan_refuses_a_bomb_shard_in_one_line(sharded, tmp_path):
     res = run_cli("scan", src, "--quiet", "--num-samples", "1", "--max-tokens", "8")
     assert_clean_failure(res, "implausible safetensors header", code=2)
     assert snapshot(src) == before
+
+
+# --- caches inside a model being read -------------------------------------------------------------------
+
+CACHE_PLACES = {
+    "MELSURGERY_CACHE": lambda model: {"MELSURGERY_CACHE": str(model / "cache")},
+    "MELSURGERY_CACHE-is-the-model": lambda model: {"MELSURGERY_CACHE": str(model)},
+    "MELSURGERY_CACHE-via-dotdot": lambda model: {"MELSURGERY_CACHE": str(model / "sub" / ".." / "c")},
+    "XDG_CACHE_HOME": lambda model: {"MELSURGERY_CACHE": "", "XDG_CACHE_HOME": str(model / "xdg")},
+    "HOME": lambda model: {"MELSURGERY_CACHE": "", "XDG_CACHE_HOME": "", "HOME": str(model)},
+}
+
+
+def _cache_env(case: str, model: Path, tmp_path: Path) -> dict:
+    if case != "shapes-link":
+        return CACHE_PLACES[case](model)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shapes").symlink_to(model)  # the cache's shapes/ a link into the model
+    return {"MELSURGERY_CACHE": str(cache)}
+
+
+@pytest.mark.parametrize("case", [*sorted(CACHE_PLACES), "shapes-link"])
+@pytest.mark.slow
+def test_a_cache_inside_the_model_being_read_is_refused_before_any_write(sharded, tmp_path, case):
+    """With the cache pointing into the model folder, a plain `scan` wrote its skeleton entry into the model it
+    read. The cache goes through the output guard: refused in one line, the model untouched."""
+    from tests.support.helpers import snapshot
+    from tests.test_hostile import copy_model
+
+    src = copy_model(sharded, tmp_path, "src")
+    before = snapshot(src)
+    env = _cache_env(case, src, tmp_path)
+    res = run_cli("scan", src, "--quiet", "--num-samples", "1", "--max-tokens", "8", env=env)
+    assert_clean_failure(res, "melsurgery's cache", "lies inside the source model", code=2)
+    assert snapshot(src) == before
+    assert sorted(p.name for p in src.iterdir()) == sorted(before)
+
+
+def test_every_cache_write_goes_through_the_guard():
+    """`cache_dir()` is spelled only where the guard turns it into a folder (checkpoint/guard.py `cache_folder`):
+    a new cache elsewhere would bypass the check above."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "melsurgery"
+    callers = sorted({str(p.relative_to(root)) for p in root.rglob("*.py")
+                      for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Call)
+                      and getattr(node.func, "id", getattr(node.func, "attr", None)) == "cache_dir"})
+    assert callers == ["checkpoint/guard.py"], callers
+
+
+# --- third-party log lines ------------------------------------------------------------------------------
+
+HOSTILE_TEXT = {
+    "cr-and-escape": "\x1b[31mevil\rOVERWRITTEN",
+    "osc-title-and-newline": "a\x1b]0;pwned\x07b\nmelsurgery: fake line",
+    "bidi-and-token": "\u202eabc hf_" + "A" * 30,
+}
+
+
+def _terminal_safe(stderr: str) -> None:
+    assert not set(stderr) & {"\r", "\x1b", "\x07", "\u202e"}, repr(stderr)
+    assert "hf_" + "A" * 30 not in stderr
+    assert not any(line.startswith("melsurgery: fake") for line in stderr.splitlines())
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TEXT))
+def test_a_library_log_line_goes_through_the_terminal_filter(case, monkeypatch, capsys):
+    """A handler bound to a stream before the command started (as transformers and optuna bind theirs on import),
+    a library logger, and the warnings module: each line is one printable line, as our own messages are."""
+    import io
+    import logging
+    import warnings
+
+    from melsurgery.commands.shared import redacted_output
+
+    early = io.StringIO()
+    logger = logging.getLogger("hostile.library")
+    handler = logging.StreamHandler(early)
+    logger.addHandler(handler)
+    try:
+        with redacted_output():
+            logger.warning("rope_type=%r", HOSTILE_TEXT[case])
+            logger.warning(HOSTILE_TEXT[case])
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                logging.captureWarnings(True)  # pytest's own capture is outside the command; re-arm ours
+                warnings.warn(HOSTILE_TEXT[case], UserWarning, stacklevel=1)
+    finally:
+        logger.removeHandler(handler)
+    assert len(early.getvalue().splitlines()) == 2
+    _terminal_safe(early.getvalue())
+    _terminal_safe(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_config_value_echoed_by_transformers_reaches_the_terminal_escaped(sharded, tmp_path):
+    """`rope_type` holding an escape sequence and a carriage return: transformers' warning printed the raw \\r
+    before our one-line error."""
+    from tests.test_hostile import copy_model, edit_config
+
+    src = copy_model(sharded, tmp_path, "src")
+    edit_config(src, rope_scaling={"rope_type": "".join(HOSTILE_TEXT.values()), "factor": 2.0})
+    res = run_cli("scan", src, "--quiet", "--num-samples", "1", "--max-tokens", "8")
+    assert res.returncode == 2, res.stderr
+    _terminal_safe(res.stderr)
+    assert res.stderr.splitlines()[-1].startswith("melsurgery: error: ")
+    assert all(line.startswith(("melsurgery: error: ", "[transformers]")) for line in res.stderr.splitlines())

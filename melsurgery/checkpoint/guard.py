@@ -6,6 +6,10 @@ database) goes through `check_writable` before any work and again when written. 
 resolved paths, so `..`, symlinks and relative spellings lead to the same verdict. Names too long for the
 filesystem (counting the hidden temporary sibling an atomic write needs) are refused up front instead of
 failing after the work with ENAMETOOLONG.
+
+melsurgery's own cache is written through `cache_folder` only: a cache that leads into a model the command reads
+($MELSURGERY_CACHE, $XDG_CACHE_HOME or $HOME inside it, or one of the cache's folders a link into it) is refused
+like any other output there, in one line naming the variable to set, before the cache is read or written.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from melsurgery.errors import UserError, quote
+from melsurgery.outputs import cache_dir
 
 TMP_PREFIX = ".melsurgery-tmp-"
 TMP_EXTRA = len(TMP_PREFIX) + 1 + 10 + len("-old")  # prefix, name, "-<pid>", "-old" (see atomic.py)
@@ -67,6 +72,20 @@ def check_writable(out: Path, protect: Path | None = None) -> Path:
     for source, what in [*(_PROTECTED or []), *([(Path(protect), "the source model")] if protect else [])]:
         check_apart(out, source, what)
     return out.absolute()
+
+
+def cache_folder(name: str) -> Path:
+    """The cache's folder `name` (shapes, gguf, search), refused when it is a protected source or lies inside one:
+    a plain `scan` must not write into the model it reads. Refused rather than skipped, as any other output
+    leading into a source is: the cache is misplaced for every later command too, and the fix is one variable."""
+    folder = cache_dir() / name
+    target = resolved(folder)
+    for source, what in _PROTECTED or []:
+        if target == source or source in target.parents:
+            raise UserError(f"melsurgery's cache {quote(str(folder))} lies inside {what} ({source}); set "
+                            "MELSURGERY_CACHE to a folder outside it (the cache follows $MELSURGERY_CACHE, else "
+                            "$XDG_CACHE_HOME, else $HOME/.cache)")
+    return folder
 
 
 def check_name(path: Path) -> None:

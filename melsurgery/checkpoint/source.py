@@ -22,12 +22,12 @@ from melsurgery.checkpoint.basemodel import (
     gguf_fields,
     repo_id_problem,
 )
-from melsurgery.checkpoint.guard import protect
+from melsurgery.checkpoint.guard import cache_folder, protect
 from melsurgery.checkpoint.hashing import write_sidecar
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.safeload import from_pretrained
 from melsurgery.errors import UserError, one_line, quote
-from melsurgery.outputs import MODEL_CARD, cache_dir
+from melsurgery.outputs import MODEL_CARD
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -172,7 +172,7 @@ def _gguf_provenance(gguf: Path) -> Provenance | None:
 def _from_gguf(gguf: Path, base_id: str, base_model: BaseModelId | None) -> Source:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    folder = cache_folder("gguf") / f"{gguf.stem}-{key}"
     if not (folder / "config.json").is_file():
         _convert_gguf(gguf, folder, base_id)
     return Source(folder, base_id, "gguf", origin_file=gguf, base_model=base_model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import math
 import os
 import re
@@ -153,8 +154,10 @@ class _Redacted(io.TextIOBase):
 def redacted_output() -> Iterator[None]:
     """While a command runs, stdout and stderr (reports, progress bars, warnings, logs) pass through `redact`
     and `escape`: \\n and \\t stay, \\r stays on stderr (progress bars), any other control character is shown
-    escaped."""
-    saved = sys.stdout, sys.stderr
+    escaped; log records and warnings are made one printable line first (\\r escaped too)."""
+    saved = sys.stdout, sys.stderr, logging.getLogRecordFactory()
+    logging.setLogRecordFactory(_filtered_records(saved[2]))
+    logging.captureWarnings(True)  # the warnings module's lines become log records: the same filter
     if sys.stdout is not None:  # None when the process started with its stdout closed
         sys.stdout = _Redacted(sys.stdout, "\n\t")
     if sys.stderr is not None:
@@ -171,7 +174,23 @@ def redacted_output() -> Iterator[None]:
                 _drop_stdout()
             except (OSError, ValueError):
                 pass
-        sys.stdout, sys.stderr = saved
+        logging.captureWarnings(False)
+        sys.stdout, sys.stderr, factory = saved
+        logging.setLogRecordFactory(factory)
+
+
+def _filtered_records(factory):
+    """A log record factory whose records' messages are `printable`: a library's log line (transformers echoing a
+    config value, huggingface_hub, optuna, a Python warning) is one line, secrets redacted, every control
+    character escaped, \r included, whichever handler and stream it reaches (some were bound to the real
+    stderr when the library was imported)."""
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = record.getMessage
+        record.getMessage = lambda: printable(message().rstrip())  # type: ignore[method-assign]
+        return record
+
+    return make
 
 
 def _drop_stdout() -> None:

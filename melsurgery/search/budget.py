@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from melsurgery.checkpoint.atomic import write_atomic
+from melsurgery.checkpoint.guard import cache_folder
 from melsurgery.checkpoint.provenance import SearchRecord
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet, NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.textfile import read_text
-from melsurgery.outputs import cache_dir
 from melsurgery.search.engine import (
     Budget,
     Evaluator,
@@ -185,7 +185,7 @@ def search_folder(source: Source, opts: BudgetOptions, texts: Texts, calibration
                    "max_tokens": opts.max_tokens, "windows": opts.windows, "dtype": str(dtype),
                    "calibration": str(asdict(calibration)), "detection": asdict(detection)}
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "search" / f"{source.folder.name}-{key}"
+    folder = cache_folder("search") / f"{source.folder.name}-{key}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
