@@ -309,3 +309,30 @@ def test_a_config_value_echoed_by_transformers_reaches_the_terminal_escaped(shar
     _terminal_safe(res.stderr)
     assert res.stderr.splitlines()[-1].startswith("melsurgery: error: ")
     assert all(line.startswith(("melsurgery: error: ", "[transformers]")) for line in res.stderr.splitlines())
+
+
+# --- numbers in a config that are not sizes -------------------------------------------------------------
+
+BASE_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+BAD_NUMBERS = {
+    "nan-rope-theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "is nan"),
+    "inf-top-level": ({"initializer_range": float("inf")}, "'initializer_range' is inf"),
+    "nan-in-a-list": ({"layer_types": ["full", float("-inf")]}, "'layer_types.1' is -inf"),
+    "zero-rope-theta": ({"rope_theta": 0}, "rope_theta must be a positive number"),
+    "negative-scaled-theta": ({"rope_scaling": {"rope_theta": -1.0}}, "rope_theta must be a positive number"),
+    "string-theta": ({"rope_parameters": {"rope_theta": "1e4"}}, "rope_theta must be a positive number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_config_numbers_are_finite_and_rope_theta_positive(case):
+    """A NaN, zero or negative rope_theta ran the whole calibration and ended as "layer 0 produced non-finite
+    activations ... although its weights are finite" (or, for inf, passed): now named in the config, before any
+    work."""
+    from melsurgery.checkpoint.validate import check_config_types
+
+    change, needle = BAD_NUMBERS[case]
+    with pytest.raises(UserError, match=needle):
+        check_config_types({**BASE_CONFIG, **change}, "config.json")
+    check_config_types(BASE_CONFIG, "config.json")

@@ -89,6 +89,27 @@ def check_config_types(config: dict, where: Path | str) -> None:
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
                             or eps < 0):
         raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {quote(eps)}")
+    bad = _nonfinite_number(config)
+    if bad is not None:
+        raise UserError(f"{where}: {quote(bad[0])} is {bad[1]}; a config holds finite numbers only")
+    for rope in (config, config.get("rope_parameters"), config.get("rope_scaling")):
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0):
+            raise UserError(f"{where}: rope_theta must be a positive number, got {quote(theta)}")
+
+
+def _nonfinite_number(config: dict) -> tuple[str, float] | None:
+    """The first NaN or infinity anywhere in a parsed config (JSON allows them as NaN and Infinity), with its key
+    path: a NaN rope_theta computed NaN rotations, and the forward pass blamed the dtype. Walked with a stack, not
+    recursion: a config nested as deep as the JSON parser allows must not overflow here."""
+    stack: list[tuple[str, object]] = [("", config)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in items)
+    return None
 
 
 def _skeleton_shapes(ckpt: Checkpoint, actual: Shapes, fresh: bool = False) -> tuple[Shapes, bool]:
