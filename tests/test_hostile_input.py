@@ -212,9 +212,19 @@ CACHE_PLACES = {
     "XDG_CACHE_HOME": lambda model: {"MELSURGERY_CACHE": "", "XDG_CACHE_HOME": str(model / "xdg")},
     "HOME": lambda model: {"MELSURGERY_CACHE": "", "XDG_CACHE_HOME": "", "HOME": str(model)},
 }
+# the homes of the libraries' caches (matplotlib wrote its font cache into the model with HOME there and
+# MELSURGERY_CACHE elsewhere)
+LIBRARY_PLACES = {
+    "HOME-with-our-cache-elsewhere": lambda model: {"HOME": str(model)},
+    "MPLCONFIGDIR": lambda model: {"MPLCONFIGDIR": str(model / "mpl")},
+    "HF_HOME": lambda model: {"HF_HOME": str(model / "hf")},
+    "XDG_CONFIG_HOME": lambda model: {"XDG_CONFIG_HOME": str(model)},
+}
 
 
 def _cache_env(case: str, model: Path, tmp_path: Path) -> dict:
+    if case in LIBRARY_PLACES:
+        return {"MELSURGERY_CACHE": str(tmp_path / "cache"), **LIBRARY_PLACES[case](model)}
     if case != "shapes-link":
         return CACHE_PLACES[case](model)
     cache = tmp_path / "cache"
@@ -223,7 +233,7 @@ def _cache_env(case: str, model: Path, tmp_path: Path) -> dict:
     return {"MELSURGERY_CACHE": str(cache)}
 
 
-@pytest.mark.parametrize("case", [*sorted(CACHE_PLACES), "shapes-link"])
+@pytest.mark.parametrize("case", [*sorted(CACHE_PLACES), "shapes-link", *sorted(LIBRARY_PLACES)])
 @pytest.mark.slow
 def test_a_cache_inside_the_model_being_read_is_refused_before_any_write(sharded, tmp_path, case):
     """With the cache pointing into the model folder, a plain `scan` wrote its skeleton entry into the model it
@@ -234,8 +244,9 @@ def test_a_cache_inside_the_model_being_read_is_refused_before_any_write(sharded
     src = copy_model(sharded, tmp_path, "src")
     before = snapshot(src)
     env = _cache_env(case, src, tmp_path)
-    res = run_cli("scan", src, "--quiet", "--num-samples", "1", "--max-tokens", "8", env=env)
-    assert_clean_failure(res, "melsurgery's cache", "lies inside the source model", code=2)
+    res = run_cli("scan", src, "--quiet", "--num-samples", "1", "--max-tokens", "8", "--plot", tmp_path / "p.png",
+                  env=env)
+    assert_clean_failure(res, "lies inside the source model", "and caches are written there", code=2)
     assert snapshot(src) == before
     assert sorted(p.name for p in src.iterdir()) == sorted(before)
 
@@ -336,3 +347,35 @@ def test_config_numbers_are_finite_and_rope_theta_positive(case):
     with pytest.raises(UserError, match=needle):
         check_config_types({**BASE_CONFIG, **change}, "config.json")
     check_config_types(BASE_CONFIG, "config.json")
+
+
+# --- the Hub endpoint ------------------------------------------------------------------------------------
+
+BAD_ENDPOINTS = ["http://[::1", "ftp://mirror/", "notaurl", "http://a\x1b[2J.com", "http://h:99999", "http://h:x",
+                 " http://h", "http://:80", "https://u:pw@[::1"]
+
+
+@pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
+def test_a_malformed_hf_endpoint_is_bad_input(endpoint, monkeypatch):
+    """huggingface_hub parses HF_ENDPOINT deep inside a request or an import: "Invalid IPv6 URL" and
+    "unsupported protocol" were internal errors (exit 70)."""
+    from melsurgery.checkpoint.network import check_endpoint
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(UserError, match="HF_ENDPOINT=.*not an http") as caught:
+        check_endpoint()
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("endpoint", ["https://huggingface.co", "http://127.0.0.1:8080/", "https://u:pw@mirror.local"])
+def test_a_good_hf_endpoint_passes(endpoint, monkeypatch):
+    from melsurgery.checkpoint.network import check_endpoint
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    check_endpoint()
+
+
+def test_scan_of_a_hub_id_with_a_malformed_endpoint_is_one_line(tmp_path):
+    res = run_cli("scan", "owner/name", "--quiet", env={"HF_ENDPOINT": "http://[::1", "HF_HUB_OFFLINE": "0",
+                                                         "HF_HOME": str(tmp_path / "hf")})
+    assert_clean_failure(res, "HF_ENDPOINT=", code=2)

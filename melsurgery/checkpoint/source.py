@@ -104,12 +104,12 @@ def _resolve(spec: str | None, revision: str | None) -> Source:
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     from melsurgery.checkpoint.network import configure_hub
 
     configure_hub()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except RepositoryNotFoundError:
