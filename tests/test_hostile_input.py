@@ -333,6 +333,8 @@ BAD_NUMBERS = {
     "zero-rope-theta": ({"rope_theta": 0}, "rope_theta must be a positive number"),
     "negative-scaled-theta": ({"rope_scaling": {"rope_theta": -1.0}}, "rope_theta must be a positive number"),
     "string-theta": ({"rope_parameters": {"rope_theta": "1e4"}}, "rope_theta must be a positive number"),
+    # a header naming thousands of one-byte layers passes the header bounds; building their skeleton took minutes
+    "layers-past-the-bound": ({"num_hidden_layers": 1025}, "at most 1,024 layers"),
 }
 
 

@@ -57,6 +57,9 @@ def open_model(folder: Path) -> tuple[Checkpoint, Family]:
 
 Shapes = dict[str, tuple[int, ...]]
 MAX_SIZE = 2**31 - 1  # no real size comes near; a larger one would size lists and tensors by it
+# Decoder layers a config may claim: several times the deepest published decoders. Building the skeleton costs
+# about 10 ms a layer, so a small header naming tens of thousands of one-byte layers ran for minutes.
+MAX_LAYERS = 1024
 
 
 def refuse_custom_layer(ckpt: Checkpoint, what: str) -> None:
@@ -82,6 +85,9 @@ def check_config_types(config: dict, where: Path | str) -> None:
         if (key in REQUIRED_SIZES or value is not None) and not _is_size(value):
             limit = " of at most 2^31 - 1" if isinstance(value, int) and value > MAX_SIZE else ""
             raise UserError(f"{where}: {key} must be a positive integer{limit}, got {quote(value)}")
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise UserError(f"{where}: num_hidden_layers is {config['num_hidden_layers']:,}; melsurgery reads decoders "
+                        f"of at most {MAX_LAYERS:,} layers")
     window = config.get("sliding_window")  # 0 or null: no sliding window (Qwen2-MoE configs say 0)
     if window is not None and not (_is_size(window) or window == 0):
         raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {quote(window)}")
