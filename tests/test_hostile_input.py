@@ -381,3 +381,29 @@ def test_scan_of_a_hub_id_with_a_malformed_endpoint_is_one_line(tmp_path):
     res = run_cli("scan", "owner/name", "--quiet", env={"HF_ENDPOINT": "http://[::1", "HF_HUB_OFFLINE": "0",
                                                          "HF_HOME": str(tmp_path / "hf")})
     assert_clean_failure(res, "HF_ENDPOINT=", code=2)
+
+
+# --- empty arguments -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,needle", [
+    (("scan", ""), "argument 1 of `scan`"),
+    (("scan", "{model}", "--json", ""), "--json ''"),
+    (("scan", "{model}", "--json="), "--json ''"),
+    (("patch", "{model}", "-o", "", "--recipe", "wemask"), "-o ''"),
+    (("diff", "", "{model}"), "argument 1 of `diff`"),
+    (("verify", "{model}", ""), "argument 2 of `verify`"),
+    (("tune", "", "-o", "{tmp}/run"), "argument 1 of `tune`"),
+])
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(argv, needle, tmp_path, monkeypatch):
+    """`melsurgery scan "$MODEL"` with MODEL unset scanned the current folder (an empty path is "."), and `-o ""`
+    or `--json ""` named it as the output."""
+    from melsurgery.cli import main
+    from tests.support.planted import planted_folder
+
+    model = planted_folder(tmp_path / "model")
+    monkeypatch.chdir(model)  # the current folder is a model: an empty argument would have read it
+    res = CliRunner().invoke(main, [a.format(model=model, tmp=tmp_path) for a in argv])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "an empty value" in lines[0], res.output
+    assert not (tmp_path / "run").exists()

@@ -38,6 +38,17 @@ class Group(click.Group):
         with redacted_output(), unwind_on_signals(), protecting():
             return super().main(*args, **kwargs)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
+        """The command to run, once no argument is empty: `melsurgery scan "$MODEL"` with MODEL unset scanned the
+        current folder (an empty path is "."), and `-o ""` named it as the output."""
+        for i, arg in enumerate(args[1:] if not ctx.resilient_parsing else (), start=1):  # not while completing
+            option, equals, value = arg.partition("=")
+            if arg == "" or (option.startswith("--") and equals and not value):
+                what = (f"{option} ''" if equals else f"{args[i - 1]} ''" if args[i - 1].startswith("-")
+                        else f"argument {i} of `{args[0]}`")
+                raise UserError(f"{what}: an empty value (an unset shell variable?); give the model, path or value")
+        return super().resolve_command(ctx, args)
+
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         """Run the command; any failure becomes one `melsurgery: error:` line and its exit status."""
         try:
