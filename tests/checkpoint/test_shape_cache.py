@@ -158,3 +158,31 @@ def test_concurrent_scans_share_one_good_entry(sharded, tmp_path):
     entries = list((cache / "shapes").iterdir())
     assert [e.name.startswith(".") for e in entries] == [False]
     assert json.loads(entries[0].read_text())
+
+
+def test_an_entry_written_for_a_model_is_used_for_it_and_only_it(tmp_path, monkeypatch):
+    """The proof must not make the cache useless: the entry one open wrote answers the next open of the same
+    weights and config; the same config beside other tensor names builds its own."""
+    from melsurgery.checkpoint import validate
+    from tests.support.planted import planted_folder
+
+    monkeypatch.setenv("MELSURGERY_CACHE", str(tmp_path / "cache"))
+    builds = []
+    real = validate._build_shapes
+    monkeypatch.setattr(validate, "_build_shapes", lambda ckpt: builds.append(ckpt.folder) or real(ckpt))
+    model = planted_folder(tmp_path / "model")
+    validate.open_model(model)
+    validate.open_model(model)
+    assert builds == [model]
+    other = shutil.copytree(model, tmp_path / "other")
+    validate.open_model(other)  # same config, same names: the same answer, no build
+    assert builds == [model]
+    from safetensors.torch import load_file, save_file
+
+    (shard,) = other.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["model.extra.weight"] = tensors["model.norm.weight"].clone()  # a name the skeleton lacks
+    save_file(tensors, shard, metadata={"format": "pt"})
+    validate.open_model(other)
+    validate.open_model(other)
+    assert builds == [model, other, other]  # never complete for these weights: built each time, never trusted
