@@ -407,3 +407,15 @@ def test_an_empty_argument_is_refused_not_read_as_the_current_folder(argv, needl
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "an empty value" in lines[0], res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_path_that_is_not_utf8_is_named_before_the_tokenizer_fails_on_it(tmp_path):
+    """A folder whose name holds bytes that are not UTF-8 reached the tokenizers library, which refused it with
+    "cannot load the tokenizer (UnicodeEncodeError: ... surrogates not allowed)"."""
+    from melsurgery.checkpoint.source import resolve
+    from tests.support.planted import planted_folder
+
+    model = planted_folder(tmp_path / "model").rename(tmp_path / os.fsdecode(b"model-\xff"))
+    with pytest.raises(UserError, match=r"model-\\udcff': the path is not valid UTF-8"):
+        resolve(str(model))
+    resolve(str(model.rename(tmp_path / "modèle")))  # UTF-8 beyond ASCII is fine

@@ -72,6 +72,12 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
     """
     check_hub_ref(None, revision)
     source = _resolve(spec, revision)
+    if not str(source.folder).isascii():
+        try:
+            str(source.folder).encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+            raise UserError(f"{quote(str(source.folder))}: the path is not valid UTF-8, and the tokenizers library "
+                            "opens UTF-8 paths only; rename the folder (or the parent that is not UTF-8)") from None
     protect(source.folder)
     if source.origin_file is not None:
         protect(source.origin_file)
