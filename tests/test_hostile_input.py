@@ -419,3 +419,15 @@ def test_a_model_path_that_is_not_utf8_is_named_before_the_tokenizer_fails_on_it
     with pytest.raises(UserError, match=r"model-\\udcff': the path is not valid UTF-8"):
         resolve(str(model))
     resolve(str(model.rename(tmp_path / "modèle")))  # UTF-8 beyond ASCII is fine
+
+
+# --- numbers in flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["3-99999999999", "0-" + "9" * 40, "1,2-4000000000000"])
+def test_a_layer_range_past_the_model_is_refused_before_it_is_expanded(spec):
+    """`--layers 3-99999999999` built the whole range as a list: "out of memory" (exit 5) instead of naming it."""
+    from melsurgery.recipes.base import parse_layers
+
+    with pytest.raises(UserError, match="layers must lie in 0-5"):
+        parse_layers(spec, me_layer=3, num_layers=6)
+    assert parse_layers("1,2-4", me_layer=3, num_layers=6) == (1, 2, 3, 4)
