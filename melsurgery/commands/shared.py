@@ -58,7 +58,7 @@ class Group(click.Group):
         except BaseException as exc:  # noqa: BLE001 - the one place every failure is turned into a line
             code, message = failure(exc)
             if isinstance(exc, BrokenPipeError):
-                _drop_stdout()
+                _drop(1)
             if message:
                 _say(f"melsurgery: {message}")
             if code == INTERNAL and os.environ.get(DEBUG_ENV):
@@ -182,7 +182,7 @@ def redacted_output() -> Iterator[None]:
             try:
                 stream.flush()
             except BrokenPipeError:
-                _drop_stdout()
+                _drop(1)
             except (OSError, ValueError):
                 pass
         logging.captureWarnings(False)
@@ -193,7 +193,7 @@ def redacted_output() -> Iterator[None]:
 def _filtered_records(factory):
     """A log record factory whose records' messages are `printable`: a library's log line (transformers echoing a
     config value, huggingface_hub, optuna, a Python warning) is one line, secrets redacted, every control
-    character escaped, \r included, whichever handler and stream it reaches (some were bound to the real
+    character escaped, \\r included, whichever handler and stream it reaches (some were bound to the real
     stderr when the library was imported)."""
     def make(*args, **kwargs) -> logging.LogRecord:
         record = factory(*args, **kwargs)
@@ -204,14 +204,10 @@ def _filtered_records(factory):
     return make
 
 
-def _drop_stdout() -> None:
-    """The reader of stdout left (`| head`): what is still buffered goes nowhere, instead of failing again (with a
-    second message) when the interpreter flushes stdout on exit."""
-    _drop(1)
-
-
 def _drop(fd: int) -> None:
-    """Point `fd` (stdout or stderr) at /dev/null: what its stream still buffers goes nowhere on exit."""
+    """Point `fd` at /dev/null: the reader of stdout left (`| head`), or stderr cannot take the error line; what
+    its stream still buffers goes nowhere, instead of failing again (with a second message, or Python's exit
+    status 120) when the interpreter flushes it on exit."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, fd)
