@@ -8,25 +8,30 @@ import importlib.util
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from melsurgery.architectures import family_for
-from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
-from melsurgery.checkpoint.guard import protect
+from melsurgery.checkpoint.basemodel import (
+    BaseModelId,
+    check_hub_ref,
+    for_folder,
+    from_gguf_fields,
+    gguf_fields,
+    repo_id_problem,
+)
+from melsurgery.checkpoint.guard import cache_folder, protect
 from melsurgery.checkpoint.hashing import write_sidecar
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.safeload import from_pretrained
 from melsurgery.errors import UserError, one_line, quote
-from melsurgery.outputs import MODEL_CARD, cache_dir
+from melsurgery.outputs import MODEL_CARD
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md", "LICENSE*", "*.py", "*.tiktoken"]
 
 
@@ -65,7 +70,14 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
 
     The folder read (and a .gguf file) is read-only for the rest of the command (checkpoint.guard).
     """
+    check_hub_ref(None, revision)
     source = _resolve(spec, revision)
+    if not str(source.folder).isascii():
+        try:
+            str(source.folder).encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+            raise UserError(f"{quote(str(source.folder))}: the path is not valid UTF-8, and the tokenizers library "
+                            "opens UTF-8 paths only; rename the folder (or the parent that is not UTF-8)") from None
     protect(source.folder)
     if source.origin_file is not None:
         protect(source.origin_file)
@@ -91,18 +103,19 @@ def _resolve(spec: str | None, revision: str | None) -> Source:
         return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
     if exists:
         raise UserError(f"{spec}: not a model folder or a .gguf file")
-    if HUB_ID.match(spec):
+    why = repo_id_problem(spec, namespace=True)
+    if why is None:
         return _from_hub(spec, revision)
-    raise UserError(f"{spec}: no such folder, and not a Hub repo id (owner/name)")
+    raise UserError(f"{quote(spec)}: no such folder, and not a Hub repo id OWNER/NAME ({why})")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     from melsurgery.checkpoint.network import configure_hub
 
     configure_hub()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except RepositoryNotFoundError:
@@ -165,7 +178,7 @@ def _gguf_provenance(gguf: Path) -> Provenance | None:
 def _from_gguf(gguf: Path, base_id: str, base_model: BaseModelId | None) -> Source:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    folder = cache_folder("gguf") / f"{gguf.stem}-{key}"
     if not (folder / "config.json").is_file():
         _convert_gguf(gguf, folder, base_id)
     return Source(folder, base_id, "gguf", origin_file=gguf, base_model=base_model)

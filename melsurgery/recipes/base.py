@@ -95,8 +95,10 @@ def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int
             part = part.strip()
             try:
                 if "-" in part:
-                    lo, hi = part.split("-")
-                    layers.extend(range(int(lo), int(hi) + 1))
+                    lo, hi = (int(x) for x in part.split("-"))
+                    if hi >= num_layers:  # before the range is built: 3-99999999999 was a MemoryError (exit 5)
+                        raise UserError(f"--layers {quote(spec)}: layers must lie in 0-{num_layers - 1} (got {hi})")
+                    layers.extend(range(lo, hi + 1))
                 else:
                     layers.append(int(part))
             except ValueError:
