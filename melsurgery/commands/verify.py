@@ -43,6 +43,11 @@ from melsurgery.errors import BudgetNotMet, UserError
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
               help="vllm: also serve both models with vLLM on the same windows (perplexity, top-1 agreement, "
                    "generations as vLLM computes them, and their gap to transformers').")
+@click.option("--payoff/--no-payoff", default=True, show_default=True,
+              help="Payoff figures: perplexity change with a streaming window (first token evicted or kept) and with "
+                   "int8 activations (per tensor, per token), base against patched, in the same pass.")
+@click.option("--payoff-window", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Streaming window of the payoff figures (keys each query sees; scored on positions >= it).")
 @device_option
 @dtype_option
 @json_option("Write every figure as JSON.")
@@ -53,8 +58,8 @@ from melsurgery.errors import BudgetNotMet, UserError
 @click.option("--min-sink-reduction", type=float, callback=finite_float, default=None,
               help="Gate: fail when the sink drops less (percent).")
 @quiet_option
-def verify(base, patched, text, max_tokens, max_windows, prefix, generations, engine, device, dtype, json_path,
-           plot_path, max_kl, max_ppl_increase, min_sink_reduction, quiet) -> None:
+def verify(base, patched, text, max_tokens, max_windows, prefix, generations, engine, payoff, payoff_window, device,
+           dtype, json_path, plot_path, max_kl, max_ppl_increase, min_sink_reduction, quiet) -> None:
     """Compare BASE and PATCHED: massive activations, sinks, KL, perplexity, generations, weights.
 
     Either may be a .gguf file (compared through its dequantised weights).
@@ -70,6 +75,9 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
     from melsurgery.measure.verify_result import Gates, verify_report
 
     preflight((base, patched), (json_path, plot_path))
+    if payoff and payoff_window >= max_tokens - 1:
+        raise UserError(f"--payoff-window {payoff_window}: windows of --max-tokens {max_tokens} leave no position "
+                        ">= it to score; use a smaller window (or --no-payoff)")
     if engine == "vllm":
         require_vllm()
     if patched.is_file():
@@ -84,7 +92,8 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
         quiet_transformers()
     result = run_verify(base_folder, patched, text=text, max_tokens=max_tokens, max_windows=max_windows,
                         device=device, dtype=torch_dtype(dtype), generations=generations,
-                        progress=not quiet, engine=engine, prefix=prefix)
+                        progress=not quiet, engine=engine, prefix=prefix,
+                        payoff_window=payoff_window if payoff else None)
     click.echo(verify_report(result))
     from melsurgery.report.plot import plot_verify
 

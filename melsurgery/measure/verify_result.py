@@ -52,6 +52,34 @@ class ServedFigures:
     generations: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class PayoffFigure:
+    """One payoff figure (definitions in measure/definitions.py): the perplexity change (percent) of base and of
+    patched under one arrangement, their difference (percentage points, patched minus base), each with its 95%
+    bootstrap interval over windows ([low, high]; null with one window). `windows`, `scored_tokens`: what it is
+    computed on (a streaming window scores only positions >= `window`)."""
+
+    name: str
+    window: int | None
+    windows: int
+    scored_tokens: int
+    base_pct: float = field(metadata=NAN)
+    base_interval: list[float] | None
+    patched_pct: float = field(metadata=NAN)
+    patched_interval: list[float] | None
+    difference_pp: float = field(metadata=NAN)
+    difference_interval: list[float] | None
+
+    @classmethod
+    def of(cls, name: str, window: int | None, windows: int, scored: int, *figures) -> PayoffFigure:
+        """From the (base, patched, difference) `Interval`s of `definitions.paired_changes`."""
+        values = []
+        for f in figures:
+            bounded = f.low is not None and math.isfinite(f.low) and math.isfinite(f.high)
+            values += [f.value, [f.low, f.high] if bounded else None]
+        return cls(name, window, windows, scored, *values)
+
+
 # mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (issue 24's parity bound)
 ENGINE_GAP = 0.02
 
@@ -99,6 +127,7 @@ class VerifyResult(JsonRecord):
     generations_note: str | None
     seconds: float
     vllm: ServedFigures | None = field(default=None, metadata={"omit_none": True})  # only with --engine vllm
+    payoff: list[PayoffFigure] = field(default_factory=list)  # empty with --no-payoff
 
     def compact(self) -> dict:
         """The figures provenance keeps: everything but the generated text, the timing and the positions."""
@@ -195,6 +224,32 @@ def _served_lines(s: ServedFigures) -> list[str]:
     return lines
 
 
+PAYOFF_LABELS = {"evict": "streaming, window {w}, first token evicted", "keep-first": "streaming, window {w}, first "
+                 "token kept", "int8-tensor": "int8 activations, one scale per tensor",
+                 "int8-token": "int8 activations, one scale per token"}
+
+
+def _interval(x: float, bounds: list[float] | None, unit: str) -> str:
+    text = f"{x:+.1f}{unit}"
+    return text + (f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]" if bounds else "")
+
+
+def payoff_lines(figures: list[PayoffFigure]) -> list[str]:
+    """The payoff figures, base against patched (definitions in measure/definitions.py)."""
+    if not figures:
+        return []
+    lines = ["", f"payoff: perplexity change against the same model's plain forward, base -> patched, and the "
+                 f"difference in percentage points (95% bootstrap interval over the {figures[0].windows} windows):"]
+    width = max(len(PAYOFF_LABELS[f.name].format(w=f.window)) for f in figures)
+    for f in figures:
+        label = PAYOFF_LABELS[f.name].format(w=f.window)
+        lines.append(f"  {label:<{width}}  base {_interval(f.base_pct, f.base_interval, '%')}, patched "
+                     f"{_interval(f.patched_pct, f.patched_interval, '%')}; difference "
+                     f"{_interval(f.difference_pp, f.difference_interval, ' pp')} ({f.scored_tokens:,} tokens"
+                     + (f", positions >= {f.window})" if f.window else ")"))
+    return lines
+
+
 def verify_report(r: VerifyResult) -> str:
     """The human-readable verify report."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
@@ -215,7 +270,7 @@ def verify_report(r: VerifyResult) -> str:
               f"{_f(r.sink_rate_mean_base, '.2f')}, patched {_f(r.sink_rate_mean_patched, '.2f')}",
               f"attention-input similarity (mean over {after}, lower is more diverse): base "
               f"{_f(r.similarity_mean_base, '.3f')}, patched {_f(r.similarity_mean_patched, '.3f')}",
-              *_weight_lines(r.weights)]
+              *_weight_lines(r.weights), *payoff_lines(r.payoff)]
     if r.no_effect:
         lines.append("THIS PATCH CHANGED NOTHING: no tensor differs and KL(base || patched) is 0 on every token "
                      "(a custom layer that selects no token does nothing)")
