@@ -80,6 +80,27 @@ class PayoffFigure:
         return cls(name, window, windows, scored, *values)
 
 
+@dataclass
+class TaskFigure:
+    """One task metric, base against patched on the same prompts (`verify --tasks`, measure/tasks.py): accuracy of
+    each with its 95% Wilson interval (instruction level: on a design-effect-adjusted n), and the paired difference
+    (patched minus base, accuracy points in [-1, 1]) with its 95% percentile bootstrap interval over prompts;
+    `better`/`worse`: prompts where the patched model scores higher/lower. `responses`: the resumable answer files."""
+
+    task: str
+    metric: str
+    prompts: int
+    base: float
+    base_interval: list[float]
+    patched: float
+    patched_interval: list[float]
+    difference: float = field(metadata=NAN)
+    difference_interval: list[float] | None
+    better: int
+    worse: int
+    responses: list[str]
+
+
 # mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (issue 24's parity bound)
 ENGINE_GAP = 0.02
 
@@ -128,6 +149,7 @@ class VerifyResult(JsonRecord):
     seconds: float
     vllm: ServedFigures | None = field(default=None, metadata={"omit_none": True})  # only with --engine vllm
     payoff: list[PayoffFigure] = field(default_factory=list)  # empty with --no-payoff
+    tasks: list[TaskFigure] = field(default_factory=list)  # only with --tasks
 
     def compact(self) -> dict:
         """The figures provenance keeps: everything but the generated text, the timing and the positions."""
@@ -250,6 +272,26 @@ def payoff_lines(figures: list[PayoffFigure]) -> list[str]:
     return lines
 
 
+def _share(x: float, bounds: list[float]) -> str:
+    return f"{100 * x:.1f}% [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+
+
+def task_lines(figures: list[TaskFigure]) -> list[str]:
+    """The task figures, base against patched on the same prompts."""
+    if not figures:
+        return []
+    lines = ["", "tasks (greedy, same prompts; accuracy with 95% Wilson interval, difference patched minus base with "
+                 "95% paired bootstrap interval over prompts):"]
+    for f in figures:
+        diff = f"{100 * f.difference:+.1f}"
+        if f.difference_interval:
+            diff += f" [{100 * f.difference_interval[0]:+.1f}, {100 * f.difference_interval[1]:+.1f}]"
+        lines.append(f"  {f.task} {f.metric} ({f.prompts} prompts): base {_share(f.base, f.base_interval)}, patched "
+                     f"{_share(f.patched, f.patched_interval)}; difference {diff} points ({f.better} prompts better, "
+                     f"{f.worse} worse)")
+    return lines
+
+
 def verify_report(r: VerifyResult) -> str:
     """The human-readable verify report."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
@@ -270,7 +312,7 @@ def verify_report(r: VerifyResult) -> str:
               f"{_f(r.sink_rate_mean_base, '.2f')}, patched {_f(r.sink_rate_mean_patched, '.2f')}",
               f"attention-input similarity (mean over {after}, lower is more diverse): base "
               f"{_f(r.similarity_mean_base, '.3f')}, patched {_f(r.similarity_mean_patched, '.3f')}",
-              *_weight_lines(r.weights), *payoff_lines(r.payoff)]
+              *_weight_lines(r.weights), *payoff_lines(r.payoff), *task_lines(r.tasks)]
     if r.no_effect:
         lines.append("THIS PATCH CHANGED NOTHING: no tensor differs and KL(base || patched) is 0 on every token "
                      "(a custom layer that selects no token does nothing)")
