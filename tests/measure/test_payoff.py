@@ -139,7 +139,7 @@ def test_cli_prints_the_payoff_and_its_json_round_trips(planted, planted_scan, t
     patch(planted, tmp_path / "out", [("ffn-dampen", {"factor": 0.0})], planted_scan)
     out = tmp_path / "v.json"
     args = ["verify", str(planted), str(tmp_path / "out"), "--max-tokens", "64", "--windows", "3", "--generations",
-            "0", "-q"]
+            "0", "--quiet"]
     res = run_cli(*args, "--payoff-window", "16", "--json", str(out))
     assert res.returncode == 0, res.stderr
     for line in ("streaming, window 16, first token evicted  base", "streaming, window 16, first token kept",
