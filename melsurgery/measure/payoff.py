@@ -56,13 +56,13 @@ class Scored:
     def counts(self, start: int) -> list[int]:
         return [len(self.positions(w, start)) for w in range(len(self.ids))]
 
-    def select(self, values: list[torch.Tensor], start: int) -> torch.Tensor:
+    def select(self, values: torch.Tensor, start: int) -> torch.Tensor:
         """Per-window NLL sums [windows] from verify's per-target values (window order, from position first-1)."""
         out, at = [], 0
         for ids in self.ids:
             n = len(ids) - self.first
             chunk = values[at : at + n]
-            out.append(chunk[max(0, start - (self.first - 1)) :].sum() if n else torch.zeros(()))
+            out.append(chunk[max(0, start - (self.first - 1)) :].sum() if n else values.new_zeros(()))
             at += n
         return torch.stack(out)
 
