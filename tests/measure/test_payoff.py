@@ -12,7 +12,7 @@ from melsurgery.measure.definitions import Arrangement, change_pct, fake_int8, p
 from melsurgery.measure.payoff import Scored, arranged_nll, arranged_stream, target_logprobs
 from melsurgery.measure.verify_result import VerifyResult
 from tests.support.helpers import patch, run_cli
-from tests.support.planted import Plant, planted_folder
+from tests.support.planted import Plant, family_config, planted_folder
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 3
 
@@ -34,30 +34,46 @@ def _final_states(folder, ids: list[list[int]], arrangements: list[Arrangement |
     return model, ckpt, [s.states for s in streams]
 
 
-def _banded_mask(T: int, window: int, keep_first: bool) -> torch.Tensor:
-    """An explicit additive 4D mask, written out entry by entry (independent of `streaming_keys`)."""
+def _banded_mask(T: int, window: int, keep_first: bool, sliding: int | None = None) -> torch.Tensor:
+    """An explicit additive 4D mask, written out entry by entry (independent of `streaming_keys`); `sliding`: a
+    sliding-window layer's own window, which holds as well."""
     mask = torch.full((1, 1, T, T), torch.finfo(torch.float32).min)
     for q in range(T):
         for k in range(q + 1):
-            if q - k < window or (keep_first and k == 0):
+            if (q - k < window or (keep_first and k == 0)) and (sliding is None or q - k < sliding):
                 mask[0, 0, q, k] = 0.0
     return mask
 
 
 @pytest.mark.parametrize("keep_first", [False, True])
 def test_streaming_window_equals_a_whole_model_forward_with_a_banded_mask(planted, keep_first):
+    _equals_banded_forward(planted, keep_first)
+
+
+@pytest.mark.slow
+def test_streaming_window_equals_a_banded_forward_gemma2(tmp_path):
+    """Sliding-window layers (window 8 in the planted config, inside the band) keep their own window: the first
+    token kept by the arrangement stays out of their reach."""
+    _equals_banded_forward(planted_folder(tmp_path / "m", family_config("gemma2")), keep_first=True)
+
+
+def _equals_banded_forward(folder, keep_first: bool) -> None:
     from transformers import AutoModelForCausalLM
 
-    T, W = 48, 8
+    T, W = 48, 16
     ids = [_tokens(T)]
     arr = Arrangement("keep-first" if keep_first else "evict", W, keep_first)
-    model, ckpt, (plain, arranged) = _final_states(planted, ids, [None, arr])
+    model, ckpt, (plain, arranged) = _final_states(folder, ids, [None, arr])
+    sliding = getattr(model.config, "sliding_window", None) if "sliding_attention" in model.layer_types else None
+    mask = _banded_mask(T, W, keep_first)
+    if sliding:  # per layer type, as the model's forward takes them (Gemma 2: sliding and full layers alternate)
+        mask = {"full_attention": mask, "sliding_attention": _banded_mask(T, W, keep_first, sliding)}
     norm = model.final_norm(ckpt.load(model.family.final_norm))
     head = ckpt.load(model.head_tensor)
     with torch.no_grad():
         got = model.logits(norm(arranged[0]), head)
-        whole = AutoModelForCausalLM.from_pretrained(planted, attn_implementation="eager").eval()
-        want = whole(torch.tensor(ids), attention_mask=_banded_mask(T, W, keep_first)).logits[0]
+        whole = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        want = whole(torch.tensor(ids), attention_mask=mask).logits[0]
         full = whole(torch.tensor(ids)).logits[0]
     assert (got - want).abs().max() < 1e-4
     assert (want[:W] - full[:W]).abs().max() < 1e-4  # before the window fills, nothing is evicted
