@@ -693,12 +693,8 @@ def generate_responses(
             i = 0
             while i < len(todo):
                 batch = todo[i : i + batch_size]
-                enc = tokenizer(
-                    [rendered[p.key] for p in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=add_special,
-                ).to(device)
+                enc = tokenizer([rendered[p.key] for p in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special).to(device)
                 try:
                     with torch.inference_mode():
                         out = model.generate(
