@@ -52,6 +52,55 @@ class ServedFigures:
     generations: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class PayoffFigure:
+    """One payoff figure (definitions in measure/definitions.py): the perplexity change (percent) of base and of
+    patched under one arrangement, their difference (percentage points, patched minus base), each with its 95%
+    bootstrap interval over windows ([low, high]; null with one window). `windows`, `scored_tokens`: what it is
+    computed on (a streaming window scores only positions >= `window`)."""
+
+    name: str
+    window: int | None
+    windows: int
+    scored_tokens: int
+    base_pct: float = field(metadata=NAN)
+    base_interval: list[float] | None
+    patched_pct: float = field(metadata=NAN)
+    patched_interval: list[float] | None
+    difference_pp: float = field(metadata=NAN)
+    difference_interval: list[float] | None
+
+    @classmethod
+    def of(cls, name: str, window: int | None, windows: int, scored: int, *figures) -> PayoffFigure:
+        """From the (base, patched, difference) `Interval`s of `definitions.paired_changes`."""
+        values = []
+        for f in figures:
+            bounded = f.low is not None and math.isfinite(f.low) and math.isfinite(f.high)
+            values += [f.value, [f.low, f.high] if bounded else None]
+        return cls(name, window, windows, scored, *values)
+
+
+@dataclass
+class TaskFigure:
+    """One task metric, base against patched on the same prompts (`verify --tasks`, measure/tasks.py): accuracy of
+    each with its 95% Wilson interval (instruction level: on a design-effect-adjusted n), and the paired difference
+    (patched minus base, accuracy points in [-1, 1]) with its 95% percentile bootstrap interval over prompts;
+    `better`/`worse`: prompts where the patched model scores higher/lower. `responses`: the resumable answer files."""
+
+    task: str
+    metric: str
+    prompts: int
+    base: float
+    base_interval: list[float]
+    patched: float
+    patched_interval: list[float]
+    difference: float = field(metadata=NAN)
+    difference_interval: list[float] | None
+    better: int
+    worse: int
+    responses: list[str]
+
+
 # mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (issue 24's parity bound)
 ENGINE_GAP = 0.02
 
@@ -99,6 +148,8 @@ class VerifyResult(JsonRecord):
     generations_note: str | None
     seconds: float
     vllm: ServedFigures | None = field(default=None, metadata={"omit_none": True})  # only with --engine vllm
+    payoff: list[PayoffFigure] = field(default_factory=list)  # empty with --no-payoff
+    tasks: list[TaskFigure] = field(default_factory=list)  # only with --tasks
 
     def compact(self) -> dict:
         """The figures provenance keeps: everything but the generated text, the timing and the positions."""
@@ -195,6 +246,52 @@ def _served_lines(s: ServedFigures) -> list[str]:
     return lines
 
 
+PAYOFF_LABELS = {"evict": "streaming, window {w}, first token evicted", "keep-first": "streaming, window {w}, first "
+                 "token kept", "int8-tensor": "int8 activations, one scale per tensor",
+                 "int8-token": "int8 activations, one scale per token"}
+
+
+def _interval(x: float, bounds: list[float] | None, unit: str) -> str:
+    text = f"{x:+.1f}{unit}"
+    return text + (f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]" if bounds else "")
+
+
+def payoff_lines(figures: list[PayoffFigure]) -> list[str]:
+    """The payoff figures, base against patched (definitions in measure/definitions.py)."""
+    if not figures:
+        return []
+    lines = ["", f"payoff: perplexity change against the same model's plain forward, base -> patched, and the "
+                 f"difference in percentage points (95% bootstrap interval over the {figures[0].windows} windows):"]
+    width = max(len(PAYOFF_LABELS[f.name].format(w=f.window)) for f in figures)
+    for f in figures:
+        label = PAYOFF_LABELS[f.name].format(w=f.window)
+        lines.append(f"  {label:<{width}}  base {_interval(f.base_pct, f.base_interval, '%')}, patched "
+                     f"{_interval(f.patched_pct, f.patched_interval, '%')}; difference "
+                     f"{_interval(f.difference_pp, f.difference_interval, ' pp')} ({f.scored_tokens:,} tokens"
+                     + (f", positions >= {f.window})" if f.window else ")"))
+    return lines
+
+
+def _share(x: float, bounds: list[float]) -> str:
+    return f"{100 * x:.1f}% [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+
+
+def task_lines(figures: list[TaskFigure]) -> list[str]:
+    """The task figures, base against patched on the same prompts."""
+    if not figures:
+        return []
+    lines = ["", "tasks (greedy, same prompts; accuracy with 95% Wilson interval, difference patched minus base with "
+                 "95% paired bootstrap interval over prompts):"]
+    for f in figures:
+        diff = f"{100 * f.difference:+.1f}"
+        if f.difference_interval:
+            diff += f" [{100 * f.difference_interval[0]:+.1f}, {100 * f.difference_interval[1]:+.1f}]"
+        lines.append(f"  {f.task} {f.metric} ({f.prompts} prompts): base {_share(f.base, f.base_interval)}, patched "
+                     f"{_share(f.patched, f.patched_interval)}; difference {diff} points ({f.better} prompts better, "
+                     f"{f.worse} worse)")
+    return lines
+
+
 def verify_report(r: VerifyResult) -> str:
     """The human-readable verify report."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
@@ -215,7 +312,7 @@ def verify_report(r: VerifyResult) -> str:
               f"{_f(r.sink_rate_mean_base, '.2f')}, patched {_f(r.sink_rate_mean_patched, '.2f')}",
               f"attention-input similarity (mean over {after}, lower is more diverse): base "
               f"{_f(r.similarity_mean_base, '.3f')}, patched {_f(r.similarity_mean_patched, '.3f')}",
-              *_weight_lines(r.weights)]
+              *_weight_lines(r.weights), *payoff_lines(r.payoff), *task_lines(r.tasks)]
     if r.no_effect:
         lines.append("THIS PATCH CHANGED NOTHING: no tensor differs and KL(base || patched) is 0 on every token "
                      "(a custom layer that selects no token does nothing)")

@@ -125,7 +125,7 @@ def run_patch(
 
             measured = run_verify(source.folder, tmp, device=device, progress=progress, params=scan.params,
                                   claimed_edits=sorted({a.tensor for a in applied}),
-                                  **{"prefix": input_prefix(recipes), **verify})
+                                  **{"prefix": input_prefix(recipes), "payoff_window": None, **verify})
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,

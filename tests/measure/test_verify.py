@@ -23,7 +23,7 @@ VERIFY_JSON_KEYS = [
     "similarity_base", "sink_patched", "sink_rate_patched", "max_abs_patched", "ratio_patched", "similarity_patched",
     "ppl_increase_pct", "sink_layers_from", "sink_mean_base", "sink_mean_patched", "sink_reduction_pct",
     "sink_rate_mean_base", "sink_rate_mean_patched", "similarity_mean_base", "similarity_mean_patched", "weights",
-    "no_effect", "generations", "generations_note", "seconds"]
+    "no_effect", "generations", "generations_note", "seconds", "payoff"]
 
 
 
@@ -38,6 +38,7 @@ def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tm
     assert r.weights.changed == [] and r.weights.matches_provenance is True
     assert r.generations[0]["base"] == r.generations[0]["patched"]
     assert r.no_effect is True and "THIS PATCH CHANGED NOTHING" in verify_report(r)
+    assert len(r.payoff) == 4 and all(f.difference_pp == 0 and f.base_pct == f.patched_pct for f in r.payoff)
     assert VerifyResult.from_json(json_round_trip(r)) == r  # the typed result is its JSON
     assert list(r.to_json()) == VERIFY_JSON_KEYS  # the schema `verify --json` has always written
 
