@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melsurgery.checkpoint.source import cache_dir as melsurgery_cache_dir
+from melsurgery.checkpoint.guard import cache_folder
 
 SUITES = ("ifbench", "ifeval")
 
@@ -174,7 +174,7 @@ def ensure_nltk_data(suite: str = "ifbench", cache: Path | None = None) -> list[
     except IFBenchSetupError:
         pass
     if "taggers/averaged_perceptron_tagger_eng/" in _NLTK_NEEDS[suite]:
-        root = (cache or melsurgery_cache_dir()) / "nltk_data"
+        root = cache / "nltk_data" if cache else cache_folder("nltk_data")
         tagger_dir = root / "taggers" / "averaged_perceptron_tagger_eng"
         if not all((tagger_dir / f).exists() for f in _TAGGER_FILES):
             try:
