@@ -109,9 +109,9 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
                         payoff_window=payoff_window if payoff else None)
     if tasks:
         from melsurgery.measure.tasks import run_tasks
-        from melsurgery.outputs import cache_dir
+        from melsurgery.checkpoint.guard import cache_folder
 
-        result.tasks = run_tasks(base_folder, patched, tasks, limit, tasks_dir or cache_dir() / "tasks",
+        result.tasks = run_tasks(base_folder, patched, tasks, limit, tasks_dir or cache_folder("tasks"),
                                  device=device, dtype=torch_dtype(dtype), progress=not quiet)
     click.echo(verify_report(result))
     from functools import partial
