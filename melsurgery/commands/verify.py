@@ -108,8 +108,8 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
                         progress=not quiet, engine=engine, prefix=prefix,
                         payoff_window=payoff_window if payoff else None)
     if tasks:
-        from melsurgery.measure.tasks import run_tasks
         from melsurgery.checkpoint.guard import cache_folder
+        from melsurgery.measure.tasks import run_tasks
 
         result.tasks = run_tasks(base_folder, patched, tasks, limit, tasks_dir or cache_folder("tasks"),
                                  device=device, dtype=torch_dtype(dtype), progress=not quiet)

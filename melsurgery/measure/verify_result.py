@@ -101,7 +101,7 @@ class TaskFigure:
     responses: list[str]
 
 
-# mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (issue 24's parity bound)
+# mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (docs/engines.md)
 ENGINE_GAP = 0.02
 
 

@@ -1,6 +1,6 @@
 """A derivation push will trust (only an edited .safetensors file, with its edited ranges), and push's sealing of
 it: the completed record is written before any network, keeps the file's mode and every field it does not know,
-and a dry run changes nothing. (Hostile review of the derived records, round 3 follow-up.)"""
+and a dry run changes nothing."""
 
 from __future__ import annotations
 
