@@ -9,6 +9,7 @@ import click
 from melsurgery.checkpoint.atomic import check_output
 from melsurgery.commands.shared import (
     calibration_options,
+    complete_model,
     device_option,
     examples,
     finite_float,
@@ -109,7 +110,7 @@ BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
         "melsurgery patch --manifest manifests/smollm2-wemask.yaml -o out/wemask   # bit for bit",
     )
 )
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=complete_model)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder, or a .gguf file (GGUF output from a GGUF source).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,

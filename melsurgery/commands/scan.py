@@ -6,6 +6,7 @@ import click
 
 from melsurgery.commands.shared import (
     calibration_options,
+    complete_model,
     device_option,
     dtype_option,
     examples,
@@ -44,7 +45,7 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
         "melsurgery scan ./my-model --calib prompts.jsonl --max-tokens 256 --quiet",
     )
 )
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=complete_model)
 @revision_option
 @calibration_options
 @device_option

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from melsurgery.commands.shared import (
+    complete_model,
     device_option,
     dtype_option,
     examples,
@@ -26,7 +27,7 @@ from melsurgery.recipes import registry
         "melsurgery tune ./my-model -o runs/m --recipes ffn-dampen,norm-rescale --storage sqlite:///tune.db",
     )
 )
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=complete_model)
 @click.option("-o", "--out", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run folder: the study (continued when rerun), tune.json, tune.png, best.yaml.")
 @click.option("--trials", type=int, default=50, show_default=True,

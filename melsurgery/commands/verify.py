@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from melsurgery.commands.shared import (
+    complete_model,
     device_option,
     dtype_option,
     examples,
@@ -29,7 +30,7 @@ from melsurgery.errors import BudgetNotMet, UserError
         "melsurgery verify model.Q4_1.gguf out/model-damp.gguf   # GGUF files, by their dequantised weights",
     )
 )
-@click.argument("base")
+@click.argument("base", shell_complete=complete_model)
 @click.argument("patched", type=click.Path(path_type=Path, exists=True))
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")
