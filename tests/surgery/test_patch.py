@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -297,7 +298,7 @@ def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     res = run_cli("patch", planted, "-o", out, "--recipe", "ffn-dampen", "--quiet")
-    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert res.returncode == 2 and "holds 1 file melsurgery did not write ('keep.txt')" in res.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -351,7 +352,9 @@ def test_cli_overwrite_layer_lists_dims_and_expert_neurons(sharded, tmp_path):
     moe = save_model(build_model(family_config("qwen3_moe"), Plant()), tmp_path / "moe")
     out, moe_out = tmp_path / "out", tmp_path / "moe-out"
     out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "stale.txt").write_text("from an earlier run")  # listed by an earlier run's provenance: replaceable
+    (out / "provenance.json").write_text(json.dumps({"tool": "melsurgery 0.1.0", "outputs": {
+        "stale.txt": hashlib.sha256(b"from an earlier run").hexdigest()}}))
     runs = [("patch", sharded[0], "-o", out, "--scan", sharded[1], "--recipe", "norm-rescale", "--layers", "4,5",
              "--dims", "17,5", "--norm-factor", "0.25", "--overwrite", "--quiet"),
             ("patch", moe, "-o", moe_out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--neurons", "1:41",
