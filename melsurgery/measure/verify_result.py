@@ -118,10 +118,8 @@ class Gates:
         bad = []
         for limit, x, flag, what, fails in (
             (self.max_kl, r.kl_mean, "--max-kl", "KL", lambda x, lim: x > lim),
-            (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity increase %",
-             lambda x, lim: x > lim),
-            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink cut % (negative: it rose)",
-             lambda x, lim: x < lim),
+            (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity", lambda x, lim: x > lim),
+            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink", lambda x, lim: x < lim),
         ):
             if limit is None:
                 continue
@@ -130,8 +128,24 @@ class Gates:
             elif not isinstance(x, int | float) or not math.isfinite(x):
                 bad.append(f"{what} is {x} (not a finite number), so {flag} {limit:g} cannot hold")
             elif fails(x, limit):
-                bad.append(f"{what} {x:.4g} {'>' if flag.startswith('--max') else '<'} {flag} {limit:g}")
+                bad.append(_violation(what, x, flag, limit))
         return bad
+
+
+def _violation(what: str, x: float, flag: str, limit: float) -> str:
+    """A violated gate in words that read true whichever way the figure moved ("sink fell 3.86%, less than
+    --min-sink-reduction 5 asks", "sink rose 2.1%, where --min-sink-reduction 5 asks for a fall of 5%")."""
+    if what == "KL":
+        return f"KL {x:.4g} > --max-kl {limit:g}"
+    rose = x > 0 if what == "perplexity" else x < 0  # the sink figure is a reduction: positive when it fell
+    moved = f"{what} unchanged" if x == 0 else f"{what} {'rose' if rose else 'fell'} {abs(x):.4g}%"
+    if what == "perplexity":
+        return f"{moved}, more than {flag} {limit:g} allows" if limit >= 0 else (
+            f"{moved}, where {flag} {limit:g} asks for a fall of at least {-limit:g}%")
+    if x >= 0:
+        return f"{moved}, less than the {limit:g}% fall {flag} {limit:g} asks for"
+    return (f"{moved}, where {flag} {limit:g} asks for a fall of at least {limit:g}%" if limit > 0 else
+            f"{moved}, more than the {-limit:g}% rise {flag} {limit:g} allows")
 
 
 def _f(x: float | None, spec: str) -> str:
