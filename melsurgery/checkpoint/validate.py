@@ -31,6 +31,7 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_bytes
+from melsurgery.formats.wording import count
 from melsurgery.outputs import cache_dir
 from melsurgery.version import __version__
 
@@ -160,7 +161,7 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     if len(present) != n or present != list(range(n)):
         held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
         raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
-                        f"({len(present)} layers); fix the config or re-download the checkpoint")
+                        f"({count(len(present), 'layer')}); fix the config or re-download the checkpoint")
     actual = {name: info.shape for name, info in ckpt.tensors.items()}
     for i in range(n):  # MoE: per-expert tensors as the model holds them (stacked), compared stacked
         prefix = family.prefix(i)

@@ -19,6 +19,7 @@ from melsurgery.commands.shared import (
     revision_option,
 )
 from melsurgery.errors import UserError
+from melsurgery.formats.wording import count
 from melsurgery.params import Param
 from melsurgery.recipes import registry, resolve_recipes
 
@@ -255,8 +256,8 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
     for p in res.plans:
         click.echo(f"  {p.summary}")
     for a in res.applied:
-        click.echo(f"  edited {a.tensor} ({a.type}): {a.changed} entries changed, max |delta| "
-                   f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{a.blocks_total} blocks requantised "
+        click.echo(f"  edited {a.tensor} ({a.type}): {count(a.changed, 'entry', 'entries')} changed, max |delta| "
+                   f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{count(a.blocks_total, 'block')} requantised "
                    f"({a.blocks_changed} with new bytes), "
                    f"requantisation error max {a.requant_max_abs_err:.3g}, rms {a.requant_rms_err:.3g}")
     click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; loads with llama.cpp and transformers' "
@@ -269,7 +270,7 @@ def _echo_written(result, out: Path) -> None:
     for p in result.plans:
         click.echo(f"  {p.summary}")
     for a in result.applied:
-        click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
+        click.echo(f"  edited {a.tensor}: {count(a.changed, 'entry', 'entries')}, max |delta| {a.max_abs_delta:.4g}")
     if result.writer is not None:
         click.echo(f"  weights: {result.writer.summary}")
     if result.verified:

@@ -17,9 +17,9 @@ def change_text(reduction_pct: float | None) -> str:
     return f"-{reduction_pct:.1f}%" if reduction_pct > 0 else f"+{-reduction_pct:.1f}% (worse)"
 
 
-def count(n: int, noun: str) -> str:
-    """ "1 window", "3 windows"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """ "1 window", "3 windows"; `plural` where adding an s is wrong ("1 entry", "2 entries")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def budget_text(max_kl: float | None, max_ppl_increase: float | None) -> str:

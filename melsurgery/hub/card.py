@@ -11,6 +11,7 @@ from melsurgery.checkpoint.basemodel import BaseModelId
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import quote
 from melsurgery.formats import yamlsafe
+from melsurgery.formats.wording import count
 from melsurgery.hub.metadata import hub_licenses
 from melsurgery.outputs import MODEL_CARD
 from melsurgery.version import __version__
@@ -95,7 +96,8 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
     if assumed:
         lines += ["", "## Input this patch assumes", ""] + [f"- The patch assumes that {a}." for a in assumed]
     lines += ["", "Edited tensors (all others are byte-identical to the base):", ""]
-    lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
+    lines += [f"- `{a.tensor}`: {count(a.changed, 'entry', 'entries')} changed, max |delta| {a.max_abs_delta:.4g}"
+              for a in applied] or [
         "- none"]
     lines += ["", "## Loading", ""]
     if gguf_file:
@@ -137,11 +139,14 @@ def search_lines(search) -> list[str]:
     budget = budget_text(search.budget["max_kl"], search.budget["max_ppl_increase"])
     st, tu, ho = search.study, search.tuning, search.heldout
     f, t = search.figures_heldout, search.figures_tuning
-    held = f"{_inline(ho['text'])}, {ho['windows']} windows of up to {ho['max_tokens']} tokens ({ho['tokens']} tokens)"
+    held = (f"{_inline(ho['text'])}, {count(ho['windows'], 'window')} of up to {ho['max_tokens']} tokens "
+            f"({count(ho['tokens'], 'token')})")
     return ["", "## How this patch was chosen", "",
-            f"`melsurgery patch --max-kl` searched {st['trials']} settings of {', '.join(search.space['recipes'])} "
+            f"`melsurgery patch --max-kl` searched {count(st['trials'], 'setting')} of "
+            f"{', '.join(search.space['recipes'])} "
             f"and their compositions (Optuna {st['sampler']}, seed {st['seed']}) on a tuning text "
-            f"({_inline(tu['text'])}, {tu['windows']} windows, {tu['tokens']} tokens), re-measured the "
+            f"({_inline(tu['text'])}, {count(tu['windows'], 'window')}, {count(tu['tokens'], 'token')}), "
+            "re-measured the "
             f"{st['candidates']} largest sink cuts within {st['slack']:g}x the budget on held-out text ({held}), and "
             f"chose trial #{search.trial}: the largest sink cut whose held-out figures are within the budget "
             f"({budget}).",

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from melsurgery.formats.typed import JsonRecord
-from melsurgery.formats.wording import change_text
+from melsurgery.formats.wording import change_text, count
 
 # a figure that may be NaN or infinite: written as null (JSON has no spelling for them), read back as NaN
 NAN = {"nan": True}
@@ -155,7 +155,7 @@ def _f(x: float | None, spec: str) -> str:
 def measurements_for_card(r: VerifyResult) -> dict:
     """The headline figures, as (base, patched) pairs for the model card and provenance."""
     layers = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
-    on = f"{r.text}, {r.windows} windows, {r.tokens} tokens"
+    on = f"{r.text}, {count(r.windows, 'window')}, {count(r.tokens, 'token')}"
     patched_sink = _f(r.sink_mean_patched, ".3f")
     if r.sink_reduction_pct is not None:
         patched_sink += f" ({change_text(r.sink_reduction_pct)})"
@@ -212,14 +212,14 @@ def _served_lines(s: ServedFigures) -> list[str]:
 def verify_report(r: VerifyResult) -> str:
     """The human-readable verify report."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
-    lines = [f"held-out text: {r.text}, {r.windows} windows{prefix}, {r.tokens} tokens, "
+    lines = [f"held-out text: {r.text}, {count(r.windows, 'window')}{prefix}, {count(r.tokens, 'token')}, "
              f"{r.scored_tokens} scored ({r.seconds:.1f} s)",
              "massive tokens (base, on this text): " + (
                  f"ME Layer {r.me_layer}, positions {sorted({q for w in r.massive_positions for q in w})}"
                  if r.me_layer is not None else "none: the sink is not measured"), "", *_layer_table(r)]
     change = "" if r.sink_reduction_pct is None else f" ({change_text(r.sink_reduction_pct)})"
     after = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
-    on = f"the text above, {r.windows} windows"
+    on = f"the text above, {count(r.windows, 'window')}"
     lines += ["",
               f"perplexity: base {r.ppl_base:.2f}, patched {r.ppl_patched:.2f} ({r.ppl_increase_pct:+.2f}%)",
               f"KL(base || patched): mean {r.kl_mean:.4f}, max {r.kl_max:.4f}; top-1 agreement "

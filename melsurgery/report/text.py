@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from melsurgery.detect.scan_result import FfnNeuron, ScanResult
+from melsurgery.formats.wording import count
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -35,9 +36,10 @@ def _ranges(indices: list[int]) -> str:
 def scan_report(r: ScanResult) -> str:
     """The human-readable scan report (docs/commands/scan.md shows one)."""
     m = r.model
-    lines = [f"model: {m.id} ({m.family}, {m.num_layers} layers, hidden {m.hidden_size})"]
+    lines = [f"model: {m.id} ({m.family}, {count(m.num_layers, 'layer')}, hidden {m.hidden_size})"]
     if (c := r.calibration) is not None:
-        lines += [f"calibration: {c.source}, {c.num_samples} samples, {c.tokens} tokens, {c.seconds:.1f} s"
+        lines += [f"calibration: {c.source}, {count(c.num_samples, 'sample')}, {count(c.tokens, 'token')}, "
+                  f"{c.seconds:.1f} s"
                   + (f", computed in {c.dtype}" if c.dtype else ""),
                   *([f"adaptive calibration: {c.adaptive.reason}"] if c.adaptive else [])]
     lines += [
@@ -73,9 +75,9 @@ def scan_report(r: ScanResult) -> str:
         "top dims of the massive tokens: "
         + ", ".join(f"{d.dim} ({_num(d.mean_abs)})" for d in r.top_dims[:5])
     )
-    n_samples = r.calibration.num_samples if r.calibration else "?"
+    n_samples = count(r.calibration.num_samples, "sample") if r.calibration else "? samples"
     toks = "; ".join(f"position {t.pos} {t.token!r} in {t.count}" for t in r.token_summary[:4])
-    lines.append(f"massive tokens: {len(r.massive_tokens)} in {n_samples} samples: {toks}")
+    lines.append(f"massive tokens: {len(r.massive_tokens)} in {n_samples}: {toks}")
     if r.precursors:
         worst = max(r.precursors, key=lambda p: abs(p.value))
         lines.append(

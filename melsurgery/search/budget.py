@@ -314,12 +314,14 @@ def search_budget(source: Source, opts: BudgetOptions, *, scan: ScanResult | Non
 
 def refusal(choice: BudgetChoice, opts: BudgetOptions) -> BudgetNotMet:
     """The one line that says nothing in the space cuts the sink within the budget (exit 4, nothing written)."""
+    from melsurgery.formats.wording import count
+
     best = max(choice.candidates, key=lambda c: c.heldout.sink_reduction_pct, default=None)
     near = ""
     if best is not None:
         near = (f"; the largest held-out cut among the {len(choice.candidates)} re-measured settings is "
                 f"{best.heldout.sink_reduction_pct:.1f}% at KL {best.heldout.kl_mean:.4f}")
-    return BudgetNotMet(f"no setting of the search space ({choice.trials} trials over "
+    return BudgetNotMet(f"no setting of the search space ({count(choice.trials, 'trial')} over "
                         f"{', '.join(r.name for r in choice.space.recipes)}) cuts the sink within {opts.describe()} "
                         f"on held-out text{near}; nothing written (raise the budget or --trials)")
 
@@ -377,12 +379,13 @@ def budget_report(done: BudgetedPatch, opts: BudgetOptions) -> str:
     t, h = c.texts, ch.heldout
     what = "; ".join(f"{r.name} {short_params(r)}" for r in choices(ch.recipes))
     return "\n".join([
-        f"search: {c.trials} trials ({c.ran} run now) over {', '.join(r.name for r in c.space.recipes)} and their "
+        f"search: {count(c.trials, 'trial')} ({c.ran} run now) over {', '.join(r.name for r in c.space.recipes)} "
+        "and their "
         f"compositions; study in {c.folder}",
         f"tuning text: {t.tune_name}, {count(len(t.tune.ids), 'window')}, {c.tuning_tokens} tokens; held-out: "
         f"{t.held_name}, {count(len(t.held.ids), 'window')}, {c.heldout_tokens} tokens (windows of up to "
         f"{opts.max_tokens} tokens)",
-        f"budget: {opts.describe()} on the held-out text; {len(c.candidates)} settings re-measured there",
+        f"budget: {opts.describe()} on the held-out text; {count(len(c.candidates), 'setting')} re-measured there",
         f"chosen: trial #{ch.trial}: {what}",
         f"held-out figures: sink (mean over layers {c.space.me_layer + 1}-{c.space.num_layers - 1}, after the ME "
         f"Layer {c.space.me_layer}) {h.sink_base:.3f} -> {h.sink_patched:.3f} ({change_text(h.sink_reduction_pct)}); "

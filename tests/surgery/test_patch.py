@@ -307,7 +307,7 @@ def test_cli_patch_each_recipe(sharded, tmp_path):
     res = run_cli("patch", sharded[0], "-o", tmp_path / "o", "--scan", sharded[1], "--recipe", "wemask", "--recipe",
                   "norm-rescale", "--top-k", "1", "--norm-factor", "0.3")
     assert res.returncode == 0, res.stderr
-    assert "WeMask" in res.stdout and "edited model.layers.4.input_layernorm.weight: 1 entries" in res.stdout
+    assert "WeMask" in res.stdout and "edited model.layers.4.input_layernorm.weight: 1 entry" in res.stdout
 
 
 RECIPE_DEFAULTS = ["wemask", "norm-rescale", "ffn-dampen", "me-norm"]
