@@ -33,6 +33,17 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(out)
 
 
+def scan_summary(r: ScanResult) -> str:
+    """`scan --quiet`: the finding in one line."""
+    if r.me_layer is None:
+        return f"{r.model.id}: no ME Layer (no massive activation persists)"
+    positions = sorted({t.pos for t in r.token_summary})
+    return (f"{r.model.id}: ME Layer {r.me_layer}, massive dims {', '.join(str(d) for d in r.massive_dims)}"
+            + (f" at {'position' if len(positions) == 1 else 'positions'} {', '.join(map(str, positions))}"
+               if positions else "")
+            + (f", persisting through layer {r.persist_until}" if r.persist_until is not None else ""))
+
+
 def scan_report(r: ScanResult) -> str:
     """The human-readable scan report (docs/commands/scan.md shows one)."""
     m = r.model
