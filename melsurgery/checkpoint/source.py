@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from melsurgery.architectures import family_for
-from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
+from melsurgery.checkpoint.basemodel import (
+    BaseModelId,
+    Origin,
+    for_folder,
+    from_cache_path,
+    from_gguf_fields,
+    gguf_fields,
+)
 from melsurgery.checkpoint.guard import protect
 from melsurgery.checkpoint.hashing import write_sidecar
 from melsurgery.checkpoint.provenance import Provenance
@@ -45,6 +52,31 @@ class Source:
     def name(self) -> str:
         """What a card calls this model: its Hub id, else the folder's or GGUF file's name (never a path)."""
         return self.base_model.id if self.base_model else (self.origin_file or self.folder).name
+
+
+GGUF_CONVERSION = "dequantized to float32 by transformers"
+
+
+def origin(source: Source) -> Origin:
+    """What `source` is, as the card names it."""
+    if source.origin_file is not None:
+        main, *others = gguf_types(source.origin_file)
+        return Origin("gguf", source.origin_file.name, main, ", ".join(others) or None, GGUF_CONVERSION)
+    if source.kind == "hub":
+        return Origin("hub", source.id, revision=source.folder.name)
+    if from_cache_path(source.folder) is not None:
+        return Origin("hf-cache", source.folder.parts[-3], revision=source.folder.name)
+    return Origin("folder", source.folder.name)
+
+
+def gguf_types(path: Path) -> list[str]:
+    """The types of a GGUF's weight matrices, the most common first (["Q4_1", "Q8_0"])."""
+    from collections import Counter
+
+    from melsurgery.checkpoint.gguf_file import GGUFFile
+
+    types = Counter(t.type_name for t in GGUFFile(path).tensors.values() if len(t.shape) > 1)
+    return [name for name, _ in types.most_common()] or ["F32"]
 
 
 def default_gguf() -> Path:

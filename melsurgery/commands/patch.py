@@ -19,7 +19,7 @@ from melsurgery.commands.shared import (
     revision_option,
 )
 from melsurgery.errors import UserError
-from melsurgery.formats.wording import count
+from melsurgery.formats.wording import count, spans
 from melsurgery.params import Param
 from melsurgery.recipes import registry, resolve_recipes
 
@@ -252,7 +252,7 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
     scan = read_json(scan_path) if scan_path else None
     res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
                          device=device, progress=not quiet)
-    click.echo(f"ME Layer {res.scan.me_layer}, massive dims {list(res.scan.massive_dims)}")
+    click.echo(f"ME Layer {res.scan.me_layer}, massive dims {spans(res.scan.massive_dims)}")
     for p in res.plans:
         click.echo(f"  {p.summary}")
     for a in res.applied:
@@ -266,7 +266,7 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
 
 def _echo_written(result, out: Path) -> None:
     """The plans, the edits and where the patch went (and how it loads)."""
-    click.echo(f"ME Layer {result.scan.me_layer}, massive dims {list(result.scan.massive_dims)}")
+    click.echo(f"ME Layer {result.scan.me_layer}, massive dims {spans(result.scan.massive_dims)}")
     for p in result.plans:
         click.echo(f"  {p.summary}")
     for a in result.applied:

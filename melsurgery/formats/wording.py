@@ -28,3 +28,29 @@ def budget_text(max_kl: float | None, max_ppl_increase: float | None) -> str:
     if max_ppl_increase is not None:
         parts.append(f"perplexity +{max_ppl_increase:g}% at most")
     return " and ".join(parts)
+
+
+def spans(values) -> str:
+    """Integers as prose, runs collapsed: [12, 14, 15, 16] -> "12, 14-16" (never a Python list)."""
+    out: list[str] = []
+    for v in sorted(set(values)):
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
+
+
+def layers_text(values) -> str:
+    """ "layer 12", "layers 12, 14-16"."""
+    values = sorted(set(values))
+    return f"{'layer' if len(values) == 1 else 'layers'} {spans(values)}"
+
+
+def dims_by_layer(per_layer: dict) -> str:
+    """Dims per layer as prose, layers sharing the same dims named together: "dims 507, 247 of layers 15-20;
+    dims 507, 14 of layer 21" (never a Python dict)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for layer, dims in per_layer.items():
+        groups.setdefault(tuple(dims), []).append(int(layer))
+    return "; ".join(f"dims {', '.join(map(str, dims))} of {layers_text(layers)}" for dims, layers in groups.items())

@@ -266,7 +266,7 @@ def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_p
         assert (out / side).read_bytes() == (planted / side).read_bytes(), side
     card = (out / "README.md").read_text()
     meta = front_matter(card)  # a local folder with no known Hub id: no base_model, named by its name only
-    assert meta["tags"][-1] == "ffn-dampen" and "base_model" not in meta and "local model `src`" in card
+    assert meta["tags"][-1] == "ffn-dampen" and "base_model" not in meta and "local model folder `src`" in card
     assert str(tmp_path) not in card
     prov = json.loads((out / "provenance.json").read_text())
     from melsurgery.checkpoint.hashing import sha256_file
