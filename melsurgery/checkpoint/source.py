@@ -104,6 +104,14 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
     return source
 
 
+def as_source(model: Source | str | Path | None, revision: str | None = None) -> Source:
+    """The one resolution of a MODEL argument, for the CLI and every Python entry point alike: a resolved Source
+    as it is, else `resolve` of its text (a folder, Hub id, .gguf file or `default`; None: the default)."""
+    if isinstance(model, Source):
+        return model
+    return resolve(None if model is None else str(model), revision)
+
+
 def _resolve(spec: str | None, revision: str | None) -> Source:
     if spec is None or spec.lower() in DEFAULT_ALIASES:
         return _from_gguf(default_gguf(), DEFAULT_BASE_ID, BaseModelId(DEFAULT_BASE_ID, "the embedded default model"))

@@ -54,7 +54,7 @@ import numpy as np
 from melsurgery.checkpoint.hashing import sha256_file
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import ITEMSIZE, TensorInfo, read_bytes
-from melsurgery.checkpoint.source import Source, resolve
+from melsurgery.checkpoint.source import Source, as_source
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
@@ -385,9 +385,7 @@ def _layout(a: Checkpoint, b: Checkpoint) -> Layout:
 
 
 def _as_source(x: Source | str | Path, revision: str | None) -> tuple[Source, str]:
-    if isinstance(x, Source):
-        return x, x.id
-    return resolve(str(x), revision), str(x)
+    return as_source(x, revision), x.id if isinstance(x, Source) else str(x)
 
 
 def diff_checkpoints(
