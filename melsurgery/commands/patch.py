@@ -265,7 +265,11 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
 
 
 def _echo_written(result, out: Path) -> None:
-    """The plans, the edits and where the patch went (and how it loads)."""
+    """The plans, the edits and where the patch went (and how it loads); first, a measured sink that rose."""
+    from melsurgery.measure.verify_result import sink_warning
+
+    if result.verified and (warning := sink_warning(result.verified)):
+        click.echo(warning)
     click.echo(f"ME Layer {result.scan.me_layer}, massive dims {spans(result.scan.massive_dims)}")
     for p in result.plans:
         click.echo(f"  {p.summary}")

@@ -209,10 +209,23 @@ def _served_lines(s: ServedFigures) -> list[str]:
     return lines
 
 
+def sink_warning(r: VerifyResult) -> str | None:
+    """The line said first when a patch does the opposite of its purpose: the sink after the ME Layer rose."""
+    if r.sink_reduction_pct is None or not math.isfinite(r.sink_reduction_pct) or r.sink_reduction_pct >= 0.05:
+        return None
+    if r.sink_reduction_pct > -0.05:
+        return (f"THIS PATCH DOES NOT CUT THE ATTENTION SINK: unchanged over layers {r.sink_layers_from}-"
+                f"{len(r.sink_base) - 1} on this text")
+    return (f"THIS PATCH RAISES THE ATTENTION SINK it is meant to cut: {change_text(r.sink_reduction_pct)} over "
+            f"layers {r.sink_layers_from}-{len(r.sink_base) - 1} on this text ({r.sink_mean_base:.3f} -> "
+            f"{r.sink_mean_patched:.3f})")
+
+
 def verify_report(r: VerifyResult) -> str:
-    """The human-readable verify report."""
+    """The human-readable verify report (a patch that raises the sink says so on its first line)."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
-    lines = [f"held-out text: {r.text}, {count(r.windows, 'window')}{prefix}, {count(r.tokens, 'token')}, "
+    lines = [*filter(None, [sink_warning(r)]),
+             f"held-out text: {r.text}, {count(r.windows, 'window')}{prefix}, {count(r.tokens, 'token')}, "
              f"{r.scored_tokens} scored ({r.seconds:.1f} s)",
              "massive tokens (base, on this text): " + (
                  f"ME Layer {r.me_layer}, positions {sorted({q for w in r.massive_positions for q in w})}"
