@@ -129,7 +129,8 @@ BUDGET_ONLY = ("trials", "timeout", "windows", "text", "heldout", "plot")
               help="Hub id of MODEL for the card's base_model (default: detected from the Hub source, the Hugging "
                    "Face cache path, config.json or GGUF metadata; left out when unknown).")
 @calibration_options
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier melsurgery output (never a folder holding files melsurgery did not write).")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Measure the patch (as `melsurgery verify`) and write the figures into the card and provenance.")
