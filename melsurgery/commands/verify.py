@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from melsurgery.commands.shared import (
+    complete_model,
     device_option,
     dtype_option,
     examples,
@@ -30,7 +31,7 @@ from melsurgery.errors import BudgetNotMet, UserError
         "melsurgery verify default out/damp --tasks ifeval --limit 50   # instruction following, paired",
     )
 )
-@click.argument("base")
+@click.argument("base", shell_complete=complete_model)
 @click.argument("patched", type=click.Path(path_type=Path, exists=True))
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text file (default: embedded Hamlet excerpt).")
 @click.option("--max-tokens", type=click.IntRange(min=8), default=512, show_default=True, help="Window length.")

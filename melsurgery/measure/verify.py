@@ -27,6 +27,7 @@ from melsurgery.checkpoint.safeload import load_tokenizer, render_chat
 from melsurgery.engines.loading import custom_layer_spec
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
+from melsurgery.formats.wording import count
 from melsurgery.measure.definitions import (
     Arrangement,
     arrangements,
@@ -140,7 +141,7 @@ def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tok
     ids_prefix = window_prefix(tok, prefix)
     body = size - len(ids_prefix)
     if body < 1:
-        raise UserError(f"--max-tokens {size}: the window prefix alone has {len(ids_prefix)} tokens")
+        raise UserError(f"--max-tokens {size}: the window prefix alone has {count(len(ids_prefix), 'token')}")
     ids = list(tok(raw, add_special_tokens=False)["input_ids"])
     chunks = [ids_prefix + ids[i : i + body] for i in range(0, len(ids), body)]
     first = max(len(ids_prefix), 1)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from melsurgery.formats.typed import JsonRecord
-from melsurgery.formats.wording import change_text
+from melsurgery.formats.wording import change_text, count
 
 # a figure that may be NaN or infinite: written as null (JSON has no spelling for them), read back as NaN
 NAN = {"nan": True}
@@ -169,10 +169,8 @@ class Gates:
         bad = []
         for limit, x, flag, what, fails in (
             (self.max_kl, r.kl_mean, "--max-kl", "KL", lambda x, lim: x > lim),
-            (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity increase %",
-             lambda x, lim: x > lim),
-            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink cut % (negative: it rose)",
-             lambda x, lim: x < lim),
+            (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity", lambda x, lim: x > lim),
+            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink", lambda x, lim: x < lim),
         ):
             if limit is None:
                 continue
@@ -181,8 +179,24 @@ class Gates:
             elif not isinstance(x, int | float) or not math.isfinite(x):
                 bad.append(f"{what} is {x} (not a finite number), so {flag} {limit:g} cannot hold")
             elif fails(x, limit):
-                bad.append(f"{what} {x:.4g} {'>' if flag.startswith('--max') else '<'} {flag} {limit:g}")
+                bad.append(_violation(what, x, flag, limit))
         return bad
+
+
+def _violation(what: str, x: float, flag: str, limit: float) -> str:
+    """A violated gate in words that read true whichever way the figure moved ("sink fell 3.86%, less than
+    --min-sink-reduction 5 asks", "sink rose 2.1%, where --min-sink-reduction 5 asks for a fall of 5%")."""
+    if what == "KL":
+        return f"KL {x:.4g} > --max-kl {limit:g}"
+    rose = x > 0 if what == "perplexity" else x < 0  # the sink figure is a reduction: positive when it fell
+    moved = f"{what} unchanged" if x == 0 else f"{what} {'rose' if rose else 'fell'} {abs(x):.4g}%"
+    if what == "perplexity":
+        return f"{moved}, more than {flag} {limit:g} allows" if limit >= 0 else (
+            f"{moved}, where {flag} {limit:g} asks for a fall of at least {-limit:g}%")
+    if x >= 0:
+        return f"{moved}, less than the {limit:g}% fall {flag} {limit:g} asks for"
+    return (f"{moved}, where {flag} {limit:g} asks for a fall of at least {limit:g}%" if limit > 0 else
+            f"{moved}, more than the {-limit:g}% rise {flag} {limit:g} allows")
 
 
 def _f(x: float | None, spec: str) -> str:
@@ -192,7 +206,7 @@ def _f(x: float | None, spec: str) -> str:
 def measurements_for_card(r: VerifyResult) -> dict:
     """The headline figures, as (base, patched) pairs for the model card and provenance."""
     layers = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
-    on = f"{r.text}, {r.windows} windows, {r.tokens} tokens"
+    on = f"{r.text}, {count(r.windows, 'window')}, {count(r.tokens, 'token')}"
     patched_sink = _f(r.sink_mean_patched, ".3f")
     if r.sink_reduction_pct is not None:
         patched_sink += f" ({change_text(r.sink_reduction_pct)})"
@@ -290,19 +304,30 @@ def task_lines(figures: list[TaskFigure]) -> list[str]:
                      f"{_share(f.patched, f.patched_interval)}; difference {diff} points ({f.better} prompts better, "
                      f"{f.worse} worse)")
     return lines
+def sink_warning(r: VerifyResult) -> str | None:
+    """The line said first when a patch does the opposite of its purpose: the sink after the ME Layer rose."""
+    if r.sink_reduction_pct is None or not math.isfinite(r.sink_reduction_pct) or r.sink_reduction_pct >= 0.05:
+        return None
+    if r.sink_reduction_pct > -0.05:
+        return (f"THIS PATCH DOES NOT CUT THE ATTENTION SINK: unchanged over layers {r.sink_layers_from}-"
+                f"{len(r.sink_base) - 1} on this text")
+    return (f"THIS PATCH RAISES THE ATTENTION SINK it is meant to cut: {change_text(r.sink_reduction_pct)} over "
+            f"layers {r.sink_layers_from}-{len(r.sink_base) - 1} on this text ({r.sink_mean_base:.3f} -> "
+            f"{r.sink_mean_patched:.3f})")
 
 
 def verify_report(r: VerifyResult) -> str:
-    """The human-readable verify report."""
+    """The human-readable verify report (a patch that raises the sink says so on its first line)."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
-    lines = [f"held-out text: {r.text}, {r.windows} windows{prefix}, {r.tokens} tokens, "
+    lines = [*filter(None, [sink_warning(r)]),
+             f"held-out text: {r.text}, {count(r.windows, 'window')}{prefix}, {count(r.tokens, 'token')}, "
              f"{r.scored_tokens} scored ({r.seconds:.1f} s)",
              "massive tokens (base, on this text): " + (
                  f"ME Layer {r.me_layer}, positions {sorted({q for w in r.massive_positions for q in w})}"
                  if r.me_layer is not None else "none: the sink is not measured"), "", *_layer_table(r)]
     change = "" if r.sink_reduction_pct is None else f" ({change_text(r.sink_reduction_pct)})"
     after = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
-    on = f"the text above, {r.windows} windows"
+    on = f"the text above, {count(r.windows, 'window')}"
     lines += ["",
               f"perplexity: base {r.ppl_base:.2f}, patched {r.ppl_patched:.2f} ({r.ppl_increase_pct:+.2f}%)",
               f"KL(base || patched): mean {r.kl_mean:.4f}, max {r.kl_max:.4f}; top-1 agreement "

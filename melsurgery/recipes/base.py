@@ -11,6 +11,7 @@ from melsurgery.architectures import ATTENTION, Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError, quote
+from melsurgery.formats.wording import count
 from melsurgery.params import Param
 from melsurgery.params import resolve as resolve_params
 
@@ -158,7 +159,7 @@ def sink_dims(scan: ScanResult, layer: int, top_k: int, mask_ratio: float | None
     if mask_ratio is not None:
         return tuple(d.dim for d in ranked if d.score >= mask_ratio * ranked[0].score)
     if top_k > len(ranked):
-        raise UserError(f"{recipe} --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
+        raise UserError(f"{recipe} --dims-by sink: the scan ranks {count(len(ranked), 'dim')} per layer; use --top-k "
                         f"{len(ranked)} or less")
     return tuple(d.dim for d in ranked[:top_k])
 

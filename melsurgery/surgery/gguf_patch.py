@@ -32,7 +32,7 @@ from melsurgery.checkpoint.edits import Edit, apply_edit, is_identity
 from melsurgery.checkpoint.gguf_file import GGUFFile, GGUFInfo, can_quantise, dequantise_bytes, quantise_blocks
 from melsurgery.checkpoint.hashing import sha256_file
 from melsurgery.checkpoint.reader import Checkpoint
-from melsurgery.checkpoint.source import Source
+from melsurgery.checkpoint.source import Source, origin
 from melsurgery.checkpoint.writer import copy_spliced, fsync_file
 from melsurgery.detect.scan import run_scan
 from melsurgery.detect.scan_result import ScanResult
@@ -264,7 +264,7 @@ def run_patch_gguf(
         fsync_file(target)
         (tmp / MANIFEST).write_text(manifest.to_yaml())
         license, unknown_license = base_license(source.folder)
-        card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
+        card = render_card(base=base, origin=origin(source), license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=False, gguf_file=src_file.name)
         (tmp / MODEL_CARD).write_text(card)
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied,

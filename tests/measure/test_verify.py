@@ -77,6 +77,18 @@ def test_gates():
     assert len(Gates(max_kl=0.01, max_ppl_increase=1, min_sink_reduction=50).check(r)) == 3
 
 
+@pytest.mark.parametrize("sink, said", [
+    (3.86, "sink fell 3.86%, less than the 5% fall --min-sink-reduction 5 asks for"),
+    (-2.1, "sink rose 2.1%, where --min-sink-reduction 5 asks for a fall of at least 5%"),
+    (0.0, "sink unchanged, less than the 5% fall --min-sink-reduction 5 asks for")])
+def test_gate_messages_read_true_whichever_way_the_figure_moved(sink, said):
+    """A sink that fell too little is not said to have risen, nor one that rose to have been cut."""
+    r = SimpleNamespace(kl_mean=0.2, ppl_increase_pct=-1.5, sink_reduction_pct=sink)
+    assert Gates(min_sink_reduction=5).check(r) == [said]
+    assert Gates(max_kl=0.1, max_ppl_increase=-2).check(r) == [
+        "KL 0.2 > --max-kl 0.1", "perplexity fell 1.5%, where --max-ppl-increase -2 asks for a fall of at least 2%"]
+
+
 @pytest.mark.slow
 def test_cli_verify_json_plot_and_gate_exit(planted, planted_scan, tmp_path):
     patch(planted, tmp_path / "out", [("wemask", {"layers": "after-me"})], planted_scan)

@@ -78,6 +78,15 @@ def patched(gguf_dir, cache_dir, planted_scan, tmp_path_factory):
     return results
 
 
+def test_overwrite_replaces_a_gguf_melsurgery_wrote(gguf_dir, patched):
+    """A GGUF whose header holds melsurgery.* keys is an earlier output: --overwrite may replace it."""
+    t = next(iter(patched))
+    written = patched[t].file
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        gguf_preflight(gguf_dir / f"planted-{t.name}.gguf", written, [RECIPES[1]], folder=False, overwrite=False)
+    gguf_preflight(gguf_dir / f"planted-{t.name}.gguf", written, [RECIPES[1]], folder=False, overwrite=True)
+
+
 def _tensors(path: Path) -> dict:
     return {t.name: t for t in GGUFReader(path).tensors}
 
@@ -216,9 +225,15 @@ def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
     assert all(n in r.stderr for n in ("norm-rescale", "ffn-dampen", "me-norm")) and "llama.cpp" in r.stderr
     (tmp_path / "exists.gguf").write_bytes(b"keep")
     r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", env=env)
-    assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    assert r.returncode == 2 and "did not write" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", "--overwrite", env=env)
+    assert r.returncode == 2 and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    assert r.stderr == (f"melsurgery: error: '{tmp_path / 'exists.gguf'}': a file melsurgery did not write (no "
+                        "melsurgery.* metadata); choose another -o or remove it\n")
     with pytest.raises(UserError, match="is the source model"):
         gguf_preflight(src, src, [RECIPES[1]], folder=False, overwrite=True)
+    with pytest.raises(UserError, match="did not write"):  # a user's GGUF (no melsurgery.* keys) is never replaced
+        gguf_preflight(src, gguf_dir / "planted-F32.gguf", [RECIPES[1]], folder=False, overwrite=True)
     with pytest.raises(UserError, match="needs a GGUF source"):
         gguf_source_file(str(tmp_path))
     with pytest.raises(UserError, match="not a readable GGUF"):
