@@ -238,7 +238,7 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
                 link: bool) -> None:
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
-    from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, run_patch_gguf
+    from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, retyped_lines, run_patch_gguf
 
     # before resolving, which converts a GGUF on first use
     gguf_preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
@@ -250,16 +250,17 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
     scan = read_json(scan_path) if scan_path else None
     res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
                          device=device, progress=not quiet)
+    for line in retyped_lines(res):  # first: where the file differs from the source's types, and what it costs
+        click.echo(line)
     click.echo(f"ME Layer {res.scan.me_layer}, massive dims {list(res.scan.massive_dims)}")
     for p in res.plans:
         click.echo(f"  {p.summary}")
     for a in res.applied:
-        click.echo(f"  edited {a.tensor} ({a.type}): {a.changed} entries changed, max |delta| "
+        click.echo(f"  edited {a.tensor} ({a.written_type}): {a.changed} entries changed, max |delta| "
                    f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{a.blocks_total} blocks requantised "
-                   f"({a.blocks_changed} with new bytes), "
-                   f"requantisation error max {a.requant_max_abs_err:.3g}, rms {a.requant_rms_err:.3g}")
-    click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; loads with llama.cpp and transformers' "
-               "GGUF loader)")
+                   f"({a.blocks_changed} with new bytes); off the asked edit by {a.edit_error:.1%} of its size")
+    click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; read back: every tensor where and what it "
+               f"should be); measure it with `melsurgery verify {man.model or 'default'} {res.file}`")
 
 
 def _echo_written(result, out: Path) -> None:
