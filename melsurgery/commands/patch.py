@@ -258,7 +258,7 @@ def _patch_gguf(man, out: Path, scan_path, overwrite: bool, device: str, quiet: 
     for a in res.applied:
         click.echo(f"  edited {a.tensor} ({a.written_type}): {a.changed} entries changed, max |delta| "
                    f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{a.blocks_total} blocks requantised "
-                   f"({a.blocks_changed} with new bytes); off the asked edit by {a.edit_error:.1%} of its size")
+                   f"({a.blocks_changed} with new bytes); misses {a.edit_error:.1%} of the asked edit")
     click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; read back: every tensor where and what it "
                f"should be); measure it with `melsurgery verify {man.model or 'default'} {res.file}`")
 

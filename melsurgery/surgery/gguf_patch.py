@@ -55,7 +55,7 @@ from melsurgery.version import __version__
 
 GGUF_HINT = "name a .gguf file, or pass --format gguf to write a folder"
 FOLDED = ("norm-rescale", "ffn-dampen", "me-norm", "first-token")
-# The written tensor may miss the asked edit by at most this fraction of the edit's size (see edit_error); a type
+# The written tensor may miss the asked edit by at most this fraction of it (see edit_error); a type
 # that cannot is replaced by the first of WIDER that can (GGUF runtimes read each tensor in its own type).
 TOLERANCE = 0.1
 WIDER = ("Q8_0", "F16", "F32")
@@ -207,19 +207,23 @@ def _ways(raw: np.ndarray, info: GGUFInfo, old: np.ndarray, exact: np.ndarray):
 
 
 def edit_error(values: np.ndarray, exact: np.ndarray, old: np.ndarray) -> float:
-    """How far the stored tensor misses the asked one, relative to the edit's own size: ||stored - asked|| /
-    ||asked - source|| (L2 over the whole tensor, float64). 0 is the edit exactly; 1 is as far off as not
-    editing at all. A column of a down projection is multiplied by one activation, so for a column edit this is
-    the relative error of the edit's effect on the residual stream."""
-    size = float(np.linalg.norm((exact.astype(np.float64) - old).ravel()))
-    if size == 0.0:
+    """How far the stored tensor misses the asked one, relative to the edit itself: over the entries the edit
+    changes, sum |stored - asked| / sum |asked - source| (float64). 0 is the edit exactly; 1 is as far off as not
+    editing at all. The sum counts every entry by its share of the edit: an L2 norm would let the few largest
+    entries hide the rest (on the default model, ffn-dampen in Q4_1 misses 7% of the edit in L2 but 50% here,
+    and its KL is 15 times the asked patch's; each entry of a down-projection column feeds its own residual dim).
+    Entries the edit leaves alone are not counted: kept in the source's type they keep their bytes outside the
+    requantised blocks, and a wider type re-rounds them on a grid several times finer than the source's."""
+    asked = exact.astype(np.float64) - old
+    edited = asked != 0
+    if not edited.any():
         return 0.0
-    return float(np.linalg.norm((values.astype(np.float64) - exact).ravel())) / size
+    return float(np.abs(values.astype(np.float64)[edited] - exact[edited]).sum() / np.abs(asked[edited]).sum())
 
 
 def edit_tensor(gf: GGUFFile, name: str, ops: Ops, hf_tensor: str) -> tuple[bytes, GGUFEdit]:
     """The tensor's new bytes and type: the edit applied in fp32 to the dequantised values, stored in the source's
-    type (only the changed blocks requantised) where that carries it within TOLERANCE of its size, else in the
+    type (only the changed blocks requantised) where that carries it within TOLERANCE, else in the
     first wider type that does (Q8_0, F16, F32)."""
     info = gf.tensors[name]
     raw = gf.raw(name)
@@ -254,7 +258,7 @@ def retyped_lines(res: GGUFPatchResult) -> list[str]:
     """One line per tensor written in a wider type than the source's: why, and the bytes it adds."""
     lines = []
     for a in (a for a in res.applied if a.written_type != a.type):
-        why = (f"{a.type} would miss the asked edit by {a.source_type_error:.0%} of its size"
+        why = (f"{a.type} would miss the asked edit by {a.source_type_error:.0%}"
                if a.source_type_error is not None else f"the gguf package cannot quantise {a.type}")
         lines.append(f"{a.tensor} written in {a.written_type}, not {a.type}: {why} (the limit is {TOLERANCE:.0%}; "
                      f"{a.written_type} misses it by {a.edit_error:.1%}); +{a.bytes_added:,} bytes "
