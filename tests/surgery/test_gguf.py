@@ -192,13 +192,8 @@ def test_patched_gguf_loads_in_transformers_like_the_safetensors_patch(gguf_dir,
 
 
 @pytest.mark.slow
-def test_kquant_tensor_is_refused_by_name_and_norm_edits_keep_it(gguf_dir, cache_dir, planted_scan, tmp_path):
+def test_norm_edits_keep_kquant_tensors(gguf_dir, cache_dir, planted_scan, tmp_path):
     path = gguf_dir / "planted-Q4_K.gguf"
-    env = {"MELSURGERY_CACHE": str(cache_dir)}
-    r = run_cli("patch", path, "-o", tmp_path / "out.gguf", "--recipe", "ffn-dampen", "--quiet", env=env)
-    assert r.returncode == 2 and "Q4_K" in r.stderr and "ffn_down" in r.stderr
-    assert r.stderr.startswith("melsurgery: error:") and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.iterdir())
     res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "norm.gguf", Manifest(recipes=[RECIPES[1]]),
                          scan=planted_scan)
     src, out = _tensors(path), _tensors(res.file)
@@ -311,11 +306,10 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
     edited = {a.tensor for a in smollm2_patched.applied}
     assert edited == {down, f"blk.{me}.ffn_norm.weight", f"blk.{me + 1}.attn_norm.weight"}
     assert all(bytes(src[n].data) == bytes(out[n].data) for n in src if n not in edited)
-    assert out[down].tensor_type == GGMLQuantizationType.Q4_1
-    a = np.array(src[down].data).reshape(-1, 20)
-    b = np.array(out[down].data).reshape(-1, 20)
-    blocks = np.flatnonzero((a != b).any(axis=1)) % (1536 // 32)
-    assert set(blocks.tolist()) <= {j // 32 for j in neurons} and len(blocks) > 0
+    # Q4_1 cannot carry x0.2 on the two columns (half of the edit is lost): the tensor is written in Q8_0
+    a = next(a for a in smollm2_patched.applied if a.tensor == down)
+    assert a.source_type_error > 0.3 and (a.type, a.written_type) == ("Q4_1", "Q8_0") and a.edit_error < 0.1
+    assert out[down].tensor_type == GGMLQuantizationType.Q8_0 and len(neurons) == 2
 
 
 @pytest.mark.slow
