@@ -8,11 +8,11 @@ forward; the GGUF read through transformers' GGUF loader). Not part of CI.
 
 One scan per source, one fit of first-token (shared by both patches), each recipe with its defaults.
 
-A Q4_K_M source (the gguf package cannot quantise K-quants): write the default model dequantised to F32
-(`--write-f32 OUT.gguf`), then quantise it with llama.cpp's own quantiser through llama-cpp-python:
+A Q4_K_M source (the gguf package cannot quantise K-quants): the default model requantised with llama.cpp's
+own quantiser, `ggml_quantize_chunk` of libggml-base (the first library a llama-cpp-python source build
+compiles, under build/bin of its build folder), tensor types chosen as llama.cpp's Q4_K_M does:
 
-    python scripts/gguf_fidelity.py --write-f32 /tmp/smollm2-f32.gguf
-    /work/venv-llamacpp/bin/python scripts/gguf_fidelity.py --q4-k-m /tmp/smollm2-f32.gguf /tmp/smollm2-Q4_K_M.gguf
+    python scripts/gguf_fidelity.py --write-q4-k-m BUILD/bin/libggml-base.so /tmp/SmolLM2-135M-Instruct.Q4_K_M.gguf
 """
 
 from __future__ import annotations
@@ -57,32 +57,56 @@ def measure(source: str, recipes: list[str], windows: int, max_tokens: int, work
     return rows
 
 
-def write_f32(out: Path) -> None:
-    """The default model's GGUF with every tensor dequantised to F32 (same metadata and tensor order)."""
-    from gguf import GGMLQuantizationType
+def q4_k_m_type(name: str, shape: tuple[int, ...], n_layer: int):
+    """llama.cpp's choice for Q4_K_M (llama-quant.cpp, llama_tensor_get_type) as it plays out on a dense Llama:
+    Q6_K for the tied embedding and for attn_v / ffn_down in the layers `use_more_bits` picks, Q4_K for the other
+    matrices, a row length that is not a multiple of 256 falling back (Q4_K to Q5_0, Q6_K to Q8_0); 1-D F32."""
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) == 1:
+        return Q.F32
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+    more = layer is not None and (layer < n_layer // 8 or layer >= 7 * n_layer // 8
+                                  or (layer - n_layer // 8) % 3 == 2)
+    wide = name == "token_embd.weight" or (more and name.endswith(("attn_v.weight", "ffn_down.weight")))
+    if shape[-1] % 256:
+        return Q.Q8_0 if wide else Q.Q5_0
+    return Q.Q6_K if wide else Q.Q4_K
+
+
+def write_q4_k_m(ggml: Path, out: Path) -> None:
+    """The default model requantised to Q4_K_M with llama.cpp's own quantiser (`ggml_quantize_chunk` of the
+    libggml-base that a llama-cpp-python source build compiles first), from its dequantised Q4_1 values."""
+    import ctypes
+
+    import numpy as np
 
     from melsurgery.checkpoint.gguf_file import GGUFFile
     from melsurgery.checkpoint.source import default_gguf
     from melsurgery.checkpoint.writer import copy_spliced
 
+    lib = ctypes.CDLL(str(ggml))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     gf = GGUFFile(default_gguf())
-    data = {n: gf.dequantise(n).astype("<f4").tobytes() for n in gf.tensors}
-    header = gf.header({}, {n: (GGMLQuantizationType.F32, len(d)) for n, d in data.items()})
+    n_layer = int(gf.value("llama.block_count"))
+    data, types = {}, {}
+    for name, info in gf.tensors.items():
+        qtype = q4_k_m_type(name, info.shape, n_layer)
+        values = np.ascontiguousarray(gf.dequantise(name), dtype=np.float32)
+        rows, n = values.size // info.shape[-1], info.shape[-1]
+        dst = np.zeros(lib.ggml_row_size(int(qtype), n) * rows, dtype=np.uint8)
+        size = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, dst.ctypes.data, 0, rows, n, None)
+        data[name], types[name] = dst[:size].tobytes(), (qtype, size)
+    header = gf.header({}, types)
     splices = {0: (gf.data_offset, lambda _old: header)}
-    for n, d in data.items():
+    for name, d in data.items():
         padded = d + bytes(-len(d) % gf.alignment)
-        splices[gf.tensors[n].start] = (gf.padded_end(n), lambda _old, b=padded: b)
+        splices[gf.tensors[name].start] = (gf.padded_end(name), lambda _old, b=padded: b)
     copy_spliced(gf.path, out, splices)
-
-
-def q4_k_m(src: Path, out: Path) -> None:
-    """llama.cpp's quantiser (llama_model_quantize), ftype Q4_K_M, as `llama-quantize src out Q4_K_M` does."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
-        sys.exit(f"llama_model_quantize failed on {src}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/melsurgery-gguf-fidelity"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--scan", type=Path, help="A scan JSON to plan from (else the source is scanned)")
-    ap.add_argument("--write-f32", type=Path, help="Only write the default model dequantised to F32 there")
-    ap.add_argument("--q4-k-m", nargs=2, type=Path, metavar=("F32", "OUT"), help="Only quantise F32 to Q4_K_M")
+    ap.add_argument("--write-q4-k-m", nargs=2, type=Path, metavar=("LIBGGML_BASE", "OUT"),
+                    help="Only write the default model requantised to Q4_K_M with llama.cpp's quantiser")
     a = ap.parse_args(argv)
-    if a.write_f32 or a.q4_k_m:
-        write_f32(a.write_f32) if a.write_f32 else q4_k_m(*a.q4_k_m)
+    if a.write_q4_k_m:
+        write_q4_k_m(*a.write_q4_k_m)
         return 0
     a.work.mkdir(parents=True, exist_ok=True)
     rows = measure(a.source, a.recipes.split(","), a.windows, a.max_tokens, a.work, a.scan)
