@@ -133,10 +133,9 @@ def _hub_message(exc: Exception) -> str:
 
 def _gguf_card(gguf: Path, base_id: str) -> str:
     """A minimal card carrying the GGUF's licence, so patched outputs inherit it."""
-    from gguf import GGUFReader
+    from melsurgery.checkpoint.gguf_file import GGUFFile
 
-    field = GGUFReader(gguf).fields.get("general.license")
-    lic = field.contents() if field is not None else None
+    lic = GGUFFile(gguf).value("general.license")  # one key decoded, not the whole vocabulary
     front = f"license: {lic}\n" if lic else ""
     return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
 
