@@ -3,10 +3,13 @@
 The scan and the plan run on the dequantised Hugging Face view of the source (as for any GGUF
 source); each planned edit is then mapped onto its GGUF tensor through the architecture entry
 (llama.cpp names, the rotary row permutation of q/k, Gemma's stored 1 + g norms). Edits on F32,
-F16 and BF16 tensors are exact (computed in fp32, rounded once). On a block-quantised tensor only
-the blocks holding entries whose value changes are requantised, with the `gguf` package's quantiser
-for that type; every other block keeps its bytes, and the requantisation error of the edited blocks
-is reported. A type without a quantiser is refused (a tensor's type is never changed).
+F16 and BF16 tensors are computed in fp32 and rounded once. On a block-quantised tensor only the
+blocks holding entries whose value changes are requantised, with the `gguf` package's quantiser for
+that type; every other block keeps its bytes. Each edited tensor is then read back as a runtime reads
+it (dequantised with `gguf`'s own code) and compared with the fp32 edit: where the source's type
+misses the edit by more than TOLERANCE (see `edit_error`), or has no quantiser, the tensor is written
+in the first wider type that carries it (Q8_0, F16, F32; GGUF runtimes read a type per tensor), and
+every tensor stored after it moves by whole alignments.
 
 Output layout:
 - `-o OUT.gguf`: one self-describing file; the record of what was done is in its metadata
