@@ -334,26 +334,30 @@ def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2,
     assert torch.allclose(gg, st, atol=1e-3, rtol=0)
 
 
+DAMPEN_ORDINARY = ("ffn-dampen", {"factor": 0.9, "neurons": [5, 6, 7]})
+
+
 def _down_edit(res, planted_scan):
     return next(a for a in res.applied if a.tensor == f"blk.{planted_scan.me_layer}.ffn_down.weight")
 
 
 @pytest.mark.slow
 def test_an_edit_a_4bit_grid_cannot_carry_is_written_in_a_wider_type(gguf_dir, cache_dir, planted_scan, tmp_path):
-    """x0.9 on the planted neuron's column moves most entries by less than half a Q4_1 step, so requantising the
+    """x0.9 on ordinary neurons' columns moves most entries by less than half a Q4_1 step, so requantising the
     blocks in Q4_1 gives back (nearly) the source: the tensor is written in the first wider type that carries the
     edit, and what gguf's own dequantiser reads from it is the intended fp32 edit within the tolerance; every
-    other tensor keeps its type and bytes, and later tensors stay readable at their moved offsets."""
+    other tensor keeps its type and bytes, and later tensors stay readable at their moved offsets. (The planted
+    neuron's column is carried by Q4_1: its entries are their blocks' largest, which a block's scale follows.)"""
     from melsurgery.surgery.gguf_patch import TOLERANCE, WIDER, edit_error
 
     path = gguf_dir / "planted-Q4_1.gguf"
-    res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "wide.gguf",
-                         Manifest(recipes=[("ffn-dampen", {"factor": 0.9})]), scan=planted_scan)
+    res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "wide.gguf", Manifest(recipes=[DAMPEN_ORDINARY]),
+                         scan=planted_scan)
     edit = _down_edit(res, planted_scan)
     src, out = _tensors(path), _tensors(res.file)
     old = quants.dequantize(np.array(src[edit.tensor].data), Q.Q4_1)
     asked = old.copy()
-    asked[:, [n.neuron for n in planted_scan.ffn_neurons]] *= np.float32(0.9)
+    asked[:, DAMPEN_ORDINARY[1]["neurons"]] *= np.float32(0.9)
     # Q4_1 in place (what the patch wrote before) misses the edit: the test fails without the mechanism
     hit = (asked != old).reshape(-1, 32).any(axis=1)
     inplace = old.reshape(-1, 32).copy()
@@ -382,7 +386,7 @@ def test_patch_says_first_which_tensors_were_widened_and_what_it_costs(gguf_dir,
 
     write_json(planted_scan, tmp_path / "scan.json")
     r = run_cli("patch", gguf_dir / "planted-Q4_1.gguf", "-o", tmp_path / "w.gguf", "--recipe", "ffn-dampen",
-                "--factor", "0.9", "--scan", tmp_path / "scan.json", "--quiet",
+                "--dampen", "0.9", "--neurons", "5,6,7", "--scan", tmp_path / "scan.json", "--quiet",
                 env={"MELSURGERY_CACHE": str(cache_dir)})
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
