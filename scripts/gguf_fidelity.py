@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Measure how closely a GGUF patch carries a recipe: KL of the GGUF patch and of the safetensors patch of the
-same recipe, against the same base, on the same held-out windows (`verify`'s definitions, transformers' fp32
-forward; the GGUF read through transformers' GGUF loader). Not part of CI.
+same recipe, against the same base, on the same windows (the first N windows of `verify`'s text, as
+`verify --windows N --max-tokens T` cuts them; `verify`'s definitions of KL and top-1 agreement; transformers'
+fp32 forward). The GGUF patch is read as transformers' GGUF loader reads it: the source's conversion with the
+edited tensors dequantised from the bytes written (`scripts/check_ggml.py` checks that llama.cpp's own
+dequantisers read the same values). Not part of CI.
 
     python scripts/gguf_fidelity.py --source default --windows 4 --json out/fidelity-q4_1.json
     python scripts/gguf_fidelity.py --source model.Q4_K_M.gguf --windows 4 --json out/fidelity-q4_k_m.json
@@ -22,14 +25,60 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 RECIPES = ("ffn-dampen", "norm-rescale", "me-norm", "first-token")
+
+
+def _figures(model, windows: list[list[int]], base: list) -> tuple[float, float, list]:
+    """Mean KL(base || model) per predicted token and top-1 agreement with base, as `verify` defines them."""
+    import torch
+
+    kls, agree, n, out = [], 0, 0, []
+    with torch.no_grad():
+        for k, ids in enumerate(windows):
+            lp = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+            out.append(lp)
+            if base:
+                lb = base[k]
+                kls.append((lb.exp() * (lb - lp)).sum(-1))
+                agree += int((lb.argmax(-1) == lp.argmax(-1)).sum())
+                n += len(lb)
+    if not base:
+        return 0.0, 1.0, out
+    return float(torch.cat(kls).mean()), agree / n, out
+
+
+def _gguf_view(model, src, res) -> None:
+    """The GGUF patch as transformers' GGUF loader reads it: the source's conversion (every tensor not edited is
+    byte-identical to the source's) with each edited tensor replaced by gguf's dequantisation of the bytes
+    written, in the Hugging Face layout (the inverse of the architecture entry's row order and norm offset)."""
+    import torch
+
+    from melsurgery.architectures import family_for, gguf_target
+    from melsurgery.checkpoint.gguf_file import GGUFFile
+    from melsurgery.checkpoint.reader import Checkpoint
+
+    config = Checkpoint(src.folder).config
+    family, written = family_for(config), GGUFFile(res.file)
+    state = dict(model.named_parameters())
+    for a in res.applied:
+        target = gguf_target(family, a.hf_tensor, config)
+        values = written.dequantise(a.tensor) - np.float32(target.norm_added)
+        if target.row_order is not None:
+            values = values[list(target.row_order)]
+        with torch.no_grad():
+            state[a.hf_tensor].copy_(torch.from_numpy(values))
 
 
 def measure(source: str, recipes: list[str], windows: int, max_tokens: int, work: Path,
             scan_json: Path | None) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json, run_scan
-    from melsurgery.measure.verify import run_verify
+    from melsurgery.measure.verify import eval_text, make_windows
     from melsurgery.recipes import resolve_recipes
     from melsurgery.surgery.gguf_patch import run_patch_gguf
     from melsurgery.surgery.manifest import Manifest
@@ -37,22 +86,26 @@ def measure(source: str, recipes: list[str], windows: int, max_tokens: int, work
 
     src = resolve(source)
     scan = read_json(scan_json) if scan_json else run_scan(src)
+    ids = make_windows(load_tokenizer(src.folder), eval_text(None)[0], max_tokens, windows).ids
+    base = _figures(AutoModelForCausalLM.from_pretrained(src.folder, dtype="float32").eval(), ids, [])[2]
     rows = []
     for recipe in recipes:
         man = fitted(Manifest(model=source, recipes=resolve_recipes([(recipe, {})])), src, scan)
         tag = f"{src.origin_file.stem}-{recipe}"
         st = run_patch(src, work / f"{tag}-st", man, scan=scan, overwrite=True)
         gg = run_patch_gguf(src, work / f"{tag}.gguf", man, scan=scan, overwrite=True)
-        figures = {}
-        for kind, folder in (("safetensors", st.out), ("gguf", resolve(str(gg.file)).folder)):
-            v = run_verify(src.folder, folder, max_windows=windows, max_tokens=max_tokens, generations=0)
-            figures[kind] = {"kl_mean": v.kl_mean, "top1": v.top1_agreement}
+        st_kl, st_top1, _ = _figures(AutoModelForCausalLM.from_pretrained(st.out, dtype="float32").eval(), ids, base)
+        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype="float32").eval()
+        _gguf_view(model, src, gg)
+        gg_kl, gg_top1, _ = _figures(model, ids, base)
         rows.append({"source": src.origin_file.name, "recipe": recipe, "params": dict(man.recipes[0][1]),
-                     **figures, "ratio": figures["gguf"]["kl_mean"] / figures["safetensors"]["kl_mean"],
+                     "safetensors": {"kl_mean": st_kl, "top1": st_top1}, "gguf": {"kl_mean": gg_kl, "top1": gg_top1},
+                     "ratio": gg_kl / st_kl if st_kl else None,
                      "source_bytes": src.origin_file.stat().st_size, "gguf_bytes": gg.file.stat().st_size,
                      "edits": [{"tensor": a.tensor, "type": a.type, "written_type": a.written_type,
                                 "edit_error": a.edit_error, "source_type_error": a.source_type_error,
                                 "bytes_added": a.bytes_added} for a in gg.applied]})
+        rows[-1]["params"].pop("row", None)  # first-token's fitted row: 576 numbers
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -78,8 +131,6 @@ def write_q4_k_m(ggml: Path, out: Path) -> None:
     """The default model requantised to Q4_K_M with llama.cpp's own quantiser (`ggml_quantize_chunk` of the
     libggml-base that a llama-cpp-python source build compiles first), from its dequantised Q4_1 values."""
     import ctypes
-
-    import numpy as np
 
     from melsurgery.checkpoint.gguf_file import GGUFFile
     from melsurgery.checkpoint.source import default_gguf
