@@ -51,9 +51,11 @@ def load(lib_path: Path) -> ctypes.CDLL:
 
 def to_float(lib: ctypes.CDLL, qtype: int, raw: bytes, n: int) -> np.ndarray:
     """ggml's own dequantiser for the type (what llama.cpp's CPU backend uses to read the weights as floats)."""
+    address = lib.ggml_get_type_traits(qtype).contents.to_float
+    if not address:  # F32: stored as floats, nothing to convert
+        return np.frombuffer(raw, dtype="<f4").copy()
     out = np.zeros(n, dtype=np.float32)
-    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(lib.ggml_get_type_traits(qtype)
-                                                                                 .contents.to_float)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
     src = ctypes.create_string_buffer(raw, len(raw))
     fn(ctypes.cast(src, ctypes.c_void_p), out.ctypes.data, n)
     return out
