@@ -78,7 +78,7 @@ def measure(source: str, recipes: list[str], windows: int, max_tokens: int, work
     from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json, run_scan
-    from melsurgery.measure.verify import eval_text, make_windows
+    from melsurgery.measure.verify import eval_text, input_prefix, make_windows
     from melsurgery.recipes import resolve_recipes
     from melsurgery.surgery.gguf_patch import run_patch_gguf
     from melsurgery.surgery.manifest import Manifest
@@ -86,11 +86,17 @@ def measure(source: str, recipes: list[str], windows: int, max_tokens: int, work
 
     src = resolve(source)
     scan = read_json(scan_json) if scan_json else run_scan(src)
-    ids = make_windows(load_tokenizer(src.folder), eval_text(None)[0], max_tokens, windows).ids
-    base = _figures(AutoModelForCausalLM.from_pretrained(src.folder, dtype="float32").eval(), ids, [])[2]
-    rows = []
-    for recipe in recipes:
-        man = fitted(Manifest(model=source, recipes=resolve_recipes([(recipe, {})])), src, scan)
+    tok, base_model = load_tokenizer(src.folder), AutoModelForCausalLM.from_pretrained(src.folder, dtype="float32")
+    rows, bases = [], {}
+    for spec in recipes:  # NAME or NAME:KEY=VALUE (first-token:of=chat)
+        recipe, _, param = spec.partition(":")
+        params = dict([param.split("=", 1)]) if param else {}
+        man = fitted(Manifest(model=source, recipes=resolve_recipes([(recipe, params)])), src, scan)
+        prefix = input_prefix(man.recipes)  # as verify opens the windows for this patch
+        if prefix not in bases:
+            ids = make_windows(tok, eval_text(None)[0], max_tokens, windows, prefix).ids
+            bases[prefix] = ids, _figures(base_model.eval(), ids, [])[2]
+        ids, base = bases[prefix]
         tag = f"{src.origin_file.stem}-{recipe}"
         st = run_patch(src, work / f"{tag}-st", man, scan=scan, overwrite=True)
         gg = run_patch_gguf(src, work / f"{tag}.gguf", man, scan=scan, overwrite=True)
@@ -98,7 +104,8 @@ def measure(source: str, recipes: list[str], windows: int, max_tokens: int, work
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype="float32").eval()
         _gguf_view(model, src, gg)
         gg_kl, gg_top1, _ = _figures(model, ids, base)
-        rows.append({"source": src.origin_file.name, "recipe": recipe, "params": dict(man.recipes[0][1]),
+        rows.append({"source": src.origin_file.name, "recipe": recipe, "window_prefix": prefix,
+                     "params": dict(man.recipes[0][1]),
                      "safetensors": {"kl_mean": st_kl, "top1": st_top1}, "gguf": {"kl_mean": gg_kl, "top1": gg_top1},
                      "ratio": gg_kl / st_kl if st_kl else None,
                      "source_bytes": src.origin_file.stat().st_size, "gguf_bytes": gg.file.stat().st_size,
