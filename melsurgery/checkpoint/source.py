@@ -7,13 +7,13 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from melsurgery.architectures import family_for
+from melsurgery.checkpoint.atomic import atomic_folder
 from melsurgery.checkpoint.basemodel import (
     BaseModelId,
     Origin,
@@ -181,10 +181,9 @@ def _hub_message(exc: Exception) -> str:
 
 def _gguf_card(gguf: Path, base_id: str) -> str:
     """A minimal card carrying the GGUF's licence, so patched outputs inherit it."""
-    from gguf import GGUFReader
+    from melsurgery.checkpoint.gguf_file import GGUFFile
 
-    field = GGUFReader(gguf).fields.get("general.license")
-    lic = field.contents() if field is not None else None
+    lic = GGUFFile(gguf).value("general.license")  # one key decoded, not the whole vocabulary
     front = f"license: {lic}\n" if lic else ""
     return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
 
@@ -231,9 +230,7 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading .gguf files needs the gguf extra: pip install 'melsurgery[gguf]'")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
-    try:
+    with _converting(folder) as tmp:
         # an internal step: the loaders' progress bars would be noise on every command's stderr
         try:
             with contextlib.redirect_stderr(io.StringIO()):
@@ -261,11 +258,16 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         provenance = _gguf_provenance(gguf)
         if provenance is not None:
             provenance.write(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-            # a concurrent conversion won the race: its folder is as good as ours
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _converting(folder: Path) -> Iterator[Path]:
+    """The conversion's folder, built as an atomic output: a pid-stamped hidden sibling removed on any failure or
+    signal (one that a SIGKILL left is removed by the next conversion of the same file)."""
+    try:
+        with atomic_folder(folder) as tmp:
+            yield tmp
+    except UserError:
+        if not (folder / "config.json").is_file():
+            raise
+        # a concurrent conversion won the race: its folder is as good as ours

@@ -263,7 +263,7 @@ def _patch_gguf(man, opts: PatchOptions) -> None:
     do_verify, link = opts.verify, opts.link
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
-    from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, run_patch_gguf
+    from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, retyped_lines, run_patch_gguf
 
     # before resolving, which converts a GGUF on first use
     gguf_preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
@@ -275,16 +275,17 @@ def _patch_gguf(man, opts: PatchOptions) -> None:
     scan = read_json(scan_path) if scan_path else None
     res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
                          device=device, progress=not quiet)
+    for line in retyped_lines(res):  # first: where the file differs from the source's types, and what it costs
+        click.echo(line)
     click.echo(f"ME Layer {res.scan.me_layer}, massive dims {spans(res.scan.massive_dims)}")
     for p in res.plans:
         click.echo(f"  {p.summary}")
     for a in res.applied:
-        click.echo(f"  edited {a.tensor} ({a.type}): {count(a.changed, 'entry', 'entries')} changed, max |delta| "
-                   f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{count(a.blocks_total, 'block')} requantised "
-                   f"({a.blocks_changed} with new bytes), "
-                   f"requantisation error max {a.requant_max_abs_err:.3g}, rms {a.requant_rms_err:.3g}")
-    click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; loads with llama.cpp and transformers' "
-               "GGUF loader)")
+        click.echo(f"  edited {a.tensor} ({a.written_type}): {count(a.changed, 'entry', 'entries')} changed, max "
+                   f"|delta| {a.max_abs_delta:.4g}; {a.blocks_requantised}/{count(a.blocks_total, 'block')} "
+                   f"requantised ({a.blocks_changed} with new bytes); misses {a.edit_error:.1%} of the asked edit")
+    click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; read back: every tensor where and what it "
+               f"should be); measure it with `melsurgery verify {man.model or 'default'} {res.file}`")
 
 
 def _echo_written(result, out: Path) -> None:

@@ -134,9 +134,12 @@ def render_card(*, base: BaseModelId | None, origin: Origin, license: dict, unkn
         "- none"]
     lines += ["", "## Loading", ""]
     if gguf_file:
+        wider = [f"`{a.tensor}` ({a.type} to {a.written_type})" for a in applied if a.written_type != a.type]
+        types = f", except {', '.join(wider)}, written in a wider type to carry the edit" if wider else ""
         lines += [f"`{_inline(gguf_file)}` is the base GGUF with only the edited tensors changed: same metadata (plus "
-                  "`melsurgery.*` keys), tensor order, names, shapes and quantisation types. Quantised tensors were "
-                  "requantised only in the blocks holding edited entries.", "", "```bash",
+                  f"`melsurgery.*` keys), tensor order, names, shapes and quantisation types{types}. Quantised "
+                  "tensors kept in their type were requantised only in the blocks holding edited entries.", "",
+                  "```bash",
                   f"llama-cli -m {gguf_file}", "```", "", "```python",
                   "from transformers import AutoModelForCausalLM",
                   f'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")', "```"]
