@@ -106,16 +106,20 @@ def check_config_types(config: dict, where: Path | str) -> None:
 
 
 def _nonfinite_number(config: dict) -> tuple[str, float] | None:
-    """The first NaN or infinity anywhere in a parsed config (JSON allows them as NaN and Infinity), with its key
-    path: a NaN rope_theta computed NaN rotations, and the forward pass blamed the dtype. Walked with a stack, not
-    recursion: a config nested as deep as the JSON parser allows must not overflow here."""
-    stack: list[tuple[str, object]] = [("", config)]
+    """The first NaN anywhere in a parsed config (JSON allows NaN and Infinity), or an infinity outside a bound,
+    with its key path: a NaN rope_theta computed NaN rotations, and the forward pass blamed the dtype. An infinite
+    bound is a real setting (Mamba's `time_step_limit` defaults to [0.0, inf]), so a key ending in `_limit`, `_max`
+    or `_min` may hold one. Walked with a stack, not recursion: a config nested as deep as the JSON parser allows
+    must not overflow here."""
+    stack: list[tuple[str, object, bool]] = [("", config, False)]
     while stack:
-        path, value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
+        path, value, bound = stack.pop()
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not bound)):
             return path, value
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in items)
+        for key, item in items:
+            name = str(key)
+            stack.append((f"{path}.{name}" if path else name, item, bound or name.endswith(("_limit", "_max", "_min"))))
     return None
 
 

@@ -48,8 +48,9 @@ from melsurgery.errors import BudgetNotMet, UserError
 @click.option("--payoff/--no-payoff", default=True, show_default=True,
               help="Payoff figures: perplexity change with a streaming window (first token evicted or kept) and with "
                    "int8 activations (per tensor, per token), base against patched, in the same pass.")
-@click.option("--payoff-window", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Streaming window of the payoff figures (keys each query sees; scored on positions >= it).")
+@click.option("--payoff-window", type=click.IntRange(min=1), default=None,
+              help="Streaming window of the payoff figures (keys each query sees; scored on positions >= it). "
+                   "Default: 64, or a quarter of --max-tokens when that is shorter.")
 @click.option("--tasks", default=None, metavar="TASKS",
               help="Comma-separated tasks both models answer greedily on the same prompts (ifeval, ifbench; data "
                    "from PyPI packages), reported as paired differences with bootstrap intervals.")
@@ -85,6 +86,8 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
     from melsurgery.measure.verify_result import Gates, verify_report
 
     preflight((base, patched), (json_path, plot_path))
+    if payoff_window is None:
+        payoff_window = min(64, max(1, max_tokens // 4))
     if payoff and payoff_window >= max_tokens - 1:
         raise UserError(f"--payoff-window {payoff_window}: windows of --max-tokens {max_tokens} leave no position "
                         ">= it to score; use a smaller window (or --no-payoff)")

@@ -614,10 +614,9 @@ class GenerationStats:
 def render_prompt(tokenizer: Any, text: str) -> tuple[str, bool]:
     """The model input for one user turn: chat template with generation prompt, or the raw text if none."""
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        return str(rendered), True
+        from melsurgery.checkpoint.safeload import render_chat
+
+        return render_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True), True
     return text, False
 
 

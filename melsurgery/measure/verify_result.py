@@ -274,14 +274,15 @@ def payoff_lines(figures: list[PayoffFigure]) -> list[str]:
     """The payoff figures, base against patched (definitions in measure/definitions.py)."""
     if not figures:
         return []
-    lines = ["", f"payoff: perplexity change against the same model's plain forward, base -> patched, and the "
-                 f"difference in percentage points (95% bootstrap interval over the {figures[0].windows} windows):"]
+    lines = ["", "payoff: perplexity change against the same model's plain forward, base -> patched, and the "
+                 f"difference in percentage points (95% bootstrap interval over "
+                 f"{count(figures[0].windows, 'window')}):"]
     width = max(len(PAYOFF_LABELS[f.name].format(w=f.window)) for f in figures)
     for f in figures:
         label = PAYOFF_LABELS[f.name].format(w=f.window)
         lines.append(f"  {label:<{width}}  base {_interval(f.base_pct, f.base_interval, '%')}, patched "
                      f"{_interval(f.patched_pct, f.patched_interval, '%')}; difference "
-                     f"{_interval(f.difference_pp, f.difference_interval, ' pp')} ({f.scored_tokens:,} tokens"
+                     f"{_interval(f.difference_pp, f.difference_interval, ' pp')} ({count(f.scored_tokens, 'token')}"
                      + (f", positions >= {f.window})" if f.window else ")"))
     return lines
 
@@ -300,9 +301,9 @@ def task_lines(figures: list[TaskFigure]) -> list[str]:
         diff = f"{100 * f.difference:+.1f}"
         if f.difference_interval:
             diff += f" [{100 * f.difference_interval[0]:+.1f}, {100 * f.difference_interval[1]:+.1f}]"
-        lines.append(f"  {f.task} {f.metric} ({f.prompts} prompts): base {_share(f.base, f.base_interval)}, patched "
-                     f"{_share(f.patched, f.patched_interval)}; difference {diff} points ({f.better} prompts better, "
-                     f"{f.worse} worse)")
+        lines.append(f"  {f.task} {f.metric} ({count(f.prompts, 'prompt')}): base "
+                     f"{_share(f.base, f.base_interval)}, patched {_share(f.patched, f.patched_interval)}; difference "
+                     f"{diff} points ({count(f.better, 'prompt')} better, {f.worse} worse)")
     return lines
 def sink_warning(r: VerifyResult) -> str | None:
     """The line said first when a patch does the opposite of its purpose: the sink after the ME Layer rose."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
+from melsurgery.formats.wording import count
 
 
 def _pyplot():
@@ -85,7 +86,8 @@ def plot_scan(result: ScanResult, path: Path) -> None:
     for a in axes:
         _integer_layers(a)
     cal = result.calibration
-    text = f"{cal.source}, {cal.num_samples} samples, {cal.tokens} tokens, {cal.dtype or 'float32'}" if cal else ""
+    text = (f"{cal.source}, {count(cal.num_samples, 'sample')}, {count(cal.tokens, 'token')}, "
+            f"{cal.dtype or 'float32'}") if cal else ""
     fig.suptitle(f"melsurgery scan: {result.model.id}" + (f"  ({text})" if text else ""), fontsize=10)
     fig.tight_layout()
     _save(plt, fig, path)
@@ -114,10 +116,8 @@ def plot_verify(result: dict, path: Path, *, base: str = "base", patched: str = 
         ax.set_ylabel(ylabel)
         _integer_layers(ax)
         ax.legend(fontsize=8)
-    from melsurgery.formats.wording import count
-
     fig.suptitle(f"melsurgery verify: {base} (base) vs {patched} (patched); {result['text']}, "
-                 f"{count(result['windows'], 'window')}, {result['tokens']} tokens", fontsize=10)
+                 f"{count(result['windows'], 'window')}, {count(result['tokens'], 'token')}", fontsize=10)
     fig.tight_layout()
     _save(plt, fig, path)
 

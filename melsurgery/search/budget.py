@@ -23,6 +23,7 @@ from melsurgery.checkpoint.provenance import SearchRecord
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet
+from melsurgery.formats.wording import change_text, count
 from melsurgery.search.options import SearchOptions
 from melsurgery.search.records import Measured, pairs
 from melsurgery.search.session import SLACK, Choice, SearchSession, cache_folder, fingerprint, read_texts, text_sha
@@ -100,7 +101,7 @@ def search_budget(source: Source, opts: SearchOptions, *, scan: ScanResult | Non
 
 def refusal(found: BudgetChoice) -> BudgetNotMet:
     """The one line that says nothing in the space cuts the sink within the budget (exit 4, nothing written)."""
-    from melsurgery.formats.wording import count
+
 
     cands, s = found.choice.candidates, found.session
     best = max(cands, key=lambda c: c.heldout.sink_reduction_pct, default=None)
@@ -196,13 +197,13 @@ def spread_text(fig) -> str:
         return "one window: no per-window spread (give --windows 2 or more to bound it)"
     lo, hi = interval
     return (f"per window {min(fig.kl_windows):.4f}-{max(fig.kl_windows):.4f}, 95% interval of the mean "
-            f"{max(lo, 0.0):.4f}-{hi:.4f} over {len(fig.kl_windows)} windows")
+            f"{max(lo, 0.0):.4f}-{hi:.4f} over {count(len(fig.kl_windows), 'window')}")
 
 
 def budget_report(done: BudgetedPatch) -> str:
     """What `patch --max-kl` prints: first any disagreement of the written folder with the search, then the search,
     the texts, the chosen setting and its held-out figures, each figure with its definition."""
-    from melsurgery.formats.wording import change_text, count
+
     from melsurgery.search.space import setting_text
 
     found, ch, r = done.found, done.found.chosen, done.recheck

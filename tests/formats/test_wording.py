@@ -30,6 +30,11 @@ NOT_A_COUNT = {
     ("search/budget.py", "c.heldout_tokens"),
     ("search/tune.py", "w.tuning.tokens"),
     ("search/tune.py", "w.heldout.tokens"),
+    ("checkpoint/validate.py", "MAX_LAYERS"),  # a limit in the thousands
+    ("search/budget.py", "t.tune_tokens"),  # token totals of whole windows
+    ("search/budget.py", "t.held_tokens"),
+    ("search/budget.py", "s.opts.max_tokens"),  # window lengths: 8 at least
+    ("search/session.py", "max_tokens"),
 }
 PLURAL = re.compile(r"^ ([a-z]+)\b")
 
