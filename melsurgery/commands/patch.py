@@ -19,6 +19,7 @@ from melsurgery.commands.shared import (
     quiet_option,
     quiet_transformers,
     revision_option,
+    verbose_option,
 )
 from melsurgery.errors import UserError
 from melsurgery.formats.wording import count, spans
@@ -103,6 +104,7 @@ class PatchOptions:
     plot: Path | None  # with a budget: the search's plot
     text: Path | None
     heldout: Path | None
+    verbose: bool = False  # how the weight files were written, too
 
     @classmethod
     def from_click(cls, params: dict) -> PatchOptions:
@@ -118,7 +120,7 @@ class PatchOptions:
                                 persist_fraction=params["persist_fraction"]),
                    params["overwrite"], params["link"], params["do_verify"], params["verify_windows"],
                    params["device"], params["quiet"], values, search, params["plot_path"], params["text"],
-                   params["heldout"])
+                   params["heldout"], params["verbose"])
 
     @property
     def gguf(self) -> bool:
@@ -186,6 +188,7 @@ BUDGET_ONLY = ("objective", "trials", "timeout", "windows", "text", "heldout", "
               help="With --verify: evaluate at most N windows of 512 tokens.")
 @device_option
 @quiet_option
+@verbose_option
 def patch(**params) -> None:
     """Fold a mitigation into MODEL's weights (plus a custom layer for wemask) and write OUT.
 
@@ -288,8 +291,9 @@ def _patch_gguf(man, opts: PatchOptions) -> None:
                f"should be); measure it with `melsurgery verify {man.model or 'default'} {res.file}`")
 
 
-def _echo_written(result, out: Path) -> None:
-    """The plans, the edits and where the patch went (and how it loads); first, a measured sink that rose."""
+def _echo_written(result, opts: PatchOptions, model: str, measured: tuple[float, float, str] | None = None) -> None:
+    """The plans, the edits, how the weights were written (--verbose), then the summary: where the patch went, how
+    it loads, its measured figure (`measured`: sink cut, KL and on what); first, a measured sink that rose."""
     from melsurgery.measure.verify_result import sink_warning
 
     if result.verified and (warning := sink_warning(result.verified)):
@@ -299,7 +303,7 @@ def _echo_written(result, out: Path) -> None:
         click.echo(f"  {p.summary}")
     for a in result.applied:
         click.echo(f"  edited {a.tensor}: {count(a.changed, 'entry', 'entries')}, max |delta| {a.max_abs_delta:.4g}")
-    if result.writer is not None:
+    if result.writer is not None and opts.verbose:
         click.echo(f"  weights: {result.writer.summary}")
     if result.verified:
         from melsurgery.measure.verify_result import verify_report
@@ -310,7 +314,11 @@ def _echo_written(result, out: Path) -> None:
     if not result.custom_layer and not any(a.changed for a in result.applied):
         click.echo("THIS PATCH CHANGES NOTHING: every tensor is byte-identical to the source (the edits leave every "
                    "entry as it was)")
-    click.echo(f"wrote {out} (loads with {how})")
+    if measured is None and result.verified:
+        measured = (result.verified.sink_reduction_pct, result.verified.kl_mean, "measured by --verify")
+    from melsurgery.report.summary import patch_takeaway
+
+    click.echo(patch_takeaway(str(opts.out), model, how, *(measured or (None, None, None))).render())
 
 
 def _patch_folder(man, opts: PatchOptions) -> None:
@@ -322,7 +330,7 @@ def _patch_folder(man, opts: PatchOptions) -> None:
     scan = read_json(opts.scan_path) if opts.scan_path else None
     result = run_patch(source, opts.out, man, scan=scan, overwrite=opts.overwrite, link=opts.link, device=opts.device,
                        progress=not opts.quiet, verify=opts.verify_request)
-    _echo_written(result, opts.out)
+    _echo_written(result, opts, man.model or "default")
 
 
 def _patch_budgeted(man, opts: PatchOptions) -> None:
@@ -338,4 +346,6 @@ def _patch_budgeted(man, opts: PatchOptions) -> None:
     click.echo(budget_report(done))
     if opts.plot is not None:
         click.echo(f"wrote {opts.plot}")
-    _echo_written(done.patch, opts.out)
+    r = done.recheck
+    _echo_written(done.patch, opts, man.model or "default",
+                  (r.sink_reduction_pct, r.kl_mean, "the written checkpoint, on the held-out windows"))

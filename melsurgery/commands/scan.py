@@ -15,6 +15,7 @@ from melsurgery.commands.shared import (
     preflight,
     revision_option,
     torch_dtype,
+    verbose_option,
     write_outputs,
 )
 
@@ -52,8 +53,9 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
 @json_option("Write the full result as JSON.")
 @plot_option("Write a PNG of max |h| per layer.")
 @click.option("--quiet", is_flag=True, help="Print the one-line summary only (no report, no progress bar).")
+@verbose_option
 def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device, dtype,
-         json_path, plot_path, quiet) -> None:
+         json_path, plot_path, quiet, verbose) -> None:
     """Find and explain the ME Layer of MODEL by streaming calibration.
 
     Exit status: 0 when an ME Layer is found, 3 when no massive activation persists (the report and
@@ -65,10 +67,15 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     preflight((model,), (json_path, plot_path))
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
-    click.echo(scan_summary(result) if quiet else scan_report(result))
+    click.echo(scan_summary(result) if quiet else scan_report(result, verbose=verbose))
     from melsurgery.report.plot import plot_scan
 
     write_outputs(result, json_path, plot_path, plot_scan)
+    if not quiet:
+        from melsurgery.report.summary import scan_takeaway
+
+        files = tuple(str(p) for p in (json_path, plot_path) if p)
+        click.echo(scan_takeaway(result, model or "default", files).render())
     if result.me_layer is None:
         raise NoMassiveActivations("no massive activations found in this model")
 

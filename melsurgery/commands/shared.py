@@ -299,6 +299,8 @@ dtype_option = click.option(
 )
 revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+verbose_option = click.option("--verbose", "-v", is_flag=True,
+                              help="Also print the details (per-layer tables, how the files were written).")
 
 
 def json_option(what: str = "Write every figure as JSON."):

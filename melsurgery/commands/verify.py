@@ -124,6 +124,9 @@ def verify(base, patched, text, max_tokens, max_windows, prefix, generations, en
 
     names = partial(plot_verify, base=str(base), patched=str(patched))
     write_outputs(result.to_json(), json_path, plot_path, names)
+    from melsurgery.report.summary import verify_takeaway
+
+    click.echo(verify_takeaway(result, str(patched), tuple(str(p) for p in (json_path, plot_path) if p)).render())
     violations = Gates(max_kl, max_ppl_increase, min_sink_reduction).check(result)
     if violations:
         raise BudgetNotMet("gate violated: " + "; ".join(violations))

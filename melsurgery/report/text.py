@@ -44,8 +44,8 @@ def scan_summary(r: ScanResult) -> str:
             + (f", persisting through layer {r.persist_until}" if r.persist_until is not None else ""))
 
 
-def scan_report(r: ScanResult) -> str:
-    """The human-readable scan report (docs/commands/scan.md shows one)."""
+def scan_report(r: ScanResult, verbose: bool = False) -> str:
+    """The human-readable scan report (docs/commands/scan.md shows one); `verbose`: the per-layer sink dims too."""
     m = r.model
     lines = [f"model: {m.id} ({m.family}, {count(m.num_layers, 'layer')}, hidden {m.hidden_size})"]
     if (c := r.calibration) is not None:
@@ -123,12 +123,12 @@ def scan_report(r: ScanResult) -> str:
         )
     if r.sink_after_me is not None:
         lines.append(f"attention sink after the ME Layer (mean over layers {me + 1}+): {r.sink_after_me:.3f}")
-    lines += _attention_input_lines(r)
+    lines += _attention_input_lines(r, verbose)
     return "\n".join(lines)
 
 
-def _attention_input_lines(r: ScanResult) -> list[str]:
-    """Per layer after the ME Layer: the magnitude selector and the dims that drive the sink."""
+def _attention_input_lines(r: ScanResult, verbose: bool) -> list[str]:
+    """After the ME Layer: the magnitude selector and the dims that drive the sink (per layer with `verbose`)."""
     lines = []
     sel = r.selector_layers
     if sel:
@@ -149,11 +149,12 @@ def _attention_input_lines(r: ScanResult) -> list[str]:
     magnitude = [d.dim for d in r.top_dims[:k]]
     lines.append(f"dims of the massive tokens' attention input that drive the sink (|grad x input|, top {k}; "
                  f"overlap with the magnitude top-{k} {magnitude}; share of the attribution in each):")
-    for s in sinks:
+    for s in sinks if verbose else ():
         dims = ", ".join(f"{d.dim} ({100 * d.share:.0f}%)" for d in s.dims[:k])
         lines.append(f"  layer {s.layer}: {dims}; overlap {s.overlap:.2f}; share sink top-{k} "
                      f"{100 * s.sink_top_share:.0f}% vs magnitude top-{k} {100 * s.magnitude_top_share:.0f}%")
-    lines.append(f"  mean overlap: {r.sink_dims_overlap:.2f}")
+    lines.append(f"  mean overlap over layers {_ranges([s.layer for s in sinks])}: {r.sink_dims_overlap:.2f}"
+                 + ("" if verbose else " (per layer: --verbose or the JSON)"))
     if r.qk_norm:
         lines.append(f"  this family normalises queries and keys per head (QK-norm): the key's direction decides "
                      f"the sink, so the massive dims and the dims that drive the sink may differ (measured overlap "
