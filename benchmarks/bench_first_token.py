@@ -9,7 +9,7 @@ with respect to the first token's embedding row:
 
 - plain: the whole transformers model in memory, the row spliced into `inputs_embeds`, attentions returned,
   the base model's logits recomputed by a second forward pass (nothing cached), full logits, one backward;
-- fit: `RowObjective.evaluate` (recipes/first_token_fit.py): base pass cached once (massive tokens, base sinks,
+- fit: `RowObjective.evaluate` (fit/first_token.py): base pass cached once (massive tokens, base sinks,
   the KL's per-position terms), only the row as a leaf, the head scored in blocks.
 
 Prints the median seconds of each and their ratio; the memory figure is the process's peak RSS after each
@@ -39,9 +39,9 @@ def main() -> None:
     from melsurgery.checkpoint.reader import Checkpoint
     from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
+    from melsurgery.fit.first_token import RowObjective, first_token
     from melsurgery.measure.verify import eval_text, make_windows, split_text
     from melsurgery.params import DetectParams
-    from melsurgery.recipes.first_token_fit import RowObjective, first_token
 
     source = resolve(args.model)
     ckpt = Checkpoint(source.folder)

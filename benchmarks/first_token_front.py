@@ -2,7 +2,7 @@
 
     python3 benchmarks/first_token_front.py MODEL --of bos --json out.json [--on ffn-dampen:factor=0.035]
 
-The path is fitted exactly as `patch --recipe first-token` fits it (recipes.first_token_fit, on the tuning
+The path is fitted exactly as `patch --recipe first-token` fits it (fit.first_token, on the tuning
 half of the embedded evaluation text); its start (the stored row, i.e. the `--on` recipes alone) and up to
 `--heldout-points` of its points that no other point beats on the tuning figures are then measured on the
 held-out half (windows of 512 tokens opening like the fitting windows, the sink and KL of verify). Writes a
@@ -46,10 +46,10 @@ def run(args) -> dict:
     from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json, run_scan
+    from melsurgery.fit.first_token import FitSettings, RowObjective, first_token, fit_path
     from melsurgery.measure.verify import eval_text, make_windows, split_text
     from melsurgery.params import DetectParams
     from melsurgery.recipes import plan_recipes, resolve_recipes
-    from melsurgery.recipes.first_token_fit import FitSettings, RowObjective, first_token, fit_path
 
     torch.manual_seed(0)
     source = resolve(args.model)
