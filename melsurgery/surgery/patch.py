@@ -122,7 +122,8 @@ def run_patch(
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
-                           measurements=measurements_for_card(measured) if measured else None, search=search)
+                           measurements=measurements_for_card(measured) if measured else None, search=search,
+                           deferred_sources=len(written.record.deferred))
         (tmp / MODEL_CARD).write_text(card)
         # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,
