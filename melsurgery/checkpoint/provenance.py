@@ -404,10 +404,11 @@ class Provenance(JsonRecord):
                 d.check(path)
                 candidates = (sources or {}).get(rel, ())
                 sealed = next((got for src in candidates if (got := d.compare(path, src)) is not None), None)
-                if sealed is None and d.deferred:
+                if sealed is None and (d.deferred or not d.edits):  # nothing else vouches for its bytes
+                    what = "by size, mtime and inode" if d.deferred else "without an edited range"
                     raise UserError(f"{path}: its source ({', '.join(map(str, candidates)) or 'not found'}) cannot "
-                                    f"be read, and {PROVENANCE} records it only by size, mtime and inode; push needs "
-                                    "the source folder as patch read it, or patch again")
+                                    f"be read, and {PROVENANCE} records it only {what}; push needs the source "
+                                    "folder as patch read it, or patch again")
                 if sealed is None:  # no source to compare with: the untouched bytes only have the mtime rule
                     d.check_mtime(path)
                 judged[rel] = "mtime" if sealed is None else "source-hashed" if d.deferred else "source"

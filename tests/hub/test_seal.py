@@ -64,6 +64,19 @@ def test_a_derived_entry_with_no_edited_range_is_refused():
                                                         "edits": []}}), "p")
 
 
+def test_a_derivation_without_edits_is_never_trusted_on_its_mtime(tmp_path):
+    """A shard recorded as a copy of its source (no edited range): only the source can prove its bytes; without
+    the source it is refused, whatever its size and mtime say."""
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"x" * 10)
+    st = path.stat()
+    copy = {"size": 10, "mtime_ns": st.st_mtime_ns, "edits": [], "source_file": {"size": 10, "mtime_ns": 1, "inode": 2}}
+    for source in ({"source_sha256": None}, {"source_sha256": "a" * 64}):  # deferred, or as push sealed it
+        record = Provenance.from_json(doc_with({"w.safetensors": {**copy, **source}}), "p")
+        with pytest.raises(UserError, match="w.safetensors: its source .* cannot be read"):
+            record.verify(tmp_path, {"w.safetensors": path})
+
+
 @pytest.mark.slow
 def test_config_recorded_as_derived_is_not_pushed_unhashed(sharded, tmp_path):
     """Moving config.json from outputs to derived (edits [], its size and mtime) made push accept any config."""
