@@ -234,7 +234,7 @@ def test_tensor_and_module_names_live_in_the_architecture_entry() -> None:
 
 
 MAX_FUNCTION_LINES = 100
-# Known offenders, split on their own branches (issue 27 item 4): the lead empties this set when they land.
+# Known offenders of the length limit, each split on its own branch: emptied as the splits are merged.
 PENDING_SPLIT: set[str] = set()
 
 

@@ -422,7 +422,7 @@ def test_the_echoed_token_leaks_without_scrubbing(hub_server: HubServer, tmp_pat
 
 
 # --------------------------------------------------------------------------------------------------
-# Model cards the Hub accepts (issue 16)
+# Model cards the Hub accepts
 # --------------------------------------------------------------------------------------------------
 
 
