@@ -21,7 +21,7 @@ demo: setup
 	melsurgery scan default --num-samples auto --json out/scan.json --plot out/scan.png --quiet
 	melsurgery patch default -o out/smollm2-budget --scan out/scan.json --num-samples auto --max-kl 0.05 \
 		--trials $(DEMO_TRIALS) --timeout $(DEMO_TIMEOUT) --windows 1 --plot out/search.png --overwrite
-	melsurgery verify default out/smollm2-budget --generations 0 --json out/verify.json --plot out/verify.png \
+	melsurgery verify default out/smollm2-budget --json out/verify.json --plot out/verify.png \
 		--quiet > out/verify.txt
 	$(PYTHON) scripts/demo_summary.py out
 

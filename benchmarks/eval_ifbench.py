@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import ifbench as ib  # noqa: E402
 from benchmarks.harness import measured  # noqa: E402
+from melsurgery.measure import tasks as ib  # noqa: E402
 
 METRIC_LABELS = {
     "prompt_strict": "prompt strict",

@@ -3,10 +3,10 @@
 The library API, one entry point per CLI command (the CLI is a thin layer over these):
 
     import melsurgery
-    source = melsurgery.resolve("default")            # a folder, Hub id, .gguf file or `default`
-    result = melsurgery.scan(source)                  # ScanResult: the ME Layer, explained
-    melsurgery.patch(source, out, manifest)           # write a patched checkpoint
-    report = melsurgery.verify(base, out)             # base versus patched, on held-out text
+    result = melsurgery.scan("default")               # a folder, Hub id, .gguf file, `default` or a Source
+    melsurgery.patch("default", "out", max_kl=0.05)   # the largest sink cut within KL 0.05 (budgeted_patch)
+    melsurgery.patch("default", "out", [("ffn-dampen", {"factor": 0.2})])   # given recipes (or a Manifest)
+    report = melsurgery.verify("default", "out")      # base versus patched, on held-out text
     model, tokenizer = melsurgery.load(out)           # a patched checkpoint, custom layer included
 
 Names are imported on first use, so `import melsurgery` stays cheap (no torch).
@@ -21,19 +21,20 @@ from melsurgery.version import __version__
 
 # public name -> (module, attribute)
 _API = {
-    "resolve": ("melsurgery.checkpoint.source", "resolve"),
+    "resolve": ("melsurgery.checkpoint.source", "as_source"),
     "Source": ("melsurgery.checkpoint.source", "Source"),
-    "scan": ("melsurgery.detect.scan", "run_scan"),
+    "scan": ("melsurgery.api", "scan"),
     "ScanResult": ("melsurgery.detect.scan_result", "ScanResult"),
     "CalibrationSpec": ("melsurgery.calibrate.samples", "CalibrationSpec"),
     "DetectParams": ("melsurgery.params", "DetectParams"),
     "Manifest": ("melsurgery.surgery.manifest", "Manifest"),
     "load_manifest": ("melsurgery.surgery.manifest", "load_manifest"),
-    "patch": ("melsurgery.surgery.patch", "run_patch"),
+    "patch": ("melsurgery.api", "patch"),
+    "budgeted_patch": ("melsurgery.api", "budgeted_patch"),
     "patch_gguf": ("melsurgery.surgery.gguf_patch", "run_patch_gguf"),
-    "verify": ("melsurgery.measure.verify", "run_verify"),
-    "diff": ("melsurgery.compare.checkpoints", "diff_checkpoints"),
-    "tune": ("melsurgery.search.tune", "run_tune"),
+    "verify": ("melsurgery.api", "verify"),
+    "diff": ("melsurgery.api", "diff"),
+    "tune": ("melsurgery.api", "tune"),
     "SearchOptions": ("melsurgery.search.options", "SearchOptions"),
     "push": ("melsurgery.hub.push", "push"),
     "load": ("melsurgery.engines.loading", "load"),

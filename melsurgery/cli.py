@@ -21,7 +21,8 @@ from melsurgery.version import __version__
 # docs sets it). The figures such a run prints mean nothing; the commands, flags and files are real.
 SMOKE = "MELSURGERY_SMOKE"
 SMOKE_CAPS = {"num_samples": 4, "max_tokens": 64, "trials": 3, "windows": 1, "max_windows": 1,
-              "verify_windows": 1, "generations": 1, "first_token_steps": 3, "candidates": 2}
+              "verify_windows": 1, "generations": 1, "first_token_steps": 3, "candidates": 2, "limit": 2,
+              "payoff_window": 16}
 
 
 def _smoke(callback):

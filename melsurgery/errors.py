@@ -85,11 +85,12 @@ _PATTERNS = [
     (re.compile(r"\b(hf_|api_org_)[A-Za-z0-9]{8,}"), r"\1" + MASK),
     # HTTP credentials: "Bearer <value>", "Basic <value>"
     (re.compile(r"\b(Bearer|Basic)(\s+)[A-Za-z0-9._~+/-]{6,}=*"), r"\1\2" + MASK),
-    # key=value and "key": "value" pairs whose key names a secret; after "token", a number is a figure
+    # key=value and "key": "value" pairs whose key names a secret; after "token", a number is a figure, and a
+    # "token" that ends a hyphenated name is prose ("first-token: gradient steps of the fit")
     (re.compile(r"""(?i)\b((?:api|access|auth|secret|private)[_-]?(?:key|token)|apikey|secret|password|passwd|pwd|"""
                 r"""client[_-]?secret|authorization)(["']?\s*[=:]\s*["']?)(?!(?:Bearer|Basic)\s)"""
                 r"""(?=[^\s"'&,;)}\]]{4,})[^\s"'&,;)}\]]+"""), r"\1\2" + MASK),
-    (re.compile(r"""(?i)\b(token)(["']?\s*[=:]\s*["']?)(?![-+]?[\d.]+(?:e[-+]?\d+)?%?(?:[\s"'&,;)}\]]|$))"""
+    (re.compile(r"""(?i)(?<![\w-])(token)(["']?\s*[=:]\s*["']?)(?![-+]?[\d.]+(?:e[-+]?\d+)?%?(?:[\s"'&,;)}\]]|$))"""
                 r"""(?=[^\s"'&,;)}\]]{6,})[^\s"'&,;)}\]]+"""), r"\1\2" + MASK),
 ]
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Check a patched GGUF in a real GGUF runtime (llama.cpp, through llama-cpp-python). Not part of CI.
 
-Patches the embedded default model (SmolLM2-135M-Instruct, Q4_1) into GGUF with each folded recipe (or
-then runs base and patched in llama.cpp and in transformers (its GGUF loader, dequantised to fp32)
-on the same token ids of the held-out text `verify` uses, and reports per runtime: mean KL(base ||
+Patches a GGUF (default: the embedded SmolLM2-135M-Instruct, Q4_1; `--source` another .gguf) into GGUF
+with each folded recipe, then runs base and patched in llama.cpp and in transformers (its GGUF loader,
+dequantised to fp32) on the same token ids of the held-out text `verify` uses, and reports per runtime: mean KL(base ||
 patched) of the next-token distributions and top-1 agreement base vs patched (the definitions of
 `melsurgery verify`), plus how far the two runtimes are apart on the same model.
 
@@ -12,6 +12,10 @@ an hour on 2 shared cores, minutes on a free machine). `--build` installs it wit
 
     CMAKE_BUILD_PARALLEL_LEVEL=1 pip install llama-cpp-python
     python scripts/check_llamacpp.py --windows 4 --json out/llamacpp.json
+
+Built in a separate venv instead (its numpy must not shadow the project's), expose only its llama_cpp
+package: `mkdir /tmp/lc && ln -s VENV/lib/python3.11/site-packages/{llama_cpp,diskcache} /tmp/lc/` and
+run with `PYTHONPATH=$PWD:/tmp/lc`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPES = ("ffn-dampen", "norm-rescale", "me-norm")
+RECIPES = ("ffn-dampen", "norm-rescale", "me-norm", "first-token")
 
 
 def ensure_llama_cpp(build: bool) -> None:
@@ -84,10 +88,10 @@ def check(base_gguf: Path, patched_gguf: Path, n_windows: int, size: int) -> dic
     """Both runtimes on base and patched: the patch's effect in each, and llama.cpp vs transformers."""
     from transformers import AutoTokenizer
 
-    from melsurgery.measure.verify import eval_text, windows
+    from melsurgery.measure.verify import eval_text, make_windows
 
     tok = AutoTokenizer.from_pretrained(base_gguf.parent, gguf_file=base_gguf.name)
-    chunks = windows(list(tok(eval_text(None)[0])["input_ids"]), size, n_windows)
+    chunks = make_windows(tok, eval_text(None)[0], size, n_windows).ids
     lc_b, lc_p = llamacpp_logprobs(base_gguf, chunks), llamacpp_logprobs(patched_gguf, chunks)
     tf_b, tf_p = transformers_logprobs(base_gguf, chunks), transformers_logprobs(patched_gguf, chunks)
     return {"windows": len(chunks), "window_tokens": size,
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", action="store_true", help="pip install llama-cpp-python if it is missing")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="Folded recipes, one GGUF patch each")
-    ap.add_argument("--scan", type=Path, help="A scan JSON of the default model (else scanned once)")
+    ap.add_argument("--source", default="default", help="The GGUF to patch: default or a .gguf file")
+    ap.add_argument("--scan", type=Path, help="A scan JSON of the source (else scanned once)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/melsurgery-llamacpp"))
@@ -111,15 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     from melsurgery.surgery.gguf_patch import run_patch_gguf
     from melsurgery.surgery.manifest import Manifest
 
-    src = resolve("default")
+    src = resolve(args.source)
     scan = read_json(args.scan) if args.scan else run_scan(src)
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
     print("| recipe | runtime | KL mean | KL max | top-1 agreement |\n|---|---|---|---|---|")
     for recipe in args.recipes.split(","):
         out = args.work / f"{recipe}.gguf"
-        run_patch_gguf(src, out, Manifest(recipes=[(recipe, {})]), scan=scan, overwrite=True)
+        patched = run_patch_gguf(src, out, Manifest(recipes=[(recipe, {})]), scan=scan, overwrite=True)
         r = results[recipe] = check(src.origin_file, out, args.windows, args.max_tokens)
+        r["types"] = {a.tensor: f"{a.type}->{a.written_type}" for a in patched.applied}
         for runtime in ("llama.cpp", "transformers"):
             f = r[runtime]
             print(f"| {recipe} | {runtime} | {f['kl_mean']:.4f} | {f['kl_max']:.3f} | {f['top1_agreement']:.1%} |")

@@ -49,9 +49,34 @@ def main(argv: list[str] | None = None) -> int:
         f"{change_text(v['sink_reduction_pct'])}, KL {v['kl_mean']:.4f}, perplexity {v['ppl_increase_pct']:+.1f}%",
         f"plots: {out / 'scan.png'} (where the massive activation emerges), {out / 'search.png'} (the search), "
         f"{out / 'verify.png'} (per layer, base vs patched)",
+        *generation_lines(v),
+        *loading_lines(out / "smollm2-budget", folds),
     ]
     print("\n".join(lines))
     return 0
+
+
+def generation_lines(v: dict) -> list[str]:
+    """verify's greedy generations, base and patched side by side (or why there are none)."""
+    if not v["generations"]:
+        return ["", v["generations_note"] or "no generations (verify ran with --generations 0)"]
+    lines = ["", "greedy generations, base vs patched (as verify printed them):"]
+    for g in v["generations"]:
+        lines += [f"  prompt:  {g['prompt']}", f"  base:    {g['base'].strip()[:160]!r}",
+                  f"  patched: {g['patched'].strip()[:160]!r}"]
+    return lines
+
+
+def loading_lines(folder: Path, folds: bool) -> list[str]:
+    """The demo's last lines: the folder written and how to load and run it."""
+    load = ("model = AutoModelForCausalLM.from_pretrained(path); tok = AutoTokenizer.from_pretrained(path)"
+            if folds else "model, tok = melsurgery.load(path)   # the custom layer, without trust_remote_code")
+    head = ("from transformers import AutoModelForCausalLM, AutoTokenizer" if folds else "import melsurgery")
+    return ["", f"wrote {folder}; load and run it with:",
+            f"  {head}; path = {str(folder)!r}",
+            f"  {load}",
+            '  ids = tok("The capital of France is", return_tensors="pt").input_ids; '
+            "print(tok.decode(model.generate(ids, max_new_tokens=20)[0]))"]
 
 
 if __name__ == "__main__":

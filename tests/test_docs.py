@@ -62,5 +62,6 @@ _WORKLOG_FILES = sorted(
 
 def test_no_work_log_words():
     found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:100]}" for p in _WORKLOG_FILES
-             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if _WORKLOG.search(line) or _PLACEHOLDER.search(line)]
+             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+             if _WORKLOG.search(line) or _PLACEHOLDER.search(line)]
     assert not found, "work-log words (history goes to CHANGELOG.md):\n" + "\n".join(found)

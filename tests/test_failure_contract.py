@@ -905,4 +905,4 @@ def test_undecodable_bytes_in_a_name_are_printed_escaped(tmp_path):
     name = os.fsdecode(b"bad\xffname")
     (tmp_path / name).mkdir()
     res = console("scan", tmp_path / name, *QUICK_SCAN, env={"PYTHONIOENCODING": "utf-8:strict"})
-    refused(res, 2, "no config.json", "\\udcff")
+    refused(res, 2, "the path is not valid UTF-8", "\\udcff")

@@ -15,7 +15,7 @@ ROOT = Path(melsurgery.__file__).parent
 # The stages, bottom to top: a module may import from its own stage or a stage before it, never after.
 STAGES = ["data", "errors", "version", "outputs", "architectures", "params", "formats", "checkpoint", "engines",
           "calibrate", "measure", "detect", "recipes", "fit", "hub", "report", "compare", "surgery", "search",
-          "commands", "cli", "__main__", "__init__"]
+          "commands", "api", "cli", "__main__", "__init__"]
 
 TORCH_FREE = ["calibrate.stats", "calibrate.samples", "detect.scan_result", "checkpoint.provenance", "checkpoint.edits",
               "formats.typed", "formats.wording", "outputs", "params", "surgery.manifest", "recipes", "hub.card",

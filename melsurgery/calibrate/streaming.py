@@ -162,11 +162,12 @@ class StreamingModel:
         cap = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(z / cap) * cap if cap else z
 
-    def run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, keys: KeyRule | None = None) -> torch.Tensor:
         """One decoder layer on one unpadded sequence [1, T, D], exactly as the full model runs it.
 
         Attention layers get their causal mask and rotary embedding; other mixers get no mask (the
-        full model passes none for an unpadded batch) and no rotary embedding (they do not use one)."""
+        full model passes none for an unpadded batch) and no rotary embedding (they do not use one).
+        `keys`: a further rule on which keys each query may see (ANDed with the layer's own mask)."""
         i = next(k for k, other in enumerate(self.layers) if other is layer)
         kind = self.layer_types[i]
         T = h.shape[1]
@@ -174,7 +175,7 @@ class StreamingModel:
         mask, extra = None, {}
         if self.mixers[i].kind == ATTENTION:
             window = self.config.sliding_window if kind == "sliding_attention" else None
-            mask = causal_mask(T, h.dtype, self.device, window)
+            mask = causal_mask(T, h.dtype, self.device, window, keys(T, self.device) if keys else None)
             if self.rotary is not None:
                 rotary = self.rotary(h, pos, kind) if self._rotary_per_type else self.rotary(h, pos)
                 extra["position_embeddings"] = rotary
@@ -182,13 +183,20 @@ class StreamingModel:
         return out[0] if isinstance(out, tuple) else out
 
 
-def causal_mask(T: int, dtype: torch.dtype, device: torch.device, window: int | None = None) -> torch.Tensor:
-    """Additive [1, 1, T, T] causal mask (with an optional sliding window) for eager attention."""
+KeyRule = Callable[[int, torch.device], torch.Tensor]  # T -> bool [T, T]: may query q see key k
+
+
+def causal_mask(T: int, dtype: torch.dtype, device: torch.device, window: int | None = None,
+                also: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive [1, 1, T, T] causal mask (with an optional sliding window, and `also` a bool [T, T] that must
+    hold too) for eager attention."""
     q = torch.arange(T, device=device)[:, None]
     k = torch.arange(T, device=device)[None, :]
     allowed = k <= q
     if window:
         allowed &= k > q - window
+    if also is not None:
+        allowed &= also
     mask = torch.zeros(T, T, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
@@ -204,12 +212,18 @@ class Stream:
     A stream may run a model that differs from the checkpoint: `edits` gives, per layer, replacement
     tensors (names relative to the layer, as the checkpoint names them), either as a mapping or as a
     function (layer, the checkpoint's tensors of that layer) -> replacements; `wemask` is a custom-layer
-    spec (config.json `melsurgery_wemask`) whose hooks run on this stream only.
+    spec (config.json `melsurgery_wemask`) whose hooks run on this stream only. A stream may also run the
+    layers differently: `keys` restricts which keys each query sees (on top of the layer's own mask), `hooks`
+    installs forward hooks on each loaded layer for this stream (returns their handles). `observed` False: the
+    probe and the observer skip this stream.
     """
 
     states: list[torch.Tensor]
     edits: Edits | None = None
     wemask: dict | None = None
+    keys: KeyRule | None = None
+    hooks: Callable[[nn.Module], list] | None = None
+    observed: bool = True
 
     def edits_for(self, i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This stream's replacement tensors for layer i (none: the layer runs as stored), given its stored ones."""
@@ -244,8 +258,8 @@ def run_layers(
 
     For each layer, stream k runs with its own edits swapped in and its WeMask hooks installed; then
     `observe(layer index, k, inputs, outputs, probe)` sees the pass (with `probe(layer)`'s records).
-    The streams' states are replaced by the layer outputs. Memory: one layer (twice while an edited
-    copy is loaded) plus the streams' activations.
+    The streams' states are replaced by the layer outputs. Consecutive streams whose edits are the same object
+    share one loaded copy. Memory: one layer (twice while an edited copy is loaded) plus the streams' activations.
     """
     from melsurgery.engines.modeling_melsurgery import apply_wemask
 
@@ -256,20 +270,21 @@ def run_layers(
         try:
             for k, stream in enumerate(streams):
                 edits = stream.edits_for(i, base)
-                if loaded is None or edits or loaded:
+                if loaded is None or (edits or loaded) and edits is not loaded:  # the same edits object: loaded
                     layer = model.load_layer(i, {**base, **edits})
                     loaded = edits
                 spec = stream.wemask
                 hooks = apply_wemask(model.skeleton, {**spec, "layers": [i]}) if spec and i in spec["layers"] else []
+                hooks += stream.hooks(layer) if stream.hooks else []
                 try:
-                    with probe(layer) if probe else nullcontext() as p, torch.no_grad():
+                    with probe(layer) if probe and stream.observed else nullcontext() as p, torch.no_grad():
                         inputs = stream.states
                         outputs = []
                         for h in inputs:
-                            outputs.append(model.run_layer(layer, h[None])[0])
+                            outputs.append(model.run_layer(layer, h[None], stream.keys)[0])
                             if p is not None:
                                 p.end_sample()
-                        if observe:
+                        if observe and stream.observed:
                             observe(i, k, inputs, outputs, p)
                 finally:
                     for handle in hooks:

@@ -9,6 +9,7 @@ hold it while they write (for library callers).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,10 @@ from pathlib import Path
 
 from melsurgery.checkpoint.guard import TMP_PREFIX as PREFIX
 from melsurgery.checkpoint.guard import check_writable
+from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.errors import NO_SPACE, Interrupted, UserError, quote
+from melsurgery.formats.wording import count
+from melsurgery.outputs import PROVENANCE
 
 CAUGHT = ("SIGINT", "SIGTERM", "SIGHUP")  # unwound, cleaned up, exit 128 + n
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # out of space: exit 5, not bad input
@@ -63,8 +67,40 @@ def check_output(out: Path, overwrite: bool, protect: Path | None = None) -> Non
             break
     if out.exists() and not out.is_dir():
         raise UserError(f"{quote(str(out))}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{quote(str(out))}: exists and is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        foreign = foreign_files(out)
+        if foreign:
+            shown = ", ".join(quote(f, 60) for f in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UserError(f"{quote(str(out))}: holds {count(len(foreign), 'file')} melsurgery did not write "
+                            f"({shown}); choose another -o or remove them")
+        if not overwrite:
+            raise UserError(f"{quote(str(out))}: holds an earlier melsurgery output; pass --overwrite to replace it")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The files of `folder` (relative, sorted) that melsurgery did not write: --overwrite replaces only a folder
+    whose provenance.json melsurgery wrote and whose every other file that provenance lists (or is a file's
+    .sha256 sidecar), so that it never deletes a user's notes, another tool's output or a model."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    try:
+        record = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return files
+    if not (isinstance(record, dict) and str(record.get("tool", "")).startswith("melsurgery")):
+        return files
+    known = {PROVENANCE, *(record.get("outputs") or {}), *(record.get("derived") or {})}
+    known |= {name + SIDECAR for name in known}
+    return [f for f in files if f not in known]
+
+
+def foreign_file(path: Path) -> bool:
+    """A GGUF file melsurgery did not write (its header holds no `melsurgery.version`): --overwrite keeps it."""
+    from melsurgery.checkpoint.gguf_file import GGUFFile
+
+    try:
+        return "melsurgery.version" not in GGUFFile(path).kv
+    except (UserError, OSError, ValueError):
+        return True
 
 
 @contextmanager
@@ -109,6 +145,9 @@ def check_output_file(out: Path, overwrite: bool = True, protect: Path | None = 
         why = "is a file" if not parent.is_dir() else "does not exist"
         raise UserError(f"{quote(str(out))}: cannot write ({quote(str(parent if why == 'is a file' else out.parent))}"
                         f" {why})")
+    if out.exists() and out.suffix.lower() == ".gguf" and foreign_file(out):
+        raise UserError(f"{quote(str(out))}: a file melsurgery did not write (no melsurgery.* metadata); choose "
+                        "another -o or remove it")
     if out.exists() and not overwrite:
         raise UserError(f"{quote(str(out))}: exists; pass --overwrite to replace it")
     return out

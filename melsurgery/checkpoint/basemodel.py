@@ -25,17 +25,60 @@ _HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#]+)
 _NOT_MODELS = ("datasets", "spaces", "collections", "docs", "papers", "api")
 
 
-def is_repo_id(value: object, *, namespace: bool = False) -> bool:
-    """huggingface_hub's repo-id rules (1-96 chars of [A-Za-z0-9_.-], no '--' or '..', not '.git'), ASCII only.
-
-    `namespace`: require the 'owner/name' form (legacy single-name ids such as 'gpt2' are refused)."""
-    if not isinstance(value, str) or not value.isascii() or (namespace and "/" not in value):
-        return False
+def repo_id_problem(value: object, *, namespace: bool = False) -> str | None:
+    """Why the Hub would refuse `value` as a model id (huggingface_hub's `validate_repo_id` rules, ASCII only), or
+    None when it is one. `namespace`: require the 'owner/name' form (legacy single-name ids such as 'gpt2' are
+    refused)."""
+    if not isinstance(value, str):
+        return "not a string"
+    if not value.isascii():
+        return "only ASCII letters, digits, '-', '_' and '.' are allowed"
+    if namespace and "/" not in value:
+        return f"include the namespace, e.g. 'your-username/{value[:40]}'"
     try:
         validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
+    except HFValidationError as exc:  # its message ends by quoting the id, which the caller quotes safely
+        return str(exc).rsplit(": '", 1)[0].rstrip(".")
+    return None
+
+
+def is_repo_id(value: object, *, namespace: bool = False) -> bool:
+    """Whether the Hub accepts `value` as a model id (see `repo_id_problem`)."""
+    return repo_id_problem(value, namespace=namespace) is None
+
+
+# A branch, tag, commit or refs/pr/N as git (and so the Hub) accepts it: `git check-ref-format` rules.
+_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\\ud800-\udfff]")
+MAX_REVISION = 255
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why a Hub revision cannot name a branch, tag or commit, or None: the rules of `git check-ref-format`
+    (no control characters, spaces, ~^:?*[\\, '..', '@{', '//', no part starting with '.' or ending with
+    '.lock', not ending with '/' or '.'); huggingface_hub checks none of them and would put it in a URL or a
+    cache path as it is."""
+    if not revision or len(revision) > MAX_REVISION:
+        return f"must be 1 to {MAX_REVISION} characters"
+    if _REF_CHARS.search(revision):
+        return "spaces, control characters and ~^:?*[\\ are not allowed"
+    if ".." in revision or "@{" in revision or "//" in revision or revision == "@":
+        return "'..', '@{', '//' and a lone '@' are not allowed"
+    if revision.startswith("/") or revision.endswith(("/", ".")) or any(
+            part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
+        return "no part may start with '.' or end with '.lock', and it may not start or end with '/' or end with '.'"
+    return None
+
+
+def check_hub_ref(repo_id: str | None, revision: str | None, *, namespace: bool = False) -> None:
+    """The one check of a Hub id and revision where they enter (a model argument, a manifest, push), before any
+    work: a one-line UserError with the Hub's rule, instead of huggingface_hub's exception mid-command."""
+    why = None if repo_id is None else repo_id_problem(repo_id, namespace=namespace)
+    if why:
+        raise UserError(f"invalid repo id {quote(repo_id)} ({why}): the Hub takes OWNER/NAME with letters, digits, "
+                        "'-', '_' and '.'")
+    why = None if revision is None else revision_problem(revision)
+    if why:
+        raise UserError(f"invalid revision {quote(revision)} ({why}): name a branch, tag, commit or refs/pr/N")
 
 
 @dataclass(frozen=True)
@@ -44,6 +87,23 @@ class BaseModelId:
 
     id: str
     origin: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Exactly what a patch read, for the card's first sentence and metadata: the kind of source, the file or
+    folder name (never a path), a GGUF's quantization type and how it became the weights melsurgery edited."""
+
+    kind: str  # "gguf" | "hub" | "hf-cache" | "folder"
+    name: str
+    quantization: str | None = None  # the type of most weight matrices
+    other_types: str | None = None  # the other matrices' types ("Q8_0")
+    conversion: str | None = None
+    revision: str | None = None
+
+    def to_meta(self) -> dict[str, str]:
+        """The card's `melsurgery_source` metadata: the fields that are known."""
+        return {k: v for k, v in vars(self).items() if v}
 
 
 def explicit(value: str, where: str) -> BaseModelId:

@@ -4,6 +4,11 @@ The output of a GGUF patch is the source file with its header re-emitted (the or
 then melsurgery's keys, then the original tensor infos) and edited tensors spliced into the data
 section. Tensor-info offsets are relative to the data section, so they stay valid byte for byte.
 Reading uses the `gguf` package (llama.cpp's own Python library); its quantisers are the only ones used.
+
+What a header claims is bounded before anything is decoded or allocated for it: every count (tensors, keys,
+array entries, dimensions) against the bytes left in the file, array entries in all against
+`MAX_ARRAY_ENTRIES` (the readers downstream, transformers' GGUF loader among them, build objects per entry),
+tensor names and dimensions as llama.cpp bounds them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ from melsurgery.errors import UserError, quote
 
 MELSURGERY_PREFIX = "melsurgery."
 _STRING, ARRAY = 8, 9  # GGUFValueType.STRING, .ARRAY
+# Metadata array entries a file may hold in all. The largest vocabularies in GGUF (Gemma's 262,144 tokens
+# with scores and types; Llama 3's 128,256 tokens with 280,147 merges) hold under 800,000; transformers'
+# GGUF reader spends several microseconds per entry, so a header claiming millions would hang a conversion.
+MAX_ARRAY_ENTRIES = 1 << 21
+MAX_DIMS, MAX_NAME = 4, 63  # llama.cpp's GGML_MAX_DIMS and GGML_MAX_NAME - 1 (it refuses more)
+# The fewest bytes an entry can take: a key/value pair (key length, type, a 1-byte value) and a tensor info
+# (name length, dimension count, one dimension, type, offset)
+_MIN_KV, _MIN_TENSOR_INFO = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,7 @@ class GGUFFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
             raise UserError(f"{self.path}: cannot read ({exc})") from None
-        size = len(self._map)
+        self.size = size = len(self._map)
         try:
             p = _Parser(self._map)
             if p.take(4) != b"GGUF":
@@ -90,6 +103,8 @@ class GGUFFile:
             if version not in (2, 3):
                 raise ValueError(f"GGUF version {version}; melsurgery reads versions 2 and 3 (little-endian)")
             n_tensors, n_kv = p.u64(), p.u64()
+            p.claim(n_kv, _MIN_KV, "metadata keys")
+            p.claim(n_tensors, _MIN_TENSOR_INFO, "tensors")
             self.kv: dict[str, KV] = {}
             for _ in range(n_kv):
                 start = p.pos
@@ -105,7 +120,12 @@ class GGUFFile:
             infos = []
             for _ in range(n_tensors):
                 name = p.string()
-                dims = [p.u64() for _ in range(p.u32())]
+                if len(name.encode()) > MAX_NAME:
+                    raise ValueError(f"a tensor name of {len(name.encode())} bytes (llama.cpp allows {MAX_NAME})")
+                n_dims = p.u32()
+                if not 1 <= n_dims <= MAX_DIMS:
+                    raise ValueError(f"a tensor with {n_dims} dimensions (llama.cpp allows 1 to {MAX_DIMS})")
+                dims = [p.u64() for _ in range(n_dims)]
                 qtype = GGMLQuantizationType(p.u32())
                 infos.append((name, dims, qtype, p.u64()))
             self.ti_end = p.pos
@@ -154,13 +174,22 @@ class GGUFFile:
         rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
         return data.reshape(rows, -1)
 
+    def head(self, name: str, n: int) -> bytes:
+        """The first n stored bytes of a tensor."""
+        start = self.tensors[name].start
+        return bytes(self._map[start : start + n])
+
     def dequantise(self, name: str, raw: np.ndarray | None = None) -> np.ndarray:
         """float32 values of a tensor (numpy shape), through gguf's dequantisers."""
         info = self.tensors[name]
         return dequantise_bytes(self.raw(name) if raw is None else raw, info)
 
-    def header(self, extra: dict[str, str]) -> bytes:
-        """This file's header with melsurgery's string keys `extra` in place of any it carried before."""
+    def header(self, extra: dict[str, str], retyped: dict[str, tuple[Any, int]] | None = None) -> bytes:
+        """This file's header with melsurgery's string keys `extra` in place of any it carried before.
+
+        `retyped`: tensors written in another type, {name: (type, bytes)}; their entries name the new type and
+        every tensor stored after them moves by the size difference (see `padded_end`). Without it the tensor
+        table is the source's, byte for byte."""
         kept = [kv for kv in self.kv.values() if not kv.key.startswith(MELSURGERY_PREFIX)]
         out = bytearray(self._map[:8])  # magic, version
         out += struct.pack("<QQ", len(self.tensors), len(kept) + len(extra))
@@ -168,8 +197,29 @@ class GGUFFile:
             out += self._map[kv.start : kv.end]
         for key, value in extra.items():
             out += _string(key) + struct.pack("<I", _STRING) + _string(value)
-        out += self._map[self.ti_start : self.ti_end]
+        out += self._tensor_table(retyped) if retyped else self._map[self.ti_start : self.ti_end]
         out += bytes(-len(out) % self.alignment)
+        return bytes(out)
+
+    def padded_end(self, name: str) -> int:
+        """Where a tensor's bytes and the padding that aligns the next one end: a retyped tensor replaces this
+        span with its own bytes padded to the alignment, so every later tensor moves by whole alignments."""
+        end = self.tensors[name].end
+        return min(end + (-end % self.alignment), self.size)
+
+    def _tensor_table(self, retyped: dict[str, tuple[Any, int]]) -> bytes:
+        shift, offsets = 0, {}
+        for info in sorted(self.tensors.values(), key=lambda t: t.start):
+            offsets[info.name] = info.start - self.data_offset + shift
+            if info.name in retyped:
+                nbytes = retyped[info.name][1]
+                shift += nbytes + (-nbytes % self.alignment) - (self.padded_end(info.name) - info.start)
+        out = bytearray()
+        for info in self.tensors.values():  # the table's own order
+            qtype = retyped[info.name][0] if info.name in retyped else info.type
+            out += _string(info.name) + struct.pack("<I", len(info.shape))
+            out += struct.pack(f"<{len(info.shape)}Q", *reversed(info.shape))
+            out += struct.pack("<IQ", int(qtype), offsets[info.name])
         return bytes(out)
 
 
@@ -181,7 +231,25 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 
 class _Parser:
     def __init__(self, buf: Any) -> None:
-        self.buf, self.pos = buf, 0
+        self.buf, self.pos, self.entries = buf, 0, 0
+
+    def claim(self, n: int, width: int, what: str) -> None:
+        """Refuse a count the rest of the file cannot hold at `width` bytes each, before anything is read for it."""
+        if n * width > len(self.buf) - self.pos:
+            raise ValueError(f"the header claims {n:,} {what}, more than the file's {len(self.buf):,} bytes can hold")
+
+    def array_head(self) -> tuple[int, int]:
+        """An array's item type and count, the count bounded by the file and by MAX_ARRAY_ENTRIES in all."""
+        itype, n = self.u32(), self.u64()
+        self.claim(n, np.dtype(_NUMPY[itype]).itemsize if itype in _NUMPY else 8 if itype == _STRING else 1,
+                   "array entries")
+        self.entries += n
+        if self.entries > MAX_ARRAY_ENTRIES:
+            raise ValueError(f"the metadata holds more than {MAX_ARRAY_ENTRIES:,} array entries (real vocabularies "
+                             "hold under a million)")
+        if itype == ARRAY:
+            raise ValueError("an array of arrays in the metadata (llama.cpp refuses nested arrays)")
+        return itype, n
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
@@ -207,11 +275,9 @@ class _Parser:
     def skip(self, vtype: int) -> None:
         """Step over a value without decoding it (numeric arrays in one step)."""
         if vtype == ARRAY:
-            itype, n = self.u32(), self.u64()
+            itype, n = self.array_head()
             if itype in _NUMPY:
                 self.take(n * np.dtype(_NUMPY[itype]).itemsize)
-            elif itype == ARRAY:
-                raise ValueError("an array of arrays in the metadata (llama.cpp refuses nested arrays)")
             elif itype == _STRING:  # the vocabulary: step over each length-prefixed string
                 pos, unpack, buf = self.pos, struct.unpack_from, self.buf
                 for _ in range(n):
@@ -235,13 +301,11 @@ class _Parser:
         if vtype == _STRING:
             return self.string()
         if vtype == ARRAY:  # item type, count, items
-            itype, n = self.u32(), self.u64()
+            itype, n = self.array_head()
             if itype in _NUMPY:
                 width = np.dtype(_NUMPY[itype]).itemsize
                 values = np.frombuffer(self.take(n * width), dtype=_NUMPY[itype])
                 return values.astype(bool).tolist() if itype == 7 else values.tolist()
-            if itype == ARRAY:
-                raise ValueError("an array of arrays in the metadata (llama.cpp refuses nested arrays)")
             return [self.value(itype) for _ in range(n)]
         raise ValueError(f"unknown metadata value type {vtype}")
 
@@ -279,6 +343,19 @@ def can_quantise(qtype: Any) -> bool:
     try:
         quants.quantize(np.zeros((1, GGML_QUANT_SIZES[qtype][0]), dtype=np.float32), qtype)
     except (NotImplementedError, quants.QuantError):
+        return False
+    return True
+
+
+@cache
+def can_dequantise(qtype: Any) -> bool:
+    """Whether the gguf package can read this type (K-quants yes; some i-quants not)."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    try:
+        quants.dequantize(np.zeros((1, ts), dtype=np.uint8), qtype)
+    except NotImplementedError:
         return False
     return True
 

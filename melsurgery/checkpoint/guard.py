@@ -6,6 +6,11 @@ database) goes through `check_writable` before any work and again when written. 
 resolved paths, so `..`, symlinks and relative spellings lead to the same verdict. Names too long for the
 filesystem (counting the hidden temporary sibling an atomic write needs) are refused up front instead of
 failing after the work with ENAMETOOLONG.
+
+melsurgery's own cache is written through `cache_folder` only: a cache that leads into a model the command reads
+($MELSURGERY_CACHE, $XDG_CACHE_HOME or $HOME inside it, one of the cache's folders a link into it, or the home of
+a library's cache such as matplotlib's) is refused like any other output there, in one line naming the variable
+to set, before the cache is read or written.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from melsurgery.errors import UserError, quote
+from melsurgery.outputs import cache_dir
 
 TMP_PREFIX = ".melsurgery-tmp-"
 TMP_EXTRA = len(TMP_PREFIX) + 1 + 10 + len("-old")  # prefix, name, "-<pid>", "-old" (see atomic.py)
@@ -67,6 +73,31 @@ def check_writable(out: Path, protect: Path | None = None) -> Path:
     for source, what in [*(_PROTECTED or []), *([(Path(protect), "the source model")] if protect else [])]:
         check_apart(out, source, what)
     return out.absolute()
+
+
+# Where melsurgery and the libraries it runs keep caches and settings (matplotlib's font cache, huggingface_hub,
+# torch, triton), by the variables that place them.
+CACHE_HOMES = ("MELSURGERY_CACHE", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HOME", "MPLCONFIGDIR", "HF_HOME",
+               "TORCH_HOME", "TRITON_CACHE_DIR")
+
+
+def cache_folder(name: str) -> Path:
+    """The cache's folder `name` (shapes, gguf, search), once no cache can land in a model the command reads: the
+    folder itself and every variable of CACHE_HOMES are refused when they are a protected source or lie inside
+    one (a plain `scan` wrote its skeleton, and matplotlib its font cache, into the model it read). Refused rather
+    than skipped, as any other output leading into a source is: the cache is misplaced for every later command
+    too, and the fix is one variable."""
+    folder = cache_dir() / name
+    places = [(folder, f"melsurgery's cache {quote(str(folder))}", "MELSURGERY_CACHE, XDG_CACHE_HOME or HOME")]
+    places += [(Path(os.environ[var]), f"${var} ({quote(os.environ[var])})", var) for var in CACHE_HOMES
+               if os.environ.get(var)]
+    for place, named, fix in places:
+        target = resolved(place)
+        for source, what in _PROTECTED or []:
+            if target == source or source in target.parents:
+                raise UserError(f"{named} lies inside {what} ({source}), and caches are written there; set {fix} "
+                                "to a folder outside it")
+    return folder
 
 
 def check_name(path: Path) -> None:

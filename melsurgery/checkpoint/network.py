@@ -64,9 +64,27 @@ def register_url_secrets(url: str | None) -> None:
 _configured: list[float] = []
 
 
+def check_endpoint() -> None:
+    """$HF_ENDPOINT, when set, is an http(s) URL with a host: huggingface_hub parses it only deep inside a request
+    (or an import), where "Invalid IPv6 URL" or "unsupported protocol" was an internal error."""
+    raw = os.environ.get("HF_ENDPOINT", "")
+    if not raw:
+        return
+    register_url_secrets(raw)
+    try:
+        parts = urlsplit(raw)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # an invalid IPv6 literal, a port that is not a number
+        ok = False
+    if not ok or raw != raw.strip() or any(ord(c) < 0x20 or ord(c) == 0x7f for c in raw):
+        raise UserError(f"HF_ENDPOINT={quote(raw)}: not an http:// or https:// URL with a host; fix or unset it")
+
+
 def configure_hub() -> None:
-    """Before the first Hub request: the timeout policy on huggingface_hub's client, and its secrets (the token,
-    the userinfo of HF_ENDPOINT) registered so that nothing prints them."""
+    """Before the first Hub request (and before huggingface_hub's download module is imported): $HF_ENDPOINT
+    checked, the timeout policy on huggingface_hub's client, and its secrets (the token, the userinfo of
+    HF_ENDPOINT) registered so that nothing prints them."""
+    check_endpoint()
     from huggingface_hub import constants, get_token
     from huggingface_hub.utils import close_session, get_session, set_client_factory
 

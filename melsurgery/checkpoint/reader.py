@@ -11,6 +11,7 @@ from melsurgery.checkpoint.hashing import SIDECAR
 from melsurgery.checkpoint.safetensors_file import SafetensorsHeader, TensorInfo, load_tensor, read_header
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import MAX_JSON, read_text, refuse_special_files
+from melsurgery.formats.wording import count
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -89,7 +90,7 @@ class Checkpoint:
         n, width = info.shape
         bad = [r for r in rows if not 0 <= r < n]
         if bad:
-            raise UserError(f"{self.folder}: rows {bad[:5]} out of range for {name} ({n} rows)")
+            raise UserError(f"{self.folder}: rows {bad[:5]} out of range for {name} ({count(n, 'row')})")
         row_bytes = info.nbytes // n if n else 0
         out = torch.empty((len(rows), width), dtype=info.torch_dtype)
         for k, r in enumerate(rows):

@@ -33,7 +33,14 @@ DTYPES: dict[str, torch.dtype] = {
 }
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 CODES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+# What a header may claim, checked on its bytes before they are parsed (a bomb lists millions of empty tensors in
+# a header of up to MAX_HEADER bytes and no data: parsing it, and every per-tensor check after, takes minutes and
+# gigabytes). A real header is a small fraction of the data it describes (about 100 bytes a tensor, and a tensor
+# holds at least a row of a norm); HEADER_SLACK leaves room for tiny models and metadata.
+HEADER_SLACK = 1024 * 1024
+MAX_TENSORS = 100_000  # per file; the largest mixture-of-experts checkpoints hold fewer in all their shards
+MAX_NAME = 1024  # characters of a tensor name; real names are under 200
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,11 @@ def read_header(path: Path) -> SafetensorsHeader:
             (hlen,) = struct.unpack("<Q", head)
             if hlen > MAX_HEADER or 8 + hlen > size:
                 raise UserError(f"{path}: corrupt safetensors header (length {hlen} exceeds the file); re-download it")
+            _check_claims(path, hlen, size - 8 - hlen, None)
             raw = fh.read(hlen)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    _check_claims(path, hlen, size - 8 - hlen, raw)
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -99,6 +108,9 @@ def read_header(path: Path) -> SafetensorsHeader:
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, spec in obj.items():
+        if len(name) > MAX_NAME:
+            raise UserError(f"{path}: corrupt safetensors header: a tensor name of {len(name):,} characters "
+                            f"(at most {MAX_NAME}): {quote(name)}")
         dtype, shape, lo, hi = _entry(path, name, spec)
         numel = _numel(path, name, shape, dtype)
         if hi < lo or hi - lo != numel * ITEMSIZE[dtype]:
@@ -111,6 +123,18 @@ def read_header(path: Path) -> SafetensorsHeader:
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + lo, data_start + hi)
     _check_coverage(path, sorted(spans), size - data_start)
     return SafetensorsHeader(path, data_start, tensors, dict(metadata))
+
+
+def _check_claims(path: Path, hlen: int, data_size: int, raw: bytes | None) -> None:
+    """Refuse a header that claims more than its file can hold, before it is read (`raw` None) and before it is
+    parsed: a header larger than its data by more than HEADER_SLACK, or more objects (each tensor entry is one
+    `{`) than MAX_TENSORS. Counting bytes is linear and allocates nothing; the JSON parser is never reached."""
+    if hlen > data_size + HEADER_SLACK:
+        raise UserError(f"{path}: implausible safetensors header: {hlen:,} bytes of header for {data_size:,} bytes "
+                        f"of tensor data (at most {HEADER_SLACK:,} more than the data); not parsed, re-download it")
+    if raw is not None and (objects := raw.count(b"{")) > MAX_TENSORS + 2:  # the header and __metadata__
+        raise UserError(f"{path}: implausible safetensors header: up to {objects - 1:,} tensor entries (at most "
+                        f"{MAX_TENSORS:,} in one file); not parsed, re-download it")
 
 
 def _check_coverage(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:

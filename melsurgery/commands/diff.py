@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from melsurgery.commands.shared import examples, json_option, preflight
+from melsurgery.commands.shared import complete_model, examples, json_option, preflight
 
 
 @click.command(
@@ -17,8 +17,8 @@ from melsurgery.commands.shared import examples, json_option, preflight
         "melsurgery diff owner/model owner/model-patched --revision-a v1 --revision main",
     )
 )
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", shell_complete=complete_model)
+@click.argument("b", shell_complete=complete_model)
 @click.option("--revision-a", default=None, help="Hub revision of A (branch, tag or commit).")
 @click.option("--revision", "revision_b", default=None, help="Hub revision of B (branch, tag or commit).")
 @json_option("Write every figure as JSON.")

@@ -12,6 +12,7 @@ from melsurgery.checkpoint.atomic import check_output
 from melsurgery.commands.search_flags import search_flags, search_options
 from melsurgery.commands.shared import (
     calibration_options,
+    complete_model,
     device_option,
     examples,
     preflight,
@@ -20,6 +21,7 @@ from melsurgery.commands.shared import (
     revision_option,
 )
 from melsurgery.errors import UserError
+from melsurgery.formats.wording import count, spans
 from melsurgery.params import DetectParams, Param
 from melsurgery.recipes import registry, resolve_recipes
 from melsurgery.search.options import SearchOptions
@@ -155,7 +157,7 @@ BUDGET_ONLY = ("objective", "trials", "timeout", "windows", "text", "heldout", "
         "melsurgery patch --manifest manifests/smollm2-wemask.yaml -o out/wemask   # bit for bit",
     )
 )
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=complete_model)
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder, or a .gguf file (GGUF output from a GGUF source).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
@@ -175,7 +177,8 @@ BUDGET_ONLY = ("objective", "trials", "timeout", "windows", "text", "heldout", "
               help="Hub id of MODEL for the card's base_model (default: detected from the Hub source, the Hugging "
                    "Face cache path, config.json or GGUF metadata; left out when unknown).")
 @calibration_options
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier melsurgery output (never a folder holding files melsurgery did not write).")
 @click.option("--link", is_flag=True, help="Hard-link untouched shards instead of copying them.")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Measure the patch (as `melsurgery verify`) and write the figures into the card and provenance.")
@@ -260,7 +263,7 @@ def _patch_gguf(man, opts: PatchOptions) -> None:
     do_verify, link = opts.verify, opts.link
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json
-    from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, run_patch_gguf
+    from melsurgery.surgery.gguf_patch import gguf_preflight, gguf_source_file, retyped_lines, run_patch_gguf
 
     # before resolving, which converts a GGUF on first use
     gguf_preflight(gguf_source_file(man.model), out, man.recipes, folder=out.suffix.lower() != ".gguf",
@@ -272,25 +275,30 @@ def _patch_gguf(man, opts: PatchOptions) -> None:
     scan = read_json(scan_path) if scan_path else None
     res = run_patch_gguf(source, out, man, folder=out.suffix.lower() != ".gguf", scan=scan, overwrite=overwrite,
                          device=device, progress=not quiet)
-    click.echo(f"ME Layer {res.scan.me_layer}, massive dims {list(res.scan.massive_dims)}")
+    for line in retyped_lines(res):  # first: where the file differs from the source's types, and what it costs
+        click.echo(line)
+    click.echo(f"ME Layer {res.scan.me_layer}, massive dims {spans(res.scan.massive_dims)}")
     for p in res.plans:
         click.echo(f"  {p.summary}")
     for a in res.applied:
-        click.echo(f"  edited {a.tensor} ({a.type}): {a.changed} entries changed, max |delta| "
-                   f"{a.max_abs_delta:.4g}; {a.blocks_requantised}/{a.blocks_total} blocks requantised "
-                   f"({a.blocks_changed} with new bytes), "
-                   f"requantisation error max {a.requant_max_abs_err:.3g}, rms {a.requant_rms_err:.3g}")
-    click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; loads with llama.cpp and transformers' "
-               "GGUF loader)")
+        click.echo(f"  edited {a.tensor} ({a.written_type}): {count(a.changed, 'entry', 'entries')} changed, max "
+                   f"|delta| {a.max_abs_delta:.4g}; {a.blocks_requantised}/{count(a.blocks_total, 'block')} "
+                   f"requantised ({a.blocks_changed} with new bytes); misses {a.edit_error:.1%} of the asked edit")
+    click.echo(f"wrote {res.file} (sha256 {res.output_sha256[:12]}; read back: every tensor where and what it "
+               f"should be); measure it with `melsurgery verify {man.model or 'default'} {res.file}`")
 
 
 def _echo_written(result, out: Path) -> None:
-    """The plans, the edits and where the patch went (and how it loads)."""
-    click.echo(f"ME Layer {result.scan.me_layer}, massive dims {list(result.scan.massive_dims)}")
+    """The plans, the edits and where the patch went (and how it loads); first, a measured sink that rose."""
+    from melsurgery.measure.verify_result import sink_warning
+
+    if result.verified and (warning := sink_warning(result.verified)):
+        click.echo(warning)
+    click.echo(f"ME Layer {result.scan.me_layer}, massive dims {spans(result.scan.massive_dims)}")
     for p in result.plans:
         click.echo(f"  {p.summary}")
     for a in result.applied:
-        click.echo(f"  edited {a.tensor}: {a.changed} entries, max |delta| {a.max_abs_delta:.4g}")
+        click.echo(f"  edited {a.tensor}: {count(a.changed, 'entry', 'entries')}, max |delta| {a.max_abs_delta:.4g}")
     if result.writer is not None:
         click.echo(f"  weights: {result.writer.summary}")
     if result.verified:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from melsurgery.commands.shared import examples
+from melsurgery.formats.wording import count
 
 
 @click.command(
@@ -36,7 +37,7 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
     total = sum(f.size for f in result.files)
     where = f"{repo_id}" + (f" (branch {revision})" if revision and not create_pr else "")
     if result.dry_run:
-        click.echo(f"would push {len(result.files)} files ({total:,} bytes) to {where}"
+        click.echo(f"would push {count(len(result.files), 'file')} ({total:,} bytes) to {where}"
                    f"{' as a pull request' if create_pr else ''}{' (private)' if private else ''}")
         click.echo(f"commit message: {result.commit_message}")
         width = max(len(f.path) for f in result.files)
@@ -52,9 +53,9 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
         click.echo(f"recorded in provenance.json the sha256 of {_edited(result.sealed)}")
         _judged(result.judged)
     if result.no_changes:
-        click.echo(f"nothing to push: {where} already holds exactly these {len(result.files)} files")
+        click.echo(f"nothing to push: {where} already holds exactly these {count(len(result.files), 'file')}")
     else:
-        click.echo(f"pushed {len(result.files)} files ({total:,} bytes) to {where}: {result.commit_message}")
+        click.echo(f"pushed {count(len(result.files), 'file')} ({total:,} bytes) to {where}: {result.commit_message}")
     click.echo(f"repo: {result.repo_url}")
     if result.commit_url:
         click.echo(f"commit: {result.commit_url}")

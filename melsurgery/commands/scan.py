@@ -6,13 +6,13 @@ import click
 
 from melsurgery.commands.shared import (
     calibration_options,
+    complete_model,
     device_option,
     dtype_option,
     examples,
     json_option,
     plot_option,
     preflight,
-    quiet_option,
     revision_option,
     torch_dtype,
     write_outputs,
@@ -44,14 +44,14 @@ def _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, 
         "melsurgery scan ./my-model --calib prompts.jsonl --max-tokens 256 --quiet",
     )
 )
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=complete_model)
 @revision_option
 @calibration_options
 @device_option
 @dtype_option
 @json_option("Write the full result as JSON.")
 @plot_option("Write a PNG of max |h| per layer.")
-@quiet_option
+@click.option("--quiet", is_flag=True, help="Print the one-line summary only (no report, no progress bar).")
 def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction, device, dtype,
          json_path, plot_path, quiet) -> None:
     """Find and explain the ME Layer of MODEL by streaming calibration.
@@ -60,12 +60,12 @@ def scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, r
     JSON are still written), 2 on errors.
     """
     from melsurgery.errors import NoMassiveActivations
-    from melsurgery.report.text import scan_report
+    from melsurgery.report.text import scan_report, scan_summary
 
     preflight((model,), (json_path, plot_path))
     result = _scan(model, revision, calib, num_samples, max_tokens, seed, abs_threshold, ratio, persist_fraction,
                    device, dtype, quiet)
-    click.echo(scan_report(result))
+    click.echo(scan_summary(result) if quiet else scan_report(result))
     from melsurgery.report.plot import plot_scan
 
     write_outputs(result, json_path, plot_path, plot_scan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import math
 import os
 import re
@@ -33,8 +34,24 @@ class Group(click.Group):
     def main(self, *args, **kwargs):  # type: ignore[override]
         """Run with stdout and stderr redacted, the catchable signals unwinding (cleanup, then 128 + n), and the
         models the command reads protected from its writers."""
+        _open_standard_fds()
         with redacted_output(), unwind_on_signals(), protecting():
-            return super().main(*args, **kwargs)
+            try:
+                return super().main(*args, **kwargs)
+            except BrokenPipeError:  # shell completion (outside `invoke`) piped into `head`: the reader left
+                _drop(1)
+                sys.exit(SIGNAL_BASE + signal.SIGPIPE)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
+        """The command to run, once no argument is empty: `melsurgery scan "$MODEL"` with MODEL unset scanned the
+        current folder (an empty path is "."), and `-o ""` named it as the output."""
+        for i, arg in enumerate(args[1:] if not ctx.resilient_parsing else (), start=1):  # not while completing
+            option, equals, value = arg.partition("=")
+            if arg == "" or (option.startswith("--") and equals and not value):
+                what = (f"{option} ''" if equals else f"{args[i - 1]} ''" if args[i - 1].startswith("-")
+                        else f"argument {i} of `{args[0]}`")
+                raise UserError(f"{what}: an empty value (an unset shell variable?); give the model, path or value")
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         """Run the command; any failure becomes one `melsurgery: error:` line and its exit status."""
@@ -45,12 +62,33 @@ class Group(click.Group):
         except BaseException as exc:  # noqa: BLE001 - the one place every failure is turned into a line
             code, message = failure(exc)
             if isinstance(exc, BrokenPipeError):
-                _drop_stdout()
+                _drop(1)
             if message:
-                click.echo(f"melsurgery: {message}", err=True)
+                _say(f"melsurgery: {message}")
             if code == INTERNAL and os.environ.get(DEBUG_ENV):
                 traceback.print_exception(exc)
             sys.exit(code)
+
+
+def _say(line: str) -> None:
+    """The one error line, best effort: stderr on /dev/full, closed, or a pipe nobody reads must not turn the
+    documented exit status into click's generic 1 (nor Python's 120 when it flushes the line again on exit)."""
+    try:
+        click.echo(line, err=True)
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # ValueError: a closed stream; AttributeError: none at all
+        _drop(2)
+
+
+def _open_standard_fds() -> None:
+    """A process started with stdin, stdout or stderr closed gets /dev/null there: otherwise the first file the
+    command opens takes that number, and a library printing to "stderr" (a C warning, a progress bar) would
+    write into a model or an output file."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd`, the lower ones being open
 
 
 DEBUG_ENV = "MELSURGERY_DEBUG"
@@ -94,7 +132,9 @@ class _Redacted(io.TextIOBase):
         super().__init__()
         self.raw, self.keep, self.pending = raw, keep, ""
 
-    def write(self, text: str) -> int:
+    def write(self, text: str | bytes) -> int:
+        if isinstance(text, bytes | bytearray):  # click.echo of bytes (shell completion's script) where no buffer is
+            text = bytes(text).decode(self.encoding, "replace")
         self.pending += text
         *done, self.pending = re.split(r"(?<=[\n\r])", self.pending)
         for piece in done:
@@ -131,8 +171,10 @@ class _Redacted(io.TextIOBase):
 def redacted_output() -> Iterator[None]:
     """While a command runs, stdout and stderr (reports, progress bars, warnings, logs) pass through `redact`
     and `escape`: \\n and \\t stay, \\r stays on stderr (progress bars), any other control character is shown
-    escaped."""
-    saved = sys.stdout, sys.stderr
+    escaped; log records and warnings are made one printable line first (\\r escaped too)."""
+    saved = sys.stdout, sys.stderr, logging.getLogRecordFactory()
+    logging.setLogRecordFactory(_filtered_records(saved[2]))
+    logging.captureWarnings(True)  # the warnings module's lines become log records: the same filter
     if sys.stdout is not None:  # None when the process started with its stdout closed
         sys.stdout = _Redacted(sys.stdout, "\n\t")
     if sys.stderr is not None:
@@ -146,20 +188,37 @@ def redacted_output() -> Iterator[None]:
             try:
                 stream.flush()
             except BrokenPipeError:
-                _drop_stdout()
+                _drop(1)
             except (OSError, ValueError):
                 pass
-        sys.stdout, sys.stderr = saved
+        logging.captureWarnings(False)
+        sys.stdout, sys.stderr, factory = saved
+        logging.setLogRecordFactory(factory)
 
 
-def _drop_stdout() -> None:
-    """The reader of stdout left (`| head`): what is still buffered goes nowhere, instead of failing again (with a
-    second message) when the interpreter flushes stdout on exit."""
+def _filtered_records(factory):
+    """A log record factory whose records' messages are `printable`: a library's log line (transformers echoing a
+    config value, huggingface_hub, optuna, a Python warning) is one line, secrets redacted, every control
+    character escaped, \\r included, whichever handler and stream it reaches (some were bound to the real
+    stderr when the library was imported)."""
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = record.getMessage
+        record.getMessage = lambda: printable(message().rstrip())  # type: ignore[method-assign]
+        return record
+
+    return make
+
+
+def _drop(fd: int) -> None:
+    """Point `fd` at /dev/null: the reader of stdout left (`| head`), or stderr cannot take the error line; what
+    its stream still buffers goes nowhere, instead of failing again (with a second message, or Python's exit
+    status 120) when the interpreter flushes it on exit."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.__stdout__.fileno())
+        os.dup2(devnull, fd)
         os.close(devnull)
-    except (OSError, AttributeError, ValueError):
+    except OSError:
         pass
 
 
@@ -204,6 +263,32 @@ def examples(*lines: str) -> str:
     `\\b` marks a paragraph it must not rewrap). tests/commands/test_cli_help.py parses every line against the
     command's parameters, so an example cannot name a flag the command no longer has."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of a MODEL argument: the `default` aliases, folders and .gguf files (Hub ids are not
+    listed: that would need the network)."""
+    from click.shell_completion import CompletionItem
+
+    from melsurgery.checkpoint.source import DEFAULT_ALIASES
+
+    items = [CompletionItem(a, help="the embedded SmolLM2-135M-Instruct") for a in DEFAULT_ALIASES
+             if a.startswith(incomplete)]
+    head, _, stem = incomplete.rpartition("/")
+    folder = Path(head or ("/" if incomplete.startswith("/") else ".")).expanduser()
+    try:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.name.startswith(stem) or (entry.name.startswith(".") and not stem.startswith(".")):
+            continue
+        shown = f"{head}/{entry.name}" if head or incomplete.startswith("/") else entry.name
+        if entry.is_dir():
+            items.append(CompletionItem(shown + "/"))
+        elif entry.suffix.lower() == ".gguf":
+            items.append(CompletionItem(shown))
+    return items
 
 
 device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.",

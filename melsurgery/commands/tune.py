@@ -8,6 +8,7 @@ import click
 
 from melsurgery.commands.search_flags import search_flags, search_options
 from melsurgery.commands.shared import (
+    complete_model,
     device_option,
     dtype_option,
     examples,
@@ -28,7 +29,7 @@ from melsurgery.search.options import searchable
         "melsurgery tune ./my-model -o runs/m --recipe ffn-dampen --recipe norm-rescale --storage sqlite:///tune.db",
     )
 )
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=complete_model)
 @click.option("-o", "--out", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run folder: the study (continued when rerun), tune.json, tune.png, best.yaml.")
 @click.option("--recipe", "recipes", multiple=True, type=click.Choice(list(searchable())),

@@ -54,11 +54,12 @@ import numpy as np
 from melsurgery.checkpoint.hashing import sha256_file
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import ITEMSIZE, TensorInfo, read_bytes
-from melsurgery.checkpoint.source import Source, resolve
+from melsurgery.checkpoint.source import Source, as_source
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
 from melsurgery.formats.typed import JsonRecord
+from melsurgery.formats.wording import count
 
 JSON_FILES = ("config.json", "generation_config.json")
 CHUNK_ELEMS = 1 << 20  # float work on a changed tensor is done this many entries at a time
@@ -384,9 +385,7 @@ def _layout(a: Checkpoint, b: Checkpoint) -> Layout:
 
 
 def _as_source(x: Source | str | Path, revision: str | None) -> tuple[Source, str]:
-    if isinstance(x, Source):
-        return x, x.id
-    return resolve(str(x), revision), str(x)
+    return as_source(x, revision), x.id if isinstance(x, Source) else str(x)
 
 
 def diff_checkpoints(
@@ -497,7 +496,7 @@ def summary_line(r: DiffResult) -> str:
     structural = s["shape_changed"] + s["dtype_changed"]
     rate = f", {s['mb_per_s']:.0f} MB/s" if s["mb_per_s"] else ""
     return (
-        f"{'identical' if r.identical else 'different'}: {s['tensors_compared']} tensors compared, "
+        f"{'identical' if r.identical else 'different'}: {count(s['tensors_compared'], 'tensor')} compared, "
         f"{s['changed']} changed, {structural} shape/dtype changed, {s['only_a']} only in A, {s['only_b']} only in B; "
         f"{s['files_differ']}/{s['files_compared']} side files differ; "
         f"read {_size(s['bytes_read'])} in {s['wall_s']:.2f} s{rate}"

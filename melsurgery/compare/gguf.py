@@ -32,6 +32,7 @@ from melsurgery.checkpoint.gguf_file import GGUFFile, GGUFInfo
 from melsurgery.compare.checkpoints import compare_json
 from melsurgery.compare.text import MAX_LIST, index_list, shape_text, value_text
 from melsurgery.formats.typed import JsonRecord
+from melsurgery.formats.wording import count
 
 
 @dataclass
@@ -165,10 +166,10 @@ def describe(t: GGUFTensorDiff) -> str:
         return f"shape    {t.name}  {t.type_a} {shape_text(t.shape_a)} -> {t.type_b} {shape_text(t.shape_b)}"
     where = f" in rows {index_list(t.rows, t.n_rows)} x columns {index_list(t.cols, t.n_cols)}" if t.n_rows else (
         f" at {index_list(t.cols, t.n_cols)}" if t.n_cols else "")
-    values = f"{t.changed} entries changed{where}  max|d|={t.max_abs_diff:.4g}"
+    values = f"{count(t.changed, 'entry', 'entries')} changed{where}  max|d|={t.max_abs_diff:.4g}"
     if t.status == "type":
         return f"type     {t.name}  {t.type_a} -> {t.type_b} {shape_text(t.shape_a)}  {values}"
-    blocks = f"{t.blocks_changed}/{t.blocks_total} blocks"
+    blocks = f"{t.blocks_changed}/{count(t.blocks_total, 'block')}"
     return f"changed  {t.name}  {t.type_a} {shape_text(t.shape_a)}  {blocks}; {values}"
 
 
@@ -182,7 +183,7 @@ def gguf_diff_report(r: GGUFDiffResult, *, only_changed: bool = False) -> str:
     if not r.order_same:
         lines.append("order    the tensors are stored in a different order")
     s = r.summary()
-    lines.append(f"{'identical' if r.identical else 'different'}: {s['tensors_compared']} tensors compared, "
+    lines.append(f"{'identical' if r.identical else 'different'}: {count(s['tensors_compared'], 'tensor')} compared, "
                  f"{s['changed']} changed, {s['type_changed']} type changed, {s['shape_changed']} shape changed, "
                  f"{s['only_a']} only in A, {s['only_b']} only in B; {s['keys_differ']} metadata keys differ; "
                  f"read {s['bytes_read'] / 1e6:.1f} MB in {s['wall_s']:.2f} s")

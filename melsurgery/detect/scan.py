@@ -27,6 +27,7 @@ from melsurgery.detect.scan_result import SCHEMA_VERSION, ScanResult
 from melsurgery.detect.scan_result import write_json as write_dict
 from melsurgery.errors import UserError
 from melsurgery.formats.typed import JsonRecord
+from melsurgery.formats.wording import count
 from melsurgery.measure.definitions import layer_stats, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.params import DetectParams
@@ -63,7 +64,8 @@ def run_scan(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=int(ckpt.config.get("num_hidden_layers", 0)), desc=f"scan ({len(samples)} samples)",
+            bar = tqdm(total=int(ckpt.config.get("num_hidden_layers", 0)),
+                       desc=f"scan ({count(len(samples), 'sample')})",
                        unit="layer", leave=False)
         try:
             stats = calibrate(ckpt, family, samples, device=device, dtype=dtype,
@@ -153,10 +155,10 @@ def _adaptive(records: list[dict], seed: int, measure) -> tuple[Stats, Detection
                        "tokens": _massive_kinds(det)})
         if previous is not None and _signature(det) == previous:
             reason = (f"ME Layer, massive dims and massive tokens unchanged from {rounds[-2]['samples']} to "
-                      f"{rounds[-1]['samples']} samples")
+                      f"{count(rounds[-1]['samples'], 'sample')}")
             break
         if n >= len(order):
-            reason = f"all {len(order)} samples used: the detection " + (
+            reason = f"all {count(len(order), 'sample')} used: the detection " + (
                 "still changed in the last round" if previous is not None else "needs them all")
             break
         previous, n = _signature(det), min(2 * n, len(order))

@@ -39,6 +39,7 @@ from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import render_chat
 from melsurgery.errors import UserError
 from melsurgery.formats.textfile import read_text
+from melsurgery.formats.wording import count
 from melsurgery.measure.definitions import find_massive, head_sinks_of, key_attention, layer_stats, sink, top_k_for
 from melsurgery.measure.probes import Probe
 from melsurgery.params import DetectParams
@@ -485,8 +486,8 @@ def fit_params(ctx, params: dict, edits: list[Edit]) -> dict:
     win = make_windows(tok, ctx.text, params["window_tokens"], params["windows"],
                        "chat" if params["of"] == "chat" else "tokenizer")
     if not win.ids:
-        raise UserError(f"first-token: the fitting text is too short for one window of {params['window_tokens']} "
-                        "tokens")
+        raise UserError(f"first-token: the fitting text is too short for one window of "
+                        f"{count(params['window_tokens'], 'token')}")
     settings = FitSettings(steps=params["steps"], lr=params["lr"], path_kl=max(FitSettings.path_kl, params["kl"]))
     path = cached_path(ctx, ckpt, family, win, token_id, edits, settings)
     point = choose(path, params["kl"])

@@ -17,9 +17,9 @@ def change_text(reduction_pct: float | None) -> str:
     return f"-{reduction_pct:.1f}%" if reduction_pct > 0 else f"+{-reduction_pct:.1f}% (worse)"
 
 
-def count(n: int, noun: str) -> str:
-    """ "1 window", "3 windows"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """ "1 window", "3 windows"; `plural` where adding an s is wrong ("1 entry", "2 entries")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def budget_text(max_kl: float | None, max_ppl_increase: float | None) -> str:
@@ -28,3 +28,29 @@ def budget_text(max_kl: float | None, max_ppl_increase: float | None) -> str:
     if max_ppl_increase is not None:
         parts.append(f"perplexity +{max_ppl_increase:g}% at most")
     return " and ".join(parts)
+
+
+def spans(values) -> str:
+    """Integers as prose, runs collapsed: [12, 14, 15, 16] -> "12, 14-16" (never a Python list)."""
+    out: list[str] = []
+    for v in sorted(set(values)):
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
+
+
+def layers_text(values) -> str:
+    """ "layer 12", "layers 12, 14-16"."""
+    values = sorted(set(values))
+    return f"{'layer' if len(values) == 1 else 'layers'} {spans(values)}"
+
+
+def dims_by_layer(per_layer: dict) -> str:
+    """Dims per layer as prose, layers sharing the same dims named together: "dims 507, 247 of layers 15-20;
+    dims 507, 14 of layer 21" (never a Python dict)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for layer, dims in per_layer.items():
+        groups.setdefault(tuple(dims), []).append(int(layer))
+    return "; ".join(f"dims {', '.join(map(str, dims))} of {layers_text(layers)}" for dims, layers in groups.items())

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from melsurgery.checkpoint.basemodel import BaseModelId
+from melsurgery.checkpoint.basemodel import BaseModelId, Origin
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import quote
 from melsurgery.formats import yamlsafe
+from melsurgery.formats.wording import count, spans
 from melsurgery.hub.metadata import hub_licenses
 from melsurgery.outputs import MODEL_CARD
 from melsurgery.version import __version__
@@ -58,33 +59,65 @@ def _inline(text: str) -> str:
     return "".join(c if c.isprintable() and c != "`" else "'" for c in text)
 
 
-def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_license: str | None = None,
+def source_phrase(origin: Origin, base: BaseModelId | None, *, converted: bool) -> str:
+    """The exact source as a noun phrase: which file or folder, its quantization type and conversion, and the Hub
+    model it holds ("the Q4_1 GGUF `x.gguf` of [owner/name](...), dequantized to float32 by transformers")."""
+    link = f"[{base.id}](https://huggingface.co/{base.id})" if base is not None else None
+    name = f"`{_inline(origin.name)}`"
+    if origin.kind == "gguf":
+        others = f" (its other weight matrices {origin.other_types})" if origin.other_types else ""
+        of = f" of {link}" if link else ""
+        done = f", {origin.conversion}" if converted and origin.conversion else ""
+        return f"the {origin.quantization} GGUF {name}{others}{of}{done}"
+    rev = f" at revision `{_inline(origin.revision)}`" if origin.revision else ""
+    if origin.kind == "hub":
+        return f"{link or name}, its safetensors weights from the Hub{rev}"
+    if origin.kind == "hf-cache":
+        return f"{link or name}, its safetensors weights from the Hugging Face cache{rev}"
+    return f"the local model folder {name}" + (f", whose Hub model is {link}" if link else "")
+
+
+def identical_to(origin: Origin, base: BaseModelId | None, *, converted: bool) -> str:
+    """What the untouched tensors are byte-identical to: the weights melsurgery read, not what they came from."""
+    if origin.kind == "gguf" and converted:
+        original = f" (not to the original weights of {base.id})" if base is not None else ""
+        return f"the float32 dequantization of `{_inline(origin.name)}`{original}"
+    if origin.kind == "gguf":
+        return f"`{_inline(origin.name)}`"
+    return "the source's"
+
+
+def render_card(*, base: BaseModelId | None, origin: Origin, license: dict, unknown_license: str | None = None,
                 plans: list, scan: ScanResult, applied: list, custom_layer: bool,
                 measurements: dict | None = None, gguf_file: str | None = None, search=None,
                 deferred_sources: int = 0) -> str:
     """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
 
-    `name` is what the text calls the base when its Hub id is unknown: a folder or file name, never a path.
+    `origin` is exactly what was read (its first sentence and `melsurgery_source` metadata). `base_model_relation`
+    is `quantized` for a GGUF output (a quantization of the base model, some blocks edited) and left out
+    otherwise: an edit of some tensors without training is none of adapter, merge, quantized or finetune.
     `gguf_file` names the patched GGUF of a GGUF output folder (loading instructions, tags); `search` (a
     provenance.SearchRecord) says how a budgeted patch was chosen and what it measured; `deferred_sources`: source
     weight files whose sha256 patch left to push."""
     recipes = [p.recipe for p in plans]
+    converted = gguf_file is None
     meta: dict = {}
     if base is not None:
-        meta.update(base_model=base.id, base_model_relation="finetune")
+        meta.update(base_model=base.id, **({"base_model_relation": "quantized"} if gguf_file else {}))
     meta.update(library_name="gguf" if gguf_file else "transformers",
-                tags=["melsurgery", "massive-activations", *(["gguf"] if gguf_file else []), *recipes], **license)
-    effect = (f"with its massive activations mitigated by melsurgery {__version__}. The ME Layer (the layer where "
-              f"the massive activations emerge) is layer {scan.me_layer}; massive dims "
-              f"{list(scan.massive_dims)}.")
+                tags=["melsurgery", "massive-activations", *(["gguf"] if gguf_file else []), *recipes], **license,
+                melsurgery_source=origin.to_meta())
+    effect = (f"The ME Layer (the layer where the massive activations emerge) is layer {scan.me_layer}; "
+              f"{'massive dim' if len(scan.massive_dims) == 1 else 'massive dims'} {spans(scan.massive_dims)}.")
+    intro = (f"This checkpoint is {source_phrase(origin, base, converted=converted)}, with its massive activations "
+             f"mitigated by melsurgery {__version__}. {effect}")
     if base is not None:
         title = base.id.split("/")[-1]
-        intro = (f"This checkpoint is [{base.id}](https://huggingface.co/{base.id}) {effect} "
-                 f"Base model id from {base.origin}.")
+        intro += f" Base model id from {base.origin}."
     else:
-        title = _inline(name)
-        intro = (f"This checkpoint is the local model `{_inline(name)}` {effect} Its Hub id is unknown, so this card "
-                 "names no `base_model`; `provenance.json` describes the source in full.")
+        title = _inline(origin.name)
+        intro += (" Its Hub id is unknown, so this card names no `base_model`; `provenance.json` describes the "
+                  "source in full.")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {title} + melsurgery ({', '.join(recipes)})", "", intro, ""]
     if unknown_license:
@@ -96,14 +129,19 @@ def render_card(*, base: BaseModelId | None, name: str, license: dict, unknown_l
     assumed = [p.assumes for p in plans if getattr(p, "assumes", "")]
     if assumed:
         lines += ["", "## Input this patch assumes", ""] + [f"- The patch assumes that {a}." for a in assumed]
-    lines += ["", "Edited tensors (all others are byte-identical to the base):", ""]
-    lines += [f"- `{a.tensor}`: {a.changed} entries changed, max |delta| {a.max_abs_delta:.4g}" for a in applied] or [
+    same = identical_to(origin, base, converted=converted)
+    lines += ["", f"Edited tensors (all others are byte-identical to {same}):", ""]
+    lines += [f"- `{a.tensor}`: {count(a.changed, 'entry', 'entries')} changed, max |delta| {a.max_abs_delta:.4g}"
+              for a in applied] or [
         "- none"]
     lines += ["", "## Loading", ""]
     if gguf_file:
+        wider = [f"`{a.tensor}` ({a.type} to {a.written_type})" for a in applied if a.written_type != a.type]
+        types = f", except {', '.join(wider)}, written in a wider type to carry the edit" if wider else ""
         lines += [f"`{_inline(gguf_file)}` is the base GGUF with only the edited tensors changed: same metadata (plus "
-                  "`melsurgery.*` keys), tensor order, names, shapes and quantisation types. Quantised tensors were "
-                  "requantised only in the blocks holding edited entries.", "", "```bash",
+                  f"`melsurgery.*` keys), tensor order, names, shapes and quantisation types{types}. Quantised "
+                  "tensors kept in their type were requantised only in the blocks holding edited entries.", "",
+                  "```bash",
                   f"llama-cli -m {gguf_file}", "```", "", "```python",
                   "from transformers import AutoModelForCausalLM",
                   f'model = AutoModelForCausalLM.from_pretrained(path, gguf_file="{gguf_file}")', "```"]
@@ -146,11 +184,14 @@ def search_lines(search) -> list[str]:
     budget = budget_text(search.budget["max_kl"], search.budget["max_ppl_increase"])
     st, tu, ho = search.study, search.tuning, search.heldout
     f, t = search.figures_heldout, search.figures_tuning
-    held = f"{_inline(ho['text'])}, {ho['windows']} windows of up to {ho['max_tokens']} tokens ({ho['tokens']} tokens)"
+    held = (f"{_inline(ho['text'])}, {count(ho['windows'], 'window')} of up to {ho['max_tokens']} tokens "
+            f"({count(ho['tokens'], 'token')})")
     return ["", "## How this patch was chosen", "",
-            f"`melsurgery patch --max-kl` searched {st['trials']} settings of {', '.join(search.space['recipes'])} "
+            f"`melsurgery patch --max-kl` searched {count(st['trials'], 'setting')} of "
+            f"{', '.join(search.space['recipes'])} "
             f"and their compositions (Optuna {st['sampler']}, seed {st['seed']}) on a tuning text "
-            f"({_inline(tu['text'])}, {tu['windows']} windows, {tu['tokens']} tokens), re-measured the "
+            f"({_inline(tu['text'])}, {count(tu['windows'], 'window')}, {count(tu['tokens'], 'token')}), "
+            "re-measured the "
             f"{st['candidates']} largest sink cuts within {st['slack']:g}x the budget on held-out text ({held}), and "
             f"chose trial #{search.trial}: the largest sink cut whose held-out figures are within the budget "
             f"({budget}).",

@@ -32,10 +32,10 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from melsurgery.checkpoint.atomic import write_atomic
-from melsurgery.checkpoint.basemodel import is_repo_id
+from melsurgery.checkpoint.basemodel import check_hub_ref, is_repo_id
 from melsurgery.checkpoint.gguf_file import GGUFFile
 from melsurgery.checkpoint.network import ENV as TIMEOUT_ENV
 from melsurgery.checkpoint.network import configure_hub
@@ -291,17 +291,6 @@ def _http_error(exc: HfHubHTTPError, repo_id: str, revision: str | None, token: 
     return UserError(f"the Hugging Face Hub refused the push ({status}){suffix}")
 
 
-def _check_repo_id(repo_id: str) -> None:
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise UserError(
-            f"invalid repo id {repo_id!r}: expected 'namespace/name' using letters, digits, '-', '_' and '.'"
-        ) from None
-    if "/" not in repo_id:
-        raise UserError(f"invalid repo id {repo_id!r}: include the namespace, e.g. 'your-username/{repo_id}'")
-
-
 def _hub_validates_card(path: Path, token: str) -> None:
     """Have the Hub validate the card (POST /api/validate-yaml, the call create_commit makes) before the repo
     is created, so a refused card leaves no empty repo behind; the Hub's verdict becomes one line."""
@@ -335,7 +324,7 @@ def push(
     `create_pr` opens a pull request against main instead of committing to it. `dry_run` validates
     and reports what would be sent without any network access. Every failure is a one-line UserError.
     """
-    _check_repo_id(repo_id)
+    check_hub_ref(repo_id, revision, namespace=True)
     if create_pr and revision not in (None, constants.DEFAULT_REVISION):
         raise UserError("a pull request always targets main; drop --revision when using --create-pr")
     manifest = validate_for_push(Path(folder))

@@ -19,6 +19,29 @@ about what is massive or what the sink is. Definitions (thresholds in `DetectPar
 - *Attention-input similarity* (representation diversity, lower is more diverse): the mean pairwise
   cosine similarity of the tokens' attention inputs (the attention-input norm's output, after any
   custom-layer mask) within a sequence, averaged over sequences.
+
+What a cut buys (the payoff figures; `verify` reports each for base and patched, `measure.payoff` computes them).
+Position t's next-token distribution predicts token t+1; the windows and their scored targets are verify's.
+
+- *Streaming, evict* (window W): every attention layer runs with each query at position q seeing only the keys
+  q-W+1..q (the last W tokens, itself included; ANDed with the layer's own causal or sliding mask), as a
+  sliding-window KV cache does (StreamingLLM-style eviction *without re-indexing*: every token keeps its
+  absolute position in the rotary embedding, and a cached key is the one computed when its token was processed).
+  Layers whose mixer is not attention run unchanged. Scored on the positions t >= W only.
+- *Streaming, keep-first* (the StreamingLLM arrangement): the same, with key 0 (the window's first token, e.g.
+  BOS) visible to every query as well.
+- *Int8 activations, per tensor*: the input x of every `nn.Linear` inside the decoder layers (attention
+  projections, MLP, experts; not the LM head, not the embeddings) is fake-quantized to symmetric int8,
+  q(x) = clamp(round(x / s), -127, 127) * s with s = max|x| / 127 over the whole input of one forward call
+  of one window (dynamic, one scale per tensor); weights untouched. *Per token*: one s per token (row).
+  Scored on every scored position.
+- The *change* of a figure: 100 x (exp(mean NLL_arranged - mean NLL_plain) - 1) percent, the means over the
+  same scored tokens of all windows pooled, NLL_plain from the same model's plain forward (full attention,
+  no quantization): the perplexity ratio, as a percent change.
+- Its *interval*: 95% percentile bootstrap over windows (`BOOTSTRAP` resamples of the windows with
+  replacement, seed 0; each resample recomputes the change from its pooled tokens). Base against patched:
+  the same resamples give both changes and their difference (patched minus base, percentage points), so
+  the difference's interval is paired by window. With one window there is no interval.
 """
 
 from __future__ import annotations
@@ -32,6 +55,8 @@ from melsurgery.calibrate.stats import Entry, LayerStats
 from melsurgery.params import DetectParams
 
 SINK_RATE_THRESHOLD = 0.3
+BOOTSTRAP = 2000  # resamples behind every payoff interval
+INT8_MAX = 127
 
 
 Key = tuple[int, int, int]  # (sequence, pos, dim)
@@ -158,3 +183,80 @@ def similarity(x: torch.Tensor) -> float:
     u = torch.nn.functional.normalize(x.double(), dim=-1)
     total = u.sum(0)
     return float((total @ total - (u * u).sum()) / (T * (T - 1)))
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """One way of running the model for a payoff figure (see the module docstring): a streaming window, with or
+    without the first token, or int8 inputs to every decoder linear ("tensor" or "token" scales)."""
+
+    name: str
+    window: int | None = None
+    keep_first: bool = False
+    int8: str | None = None
+
+    def first_scored(self) -> int:
+        """The first position whose prediction this figure scores (positions before it are scored everywhere)."""
+        return self.window or 0
+
+
+def arrangements(window: int) -> list[Arrangement]:
+    """The payoff figures `verify` reports, in report order."""
+    return [Arrangement("evict", window), Arrangement("keep-first", window, keep_first=True),
+            Arrangement("int8-tensor", int8="tensor"), Arrangement("int8-token", int8="token")]
+
+
+def streaming_keys(T: int, device: torch.device | str, window: int, keep_first: bool = False) -> torch.Tensor:
+    """bool [T, T]: may query q see key k under a streaming window (the last `window` keys, and key 0 with
+    `keep_first`); causality is the layer's own mask's business."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    allowed = k > q - window
+    if keep_first:
+        allowed = allowed | (k == 0)
+    return allowed
+
+
+def fake_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """x [B, ..., D] fake-quantized to symmetric int8: one scale per sequence (the whole tensor of one window)
+    or per token (the last dim's rows)."""
+    dims = (-1,) if per_token else tuple(range(1, x.dim()))
+    scale = x.abs().amax(dim=dims, keepdim=True) / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero input stays zero
+    return (x / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale
+
+
+def change_pct(nll_arranged: torch.Tensor, nll_plain: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The change (percent) from per-window NLL sums [..., windows] and scored-token counts [..., windows]."""
+    n = counts.sum(-1)
+    return 100 * torch.expm1((nll_arranged.sum(-1) - nll_plain.sum(-1)) / n)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A figure with its 95% bootstrap interval over windows (low, high None with one window)."""
+
+    value: float
+    low: float | None
+    high: float | None
+
+
+def paired_changes(base: tuple[torch.Tensor, torch.Tensor], patched: tuple[torch.Tensor, torch.Tensor],
+                   counts: torch.Tensor) -> tuple[Interval, Interval, Interval]:
+    """Base change, patched change and their difference (pp), from per-window NLL sums (arranged, plain) of each
+    model and the windows' scored-token counts, each with its paired bootstrap interval over windows."""
+    def stats(idx: torch.Tensor | None) -> torch.Tensor:
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.double() if idx is None else t.double()[idx]
+        b = change_pct(pick(base[0]), pick(base[1]), pick(counts))
+        p = change_pct(pick(patched[0]), pick(patched[1]), pick(counts))
+        return torch.stack([b, p, p - b], -1)
+
+    point = stats(None)
+    n = len(counts)
+    if n < 2:
+        return tuple(Interval(float(v), None, None) for v in point)  # type: ignore[return-value]
+    g = torch.Generator().manual_seed(0)
+    draws = stats(torch.randint(n, (BOOTSTRAP, n), generator=g))
+    low, high = draws.quantile(0.025, dim=0), draws.quantile(0.975, dim=0)
+    return tuple(Interval(float(v), float(lo), float(hi)) for v, lo, hi in zip(point, low, high))  # type: ignore

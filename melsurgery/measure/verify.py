@@ -27,11 +27,21 @@ from melsurgery.checkpoint.safeload import load_tokenizer, render_chat
 from melsurgery.engines.loading import custom_layer_spec
 from melsurgery.errors import UserError, quote
 from melsurgery.formats.textfile import read_text
-from melsurgery.measure.definitions import find_massive, layer_stats, sink, sink_rate, top_k_for
+from melsurgery.formats.wording import count
+from melsurgery.measure.definitions import (
+    Arrangement,
+    arrangements,
+    find_massive,
+    layer_stats,
+    sink,
+    sink_rate,
+    top_k_for,
+)
 from melsurgery.measure.logsoftmax import OnlineKL
+from melsurgery.measure.payoff import Scored, arranged_nll, arranged_stream, payoff_figures
 from melsurgery.measure.probes import Probe
 from melsurgery.measure.served import ENGINES, require_vllm, served_figures
-from melsurgery.measure.verify_result import VerifyResult, WeightCheck
+from melsurgery.measure.verify_result import PayoffFigure, VerifyResult, WeightCheck
 from melsurgery.params import DetectParams
 
 GEN_PROMPTS = [
@@ -131,7 +141,7 @@ def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tok
     ids_prefix = window_prefix(tok, prefix)
     body = size - len(ids_prefix)
     if body < 1:
-        raise UserError(f"--max-tokens {size}: the window prefix alone has {len(ids_prefix)} tokens")
+        raise UserError(f"--max-tokens {size}: the window prefix alone has {count(len(ids_prefix), 'token')}")
     ids = list(tok(raw, add_special_tokens=False)["input_ids"])
     chunks = [ids_prefix + ids[i : i + body] for i in range(0, len(ids), body)]
     first = max(len(ids_prefix), 1)
@@ -182,12 +192,13 @@ class _Pair:
 @dataclass
 class _Streamed:
     """What the streaming pass measured: per-layer statistics of both streams, the head's scores, each scored
-    target's log-prob (base, patched), and the tensors that differ."""
+    target's log-prob (base, patched), the tensors that differ, and the payoff figures."""
 
     stats: list[list[LayerStats]]
     scores: dict
     target_logprobs: tuple[list[float], list[float]]
     changed: list[str]
+    payoff: list[PayoffFigure]
 
 
 def _claims(patched: Path, params: DetectParams | None, claimed: list[str] | None, prefix: str | None):
@@ -221,8 +232,11 @@ def _open_pair(base: Path, patched: Path, text: Path | None, max_tokens: int, ma
     return _Pair(bckpt, pckpt, family, tok, win, text_name, spec)
 
 
-def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool) -> _Streamed:
-    """Both models through every layer (one base layer in memory), then both heads: statistics and scores."""
+def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool,
+            payoff: list[Arrangement]) -> _Streamed:
+    """Both models through every layer (one base layer in memory), then both heads: statistics and scores.
+
+    Each payoff arrangement adds one base and one patched stream to the same pass (unobserved), scored after it."""
     bckpt, pckpt, family, win = pair.base, pair.patched, pair.family, pair.win
     model = StreamingModel(bckpt, family, device, dtype)
     changed: set[str] = set()
@@ -233,10 +247,15 @@ def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool) -> _St
         changed.add(name)
         return True
 
+    memo: dict[int, dict[str, torch.Tensor]] = {}
+
     def patched_edits(i: int, base_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        prefix = family.prefix(i)
-        return {name: other for name, t in base_layer.items()
-                if differs(prefix + name, t, other := pckpt.load(prefix + name))}
+        if i not in memo:  # once per layer, whatever the number of patched streams (one object: one load)
+            prefix = family.prefix(i)
+            memo.clear()
+            memo[i] = {name: other for name, t in base_layer.items()
+                       if differs(prefix + name, t, other := pckpt.load(prefix + name))}
+        return memo[i]
 
     bar = None
     if progress:
@@ -246,25 +265,35 @@ def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool) -> _St
     try:
         embed_changed = _differs_by_rows(bckpt, pckpt, family.embed, differs)
         base_states = model.embed(win.ids)
-        streams = [Stream(base_states),
-                   Stream(model.embed(win.ids, pckpt) if embed_changed else list(base_states), edits=patched_edits,
-                          wemask=pair.spec)]
+        patched_states = model.embed(win.ids, pckpt) if embed_changed else list(base_states)
+        streams = [Stream(base_states), *(arranged_stream(a, base_states) for a in payoff),
+                   Stream(patched_states, edits=patched_edits, wemask=pair.spec),
+                   *(arranged_stream(a, patched_states, patched_edits, pair.spec) for a in payoff)]
+        at_patched = 1 + len(payoff)
         k = top_k_for(len(win.ids))
         stats: list[list[LayerStats]] = [[], []]
 
         def observe(i: int, s: int, inputs: list, outputs: list, probe: Probe) -> None:
-            stats[s].append(layer_stats(i, outputs, k, probe.key_attention, _mean(probe.similarity)))
+            stats[int(s == at_patched)].append(layer_stats(i, outputs, k, probe.key_attention,
+                                                           _mean(probe.similarity)))
 
         run_layers(model, streams, probe=lambda layer: Probe(layer, family, similarity=True), observe=observe,
                    progress=bar.update if bar else None)
-        scores, target_logprobs = _score_head(model, bckpt, pckpt, [s.states for s in streams], win, differs)
+        scores, target_logprobs = _score_head(model, bckpt, pckpt, [streams[0].states, streams[at_patched].states],
+                                              win, differs)
+        figures = []
+        if payoff:
+            scored = Scored(win.ids, win.first_target)
+            arranged = tuple(arranged_nll(model, ckpt, [s.states for s in streams[at + 1 : at + 1 + len(payoff)]],
+                                          payoff, scored) for ckpt, at in ((bckpt, 0), (pckpt, at_patched)))
+            figures = payoff_figures(payoff, scored, target_logprobs, arranged)
         _compare_rest(bckpt, pckpt, family, model.num_layers, differs)
         if bar:
             bar.update(1)
     finally:
         if bar:
             bar.close()
-    return _Streamed(stats, scores, target_logprobs, sorted(changed))
+    return _Streamed(stats, scores, target_logprobs, sorted(changed), figures)
 
 
 def _layer_figures(stats: list[list[LayerStats]], tokens: list[tuple[int, int]], me_layer: int | None) -> dict:
@@ -290,7 +319,8 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
                max_windows: int | None = None, device: str = "cpu", dtype: torch.dtype | None = torch.float32,
                generations: int = 3, max_new_tokens: int = 40, progress: bool = False,
                params: DetectParams | None = None, claimed_edits: list[str] | None = None,
-               engine: str = "transformers", prefix: str | None = None) -> VerifyResult:
+               engine: str = "transformers", prefix: str | None = None,
+               payoff_window: int | None = 64) -> VerifyResult:
     """Base versus patched on held-out text, streaming: one decoder layer in memory serves both models.
 
     Each base layer is read once; the patched stream runs it with the patched checkpoint's differing
@@ -306,6 +336,9 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
     `engine` "vllm": also serve both models with vLLM on the same windows (`ServedFigures`: perplexity,
     top-1 agreement and greedy generations as vLLM computes them, and how far its log-probs are from
     transformers'); the generations then come from vLLM only.
+
+    `payoff_window`: the streaming window of the payoff figures (`definitions.arrangements`: first token evicted
+    or kept, int8 activations per tensor and per token), measured in the same pass; None skips them.
     """
     if engine not in ENGINES:
         raise UserError(f"engine {engine!r}: use {' or '.join(ENGINES)}")
@@ -315,7 +348,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
     start = time.perf_counter()
     pair = _open_pair(base, patched, text, max_tokens, max_windows, prefix)
     dtype = dtype or pair.base.float_dtype
-    streamed = _stream(pair, device, dtype, progress)
+    streamed = _stream(pair, device, dtype, progress, arrangements(payoff_window) if payoff_window else [])
     found = find_massive(streamed.stats[0], params or DetectParams())
     scores = streamed.scores
     served = None
@@ -335,7 +368,7 @@ def run_verify(base: Path, patched: Path, *, text: Path | None = None, max_token
         **_layer_figures(streamed.stats, found.tokens, found.me_layer),
         weights=WeightCheck.of(streamed.changed, claimed_edits, unreadable),
         no_effect=scores["kl_max"] == 0 and not streamed.changed, generations=gens, generations_note=note,
-        seconds=round(time.perf_counter() - start, 2), vllm=served)
+        seconds=round(time.perf_counter() - start, 2), vllm=served, payoff=streamed.payoff)
 
 
 def _differs_by_rows(a: Checkpoint, b: Checkpoint, name: str, differs) -> bool:

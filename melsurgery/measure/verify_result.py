@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from melsurgery.formats.typed import JsonRecord
-from melsurgery.formats.wording import change_text
+from melsurgery.formats.wording import change_text, count
 
 # a figure that may be NaN or infinite: written as null (JSON has no spelling for them), read back as NaN
 NAN = {"nan": True}
@@ -52,7 +52,56 @@ class ServedFigures:
     generations: list[dict] = field(default_factory=list)
 
 
-# mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (issue 24's parity bound)
+@dataclass
+class PayoffFigure:
+    """One payoff figure (definitions in measure/definitions.py): the perplexity change (percent) of base and of
+    patched under one arrangement, their difference (percentage points, patched minus base), each with its 95%
+    bootstrap interval over windows ([low, high]; null with one window). `windows`, `scored_tokens`: what it is
+    computed on (a streaming window scores only positions >= `window`)."""
+
+    name: str
+    window: int | None
+    windows: int
+    scored_tokens: int
+    base_pct: float = field(metadata=NAN)
+    base_interval: list[float] | None
+    patched_pct: float = field(metadata=NAN)
+    patched_interval: list[float] | None
+    difference_pp: float = field(metadata=NAN)
+    difference_interval: list[float] | None
+
+    @classmethod
+    def of(cls, name: str, window: int | None, windows: int, scored: int, *figures) -> PayoffFigure:
+        """From the (base, patched, difference) `Interval`s of `definitions.paired_changes`."""
+        values = []
+        for f in figures:
+            bounded = f.low is not None and math.isfinite(f.low) and math.isfinite(f.high)
+            values += [f.value, [f.low, f.high] if bounded else None]
+        return cls(name, window, windows, scored, *values)
+
+
+@dataclass
+class TaskFigure:
+    """One task metric, base against patched on the same prompts (`verify --tasks`, measure/tasks.py): accuracy of
+    each with its 95% Wilson interval (instruction level: on a design-effect-adjusted n), and the paired difference
+    (patched minus base, accuracy points in [-1, 1]) with its 95% percentile bootstrap interval over prompts;
+    `better`/`worse`: prompts where the patched model scores higher/lower. `responses`: the resumable answer files."""
+
+    task: str
+    metric: str
+    prompts: int
+    base: float
+    base_interval: list[float]
+    patched: float
+    patched_interval: list[float]
+    difference: float = field(metadata=NAN)
+    difference_interval: list[float] | None
+    better: int
+    worse: int
+    responses: list[str]
+
+
+# mean |Δ log-prob| above which vLLM is said not to serve what transformers measured (docs/engines.md)
 ENGINE_GAP = 0.02
 
 
@@ -99,6 +148,8 @@ class VerifyResult(JsonRecord):
     generations_note: str | None
     seconds: float
     vllm: ServedFigures | None = field(default=None, metadata={"omit_none": True})  # only with --engine vllm
+    payoff: list[PayoffFigure] = field(default_factory=list)  # empty with --no-payoff
+    tasks: list[TaskFigure] = field(default_factory=list)  # only with --tasks
 
     def compact(self) -> dict:
         """The figures provenance keeps: everything but the generated text, the timing and the positions."""
@@ -118,10 +169,8 @@ class Gates:
         bad = []
         for limit, x, flag, what, fails in (
             (self.max_kl, r.kl_mean, "--max-kl", "KL", lambda x, lim: x > lim),
-            (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity increase %",
-             lambda x, lim: x > lim),
-            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink cut % (negative: it rose)",
-             lambda x, lim: x < lim),
+            (self.max_ppl_increase, r.ppl_increase_pct, "--max-ppl-increase", "perplexity", lambda x, lim: x > lim),
+            (self.min_sink_reduction, r.sink_reduction_pct, "--min-sink-reduction", "sink", lambda x, lim: x < lim),
         ):
             if limit is None:
                 continue
@@ -130,8 +179,24 @@ class Gates:
             elif not isinstance(x, int | float) or not math.isfinite(x):
                 bad.append(f"{what} is {x} (not a finite number), so {flag} {limit:g} cannot hold")
             elif fails(x, limit):
-                bad.append(f"{what} {x:.4g} {'>' if flag.startswith('--max') else '<'} {flag} {limit:g}")
+                bad.append(_violation(what, x, flag, limit))
         return bad
+
+
+def _violation(what: str, x: float, flag: str, limit: float) -> str:
+    """A violated gate in words that read true whichever way the figure moved ("sink fell 3.86%, less than
+    --min-sink-reduction 5 asks", "sink rose 2.1%, where --min-sink-reduction 5 asks for a fall of 5%")."""
+    if what == "KL":
+        return f"KL {x:.4g} > --max-kl {limit:g}"
+    rose = x > 0 if what == "perplexity" else x < 0  # the sink figure is a reduction: positive when it fell
+    moved = f"{what} unchanged" if x == 0 else f"{what} {'rose' if rose else 'fell'} {abs(x):.4g}%"
+    if what == "perplexity":
+        return f"{moved}, more than {flag} {limit:g} allows" if limit >= 0 else (
+            f"{moved}, where {flag} {limit:g} asks for a fall of at least {-limit:g}%")
+    if x >= 0:
+        return f"{moved}, less than the {limit:g}% fall {flag} {limit:g} asks for"
+    return (f"{moved}, where {flag} {limit:g} asks for a fall of at least {limit:g}%" if limit > 0 else
+            f"{moved}, more than the {-limit:g}% rise {flag} {limit:g} allows")
 
 
 def _f(x: float | None, spec: str) -> str:
@@ -141,7 +206,7 @@ def _f(x: float | None, spec: str) -> str:
 def measurements_for_card(r: VerifyResult) -> dict:
     """The headline figures, as (base, patched) pairs for the model card and provenance."""
     layers = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
-    on = f"{r.text}, {r.windows} windows, {r.tokens} tokens"
+    on = f"{r.text}, {count(r.windows, 'window')}, {count(r.tokens, 'token')}"
     patched_sink = _f(r.sink_mean_patched, ".3f")
     if r.sink_reduction_pct is not None:
         patched_sink += f" ({change_text(r.sink_reduction_pct)})"
@@ -195,17 +260,74 @@ def _served_lines(s: ServedFigures) -> list[str]:
     return lines
 
 
+PAYOFF_LABELS = {"evict": "streaming, window {w}, first token evicted", "keep-first": "streaming, window {w}, first "
+                 "token kept", "int8-tensor": "int8 activations, one scale per tensor",
+                 "int8-token": "int8 activations, one scale per token"}
+
+
+def _interval(x: float, bounds: list[float] | None, unit: str) -> str:
+    text = f"{x:+.1f}{unit}"
+    return text + (f" [{bounds[0]:+.1f}, {bounds[1]:+.1f}]" if bounds else "")
+
+
+def payoff_lines(figures: list[PayoffFigure]) -> list[str]:
+    """The payoff figures, base against patched (definitions in measure/definitions.py)."""
+    if not figures:
+        return []
+    lines = ["", f"payoff: perplexity change against the same model's plain forward, base -> patched, and the "
+                 f"difference in percentage points (95% bootstrap interval over the {figures[0].windows} windows):"]
+    width = max(len(PAYOFF_LABELS[f.name].format(w=f.window)) for f in figures)
+    for f in figures:
+        label = PAYOFF_LABELS[f.name].format(w=f.window)
+        lines.append(f"  {label:<{width}}  base {_interval(f.base_pct, f.base_interval, '%')}, patched "
+                     f"{_interval(f.patched_pct, f.patched_interval, '%')}; difference "
+                     f"{_interval(f.difference_pp, f.difference_interval, ' pp')} ({f.scored_tokens:,} tokens"
+                     + (f", positions >= {f.window})" if f.window else ")"))
+    return lines
+
+
+def _share(x: float, bounds: list[float]) -> str:
+    return f"{100 * x:.1f}% [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+
+
+def task_lines(figures: list[TaskFigure]) -> list[str]:
+    """The task figures, base against patched on the same prompts."""
+    if not figures:
+        return []
+    lines = ["", "tasks (greedy, same prompts; accuracy with 95% Wilson interval, difference patched minus base with "
+                 "95% paired bootstrap interval over prompts):"]
+    for f in figures:
+        diff = f"{100 * f.difference:+.1f}"
+        if f.difference_interval:
+            diff += f" [{100 * f.difference_interval[0]:+.1f}, {100 * f.difference_interval[1]:+.1f}]"
+        lines.append(f"  {f.task} {f.metric} ({f.prompts} prompts): base {_share(f.base, f.base_interval)}, patched "
+                     f"{_share(f.patched, f.patched_interval)}; difference {diff} points ({f.better} prompts better, "
+                     f"{f.worse} worse)")
+    return lines
+def sink_warning(r: VerifyResult) -> str | None:
+    """The line said first when a patch does the opposite of its purpose: the sink after the ME Layer rose."""
+    if r.sink_reduction_pct is None or not math.isfinite(r.sink_reduction_pct) or r.sink_reduction_pct >= 0.05:
+        return None
+    if r.sink_reduction_pct > -0.05:
+        return (f"THIS PATCH DOES NOT CUT THE ATTENTION SINK: unchanged over layers {r.sink_layers_from}-"
+                f"{len(r.sink_base) - 1} on this text")
+    return (f"THIS PATCH RAISES THE ATTENTION SINK it is meant to cut: {change_text(r.sink_reduction_pct)} over "
+            f"layers {r.sink_layers_from}-{len(r.sink_base) - 1} on this text ({r.sink_mean_base:.3f} -> "
+            f"{r.sink_mean_patched:.3f})")
+
+
 def verify_report(r: VerifyResult) -> str:
-    """The human-readable verify report."""
+    """The human-readable verify report (a patch that raises the sink says so on its first line)."""
     prefix = f", each opening with {''.join(r.window_prefix)!r}" if r.window_prefix else ""
-    lines = [f"held-out text: {r.text}, {r.windows} windows{prefix}, {r.tokens} tokens, "
+    lines = [*filter(None, [sink_warning(r)]),
+             f"held-out text: {r.text}, {count(r.windows, 'window')}{prefix}, {count(r.tokens, 'token')}, "
              f"{r.scored_tokens} scored ({r.seconds:.1f} s)",
              "massive tokens (base, on this text): " + (
                  f"ME Layer {r.me_layer}, positions {sorted({q for w in r.massive_positions for q in w})}"
                  if r.me_layer is not None else "none: the sink is not measured"), "", *_layer_table(r)]
     change = "" if r.sink_reduction_pct is None else f" ({change_text(r.sink_reduction_pct)})"
     after = f"layers {r.sink_layers_from}-{len(r.sink_base) - 1}"
-    on = f"the text above, {r.windows} windows"
+    on = f"the text above, {count(r.windows, 'window')}"
     lines += ["",
               f"perplexity: base {r.ppl_base:.2f}, patched {r.ppl_patched:.2f} ({r.ppl_increase_pct:+.2f}%)",
               f"KL(base || patched): mean {r.kl_mean:.4f}, max {r.kl_max:.4f}; top-1 agreement "
@@ -215,7 +337,7 @@ def verify_report(r: VerifyResult) -> str:
               f"{_f(r.sink_rate_mean_base, '.2f')}, patched {_f(r.sink_rate_mean_patched, '.2f')}",
               f"attention-input similarity (mean over {after}, lower is more diverse): base "
               f"{_f(r.similarity_mean_base, '.3f')}, patched {_f(r.similarity_mean_patched, '.3f')}",
-              *_weight_lines(r.weights)]
+              *_weight_lines(r.weights), *payoff_lines(r.payoff), *task_lines(r.tasks)]
     if r.no_effect:
         lines.append("THIS PATCH CHANGED NOTHING: no tensor differs and KL(base || patched) is 0 on every token "
                      "(a custom layer that selects no token does nothing)")

@@ -10,6 +10,7 @@ from melsurgery.architectures import ATTENTION, Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError, quote
+from melsurgery.formats.wording import count
 from melsurgery.params import Param
 from melsurgery.params import resolve as resolve_params
 
@@ -94,8 +95,10 @@ def parse_layers(spec: str | list | tuple | None, me_layer: int, num_layers: int
             part = part.strip()
             try:
                 if "-" in part:
-                    lo, hi = part.split("-")
-                    layers.extend(range(int(lo), int(hi) + 1))
+                    lo, hi = (int(x) for x in part.split("-"))
+                    if hi >= num_layers:  # before the range is built: 3-99999999999 was a MemoryError (exit 5)
+                        raise UserError(f"--layers {quote(spec)}: layers must lie in 0-{num_layers - 1} (got {hi})")
+                    layers.extend(range(lo, hi + 1))
                 else:
                     layers.append(int(part))
             except ValueError:
@@ -155,7 +158,7 @@ def sink_dims(scan: ScanResult, layer: int, top_k: int, mask_ratio: float | None
     if mask_ratio is not None:
         return tuple(d.dim for d in ranked if d.score >= mask_ratio * ranked[0].score)
     if top_k > len(ranked):
-        raise UserError(f"{recipe} --dims-by sink: the scan ranks {len(ranked)} dims per layer; use --top-k "
+        raise UserError(f"{recipe} --dims-by sink: the scan ranks {count(len(ranked), 'dim')} per layer; use --top-k "
                         f"{len(ranked)} or less")
     return tuple(d.dim for d in ranked[:top_k])
 

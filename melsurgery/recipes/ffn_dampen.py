@@ -64,7 +64,7 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
              for e, js in by_expert.items()]
     moe = any(e is not None for e, _ in neurons)
     names = ", ".join(f"{e}:{j}" if e is not None else str(j) for e, j in neurons)
-    summary = (f"ffn-dampen: FFN neurons {'(expert:neuron) ' if moe else ''}[{names}] of layer {me} "
+    summary = (f"ffn-dampen: FFN neurons {'(expert:neuron) ' if moe else ''}{names} of layer {me} "
                f"(down-projection columns) scaled by {a:g}")
     listed = [j if e is None else [e, j] for e, j in neurons]
     return RecipePlan("ffn-dampen", {**p, "neurons": listed, "layer": me}, summary, edits)

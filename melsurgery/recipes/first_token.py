@@ -21,6 +21,7 @@ from melsurgery.architectures import Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
+from melsurgery.formats.wording import count
 from melsurgery.params import Param
 from melsurgery.recipes.base import RecipePlan
 
@@ -56,7 +57,8 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
                         "reuse a fit)")
     hidden, vocab = config["hidden_size"], config.get("vocab_size")
     if len(p["row"]) != hidden:
-        raise UserError(f"first-token: the row has {len(p['row'])} values, the model's hidden size is {hidden}")
+        raise UserError(f"first-token: the row has {count(len(p['row']), 'value')}, the model's hidden size is "
+                        f"{hidden}")
     if vocab is not None and p["token_id"] >= vocab:
         raise UserError(f"first-token: token_id {p['token_id']} is out of range (vocabulary of {vocab})")
     tid = int(p["token_id"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from melsurgery.architectures import Family
 from melsurgery.checkpoint.edits import Edit
 from melsurgery.detect.scan_result import ScanResult
+from melsurgery.formats.wording import dims_by_layer
 from melsurgery.params import ATTN_DIMS, Param
 from melsurgery.recipes.base import RecipePlan, attention_layers, layer_dims, require_me
 
@@ -35,6 +36,6 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
             edits.extend(Edit(t, a, axis=1, index=dims, why=why) for t in family.attn_input_tensors(i))
     same = len(set(per_layer.values())) == 1
     dims_param = list(per_layer[layers[0]]) if same else {str(i): list(d) for i, d in per_layer.items()}
-    which = f"dims {dims_param}" if same else f"each layer's sink-driving dims {dims_param}"
-    summary = f"norm-rescale: attention-input {which} of layers {list(layers)} scaled by {a:g} for all tokens"
+    which = dims_by_layer(per_layer) if same else f"each layer's sink-driving dims ({dims_by_layer(per_layer)})"
+    summary = f"norm-rescale: attention-input {which} scaled by {a:g} for all tokens"
     return RecipePlan("norm-rescale", {**p, "layers": list(layers), "dims": dims_param}, summary, edits)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from melsurgery.architectures import Family
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
+from melsurgery.formats.wording import dims_by_layer, layers_text
 from melsurgery.params import ATTN_DIMS, Param
 from melsurgery.recipes.base import RecipePlan, WeMaskLayer, WeMaskSpec, attention_layers, layer_dims, require_me
 
@@ -85,15 +86,14 @@ def _summary(spec: WeMaskSpec, skipped: list[int]) -> str:
     which = "the first token"
     if spec.selector == "magnitude":
         which = "tokens whose residual exceeds the layer's calibrated threshold"
-    dims = _dims_param(list(spec.per_layer))
+    dims = dims_by_layer({m.layer: m.dims for m in spec.per_layer})
     strengths = sorted({m.strength for m in spec.per_layer})
     how = "set to the ordinary tokens' mean" if spec.replace == "mean" else "zeroed"
     amount = (f"strength {strengths[0]:g}" if len(strengths) == 1
               else f"strength {spec.per_layer[0].strength:g} to {spec.per_layer[-1].strength:g}")
-    text = (f"WeMask: in the attention input of layers {list(spec.layers)}, dims {dims} of {which} {how} "
-            f"({amount})")
+    text = f"WeMask: in the attention input, {dims}: those of {which} {how} ({amount})"
     if skipped:
-        text += f"; layers {skipped} left alone: the massive tokens do not stand out there on calibration text"
+        text += f"; {layers_text(skipped)} left alone: the massive tokens do not stand out there on calibration text"
     return text
 
 

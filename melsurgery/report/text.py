@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from melsurgery.detect.scan_result import FfnNeuron, ScanResult
+from melsurgery.formats.wording import count
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -32,12 +33,24 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(out)
 
 
+def scan_summary(r: ScanResult) -> str:
+    """`scan --quiet`: the finding in one line."""
+    if r.me_layer is None:
+        return f"{r.model.id}: no ME Layer (no massive activation persists)"
+    positions = sorted({t.pos for t in r.token_summary})
+    return (f"{r.model.id}: ME Layer {r.me_layer}, massive dims {', '.join(str(d) for d in r.massive_dims)}"
+            + (f" at {'position' if len(positions) == 1 else 'positions'} {', '.join(map(str, positions))}"
+               if positions else "")
+            + (f", persisting through layer {r.persist_until}" if r.persist_until is not None else ""))
+
+
 def scan_report(r: ScanResult) -> str:
     """The human-readable scan report (docs/commands/scan.md shows one)."""
     m = r.model
-    lines = [f"model: {m.id} ({m.family}, {m.num_layers} layers, hidden {m.hidden_size})"]
+    lines = [f"model: {m.id} ({m.family}, {count(m.num_layers, 'layer')}, hidden {m.hidden_size})"]
     if (c := r.calibration) is not None:
-        lines += [f"calibration: {c.source}, {c.num_samples} samples, {c.tokens} tokens, {c.seconds:.1f} s"
+        lines += [f"calibration: {c.source}, {count(c.num_samples, 'sample')}, {count(c.tokens, 'token')}, "
+                  f"{c.seconds:.1f} s"
                   + (f", computed in {c.dtype}" if c.dtype else ""),
                   *([f"adaptive calibration: {c.adaptive.reason}"] if c.adaptive else [])]
     lines += [
@@ -73,9 +86,9 @@ def scan_report(r: ScanResult) -> str:
         "top dims of the massive tokens: "
         + ", ".join(f"{d.dim} ({_num(d.mean_abs)})" for d in r.top_dims[:5])
     )
-    n_samples = r.calibration.num_samples if r.calibration else "?"
+    n_samples = count(r.calibration.num_samples, "sample") if r.calibration else "? samples"
     toks = "; ".join(f"position {t.pos} {t.token!r} in {t.count}" for t in r.token_summary[:4])
-    lines.append(f"massive tokens: {len(r.massive_tokens)} in {n_samples} samples: {toks}")
+    lines.append(f"massive tokens: {len(r.massive_tokens)} in {n_samples}: {toks}")
     if r.precursors:
         worst = max(r.precursors, key=lambda p: abs(p.value))
         lines.append(

@@ -100,13 +100,15 @@ def search_budget(source: Source, opts: SearchOptions, *, scan: ScanResult | Non
 
 def refusal(found: BudgetChoice) -> BudgetNotMet:
     """The one line that says nothing in the space cuts the sink within the budget (exit 4, nothing written)."""
+    from melsurgery.formats.wording import count
+
     cands, s = found.choice.candidates, found.session
     best = max(cands, key=lambda c: c.heldout.sink_reduction_pct, default=None)
     near = ""
     if best is not None:
         near = (f"; the largest held-out cut among the {len(cands)} re-measured settings is "
                 f"{best.heldout.sink_reduction_pct:.1f}% at KL {best.heldout.kl_mean:.4f}")
-    return BudgetNotMet(f"no setting of the search space ({found.trials} trials over "
+    return BudgetNotMet(f"no setting of the search space ({count(found.trials, 'trial')} over "
                         f"{', '.join(r.name for r in s.space.recipes)}) cuts the sink within {s.opts.describe()} "
                         f"on held-out text{near}; nothing written (raise the budget or --trials)")
 
@@ -212,12 +214,13 @@ def budget_report(done: BudgetedPatch) -> str:
                      + ("" if r.within else f": over the budget ({s.opts.describe()})")
                      + "; rerun with more --windows, or a tighter budget")
     lines += [
-        f"search: {found.trials} trials ({s.ran} run now) over {', '.join(x.name for x in s.space.recipes)} and their "
-        f"compositions; study in {s.folder}",
+        f"search: {count(found.trials, 'trial')} ({s.ran} run now) over "
+        f"{', '.join(x.name for x in s.space.recipes)} and their compositions; study in {s.folder}",
         f"tuning text: {t.tune_name}, {count(len(t.tune.ids), 'window')}, {t.tune_tokens} tokens; held-out: "
         f"{t.held_name}, {count(len(t.held.ids), 'window')}, {t.held_tokens} tokens (windows of up to "
         f"{s.opts.max_tokens} tokens)",
-        f"budget: {s.opts.describe()} on the held-out text; {len(found.choice.candidates)} settings re-measured there",
+        f"budget: {s.opts.describe()} on the held-out text; {count(len(found.choice.candidates), 'setting')} "
+        "re-measured there",
         f"chosen: trial #{ch.trial}: {setting_text(ch.recipes)}",
         f"held-out figures: sink (mean over layers {s.space.me_layer + 1}-{s.space.num_layers - 1}, after the ME "
         f"Layer {s.space.me_layer}) {h.sink_base:.3f} -> {h.sink_patched:.3f} ({change_text(h.sink_reduction_pct)}); "

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 
 from melsurgery.checkpoint.atomic import write_atomic
+from melsurgery.checkpoint.guard import cache_folder as guarded_cache
 from melsurgery.checkpoint.source import Source
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import NoMassiveActivations, UserError
 from melsurgery.formats.jsonsafe import dumps
 from melsurgery.formats.textfile import read_text, refuse_special
-from melsurgery.outputs import cache_dir
 from melsurgery.search.engine import Evaluator, TextCache, effect_key
 from melsurgery.search.options import SearchOptions
 from melsurgery.search.records import Budget, Measured, Setting, TrialRecord, pairs, setting
@@ -137,7 +137,7 @@ def digest(data: dict) -> str:
 
 def cache_folder(source: Source, key: dict, kind: str = "search") -> Path:
     """The user-cache folder of a search keyed by `key` (its content hash names it)."""
-    folder = cache_dir() / kind / f"{source.folder.name}-{digest(key)}"
+    folder = guarded_cache(kind) / f"{source.folder.name}-{digest(key)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

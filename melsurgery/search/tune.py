@@ -211,7 +211,7 @@ def tune_report(result: TuneResult) -> str:
     what = OBJECTIVES[result.objective].label
     n = result.scan.model.num_layers if result.scan else None
     layers = f"layers {result.me_layer + 1}-{n - 1}" if n else f"layers {result.me_layer + 1}+"
-    lines = [f"study: {result.study['trials']} trials ({result.ran} run now) in {result.study['storage']}",
+    lines = [f"study: {count(result.study['trials'], 'trial')} ({result.ran} run now) in {result.study['storage']}",
              f"tuning text: {w.tuning.text}, {count(w.tuning.windows, 'window')}, {w.tuning.tokens} tokens; "
              f"held-out: {w.heldout.text}, {count(w.heldout.windows, 'window')}, {w.heldout.tokens} tokens",
              f"ME Layer {result.me_layer}; {what} = mean over {layers} (after the ME Layer), on the held-out text "

@@ -16,7 +16,7 @@ from melsurgery.checkpoint.basemodel import explicit
 from melsurgery.checkpoint.provenance import DerivedFile, Provenance, RecipeRecord, SearchRecord, WriteRecord
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import check_tokenizer
-from melsurgery.checkpoint.source import Source
+from melsurgery.checkpoint.source import Source, origin
 from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_layer
 from melsurgery.checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from melsurgery.detect.scan import ScanResult, check_scan_params, run_scan
@@ -118,9 +118,9 @@ def run_patch(
 
             measured = run_verify(source.folder, tmp, device=device, progress=progress, params=scan.params,
                                   claimed_edits=sorted({a.tensor for a in applied}),
-                                  **{"prefix": input_prefix(recipes), **verify})
+                                  **{"prefix": input_prefix(recipes), "payoff_window": None, **verify})
         license, unknown_license = base_license(source.folder)
-        card = render_card(base=base, name=source.name, license=license, unknown_license=unknown_license,
+        card = render_card(base=base, origin=origin(source), license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
                            measurements=measurements_for_card(measured) if measured else None, search=search,
                            deferred_sources=len(written.record.deferred))

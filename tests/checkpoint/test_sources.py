@@ -44,7 +44,8 @@ def test_gguf_file_and_alias_share_the_cached_conversion(smollm2):
 def test_scan_without_a_model_uses_the_default(smollm2):
     res = run_cli("scan", "--quiet", "--num-samples", "4", "--max-tokens", "24")
     assert res.returncode == 0, res.stderr
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in res.stdout and "ME Layer: 11" in res.stdout
+    assert res.stdout.startswith("HuggingFaceTB/SmolLM2-135M-Instruct: ME Layer 11, massive dims 507")
+    assert len(res.stdout.splitlines()) == 1
 
 
 @pytest.mark.slow

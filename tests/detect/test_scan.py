@@ -90,9 +90,12 @@ def test_unplanted_model_has_no_me_layer_and_exits_3(tmp_path):
 @pytest.mark.slow
 def test_cli_scan_writes_json_and_plot(planted, tmp_path):
     out, png = tmp_path / "scan.json", tmp_path / "scan.png"
-    res = run_cli("scan", planted, "--quiet", "--json", out, "--plot", png, "--num-samples", "8", "--seed", "3")
+    res = run_cli("scan", planted, "--json", out, "--plot", png, "--num-samples", "8", "--seed", "3")
     assert res.returncode == 0, res.stderr
     assert "<- ME Layer" in res.stdout and "neuron 41" in res.stdout
+    quiet = run_cli("scan", planted, "--quiet", "--num-samples", "8", "--seed", "3")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert quiet.stdout == f"{planted}: ME Layer 3, massive dims 17 at position 0, persisting through layer 5\n"
     data = json.loads(out.read_text())
     assert data["schema_version"] == 1 and data["me_layer"] == 3
     assert data["calibration"]["num_samples"] == 8
@@ -183,7 +186,7 @@ def test_adaptive_calibration_in_the_checkpoint_dtype(tmp_path):
     """--num-samples auto stops once two rounds agree; --dtype checkpoint computes in bf16 here."""
     folder = planted_folder(tmp_path / "m", dtype=torch.bfloat16)
     out = tmp_path / "scan.json"
-    res = run_cli("scan", folder, "--num-samples", "auto", "--dtype", "checkpoint", "--max-tokens", "32", "--quiet",
+    res = run_cli("scan", folder, "--num-samples", "auto", "--dtype", "checkpoint", "--max-tokens", "32",
                   "--json", out)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())

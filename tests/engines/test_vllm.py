@@ -32,7 +32,7 @@ from tests.support.planted import Plant, build_model, family_config, make_tokeni
 
 pytestmark = pytest.mark.engines
 
-TOLERANCE = 0.02  # mean |Δ log-prob| between vLLM and transformers, per model (issue 24)
+TOLERANCE = 0.02  # mean |Δ log-prob| between vLLM and transformers, per model (docs/engines.md)
 MAX_NEW = 8
 PATCHES = {
     "folded": ("ffn-dampen", {}),

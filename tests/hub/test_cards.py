@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from melsurgery.checkpoint.basemodel import (
+    Origin,
     explicit,
     for_folder,
     from_cache_path,
@@ -188,11 +189,12 @@ def test_base_licence_carried_only_when_the_hub_knows_it(tmp_path: Path) -> None
     assert base_license(_base_card(tmp_path / "d", "license: [unclosed\n")) == ({}, None)
     assert base_license(tmp_path / "none") == ({}, None)
 
-    card = render_card(base=None, name="my`model", license={}, unknown_license="Apache 2.0", plans=[],
+    card = render_card(base=None, origin=Origin("folder", "my`model"), license={}, unknown_license="Apache 2.0",
+                       plans=[],
                        scan=ScanResult(model=ModelInfo("m", "m", "folder", None, "llama", 6, 64), me_layer=3,
                                        massive_dims=(17,)),
                        applied=[], custom_layer=False)
     meta = front_matter(card)
     assert metadata_problems(meta) == [] and hub_metadata_errors(meta) == []
     assert "license" not in meta and "base_model" not in meta and "base_model_relation" not in meta
-    assert "local model `my'model`" in card and "'Apache 2.0', which is not a licence id the Hub knows" in card
+    assert "local model folder `my'model`" in card and "'Apache 2.0', which is not a licence id the Hub knows" in card

@@ -463,9 +463,9 @@ def test_patched_local_folder_card_is_accepted(hub_server: HubServer, planted: P
     assert str(tmp_path) not in card  # never a filesystem path in the card
     if expected is None:
         assert "base_model" not in meta and "base_model_relation" not in meta
-        assert "the local model `my-finetune`" in card and "huggingface.co" not in card
+        assert "the local model folder `my-finetune`" in card and "huggingface.co" not in card
     else:
-        assert (meta["base_model"], meta["base_model_relation"]) == (expected, "finetune")
+        assert meta["base_model"] == expected and "base_model_relation" not in meta  # an edit is no finetune
         assert f"[{expected}](https://huggingface.co/{expected})" in card
         origin = {"--base-model": "--base-model", "hf-cache": "the Hugging Face cache path"}[case]
         assert origin in card and origin in prov["base_model_from"]

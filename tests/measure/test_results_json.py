@@ -71,3 +71,15 @@ def test_a_malformed_document_names_the_field(case: str) -> None:
     damage(doc)
     with pytest.raises(UserError, match=rf"^verify\.json: {re.escape(message)}.*rerun verify$"):
         VerifyResult.from_json(doc, "verify.json")
+
+
+@pytest.mark.parametrize("cut, first", [
+    (25.0, "held-out text: hamlet, 2 windows"),
+    (-3.4, "THIS PATCH RAISES THE ATTENTION SINK it is meant to cut: +3.4% (worse) over layers 2-2 on this text "
+           "(0.400 -> 0.414)"),
+    (0.0, "THIS PATCH DOES NOT CUT THE ATTENTION SINK: unchanged over layers 2-2 on this text")])
+def test_a_patch_that_raises_the_sink_says_so_first(cut, first):
+    from melsurgery.measure.verify_result import verify_report
+
+    r = result(sink_reduction_pct=cut, sink_mean_patched=0.4 * (1 - cut / 100))
+    assert verify_report(r).splitlines()[0].startswith(first)

@@ -23,7 +23,7 @@ VERIFY_JSON_KEYS = [
     "similarity_base", "sink_patched", "sink_rate_patched", "max_abs_patched", "ratio_patched", "similarity_patched",
     "ppl_increase_pct", "sink_layers_from", "sink_mean_base", "sink_mean_patched", "sink_reduction_pct",
     "sink_rate_mean_base", "sink_rate_mean_patched", "similarity_mean_base", "similarity_mean_patched", "weights",
-    "no_effect", "generations", "generations_note", "seconds"]
+    "no_effect", "generations", "generations_note", "seconds", "payoff"]
 
 
 
@@ -38,6 +38,7 @@ def test_a_patch_that_changes_nothing_measures_nothing(planted, planted_scan, tm
     assert r.weights.changed == [] and r.weights.matches_provenance is True
     assert r.generations[0]["base"] == r.generations[0]["patched"]
     assert r.no_effect is True and "THIS PATCH CHANGED NOTHING" in verify_report(r)
+    assert len(r.payoff) == 4 and all(f.difference_pp == 0 and f.base_pct == f.patched_pct for f in r.payoff)
     assert VerifyResult.from_json(json_round_trip(r)) == r  # the typed result is its JSON
     assert list(r.to_json()) == VERIFY_JSON_KEYS  # the schema `verify --json` has always written
 
@@ -74,6 +75,18 @@ def test_gates():
     assert Gates().check(r) == []
     assert Gates(max_kl=0.1, max_ppl_increase=5, min_sink_reduction=5).check(r) == []
     assert len(Gates(max_kl=0.01, max_ppl_increase=1, min_sink_reduction=50).check(r)) == 3
+
+
+@pytest.mark.parametrize("sink, said", [
+    (3.86, "sink fell 3.86%, less than the 5% fall --min-sink-reduction 5 asks for"),
+    (-2.1, "sink rose 2.1%, where --min-sink-reduction 5 asks for a fall of at least 5%"),
+    (0.0, "sink unchanged, less than the 5% fall --min-sink-reduction 5 asks for")])
+def test_gate_messages_read_true_whichever_way_the_figure_moved(sink, said):
+    """A sink that fell too little is not said to have risen, nor one that rose to have been cut."""
+    r = SimpleNamespace(kl_mean=0.2, ppl_increase_pct=-1.5, sink_reduction_pct=sink)
+    assert Gates(min_sink_reduction=5).check(r) == [said]
+    assert Gates(max_kl=0.1, max_ppl_increase=-2).check(r) == [
+        "KL 0.2 > --max-kl 0.1", "perplexity fell 1.5%, where --max-ppl-increase -2 asks for a fall of at least 2%"]
 
 
 @pytest.mark.slow

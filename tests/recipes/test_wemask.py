@@ -102,7 +102,7 @@ def test_a_plan_that_selects_no_token_is_refused_in_one_line(growth, tmp_path):
                                                 for s in scan.selector_layers))
     partial = plan(blind, folder, {"layers": "after-me"})  # one layer left: patched, and the summary says so
     assert [m.layer for m in partial.wemask.per_layer] == [me + 1]
-    assert f"layers [{me + 2}] left alone" in partial.summary
+    assert f"layer {me + 2} left alone" in partial.summary
     with pytest.raises(UserError, match="would select no token on the calibration set"):
         plan(blind, folder, {"layers": str(me + 2)})
     path = tmp_path / "scan.json"

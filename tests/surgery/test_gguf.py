@@ -78,6 +78,15 @@ def patched(gguf_dir, cache_dir, planted_scan, tmp_path_factory):
     return results
 
 
+def test_overwrite_replaces_a_gguf_melsurgery_wrote(gguf_dir, patched):
+    """A GGUF whose header holds melsurgery.* keys is an earlier output: --overwrite may replace it."""
+    t = next(iter(patched))
+    written = patched[t].file
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        gguf_preflight(gguf_dir / f"planted-{t.name}.gguf", written, [RECIPES[1]], folder=False, overwrite=False)
+    gguf_preflight(gguf_dir / f"planted-{t.name}.gguf", written, [RECIPES[1]], folder=False, overwrite=True)
+
+
 def _tensors(path: Path) -> dict:
     return {t.name: t for t in GGUFReader(path).tensors}
 
@@ -192,13 +201,8 @@ def test_patched_gguf_loads_in_transformers_like_the_safetensors_patch(gguf_dir,
 
 
 @pytest.mark.slow
-def test_kquant_tensor_is_refused_by_name_and_norm_edits_keep_it(gguf_dir, cache_dir, planted_scan, tmp_path):
+def test_norm_edits_keep_kquant_tensors(gguf_dir, cache_dir, planted_scan, tmp_path):
     path = gguf_dir / "planted-Q4_K.gguf"
-    env = {"MELSURGERY_CACHE": str(cache_dir)}
-    r = run_cli("patch", path, "-o", tmp_path / "out.gguf", "--recipe", "ffn-dampen", "--quiet", env=env)
-    assert r.returncode == 2 and "Q4_K" in r.stderr and "ffn_down" in r.stderr
-    assert r.stderr.startswith("melsurgery: error:") and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.iterdir())
     res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "norm.gguf", Manifest(recipes=[RECIPES[1]]),
                          scan=planted_scan)
     src, out = _tensors(path), _tensors(res.file)
@@ -216,9 +220,15 @@ def test_wemask_and_bad_outputs_are_refused(gguf_dir, cache_dir, tmp_path):
     assert all(n in r.stderr for n in ("norm-rescale", "ffn-dampen", "me-norm")) and "llama.cpp" in r.stderr
     (tmp_path / "exists.gguf").write_bytes(b"keep")
     r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", env=env)
-    assert r.returncode == 2 and "--overwrite" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    assert r.returncode == 2 and "did not write" in r.stderr and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    r = run_cli("patch", src, "-o", tmp_path / "exists.gguf", "--recipe", "me-norm", "--overwrite", env=env)
+    assert r.returncode == 2 and (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    assert r.stderr == (f"melsurgery: error: '{tmp_path / 'exists.gguf'}': a file melsurgery did not write (no "
+                        "melsurgery.* metadata); choose another -o or remove it\n")
     with pytest.raises(UserError, match="is the source model"):
         gguf_preflight(src, src, [RECIPES[1]], folder=False, overwrite=True)
+    with pytest.raises(UserError, match="did not write"):  # a user's GGUF (no melsurgery.* keys) is never replaced
+        gguf_preflight(src, gguf_dir / "planted-F32.gguf", [RECIPES[1]], folder=False, overwrite=True)
     with pytest.raises(UserError, match="needs a GGUF source"):
         gguf_source_file(str(tmp_path))
     with pytest.raises(UserError, match="not a readable GGUF"):
@@ -311,11 +321,10 @@ def test_default_model_gguf_patch(smollm2, smollm2_scan, smollm2_patched):
     edited = {a.tensor for a in smollm2_patched.applied}
     assert edited == {down, f"blk.{me}.ffn_norm.weight", f"blk.{me + 1}.attn_norm.weight"}
     assert all(bytes(src[n].data) == bytes(out[n].data) for n in src if n not in edited)
-    assert out[down].tensor_type == GGMLQuantizationType.Q4_1
-    a = np.array(src[down].data).reshape(-1, 20)
-    b = np.array(out[down].data).reshape(-1, 20)
-    blocks = np.flatnonzero((a != b).any(axis=1)) % (1536 // 32)
-    assert set(blocks.tolist()) <= {j // 32 for j in neurons} and len(blocks) > 0
+    # Q4_1 cannot carry x0.2 on the two columns (half of the edit is lost): the tensor is written in Q8_0
+    a = next(a for a in smollm2_patched.applied if a.tensor == down)
+    assert a.source_type_error > 0.3 and (a.type, a.written_type) == ("Q4_1", "Q8_0") and a.edit_error < 0.1
+    assert out[down].tensor_type == GGMLQuantizationType.Q8_0 and len(neurons) == 2
 
 
 @pytest.mark.slow
@@ -338,3 +347,154 @@ def test_default_model_gguf_norm_patch_loads_like_the_safetensors_patch(smollm2,
         gg = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="norms.gguf", dtype=torch.float32)(ids).logits
     assert (st - base).abs().max() > 0.5
     assert torch.allclose(gg, st, atol=1e-3, rtol=0)
+
+
+DAMPEN_ORDINARY = ("ffn-dampen", {"factor": 0.9, "neurons": [5, 6, 7]})
+
+
+def _down_edit(res, planted_scan):
+    return next(a for a in res.applied if a.tensor == f"blk.{planted_scan.me_layer}.ffn_down.weight")
+
+
+@pytest.mark.slow
+def test_an_edit_a_4bit_grid_cannot_carry_is_written_in_a_wider_type(gguf_dir, cache_dir, planted_scan, tmp_path):
+    """x0.9 on ordinary neurons' columns moves most entries by less than half a Q4_1 step, so requantising the
+    blocks in Q4_1 gives back (nearly) the source: the tensor is written in the first wider type that carries the
+    edit, and what gguf's own dequantiser reads from it is the intended fp32 edit within the tolerance; every
+    other tensor keeps its type and bytes, and later tensors stay readable at their moved offsets. (The planted
+    neuron's column is carried by Q4_1: its entries are their blocks' largest, which a block's scale follows.)"""
+    from melsurgery.surgery.gguf_patch import TOLERANCE, WIDER, edit_error
+
+    path = gguf_dir / "planted-Q4_1.gguf"
+    res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "wide.gguf", Manifest(recipes=[DAMPEN_ORDINARY]),
+                         scan=planted_scan)
+    edit = _down_edit(res, planted_scan)
+    src, out = _tensors(path), _tensors(res.file)
+    old = quants.dequantize(np.array(src[edit.tensor].data), Q.Q4_1)
+    asked = old.copy()
+    asked[:, DAMPEN_ORDINARY[1]["neurons"]] *= np.float32(0.9)
+    # Q4_1 in place (what the patch wrote before) misses the edit: the test fails without the mechanism
+    hit = (asked != old).reshape(-1, 32).any(axis=1)
+    inplace = old.reshape(-1, 32).copy()
+    inplace[hit] = quants.dequantize(quants.quantize(asked.reshape(-1, 32)[hit], Q.Q4_1), Q.Q4_1)
+    assert edit_error(inplace.reshape(old.shape), asked, old) > TOLERANCE
+    assert edit.type == "Q4_1" and edit.written_type in WIDER and out[edit.tensor].tensor_type.name == edit.written_type
+    written = Q[edit.written_type]
+    for narrower in WIDER[: WIDER.index(edit.written_type)]:  # the first wider type that carries it, no wider
+        again = quants.dequantize(quants.quantize(asked, Q[narrower]), Q[narrower]).reshape(old.shape)
+        assert edit_error(again, asked, old) > TOLERANCE
+    got = quants.dequantize(np.array(out[edit.tensor].data), written).reshape(asked.shape)
+    assert edit_error(got, asked, old) == pytest.approx(edit.edit_error) and edit.edit_error <= TOLERANCE
+    assert edit.source_type_error > TOLERANCE
+    assert list(src) == list(out)
+    for name in src:
+        if name != edit.tensor:
+            assert src[name].tensor_type == out[name].tensor_type and bytes(src[name].data) == bytes(out[name].data)
+    assert edit.bytes_added == out[edit.tensor].n_bytes - src[edit.tensor].n_bytes > 0
+    recorded = json.loads(GGUFFile(res.file).value("melsurgery.edits"))
+    assert any(e["written_type"] == edit.written_type and e["type"] == "Q4_1" for e in recorded)
+
+
+@pytest.mark.slow
+def test_patch_says_first_which_tensors_were_widened_and_what_it_costs(gguf_dir, cache_dir, planted_scan, tmp_path):
+    from melsurgery.detect.scan import write_json
+
+    write_json(planted_scan, tmp_path / "scan.json")
+    r = run_cli("patch", gguf_dir / "planted-Q4_1.gguf", "-o", tmp_path / "w.gguf", "--recipe", "ffn-dampen",
+                "--dampen", "0.9", "--neurons", "5,6,7", "--scan", tmp_path / "scan.json", "--quiet",
+                env={"MELSURGERY_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert "ffn_down.weight written in " in first and ", not Q4_1" in first and "bytes" in first
+    assert "llama.cpp" not in r.stdout
+
+
+@pytest.mark.slow
+def test_kquant_source_edits_are_written_in_a_type_gguf_can_quantise(gguf_dir, cache_dir, planted_scan, tmp_path):
+    """gguf has no Q4_K quantiser: an edit of a Q4_K tensor is written in the first wider type that carries it."""
+    path = gguf_dir / "planted-Q4_K.gguf"
+    res = run_patch_gguf(_resolve(path, cache_dir), tmp_path / "k.gguf", Manifest(recipes=[RECIPES[0]]),
+                         scan=planted_scan)
+    edit = _down_edit(res, planted_scan)
+    assert edit.type == "Q4_K" and edit.written_type != "Q4_K" and edit.source_type_error is None
+    assert edit.edit_error <= 0.1 and _tensors(res.file)[edit.tensor].tensor_type.name == edit.written_type
+
+
+def _bomb(path: Path, n_entries: int, *, body: bytes = b"", n_kv: int = 1, n_tensors: int = 0) -> Path:
+    """A GGUF whose one metadata key claims an array of `n_entries` strings; `body` is what follows the claim."""
+    import struct
+
+    key = b"bomb.strings"
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + struct.pack("<Q", len(key)) + key
+    path.write_bytes(head + struct.pack("<IIQ", 9, 8, n_entries) + body)
+    return path
+
+
+@pytest.mark.parametrize("case", ["file-size", "entries", "tensors", "keys"])
+def test_a_header_that_claims_more_than_the_file_holds_is_refused_before_decoding(tmp_path, case):
+    """Counts are checked against the file and the entry cap before a loop or an allocation runs for them."""
+    import time
+    import tracemalloc
+
+    from melsurgery.checkpoint.gguf_file import MAX_ARRAY_ENTRIES
+
+    if case == "file-size":
+        path = _bomb(tmp_path / "b.gguf", 1 << 40, body=bytes(64))
+    elif case == "entries":  # as many empty strings as the cap allows plus one: the file holds them all
+        path = _bomb(tmp_path / "b.gguf", MAX_ARRAY_ENTRIES + 1, body=bytes(8 * (MAX_ARRAY_ENTRIES + 1)))
+    elif case == "tensors":
+        path = _bomb(tmp_path / "b.gguf", 0, n_tensors=1 << 50)
+    else:
+        path = _bomb(tmp_path / "b.gguf", 0, n_kv=1 << 50)
+    tracemalloc.start()
+    t0 = time.process_time()
+    with pytest.raises(UserError, match="not a readable GGUF file.*(claims|more than)"):
+        GGUFFile(path)
+    used = time.process_time() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20 and used < 1.0
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_metadata_bomb_in_one_line_and_leaves_no_cache(tmp_path):
+    from melsurgery.checkpoint.gguf_file import MAX_ARRAY_ENTRIES
+
+    n = MAX_ARRAY_ENTRIES + 1
+    path = _bomb(tmp_path / "bomb.gguf", n, body=bytes(8 * n))
+    r = run_cli("scan", path, env={"MELSURGERY_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "array entries" in r.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+import safetensors.torch
+from melsurgery.checkpoint import source
+
+real = safetensors.torch.save_file
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_file = save_then_die
+source.resolve(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_a_conversion_killed_with_sigkill_is_cleaned_by_the_next_one(gguf_dir, tmp_path):
+    """SIGKILL cannot be caught: the dead run's pid-stamped folder stays, and the next conversion removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MELSURGERY_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[2])}
+    path = gguf_dir / "planted-Q8_0.gguf"
+    r = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(path)], env=env, capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = [p for p in (cache / "gguf").iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".melsurgery-tmp-") and (left[0] / "model.safetensors").exists()
+    src = _resolve(path, cache)
+    assert [p.name for p in (cache / "gguf").iterdir()] == [src.folder.name]
+    assert (src.folder / "config.json").is_file()

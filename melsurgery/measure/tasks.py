@@ -1,4 +1,5 @@
-"""Instruction-following benchmarks (IFBench, IFEval): prompts, scoring, statistics, resumable generation.
+"""Task payoff: instruction-following benchmarks (IFBench, IFEval): prompts, scoring, statistics, resumable
+generation; `verify --tasks` runs base and patched on the same prompts (`run_tasks`).
 
 Surgery on massive activations can silently degrade a model's ability to follow precise instructions
 while perplexity barely moves, so this module measures it with verifiable-instruction benchmarks and
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melsurgery.checkpoint.source import cache_dir as melsurgery_cache_dir
+from melsurgery.checkpoint.guard import cache_folder
 
 SUITES = ("ifbench", "ifeval")
 
@@ -173,7 +174,7 @@ def ensure_nltk_data(suite: str = "ifbench", cache: Path | None = None) -> list[
     except IFBenchSetupError:
         pass
     if "taggers/averaged_perceptron_tagger_eng/" in _NLTK_NEEDS[suite]:
-        root = (cache or melsurgery_cache_dir()) / "nltk_data"
+        root = cache / "nltk_data" if cache else cache_folder("nltk_data")
         tagger_dir = root / "taggers" / "averaged_perceptron_tagger_eng"
         if not all((tagger_dir / f).exists() for f in _TAGGER_FILES):
             try:
@@ -620,6 +621,23 @@ def render_prompt(tokenizer: Any, text: str) -> tuple[str, bool]:
     return text, False
 
 
+def greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> tuple[Any, set[int]]:
+    """Greedy decoding with the model's end-of-sequence ids (the tokenizer's where it names none), and those ids."""
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                              eos_token_id=eos, bos_token_id=getattr(gen_cfg, "bos_token_id", None))
+    return config, eos_ids
+
+
 def generate_responses(
     model: Any,
     tokenizer: Any,
@@ -643,7 +661,6 @@ def generate_responses(
 
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     t0 = time.perf_counter()
     out_path = Path(out_path)
@@ -664,22 +681,7 @@ def generate_responses(
 
     pad_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos,
-        bos_token_id=getattr(gen_cfg, "bos_token_id", None),
-    )
+    config, eos_ids = greedy_config(model, tokenizer, max_new_tokens)
     device = next(model.parameters()).device
     # A chat template already places BOS; plain prompts get the tokenizer's usual special tokens.
     add_special = not stats.chat_template
@@ -691,12 +693,8 @@ def generate_responses(
             i = 0
             while i < len(todo):
                 batch = todo[i : i + batch_size]
-                enc = tokenizer(
-                    [rendered[p.key] for p in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=add_special,
-                ).to(device)
+                enc = tokenizer([rendered[p.key] for p in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special).to(device)
                 try:
                     with torch.inference_mode():
                         out = model.generate(
@@ -738,3 +736,67 @@ def generate_responses(
         model.train(was_training)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+# --------------------------------------------------------------------------- verify --tasks
+
+TASKS = (*SUITES, "gsm8k")  # what `verify --tasks` names; gsm8k is refused (no package ships its test set)
+TASK_METRICS = (("prompt", "strict"), ("instruction", "strict"))  # what verify reports per task
+MISSING_PACKAGE_EXIT = 5  # verify's documented status for a missing optional package (as for --engine vllm)
+
+
+def check_tasks(names: Sequence[str]) -> list[str]:
+    """The tasks of `verify --tasks`, checked before any model runs: known, data and checkers installed."""
+    from melsurgery.errors import UserError
+
+    for name in names:
+        if name == "gsm8k":
+            raise UserError("--tasks gsm8k: no installed package ships the GSM8K test set and melsurgery reads no "
+                            "data set from a hub; use ifeval or ifbench, or lm-evaluation-harness where the Hub is "
+                            "reachable (docs/payoff.md)")
+        if name not in SUITES:
+            raise UserError(f"--tasks {name}: use {', '.join(SUITES)}")
+        try:
+            load_prompts(name, limit=1)
+            instruction_registry(name)
+        except IFBenchSetupError as exc:
+            raise UserError(f"--tasks {name}: {exc}", exit_code=MISSING_PACKAGE_EXIT) from None
+    return list(dict.fromkeys(names))
+
+
+def _answers(path: Path, suite: str, prompts: list[Prompt], out_dir: Path, device: str, dtype: Any,
+             max_new_tokens: int, loaded: dict, progress: bool) -> tuple[Path, list[PromptScore]]:
+    """One model's scored answers to `prompts`, generated only where its resumable answer file lacks them."""
+    out = responses_file(out_dir, suite, path, max_new_tokens=max_new_tokens, dtype=str(dtype))
+    if pending_prompts(prompts, read_responses(out)):
+        if path not in loaded:
+            from melsurgery.engines.loading import load
+
+            loaded.clear()  # one model in memory at a time
+            loaded[path] = load(path, device=device, dtype=dtype)
+        model, tokenizer = loaded[path]
+        generate_responses(model, tokenizer, prompts, out, batch_size=8, max_new_tokens=max_new_tokens,
+                           progress=progress, desc=f"{suite} {path.name}")
+    records = read_responses(out)
+    return out, score_responses(prompts, {p.key: records[p.key]["response"] for p in prompts}, suite)
+
+
+def run_tasks(base: Path, patched: Path, names: Sequence[str], limit: int | None, out_dir: Path, *,
+              device: str = "cpu", dtype: Any = None, max_new_tokens: int = 256,
+              progress: bool = False) -> list:
+    """Base and patched answer the first `limit` prompts of each task greedily (chat template), resumably
+    (answers appended to one JSONL file per model, task and settings in `out_dir`); the `TaskFigure`s."""
+    from melsurgery.measure.verify_result import TaskFigure
+
+    figures, loaded = [], {}
+    for suite in check_tasks(names):
+        prompts = load_prompts(suite, limit=limit)
+        (fb, sb), (fp, sp) = (_answers(Path(m), suite, prompts, out_dir, device, dtype, max_new_tokens, loaded,
+                                       progress) for m in (base, patched))
+        for level, mode in TASK_METRICS:
+            a, b = accuracy(sb, level, mode), accuracy(sp, level, mode)
+            d = paired_difference(sb, sp, level, mode)
+            figures.append(TaskFigure(suite, f"{level} {mode}", len(prompts), a.value, [a.lo, a.hi], b.value,
+                                      [b.lo, b.hi], d.value, [d.lo, d.hi] if d.n else None, d.better, d.worse,
+                                      [str(fb), str(fp)]))
+    return figures
