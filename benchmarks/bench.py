@@ -42,115 +42,20 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from harness import GB, Cost, measured, mem_available, run_child, workload
+from harness import ratio_of as ratio
 
 HERE = Path(__file__).resolve().parent
 WORKDIR = Path("/tmp/melsurgery-bench")
 CHUNK = 8 * 1024 * 1024
-GB = 1e9
 ALL_PATHS = ("scan", "scan-bf16", "scan-auto", "naive-scan", "copy", "patch", "patch-wemask", "naive-patch", "read",
              "diff", "verify", "verify-2x512", "verify-fp32-2x512", "naive-verify")
 VERIFY = ("--dtype", "bfloat16", "--generations", "0", "--device", "cpu", "--quiet")
 CALIBRATION = ("--num-samples", "4", "--max-tokens", "32", "--seed", "0")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass
-class Run:
-    """What one child process cost."""
-
-    name: str
-    wall_s: float = 0.0
-    cpu_s: float = 0.0  # user + system: what the path costs whatever else the machine is doing
-    peak_rss: int = 0  # bytes
-    io: dict[str, int] = field(default_factory=dict)
-    rc: int | None = None
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
-
-
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop these files (only) from the page cache, so the next reader starts cold."""
-    os.sync()
-    for root in paths:
-        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def measure(name: str, cmd: list[str], cold: list[Path], guard: int | None = None, log: Path | None = None,
-            ok: tuple[int, ...] = (0,)) -> Run:
-    """Run cmd as a child; wall time, peak RSS and I/O of that child alone. `guard`: kill above this RSS.
-
-    Exit codes in `ok` count as success (reported as 0)."""
-    evict(cold)
-    run = Run(name)
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    killed = threading.Event()
-
-    def watch() -> None:
-        while proc.returncode is None and not killed.is_set():
-            if guard and rss(proc.pid) > guard:
-                killed.set()
-                proc.kill()
-                return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: /proc/<pid>/io is readable
-    run.wall_s = time.perf_counter() - start
-    try:
-        run.io = {k: int(v) for k, v in (line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text()
-                                         .splitlines())}
-    except OSError:
-        run.io = {}
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = run.rc = os.waitstatus_to_exitcode(status)
-    killed.set()
-    watcher.join()
-    if log:
-        out.close()
-    run.peak_rss = usage.ru_maxrss * 1024
-    run.cpu_s = usage.ru_utime + usage.ru_stime
-    if run.rc in ok:
-        run.note = f"exit {run.rc}" if run.rc else ""
-        run.rc = 0
-    elif guard and run.peak_rss > guard:
-        run.note = f"killed by the memory guard at {guard / GB:.1f} GB: does not fit"
-    else:
-        run.note = f"failed (exit {run.rc})" + (f", see {log}" if log else "")
-    return run
 
 
 def folder_bytes(folder: Path) -> int:
@@ -270,9 +175,9 @@ def matmul_rate(dtype: str) -> float:
         torch.nn.functional.linear(a, w)
         best = float("inf")
         for _ in range(5):
-            t = time.perf_counter()
-            torch.nn.functional.linear(a, w)
-            best = min(best, time.perf_counter() - t)
+            with measured("matmul") as m:
+                torch.nn.functional.linear(a, w)
+            best = min(best, m.wall_s)
         _RATE[dtype] = 2 * 256 * 4096 * 11008 / best
     return _RATE[dtype]
 
@@ -287,7 +192,7 @@ def param_counts(cfg: dict) -> tuple[int, int]:
     return n * (attn + 3 * d * f), d * cfg["vocab_size"]
 
 
-def floor(run: Run, flops: int, dtype: str, what: str) -> None:
+def floor(run: Cost, flops: int, dtype: str, what: str) -> None:
     """Note the path's FLOP floor and its wall time as a multiple of it."""
     rate = matmul_rate(dtype)
     secs = flops / rate
@@ -299,13 +204,7 @@ def floor(run: Run, flops: int, dtype: str, what: str) -> None:
 # --- the benchmark --------------------------------------------------------------------------------
 
 
-def ratio(a: Run | None, b: Run | None, attr: str = "wall_s") -> str:
-    if not (a and b and a.ok and b.ok and getattr(b, attr)):
-        return "-"
-    return f"{getattr(a, attr) / getattr(b, attr):.2f}x"
-
-
-def row(r: Run, vs: str = "", vs_rss: str = "") -> str:
+def row(r: Cost, vs: str = "", vs_rss: str = "") -> str:
     if not r.io and not r.ok:
         return f"| {r.name} | - | - | - | - | - | - | - | {r.note} |"
     io = r.io
@@ -323,8 +222,8 @@ def has_diff() -> bool:
     return subprocess.run(melsurgery("diff", "--help"), capture_output=True).returncode == 0
 
 
-def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[str, Run], str]:
-    runs: dict[str, Run] = {}
+def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[str, Cost], str]:
+    runs: dict[str, Cost] = {}
     size = folder_bytes(model)
     cfg = json.loads((model / "config.json").read_text())
     logs = work / "logs"
@@ -333,19 +232,19 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
     patched = work / "patched"
 
     def go(name: str, cmd: list[str], cold: list[Path], need: int | None = None, ok: tuple[int, ...] = (0,)
-           ) -> Run | None:
+           ) -> Cost | None:
         if name not in paths:
             return None
         guard = None
         if need is not None:
             avail = mem_available()
             if avail - margin < need:
-                runs[name] = Run(name, note=f"skipped: needs ~{need / GB:.1f} GB, {avail / GB:.1f} GB available")
+                runs[name] = Cost(name, note=f"skipped: needs ~{need / GB:.1f} GB, {avail / GB:.1f} GB available")
                 print(runs[name].note, file=sys.stderr)
                 return runs[name]
             guard = avail - margin
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        runs[name] = measure(name, cmd, cold, guard, logs / f"{name}.log", ok)
+        runs[name] = run_child(name, cmd, cold, guard=guard, log=logs / f"{name}.log", ok=ok)
         r = runs[name]
         print(f"  {r.wall_s:.1f}s, peak RSS {r.peak_rss / GB:.2f} GB {r.note}", file=sys.stderr, flush=True)
         return r
@@ -404,16 +303,13 @@ def bench(model: Path, work: Path, paths: set[str], margin: int) -> tuple[dict[s
         if has_diff():
             go("diff", melsurgery("diff", model, patched, "--json", work / "diff.json"), [model, patched], ok=(1,))
         elif "diff" in paths:
-            runs["diff"] = Run("diff", note="TODO: `melsurgery diff` does not exist yet")
-    load = os.getloadavg()
-    header = (f"model {model} ({size / GB:.2f} GB, {cfg.get('num_hidden_layers')} layers, hidden "
-              f"{cfg.get('hidden_size')}, {cfg.get('dtype')}); {os.cpu_count()} CPUs, "
-              f"{mem_available() / GB:.1f} GB available at the end, load average {load[0]:.1f}; cold page cache "
-              f"for each path")
+            runs["diff"] = Cost("diff", note="`melsurgery diff` does not exist in this version")
+    header = workload(f"model {model} ({size / GB:.2f} GB, {cfg.get('num_hidden_layers')} layers, hidden "
+                      f"{cfg.get('hidden_size')}, {cfg.get('dtype')})", "cold page cache for each path")
     return runs, header
 
 
-def report(runs: dict[str, Run], header: str) -> str:
+def report(runs: dict[str, Cost], header: str) -> str:
     g = runs.get
     lines = [header, "", "scan (RSS ratio and wall ratio: naive / streaming)", "", HEAD]
     for name in ("scan", "scan-bf16", "scan-auto", "naive-scan"):

@@ -1,7 +1,7 @@
 """Benchmark `melsurgery diff` against reading the files once and against the naive load-and-compare.
 
-Writes a synthetic Llama-shaped bf16 checkpoint (TinyLlama-1.1B geometry by default: about 2.2 GB,
-several shards, random data written shard by shard), a copy with one tensor edited (two down_proj
+Writes a synthetic Llama-shaped bf16 checkpoint with the benchmarks' one writer (make_synthetic_checkpoint.py;
+TinyLlama-1.1B geometry by default: about 2.2 GB, shards of --shard-gb), a copy with one tensor edited (two down_proj
 columns of layer 11 scaled by 0.2, in place), then times, each path in its own subprocess so that
 peak RSS (VmHWM) is its own:
 
@@ -27,72 +27,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import measured, peak_rss_self, ratio, workload
 
 CHUNK = 8 * 1024 * 1024
 EDITED = "model.layers.{layer}.mlp.down_proj.weight"
 COLUMNS = [1229, 1487]
 
 
-def tensor_specs(layers: int, hidden: int, inter: int, vocab: int, kv: int) -> list[tuple[str, tuple[int, ...]]]:
-    specs = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        specs += [
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-        ]
-    return specs + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-
-
 def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
-    """Random bf16 weights, generated and saved shard by shard (peak memory: one shard)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    """Random bf16 Llama weights at this geometry, written by the benchmarks' one synthetic writer
+    (make_synthetic_checkpoint.py: shard by shard, a planted massive activation); returns the bytes written."""
+    from make_synthetic_checkpoint import main as make_model
 
-    folder.mkdir(parents=True)
-    kv = args.hidden // 32 * 4
-    specs = tensor_specs(args.layers, args.hidden, args.inter, args.vocab, kv)
-    total = sum(2 * _numel(s) for _, s in specs)
-    per_shard = -(-total // args.shards)
-    gen = torch.Generator().manual_seed(0)
-    weight_map: dict[str, str] = {}
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in specs:
-        if size >= per_shard and len(groups) < args.shards:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += 2 * _numel(shape)
-    for k, group in enumerate(groups):
-        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        state = {n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in group}
-        save_file(state, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in state})
-        del state
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    LlamaConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=args.layers,
-                num_attention_heads=32, num_key_value_heads=4, vocab_size=args.vocab, tie_word_embeddings=False,
-                dtype="bfloat16").to_json_file(str(folder / "config.json"))
-    return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    make_model([str(folder), "--preset", "llama2-7b", "--layers", str(args.layers), "--hidden", str(args.hidden),
+                "--intermediate", str(args.inter), "--vocab", str(args.vocab), "--kv-heads", "4",
+                "--shard-gb", str(args.shard_gb)])
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def edited_copy(src: Path, dst: Path, layer: int) -> str:
@@ -165,16 +117,6 @@ def path_transformers(a: Path, b: Path) -> dict:
 PATHS = {"read": path_read, "diff": path_diff, "load_file": path_load_file, "transformers": path_transformers}
 
 
-def _vmhwm_kib() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # pragma: no cover - not Linux
-
-
 def child(name: str, a: Path, b: Path) -> None:
     """Run one path after its imports; print wall time, peak RSS and what it found as one JSON line."""
     import numpy  # noqa: F401  (imports outside the timing, as for every path)
@@ -184,10 +126,11 @@ def child(name: str, a: Path, b: Path) -> None:
         pass
     if name == "transformers":
         import transformers  # noqa: F401
-    base = _vmhwm_kib()
-    t0 = time.perf_counter()
-    out = PATHS[name](a, b)
-    out.update(wall_s=time.perf_counter() - t0, peak_rss_mib=_vmhwm_kib() / 1024, base_rss_mib=base / 1024)
+    base = peak_rss_self()
+    with measured(name) as cost:
+        out = PATHS[name](a, b)
+    out.update(wall_s=cost.wall_s, cpu_s=cost.cpu_s, minor_faults=cost.minor_faults,
+               peak_rss_mib=cost.peak_rss / 2**20, base_rss_mib=base / 2**20)
     print(json.dumps(out))
 
 
@@ -205,7 +148,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shard-gb", type=float, default=0.6, help="Shard size in GB (default 0.6: 4 shards).")
     ap.add_argument("--transformers", action="store_true", help="Also time two from_pretrained loads.")
     ap.add_argument("--keep", type=Path, default=None, help="Build (or reuse) the folders here and keep them.")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "A", "B"), help=argparse.SUPPRESS)
@@ -221,11 +164,11 @@ def main() -> None:
         if not (b / "config.json").is_file():
             shutil.rmtree(root / "a", ignore_errors=True)
             shutil.rmtree(root / "b", ignore_errors=True)
-            t0 = time.perf_counter()
-            total = write_checkpoint(a, args)
-            edited = edited_copy(a, b, min(11, args.layers - 1))
-            print(f"wrote 2 x {total / 1e9:.2f} GB ({args.shards} shards, bf16) in {time.perf_counter() - t0:.0f} s; "
-                  f"edited {edited} columns {COLUMNS}")
+            with measured("write") as writing:
+                total = write_checkpoint(a, args)
+                edited = edited_copy(a, b, min(11, args.layers - 1))
+            print(f"wrote 2 x {total / 1e9:.2f} GB ({len(list(a.glob('*.safetensors')))} shards, bf16) in "
+                  f"{writing.wall_s:.0f} s; edited {edited} columns {COLUMNS}")
         paths = ["read", "diff", "load_file"] + (["transformers"] if args.transformers else [])
         run_child("read", a, b)  # warm the page cache
         rows = {name: run_child(name, a, b) for name in paths}
@@ -242,12 +185,12 @@ def main() -> None:
 def print_table(rows: dict) -> None:
     ref = rows["read"]["wall_s"]
     nbytes = rows["read"]["bytes"]
-    print(f"both checkpoints: {nbytes / 1e9:.2f} GB, warm page cache")
-    print("| path | wall s | MB/s | x read | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print(workload(f"both checkpoints: {nbytes / 1e9:.2f} GB", "warm page cache"))
+    print("| path | wall s | CPU s | MB/s | x read | peak RSS MiB | minor faults |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['wall_s']:.2f} | {nbytes / 1e6 / r['wall_s']:.0f} | {r['wall_s'] / ref:.2f} "
-              f"| {r['peak_rss_mib']:.0f} |")
+        print(f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {nbytes / 1e6 / r['wall_s']:.0f} | "
+              f"{ratio(r['wall_s'], ref)} | {r['peak_rss_mib']:.0f} | {r['minor_faults']:,} |")
 
 
 if __name__ == "__main__":

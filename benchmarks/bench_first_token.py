@@ -9,7 +9,7 @@ with respect to the first token's embedding row:
 
 - plain: the whole transformers model in memory, the row spliced into `inputs_embeds`, attentions returned,
   the base model's logits recomputed by a second forward pass (nothing cached), full logits, one backward;
-- fit: `RowObjective.evaluate` (recipes/first_token_fit.py): base pass cached once (massive tokens, base sinks,
+- fit: `RowObjective.evaluate` (fit/first_token.py): base pass cached once (massive tokens, base sinks,
   the KL's per-position terms), only the row as a leaf, the head scored in blocks.
 
 Prints the median seconds of each and their ratio; the memory figure is the process's peak RSS after each
@@ -19,9 +19,9 @@ Prints the median seconds of each and their ratio; the memory figure is the proc
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
-import time
+
+from harness import GB, measured, ratio, workload
 
 
 def main() -> None:
@@ -39,9 +39,9 @@ def main() -> None:
     from melsurgery.checkpoint.reader import Checkpoint
     from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
+    from melsurgery.fit.first_token import RowObjective, first_token
     from melsurgery.measure.verify import eval_text, make_windows, split_text
     from melsurgery.params import DetectParams
-    from melsurgery.recipes.first_token_fit import RowObjective, first_token
 
     source = resolve(args.model)
     ckpt = Checkpoint(source.folder)
@@ -50,16 +50,14 @@ def main() -> None:
     token_id = first_token(tok, of)
     win = make_windows(tok, split_text(eval_text(None)[0])[0], args.tokens, args.windows,
                        "chat" if of == "chat" else "tokenizer")
-    t = time.perf_counter()
-    obj = RowObjective(ckpt, family_for(ckpt.config), win.ids, win.first_target, token_id, DetectParams())
-    base_pass = time.perf_counter() - t
+    with measured("base pass") as base:
+        obj = RowObjective(ckpt, family_for(ckpt.config), win.ids, win.first_target, token_id, DetectParams())
     row = obj.row0 * 0.97
     fit = []
     for _ in range(args.repeat):
-        t = time.perf_counter()
-        obj.evaluate(row, 1.0)
-        fit.append(time.perf_counter() - t)
-    fit_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        with measured("fit step") as step:
+            obj.evaluate(row, 1.0)
+        fit.append(step)
 
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
@@ -69,27 +67,29 @@ def main() -> None:
     embed = model.get_input_embeddings()
     plain = []
     for _ in range(args.repeat):
-        t = time.perf_counter()
-        r = row.clone().requires_grad_(True)
-        x = embed(ids).detach()
-        scale = obj.scale if obj.scale is not None else 1.0
-        x = torch.cat([(r * scale)[None, None].expand(len(ids), 1, -1), x[:, 1:]], dim=1)
-        out = model(inputs_embeds=x, output_attentions=True)
-        with torch.no_grad():
-            lb = model(ids).logits[:, first - 1 : -1].double().log_softmax(-1)
-        lp = out.logits[:, first - 1 : -1].double().log_softmax(-1)
-        kl = (lb.exp() * (lb - lp)).sum(-1).mean()
-        sink = torch.stack([out.attentions[i][:, :, 1:, 0].mean() for i in after]).mean()
-        (sink / obj.sink_base + kl).backward()
-        plain.append(time.perf_counter() - t)
-    plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        with measured("plain step") as step:
+            r = row.clone().requires_grad_(True)
+            x = embed(ids).detach()
+            scale = obj.scale if obj.scale is not None else 1.0
+            x = torch.cat([(r * scale)[None, None].expand(len(ids), 1, -1), x[:, 1:]], dim=1)
+            out = model(inputs_embeds=x, output_attentions=True)
+            with torch.no_grad():
+                lb = model(ids).logits[:, first - 1 : -1].double().log_softmax(-1)
+            lp = out.logits[:, first - 1 : -1].double().log_softmax(-1)
+            kl = (lb.exp() * (lb - lp)).sum(-1).mean()
+            sink = torch.stack([out.attentions[i][:, :, 1:, 0].mean() for i in after]).mean()
+            (sink / obj.sink_base + kl).backward()
+        plain.append(step)
 
-    f, p = statistics.median(fit), statistics.median(plain)
-    print(f"workload: {source.id}, {len(win.ids)} windows x {args.tokens} tokens (first token {token_id}), "
-          f"float32, CPU, {torch.get_num_threads()} threads, median of {args.repeat}")
-    print(f"fit step {f:.1f} s, plain step {p:.1f} s: the fit step takes {f / p:.2f}x the plain step's time "
-          f"({p / f:.2f}x faster); the fit's base pass, once per path: {base_pass / f:.2f} fit steps")
-    print(f"peak RSS after the fit steps {fit_rss:.2f} GB, after the plain steps {plain_rss:.2f} GB")
+    f, p = (statistics.median(s.wall_s for s in steps) for steps in (fit, plain))
+    fc, pc = (statistics.median(s.cpu_s for s in steps) for steps in (fit, plain))
+    print(workload(f"{source.id}, {len(win.ids)} windows x {args.tokens} tokens (first token {token_id})",
+                   f"float32, CPU, {torch.get_num_threads()} threads, median of {args.repeat}"))
+    print(f"fit step {f:.1f} s ({fc:.1f} s CPU), plain step {p:.1f} s ({pc:.1f} s CPU): the fit step takes "
+          f"{ratio(f, p)} the plain step's time, {ratio(fc, pc)} its CPU; the fit's base pass, once per path: "
+          f"{ratio(base.wall_s, f)} a fit step")
+    print(f"peak RSS after the fit steps {fit[-1].peak_rss / GB:.2f} GB, after the plain steps "
+          f"{plain[-1].peak_rss / GB:.2f} GB")
 
 
 if __name__ == "__main__":

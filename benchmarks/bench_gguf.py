@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark GGUF output: `melsurgery patch X.gguf -o Y.gguf` against `cp X.gguf Y.gguf`.
 
-Each path runs in its own child process with the source evicted from the page cache first (see
-benchmarks/bench.py, whose `measure` is reused): wall time, CPU time, peak RSS and I/O of that child.
+Each path runs in its own child process with the source evicted from the page cache first (the harness's
+`run_child`): wall time, CPU time, peak RSS and I/O of that child.
 
 Paths: `cp` (coreutils, the floor: a GGUF patch must at least copy the file), `patch` (ffn-dampen with
 `--scan` given, i.e. the GGUF writer itself: header, requantisation, copy, hashes), `patch+scan`
@@ -22,7 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import GB, HEAD, Run, measure, melsurgery, row  # noqa: E402
+from bench import HEAD, melsurgery, row  # noqa: E402
+from harness import GB, Cost, ratio, run_child, workload  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     scan = args.scan or work / "scan.json"
     if not scan.is_file():
-        r = measure("scan", melsurgery("scan", args.model, "--json", scan, "--quiet"), [], ok=(0, 3))
+        r = run_child("scan", melsurgery("scan", args.model, "--json", scan, "--quiet"), ok=(0, 3))
         if not r.ok:
             print(f"scan failed: {r.note}")
             return 2
@@ -52,19 +53,20 @@ def main(argv: list[str] | None = None) -> int:
                                  "--overwrite", "--quiet"),
     }
     paths = {name: cmd for name, cmd in paths.items() if name in args.paths.split(",")}
-    runs: dict[str, list[Run]] = {name: [] for name in paths}
+    runs: dict[str, list[Cost]] = {name: [] for name in paths}
     for _ in range(args.repeat):
         for name, cmd in paths.items():
             (work / "copy.gguf").unlink(missing_ok=True)
-            runs[name].append(measure(name, cmd, [src]))
+            runs[name].append(run_child(name, cmd, [src]))
     med = {n: sorted(rs, key=lambda r: r.wall_s)[len(rs) // 2] for n, rs in runs.items()}
     floor = med["cp"]
-    print(f"{src.name}: {src.stat().st_size / GB:.3f} GB; median of {args.repeat} runs per path, cold source")
+    print(workload(f"{src.name}: {src.stat().st_size / GB:.3f} GB", f"median of {args.repeat} runs per path",
+                   "cold source"))
     print(HEAD)
     for name, r in med.items():
         walls = ", ".join(f"{x.wall_s:.2f}" for x in runs[name])
         r.note = f"{r.note} walls {walls}".strip()
-        print(row(r, f"{r.wall_s / floor.wall_s:.2f}x", f"{r.peak_rss / floor.peak_rss:.1f}x"))
+        print(row(r, ratio(r.wall_s, floor.wall_s), ratio(r.peak_rss, floor.peak_rss)))
     print(f"patch - cp: {statistics.median(x.wall_s for x in runs['patch']) - floor.wall_s:.2f} s")
     return 0
 

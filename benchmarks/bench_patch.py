@@ -9,8 +9,9 @@ makes its output durable (each file synced).
 Paths:
   cp                cp -r --reflink=never SOURCE OUT, then sync of each file: the full copy
   cp-reflink        cp -r --reflink=always (only where the filesystem clones): the floor
-  patch-before      melsurgery patch as it was before issue 29 (--baseline-ref, a checkout made here)
-  patch             melsurgery patch now, from the plain folder (no trusted sha256: every file hashed)
+  patch-before      melsurgery patch at --baseline-ref (a checkout made here): the code before a change
+  patch             melsurgery patch now, from the plain folder (no trusted sha256: the sources' sha256 left to
+                    push, each file recorded by size, mtime and inode)
   patch-hf-cache    melsurgery patch now, from the same files laid out as a Hugging Face cache snapshot
                     (blobs named by their sha256, hard links to the plain folder's files: no extra disk)
   patch-hf-cache-warm  the same on a warm page cache (nothing evicted; as right after a scan read the model)
@@ -43,21 +44,20 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness import GB, evict, measured, ratio, run_child, workload
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BASELINE_REF = "99c46a9"  # main before issue 29: every shard copied and hashed
+BASELINE_REF = "99c46a9"  # the writer before clone-then-overwrite: every shard copied and hashed
 CALIBRATION = ("--num-samples", "4", "--max-tokens", "32", "--seed", "0")
-GB = 1e9
 CHUNK = 64 * 1024 * 1024
 PATHS = ("cp", "cp-reflink", "patch-before", "patch", "patch-hf-cache", "patch-hf-cache-warm", "hash-edited")
 
@@ -71,6 +71,7 @@ class Row:
     extra_disk: int
     patch_s: float | None = None
     write_s: float | None = None  # write_weights inside run_patch: the weights' bytes and hashes
+    write_cpu_s: float | None = None  # the writer's CPU time (user + system): what hashing costs shows here
     mode: str = ""
     reused: int = 0
     hashed: int = 0
@@ -79,6 +80,7 @@ class Row:
     read: int = 0  # bytes read from disk (cold cache: what the path really read)
     written: int = 0  # bytes written to disk
     load: float = 0.0  # the machine's 1-minute load average when the path ended (other work competes for CPU)
+    deferred: int = 0  # source files whose sha256 the patch left to push
 
 
 def fs_type(path: Path) -> str:
@@ -100,18 +102,6 @@ def free_bytes(path: Path) -> int:
         last = free
         time.sleep(0.3)
     return free
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop these files (only) from the page cache, so the next reader starts cold."""
-    os.sync()
-    for root in paths:
-        for f in [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def sha256_of(path: Path) -> str:
@@ -144,34 +134,34 @@ def hub_layout(model: Path, root: Path) -> Path:
 
 def child_patch(src: str, out: str, scan_json: str, recipe: str) -> None:
     """In a child, with PYTHONPATH naming the code to measure: run_patch timed apart from the imports, and the
-    weight writer (what issue 29 changed) timed inside it."""
+    weight writer timed inside it."""
     # Only the tree PYTHONPATH names: an editable install of another tree would fill in the modules it lacks.
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    start = time.perf_counter()
-    from melsurgery.checkpoint.source import resolve
+    with measured("imports") as imports:
+        from melsurgery.checkpoint.source import resolve
 
-    patching = _first("melsurgery.patch", "melsurgery.surgery.patch")
-    read_json = _first("melsurgery.scan", "melsurgery.detect.scan").read_json
-    manifest = _first("melsurgery.manifest", "melsurgery.surgery.manifest").Manifest
+        patching = _first("melsurgery.patch", "melsurgery.surgery.patch")
+        read_json = _first("melsurgery.scan", "melsurgery.detect.scan").read_json
+        manifest = _first("melsurgery.manifest", "melsurgery.surgery.manifest").Manifest
     writer = patching.write_weights
     spent = []
 
     def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return writer(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t0)
+        with measured("writer") as w:
+            result = writer(*args, **kwargs)
+        spent.append(w)
+        return result
 
     patching.write_weights = timed
-    imported = time.perf_counter()
-    patching.run_patch(resolve(src), Path(out), manifest(model=src, recipes=[(recipe, {})]),
-                       scan=read_json(Path(scan_json)))
-    print(json.dumps({"import_s": imported - start, "patch_s": time.perf_counter() - imported, "write_s": spent[0]}))
+    with measured("run_patch") as run:
+        patching.run_patch(resolve(src), Path(out), manifest(model=src, recipes=[(recipe, {})]),
+                           scan=read_json(Path(scan_json)))
+    print(json.dumps({"import_s": imports.wall_s, "patch_s": run.wall_s, "write_s": spent[0].wall_s,
+                      "write_cpu_s": spent[0].cpu_s}))
 
 
 def _first(*modules: str):
-    """The first of these modules that imports (the package layout changed with House round 2)."""
+    """The first of these modules that imports (older checkouts keep the modules at the package's top level)."""
     import importlib
 
     for name in modules:
@@ -183,37 +173,26 @@ def _first(*modules: str):
 
 
 def measure(name: str, cmd: list[str], dirpath: Path, out: Path, cold: list[Path], env: dict | None = None) -> Row:
-    """`cold`: files and folders evicted from the page cache first (none: a warm path)."""
-    """Run one path on a cold cache: wall and CPU time, the bytes it read from and wrote to disk (/proc/<pid>/io,
-    its reaped children included), and the disk it took; the output is left for the caller."""
-    evict(cold)
+    """Run one path on a cold cache for `cold` (none: a warm path): the harness's wall and CPU time and disk I/O
+    of the child, the disk it took; the output is left for the caller."""
     before = free_bytes(dirpath)
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env={**os.environ, **(env or {})})
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped: its io is readable
-        wall = time.perf_counter() - start
-        io = {k: int(v) for k, v in (line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text()
-                                     .splitlines())}
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out_f.seek(0)
-        err_f.seek(0)
-        stdout, stderr = out_f.read(), err_f.read()
-    row = Row(name, wall, before - free_bytes(dirpath), rc=proc.returncode, load=os.getloadavg()[0],
-              cpu_s=usage.ru_utime + usage.ru_stime, read=io["read_bytes"], written=io["write_bytes"])
-    if proc.returncode:
-        print(f"{name}: failed (exit {proc.returncode})\n{stderr[-3000:]}", file=sys.stderr)
+    cost = run_child(name, cmd, cold, env=env, capture=True)
+    row = Row(name, cost.wall_s, before - free_bytes(dirpath), rc=cost.rc, load=os.getloadavg()[0],
+              cpu_s=cost.cpu_s, read=cost.read_bytes, written=cost.written_bytes)
+    if cost.rc:
+        print(f"{name}: {cost.note}\n{cost.stderr[-3000:]}", file=sys.stderr)
         return row
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in cost.stdout.splitlines() if line.startswith("{")]
     if lines:
-        row.patch_s, row.write_s = (json.loads(lines[-1])[k] for k in ("patch_s", "write_s"))
+        row.patch_s, row.write_s, row.write_cpu_s = (json.loads(lines[-1]).get(k)
+                                                      for k in ("patch_s", "write_s", "write_cpu_s"))
     prov = out / "provenance.json"
     if prov.is_file():
         writer = json.loads(prov.read_text()).get("writer") or {}
         row.mode = writer.get("mode", "copy (before)")
         row.reused = len(writer.get("reused_sha256", {}))
-        row.hashed = writer.get("hashed_bytes", -1)  # -1: the writer before issue 29 hashed every file
+        row.hashed = writer.get("hashed_bytes", -1)  # -1: a writer before the record: it hashed every file
+        row.deferred = len(writer.get("deferred", ()))
     return row
 
 
@@ -271,27 +250,28 @@ def median_rows(rows: list[Row]) -> list[Row]:
         mine = [r for r in rows if r.name == name and not r.rc] or [r for r in rows if r.name == name]
         last = mine[-1]
         times = {k: [getattr(r, k) for r in mine if getattr(r, k) is not None]
-                 for k in ("wall_s", "cpu_s", "patch_s", "write_s")}
+                 for k in ("wall_s", "cpu_s", "patch_s", "write_s", "write_cpu_s")}
         out.append(Row(**{**asdict(last), **{k: statistics.median(v) if v else None for k, v in times.items()}}))
     return out
 
 
 def table(rows: list[Row], model_bytes: int) -> list[str]:
+    """The rows as a table, every time also as a ratio to the full copy's (`cp`) in the same run."""
     cp = next((r for r in rows if r.name == "cp" and not r.rc), None)
-    cols = [("path", 19), ("wall s", 7), ("x cp", 6), ("run_patch s", 11), ("writer s", 8), ("writer x cp", 11),
-            ("CPU s", 6), ("read GB", 7),
-            ("written GB", 10), ("extra disk GB", 13), ("% model", 7), ("mode", 16), ("sha256 reused", 13),
-            ("GB hashed", 9)]
+    cols = [("path", 19), ("wall s", 7), ("x cp", 6), ("CPU s", 6), ("CPU x cp", 8), ("run_patch s", 11),
+            ("writer s", 8), ("writer x cp", 11), ("writer CPU s", 12), ("read GB", 7), ("written GB", 10),
+            ("extra disk GB", 13), ("% model", 7), ("mode", 16), ("sha256 reused", 13), ("deferred", 8),
+            ("MB hashed", 9)]
     lines = ["| " + " | ".join(f"{c:<{w}}" for c, w in cols) + " |",
              "|" + "|".join("-" * (w + 2) for _, w in cols) + "|"]
     for r in rows:
-        hashed = "all" if r.hashed < 0 else f"{r.hashed / GB:.2f}" if r.mode else "-"
-        cells = [r.name, f"{r.wall_s:.2f}", f"{r.wall_s / cp.wall_s:.3f}" if cp else "-",
-                 "-" if r.patch_s is None else f"{r.patch_s:.2f}", "-" if r.write_s is None else f"{r.write_s:.2f}",
-                 f"{r.write_s / cp.wall_s:.3f}" if cp and r.write_s is not None else "-",
-                 f"{r.cpu_s:.1f}", f"{r.read / GB:.2f}",
+        hashed = "all" if r.hashed < 0 else f"{r.hashed / 1e6:.3f}" if r.mode else "-"
+        cells = [r.name, f"{r.wall_s:.2f}", ratio(r.wall_s, cp and cp.wall_s), f"{r.cpu_s:.1f}",
+                 ratio(r.cpu_s, cp and cp.cpu_s), "-" if r.patch_s is None else f"{r.patch_s:.2f}",
+                 "-" if r.write_s is None else f"{r.write_s:.2f}", ratio(r.write_s, cp and cp.wall_s),
+                 "-" if r.write_cpu_s is None else f"{r.write_cpu_s:.2f}", f"{r.read / GB:.2f}",
                  f"{r.written / GB:.2f}", f"{r.extra_disk / GB:.3f}", f"{100 * r.extra_disk / model_bytes:.2f}",
-                 r.mode or "-", str(r.reused) if r.mode else "-", hashed]
+                 r.mode or "-", str(r.reused) if r.mode else "-", str(r.deferred) if r.mode else "-", hashed]
         lines.append("| " + " | ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, cols)) + " |")
     return lines
 
@@ -380,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is not None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
     shards = sorted(p.name for p in model.glob("*.safetensors"))
-    workload = (f"synthetic llama2-7b (benchmarks/make_synthetic_checkpoint.py), bf16, {len(shards)} shards, "
-                f"{model_bytes / GB:.2f} GB; recipe {args.recipe} (defaults) given a scan JSON "
-                f"({' '.join(CALIBRATION)}); filesystem {fs_type(work)} at {work}; cold page cache per path; "
-                f"{os.cpu_count()} cores, kernel {platform.release()}")
-    lines = [workload, "", *table(median_rows(rows), model_bytes), "", f"checks: {json.dumps(checks)}"]
+    cfg = json.loads((model / "config.json").read_text())
+    text = workload(f"{model.name} ({cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}), "
+                    f"{len(shards)} shards, {model_bytes / GB:.2f} GB", f"recipe {args.recipe} (defaults) given a "
+                    f"scan JSON ({' '.join(CALIBRATION)})", f"filesystem {fs_type(work)} at {work}",
+                    f"cold page cache per path, {args.reps} repetition(s), medians")
+    lines = [text, "", *table(median_rows(rows), model_bytes), "", f"checks: {json.dumps(checks)}"]
     print("\n".join(lines))
-    result = {"workload": workload, "rows": [asdict(r) for r in rows], "model_bytes": model_bytes, "checks": checks}
+    result = {"workload": text, "rows": [asdict(r) for r in rows], "model_bytes": model_bytes, "checks": checks}
     (args.json or work / "bench_patch.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(not r.rc for r in rows) else 1
 

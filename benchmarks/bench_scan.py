@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import GB, me, measure, melsurgery
+from bench import me, melsurgery
+from harness import GB, ratio, run_child, workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,19 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     calib = ["--max-tokens", str(args.max_tokens)] + (["--num-samples", str(args.num_samples)]
                                                       if args.num_samples else [])
     with tempfile.TemporaryDirectory(prefix="melsurgery-bench-scan-") as tmp:
-        streaming = measure("streaming scan", melsurgery("scan", folder, "--quiet", "--device", "cpu", "--dtype",
+        streaming = run_child("streaming scan", melsurgery("scan", folder, "--quiet", "--device", "cpu", "--dtype",
                                                          args.dtype, *calib, "--json", Path(tmp) / "scan.json"),
-                            [folder], ok=(0, 3))
-        naive = measure("naive scan", me("naive-scan", str(folder), args.dtype, str(args.num_samples or 0),
-                                         str(args.max_tokens)), [folder])
-    print(f"model {folder}; calibration {args.num_samples or 'all'} samples x {args.max_tokens} tokens, "
-          f"{args.dtype}; cold page cache for each\n")
-    print("| path | wall s | CPU s | peak RSS GB | note |\n|---|---|---|---|---|")
+                              [folder], ok=(0, 3))
+        naive = run_child("naive scan", me("naive-scan", str(folder), args.dtype, str(args.num_samples or 0),
+                                           str(args.max_tokens)), [folder])
+    print(workload(f"model {folder}", f"calibration {args.num_samples or 'all'} samples x {args.max_tokens} tokens, "
+                   f"{args.dtype}", "cold page cache for each") + "\n")
+    print("| path | wall s | CPU s | peak RSS GB | minor faults | note |\n|---|---|---|---|---|---|")
     for r in (streaming, naive):
-        print(f"| {r.name} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.peak_rss / GB:.2f} | {r.note} |")
+        print(f"| {r.name} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.peak_rss / GB:.2f} | {r.minor_faults:,} | {r.note} |")
     if streaming.ok and naive.ok:
-        print(f"\nnaive / streaming: wall {naive.wall_s / streaming.wall_s:.2f}x, "
-              f"peak RSS {naive.peak_rss / streaming.peak_rss:.2f}x")
+        print(f"\nnaive / streaming: wall {ratio(naive.wall_s, streaming.wall_s)}, "
+              f"CPU {ratio(naive.cpu_s, streaming.cpu_s)}, peak RSS {ratio(naive.peak_rss, streaming.peak_rss)}")
     return 0 if streaming.ok and naive.ok else 1
 
 

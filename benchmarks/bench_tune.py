@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from harness import GB, measured, ratio, run_child, workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,17 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     space = make_space(tuple(registry()), scan)
     ev = Evaluator(source, scan)
     try:
-        t0 = time.perf_counter()
-        text = ev.base_pass("tuning", windows, win.first_target)
-        base_s = time.perf_counter() - t0
+        with measured("base pass") as base:
+            text = ev.base_pass("tuning", windows, win.first_target)
+        base_s = base.wall_s
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
         times = []
         for _ in range(args.trials):
             trial = study.ask()
             recipes = space.suggest(trial)
-            t0 = time.perf_counter()
-            fig = ev.run(text, plan_recipes(scan, ev.family, ev.ckpt.config, recipes))
-            times.append(time.perf_counter() - t0)
+            with measured("trial") as one:
+                fig = ev.run(text, plan_recipes(scan, ev.family, ev.ckpt.config, recipes))
+            times.append(one.wall_s)
             study.tell(trial, [fig.sink_reduction_pct, fig.kl_mean])
     finally:
         ev.close()
@@ -80,33 +81,26 @@ def main(argv: list[str] | None = None) -> int:
         patched = Path(tmp) / "patched"
         run_patch(source, patched, Manifest(model=args.model, recipes=resolve_recipes([("wemask", {})])), scan=scan)
         (Path(tmp) / "tune.txt").write_text(tune_raw)
-        t0 = time.perf_counter()
-        run_verify(source.folder, patched, text=Path(tmp) / "tune.txt", max_tokens=args.max_tokens, generations=0)
-        verify_s = time.perf_counter() - t0
+        with measured("verify") as verify:
+            run_verify(source.folder, patched, text=Path(tmp) / "tune.txt", max_tokens=args.max_tokens, generations=0)
+        verify_s = verify.wall_s
     trial_s = statistics.mean(times)
-    print(f"model {source.id}: tuning text {len(windows)} windows / {tokens} tokens of {args.max_tokens}, fp32, CPU, "
-          f"{torch.get_num_threads()} threads")
+    print(workload(f"model {source.id}: tuning text {len(windows)} windows / {tokens} tokens of {args.max_tokens}",
+                   f"fp32, CPU, {torch.get_num_threads()} threads"))
     print(f"base pass (once per study): {base_s:.1f} s")
     print(f"trial: mean {trial_s:.1f} s, median {statistics.median(times):.1f} s, max {max(times):.1f} s over "
           f"{len(times)} random trials -> {60 / trial_s:.1f} trials/min")
-    print(f"verify of the same text (generations off): {verify_s:.1f} s -> one trial costs {trial_s / verify_s:.2f}x")
+    print(f"verify of the same text (generations off): {verify_s:.1f} s -> one trial costs {ratio(trial_s, verify_s)}")
     return 0
 
 
 def _peak(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """Peak RSS (GB) and wall time (s) of one command under /usr/bin/time -v; its last stdout line."""
-    import os
-    import re
-    import subprocess
-
-    t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env={**os.environ, **env})
-    wall = time.perf_counter() - t0
-    if r.returncode not in (0, 4):
-        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    last = (r.stdout.strip().splitlines() or [""])[-1]
-    return kb * 1024 / 1e9, wall, last
+    """Peak RSS (GB) and wall time (s) of one command, in its own process; its last stdout line."""
+    cost = run_child(cmd[0], cmd, env=env, capture=True, ok=(0, 4))
+    if not cost.ok:
+        raise SystemExit(f"{' '.join(cmd)} {cost.note}:\n{cost.stderr[-2000:]}")
+    last = (cost.stdout.strip().splitlines() or [""])[-1]
+    return cost.peak_rss / GB, cost.wall_s, last
 
 
 def memory(args) -> int:
@@ -124,8 +118,9 @@ def memory(args) -> int:
                       *common], {})
         patch = _peak(["melsurgery", "patch", args.model, "-o", str(Path(tmp) / "out"), "--max-kl", "0.05",
                        "--scan", str(run / "scan.json"), *common], {"MELSURGERY_CACHE": str(Path(tmp) / "cache")})
-    print(f"model {source.id}: {size:.2f} GB of weights as stored; embedded held-out text halved, at most "
-          f"{args.windows} windows of {args.max_tokens} tokens each (patch: 512), {args.trials} trials, fp32, CPU")
+    print(workload(f"model {source.id}: {size:.2f} GB of weights as stored", "embedded held-out text halved, at most "
+                   f"{args.windows} windows of {args.max_tokens} tokens each (patch: 512)", f"{args.trials} trials",
+                   "fp32, CPU"))
     for name, (gb, wall, last) in (("tune", tune), ("patch --max-kl 0.05", patch)):
         print(f"{name}: peak RSS {gb:.2f} GB ({gb / size:.2f}x the weights), wall {wall:.0f} s; {last}")
     return 0

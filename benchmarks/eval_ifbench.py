@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import measured  # noqa: E402
 from melsurgery.measure import tasks as ib  # noqa: E402
 
 METRIC_LABELS = {
@@ -183,9 +184,9 @@ def main(
         todo = ib.pending_prompts(prompts, ib.read_responses(out_file))
         gen: dict[str, Any] = {"pending_before": len(todo)}
         if todo and not score_only:
-            t0 = time.perf_counter()
-            model, tokenizer = loader(path, device=device_name, dtype=torch_dtype)
-            gen["load_s"] = time.perf_counter() - t0
+            with measured("load") as loading:
+                model, tokenizer = loader(path, device=device_name, dtype=torch_dtype)
+            gen["load_s"] = loading.wall_s
             stats = ib.generate_responses(
                 model,
                 tokenizer,
@@ -219,9 +220,9 @@ def main(
         records = {k: r for k, r in records.items() if k in wanted}
         if len(records) < len(prompts):
             click.echo(f"warning: {name}: only {len(records)}/{len(prompts)} prompts answered in {out_file}", err=True)
-        t0 = time.perf_counter()
-        scores = ib.score_responses(prompts, {k: r["response"] for k, r in records.items()}, suite)
-        gen["score_s"] = time.perf_counter() - t0
+        with measured("score") as scoring:
+            scores = ib.score_responses(prompts, {k: r["response"] for k, r in records.items()}, suite)
+        gen["score_s"] = scoring.wall_s
         row.update(
             n_scored=len(scores),
             scores=scores,

@@ -2,7 +2,7 @@
 
     python3 benchmarks/first_token_front.py MODEL --of bos --json out.json [--on ffn-dampen:factor=0.035]
 
-The path is fitted exactly as `patch --recipe first-token` fits it (recipes.first_token_fit, on the tuning
+The path is fitted exactly as `patch --recipe first-token` fits it (fit.first_token, on the tuning
 half of the embedded evaluation text); its start (the stored row, i.e. the `--on` recipes alone) and up to
 `--heldout-points` of its points that no other point beats on the tuning figures are then measured on the
 held-out half (windows of 512 tokens opening like the fitting windows, the sink and KL of verify). Writes a
@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+
+from harness import measured, workload
 
 
 def _recipe(spec: str) -> tuple[str, dict]:
@@ -46,17 +47,17 @@ def run(args) -> dict:
     from melsurgery.checkpoint.safeload import load_tokenizer
     from melsurgery.checkpoint.source import resolve
     from melsurgery.detect.scan import read_json, run_scan
+    from melsurgery.fit.first_token import FitSettings, RowObjective, first_token, fit_path
     from melsurgery.measure.verify import eval_text, make_windows, split_text
     from melsurgery.params import DetectParams
     from melsurgery.recipes import plan_recipes, resolve_recipes
-    from melsurgery.recipes.first_token_fit import FitSettings, RowObjective, first_token, fit_path
 
     torch.manual_seed(0)
     source = resolve(args.model)
     ckpt = Checkpoint(source.folder)
     family = family_for(ckpt.config)
-    t0 = time.perf_counter()
-    scan = read_json(args.scan) if args.scan else run_scan(source) if args.on else None
+    with measured("scan") as scanning:
+        scan = read_json(args.scan) if args.scan else run_scan(source) if args.on else None
     detect = scan.params if scan else DetectParams()
     others = plan_recipes(scan, family, ckpt.config, resolve_recipes([_recipe(s) for s in args.on])) if scan else []
     edits = [e for p in others for e in p.edits]
@@ -68,27 +69,25 @@ def run(args) -> dict:
     held_w = make_windows(tok, held_raw, 512, None, prefix)
     settings = FitSettings(steps=args.steps, lr=args.lr, kl_weight_start=args.kl_weight_start,
                            kl_weight_end=args.kl_weight_end, path_kl=args.path_kl)
-    t1 = time.perf_counter()
-    objective = RowObjective(ckpt, family, fit_w.ids, fit_w.first_target, token_id, detect, edits=edits)
-    t2 = time.perf_counter()
+    with measured("fit base pass") as fit_base:
+        objective = RowObjective(ckpt, family, fit_w.ids, fit_w.first_target, token_id, detect, edits=edits)
 
     def show(p) -> None:
         f = p.figures
         print(f"step {p.step:3d} lambda {p.kl_weight:7.3f}: sink {-f.sink_reduction_pct:+6.1f}% KL {f.kl:.4f} "
-              f"ppl {f.ppl_increase_pct:+.1f}%  ({time.perf_counter() - t2:.0f} s)", flush=True)
+              f"ppl {f.ppl_increase_pct:+.1f}%", flush=True)
 
     points, fit_seconds = fit_path(objective, settings, show)
     del objective
     records = [{"step": p.step, "kl_weight": p.kl_weight, "tuning": p.figures.to_dict(), "row": list(p.row)}
                for p in points]
-    t3 = time.perf_counter()
-    held = RowObjective(ckpt, family, held_w.ids, held_w.first_target, token_id, detect, edits=edits)
-    t4 = time.perf_counter()
+    with measured("held-out base pass") as held_base:
+        held = RowObjective(ckpt, family, held_w.ids, held_w.first_target, token_id, detect, edits=edits)
     chosen = [records[0]] + [r for r in _front(records[1:], args.heldout_points)]
     for r in chosen:
-        t = time.perf_counter()
-        r["heldout"] = held.evaluate(torch.tensor(r["row"]))[0].to_dict()
-        r["heldout_seconds"] = round(time.perf_counter() - t, 1)
+        with measured("held-out point") as point:
+            r["heldout"] = held.evaluate(torch.tensor(r["row"]))[0].to_dict()
+        r["heldout_seconds"] = round(point.wall_s, 1)
         h = r["heldout"]
         print(f"held-out, step {r['step']:3d}: sink {-h['sink_reduction_pct']:+6.1f}% KL {h['kl_mean']:.4f} "
               f"ppl {h['ppl_increase_pct']:+.1f}%", flush=True)
@@ -103,8 +102,11 @@ def run(args) -> dict:
         "heldout": {"text": "melsurgery:eval.txt (second half)", "windows": len(held_w.ids),
                     "tokens": sum(map(len, held_w.ids)), "prefix": tok.convert_ids_to_tokens(held_w.prefix),
                     "sink_base": held.sink_base, "me_layer": held.me_layer},
-        "seconds": {"scan": round(t1 - t0, 1), "fit_base_pass": round(t2 - t1, 1), "fit_path": round(fit_seconds, 1),
-                    "steps": len(points), "heldout_base_pass": round(t4 - t3, 1),
+        "workload": workload(f"{args.model}", f"{len(fit_w.ids)} fitting windows x {args.window_tokens} tokens",
+                             f"{len(held_w.ids)} held-out windows x 512", "float32, CPU"),
+        "seconds": {"scan": round(scanning.wall_s, 1), "fit_base_pass": round(fit_base.wall_s, 1),
+                    "fit_path": round(fit_seconds, 1), "steps": len(points),
+                    "heldout_base_pass": round(held_base.wall_s, 1),
                     "heldout_per_point": [r["heldout_seconds"] for r in chosen]},
         "path": records,
     }

@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, help="Override hidden size (tests).")
     ap.add_argument("--intermediate", type=int, help="Override FFN size (tests).")
     ap.add_argument("--vocab", type=int, help="Override vocab size (tests).")
+    ap.add_argument("--kv-heads", type=int, help="Override the number of key/value heads (grouped-query attention).")
     ap.add_argument("--shard-gb", type=float, default=5.0, help="Shard size in GB (default 5).")
     ap.add_argument("--plant-layer", type=int, help="Layer whose FFN writes the massive value.")
     ap.add_argument("--plant-dim", type=int, help="Hidden dim that carries it.")
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = dict(PRESETS[args.preset])
     for key, val in (("num_hidden_layers", args.layers), ("hidden_size", args.hidden),
-                     ("intermediate_size", args.intermediate), ("vocab_size", args.vocab)):
+                     ("intermediate_size", args.intermediate), ("vocab_size", args.vocab),
+                     ("num_key_value_heads", args.kv_heads)):
         if val is not None:
             cfg[key] = val
     defaults = PLANT_DEFAULTS[args.preset]

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import click
+from harness import measured
 
 from melsurgery.checkpoint.source import resolve
 from melsurgery.detect.scan import read_json, run_scan
@@ -57,10 +57,10 @@ def main(model: str, json_path: Path | None, windows: int | None, only: tuple[st
         if only and not any(text in label for text in only):
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            res = run_patch(source, Path(tmp) / "out", Manifest(model=model, recipes=recipes), scan=scan)
-            r = run_verify(source.folder, Path(tmp) / "out", max_windows=windows, generations=0).to_json()
-            secs = time.perf_counter() - start
+            with measured(label) as cost:
+                res = run_patch(source, Path(tmp) / "out", Manifest(model=model, recipes=recipes), scan=scan)
+                r = run_verify(source.folder, Path(tmp) / "out", max_windows=windows, generations=0).to_json()
+            secs = cost.wall_s
         row = {"label": label, "recipes": recipes, "folds": all(p.folds for p in res.plans),
                **{k: r[k] for k in ("sink_mean_base", "sink_mean_patched", "kl_mean", "kl_max", "top1_agreement",
                                     "ppl_base", "ppl_patched", "ppl_increase_pct", "sink_reduction_pct",

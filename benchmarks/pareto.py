@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from harness import measured as timed
 
 
 def measure_group(session) -> dict:
     """One group's study (continued where it stopped), its tuning front re-measured on held-out text."""
     from melsurgery.search.records import OBJECTIVES, pareto_front
 
-    t0 = time.perf_counter()
-    session.run()
-    seconds = time.perf_counter() - t0
+    with timed("trials") as run:
+        session.run()
+    seconds = run.wall_s
     trials = session.trials()
     sink = OBJECTIVES["sink"]
     on_front = set(pareto_front(trials, sink))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -25,6 +24,7 @@ import click
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import measured, ratio, workload  # noqa: E402
 from melsurgery.checkpoint.source import resolve  # noqa: E402
 from melsurgery.measure.verify import run_verify  # noqa: E402
 from melsurgery.measure.verify_result import PayoffFigure, VerifyResult  # noqa: E402
@@ -104,15 +104,15 @@ def speed(base, patched, windows, max_tokens, window, repeats) -> None:
     times: dict[str, list[tuple[float, float]]] = {"plain": [], "payoff": []}
     for _ in range(repeats):
         for key, w in (("plain", None), ("payoff", window)):
-            wall, cpu = time.perf_counter(), time.process_time()
-            _verify(folder, patched, windows, max_tokens, w)
-            times[key].append((time.perf_counter() - wall, time.process_time() - cpu))
-    click.echo(f"workload: {windows} windows of {max_tokens} tokens, float32, no generations, {repeats} run(s) each "
-               f"(alternated), fastest of each")
+            with measured(key) as cost:
+                _verify(folder, patched, windows, max_tokens, w)
+            times[key].append((cost.wall_s, cost.cpu_s))
+    click.echo(workload(f"{windows} windows of {max_tokens} tokens, float32, no generations",
+                        f"{repeats} run(s) each (alternated), fastest of each"))
     for k, what in ((0, "wall"), (1, "CPU")):
         plain, payoff = min(t[k] for t in times["plain"]), min(t[k] for t in times["payoff"])
         click.echo(f"{what} time: verify {plain:.1f} s; with the payoff figures (window {window}) {payoff:.1f} s; "
-                   f"ratio {payoff / plain:.2f}x")
+                   f"ratio {ratio(payoff, plain)}")
 
 
 if __name__ == "__main__":

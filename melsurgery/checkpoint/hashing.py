@@ -12,8 +12,9 @@ provenance gives for trusting it (`TRUST`):
 - the provenance.json of the melsurgery patch that wrote the folder, when it records the file's size, the
   size matches and the file was not modified after the record was written.
 
-Anything else (a plain folder, a sidecar whose file changed since, a git-sha1 blob of a small file) is
-hashed fresh.
+Anything else (a plain folder, a sidecar whose file changed since, a git-sha1 blob of a small file) is not
+hashed by `patch`: its sha256 is deferred to `push`, which hashes the source while its size, mtime and inode
+are those `patch` recorded (`provenance.DerivedFile`).
 """
 
 from __future__ import annotations

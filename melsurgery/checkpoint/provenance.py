@@ -47,24 +47,60 @@ _MODE_WORDS = {"clone": "cloned (blocks shared with the source)", "copy_file_ran
 
 @dataclass(frozen=True)
 class EditedRange:
-    """Bytes [start, end) of a weight file that an edit rewrote, and the sha256 of the bytes written there."""
+    """Bytes [start, end) of a weight file that an edit rewrote, and the sha256 of the bytes written there; where
+    the source's sha256 was deferred, also of the source's bytes it replaced (`source_sha256`), so that push can
+    prove every byte of the source: the untouched ones against the output, these against the record."""
 
     start: int
     end: int
     sha256: str
+    source_sha256: str | None = field(default=None, metadata=_OMIT)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A source file as patch found it, recorded without reading it (its sha256 deferred): what changes when a
+    file is written to or replaced. Push hashes the source only while all three still hold."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> SourceFile:
+        """The file's size, mtime and inode now (symlinks followed: a Hub snapshot links to its blob)."""
+        st = Path(path).stat()
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What push computed of a derived file: the output's sha256 and its source's (the source's is new
+    information only where patch deferred it)."""
+
+    output_sha256: str
+    source_sha256: str
 
 
 @dataclass(frozen=True, kw_only=True)
 class DerivedFile:
-    """An edited weight file recorded without reading it whole: the source file it was cloned or copied from
-    (by that file's trusted sha256) with `edits` written over it. `size` and `mtime_ns` are the file's as patch
-    left it: the untouched bytes are trusted only while the file has not been written since (the rule a .sha256
+    """A weight file recorded without reading it whole: the source file it was cloned or copied from with `edits`
+    written over it. The source is named by its trusted sha256 or, where none was trusted (a plain folder without
+    sidecars), by `source_file` (its size, mtime and inode; `source_sha256` None): push then hashes the source,
+    which must still be that file, and records both digests. `size` and `mtime_ns` are the file's as patch left
+    it: the untouched bytes are trusted only while the file has not been written since (the rule a .sha256
     sidecar follows)."""
 
-    source_sha256: str
+    source_sha256: str | None
     size: int
     mtime_ns: int
     edits: tuple[EditedRange, ...]
+    source_file: SourceFile | None = field(default=None, metadata=_OMIT)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the source's sha256 is left to push (only its size, mtime and inode recorded)."""
+        return self.source_sha256 is None
 
     def check(self, path: Path) -> None:
         """The file still has the size patch left and every edited range the bytes recorded."""
@@ -83,10 +119,25 @@ class DerivedFile:
                             "only its edited bytes' sha256); re-run the patch, and copy output folders with their "
                             "times (cp -p, rsync -t)")
 
-    def compare(self, output: Path, source: Path) -> str | None:
-        """The output's sha256 when `source` is this derivation's source (its bytes hash to `source_sha256`) and
-        the output holds its bytes everywhere outside the edited ranges: both files read once, side by side.
-        None when `source` is another file (nothing can be said from it); a byte that differs is a UserError."""
+    def check_source(self, source: Path) -> None:
+        """A deferred source is still the file patch copied: same size, mtime and inode, else its bytes now prove
+        nothing of what was patched."""
+        try:
+            now = SourceFile.of(source)
+        except OSError:
+            now = None
+        if now != self.source_file:
+            raise UserError(f"{source}: changed since the patch (its size, mtime or inode differ from {PROVENANCE}, "
+                            "which records the source by them until push hashes it); patch again from the source "
+                            "as it is now")
+
+    def compare(self, output: Path, source: Path) -> Sealed | None:
+        """Both sha256 when `source` is this derivation's source (its bytes hash to `source_sha256`, or, deferred,
+        it is still the file patch recorded) and the output holds its bytes everywhere outside the edited ranges:
+        both files read once, side by side. None when `source` is another file (nothing can be said from it); a
+        byte that differs, or a deferred source that changed, is a UserError."""
+        if self.deferred:
+            self.check_source(source)
         h_out, h_src, differs, pos = hashlib.sha256(), hashlib.sha256(), None, 0
         edits = [(r.start, r.end) for r in self.edits]
         try:
@@ -101,12 +152,23 @@ class DerivedFile:
                 h_src.update(fs.read())
         except OSError:
             return None
-        if h_src.hexdigest() != self.source_sha256:
+        if not self.deferred and h_src.hexdigest() != self.source_sha256:
             return None
         if differs is not None:
             raise UserError(f"{output}: byte {differs} differs from its source ({source}) outside the edited "
                             "ranges; the file changed after surgery")
-        return h_out.hexdigest()
+        if self.deferred:
+            self._check_replaced(source)
+            self.check_source(source)  # not written to while it was read
+        return Sealed(h_out.hexdigest(), h_src.hexdigest())
+
+    def _check_replaced(self, source: Path) -> None:
+        """The source's bytes under each edited range are those the edit replaced (recorded by patch)."""
+        with open(source, "rb") as fh:
+            for r in self.edits:
+                if sha256_range(fh.fileno(), r.start, r.end) != r.source_sha256:
+                    raise UserError(f"{source}: bytes {r.start}-{r.end} differ from what the patch replaced there "
+                                    f"({PROVENANCE}); the source changed since the patch: patch again")
 
 
 def _first_untouched_difference(a: bytes, b: bytes, offset: int, edits: list[tuple[int, int]]) -> int | None:
@@ -131,8 +193,9 @@ class WriteRecord:
     process), joined by '+' when files differed ("link" when every file was hard-linked); `linked`: files
     hard-linked (--link); `rewritten_bytes`: bytes of edited tensors written; `hashed_bytes`: bytes read to
     compute sha256; `reused_sha256`: input files whose sha256 was reused, not computed, each with the key of
-    its reason, which `trusted_because` spells out; `derived`: edited files recorded by their derivation
-    (`DerivedFile`), their whole-file sha256 left to push."""
+    its reason, which `trusted_because` spells out; `derived`: files recorded by their derivation
+    (`DerivedFile`), their whole-file sha256 left to push; `deferred`: those among them whose source had no
+    trusted sha256 (a plain folder): recorded by size, mtime and inode, its sha256 left to push too."""
 
     mode: str
     linked: tuple[str, ...] = ()
@@ -141,6 +204,7 @@ class WriteRecord:
     reused_sha256: dict[str, str] = field(default_factory=dict)
     trusted_because: dict[str, str] = field(default_factory=dict)
     derived: tuple[str, ...] = ()
+    deferred: tuple[str, ...] = field(default=(), metadata=_OMIT)
 
     @property
     def summary(self) -> str:
@@ -149,8 +213,13 @@ class WriteRecord:
         linked = f", {len(self.linked)} hard-linked" if self.linked and self.mode != "link" else ""
         reused = (f"sha256 reused for {len(self.reused_sha256)} ({', '.join(sorted(set(self.reused_sha256.values())))})"
                   if self.reused_sha256 else "no sha256 reused")
-        derived = (f" (the whole-file sha256 of {len(self.derived)} edited file{'s' * (len(self.derived) > 1)} is "
-                   "left to push)" if self.derived else "")
+        edited = len(self.derived) - len(self.deferred)
+        derived = (f" (the whole-file sha256 of {edited} edited file{'s' * (edited != 1)} is left to push)"
+                   if edited else "")
+        if self.deferred:
+            derived += (f" (the sha256 of {len(self.deferred)} source file{'s' * (len(self.deferred) > 1)} and of "
+                        "their outputs is left to push, which hashes the source while its size, mtime and inode "
+                        "hold)")
         return (f"untouched bytes {how}{linked}; {self.rewritten_bytes:,} edited bytes written; {reused}; "
                 f"{self.hashed_bytes / 1e9:.2f} GB hashed{derived}")
 
@@ -229,16 +298,19 @@ class Provenance(JsonRecord):
         need = Need(where or "provenance.json", FIX)
         for rel, d in (record.derived or {}).items():
             ends = [0, *(x for r in d.edits for x in (r.start, r.end)), d.size]  # in order, none overlapping
-            need(is_sha256(d.source_sha256) and all(is_sha256(r.sha256) for r in d.edits)
+            need((is_sha256(d.source_sha256) or (d.deferred and d.source_file is not None))
+                 and all(is_sha256(r.sha256) and (r.source_sha256 is None or is_sha256(r.source_sha256))
+                         and (is_sha256(r.source_sha256) or d.source_file is None) for r in d.edits)
                  and all(a <= b for a, b in zip(ends, ends[1:])), f"derived.{rel}",
-                 "a source sha256 and edited ranges in order inside the file, none overlapping, each with its sha256",
-                 d)
-            # patch derives only the safetensors shards it edited: anything else would be trusted on its size and
-            # mtime alone (a derivation without edits vouches for no byte of the file)
+                 "a source sha256 (or, deferred, the source's size, mtime and inode) and edited ranges in order "
+                 "inside the file, none overlapping, each with its sha256", d)
+            # patch derives the safetensors shards it edited, and with a deferred source every shard: a derivation
+            # without edits and without a source to read would be trusted on its size and mtime alone
             parts = rel.split("/")
             need(rel.endswith(".safetensors") and "" not in parts and ".." not in parts and "." not in parts
-                 and bool(d.edits), f"derived.{rel}",
-                 "an edited .safetensors file of the folder, with its edited ranges", rel)
+                 and (bool(d.edits) or d.source_file is not None), f"derived.{rel}",
+                 "a .safetensors file of the folder, edited or copied from a source recorded by size, mtime and "
+                 "inode", rel)
         return record
 
     @classmethod
@@ -307,8 +379,9 @@ class Provenance(JsonRecord):
 
         `files`: the folder's files by relative posix path (push passes those it would upload); default all.
         `sources`: where each derived file's source may be; the first that is it proves the untouched bytes.
-        Also returns, per derived file, how its untouched bytes were judged: "source" (compared with it) or
-        "mtime" (no source found: trusted while size and mtime hold)."""
+        Also returns, per derived file, how its untouched bytes were judged: "source" (compared with it),
+        "source-hashed" (compared with it, and its sha256, deferred by patch, computed: the record completed with
+        it) or "mtime" (no source found: trusted while size and mtime hold; never for a deferred source)."""
         folder = Path(folder)
         if files is None:
             files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -316,6 +389,7 @@ class Provenance(JsonRecord):
         self.check_publishable(str(where))
         outputs, derived = dict(self.outputs or {}), self.derived or {}
         judged: dict[str, str] = {}
+        sources_found: dict[str, str] = {}
         for rel in [*outputs, *derived]:
             if rel == PROVENANCE:
                 raise UserError(f"{where}: 'outputs' lists {PROVENANCE} itself, which cannot hash itself")
@@ -326,18 +400,35 @@ class Provenance(JsonRecord):
                 continue
             expected = outputs.get(rel)
             if expected is None and rel in derived:
-                derived[rel].check(path)
-                digest = next((d for src in (sources or {}).get(rel, ())
-                               if (d := derived[rel].compare(path, src)) is not None), None)
-                if digest is None:  # no source to compare with: the untouched bytes only have the mtime rule
-                    derived[rel].check_mtime(path)
-                judged[rel] = "mtime" if digest is None else "source"
-                outputs[rel] = digest or sha256_file(path)
+                d = derived[rel]
+                d.check(path)
+                candidates = (sources or {}).get(rel, ())
+                sealed = next((got for src in candidates if (got := d.compare(path, src)) is not None), None)
+                if sealed is None and (d.deferred or not d.edits):  # nothing else vouches for its bytes
+                    what = "by size, mtime and inode" if d.deferred else "without an edited range"
+                    raise UserError(f"{path}: its source ({', '.join(map(str, candidates)) or 'not found'}) cannot "
+                                    f"be read, and {PROVENANCE} records it only {what}; push needs the source "
+                                    "folder as patch read it, or patch again")
+                if sealed is None:  # no source to compare with: the untouched bytes only have the mtime rule
+                    d.check_mtime(path)
+                judged[rel] = "mtime" if sealed is None else "source-hashed" if d.deferred else "source"
+                outputs[rel] = sealed.output_sha256 if sealed else sha256_file(path)
+                if d.deferred:
+                    sources_found[rel] = sealed.source_sha256
             elif expected is None:
                 raise UserError(f"{path}: not listed in {PROVENANCE} 'outputs'; remove it or re-run the surgery")
             elif sha256_file(path) != expected:
                 raise UserError(f"{path}: sha256 differs from {PROVENANCE}; the file changed after surgery")
-        return replace(self, outputs=outputs), judged
+        return self.with_sources(outputs, sources_found), judged
+
+    def with_sources(self, outputs: dict[str, str], sources: dict[str, str]) -> Provenance:
+        """This record with these output digests and, for each deferred source, its sha256 (in the derivation and
+        in `source.files`): what push seals."""
+        derived = {rel: replace(d, source_sha256=sources.get(rel, d.source_sha256))
+                   for rel, d in (self.derived or {}).items()} or None
+        files = {**(self.source.get("files") or {}), **sources}
+        return replace(self, outputs=outputs, derived=derived,
+                       source={**self.source, "files": files} if sources else self.source)
 
 
 def recorded_hashes(folder: Path) -> Recorded | None:

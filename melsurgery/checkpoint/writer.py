@@ -7,13 +7,13 @@ whole-file clone (`clone.Copier`) followed by rewriting the edited ranges in pla
 those an edit touches (two partial blocks at most per edited tensor), with no range to align by hand.
 Where the filesystem cannot clone, the file is copied in the kernel with the edited ranges spliced in.
 
-sha256: an untouched file's is reused when a record of it can be trusted (`hashing.known_sha256`), else
-computed while copying. An edited file whose source sha256 is trusted is not read whole either: only the
-bytes written are hashed, and provenance records the file by its derivation (`DerivedFile`: the source's
-sha256 plus each edited range's), which push, reading every file anyway, completes with the whole-file sha256.
-(sha256 is a chain over the bytes in order: the output's own digest means reading all of it, and no midstate
-of the source's hash is stored anywhere to resume from.) An edited file whose source hash is not trusted is
-read once, in one pass that yields both the input's and the output's sha256.
+sha256: only the bytes written are hashed. An untouched file's sha256 is reused when a record of it can be
+trusted (`hashing.known_sha256`). An edited file whose source sha256 is trusted is recorded by its derivation
+(`DerivedFile`: the source's sha256 plus each edited range's), which push, reading every file anyway, completes
+with the whole-file sha256. (sha256 is a chain over the bytes in order: the output's own digest means reading
+all of it, and no midstate of the source's hash is stored anywhere to resume from.) A file whose source has no
+trusted sha256 (a plain folder: no sidecar, no Hub cache), edited or not, is recorded by its derivation too,
+its source named by size, mtime and inode: push hashes the source while those hold and records both digests.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, UNSUPPORTED, Copier, kernel_copy, process_copy
 from melsurgery.checkpoint.edits import Edit, edited_tensor, is_identity
 from melsurgery.checkpoint.hashing import TRUST, KnownHash, copy_hashing, known_sha256, sha256_file
-from melsurgery.checkpoint.provenance import DerivedFile, EditedRange, WriteRecord, recorded_hashes
+from melsurgery.checkpoint.provenance import DerivedFile, EditedRange, SourceFile, WriteRecord, recorded_hashes
 from melsurgery.checkpoint.reader import INDEX_NAME, Checkpoint
 from melsurgery.checkpoint.safetensors_file import TensorInfo, tensor_bytes
 from melsurgery.errors import UserError
@@ -68,9 +68,10 @@ class ShardPlan:
 
     @property
     def hashed_bytes(self) -> int:
-        """Bytes read to compute sha256: with a trusted input hash, only the edited bytes written; else the
-        whole file (one pass gives the input hash and, for an edited file, the output's)."""
-        return self.rewritten_bytes if self.known is not None else self.size
+        """Bytes hashed: only the edited bytes written (the input's sha256 is reused where trusted, else deferred
+        to push, and then the source bytes they replace are hashed too; the output is recorded by its
+        derivation)."""
+        return self.rewritten_bytes * (1 if self.known is not None else 2)
 
     def copied_bytes(self, mode: str) -> int:
         """Bytes the copy moves (read and written) in `mode`: a clone or a hard link moves none."""
@@ -103,10 +104,10 @@ class WrittenWeights:
 
 @dataclass(frozen=True)
 class WrittenShard:
-    """One weight file written: its input sha256, its output sha256 (None when recorded by its derivation,
-    `edits`), and how it was written ("link" or the copier's method)."""
+    """One weight file written: its input sha256 (None: not trusted, deferred to push), its output sha256 (None
+    when recorded by its derivation, `edits`), and how it was written ("link" or the copier's method)."""
 
-    input_sha256: str
+    input_sha256: str | None
     output_sha256: str | None
     how: str
     edits: tuple[EditedRange, ...] = ()
@@ -146,7 +147,8 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
         if _identity(ckpt.folder / plan.shard) != seen[plan.shard]:
             raise UserError(f"{ckpt.folder / plan.shard}: changed while being copied; patch again when nothing "
                             "writes to it")
-        inputs[plan.shard] = shard.input_sha256
+        if shard.input_sha256 is not None:
+            inputs[plan.shard] = shard.input_sha256
         if shard.output_sha256 is None:
             ranges[plan.shard] = shard.edits
         else:
@@ -161,8 +163,9 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
     derived = {}
     for shard, edits in ranges.items():  # size and mtime as left: the untouched bytes are trusted while they hold
         st = (out / shard).stat()
-        derived[shard] = DerivedFile(source_sha256=inputs[shard], size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                     edits=edits)
+        ino, _, size, mtime = seen[shard]  # a source without a trusted sha256: push hashes it while these hold
+        derived[shard] = DerivedFile(source_sha256=inputs.get(shard), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                     edits=edits, source_file=None if shard in inputs else SourceFile(size, mtime, ino))
     if ckpt.index is not None:
         inputs[INDEX_NAME] = outputs[INDEX_NAME] = copy_hashing(ckpt.folder / INDEX_NAME, out / INDEX_NAME)
     reused = {p.shard: p.known.trust for p in plans if p.known is not None}
@@ -171,44 +174,45 @@ def write_weights(ckpt: Checkpoint, edits: list[Edit], out: Path, link: bool = F
         rewritten_bytes=sum(p.rewritten_bytes for p in plans),
         hashed_bytes=sum(p.hashed_bytes for p in plans),
         reused_sha256=reused, trusted_because={k: TRUST[k] for k in sorted(set(reused.values()))},
-        derived=tuple(derived))
+        derived=tuple(derived), deferred=tuple(s for s, d in derived.items() if d.deferred))
     return WrittenWeights(applied, inputs, outputs, record, derived)
 
 
 def _write_shard(folder: Path, out: Path, plan: ShardPlan, splices: dict[int, tuple[int, Splice]],
                  copier: Copier) -> WrittenShard:
     """Write one weight file as planned: linked, or copied (cloned where the filesystem can) with its edits
-    written over the copy; hashed only where no trusted hash of the source is known."""
+    written over the copy. Only the bytes written are hashed: the source's sha256 is the trusted one, or, where
+    none is trusted, deferred to push (the file is then recorded by its derivation, edited or not)."""
     src, dst = folder / plan.shard, out / plan.shard
+    known = plan.known.sha256 if plan.known is not None else None
     if plan.link:
         try:
             os.link(os.path.realpath(src), dst)  # os.link does not follow symlinks (Hub cache) on Linux
-            digest = plan.known.sha256 if plan.known is not None else sha256_file(src)
-            return WrittenShard(digest, digest, "link")
+            return WrittenShard(known, known, "link")
         except OSError:
             pass  # another filesystem: copy instead
-    if plan.known is not None:
-        how = copier.copy(src, dst)
-        edits = write_over(src, dst, splices)
-        if how != CLONE:
-            _start_writeback(dst)
-        return WrittenShard(plan.known.sha256, None if edits else plan.known.sha256, how, edits)
-    cloned = copier.clone(src, dst)
-    in_sha, out_sha = copy_spliced(src, dst, splices, sync=False, cloned=cloned, copier=copier)
-    return WrittenShard(in_sha or out_sha, out_sha, copier.used[str(dst)])
+    how = copier.copy(src, dst)
+    edits = write_over(src, dst, splices, replaced=known is None)
+    if how != CLONE:
+        _start_writeback(dst)
+    return WrittenShard(known, None if edits or known is None else known, how, edits)
 
 
-def write_over(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]]) -> tuple[EditedRange, ...]:
+def write_over(src: Path, dst: Path, splices: dict[int, tuple[int, Splice]],
+               replaced: bool = False) -> tuple[EditedRange, ...]:
     """Write each splice over dst, a copy of src (same size): its original bytes read from src, only the bytes
-    written hashed; returns the ranges written with their sha256."""
+    written hashed (and, with `replaced`, the original bytes too: a source whose sha256 is deferred); returns the
+    ranges written with their sha256."""
     written = []
     with open(src, "rb") as fi, open(dst, "r+b") as fo:
         for start, (end, splice) in sorted(splices.items()):
-            new = splice(_pread_all(fi.fileno(), start, end))
+            old = _pread_all(fi.fileno(), start, end)
+            new = splice(old)
             if len(new) != end - start:
                 raise RuntimeError("a splice changed the size of a range of a copied file")
             _pwrite_all(fo.fileno(), new, start)
-            written.append(EditedRange(start, end, hashlib.sha256(new).hexdigest()))
+            written.append(EditedRange(start, end, hashlib.sha256(new).hexdigest(),
+                                       hashlib.sha256(old).hexdigest() if replaced else None))
     return tuple(written)
 
 

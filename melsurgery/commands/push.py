@@ -64,10 +64,12 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run)
 
 
 def _edited(files: list[str]) -> str:
-    return f"{len(files)} edited file{'s' * (len(files) > 1)} ({', '.join(files)})"
+    return f"{len(files)} derived file{'s' * (len(files) > 1)} ({', '.join(files)})"
 
 
 _JUDGED = {"source": "its untouched bytes are its source's (compared byte for byte)",
+           "source-hashed": "its untouched bytes are its source's (compared byte for byte); the source's sha256, "
+                            "deferred by patch, recorded (the source still had the size, mtime and inode patch saw)",
            "mtime": "its untouched bytes trusted on size and mtime (its source was not found to compare with)"}
 
 

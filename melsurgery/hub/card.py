@@ -89,14 +89,16 @@ def identical_to(origin: Origin, base: BaseModelId | None, *, converted: bool) -
 
 def render_card(*, base: BaseModelId | None, origin: Origin, license: dict, unknown_license: str | None = None,
                 plans: list, scan: ScanResult, applied: list, custom_layer: bool,
-                measurements: dict | None = None, gguf_file: str | None = None, search=None) -> str:
+                measurements: dict | None = None, gguf_file: str | None = None, search=None,
+                deferred_sources: int = 0) -> str:
     """README.md: front matter the Hub accepts (no `base_model` unless a valid id is known) and the story.
 
     `origin` is exactly what was read (its first sentence and `melsurgery_source` metadata). `base_model_relation`
     is `quantized` for a GGUF output (a quantization of the base model, some blocks edited) and left out
     otherwise: an edit of some tensors without training is none of adapter, merge, quantized or finetune.
     `gguf_file` names the patched GGUF of a GGUF output folder (loading instructions, tags); `search` (a
-    provenance.SearchRecord) says how a budgeted patch was chosen and what it measured."""
+    provenance.SearchRecord) says how a budgeted patch was chosen and what it measured; `deferred_sources`: source
+    weight files whose sha256 patch left to push."""
     recipes = [p.recipe for p in plans]
     converted = gguf_file is None
     meta: dict = {}
@@ -163,7 +165,14 @@ def render_card(*, base: BaseModelId | None, origin: Origin, license: dict, unkn
             lines.append(f"| {key} | {before} | {after} |")
     if search is not None:
         lines += search_lines(search)
-    lines += ["", "Provenance (inputs, recipe, scan, output hashes): `provenance.json`.", ""]
+    lines += ["", "Provenance (inputs, recipe, scan, output hashes): `provenance.json`."]
+    if deferred_sources:
+        lines += ["", f"The source's {deferred_sources} weight file{'s' * (deferred_sources > 1)} had no trusted "
+                  "sha256 when patched (a plain folder: no `.sha256` sidecar, not a Hugging Face cache), so `patch` "
+                  "did not read them whole: `provenance.json` records each by its size, mtime and inode and by the "
+                  "sha256 of the bytes the edits replaced, and `melsurgery push` hashes the source (refusing one "
+                  "that changed since), compares it with the output and records both files' sha256."]
+    lines.append("")
     return "\n".join(lines)
 
 

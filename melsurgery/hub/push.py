@@ -71,6 +71,7 @@ class PushManifest:
     base_model: str
     provenance: Provenance  # with the sha256 of every file, derived ones included (computed by the validation)
     judged: dict[str, str]  # per derived file hashed here: untouched bytes compared with the "source", or on "mtime"
+    recorded: Provenance | None = None  # the record as read, before the validation completed it
 
     @property
     def sealed(self) -> list[str]:
@@ -184,7 +185,7 @@ def validate_for_push(folder: Path) -> PushManifest:
         raise UserError(f"{files[PROVENANCE]}: a symlink; push records the sha256 of edited files in the folder's "
                         f"own {PROVENANCE}: replace the link by the file it names")
     return PushManifest(folder, pushed, [r.name for r in provenance.recipes], _base_label(provenance.source),
-                        complete, judged)
+                        complete, judged, provenance)
 
 
 def _source_candidates(provenance: Provenance) -> dict[str, list[Path]]:
@@ -196,6 +197,9 @@ def _source_candidates(provenance: Provenance) -> dict[str, list[Path]]:
         paths = []
         if source.get("kind") == "folder":
             paths.append(Path(source["id"]) / rel)
+        elif source.get("kind") == "hub" and is_repo_id(source.get("id")) and d.deferred:  # the snapshot patch read
+            paths.append(Path(constants.HF_HUB_CACHE) / f"models--{source['id'].replace('/', '--')}" / "snapshots"
+                         / str(source.get("revision")) / rel)
         elif source.get("kind") == "hub" and is_repo_id(source.get("id")):
             paths.append(Path(constants.HF_HUB_CACHE) / f"models--{source['id'].replace('/', '--')}" / "blobs"
                          / d.source_sha256)
@@ -205,19 +209,24 @@ def _source_candidates(provenance: Provenance) -> dict[str, list[Path]]:
 
 def seal(manifest: PushManifest) -> PushManifest:
     """Record in the folder's provenance.json the sha256 the validation computed for files patch recorded by their
-    derivation (atomically), so that the folder and what is pushed hold the same complete record. Only those
-    digests are added: every other byte of the document (fields this version does not know included) and the
-    file's mode are kept; a record that changed since the validation is refused."""
+    derivation (atomically), and the sha256 of their sources where patch deferred it, so that the folder and what is
+    pushed hold the same complete record. Only those digests are added: every other byte of the document (fields
+    this version does not know included) and the file's mode are kept; a record that changed since the validation
+    is refused."""
     if not manifest.sealed:
         return manifest
     path = manifest.folder / PROVENANCE
     complete = manifest.provenance
-    validated = replace(complete, outputs={k: v for k, v in (complete.outputs or {}).items()
-                                           if k not in manifest.sealed})
     raw = load_strict(path, "provenance")
-    if not isinstance(raw, dict) or Provenance.from_json(raw, str(path)) != validated:
+    if not isinstance(raw, dict) or Provenance.from_json(raw, str(path)) != manifest.recorded:
         raise UserError(f"{path}: changed while push was checking the folder; nothing was sent: run push again")
     raw["outputs"] = {**raw.get("outputs", {}), **{rel: complete.outputs[rel] for rel in manifest.sealed}}
+    deferred = {rel: d.source_sha256 for rel, d in (complete.derived or {}).items()
+                if rel in manifest.sealed and raw["derived"][rel].get("source_sha256") is None}
+    for rel, digest in deferred.items():  # the sources' digests patch left to push
+        raw["derived"][rel]["source_sha256"] = digest
+    if deferred:
+        raw["source"]["files"] = {**(raw["source"].get("files") or {}), **deferred}
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:

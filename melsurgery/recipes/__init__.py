@@ -1,8 +1,9 @@
 """Mitigation recipes: pure functions from a scan result to tensor edits and custom-layer specs.
 
-A recipe never reads weights or touches files. It returns a `RecipePlan`: a list of `Edit`s (affine
-rescalings of slices of named tensors, applied later by the writer in fp32) and, where folding is
-impossible, a `WeMaskSpec` for the custom layer. Tensor names come from the architecture entry.
+A recipe never reads weights or touches files (tests/test_layers.py holds it; a value fitted on the model
+comes from the `fit` stage as a parameter). It returns a `RecipePlan`: a list of `Edit`s (affine rescalings
+of slices of named tensors, applied later by the writer in fp32) and, where folding is impossible, a
+`WeMaskSpec` for the custom layer. Tensor names come from the architecture entry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from melsurgery.architectures import Family
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError, quote
 from melsurgery.recipes.base import (
-    FitContext,
     Recipe,
     RecipePlan,
     WeMaskLayer,
@@ -24,7 +24,6 @@ from melsurgery.recipes.base import (
 )
 
 __all__ = [
-    "FitContext",
     "Recipe",
     "RecipePlan",
     "WeMaskLayer",
@@ -34,7 +33,6 @@ __all__ = [
     "parse_layers",
     "pick_dims",
     "require_me",
-    "fit_recipes",
     "get_recipe",
     "plan_recipes",
     "registry",
@@ -46,7 +44,7 @@ def registry() -> dict[str, Recipe]:
     """Every recipe by name, in the order they are documented."""
     from melsurgery.recipes import ffn_dampen, first_token, me_norm, norm_rescale, wemask
 
-    return {m.NAME: Recipe(m.NAME, m.plan, m.PARAMS, m.FOLDS, getattr(m, "fit", None), getattr(m, "needs_fit", None))
+    return {m.NAME: Recipe(m.NAME, m.plan, m.PARAMS, m.FOLDS, getattr(m, "needs_fit", None))
             for m in (wemask, norm_rescale, ffn_dampen, me_norm, first_token)}
 
 
@@ -65,23 +63,6 @@ def resolve_recipes(recipes: list[tuple[str, dict]], strict: bool = False) -> li
         if sum(name == once for name, _ in resolved) > 1:
             raise UserError(f"{once} can be applied once per patch")
     return resolved
-
-
-def fit_recipes(ctx: FitContext, recipes: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """The recipes with every fitted value filled in: each recipe that needs a fit is fitted on top of the
-    others' plans (the recipes that need none); the others pass through unchanged."""
-    resolved = resolve_recipes(recipes)
-    needing = {k for k, (name, params) in enumerate(resolved)
-               if (r := get_recipe(name)).fit is not None and r.needs_fit is not None and r.needs_fit(params)}
-    if not needing:
-        return resolved
-    out = []
-    for k, (name, params) in enumerate(resolved):
-        if k in needing:
-            others = [(n, p) for j, (n, p) in enumerate(resolved) if j not in needing]
-            params = get_recipe(name).fit(ctx, params, plan_recipes(ctx.scan, ctx.family, ctx.config, others))
-        out.append((name, params))
-    return out
 
 
 def plan_recipes(scan: ScanResult, family: Family, config: dict, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from melsurgery.architectures import ATTENTION, Family
 from melsurgery.checkpoint.edits import Edit
@@ -186,35 +185,21 @@ PlanFn = Callable[[ScanResult, Family, dict, dict], RecipePlan]
 
 
 @dataclass(frozen=True)
-class FitContext:
-    """What a recipe with fitted values (first-token) fits them on: the model folder and its scan, the fitting
-    text (never the held-out text), where to run, and a folder where fitted paths are cached (None: no cache)."""
-
-    folder: Path
-    family: Family
-    config: dict
-    scan: ScanResult
-    text: str
-    device: str = "cpu"
-    progress: bool = False
-    cache: Path | None = None
-
-
-FitFn = Callable[[FitContext, dict, list[RecipePlan]], dict]
-
-
-@dataclass(frozen=True)
 class Recipe:
     """A recipe: its name, its parameters (declared once, see `params`) and its planner; a recipe with fitted
-    values also has `fit` (params and the other recipes' plans -> params with the fitted values) and
-    `needs_fit` (whether the params lack them)."""
+    values also has `needs_fit` (whether the params lack them: `fit.fit_recipes` fills them in before planning;
+    the recipe itself never reads weights)."""
 
     name: str
     plan: PlanFn
     params: tuple[Param, ...]
     folds: bool
-    fit: FitFn | None = None
     needs_fit: Callable[[dict], bool] | None = None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether some of its values are fitted on the model (by `patch`), not chosen."""
+        return self.needs_fit is not None
 
     def resolve(self, given: dict | None, strict: bool = False) -> dict:
         """Validated parameters with defaults filled in (raises UserError before any work is done)."""

@@ -4,7 +4,7 @@ With causal attention, position 0's whole trajectory depends only on its own emb
 rotary phase). Where every input opens with the same special token (the tokenizer's BOS: Gemma, Llama,
 Mistral), editing that one row changes position 0 alone, directly, and later positions only through their
 attention to it: a token-selective patch that every engine runs as stock weights (transformers without
-remote code, vLLM, llama.cpp). The row is fitted (`recipes.first_token_fit`): gradient descent on the sink
+remote code, vLLM, llama.cpp). The row is fitted by the fit stage (`fit/first_token.py`): gradient descent on the sink
 after the ME Layer plus lambda times the KL to the base, with verify's definitions, on the tuning half of
 the text; `kl` picks the point of the fitted path. With tied embeddings the row is also the token's LM-head
 row: the fit's KL includes the change of that logit at every position.
@@ -23,7 +23,7 @@ from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
 from melsurgery.formats.wording import count
 from melsurgery.params import Param
-from melsurgery.recipes.base import FitContext, RecipePlan
+from melsurgery.recipes.base import RecipePlan
 
 NAME = "first-token"
 FOLDS = True
@@ -77,12 +77,3 @@ def plan(scan: ScanResult, family: Family, config: dict, params: dict) -> Recipe
 def needs_fit(params: dict) -> bool:
     """Whether a fit must run first (no fitted row given)."""
     return params.get("row") is None or params.get("token_id") is None
-
-
-def fit(ctx: FitContext, params: dict, others: list[RecipePlan]) -> dict:
-    """The params with the fitted row and token filled in (see `first_token_fit.fit_params`)."""
-    if any(p.wemask is not None for p in others):
-        raise UserError("first-token fits on top of folded recipes; wemask's custom layer is not one")
-    from melsurgery.recipes.first_token_fit import fit_params
-
-    return fit_params(ctx, params, [e for p in others for e in p.edits])

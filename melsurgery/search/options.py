@@ -69,7 +69,7 @@ class SearchOptions:
 def searchable() -> tuple[str, ...]:
     """The registered recipes a search varies trial by trial: all but the fitted ones (first-token's row is fitted
     by `patch --recipe first-token`, a path of minutes, not a trial's setting)."""
-    return tuple(n for n, r in registry().items() if r.fit is None)
+    return tuple(n for n, r in registry().items() if not r.fitted)
 
 
 def check_positive(flag: str, value: float | None) -> None:
@@ -84,7 +84,7 @@ def check_recipes(names: tuple[str, ...], flag: str = "--recipe") -> None:
     for r in names:
         if r not in known:
             raise UserError(f"{flag}: unknown recipe {r!r}; available: {', '.join(known)}")
-        if known[r].fit is not None:
+        if known[r].fitted:
             raise UserError(f"{flag}: {r} is fitted, not searched; `patch --recipe {r}` fits it")
     if len(set(names)) != len(names):
         raise UserError(f"{flag}: a recipe is named twice")

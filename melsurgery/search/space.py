@@ -167,7 +167,7 @@ def make_space(names: tuple[str, ...], scan: ScanResult) -> Space:
     if me + 1 >= n:
         raise UserError(f"the ME Layer is the last layer ({me}): no layer after it to act on")
     known = registry()  # fitted recipes (first-token) are fitted by `patch`, not searched trial by trial
-    return Space(tuple(known[r] for r in known if r in names and known[r].fit is None), me, n,
+    return Space(tuple(known[r] for r in known if r in names and not known[r].fitted), me, n,
                  {k: f(scan) for k, f in INT_HIGH.items()})
 
 

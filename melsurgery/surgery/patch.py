@@ -21,21 +21,14 @@ from melsurgery.checkpoint.validate import nonfinite, open_model, refuse_custom_
 from melsurgery.checkpoint.writer import AppliedEdit, copy_side_files, write_weights
 from melsurgery.detect.scan import ScanResult, check_scan_params, run_scan
 from melsurgery.errors import UserError
+from melsurgery.fit import FitContext, fit_recipes
 from melsurgery.formats.typed import JsonRecord
 from melsurgery.hub.card import base_license, render_card
 from melsurgery.measure.verify import eval_text, input_prefix, split_text
 from melsurgery.measure.verify_result import VerifyResult, measurements_for_card
 from melsurgery.outputs import MANIFEST, MODEL_CARD
 from melsurgery.params import LAYER_WORDS
-from melsurgery.recipes import (
-    FitContext,
-    RecipePlan,
-    WeMaskSpec,
-    fit_recipes,
-    parse_layers,
-    plan_recipes,
-    resolve_recipes,
-)
+from melsurgery.recipes import RecipePlan, WeMaskSpec, parse_layers, plan_recipes, resolve_recipes
 from melsurgery.surgery.manifest import Manifest
 from melsurgery.version import __version__
 
@@ -129,7 +122,8 @@ def run_patch(
         license, unknown_license = base_license(source.folder)
         card = render_card(base=base, origin=origin(source), license=license, unknown_license=unknown_license,
                            plans=plans, scan=scan, applied=applied, custom_layer=wemask is not None,
-                           measurements=measurements_for_card(measured) if measured else None, search=search)
+                           measurements=measurements_for_card(measured) if measured else None, search=search,
+                           deferred_sources=len(written.record.deferred))
         (tmp / MODEL_CARD).write_text(card)
         # the weights' sha256 as written, so provenance need not read them again
         write_provenance(tmp, replace(source, base_model=base), manifest, scan, plans, applied, inputs,

@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from melsurgery.checkpoint import clone
 from melsurgery.checkpoint.clone import CLONE, KERNEL_COPY, PROCESS_COPY, Copier, shared_bytes, unshared_bytes
 from melsurgery.checkpoint.hashing import KnownHash, Recorded, known_sha256, sha256_file, write_sidecar
-from melsurgery.checkpoint.provenance import Provenance, WriteRecord, recorded_hashes
+from melsurgery.checkpoint.provenance import Provenance, SourceFile, WriteRecord, recorded_hashes
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safetensors_file import read_bytes
 from melsurgery.checkpoint.writer import ShardPlan, copy_spliced, plan_shards
+from melsurgery.errors import UserError
 from melsurgery.surgery.patch import PatchResult
 from tests.support.helpers import hub_cache_layout, json_round_trip, run_cli, snapshot
 
@@ -84,9 +85,10 @@ def test_plan_links_only_untouched_files_and_hashes_only_what_is_not_known():
                         link=True)
     assert plans == [ShardPlan("a", 100, (), known, link=True), ShardPlan("b", 200, ((10, 20), (50, 60)), known),
                      ShardPlan("c", 300, (), None, link=True)]
-    # a known untouched file is not read at all; of a known edited one only the bytes written are hashed; an
-    # unknown one is read once for its input hash (= its output hash, or beside it in the same pass)
-    assert [p.hashed_bytes for p in plans] == [0, 20, 300]
+    # only the bytes written are hashed: a known file's sha256 is reused, an unknown one's deferred to push (an
+    # unknown edited one's replaced bytes are hashed too)
+    assert [p.hashed_bytes for p in plans] == [0, 20, 0]
+    assert plan_shards({"d": 100}, {"d": [(0, 10)]}, {}, link=False)[0].hashed_bytes == 20
     assert [p.rewritten_bytes for p in plans] == [0, 20, 0]
     assert [p.copied_bytes(CLONE) for p in plans] == [0, 0, 0]
     assert [p.copied_bytes(KERNEL_COPY) for p in plans] == [0, 200, 0]  # linked files are never copied
@@ -200,13 +202,13 @@ def test_patch_clones_or_copies_and_keeps_every_untouched_byte(sharded, where):
     assert (out / SHARD1).read_bytes() == (src / SHARD1).read_bytes()
     assert snapshot(src) == before
     prov = Provenance.read(out)
-    prov.verify(out)
-    assert prov.writer == record and record.reused_sha256 == {}  # a plain folder: every hash computed
+    prov.verify(out, sources={s: [src / s] for s in (SHARD1, SHARD2)})
+    assert prov.writer == record and record.reused_sha256 == {}  # a plain folder: every hash deferred
     doc = json_round_trip(res)  # the patch's JSON result says it too
     assert doc["writer"]["mode"] == record.mode and PatchResult.from_json(doc).writer == record
     info = Checkpoint(src).info(EDITED)
-    assert record.rewritten_bytes == info.nbytes
-    assert record.hashed_bytes == sum((src / s).stat().st_size for s in (SHARD1, SHARD2))
+    # only the edited tensor's bytes are hashed: as written, and as they were in the source (its sha256 deferred)
+    assert record.rewritten_bytes == info.nbytes and record.hashed_bytes == 2 * info.nbytes
     # the record tells the truth about the blocks: a clone shares all but the edited tensor's blocks
     assert record.mode in (CLONE, KERNEL_COPY)
     assert is_shared(out / SHARD1) == (record.mode == CLONE)
@@ -225,8 +227,8 @@ def test_link_hard_links_untouched_shards_and_clones_or_copies_edited_ones(shard
     assert os.path.samefile(tmp_path / "out" / SHARD1, src / SHARD1)
     assert not os.path.samefile(tmp_path / "out" / SHARD2, src / SHARD2)
     assert record.mode in (CLONE, KERNEL_COPY)
-    assert record.hashed_bytes == sum((src / s).stat().st_size for s in (SHARD1, SHARD2))  # nothing known
-    Provenance.read(tmp_path / "out").verify(tmp_path / "out")
+    assert record.hashed_bytes == 2 * record.rewritten_bytes  # nothing known: the sources' sha256 left to push
+    Provenance.read(tmp_path / "out").verify(tmp_path / "out", sources={s: [src / s] for s in (SHARD1, SHARD2)})
 
 
 def test_a_source_file_changed_while_written_stops_the_patch(sharded, tmp_path, monkeypatch):
@@ -234,15 +236,15 @@ def test_a_source_file_changed_while_written_stops_the_patch(sharded, tmp_path, 
     from melsurgery.errors import UserError
 
     src = shutil.copytree(sharded[0], tmp_path / "src")
-    clone_file = Copier.clone
+    copy_file = Copier.copy
 
-    def clone_then_touch(self, a, b):
-        done = clone_file(self, a, b)
+    def copy_then_touch(self, a, b):
+        done = copy_file(self, a, b)
         st = a.stat()
         os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
         return done
 
-    monkeypatch.setattr(Copier, "clone", clone_then_touch)
+    monkeypatch.setattr(Copier, "copy", copy_then_touch)
     with pytest.raises(UserError, match=f"{SHARD1}: changed while being copied"):
         patch_api(src, tmp_path / "out", sharded[1])
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".melsurgery-tmp-*"))
@@ -334,7 +336,7 @@ def test_write_record_round_trips_through_provenance_json():
 @pytest.mark.parametrize("trusted", [True, False], ids=["sidecar-matches", "sidecar-mtime-wrong"])
 def test_patch_reuses_a_trusted_sidecar_without_reading_the_file(sharded, tmp_path, trusted):
     """A sidecar whose digest is deliberately not the file's: reused, it shows in provenance as the input's hash
-    (proof that the file was not read for it); distrusted (wrong mtime), the real digest is computed."""
+    (proof that the file was not read for it); distrusted (wrong mtime), the digest is left to push."""
     src = shutil.copytree(sharded[0], tmp_path / "src")
     st = (src / SHARD1).stat()
     fake = "f" * 64
@@ -342,11 +344,10 @@ def test_patch_reuses_a_trusted_sidecar_without_reading_the_file(sharded, tmp_pa
         {"sha256": fake, "size": st.st_size, "mtime_ns": st.st_mtime_ns + (0 if trusted else 1)}))
     record = patch_api(src, tmp_path / "out", sharded[1]).writer
     prov = Provenance.read(tmp_path / "out")
-    real = sha256_file(src / SHARD1)
-    assert prov.source["files"][SHARD1] == (fake if trusted else real)
+    assert prov.source["files"].get(SHARD1) == (fake if trusted else None)
     assert record.reused_sha256 == ({SHARD1: "sidecar"} if trusted else {})
-    shard2 = (src / SHARD2).stat().st_size
-    assert record.hashed_bytes == shard2 + (0 if trusted else st.st_size)
+    assert record.deferred == ((SHARD2,) if trusted else (SHARD1, SHARD2))
+    assert record.hashed_bytes == 2 * Checkpoint(src).info(EDITED).nbytes  # SHARD2's sha256 is deferred
     assert not list((tmp_path / "out").glob("*.sha256"))  # sidecars describe the source; never copied
 
 
@@ -357,6 +358,7 @@ def test_patch_of_a_hub_cache_snapshot_reuses_the_blob_names(sharded, tmp_path):
     info = Checkpoint(snap).info(EDITED)
     assert record.hashed_bytes == record.rewritten_bytes == info.nbytes  # only the bytes written were hashed
     assert record.derived == (SHARD2,) and "sha256 of 1 edited file is left to push" in record.summary
+    assert "no trusted sha256" not in (tmp_path / "out" / "README.md").read_text()
     out = tmp_path / "out"
     prov = Provenance.read(out)
     assert prov.source["files"][SHARD1] == sha256_file(snap / SHARD1) == prov.outputs[SHARD1]
@@ -378,7 +380,68 @@ def test_patch_of_a_hub_cache_snapshot_reuses_the_blob_names(sharded, tmp_path):
     # patching the patched folder again trusts its provenance for the untouched shard (the edited one is read)
     again = patch_api(out, tmp_path / "again", sharded[1], recipe="norm-rescale").writer
     assert again.reused_sha256 == {SHARD1: "provenance"}
-    Provenance.read(tmp_path / "again").verify(tmp_path / "again")
+    Provenance.read(tmp_path / "again").verify(tmp_path / "again", sources={SHARD2: [out / SHARD2]})
+
+
+def test_a_plain_folder_patch_hashes_no_untouched_byte(sharded, tmp_path):
+    """A folder saved with save_pretrained (no sidecar, no Hub cache): patch costs what it edits. The shards are
+    recorded by their derivation with the source named by size, mtime and inode; no whole-file sha256 of a source
+    or an output shard was computed (none appears in the record); push proves and records them later."""
+    src = shutil.copytree(sharded[0], tmp_path / "src")
+    out = tmp_path / "out"
+    record = patch_api(src, out, sharded[1]).writer
+    info = Checkpoint(src).info(EDITED)
+    assert record.hashed_bytes == 2 * info.nbytes  # the edited tensor, as written and as it was; nothing else
+    assert record.deferred == record.derived == (SHARD1, SHARD2) and record.reused_sha256 == {}
+    assert "sha256 of 2 source files and of their outputs is left to push" in record.summary
+    assert "2 weight files had no trusted sha256 when patched" in (out / "README.md").read_text()  # the card says so
+    prov = Provenance.read(out)
+    text = (out / "provenance.json").read_text()
+    for shard in (SHARD1, SHARD2):
+        assert sha256_file(src / shard) not in text and sha256_file(out / shard) not in text
+        d = prov.derived[shard]
+        assert d.deferred and d.source_file == SourceFile.of(src / shard) and shard not in prov.source["files"]
+    assert prov.derived[SHARD1].edits == ()
+    [edit] = prov.derived[SHARD2].edits
+    assert edit.source_sha256 == hashlib.sha256((src / SHARD2).read_bytes()[info.start:info.end]).hexdigest()
+    with pytest.raises(UserError, match=f"{SHARD1}: its source .* cannot be read"):  # no source: nothing proven
+        prov.verify(out)
+    complete, judged = prov.verify(out, sources={s: [src / s] for s in (SHARD1, SHARD2)})
+    assert judged == {SHARD1: "source-hashed", SHARD2: "source-hashed"}
+    for shard in (SHARD1, SHARD2):
+        assert complete.source["files"][shard] == complete.derived[shard].source_sha256 == sha256_file(src / shard)
+        assert complete.outputs[shard] == sha256_file(out / shard)
+    assert Provenance.from_json(complete.to_json(), "sealed") == complete
+
+
+@pytest.mark.parametrize("change", ["touched", "replaced", "untouched-byte", "replaced-byte"])
+def test_a_deferred_source_changed_since_the_patch_proves_nothing(sharded, tmp_path, change):
+    """The source's sha256 is computed at push from the source itself: a source written to, replaced by another
+    file, or rewritten with its mtime put back (an untouched byte: it differs from the output; a byte the edit
+    replaced: it differs from the recorded sha256 of the replaced bytes) is refused, naming the file."""
+    src = shutil.copytree(sharded[0], tmp_path / "src")
+    out = tmp_path / "out"
+    patch_api(src, out, sharded[1])
+    prov, path = Provenance.read(out), src / SHARD2
+    st, edit = path.stat(), prov.derived[SHARD2].edits[0]
+    data = bytearray(path.read_bytes())
+    if change == "touched":
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    elif change == "replaced":  # the same bytes in a new file: not the file patch read
+        new = path.with_name("new")
+        new.write_bytes(data)
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+        new.replace(path)
+    else:
+        at = edit.start if change == "replaced-byte" else 0
+        data[at] ^= 1
+        with open(path, "r+b") as fh:
+            fh.write(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    why = {"touched": "changed since the patch", "replaced": "changed since the patch",
+           "untouched-byte": "byte 0 differs from its source", "replaced-byte": "differ from what the patch replaced"}
+    with pytest.raises(UserError, match=why[change]):
+        prov.verify(out, sources={s: [src / s] for s in (SHARD1, SHARD2)})
 
 
 @pytest.mark.parametrize("tamper", ["edited-bytes", "untouched-byte", "size", "sealed-then-changed"])
@@ -505,12 +568,12 @@ def test_push_records_the_whole_file_sha256_of_derived_files(sharded, tmp_path, 
     repo = f"{hub_server.user}/derived"
     dry = run_push(hub_server, str(out), repo, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert f"would record in provenance.json the sha256 of 1 edited file ({SHARD2})" in dry.stdout
+    assert f"would record in provenance.json the sha256 of 1 derived file ({SHARD2})" in dry.stdout
     assert f"{SHARD2}: its untouched bytes are its source's (compared byte for byte)" in dry.stdout
     assert (out / "provenance.json").read_bytes() == written
     pushed = run_push(hub_server, str(out), repo)
     assert pushed.returncode == 0, pushed.stderr
-    assert f"recorded in provenance.json the sha256 of 1 edited file ({SHARD2})" in pushed.stdout
+    assert f"recorded in provenance.json the sha256 of 1 derived file ({SHARD2})" in pushed.stdout
     prov = Provenance.read(out)
     assert prov.outputs[SHARD2] == sha256_file(out / SHARD2) and prov.derived[SHARD2].source_sha256
     got = download(hub_server, repo, tmp_path / "dl")

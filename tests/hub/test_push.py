@@ -473,7 +473,9 @@ def test_patched_local_folder_card_is_accepted(hub_server: HubServer, planted: P
     repo = f"{hub_server.user}/patched"
     proc = run_push(hub_server, str(out), repo)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0].endswith(f"melsurgery: ffn-dampen patch of {expected or 'my-finetune'}")
+    # (a plain folder's patch leaves its sources' sha256 to push, which says so first)
+    pushed = next(line for line in proc.stdout.splitlines() if line.startswith("pushed "))
+    assert pushed.endswith(f"melsurgery: ffn-dampen patch of {expected or 'my-finetune'}")
     assert served_card(hub_server, repo) == card
     calls = [(m, p) for m, p, _ in hub_server.hub.log]
     # our push asks the Hub before creating the repo, and the client asks again before its commit

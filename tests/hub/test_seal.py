@@ -1,6 +1,6 @@
 """A derivation push will trust (only an edited .safetensors file, with its edited ranges), and push's sealing of
 it: the completed record is written before any network, keeps the file's mode and every field it does not know,
-and a dry run changes nothing."""
+and a dry run changes nothing; a plain folder's deferred source digests, recorded by push from the source itself."""
 
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ def test_a_derived_entry_with_no_edited_range_is_refused():
     with pytest.raises(UserError, match="^p: derived"):
         Provenance.from_json(doc_with({"w.safetensors": {"source_sha256": "a" * 64, "size": 10, "mtime_ns": 1,
                                                         "edits": []}}), "p")
+
+
+def test_a_derivation_without_edits_is_never_trusted_on_its_mtime(tmp_path):
+    """A shard recorded as a copy of its source (no edited range): only the source can prove its bytes; without
+    the source it is refused, whatever its size and mtime say."""
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"x" * 10)
+    st = path.stat()
+    copy = {"size": 10, "mtime_ns": st.st_mtime_ns, "edits": [], "source_file": {"size": 10, "mtime_ns": 1, "inode": 2}}
+    for source in ({"source_sha256": None}, {"source_sha256": "a" * 64}):  # deferred, or as push sealed it
+        record = Provenance.from_json(doc_with({"w.safetensors": {**copy, **source}}), "p")
+        with pytest.raises(UserError, match="w.safetensors: its source .* cannot be read"):
+            record.verify(tmp_path, {"w.safetensors": path})
 
 
 @pytest.mark.slow
@@ -127,3 +140,36 @@ def test_dry_run_modifies_nothing(sharded, tmp_path):
     res = run_cli("push", out, "u/x", "--dry-run")
     assert res.returncode == 0 and "would record" in res.stdout, res.stderr
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in out.iterdir()} == before
+
+
+# --- push: a plain folder's deferred source digests ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_push_records_the_deferred_source_digests_and_refuses_a_changed_source(sharded, tmp_path, hub_server):
+    """patch of a plain folder hashes no untouched byte; push compares each shard with its source (still the file
+    patch read: same size, mtime and inode), records the sources' and the outputs' sha256 in provenance.json and
+    uploads the completed record. A source written to between patch and push is refused before any network."""
+    shard1 = "model-00001-of-00002.safetensors"
+    src = Path(shutil.copytree(sharded[0], tmp_path / "src"))
+    out, changed = tmp_path / "out", tmp_path / "changed"
+    for folder in (out, changed):
+        res = run_cli("patch", src, "-o", folder, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet")
+        assert res.returncode == 0 and "sha256 of 2 source files and of their outputs is left to push" in res.stdout
+    proc = push(hub_server, out, f"{hub_server.user}/plain")
+    assert proc.returncode == 0, proc.stderr
+    assert f"recorded in provenance.json the sha256 of 2 derived files ({shard1}, {SHARD2})" in proc.stdout
+    assert "the source's sha256, deferred by patch, recorded" in proc.stdout
+    prov = Provenance.read(out)
+    for shard in (shard1, SHARD2):
+        assert prov.source["files"][shard] == prov.derived[shard].source_sha256 == sha256_file(src / shard)
+        assert prov.outputs[shard] == sha256_file(out / shard)
+    again = push(hub_server, out, f"{hub_server.user}/plain", "--dry-run")
+    assert again.returncode == 0 and "would record" not in again.stdout, again.stderr
+    st = (src / shard1).stat()
+    os.utime(src / shard1, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    before = (changed / "provenance.json").read_bytes()
+    log = len(hub_server.hub.log)
+    proc = push(hub_server, changed, f"{hub_server.user}/changed")
+    assert_clean_failure(proc, shard1, "changed since the patch", code=2)
+    assert (changed / "provenance.json").read_bytes() == before and len(hub_server.hub.log) == log

@@ -20,11 +20,11 @@ from melsurgery.checkpoint.edits import Edit, apply_edit
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import load_tokenizer
 from melsurgery.errors import UserError
+from melsurgery.fit import FitContext, fit_recipes
+from melsurgery.fit.first_token import Figures, PathPoint, RowObjective, choose
 from melsurgery.measure.verify import eval_text, make_windows, run_verify, split_text
 from melsurgery.outputs import MANIFEST
 from melsurgery.params import DetectParams
-from melsurgery.recipes import FitContext, fit_recipes
-from melsurgery.recipes.first_token_fit import Figures, PathPoint, RowObjective, choose
 from tests.support.helpers import QUICK_SCAN, assert_clean_failure, run_cli
 from tests.support.planted import family_config, make_tokenizer, planted_folder
 
@@ -79,7 +79,7 @@ def test_the_gradient_is_the_objectives(which, planted, gemma3) -> None:
 @pytest.mark.slow
 def test_a_streamed_fit_computes_what_a_resident_one_does(planted, monkeypatch) -> None:
     """Models too large to keep resident stream their layers and recompute them in the backward pass."""
-    from melsurgery.recipes import first_token_fit
+    from melsurgery.fit import first_token as first_token_fit
 
     resident, _ = _objective(planted)
     monkeypatch.setattr(first_token_fit, "RESIDENT_BYTES", 0)

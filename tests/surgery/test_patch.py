@@ -273,19 +273,21 @@ def test_output_contract_card_provenance_side_files(planted, planted_scan, tmp_p
 
     for rel, digest in prov["outputs"].items():
         assert sha256_file(out / rel) == digest
-    assert set(prov["outputs"]) == {p.name for p in out.iterdir()} - {"provenance.json"}
-    assert prov["source"]["files"]["model.safetensors"] == sha256_file(planted / "model.safetensors")
+    # a plain folder: the weights are recorded by their derivation, their source's sha256 left to push
+    assert set(prov["outputs"]) | set(prov["derived"]) == {p.name for p in out.iterdir()} - {"provenance.json"}
+    assert set(prov["derived"]) == {"model.safetensors"} and "model.safetensors" not in prov["source"]["files"]
     assert prov["recipes"][0]["name"] == "ffn-dampen" and prov["scan"]["me_layer"] == 3
     record = Provenance.read(out)  # the typed record is the file: same object, same bytes when written again
     assert record.to_json() == prov and record.edited_tensors == ["model.layers.3.mlp.down_proj.weight"]
     assert record.detect_params == planted_scan.params
-    record.verify(out)
+    sealed, _ = record.verify(out, sources={"model.safetensors": [planted / "model.safetensors"]})
+    assert sealed.source["files"]["model.safetensors"] == sha256_file(planted / "model.safetensors")
     text = (out / "provenance.json").read_text()
     record.write(out)
     assert (out / "provenance.json").read_text() == text
     (out / "LICENSE").write_text("changed\n")
     with pytest.raises(UserError, match="LICENSE: sha256 differs from provenance.json"):
-        record.verify(out)
+        record.verify(out, sources={"model.safetensors": [planted / "model.safetensors"]})
     damaged = {**prov, "edits": [{"shard": "model.safetensors"}]}
     (out / "provenance.json").write_text(json.dumps(damaged))
     with pytest.raises(UserError, match=r"provenance.json: edits\[0\] must be an object naming its 'tensor'"):
