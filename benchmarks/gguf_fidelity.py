@@ -6,8 +6,8 @@ fp32 forward). The GGUF patch is read as transformers' GGUF loader reads it: the
 edited tensors dequantised from the bytes written (`scripts/check_ggml.py` checks that llama.cpp's own
 dequantisers read the same values). Not part of CI.
 
-    python scripts/gguf_fidelity.py --source default --windows 4 --json out/fidelity-q4_1.json
-    python scripts/gguf_fidelity.py --source model.Q4_K_M.gguf --windows 4 --json out/fidelity-q4_k_m.json
+    python benchmarks/gguf_fidelity.py --source default --windows 4 --json out/fidelity-q4_1.json
+    python benchmarks/gguf_fidelity.py --source model.Q4_K_M.gguf --windows 4 --json out/fidelity-q4_k_m.json
 
 One scan per source, one fit of first-token (shared by both patches), each recipe with its defaults.
 
@@ -15,7 +15,7 @@ A Q4_K_M source (the gguf package cannot quantise K-quants): the default model r
 own quantiser, `ggml_quantize_chunk` of libggml-base (the first library a llama-cpp-python source build
 compiles, under build/bin of its build folder), tensor types chosen as llama.cpp's Q4_K_M does:
 
-    python scripts/gguf_fidelity.py --write-q4-k-m BUILD/bin/libggml-base.so /tmp/SmolLM2-135M-Instruct.Q4_K_M.gguf
+    python benchmarks/gguf_fidelity.py --write-q4-k-m BUILD/bin/libggml-base.so /tmp/SmolLM2-135M-Instruct.Q4_K_M.gguf
 """
 
 from __future__ import annotations
