@@ -77,6 +77,8 @@ class StreamingModel:
         self._rotary_per_type = self.rotary is not None and "layer_type" in inspect.signature(
             self.rotary.forward).parameters
         self.num_layers = len(self.layers)
+        self._hold: set[int] = set()
+        self._held: dict[int, dict[str, torch.Tensor]] = {}
         self.layer_types = [self._layer_type(i) for i in range(self.num_layers)]
         self.mixers: list[Mixer] = []
         for i, t in enumerate(self.layer_types):
@@ -116,15 +118,31 @@ class StreamingModel:
             out = [e * scale for e in out]
         return out
 
+    def hold(self, layers: range) -> None:
+        """Keep these decoder layers in memory once read (in the compute dtype, on the device, checked finite):
+        a search reruns them every trial, and reading and converting them again costs more than running them."""
+        self._hold = set(layers)
+
     def read_layer(self, i: int, ckpt: Checkpoint | None = None) -> dict[str, torch.Tensor]:
-        """Decoder layer i's tensors as stored (names relative to the layer, checkpoint dtype, on the CPU)."""
-        return (ckpt or self.ckpt).load_prefix(self.family.prefix(i))
+        """Decoder layer i's tensors (names relative to the layer): as stored (checkpoint dtype, on the CPU), or
+        a held layer's tensors in the compute dtype on the device."""
+        if ckpt is None and i in self._held:
+            return dict(self._held[i])
+        state = (ckpt or self.ckpt).load_prefix(self.family.prefix(i))
+        if ckpt is None and i in self._hold:
+            for name, t in state.items():
+                check_finite(t, self.family.prefix(i) + name, self.ckpt.folder)
+            self._held[i] = {k: v.to(self.device, self.dtype) for k, v in state.items()}
+            return dict(self._held[i])
+        return state
 
     def load_layer(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
         """Materialise decoder layer i on the device with these tensors (checkpoint names, relative)."""
         layer = self.layers[i]
+        held = self._held.get(i, {})
         for name, t in state.items():
-            check_finite(t, self.family.prefix(i) + name, self.ckpt.folder)
+            if held.get(name) is not t:
+                check_finite(t, self.family.prefix(i) + name, self.ckpt.folder)
         state = self.family.module_state({k: v.to(self.device, self.dtype) for k, v in state.items()})
         # assign: the converted tensors become the parameters, so the layer is never held twice in memory
         missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
@@ -156,9 +174,10 @@ class StreamingModel:
         """The LM head's tensor name (the embedding table where they are tied)."""
         return self.family.lm_head if self.family.lm_head in self.ckpt else self.family.embed
 
-    def logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Logits [T, V'] of final-normed states h [T, D] for a block of LM-head rows, as the model computes them."""
-        z = h @ rows.to(self.device, self.dtype).T
+    def logits(self, h: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, V'] of final-normed states h [T, D] for a block of LM-head rows, as the model computes them
+        (`out`: a [T, V'] buffer of the compute dtype to write them into)."""
+        z = torch.mm(h, rows.to(self.device, self.dtype).T, out=out)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(z / cap) * cap if cap else z
 

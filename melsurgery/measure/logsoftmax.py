@@ -30,23 +30,30 @@ class OnlineLogSoftmax:
         self.row = None if dim is None else torch.zeros(n, dim, **f64)
 
     def add(self, z: torch.Tensor, lo: int, targets: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Fold in logits z [n, B] (float64) of vocabulary entries lo..lo+B-1 (`rows`: their head rows, for the
-        expected row); returns the running maximum before this block."""
+        """Fold in logits z [n, B] of vocabulary entries lo..lo+B-1 (`rows`: their head rows, for the expected
+        row); returns the running maximum before this block. z is left as it was (`add_` reuses it)."""
+        return self.add_(z.clone(), lo, targets, rows)
+
+    def add_(self, z: torch.Tensor, lo: int, targets: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`add`, overwriting z with exp(z - running maximum): no vocabulary-sized temporary is made.
+
+        z may be float32 (the search) or float64 (verify): the running maximum is one of z's own values, so
+        subtracting it in z's dtype is exact up to z's rounding; the sums are kept in float64."""
         old = self.m
         top, where = z.max(-1)
-        self.m = torch.maximum(old, top)
-        scale = torch.exp(old - self.m)
-        w = torch.exp(z - self.m[:, None])
-        self.s = self.s * scale + w.sum(-1)
-        if self.row is not None:
-            self.row = self.row * scale[:, None] + (w.to(rows.dtype) @ rows).double()
+        self.m = torch.maximum(old, top.double())
+        inside = (targets >= lo) & (targets < lo + z.shape[1])
+        picked = z.gather(1, (targets - lo).clamp(0, z.shape[1] - 1)[:, None])[:, 0].double()
+        self.target = torch.where(inside, picked, self.target)
         if self.best is not None:
             better = top > self.best
-            self.best = torch.where(better, top, self.best)
+            self.best = torch.where(better, top.double(), self.best)
             self.arg = torch.where(better, where + lo, self.arg)
-        inside = (targets >= lo) & (targets < lo + z.shape[1])
-        picked = z.gather(1, (targets - lo).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
-        self.target = torch.where(inside, picked, self.target)
+        scale = torch.exp(old - self.m)
+        w = z.sub_(self.m[:, None].to(z.dtype)).exp_()
+        self.s = self.s * scale + w.sum(-1).double()
+        if self.row is not None:
+            self.row = self.row * scale[:, None] + (w.to(rows.dtype) @ rows).double()
         return old
 
     @property

@@ -433,7 +433,7 @@ def _maybe_generate(ckpt: Checkpoint, base: Path, patched: Path, tok, n: int, ma
     if n == 0:
         return [], None
     need = 2 * sum(math.prod(ckpt.info(t).shape) for t in ckpt.names()) * torch.finfo(dtype).bits // 8
-    have = _free_memory(device)
+    have = free_memory(device)
     if need > 0.8 * have:
         return [], (f"generations skipped: they need both whole models ({need / 1e9:.1f} GB in {dtype}), "
                     f"more than the {have / 1e9:.1f} GB free on {device}")
@@ -444,7 +444,7 @@ def _maybe_generate(ckpt: Checkpoint, base: Path, patched: Path, tok, n: int, ma
     return _generate(mb, mp, tok, n, max_new_tokens, device), None
 
 
-def _free_memory(device: str) -> int:
+def free_memory(device: str) -> int:
     """Bytes a new allocation can get: free device memory, or MemAvailable (page cache counts as free)."""
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]

@@ -4,9 +4,12 @@
 A trial is a setting of the space (recipes and their parameters). The base model runs once over a text;
 the residual entering every layer from the first one the space can edit is cached, so a trial reruns
 only the layers from the first one it edits, with its edits applied to the weights in memory (the
-writer's own `edited_tensor`) and WeMask installed as the hook the shipped custom layer uses. Memory is
-one decoder layer plus the activations, whatever the model size: layers are streamed from the
-checkpoint as in `verify`, and the LM head is read in vocabulary blocks.
+writer's own `edited_tensor`) and WeMask installed as the hook the shipped custom layer uses. Where the
+layers from the ME Layer and the LM head fit RESIDENT_SHARE of the free memory, they stay in memory in
+the compute dtype after their first read; otherwise memory is one decoder layer plus the activations,
+whatever the model size: layers are streamed from the checkpoint as in `verify`, and the LM head is read
+in vocabulary blocks. Logits are scored in the compute dtype into one reused block buffer, with the sums
+kept in float64 (`OnlineLogSoftmax.add_`).
 
 KL needs the base model's next-token distribution at every scored token, which is a vocabulary-sized
 row per token (262,144 entries for Gemma 3: 2 MB per token in float64). The cache keeps, per token,
@@ -29,15 +32,18 @@ from melsurgery.calibrate.streaming import Stream, StreamingModel, run_layers
 from melsurgery.checkpoint.edits import Edit, edited_rows, edited_tensor
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.source import Source
+from melsurgery.checkpoint.validate import check_finite
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
 from melsurgery.measure.definitions import find_massive, layer_stats, sink, top_k_for
 from melsurgery.measure.logsoftmax import OnlineKL, OnlineLogSoftmax
 from melsurgery.measure.probes import Probe
+from melsurgery.measure.verify import free_memory
 from melsurgery.recipes import RecipePlan, plan_recipes, require_me
 from melsurgery.search.records import Figures
 
 HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
+RESIDENT_SHARE = 0.25  # the held layers and head may take at most this share of the memory free at the start
 
 
 def _mean(values: list) -> float:
@@ -102,7 +108,8 @@ class Evaluator:
     """
 
     def __init__(self, source: Source, scan: ScanResult, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, cache_from: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, cache_from: int | None = None,
+                 resident: bool | None = None) -> None:
         self.ckpt = Checkpoint(source.folder)
         self.family: Family = family_for(self.ckpt.config)
         self.scan = scan
@@ -114,6 +121,17 @@ class Evaluator:
         # the residuals a trial may start from: by default those entering the ME Layer and every later layer
         self.cache_from = self.me if cache_from is None else cache_from
         self.linear_head = not getattr(self.model.config, "final_logit_softcapping", None)
+        # `resident`: hold the layers a trial reruns and the LM head in memory (None: when they fit the budget)
+        self.resident = self.resident_bytes() <= RESIDENT_SHARE * free_memory(device) if resident is None else resident
+        self._head_rows: torch.Tensor | None = None
+        if self.resident:
+            self.model.hold(range(self.cache_from, self.num_layers))
+
+    def resident_bytes(self) -> int:
+        """Bytes of the decoder layers from `cache_from` and the LM head in the compute dtype."""
+        layers = tuple(self.family.prefix(i) for i in range(self.cache_from, self.num_layers))
+        names = [n for n in self.ckpt.names() if n.startswith(layers)] + [self.model.head_tensor]
+        return sum(math.prod(self.ckpt.info(n).shape) for n in names) * torch.finfo(self.dtype).bits // 8
 
     def plans(self, recipes: list[tuple[str, dict]]) -> list[RecipePlan]:
         """The plans of (recipe, params) pairs for this model (pure: the scan decides)."""
@@ -159,13 +177,14 @@ class Evaluator:
         prefix_len = {i: len(self.family.prefix(i)) for i in by_layer}
 
         def edited(i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            """Layer i's edited tensors, exactly as `patch` stores them (names relative to the layer)."""
+            """Layer i's edited tensors, exactly as `patch` stores them (names relative to the layer; edited from
+            the stored tensor, in its dtype, even where the layer is held in the compute dtype)."""
             out: dict[str, torch.Tensor] = {}
             for e in by_layer.get(i, []):
                 rel = e.tensor[prefix_len[i]:]
                 if rel not in base:
                     raise UserError(f"{self.ckpt.folder}: the checkpoint has no tensor {e.tensor!r}")
-                out[rel] = edited_tensor(out.get(rel, base[rel]), [e])
+                out[rel] = edited_tensor(out[rel] if rel in out else self.ckpt.load(e.tensor), [e])
             return out
 
         stats = list(text.stats[:start])
@@ -223,20 +242,37 @@ class Evaluator:
         pair = OnlineKL(len(targets), self.device) if base is not None else None
         acc = pair.patched if pair is not None else OnlineLogSoftmax(len(targets), self.device,
                                                                       dim=normed.shape[1] if mean_row else None)
+        # one logits buffer for every block; float32 at least (a narrower compute dtype is widened per block)
+        wide = self.dtype in (torch.float32, torch.float64)
+        buf = torch.empty(len(targets) * min(vocab, HEAD_ROWS), dtype=self.dtype, device=self.device) if wide else None
         with torch.no_grad():
             for lo in range(0, vocab, HEAD_ROWS):
                 hi = min(vocab, lo + HEAD_ROWS)
-                stored = self.ckpt.load_row_block(name, lo, hi)
-                rows = self._edited_block(stored, lo, edits, row_edits, edited) if edits else stored
-                rows = rows.to(self.device, self.dtype)
-                zp = self.model.logits(normed, rows).double()
-                if pair is None:
-                    acc.add(zp, lo, targets, rows)
+                if edits:  # edited from the stored rows, in their dtype, as `patch` stores them
+                    stored = self.ckpt.load_row_block(name, lo, hi)
+                    rows = self._edited_block(stored, lo, edits, row_edits, edited).to(self.device, self.dtype)
+                    stored = stored.to(self.device, self.dtype)
                 else:
-                    pair.add(self.model.logits(base.normed, stored.to(self.device, self.dtype)).double(), zp, lo,
-                             targets)
+                    rows = stored = self._head_block(lo, hi)
+                if pair is None:
+                    out = buf[: len(targets) * (hi - lo)].view(len(targets), hi - lo) if wide else None
+                    z = self.model.logits(normed, rows, out)
+                    acc.add_(z if wide else z.float(), lo, targets, rows)
+                else:
+                    pair.add(self.model.logits(base.normed, stored).double(), self.model.logits(normed, rows).double(),
+                             lo, targets)
         return _Head(acc.lse, acc.target, acc.expected_row(normed.dtype) if mean_row else None,
                      None if pair is None else pair.kl)
+
+    def _head_block(self, lo: int, hi: int) -> torch.Tensor:
+        """LM-head rows lo..hi-1 in the compute dtype: a view of the held head, or read from the checkpoint."""
+        name = self.model.head_tensor
+        if not self.resident:
+            return self.ckpt.load_row_block(name, lo, hi).to(self.device, self.dtype)
+        if self._head_rows is None:
+            self._head_rows = self.ckpt.load(name, self.dtype, self.device)
+            check_finite(self._head_rows, name, self.ckpt.folder)
+        return self._head_rows[lo:hi]
 
     @staticmethod
     def _edited_block(stored: torch.Tensor, lo: int, edits: list[Edit], row_edits: list[int],

@@ -222,7 +222,7 @@ def test_windows_open_with_bos_and_perplexity_excludes_it(planted, tmp_path):
 
 def test_generations_are_skipped_when_whole_models_do_not_fit(planted, planted_scan, tmp_path, monkeypatch):
     patch(planted, tmp_path / "out", [("ffn-dampen", {})], planted_scan)
-    monkeypatch.setattr(verify_module, "_free_memory", lambda device: 1000)
+    monkeypatch.setattr(verify_module, "free_memory", lambda device: 1000)
     r = run_verify(planted, tmp_path / "out", max_windows=1, max_tokens=32, generations=2)
     assert r.generations == [] and r.generations_note.startswith("generations skipped")
     assert r.generations_note in verify_report(r)

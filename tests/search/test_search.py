@@ -148,3 +148,29 @@ def test_the_search_scales_promising_over_budget_settings_into_the_budget(tmp_pa
     # the steps bracket the budget's edge: within it, and not far inside (a scale near 0 would fit trivially)
     kls = [t.figures.kl_mean for t in complete_trials(study) if t.number in {r.number for r in refined}]
     assert min(kls) <= budget.max_kl and max(k for k in kls if k <= budget.max_kl) > budget.max_kl / 3
+
+
+def test_held_layers_measure_what_streamed_ones_do_without_rereading_the_checkpoint(tmp_path, monkeypatch):
+    """An evaluator holding the layers from the ME Layer and the LM head in memory gives the figures of one that
+    streams them from the checkpoint per trial (as verify does, for models over the memory budget), and its trials
+    read no decoder layer from the checkpoint (the streamed one reads every layer it reruns)."""
+    from melsurgery.checkpoint.safeload import load_tokenizer
+    from melsurgery.recipes import resolve_recipes
+
+    folder = planted_folder(tmp_path / "m")
+    source = resolve(str(folder))
+    scan = run_scan(source)
+    win = text_windows(load_tokenizer(folder), TEXT, 64, None)
+    figures, reads = {}, {}
+    for resident in (True, False):
+        ev = Evaluator(source, scan, resident=resident)
+        text = ev.base_pass("text", win.ids, win.first_target)
+        calls = []
+        load_prefix = ev.ckpt.load_prefix
+        monkeypatch.setattr(ev.ckpt, "load_prefix", lambda prefix, *a, seen=calls, read=load_prefix, **kw:
+                            seen.append(prefix) or read(prefix, *a, **kw))
+        plans = ev.plans(resolve_recipes([("wemask", {}), ("ffn-dampen", {"factor": 0.3})]))
+        figures[resident], reads[resident] = ev.run(text, plans), len(calls)
+    assert figures[True].kl_mean > 0 and figures[True].sink_reduction_pct != 0
+    assert figures[True] == figures[False]
+    assert reads[True] == 0 and reads[False] > 0
