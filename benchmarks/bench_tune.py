@@ -62,21 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(len(w) for w in windows)
     space = make_space(tuple(registry()), scan)
     ev = Evaluator(source, scan)
-    try:
-        with measured("base pass") as base:
-            text = ev.base_pass("tuning", windows, win.first_target)
-        base_s = base.wall_s
-        study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
-        times = []
-        for _ in range(args.trials):
-            trial = study.ask()
-            recipes = space.suggest(trial)
-            with measured("trial") as one:
-                fig = ev.run(text, plan_recipes(scan, ev.family, ev.ckpt.config, recipes))
-            times.append(one.wall_s)
-            study.tell(trial, [fig.sink_reduction_pct, fig.kl_mean])
-    finally:
-        ev.close()
+    with measured("base pass") as base:
+        text = ev.base_pass("tuning", windows, win.first_target)
+    base_s = base.wall_s
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
+    times = []
+    for _ in range(args.trials):
+        trial = study.ask()
+        recipes = space.suggest(trial)
+        with measured("trial") as one:
+            fig = ev.run(text, plan_recipes(scan, ev.family, ev.ckpt.config, recipes))
+        times.append(one.wall_s)
+        study.tell(trial, [fig.sink_reduction_pct, fig.kl_mean])
     with tempfile.TemporaryDirectory(prefix="melsurgery-bench-tune-") as tmp:
         patched = Path(tmp) / "patched"
         run_patch(source, patched, Manifest(model=args.model, recipes=resolve_recipes([("wemask", {})])), scan=scan)
