@@ -305,6 +305,9 @@ def _echo_written(result, opts: PatchOptions, model: str, measured: tuple[float,
         click.echo(f"  edited {a.tensor}: {count(a.changed, 'entry', 'entries')}, max |delta| {a.max_abs_delta:.4g}")
     if result.writer is not None and opts.verbose:
         click.echo(f"  weights: {result.writer.summary}")
+    elif result.writer is not None and result.writer.deferred:
+        click.echo(f"  keep the source {result.scan.model.folder} unchanged until you push: push hashes it to prove what this "
+                   "patch was made from")
     if result.verified:
         from melsurgery.measure.verify_result import verify_report
 

@@ -561,7 +561,7 @@ def test_push_records_the_whole_file_sha256_of_derived_files(sharded, tmp_path, 
 
     snap = hub_cache_layout(sharded[0], tmp_path / "models--org--tiny")
     out = tmp_path / "out"
-    res = run_cli("patch", snap, "-o", out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet")
+    res = run_cli("patch", snap, "-o", out, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet", "--verbose")
     assert res.returncode == 0, res.stderr
     assert "is left to push" in res.stdout
     written = (out / "provenance.json").read_bytes()

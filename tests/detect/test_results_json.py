@@ -24,7 +24,7 @@ def test_scan_json_is_the_to_json_of_the_result_it_reports(planted, tmp_path, mo
                                 "--json", path)
     assert res.exit_code == 0, res.output
     assert json.loads(path.read_text()) == result.to_json()
-    assert f"ME Layer: {result.me_layer}" in res.output
+    assert f"ME Layer {result.me_layer}" in res.output  # the one-line summary of --quiet
 
 
 def test_a_scan_nested_in_another_document_is_checked_by_its_own_rules(planted_scan) -> None:
