@@ -306,8 +306,8 @@ def _echo_written(result, opts: PatchOptions, model: str, measured: tuple[float,
     if result.writer is not None and opts.verbose:
         click.echo(f"  weights: {result.writer.summary}")
     elif result.writer is not None and result.writer.deferred:
-        click.echo(f"  keep the source {result.scan.model.folder} unchanged until you push: push hashes it to prove what this "
-                   "patch was made from")
+        click.echo(f"  keep the source {result.scan.model.folder} unchanged until you push: push hashes it to "
+                   "prove what this patch was made from")
     if result.verified:
         from melsurgery.measure.verify_result import verify_report
 

@@ -154,7 +154,8 @@ def test_push_records_the_deferred_source_digests_and_refuses_a_changed_source(s
     src = Path(shutil.copytree(sharded[0], tmp_path / "src"))
     out, changed = tmp_path / "out", tmp_path / "changed"
     for folder in (out, changed):
-        res = run_cli("patch", src, "-o", folder, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet", "--verbose")
+        res = run_cli("patch", src, "-o", folder, "--scan", sharded[1], "--recipe", "ffn-dampen", "--quiet",
+                      "--verbose")
         assert res.returncode == 0 and "sha256 of 2 source files and of their outputs is left to push" in res.stdout
     proc = push(hub_server, out, f"{hub_server.user}/plain")
     assert proc.returncode == 0, proc.stderr
