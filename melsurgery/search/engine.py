@@ -267,8 +267,8 @@ class Evaluator:
         keep = counts > 0
         b, p, diff = paired_changes((base.nll[keep], base.plain[keep]), (nll[keep], plain[keep]), counts[keep])
         return replace(fig, payoff_base=b.value, payoff_patched=p.value, payoff_removed=-diff.value,
-                       payoff_low=math.nan if diff.high is None else -diff.high,
-                       payoff_high=math.nan if diff.low is None else -diff.low)
+                       payoff_low=None if diff.high is None else -diff.high,
+                       payoff_high=None if diff.low is None else -diff.low)
 
     def _edited_rows_term(self, text: TextCache, normed: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
         """sum over the edited LM-head rows v of p_base(v) (z_patched(v) - W_v . n_patched): what the expected
