@@ -232,6 +232,7 @@ class Evaluator:
             if i >= self.cache_from:
                 inputs[i] = list(stream.states)
             run_layers(self.model, [stream], i, i + 1)
+        inputs[self.num_layers] = stream.states  # a trial that edits only the final norm or the head starts here
         return ArrangedBase(self.arrangement, inputs, self._arranged_nll(text, stream.states, [], []),
                             self._scored_sums(text, token_nll))
 
