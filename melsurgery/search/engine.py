@@ -18,7 +18,7 @@ recompute the base logits block by block instead (as verify does).
 A payoff objective (`search.records.OBJECTIVES`) adds one arrangement (`measure.definitions`: an evicting
 streaming window, or int8 activations) that changes the computation from layer 0 on. The base pass then also runs
 the base model under it once per text and caches its residual entering every cached layer (as much memory again
-as the plain cache: (layers from the ME Layer on) x tokens x hidden size x 4 bytes, 19 x 1024 x 576 x 4 = 45 MB
+as the plain cache: (layers from the ME Layer on + 1) x tokens x hidden size x 4 bytes, 20 x 1024 x 576 x 4 = 47 MB
 for SmolLM2-135M over two windows of 512 tokens) and its NLL per window; a trial runs one more stream, under the
 arrangement, from its first edited layer, and one more pass over the LM head.
 """
