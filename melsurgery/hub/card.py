@@ -157,7 +157,9 @@ def search_lines(search) -> list[str]:
     if payoff:
         span = ("" if f.get("payoff_low") is None else
                 f", 95% interval {f['payoff_low']:+.1f} to {f['payoff_high']:+.1f} over held-out windows")
-        lines.insert(-2, f"| {search.objective} penalty: perplexity change under the arrangement against the plain "
-                         f"forward (the objective; see docs/payoff.md) | {f['payoff_base']:+.1f}% | "
+        how = (f"first token evicted from a {st['payoff_window']}-key window" if "payoff_window" in st else
+               "int8 activations, one scale per tensor")
+        lines.insert(-2, f"| {search.objective} penalty: perplexity change with {how}, against the plain forward "
+                         f"(the objective; see docs/payoff.md) | {f['payoff_base']:+.1f}% | "
                          f"{f['payoff_patched']:+.1f}% ({f['payoff_removed']:+.1f} points removed{span}) |")
     return lines
