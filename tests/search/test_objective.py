@@ -79,3 +79,23 @@ def test_a_bad_objective_or_payoff_window_is_refused_in_one_line(planted, tmp_pa
     assert not (tmp_path / "a").exists()
     res = run_cli("patch", str(planted), "-o", str(tmp_path / "c"), "--recipe", "ffn-dampen", "--payoff-window", "32")
     assert res.returncode == 2 and "--payoff-window applies to a budgeted patch" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_budgeted_patch_for_the_payoff_says_what_it_optimised(planted, tmp_path):
+    """`patch --max-kl --objective evict`: the summary, the card and provenance name the objective and give its
+    held-out figure with its interval, and the written folder's re-measure (verify) agrees with the search's."""
+    import json
+
+    res = run_cli("patch", str(planted), "-o", str(tmp_path / "out"), "--max-kl", "0.05", "--objective", "evict",
+                  "--payoff-window", "32", "--trials", "3", "--windows", "2")
+    assert res.returncode == 0, res.stderr
+    search = json.loads((tmp_path / "out" / "provenance.json").read_text())["search"]
+    held = search["figures_heldout"]
+    assert search["objective"] == "evict" and search["study"]["payoff_window"] == 32
+    assert held["payoff_removed"] == pytest.approx(held["payoff_base"] - held["payoff_patched"])
+    assert held["payoff_low"] <= held["payoff_removed"] <= held["payoff_high"]
+    assert f"({held['payoff_removed']:+.1f} points removed" in res.stdout
+    assert f"{held['payoff_removed']:+.1f} points of evict penalty removed" in res.stdout  # verify's re-measure
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "first token evicted from a 32-key window" in card and "largest evict penalty removal" in card
