@@ -149,7 +149,7 @@ class PatchOptions:
 
 
 # options only a budgeted patch takes (their click parameter names)
-BUDGET_ONLY = ("objective", "trials", "timeout", "windows", "text", "heldout", "plot_path")
+BUDGET_ONLY = ("objective", "payoff_window", "trials", "timeout", "windows", "text", "heldout", "plot_path")
 
 
 @click.command(

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from melsurgery.commands.shared import finite_float
-from melsurgery.search.options import TRIALS, SearchOptions
+from melsurgery.search.options import PAYOFF_WINDOW, TRIALS, SearchOptions
 from melsurgery.search.records import OBJECTIVES
 
 
@@ -23,7 +23,11 @@ def search_flags(*, budget_default: float | None):
         click.option("--max-ppl-increase", type=float, callback=finite_float, default=None,
                      help="Budget: perplexity increase on held-out text, percent (alone or with --max-kl)."),
         click.option("--objective", type=click.Choice(list(OBJECTIVES)), default="sink", show_default=True,
-                     help="Reduction to maximise after the ME Layer: the sink score or the max/median ratio."),
+                     help="What to maximise: the reduction of the sink or the max/median ratio after the ME Layer, or "
+                          "the payoff penalty removed (percentage points of perplexity change): evict (streaming "
+                          "window, first token evicted) or int8 (per-tensor int8 activations)."),
+        click.option("--payoff-window", type=click.IntRange(min=1), default=PAYOFF_WINDOW, show_default=True,
+                     help="Streaming window of --objective evict (keys each query sees; scored on positions >= it)."),
         click.option("--trials", type=click.IntRange(min=1), default=None,
                      help=f"Trials the search study should hold (default {TRIALS}); a rerun continues it."),
         click.option("--timeout", type=float, callback=finite_float, default=None,
@@ -44,13 +48,14 @@ def search_flags(*, budget_default: float | None):
     return add
 
 
-SEARCH_FLAGS = ("max_kl", "max_ppl_increase", "objective", "trials", "timeout", "windows", "text", "heldout")
+SEARCH_FLAGS = ("max_kl", "max_ppl_increase", "objective", "payoff_window", "trials", "timeout", "windows", "text",
+                "heldout")
 
 
 def search_options(values: dict, recipes: tuple[str, ...], **extra) -> SearchOptions:
     """The options of the search flags' `values` (as click passes them), the recipes to search and any option only
     one command has (`extra`)."""
-    given = {k: values[k] for k in ("max_kl", "max_ppl_increase", "objective", "timeout", "windows")}
+    given = {k: values[k] for k in ("max_kl", "max_ppl_increase", "objective", "payoff_window", "timeout", "windows")}
     if values.get("trials") is not None:
         given["trials"] = values["trials"]
     return SearchOptions(recipes=tuple(recipes), **given, **extra)

@@ -186,19 +186,30 @@ def search_lines(search) -> list[str]:
     f, t = search.figures_heldout, search.figures_tuning
     held = (f"{_inline(ho['text'])}, {count(ho['windows'], 'window')} of up to {ho['max_tokens']} tokens "
             f"({count(ho['tokens'], 'token')})")
-    return ["", "## How this patch was chosen", "",
-            f"`melsurgery patch --max-kl` searched {count(st['trials'], 'setting')} of "
-            f"{', '.join(search.space['recipes'])} "
-            f"and their compositions (Optuna {st['sampler']}, seed {st['seed']}) on a tuning text "
-            f"({_inline(tu['text'])}, {count(tu['windows'], 'window')}, {count(tu['tokens'], 'token')}), "
-            "re-measured the "
-            f"{st['candidates']} largest sink cuts within {st['slack']:g}x the budget on held-out text ({held}), and "
-            f"chose trial #{search.trial}: the largest sink cut whose held-out figures are within the budget "
-            f"({budget}).",
-            "", "| figure (held-out text) | base | patched |", "|---|---|---|",
-            f"| attention sink, mean over layers {search.sink_layers} (after the ME Layer) | {f['sink_base']:.3f} | "
-            f"{f['sink_patched']:.3f} ({change_text(f['sink_reduction_pct'])}) |",
-            f"| KL(base \\|\\| patched), mean per scored token | 0 | {f['kl_mean']:.4f} |",
-            f"| perplexity | {f['ppl_base']:.2f} | {f['ppl_patched']:.2f} ({f['ppl_increase_pct']:+.1f}%) |", "",
-            f"On the tuning text the same setting measured sink {change_text(t['sink_reduction_pct'])} at KL "
-            f"{t['kl_mean']:.4f}. Computed in {search.compute['dtype']} on {search.compute['device']}."]
+    payoff = search.objective not in ("sink", "ratio")
+    aim = f"{search.objective} penalty removal" if payoff else "sink cut"
+    lines = ["", "## How this patch was chosen", "",
+             f"`melsurgery patch --max-kl` searched {count(st['trials'], 'setting')} of "
+             f"{', '.join(search.space['recipes'])} "
+             f"and their compositions (Optuna {st['sampler']}, seed {st['seed']}) on a tuning text "
+             f"({_inline(tu['text'])}, {count(tu['windows'], 'window')}, {count(tu['tokens'], 'token')}), "
+             "re-measured the "
+             f"{st['candidates']} largest {aim}s within {st['slack']:g}x the budget on held-out text ({held}), and "
+             f"chose trial #{search.trial}: the largest {aim} whose held-out figures are within the budget "
+             f"({budget}).",
+             "", "| figure (held-out text) | base | patched |", "|---|---|---|",
+             f"| attention sink, mean over layers {search.sink_layers} (after the ME Layer) | {f['sink_base']:.3f} | "
+             f"{f['sink_patched']:.3f} ({change_text(f['sink_reduction_pct'])}) |",
+             f"| KL(base \\|\\| patched), mean per scored token | 0 | {f['kl_mean']:.4f} |",
+             f"| perplexity | {f['ppl_base']:.2f} | {f['ppl_patched']:.2f} ({f['ppl_increase_pct']:+.1f}%) |", "",
+             f"On the tuning text the same setting measured sink {change_text(t['sink_reduction_pct'])} at KL "
+             f"{t['kl_mean']:.4f}. Computed in {search.compute['dtype']} on {search.compute['device']}."]
+    if payoff:
+        span = ("" if f.get("payoff_low") is None else
+                f", 95% interval {f['payoff_low']:+.1f} to {f['payoff_high']:+.1f} over held-out windows")
+        how = (f"first token evicted from a {st['payoff_window']}-key window" if "payoff_window" in st else
+               "int8 activations, one scale per tensor")
+        lines.insert(-2, f"| {search.objective} penalty: perplexity change with {how}, against the plain forward "
+                         f"(the objective; see docs/payoff.md) | {f['payoff_base']:+.1f}% | "
+                         f"{f['payoff_patched']:+.1f}% ({f['payoff_removed']:+.1f} points removed{span}) |")
+    return lines

@@ -125,8 +125,9 @@ def plot_verify(result: dict, path: Path, *, base: str = "base", patched: str = 
 def plot_tune(data: dict, path: Path) -> None:
     """Every trial's cut against its KL (log scale), the Pareto front, the budget and the defaults."""
     plt = _pyplot()
-    key = "sink_reduction_pct" if data["objective"] == "sink" else "ratio_reduction_pct"
-    label = "sink" if data["objective"] == "sink" else "max/median ratio"
+    key, label = {"sink": ("sink_reduction_pct", "sink cut after the ME Layer (%; below 0: it rose)"),
+                  "ratio": ("ratio_reduction_pct", "max/median ratio cut after the ME Layer (%; below 0: it rose)")
+                  }.get(data["objective"], ("payoff_removed", f"{data['objective']} penalty removed (points)"))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     trials = {t["number"]: t["figures"] for t in data["trials"]}
     floor = 1e-6
@@ -150,7 +151,7 @@ def plot_tune(data: dict, path: Path) -> None:
         ax.axvline(data["budget"]["max_kl"], color="tab:green", ls="--", lw=1, label="--max-kl")
     ax.set_xscale("log")
     ax.set_xlabel("KL(base || patched) per token, tuning text")
-    ax.set_ylabel(f"{label} cut after the ME Layer (%; below 0: it rose)")
+    ax.set_ylabel(label)
     ax.set_title(f"melsurgery tune: {data['model']['id']}", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -25,7 +25,7 @@ from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import BudgetNotMet
 from melsurgery.formats.wording import change_text, count
 from melsurgery.search.options import SearchOptions
-from melsurgery.search.records import Measured, pairs
+from melsurgery.search.records import Measured, pairs, payoff_text
 from melsurgery.search.session import SLACK, Choice, SearchSession, cache_folder, fingerprint, read_texts, text_sha
 
 
@@ -66,7 +66,8 @@ class BudgetChoice:
             space=s.space.to_dict(),
             study={"storage": str(s.folder / "study.journal"), "trials": self.trials, "ran": s.ran,
                    "limit": opts.trials, "timeout": opts.timeout, "seed": opts.seed, "sampler": "TPE (optuna)",
-                   "candidates": len(self.choice.candidates), "slack": SLACK},
+                   "candidates": len(self.choice.candidates), "slack": SLACK,
+                   **({"payoff_window": opts.payoff_window} if opts.objective == "evict" else {})},
             tuning={"text": t.tune_name, "windows": len(t.tune.ids), "tokens": t.tune_tokens,
                     "max_tokens": opts.max_tokens},
             heldout={"text": t.held_name, "windows": len(t.held.ids), "tokens": t.held_tokens,
@@ -100,17 +101,19 @@ def search_budget(source: Source, opts: SearchOptions, *, scan: ScanResult | Non
 
 
 def refusal(found: BudgetChoice) -> BudgetNotMet:
-    """The one line that says nothing in the space cuts the sink within the budget (exit 4, nothing written)."""
-
-
+    """The one line that says nothing in the space cuts the sink (or lowers the payoff penalty) within the budget
+    (exit 4, nothing written)."""
     cands, s = found.choice.candidates, found.session
-    best = max(cands, key=lambda c: c.heldout.sink_reduction_pct, default=None)
+    goal = s.opts.goal
+    best = max(cands, key=lambda c: goal.of(c.heldout), default=None)
     near = ""
     if best is not None:
-        near = (f"; the largest held-out cut among the {len(cands)} re-measured settings is "
-                f"{best.heldout.sink_reduction_pct:.1f}% at KL {best.heldout.kl_mean:.4f}")
+        near = (f"; the largest held-out {'removal' if goal.arrangement else 'cut'} among the {len(cands)} "
+                f"re-measured settings is {goal.of(best.heldout):.1f}{' points' if goal.arrangement else '%'} at KL "
+                f"{best.heldout.kl_mean:.4f}")
+    does = f"lowers the {goal.label}" if goal.arrangement else "cuts the sink"
     return BudgetNotMet(f"no setting of the search space ({count(found.trials, 'trial')} over "
-                        f"{', '.join(r.name for r in s.space.recipes)}) cuts the sink within {s.opts.describe()} "
+                        f"{', '.join(r.name for r in s.space.recipes)}) {does} within {s.opts.describe()} "
                         f"on held-out text{near}; nothing written (raise the budget or --trials)")
 
 
@@ -121,6 +124,7 @@ class Recheck:
     kl_mean: float
     sink_reduction_pct: float
     ppl_patched: float
+    payoff_removed: float  # the objective's penalty removed (points; NaN unless the objective is a payoff)
     agrees: bool  # within REL_AGREE of the search's figures, and within the budget
     within: bool  # the written checkpoint's KL (and perplexity) within the budget
 
@@ -138,14 +142,16 @@ def recheck(found: BudgetChoice, out: Path) -> Recheck:
     held = s.folder / "heldout.txt"
     write_atomic(held, s.texts.held_raw)
     v = run_verify(s.source.folder, out, text=held, max_tokens=s.opts.max_tokens, max_windows=s.opts.windows,
-                   device=s.device, dtype=s.dtype, generations=0)
+                   device=s.device, dtype=s.dtype, generations=0, payoff_window=s.opts.payoff_window)
     cut = (100 * (1 - v.sink_mean_patched / v.sink_mean_base) if v.sink_mean_base and v.sink_mean_patched is not None
            else math.nan)
     ppl_increase = 100 * (v.ppl_patched / v.ppl_base - 1)
     within = ((s.opts.max_kl is None or v.kl_mean <= s.opts.max_kl)
               and (s.opts.max_ppl_increase is None or ppl_increase <= s.opts.max_ppl_increase))
     agrees = within and abs(v.kl_mean - h.kl_mean) <= REL_AGREE * max(h.kl_mean, 1e-12)
-    return Recheck(v.kl_mean, cut, v.ppl_patched, agrees, within)
+    arranged = s.opts.arrangement
+    payoff = next((-p.difference_pp for p in v.payoff if arranged and p.name == arranged.name), math.nan)
+    return Recheck(v.kl_mean, cut, v.ppl_patched, payoff, agrees, within)
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,7 @@ def budget_report(done: BudgetedPatch) -> str:
 
     found, ch, r = done.found, done.found.chosen, done.recheck
     s, t, h = found.session, found.session.texts, ch.heldout
+    goal = s.opts.goal
     lines = []
     if not r.agrees:
         lines.append(f"WARNING: the written checkpoint measures KL {r.kl_mean:.4f} on the held-out windows, where the "
@@ -228,6 +235,10 @@ def budget_report(done: BudgetedPatch) -> str:
         f"KL(base || patched) {h.kl_mean:.4f} per token ({spread_text(h)}); perplexity {h.ppl_base:.2f} -> "
         f"{h.ppl_patched:.2f} ({h.ppl_increase_pct:+.1f}%)",
         f"written checkpoint, re-measured on the same held-out windows: KL {r.kl_mean:.4f}, sink "
-        f"{change_text(r.sink_reduction_pct)}, perplexity {r.ppl_patched:.2f}",
+        f"{change_text(r.sink_reduction_pct)}, perplexity {r.ppl_patched:.2f}"
+        + (f", {r.payoff_removed:+.1f} points of {goal.label} removed" if goal.arrangement else ""),
     ]
+    if goal.arrangement:
+        lines.insert(-2, f"objective: {goal.name}, the {goal.label} removed (perplexity change under "
+                         f"{goal.arrangement} against the plain forward, base minus patched): {payoff_text(h, goal)}")
     return "\n".join(lines)

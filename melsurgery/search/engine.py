@@ -17,12 +17,19 @@ only the base log-sum-exp, the final-normed state n_b and the expected head row 
 Where the logits are linear in the final-normed state (z = W n, no soft-capping),
 KL(base || patched) = lse_p - lse_b - mu_b . (n_p - n_b) exactly; models with soft-capped logits
 recompute the base logits block by block instead (as verify does).
+
+A payoff objective (`search.records.OBJECTIVES`) adds one arrangement (`measure.definitions`: an evicting
+streaming window, or int8 activations) that changes the computation from layer 0 on. The base pass then also runs
+the base model under it once per text and caches its residual entering every cached layer (as much memory again
+as the plain cache: (layers from the ME Layer on + 1) x tokens x hidden size x 4 bytes, 20 x 1024 x 576 x 4 = 47 MB
+for SmolLM2-135M over two windows of 512 tokens) and its NLL per window; a trial runs one more stream, under the
+arrangement, from its first edited layer, and one more pass over the LM head.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,8 +42,9 @@ from melsurgery.checkpoint.source import Source
 from melsurgery.checkpoint.validate import check_finite
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
-from melsurgery.measure.definitions import find_massive, layer_stats, sink, top_k_for
+from melsurgery.measure.definitions import Arrangement, find_massive, layer_stats, paired_changes, sink, top_k_for
 from melsurgery.measure.logsoftmax import OnlineKL, OnlineLogSoftmax
+from melsurgery.measure.payoff import Scored, arranged_stream
 from melsurgery.measure.probes import Probe
 from melsurgery.measure.verify import free_memory
 from melsurgery.recipes import RecipePlan, plan_recipes, require_me
@@ -52,6 +60,18 @@ def _mean(values: list) -> float:
 
 
 # --- Data between stages ---
+
+@dataclass
+class ArrangedBase:
+    """The base model under a payoff arrangement on one text: the residual entering every cached layer (keys as in
+    `TextCache.inputs`) and, per window, the NLL sums over the arrangement's scored positions of the arranged and the
+    plain forward."""
+
+    arrangement: Arrangement
+    inputs: dict[int, list[torch.Tensor]]
+    nll: torch.Tensor
+    plain: torch.Tensor
+
 
 @dataclass
 class TextCache:
@@ -73,6 +93,7 @@ class TextCache:
     mean_row: torch.Tensor | None
     targets: torch.Tensor
     nll: float
+    arranged: ArrangedBase | None = None
 
     @property
     def size(self) -> int:
@@ -109,7 +130,7 @@ class Evaluator:
 
     def __init__(self, source: Source, scan: ScanResult, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_from: int | None = None,
-                 resident: bool | None = None) -> None:
+                 resident: bool | None = None, arrangement: Arrangement | None = None) -> None:
         self.ckpt = Checkpoint(source.folder)
         self.family: Family = family_for(self.ckpt.config)
         self.scan = scan
@@ -121,6 +142,7 @@ class Evaluator:
         # the residuals a trial may start from: by default those entering the ME Layer and every later layer
         self.cache_from = self.me if cache_from is None else cache_from
         self.linear_head = not getattr(self.model.config, "final_logit_softcapping", None)
+        self.arrangement = arrangement  # the payoff objective's arrangement (None: no payoff figures)
         # `resident`: hold the layers a trial reruns and the LM head in memory (None: when they fit the budget)
         self.resident = self.resident_bytes() <= RESIDENT_SHARE * free_memory(device) if resident is None else resident
         self._head_rows: torch.Tensor | None = None
@@ -156,7 +178,10 @@ class Evaluator:
         head = self._head(normed, targets, [], mean_row=self.linear_head)
         tokens = find_massive(stats, self.params).tokens
         nll = float((head.lse - head.target).sum())
-        return TextCache(name, windows, first, inputs, stats, tokens, normed, head.lse, head.mean_row, targets, nll)
+        text = TextCache(name, windows, first, inputs, stats, tokens, normed, head.lse, head.mean_row, targets, nll)
+        if self.arrangement is not None:
+            text.arranged = self._arranged_base(text, head.lse - head.target)
+        return text
 
     def run(self, text: TextCache, plans: list[RecipePlan]) -> Figures:
         """The figures of `plans` on `text`, rerunning only the layers from the first one they edit."""
@@ -168,7 +193,8 @@ class Evaluator:
         by_layer = self._edits_by_layer([e for e in edits if e not in embed + norm + head])
         touched = set(by_layer) | set(spec.layers if spec else ())
         if not (touched or embed or norm or head):
-            return self._figures(text, text.stats, torch.zeros(text.scored, dtype=torch.float64), text.nll)
+            fig = self._figures(text, text.stats, torch.zeros(text.scored, dtype=torch.float64), text.nll)
+            return self._with_payoff(text, fig, *(text.arranged.nll, text.arranged.plain) if text.arranged else ())
         start = 0 if embed else min(touched, default=self.num_layers)
         if start in text.inputs:
             states = list(text.inputs[start])
@@ -194,7 +220,9 @@ class Evaluator:
             stats.append(layer_stats(i, outs, k, probe.key_attention))
 
         stream = Stream(states, edits=edited, wemask=spec.to_config() if spec else None)
-        run_layers(self.model, [stream], start, probe=lambda layer: Probe(layer, self.family), observe=observe)
+        arranged = self._arranged_trial(text, start, embed, stream)
+        run_layers(self.model, [stream, *arranged], start, probe=lambda layer: Probe(layer, self.family),
+                   observe=observe)
         normed = self._normed(stream.states, text.first, norm)
         # the base's expected head row stands for its logits only while the head is the same matrix, or differs
         # in a few rows (corrected below); soft-capped logits and column edits recompute the base logits instead
@@ -206,7 +234,60 @@ class Evaluator:
         else:
             kl = out.kl
         nll_p = float((out.lse - out.target).sum())
-        return self._figures(text, stats, kl.clamp(min=0), nll_p)
+        fig = self._figures(text, stats, kl.clamp(min=0), nll_p)
+        if not arranged:
+            return fig
+        return self._with_payoff(text, fig, self._arranged_nll(text, arranged[0].states, norm, head),
+                                 self._scored_sums(text, out.lse - out.target))
+
+    # --- the payoff objective: the same trial under its arrangement ---
+
+    def _arranged_base(self, text: TextCache, token_nll: torch.Tensor) -> ArrangedBase:
+        """The base model under the arrangement, from layer 0 (once per text): inputs of the cached layers, NLL."""
+        stream = arranged_stream(self.arrangement, self.model.embed(text.windows))
+        inputs: dict[int, list[torch.Tensor]] = {}
+        for i in range(self.num_layers):
+            if i >= self.cache_from:
+                inputs[i] = list(stream.states)
+            run_layers(self.model, [stream], i, i + 1)
+        inputs[self.num_layers] = stream.states  # a trial that edits only the final norm or the head starts here
+        return ArrangedBase(self.arrangement, inputs, self._arranged_nll(text, stream.states, [], []),
+                            self._scored_sums(text, token_nll))
+
+    def _arranged_trial(self, text: TextCache, start: int, embed: list[Edit], plain: Stream) -> list[Stream]:
+        """The trial's stream under the arrangement (the plain stream's edits and WeMask), from `start`: none when
+        the objective is no payoff."""
+        base = text.arranged
+        if base is None:
+            return []
+        states = base.inputs[start] if start in base.inputs and not embed else self.model.embed(text.windows,
+                                                                                                  edits=embed)
+        return [arranged_stream(base.arrangement, states, plain.edits, plain.wemask)]
+
+    def _scored_sums(self, text: TextCache, token_nll: torch.Tensor) -> torch.Tensor:
+        """Per-window NLL sums [windows] over the arrangement's scored positions, from NLL per scored token."""
+        return Scored(text.windows, text.first).select(token_nll.cpu(), self.arrangement.first_scored())
+
+    def _arranged_nll(self, text: TextCache, states: list[torch.Tensor], norm: list[Edit],
+                      head: list[Edit]) -> torch.Tensor:
+        """Per-window NLL sums of final states run under the arrangement (with the trial's norm and head edits)."""
+        out = self._head(self._normed(states, text.first, norm), text.targets, head)
+        return self._scored_sums(text, out.lse - out.target)
+
+    def _with_payoff(self, text: TextCache, fig: Figures, nll: torch.Tensor | None = None,
+                     plain: torch.Tensor | None = None) -> Figures:
+        """`fig` with the payoff figures of a trial whose arranged and plain per-window NLL sums are `nll`, `plain`
+        (as `verify` computes them: `measure.definitions.paired_changes`); `fig` itself without a payoff."""
+        base = text.arranged
+        if base is None or nll is None or plain is None:
+            return fig
+        counts = torch.tensor(Scored(text.windows, text.first).counts(base.arrangement.first_scored()),
+                              dtype=torch.float64)
+        keep = counts > 0
+        b, p, diff = paired_changes((base.nll[keep], base.plain[keep]), (nll[keep], plain[keep]), counts[keep])
+        return replace(fig, payoff_base=b.value, payoff_patched=p.value, payoff_removed=-diff.value,
+                       payoff_low=None if diff.high is None else -diff.high,
+                       payoff_high=None if diff.low is None else -diff.low)
 
     def _edited_rows_term(self, text: TextCache, normed: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
         """sum over the edited LM-head rows v of p_base(v) (z_patched(v) - W_v . n_patched): what the expected

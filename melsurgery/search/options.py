@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass
 
 from melsurgery.errors import UserError
+from melsurgery.measure.definitions import Arrangement, arrangements
 from melsurgery.recipes import registry
 from melsurgery.search.records import Budget, Objective, objective
 
 TRIALS = 40  # trials a study holds by default (a rerun with more continues it)
+PAYOFF_WINDOW = 64  # the evict objective's streaming window (keys each query sees), as verify's default
 CANDIDATES = 6  # settings re-measured on held-out text per budget
 SEEDS = 2**32  # the samplers take seeds in [0, 2^32)
 
@@ -26,8 +28,8 @@ class SearchOptions:
     `recipes`: the recipes composed (empty: every recipe the search can vary); `windows`: at most this many windows
     of `max_tokens` tokens of each text; `candidates`: the settings that cut the sink most within twice the budget on
     the tuning text, re-measured on the held-out text, where the choice is made; `storage`: an Optuna storage URL
-    (None: the search folder's journal). No budget (both limits None) maps the whole trade-off (the front
-    script)."""
+    (None: the search folder's journal); `payoff_window`: the streaming window of the evict objective. No budget
+    (both limits None) maps the whole trade-off (the front script)."""
 
     recipes: tuple[str, ...] = ()
     objective: str = "sink"
@@ -40,6 +42,7 @@ class SearchOptions:
     windows: int | None = None
     candidates: int = CANDIDATES
     storage: str | None = None
+    payoff_window: int = PAYOFF_WINDOW
 
     def __post_init__(self) -> None:
         validate(self)
@@ -53,6 +56,12 @@ class SearchOptions:
     def goal(self) -> Objective:
         """What the study maximises."""
         return objective(self.objective)
+
+    @property
+    def arrangement(self) -> Arrangement | None:
+        """The arrangement whose payoff penalty the objective removes (None: the sink or the ratio)."""
+        name = self.goal.arrangement
+        return next(a for a in arrangements(self.payoff_window) if a.name == name) if name else None
 
     @property
     def searched(self) -> tuple[str, ...]:
@@ -107,6 +116,9 @@ def validate(opts: SearchOptions) -> SearchOptions:
         raise UserError(f"--seed {opts.seed}: must lie in [0, {SEEDS - 1}]")
     if opts.max_tokens < 8:
         raise UserError(f"--max-tokens {opts.max_tokens}: must be at least 8")
+    if opts.payoff_window < 1 or (opts.objective == "evict" and opts.payoff_window >= opts.max_tokens - 1):
+        raise UserError(f"--payoff-window {opts.payoff_window}: windows of {opts.max_tokens} tokens leave no position "
+                        ">= it to score; use a smaller window (or a larger --max-tokens)")
     if opts.windows is not None and opts.windows < 1:
         raise UserError(f"--windows {opts.windows}: must be at least 1")
     if opts.storage:

@@ -4,6 +4,11 @@ A setting (`Setting`, a tuple of `RecipeChoice`) goes unchanged from the sampler
 record, the held-out re-measure, the manifest and the provenance record. `Figures` is what a setting does
 to one text. An objective names the figure a study maximises: a new one (a payoff measure, once `Figures`
 carries it as an optional field) joins by one entry of `OBJECTIVES`.
+
+The payoff objectives (`evict`, `int8`) maximise the *penalty removed*: the base model's payoff penalty minus the
+patched one, in percentage points of perplexity change, each penalty the change of `measure.definitions` (the
+arrangement's perplexity relative to the same model's plain forward on the same scored tokens). A base evict
+penalty of +488% cut to +421% scores 67 points; a setting that worsens the penalty scores below zero.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from melsurgery.errors import UserError
 from melsurgery.formats.typed import Need, load
 
 NAN = {"nan": True}  # a figure written as null (not a number) reads back as NaN
+PAYOFF = {"omit_none": True}  # a payoff figure: None unless the objective is a payoff
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,9 @@ class Figures:
     `sink_*`: the sink (measure.definitions) averaged over the layers after the ME Layer; `*_reduction_pct`: the
     cut in percent of the base (negative: the setting raised it); `kl_mean`: KL(base || patched) per scored token;
     `kl_windows`: the same per window (its spread says how far the mean can be trusted); `tokens`: the tokens the
-    model ran over."""
+    model ran over. `payoff_*` (None unless the search's objective is a payoff): the objective's penalty (percent
+    perplexity change under its arrangement) of base and patched, the penalty removed (base minus patched,
+    percentage points) and its paired 95% bootstrap interval over windows (None with one window)."""
 
     sink_base: float = field(metadata=NAN)
     sink_patched: float = field(metadata=NAN)
@@ -60,11 +68,17 @@ class Figures:
     ppl_increase_pct: float = field(metadata=NAN)
     tokens: int
     kl_windows: tuple[float, ...] = ()
+    payoff_base: float | None = field(default=None, metadata=PAYOFF)
+    payoff_patched: float | None = field(default=None, metadata=PAYOFF)
+    payoff_removed: float | None = field(default=None, metadata=PAYOFF)
+    payoff_low: float | None = field(default=None, metadata=PAYOFF)
+    payoff_high: float | None = field(default=None, metadata=PAYOFF)
 
     def finite(self) -> bool:
         """Whether every figure the search compares is a number (a broken trial is pruned, not ranked)."""
         return all(math.isfinite(x) for x in (self.sink_patched, self.kl_mean, self.ppl_patched, self.ratio_patched,
-                                              self.sink_reduction_pct, self.ratio_reduction_pct, self.ppl_increase_pct))
+                                              self.sink_reduction_pct, self.ratio_reduction_pct, self.ppl_increase_pct,
+                                              0.0 if self.payoff_removed is None else self.payoff_removed))
 
     def plausible(self, tokens: int) -> bool:
         """Whether figures read from a cache can be what a measurement of `tokens` tokens gave: every figure in its
@@ -102,19 +116,33 @@ class Figures:
 
 @dataclass(frozen=True)
 class Objective:
-    """What a study maximises: one figure of `Figures`, and how reports name it."""
+    """What a study maximises: one figure of `Figures`, and how reports name it. `arrangement`: the payoff
+    arrangement (`measure.definitions.arrangements`) whose penalty a payoff objective removes; None for the sink and
+    the ratio."""
 
     name: str
     figure: str
     label: str
+    arrangement: str | None = None
 
     def of(self, fig: Figures) -> float:
-        """The figure maximised, in percent."""
-        return getattr(fig, self.figure)
+        """The figure maximised, in percent (a payoff: percentage points; NaN where the figures carry none)."""
+        value = getattr(fig, self.figure)
+        return math.nan if value is None else value
 
 
 OBJECTIVES = {o.name: o for o in (Objective("sink", "sink_reduction_pct", "sink"),
-                                  Objective("ratio", "ratio_reduction_pct", "max/median ratio"))}
+                                  Objective("ratio", "ratio_reduction_pct", "max/median ratio"),
+                                  Objective("evict", "payoff_removed", "evict penalty", "evict"),
+                                  Objective("int8", "payoff_removed", "int8 penalty", "int8-tensor"))}
+
+
+def payoff_text(fig: Figures, goal: Objective) -> str:
+    """A payoff objective's figures as reports print them: the penalty of base and patched (perplexity change under
+    the arrangement) and the points removed, with its 95% interval over windows where there is one."""
+    span = "" if fig.payoff_low is None else f", 95% interval {fig.payoff_low:+.1f} to {fig.payoff_high:+.1f}"
+    return (f"{goal.label} {fig.payoff_base:+.1f}% -> {fig.payoff_patched:+.1f}% ({fig.payoff_removed:+.1f} points "
+            f"removed{span})")
 
 
 def objective(name: str) -> Objective:

@@ -127,7 +127,8 @@ def fingerprint(source: Source, opts: SearchOptions, texts: Texts, calibration, 
     """What a study is of (the same in every driver): the model's content, the space, the tuning text, the settings."""
     return {"model": model_fingerprint(source.folder), "recipes": list(opts.searched), "objective": opts.objective,
             "text": text_sha(texts.tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,
-            "dtype": str(dtype), "calibration": str(asdict(calibration)), "detection": asdict(detection)}
+            "dtype": str(dtype), "calibration": str(asdict(calibration)), "detection": asdict(detection),
+            **({"payoff_window": opts.payoff_window} if opts.objective == "evict" else {})}
 
 
 def digest(data: dict) -> str:
@@ -266,7 +267,7 @@ class SearchSession:
             if not self.study.get_trials(deepcopy=False):  # new: from the defaults and late-layer variants
                 for start in self.space.starts():
                     self.study.enqueue_trial(start)
-        self.evaluator = Evaluator(source, self.scan, device=device, dtype=dtype)
+        self.evaluator = Evaluator(source, self.scan, device=device, dtype=dtype, arrangement=opts.arrangement)
         self.cache = HeldOutCache(self.folder, digest({**self.fingerprint, "heldout": text_sha(texts.held_raw)}),
                                   texts.held_tokens)
         self._passes: dict[str, TextCache] = {}

@@ -191,8 +191,9 @@ def run_trials(study, objective_fn, trials: int, *, timeout: float | None, goal:
         if best:
             f = best.figures
             within = "within the budget " if budget.max_kl or budget.max_ppl_increase else ""
-            bar.set_postfix_str(f"largest cut {within}#{best.number}: {goal.name} "
-                                f"{change_text(goal.of(f))}, KL {f.kl_mean:.4f}")
+            figure = f"{goal.of(f):+.1f} points removed" if goal.arrangement else change_text(goal.of(f))
+            bar.set_postfix_str(f"largest {'removal' if goal.arrangement else 'cut'} {within}#{best.number}: "
+                                f"{goal.label if goal.arrangement else goal.name} {figure}, KL {f.kl_mean:.4f}")
 
     states = tuple(s for s in optuna.trial.TrialState if s.is_finished())
     refine = refine_share(trials, budget) if space is not None else 0

@@ -31,6 +31,7 @@ from melsurgery.search.records import (
     TrialRecord,
     pairs,
     pareto_front,
+    payoff_text,
 )
 from melsurgery.search.session import SearchSession, Texts, read_texts
 from melsurgery.search.space import setting_text
@@ -195,10 +196,13 @@ def figures_row(label: str, fig: Figures, objective: str, recipes: tuple[RecipeC
     """One line of figures: the objective base -> patched with its change worded honestly, KL, perplexity."""
     from melsurgery.formats.wording import change_text
 
+    goal, what = OBJECTIVES[objective], setting_text(recipes)
+    if goal.arrangement:
+        return (f"  {label:<22} {payoff_text(fig, goal)}  KL {fig.kl_mean:.4f}  ppl {fig.ppl_base:.2f} -> "
+                f"{fig.ppl_patched:.2f}  {what}")
     sink = objective == "sink"
     base, patched = (fig.sink_base, fig.sink_patched) if sink else (fig.ratio_base, fig.ratio_patched)
-    change = change_text(OBJECTIVES[objective].of(fig))
-    what = setting_text(recipes)
+    change = change_text(goal.of(fig))
     return (f"  {label:<22} {base:>8.3f} -> {patched:<8.3f} {change:<16} KL {fig.kl_mean:.4f}  "
             f"ppl {fig.ppl_base:.2f} -> {fig.ppl_patched:.2f}  {what}")
 
@@ -208,14 +212,18 @@ def tune_report(result: TuneResult) -> str:
     from melsurgery.formats.wording import count
 
     w = result.workload
-    what = OBJECTIVES[result.objective].label
+    goal = OBJECTIVES[result.objective]
+    what = goal.label
     n = result.scan.model.num_layers if result.scan else None
     layers = f"layers {result.me_layer + 1}-{n - 1}" if n else f"layers {result.me_layer + 1}+"
     lines = [f"study: {count(result.study['trials'], 'trial')} ({result.ran} run now) in {result.study['storage']}",
              f"tuning text: {w.tuning.text}, {count(w.tuning.windows, 'window')}, {w.tuning.tokens} tokens; "
              f"held-out: {w.heldout.text}, {count(w.heldout.windows, 'window')}, {w.heldout.tokens} tokens",
              f"ME Layer {result.me_layer}; {what} = mean over {layers} (after the ME Layer), on the held-out text "
-             "(base -> patched, change), KL(base || patched) per token, perplexity:", ""]
+             "(base -> patched, change), KL(base || patched) per token, perplexity:" if not goal.arrangement else
+             f"ME Layer {result.me_layer}; {what} = perplexity change under {goal.arrangement} against the plain "
+             "forward, on the held-out text (base -> patched, points removed), KL(base || patched) per token, "
+             "perplexity:", ""]
     for m in result.defaults:
         name = m.recipes[0].name
         lines.append(f"  default {name}: {m.error}" if m.error else
@@ -224,9 +232,11 @@ def tune_report(result: TuneResult) -> str:
         lines.append(figures_row(f"KL <= {b} (#{m.trial})", m.heldout, result.objective, m.recipes))
     lines.append("")
     if result.chosen:
-        lines.append(f"chosen: trial #{result.chosen.trial} (largest held-out {what} cut within the budget) "
+        lines.append(f"chosen: trial #{result.chosen.trial} (largest held-out {what} "
+                     f"{'removal' if goal.arrangement else 'cut'} within the budget) "
                      f"-> {(result.run_dir or Path('.')) / 'best.yaml'}")
     else:
-        lines.append("no trial cuts the sink within the budget: loosen --max-kl / --max-ppl-increase or run more "
+        lines.append(f"no trial {'lowers the ' + what if goal.arrangement else 'cuts the sink'} within the budget: "
+                     "loosen --max-kl / --max-ppl-increase or run more "
                      "--trials")
     return "\n".join(lines)
