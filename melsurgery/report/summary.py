@@ -39,7 +39,8 @@ def scan_takeaway(r: ScanResult, model: str, files: tuple[str, ...]) -> Summary:
     positions = sorted({t.pos for t in r.token_summary})
     where = f"position {positions[0]}" if len(positions) == 1 else f"positions {', '.join(map(str, positions))}"
     neurons = sorted({n.neuron for n in r.ffn_neurons})
-    writers = f", written by FFN {count(len(neurons), 'neuron')} {', '.join(map(str, neurons[:4]))}" if neurons else ""
+    writers = (f", written by FFN neuron{'s' if len(neurons) > 1 else ''} {', '.join(map(str, neurons[:4]))}"
+               if neurons else "")
     sink = (f"; later layers put {r.sink_after_me:.0%} of their attention on it (the attention sink)"
             if r.sink_after_me is not None else "")
     dims = ", ".join(map(str, r.massive_dims))
