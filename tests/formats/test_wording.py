@@ -35,6 +35,7 @@ NOT_A_COUNT = {
     ("search/budget.py", "t.held_tokens"),
     ("search/budget.py", "s.opts.max_tokens"),  # window lengths: 8 at least
     ("search/session.py", "max_tokens"),
+    ("search/options.py", "opts.max_tokens"),
 }
 PLURAL = re.compile(r"^ ([a-z]+)\b")
 
