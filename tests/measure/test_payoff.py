@@ -170,7 +170,7 @@ def test_cli_prints_the_payoff_and_its_json_round_trips(planted, planted_scan, t
     assert evict.base_interval[0] <= evict.base_pct <= evict.base_interval[1]
     assert math.isclose(evict.difference_pp, evict.patched_pct - evict.base_pct, abs_tol=1e-9)
     res = run_cli(*args, "--no-payoff")
-    assert res.returncode == 0 and "payoff" not in res.stdout
+    assert res.returncode == 0 and "payoff:" not in res.stdout
     res = run_cli(*args, "--payoff-window", "63")
     assert res.returncode == 2 and "--payoff-window 63" in res.stderr and "Traceback" not in res.stderr
 

@@ -23,7 +23,7 @@ VERIFY_JSON_KEYS = [
     "similarity_base", "sink_patched", "sink_rate_patched", "max_abs_patched", "ratio_patched", "similarity_patched",
     "ppl_increase_pct", "sink_layers_from", "sink_mean_base", "sink_mean_patched", "sink_reduction_pct",
     "sink_rate_mean_base", "sink_rate_mean_patched", "similarity_mean_base", "similarity_mean_patched", "weights",
-    "no_effect", "generations", "generations_note", "seconds", "payoff"]
+    "no_effect", "generations", "generations_note", "seconds", "payoff", "tasks"]
 
 
 

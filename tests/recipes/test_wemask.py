@@ -132,7 +132,7 @@ def test_sink_attribution_finds_the_dims_that_drive_the_sink(sink, tmp_path):
         assert all(d.dim != PLANT.dim for d in s.dims[:3])  # the keys ignore the massive dim
     assert [s.layer for s in scan.sink_dims] == [me + 1, me + 2]
     assert len(scan.ordinary_mean[0].mean) == scan.model.hidden_size
-    report = scan_report(scan)
+    report = scan_report(scan, verbose=True)
     assert f"layer {me + 1}: {SINK_DIM} (" in report and "QK-norm" not in report
     assert "QK-norm" in scan_report(replace(scan, qk_norm=True))
     ids = torch.tensor([make_tokenizer()(t)["input_ids"][:12] for t in TEXTS])
