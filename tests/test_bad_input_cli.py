@@ -444,7 +444,7 @@ def test_gates_fail_on_non_finite_figures(sharded, tmp_path):
     res = run_cli("verify", sharded[0], broken, *FAST_VERIFY, "--json", js, "--max-kl", "100",
                   "--max-ppl-increase", "1000")
     assert_clean_failure(res, "gate violated", "KL is nan (not a finite number), so --max-kl 100 cannot hold",
-                         "perplexity increase % is nan", code=4)
+                         "perplexity is nan", code=4)
     data = strict_json(js.read_text())
     assert data["kl_mean"] is None and data["ppl_patched"] is None
 

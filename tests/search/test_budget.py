@@ -42,7 +42,7 @@ def test_the_budgeted_patch_is_the_planted_cut_and_verify_reproduces_its_figures
     v = run_verify(folder, out, text=root / "held.txt", generations=0)
     for ours, theirs in (("kl_mean", "kl_mean"), ("sink_base", "sink_mean_base"), ("sink_patched", "sink_mean_patched"),
                          ("ppl_patched", "ppl_patched")):
-        assert getattr(v, theirs) == pytest.approx(held[ours], rel=1e-3), ours
+        assert getattr(v, theirs) == pytest.approx(held[ours], rel=1e-3, abs=1e-7), ours  # float32 logits, float64 sums
     # and the command measured the written folder on those windows itself, agreeing (no warning first)
     assert not r.stdout.startswith("WARNING") and f"same held-out windows: KL {v.kl_mean:.4f}" in r.stdout
     assert "per token (" in r.stdout  # the held-out KL is given with its per-window spread

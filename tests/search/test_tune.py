@@ -86,7 +86,7 @@ def test_trials_match_a_written_and_verified_checkpoint(sinkmodel, tmp_path):
     (tmp_path / "held.txt").write_text(HELD_TEXT)
     v = run_verify(folder, tmp_path / "p", text=tmp_path / "held.txt", max_tokens=256, generations=0)
     assert first.kl_mean > 1e-4
-    assert v.kl_mean == pytest.approx(first.kl_mean, rel=1e-3)
+    assert v.kl_mean == pytest.approx(first.kl_mean, rel=1e-3, abs=1e-7)  # float32 logits, float64 sums
     assert v.sink_mean_patched == pytest.approx(first.sink_patched, rel=1e-3)
     assert v.ppl_patched == pytest.approx(first.ppl_patched, rel=1e-4)
 
