@@ -68,7 +68,9 @@ def page_examples(page: Path) -> list[Example]:
         line = page.read_text()[: match.start()].count("\n") + 1
         if lang == "bash":
             found += [Example(f"{where}:{line}", "bash", cmd) for cmd in shell_lines(block)]
-        elif "# not run" not in block:
+        elif "# not run" in block:
+            compile(block, f"{where}:{line}", "exec")  # not run (said why in the block), but it must parse
+        else:
             found.append(Example(f"{where}:{line}", "python", block))
     return found
 
