@@ -123,9 +123,15 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# what a fingerprint holds: a change of it keys every cached search anew (a study of another version is never
+# reopened from the user cache)
+FINGERPRINT_SCHEMA = 2
+
+
 def fingerprint(source: Source, opts: SearchOptions, texts: Texts, calibration, detection, dtype: torch.dtype) -> dict:
     """What a study is of (the same in every driver): the model's content, the space, the tuning text, the settings."""
-    return {"model": model_fingerprint(source.folder), "recipes": list(opts.searched), "objective": opts.objective,
+    return {"schema": FINGERPRINT_SCHEMA, "model": model_fingerprint(source.folder), "recipes": list(opts.searched),
+            "objective": opts.objective,
             "text": text_sha(texts.tune_raw), "max_tokens": opts.max_tokens, "windows": opts.windows,
             "dtype": str(dtype), "calibration": str(asdict(calibration)), "detection": asdict(detection),
             **({"payoff_window": opts.payoff_window} if opts.objective == "evict" else {})}
