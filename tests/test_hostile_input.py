@@ -1,7 +1,7 @@
 """Hostile input at the tool's edges: Hub identifiers, caches, a broken stderr, header bombs, third-party log lines.
 
 Each class has one mechanism; these tests use variants of each class, not only the case that found it. What a user
-must see on bad input is what tests/test_hostile.py checks: one `melsurgery: error:` line, the documented exit
+must see on bad input is what tests/test_bad_input_cli.py checks: one `melsurgery: error:` line, the documented exit
 status, nothing written, the source untouched.
 """
 
@@ -192,7 +192,7 @@ def test_a_tensor_name_past_the_bound_is_refused(tmp_path):
 def test_scan_refuses_a_bomb_shard_in_one_line(sharded, tmp_path):
     """Through the CLI: a loose shard beside a real model's shards is refused, the model untouched."""
     from tests.support.helpers import snapshot
-    from tests.test_hostile import copy_model
+    from tests.test_bad_input_cli import copy_model
 
     src = copy_model(sharded, tmp_path, "src")
     (src / "model.safetensors.index.json").unlink()  # without an index, every .safetensors file is read
@@ -239,7 +239,7 @@ def test_a_cache_inside_the_model_being_read_is_refused_before_any_write(sharded
     """With the cache pointing into the model folder, a plain `scan` wrote its skeleton entry into the model it
     read. The cache goes through the output guard: refused in one line, the model untouched."""
     from tests.support.helpers import snapshot
-    from tests.test_hostile import copy_model
+    from tests.test_bad_input_cli import copy_model
 
     src = copy_model(sharded, tmp_path, "src")
     before = snapshot(src)
@@ -311,7 +311,7 @@ def test_a_library_log_line_goes_through_the_terminal_filter(case, monkeypatch, 
 def test_a_config_value_echoed_by_transformers_reaches_the_terminal_escaped(sharded, tmp_path):
     """`rope_type` holding an escape sequence and a carriage return: transformers' warning printed the raw \\r
     before our one-line error."""
-    from tests.test_hostile import copy_model, edit_config
+    from tests.test_bad_input_cli import copy_model, edit_config
 
     src = copy_model(sharded, tmp_path, "src")
     edit_config(src, rope_scaling={"rope_type": "".join(HOSTILE_TEXT.values()), "factor": 2.0})
