@@ -32,7 +32,7 @@ FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.M | re.S)
 NOT_RUN = {"pip", "pipx", "make", "vllm", "lm_eval", "source", "git", "huggingface-cli", "hf", "cd"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # exit statuses an example may end with under MELSURGERY_SMOKE: 4 is a budget or gate not met on a few tokens
-ACCEPTED = {"scan": {0}, "patch": {0, 4}, "verify": {0, 4}, "tune": {0, 4}, "diff": {0}, "push": {0}}
+ACCEPTED = {"scan": {0}, "patch": {0, 4}, "verify": {0, 4}, "tune": {0, 4}, "diff": {0, 1}, "push": {0}}
 
 
 @dataclass(frozen=True)
