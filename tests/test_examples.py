@@ -90,7 +90,9 @@ def flags_only(argv: list[str]) -> bool:
     if "--engine" in args and args[args.index("--engine") + 1] == "vllm":
         return True
     positional = [a for a in args if not a.startswith("-")]
-    return any(HUB_ID.match(a) and not Path(a).exists() for a in positional[:2] if name != "push")
+    # an owner/name-shaped argument that names nothing on disk is taken for a Hub id (push: its first argument);
+    # this also takes an output not yet written (`-o out/x`) for one, so such examples are checked for flags only
+    return any(HUB_ID.match(a) and not Path(a).exists() for a in positional[: 1 if name == "push" else 2])
 
 
 def fixtures(folder: Path, default_folder: Path) -> None:
