@@ -13,13 +13,14 @@ import melsurgery
 ROOT = Path(melsurgery.__file__).parent
 
 # The stages, bottom to top: a module may import from its own stage or a stage before it, never after.
-STAGES = ["data", "errors", "version", "outputs", "architectures", "params", "formats", "checkpoint", "engines",
-          "calibrate", "measure", "detect", "recipes", "fit", "hub", "report", "compare", "surgery", "search",
-          "commands", "api", "cli", "__main__", "__init__"]
+STAGES = ["data", "errors", "version", "allocator", "outputs", "architectures", "params", "formats", "checkpoint",
+          "engines", "calibrate", "measure", "detect", "recipes", "fit", "hub", "report", "compare", "surgery",
+          "search", "commands", "api", "cli", "__main__", "__init__"]
 
 TORCH_FREE = ["calibrate.stats", "calibrate.samples", "detect.scan_result", "checkpoint.provenance", "checkpoint.edits",
               "formats.typed", "formats.wording", "outputs", "params", "surgery.manifest", "recipes", "hub.card",
-              "report.text", "hub.metadata", "formats.textfile", "formats.yamlsafe", "formats.jsonsafe", "version"]
+              "report.text", "hub.metadata", "formats.textfile", "formats.yamlsafe", "formats.jsonsafe", "version",
+              "allocator"]
 
 
 def _modules() -> dict[str, Path]:
