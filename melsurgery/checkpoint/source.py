@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -218,6 +219,23 @@ def _from_gguf(gguf: Path, base_id: str, base_model: BaseModelId | None) -> Sour
     return Source(folder, base_id, "gguf", origin_file=gguf, base_model=base_model)
 
 
+@contextmanager
+def _parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF's whole header (a tokenizer's vocabulary arrays, entry by entry in Python)
+    for the config, again for the tokenizer and again for the weights, and builds gguf's tensor-name map
+    (hundreds of regular expressions) once per module of the model: one of each per conversion serves all."""
+    import gguf as gguf_lib
+
+    originals = {name: getattr(gguf_lib, name) for name in ("GGUFReader", "get_tensor_name_map")}
+    for name, make in originals.items():
+        setattr(gguf_lib, name, functools.cache(make))
+    try:
+        yield
+    finally:
+        for name, make in originals.items():
+            setattr(gguf_lib, name, make)
+
+
 def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
     """Dequantise through transformers and write a plain fp32 safetensors folder, atomically."""
     try:
@@ -233,7 +251,7 @@ def _convert_gguf(gguf: Path, folder: Path, base_id: str) -> None:
     with _converting(folder) as tmp:
         # an internal step: the loaders' progress bars would be noise on every command's stderr
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.redirect_stderr(io.StringIO()), _parsed_once():
                 model = from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
                 tokenizer = from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:

@@ -141,15 +141,16 @@ def recheck(found: BudgetChoice, out: Path) -> Recheck:
     s, h = found.session, found.chosen.heldout
     held = s.folder / "heldout.txt"
     write_atomic(held, s.texts.held_raw)
+    arranged = s.opts.arrangement
     v = run_verify(s.source.folder, out, text=held, max_tokens=s.opts.max_tokens, max_windows=s.opts.windows,
-                   device=s.device, dtype=s.dtype, generations=0, payoff_window=s.opts.payoff_window)
+                   device=s.device, dtype=s.dtype, generations=0,
+                   payoff_window=s.opts.payoff_window if arranged else None)
     cut = (100 * (1 - v.sink_mean_patched / v.sink_mean_base) if v.sink_mean_base and v.sink_mean_patched is not None
            else math.nan)
     ppl_increase = 100 * (v.ppl_patched / v.ppl_base - 1)
     within = ((s.opts.max_kl is None or v.kl_mean <= s.opts.max_kl)
               and (s.opts.max_ppl_increase is None or ppl_increase <= s.opts.max_ppl_increase))
     agrees = within and abs(v.kl_mean - h.kl_mean) <= REL_AGREE * max(h.kl_mean, 1e-12)
-    arranged = s.opts.arrangement
     payoff = next((-p.difference_pp for p in v.payoff if arranged and p.name == arranged.name), math.nan)
     return Recheck(v.kl_mean, cut, v.ppl_patched, payoff, agrees, within)
 

@@ -498,3 +498,29 @@ def test_a_conversion_killed_with_sigkill_is_cleaned_by_the_next_one(gguf_dir, t
     src = _resolve(path, cache)
     assert [p.name for p in (cache / "gguf").iterdir()] == [src.folder.name]
     assert (src.folder / "config.json").is_file()
+
+
+def test_the_conversion_parses_the_header_once_and_loads_what_transformers_loads(gguf_dir, tmp_path, monkeypatch):
+    """transformers parses a GGUF three times (config, tokenizer, weights) and builds gguf's name map once per
+    module; the conversion shares one of each, and its weights are still exactly what transformers loads."""
+    import gguf as gguf_lib
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    parses = []
+    reader = gguf_lib.GGUFReader
+
+    def counted(path, mode="r"):
+        parses.append(str(path))
+        return reader(path, mode)
+
+    monkeypatch.setattr(gguf_lib, "GGUFReader", counted)
+    src = _resolve(gguf_dir / "planted-Q8_0.gguf", tmp_path)
+    assert parses == [str(gguf_dir / "planted-Q8_0.gguf")]
+    assert gguf_lib.GGUFReader is counted  # put back after the conversion
+    theirs = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="planted-Q8_0.gguf", dtype=torch.float32)
+    assert len(parses) == 3  # transformers alone, model only: config and weights, two parses
+    mine = load_file(src.folder / "model.safetensors")
+    for name, t in theirs.state_dict().items():
+        if name in mine:
+            assert torch.equal(mine[name], t), name
