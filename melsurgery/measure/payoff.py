@@ -18,9 +18,8 @@ from torch import nn
 from melsurgery.calibrate.streaming import Edits, Stream, StreamingModel
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.measure.definitions import Arrangement, fake_int8, paired_changes, streaming_keys
+from melsurgery.measure.logsoftmax import HEAD_ROWS, TOKEN_ROWS
 from melsurgery.measure.verify_result import PayoffFigure
-
-HEAD_ROWS = 8192  # LM-head rows scored at a time
 
 
 def int8_hooks(layer: nn.Module, per_token: bool) -> list:
@@ -78,11 +77,14 @@ def target_logprobs(model: StreamingModel, ckpt: Checkpoint, rows: torch.Tensor,
         picked = torch.zeros(len(rows), dtype=torch.float64, device=h.device)
         for lo in range(0, vocab, HEAD_ROWS):
             hi = min(vocab, lo + HEAD_ROWS)
-            z = model.logits(h, ckpt.load_row_block(head, lo, hi)).double()  # as verify scores the plain forward
-            lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
-            inside = (targets >= lo) & (targets < hi)
-            got = z.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
-            picked = torch.where(inside, got, picked)
+            block = ckpt.load_row_block(head, lo, hi)
+            for r in range(0, len(rows), TOKEN_ROWS):
+                c = slice(r, r + TOKEN_ROWS)
+                z = model.logits(h[c], block).double()  # as verify scores the plain forward
+                lse[c] = torch.logaddexp(lse[c], torch.logsumexp(z, -1))
+                inside = (targets[c] >= lo) & (targets[c] < hi)
+                got = z.gather(1, (targets[c] - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
+                picked[c] = torch.where(inside, got, picked[c])
     return picked - lse
 
 

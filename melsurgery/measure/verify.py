@@ -37,7 +37,7 @@ from melsurgery.measure.definitions import (
     sink_rate,
     top_k_for,
 )
-from melsurgery.measure.logsoftmax import OnlineKL
+from melsurgery.measure.logsoftmax import HEAD_ROWS, TOKEN_ROWS, OnlineKL
 from melsurgery.measure.payoff import Scored, arranged_nll, arranged_stream, payoff_figures
 from melsurgery.measure.probes import Probe
 from melsurgery.measure.served import ENGINES, require_vllm, served_figures
@@ -149,7 +149,6 @@ def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tok
     return Windows(chunks[:limit] if limit else chunks, ids_prefix)
 
 
-HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -393,7 +392,8 @@ def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, sta
         norm = model.final_norm(np_) if differs(norm_name, nb, np_) else norm
         hp = torch.cat([norm(h[first - 1 : -1]) for h in states[1]])
         target = torch.tensor([t for ids in win.ids for t in ids[first:]], device=hb.device)
-        acc = OnlineKL(len(target), hb.device, argmax=True)
+        chunks = [slice(r, r + TOKEN_ROWS) for r in range(0, len(target), TOKEN_ROWS)]
+        accs = [OnlineKL(len(target[c]), hb.device, argmax=True) for c in chunks]
         head = model.head_tensor
         vocab = bckpt.info(head).shape[0]
         for lo in range(0, vocab, HEAD_ROWS):
@@ -402,17 +402,16 @@ def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, sta
             rows_p = pckpt.load_row_block(head, lo, hi)
             if not differs(head, rows_b, rows_p):
                 rows_p = rows_b
-            zb = model.logits(hb, rows_b).double()
-            zp = model.logits(hp, rows_p).double()
-            acc.add(zb, zp, lo, target)
-    acc_b, acc_p = acc.base, acc.patched
-    kl = acc.kl.clamp(min=0)
-    lp_b, lp_p = acc_b.logprob, acc_p.logprob
+            for c, acc in zip(chunks, accs):
+                acc.add(model.logits(hb[c], rows_b).double(), model.logits(hp[c], rows_p).double(), lo, target[c])
+    kl = torch.cat([acc.kl for acc in accs]).clamp(min=0)
+    lp_b, lp_p = (torch.cat([acc.base.logprob for acc in accs]), torch.cat([acc.patched.logprob for acc in accs]))
+    agree = torch.cat([acc.base.arg == acc.patched.arg for acc in accs])
     return {
         "scored_tokens": len(target),
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
-        "top1_agreement": float((acc_b.arg == acc_p.arg).double().mean()),
+        "top1_agreement": float(agree.double().mean()),
         "ppl_base": math.exp(-float(lp_b.mean())),
         "ppl_patched": math.exp(-float(lp_p.mean())),
     }, (lp_b.tolist(), lp_p.tolist())

@@ -43,14 +43,13 @@ from melsurgery.checkpoint.validate import check_finite
 from melsurgery.detect.scan_result import ScanResult
 from melsurgery.errors import UserError
 from melsurgery.measure.definitions import Arrangement, find_massive, layer_stats, paired_changes, sink, top_k_for
-from melsurgery.measure.logsoftmax import OnlineKL, OnlineLogSoftmax
+from melsurgery.measure.logsoftmax import HEAD_ROWS, OnlineKL, OnlineLogSoftmax
 from melsurgery.measure.payoff import Scored, arranged_stream
 from melsurgery.measure.probes import Probe
 from melsurgery.measure.verify import free_memory
 from melsurgery.recipes import RecipePlan, plan_recipes, require_me
 from melsurgery.search.records import Figures
 
-HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
 RESIDENT_SHARE = 0.25  # the held layers and head may take at most this share of the memory free at the start
 
 
