@@ -7,7 +7,7 @@ import os
 
 import click
 
-from melsurgery.allocator import keep_freed_memory
+from melsurgery.allocator import keep_step_buffers
 from melsurgery.commands.diff import diff
 from melsurgery.commands.patch import patch
 from melsurgery.commands.push import push
@@ -48,7 +48,7 @@ def main() -> None:
 
     MODEL is a local folder, a Hub repo id, a .gguf file, or `default` (SmolLM2-135M-Instruct).
     """
-    keep_freed_memory()
+    keep_step_buffers()
 
 
 for _command in (scan, patch, verify, diff, push, tune):

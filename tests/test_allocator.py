@@ -1,4 +1,4 @@
-"""The CLI keeps freed tensor memory for the next step instead of page-faulting it in again."""
+"""Step-sized buffers are kept for the next step instead of being page-faulted in again."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ import sys
 import pytest
 
 CHURN = """
-import resource, sys, torch
-from melsurgery.allocator import keep_freed_memory
-took = keep_freed_memory() if sys.argv[1] == "keep" else None
+import ctypes, resource, sys, torch
+from melsurgery.allocator import keep_step_buffers
+if sys.argv[1] == "keep":
+    took = keep_step_buffers()
+else:  # the policy the streaming engine had: every buffer from 1 MB up mapped afresh
+    took = ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20) == 1
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 before = faults()
 for _ in range(50):
-    torch.empty(16 << 20).fill_(1.0)   # 64 MiB, freed at once, as a window's logits are
+    torch.empty(4 << 20).fill_(1.0)   # 16 MiB, freed at once, as a layer's activations are
 print(took, faults() - before)
 """
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
 
 def _churn(mode: str, **env: str) -> tuple[str, int]:
@@ -28,22 +33,25 @@ def _churn(mode: str, **env: str) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_tensors_are_reused_without_new_page_faults() -> None:
-    _, plain = _churn("plain")
+@linux
+def test_freed_step_buffers_are_reused_without_new_page_faults() -> None:
+    took, mapped = _churn("mapped")
+    assert took == "True"
+    assert mapped > 50 * 4_000 * 0.8    # every 16 MiB buffer faulted in anew
     took, kept = _churn("keep")
     assert took == "True"
-    assert plain > 50 * 16_000 * 0.8     # every 64 MiB buffer faulted in anew
-    assert kept < plain / 4              # faulted in once (and some setting up), then reused
+    assert kept < mapped / 4             # faulted in once (and some setting up), then reused
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@linux
 def test_a_users_own_malloc_setting_wins() -> None:
     took, _ = _churn("keep", MALLOC_ARENA_MAX="2")
     assert took == "False"
 
 
-def test_the_cli_sets_it_before_any_command() -> None:
+def test_the_cli_and_the_streaming_engine_set_it() -> None:
+    import melsurgery.calibrate.streaming as streaming
     import melsurgery.cli as cli
 
-    assert "keep_freed_memory()" in open(cli.__file__).read()
+    for module in (cli, streaming):
+        assert "keep_step_buffers()" in open(module.__file__).read()

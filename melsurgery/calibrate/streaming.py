@@ -8,10 +8,7 @@ is plain data (`stats.Stats`), so detection is a pure function of it.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import inspect
-import sys
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,28 +17,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from melsurgery.allocator import keep_step_buffers
 from melsurgery.architectures import ATTENTION, Family, Mixer, has_submodule, submodule
 from melsurgery.checkpoint.edits import Edit, edited_rows
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.checkpoint.safeload import from_config, load_config
 from melsurgery.checkpoint.validate import check_finite
 from melsurgery.errors import UserError, quote
-
-
-@functools.cache
-def _fixed_mmap_threshold() -> None:
-    """Make glibc return freed layer-sized buffers to the system.
-
-    Streaming allocates and frees a layer's weights and activations per layer. glibc raises its mmap
-    threshold after each large free (up to 32 MB), so later activation-sized buffers come from the heap,
-    which fragments: a scan of the 7B shape grew by about 50 MB per layer (8 x 128 tokens). A fixed 1 MB
-    threshold keeps peak memory flat in the number of layers. Other C libraries are left alone.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass
 
 
 class StreamingModel:
@@ -59,7 +41,7 @@ class StreamingModel:
         from transformers import AutoModelForCausalLM
 
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
-        _fixed_mmap_threshold()
+        keep_step_buffers()  # activations and weights come and go per layer
         config = load_config(ckpt.folder)
         if getattr(config, "use_bidirectional_attention", False):
             raise UserError(f"{ckpt.folder}: bidirectional attention (an encoder); melsurgery scans causal LMs")

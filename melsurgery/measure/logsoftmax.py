@@ -14,9 +14,10 @@ import math
 import torch
 
 HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
-# Tokens scored at a time against one head block: a block's logits stay a fixed, modest size (1024 x 8192
-# float64, 64 MiB), freed and allocated again alike whatever the text's length, instead of growing with it.
-TOKEN_ROWS = 1024
+# Tokens scored at a time against one head block: a block's logits stay a fixed size below the allocator's
+# mmap threshold (256 x 8192 float64, 16 MiB; see melsurgery.allocator), reused from step to step,
+# whatever the text's length, instead of growing with it.
+TOKEN_ROWS = 256
 
 
 class OnlineLogSoftmax:
