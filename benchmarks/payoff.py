@@ -3,6 +3,7 @@
 
     python benchmarks/payoff.py table default out/budget out/damp --names "patch --max-kl 0.05,ffn-dampen"
     python benchmarks/payoff.py speed default out/budget --repeats 2
+    python benchmarks/payoff.py crosscheck default out/budget --text heldout.txt --max-tokens 512
 
 `table`: one `verify` per patched model against the base (held-out Hamlet, `--windows` windows of `--max-tokens`
 tokens, fp32, no generations), printed as one row per model: perplexity, then the perplexity change under int8
@@ -11,6 +12,10 @@ its 95% bootstrap interval over windows (definitions in melsurgery/measure/defin
 
 `speed`: the same verify with and without the payoff figures, alternated `--repeats` times in one process
 (warm page cache, no generations), and the ratio of the fastest of each.
+
+`crosscheck`: the same figures of one window recomputed without melsurgery's streaming engine: the whole model
+in transformers, a 4D mask for the streaming window, forward pre-hooks for int8, under transformers' eager and
+SDPA attention, beside `verify`'s.
 """
 
 from __future__ import annotations
@@ -113,6 +118,67 @@ def speed(base, patched, windows, max_tokens, window, repeats) -> None:
         plain, payoff = min(t[k] for t in times["plain"]), min(t[k] for t in times["payoff"])
         click.echo(f"{what} time: verify {plain:.1f} s; with the payoff figures (window {window}) {payoff:.1f} s; "
                    f"ratio {ratio(payoff, plain)}")
+
+
+def _whole_model(folder: Path, ids, window: int, attn: str) -> dict[str, float]:
+    """Perplexity and the four changes (percent) of one window by transformers alone."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from melsurgery.measure.definitions import fake_int8, streaming_keys
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
+
+    def nll(mask=None, int8=None, start=0) -> float:
+        hooks = [m.register_forward_pre_hook(lambda _m, a: (fake_int8(a[0], int8 == "token"), *a[1:]))
+                 for n, m in model.named_modules() if int8 and isinstance(m, torch.nn.Linear) and ".layers." in n]
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits[0, :-1].double()
+        for h in hooks:
+            h.remove()
+        return -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[start:, 0].mean().item()
+
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    out = {"perplexity": math.exp(nll())}
+    for name, keep in (("evict", False), ("keep-first", True)):
+        allowed = causal & streaming_keys(T, "cpu", window, keep)
+        mask = torch.where(allowed, 0.0, float("-inf"))[None, None]
+        out[name] = 100 * math.expm1(nll(mask, start=window) - nll(start=window))
+    for name in ("tensor", "token"):
+        out[f"int8-{name}"] = 100 * math.expm1(nll(int8=name) - nll())
+    return out
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("patched", type=click.Path(exists=True, path_type=Path))
+@click.option("--text", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Text file (default: the embedded held-out text).")
+@click.option("--max-tokens", default=512, show_default=True)
+@click.option("--window", default=64, show_default=True, help="Streaming window.")
+def crosscheck(base, patched, text, max_tokens, window) -> None:
+    """The base model's figures on the first window: verify's against transformers' whole-model forward."""
+    import torch
+
+    from melsurgery.checkpoint.safeload import load_tokenizer
+    from melsurgery.measure.verify import eval_text, make_windows
+
+    folder = resolve(base).folder
+    r = run_verify(folder, patched, text=text, max_windows=1, max_tokens=max_tokens, generations=0,
+                   payoff_window=window)
+    ids = torch.tensor([make_windows(load_tokenizer(folder), eval_text(text)[0], max_tokens, 1).ids[0]])
+    figs = {f.name: f.base_pct for f in r.payoff}
+    rows = {"verify": {"perplexity": r.ppl_base, **figs}}
+    for attn in ("eager", "sdpa"):
+        rows[f"transformers {attn}"] = _whole_model(folder, ids, window, attn)
+    click.echo(workload(f"{r.text}, the first window of {len(ids[0])} tokens, float32, window {window}"))
+    keys = ["perplexity", *COLUMNS]
+    click.echo("| figure | " + " | ".join(rows) + " |\n|" + "---|" * (len(rows) + 1))
+    for k in keys:
+        click.echo(f"| {k} | " + " | ".join(f"{row[k]:.3f}" for row in rows.values()) + " |")
 
 
 if __name__ == "__main__":
