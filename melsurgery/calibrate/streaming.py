@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -216,7 +216,11 @@ class Stream:
     spec (config.json `melsurgery_wemask`) whose hooks run on this stream only. A stream may also run the
     layers differently: `keys` restricts which keys each query sees (on top of the layer's own mask), `hooks`
     installs forward hooks on each loaded layer for this stream (returns their handles). `observed` False: the
-    probe and the observer skip this stream.
+    probe and the observer skip this stream. `twin`: an earlier stream of the same run that starts from the same
+    states and runs the layers the same way (the base model under the same arrangement, say): while this stream
+    has no edits and no custom layer, it takes the twin's outputs instead of computing them again, as a patched
+    model's stream equals the base's up to its first edited layer; `borrowed` counts those layers, which the
+    probe and the observer do not see for this stream (the twin's records are its records there).
     """
 
     states: list[torch.Tensor]
@@ -225,6 +229,8 @@ class Stream:
     keys: KeyRule | None = None
     hooks: Callable[[nn.Module], list] | None = None
     observed: bool = True
+    twin: Stream | None = field(default=None, repr=False)
+    borrowed: int = 0
 
     def edits_for(self, i: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This stream's replacement tensors for layer i (none: the layer runs as stored), given its stored ones."""
@@ -265,16 +271,25 @@ def run_layers(
     from melsurgery.engines.modeling_melsurgery import apply_wemask
 
     stop = model.num_layers if stop is None else stop
+    order = {id(stream): k for k, stream in enumerate(streams)}
+    if any(s.twin is not None and order.get(id(s.twin), k) >= k for k, s in enumerate(streams)):
+        raise ValueError("a stream's twin must run before it, in the same call")
     for i in range(start, stop):
         base = model.read_layer(i)
         loaded: dict | None = None
         try:
             for k, stream in enumerate(streams):
                 edits = stream.edits_for(i, base)
+                spec = stream.wemask
+                if stream.twin is not None:
+                    if not edits and not (spec and i in spec["layers"]):
+                        stream.states = list(stream.twin.states)  # the twin ran this layer just before
+                        stream.borrowed += 1
+                        continue
+                    stream.twin = None  # from its first edited layer on, the stream runs its own layers
                 if loaded is None or (edits or loaded) and edits is not loaded:  # the same edits object: loaded
                     layer = model.load_layer(i, {**base, **edits})
                     loaded = edits
-                spec = stream.wemask
                 hooks = apply_wemask(model.skeleton, {**spec, "layers": [i]}) if spec and i in spec["layers"] else []
                 hooks += stream.hooks(layer) if stream.hooks else []
                 try:

@@ -31,14 +31,16 @@ def int8_hooks(layer: nn.Module, per_token: bool) -> list:
 
 
 def arranged_stream(arrangement: Arrangement, states: list[torch.Tensor], edits: Edits | None = None,
-                    wemask: dict | None = None) -> Stream:
-    """A stream that runs the layers under `arrangement` (not observed by verify's probe)."""
+                    wemask: dict | None = None, twin: Stream | None = None) -> Stream:
+    """A stream that runs the layers under `arrangement` (not observed by verify's probe); `twin`: the base
+    model's stream under the same arrangement from the same states, whose outputs it takes up to its first
+    edited layer."""
     keys = hooks = None
     if arrangement.window is not None:
         keys = functools.partial(streaming_keys, window=arrangement.window, keep_first=arrangement.keep_first)
     if arrangement.int8 is not None:
         hooks = functools.partial(int8_hooks, per_token=arrangement.int8 == "token")
-    return Stream(list(states), edits, wemask, keys=keys, hooks=hooks, observed=False)
+    return Stream(list(states), edits, wemask, keys=keys, hooks=hooks, observed=False, twin=twin)
 
 
 @dataclass(frozen=True)

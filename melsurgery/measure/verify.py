@@ -265,9 +265,11 @@ def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool,
         embed_changed = _differs_by_rows(bckpt, pckpt, family.embed, differs)
         base_states = model.embed(win.ids)
         patched_states = model.embed(win.ids, pckpt) if embed_changed else list(base_states)
-        streams = [Stream(base_states), *(arranged_stream(a, base_states) for a in payoff),
-                   Stream(patched_states, edits=patched_edits, wemask=pair.spec),
-                   *(arranged_stream(a, patched_states, patched_edits, pair.spec) for a in payoff)]
+        based = [Stream(base_states), *(arranged_stream(a, base_states) for a in payoff)]
+        twins = [None] * len(based) if embed_changed else based  # equal up to the patch's first edited layer
+        streams = [*based, Stream(patched_states, edits=patched_edits, wemask=pair.spec, twin=twins[0]),
+                   *(arranged_stream(a, patched_states, patched_edits, pair.spec, twin)
+                     for a, twin in zip(payoff, twins[1:]))]
         at_patched = 1 + len(payoff)
         k = top_k_for(len(win.ids))
         stats: list[list[LayerStats]] = [[], []]
@@ -278,6 +280,7 @@ def _stream(pair: _Pair, device: str, dtype: torch.dtype, progress: bool,
 
         run_layers(model, streams, probe=lambda layer: Probe(layer, family, similarity=True), observe=observe,
                    progress=bar.update if bar else None)
+        stats[1][:0] = stats[0][: streams[at_patched].borrowed]  # the layers before the patch's first edit
         scores, target_logprobs = _score_head(model, bckpt, pckpt, [streams[0].states, streams[at_patched].states],
                                               win, differs)
         figures = []

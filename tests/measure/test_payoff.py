@@ -196,3 +196,31 @@ def test_arranged_streams_share_one_loaded_copy_of_an_edited_layer(planted):
     run_layers(model, streams)
     assert loads == [i for i in range(model.num_layers) for _ in range(2)]  # base, then one edited copy
     assert torch.equal(streams[1].states[0], streams[3].states[0])
+
+
+def test_a_patched_stream_takes_its_twins_outputs_up_to_its_first_edited_layer(planted):
+    """The patched model under an arrangement equals the base under it until the first edit: those layers are
+    run once, for the base, and the outputs are exactly those of running them again."""
+    ckpt = Checkpoint(planted)
+    model = StreamingModel(ckpt, family_for(ckpt.config))
+    first = model.num_layers - 2
+    runs = []
+    original = model.run_layer
+    model.run_layer = lambda layer, h, keys=None: runs.append(len(runs)) or original(layer, h, keys)
+
+    def edit(i, base):
+        return {"mlp.down_proj.weight": base["mlp.down_proj.weight"] * 0.5} if i >= first else {}
+
+    arr = Arrangement("int8-tensor", int8="tensor")
+    embeds = model.embed([_tokens(16), _tokens(12)])
+    base = arranged_stream(arr, embeds)
+    twinned = arranged_stream(arr, embeds, edit, twin=base)
+    alone = arranged_stream(arr, embeds, edit)
+    run_layers(model, [base, twinned])
+    assert len(runs) == 2 * (model.num_layers + (model.num_layers - first))  # 2 windows
+    assert twinned.borrowed == first and twinned.twin is None
+    run_layers(model, [alone])
+    assert all(torch.equal(a, b) for a, b in zip(twinned.states, alone.states))
+    assert not torch.equal(twinned.states[0], base.states[0])
+    with pytest.raises(ValueError, match="twin must run before it"):
+        run_layers(model, [arranged_stream(arr, embeds, edit, twin=base), base])
