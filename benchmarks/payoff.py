@@ -131,24 +131,26 @@ def _whole_model(folder: Path, ids, window: int, attn: str) -> dict[str, float]:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
 
-    def nll(mask=None, int8=None, start=0) -> float:
+    def nll(mask=None, int8=None) -> torch.Tensor:
+        """Per-position NLL [T-1] of the window's next tokens."""
         hooks = [m.register_forward_pre_hook(lambda _m, a: (fake_int8(a[0], int8 == "token"), *a[1:]))
                  for n, m in model.named_modules() if int8 and isinstance(m, torch.nn.Linear) and ".layers." in n]
         with torch.no_grad():
             logits = model(ids, attention_mask=mask).logits[0, :-1].double()
         for h in hooks:
             h.remove()
-        return -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[start:, 0].mean().item()
+        return -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
 
     T = ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    out = {"perplexity": math.exp(nll())}
+    plain = nll()
+    out = {"perplexity": math.exp(plain.mean().item())}
     for name, keep in (("evict", False), ("keep-first", True)):
         allowed = causal & streaming_keys(T, "cpu", window, keep)
-        mask = torch.where(allowed, 0.0, float("-inf"))[None, None]
-        out[name] = 100 * math.expm1(nll(mask, start=window) - nll(start=window))
+        arranged = nll(torch.where(allowed, 0.0, float("-inf"))[None, None])
+        out[name] = 100 * math.expm1((arranged[window:].mean() - plain[window:].mean()).item())
     for name in ("tensor", "token"):
-        out[f"int8-{name}"] = 100 * math.expm1(nll(int8=name) - nll())
+        out[f"int8-{name}"] = 100 * math.expm1((nll(int8=name).mean() - plain.mean()).item())
     return out
 
 

@@ -20,6 +20,11 @@ HEAD_ROWS = 8192  # LM-head rows (vocabulary entries) scored at a time
 TOKEN_ROWS = 256
 
 
+def token_chunks(n: int) -> list[slice]:
+    """The slices of n scored tokens taken at a time against one head block (TOKEN_ROWS each)."""
+    return [slice(r, r + TOKEN_ROWS) for r in range(0, n, TOKEN_ROWS)]
+
+
 class OnlineLogSoftmax:
     """Log-softmax figures of n tokens over vocabulary blocks.
 

@@ -18,7 +18,7 @@ from torch import nn
 from melsurgery.calibrate.streaming import Edits, Stream, StreamingModel
 from melsurgery.checkpoint.reader import Checkpoint
 from melsurgery.measure.definitions import Arrangement, fake_int8, paired_changes, streaming_keys
-from melsurgery.measure.logsoftmax import HEAD_ROWS, TOKEN_ROWS
+from melsurgery.measure.logsoftmax import HEAD_ROWS, OnlineLogSoftmax, token_chunks
 from melsurgery.measure.verify_result import PayoffFigure
 
 
@@ -75,19 +75,13 @@ def target_logprobs(model: StreamingModel, ckpt: Checkpoint, rows: torch.Tensor,
         h = model.final_norm(ckpt.load(model.family.final_norm))(rows)
         head = model.head_tensor
         vocab = ckpt.info(head).shape[0]
-        lse = torch.full((len(rows),), -torch.inf, dtype=torch.float64, device=h.device)
-        picked = torch.zeros(len(rows), dtype=torch.float64, device=h.device)
+        chunks = token_chunks(len(rows))
+        accs = [OnlineLogSoftmax(len(targets[c]), h.device) for c in chunks]
         for lo in range(0, vocab, HEAD_ROWS):
-            hi = min(vocab, lo + HEAD_ROWS)
-            block = ckpt.load_row_block(head, lo, hi)
-            for r in range(0, len(rows), TOKEN_ROWS):
-                c = slice(r, r + TOKEN_ROWS)
-                z = model.logits(h[c], block).double()  # as verify scores the plain forward
-                lse[c] = torch.logaddexp(lse[c], torch.logsumexp(z, -1))
-                inside = (targets[c] >= lo) & (targets[c] < hi)
-                got = z.gather(1, (targets[c] - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
-                picked[c] = torch.where(inside, got, picked[c])
-    return picked - lse
+            block = ckpt.load_row_block(head, lo, min(vocab, lo + HEAD_ROWS))
+            for c, acc in zip(chunks, accs):
+                acc.add_(model.logits(h[c], block).double(), lo, targets[c])  # as verify scores the plain forward
+    return torch.cat([acc.logprob for acc in accs]) if accs else rows.new_zeros(0, dtype=torch.float64)
 
 
 def arranged_nll(model: StreamingModel, ckpt: Checkpoint, streams: list[list[torch.Tensor]],

@@ -37,7 +37,7 @@ from melsurgery.measure.definitions import (
     sink_rate,
     top_k_for,
 )
-from melsurgery.measure.logsoftmax import HEAD_ROWS, TOKEN_ROWS, OnlineKL
+from melsurgery.measure.logsoftmax import HEAD_ROWS, OnlineKL, token_chunks
 from melsurgery.measure.payoff import Scored, arranged_nll, arranged_stream, payoff_figures
 from melsurgery.measure.probes import Probe
 from melsurgery.measure.served import ENGINES, require_vllm, served_figures
@@ -147,8 +147,6 @@ def make_windows(tok, raw: str, size: int, limit: int | None, prefix: str = "tok
     first = max(len(ids_prefix), 1)
     chunks = [c for c in chunks if len(c) > first]
     return Windows(chunks[:limit] if limit else chunks, ids_prefix)
-
-
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -395,7 +393,7 @@ def _score_head(model: StreamingModel, bckpt: Checkpoint, pckpt: Checkpoint, sta
         norm = model.final_norm(np_) if differs(norm_name, nb, np_) else norm
         hp = torch.cat([norm(h[first - 1 : -1]) for h in states[1]])
         target = torch.tensor([t for ids in win.ids for t in ids[first:]], device=hb.device)
-        chunks = [slice(r, r + TOKEN_ROWS) for r in range(0, len(target), TOKEN_ROWS)]
+        chunks = token_chunks(len(target))
         accs = [OnlineKL(len(target[c]), hb.device, argmax=True) for c in chunks]
         head = model.head_tensor
         vocab = bckpt.info(head).shape[0]
